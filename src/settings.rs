@@ -1,0 +1,47 @@
+//! Every setting of flow-proxy: one typed struct, each flag also read from its environment variable.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The whole configuration of one flow-proxy process.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flow-proxy", version, about = "On-demand control plane for HAProxy, driven by Consul")]
+pub struct Settings {
+    /// Address the flow-proxy HTTP API listens on.
+    #[arg(long, env = "API_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub api_address: SocketAddr,
+
+    /// Consul HTTP addresses (comma separated, tried in order). Unset: start the embedded registry.
+    #[arg(long, env = "CONSUL_ADDRESS", value_delimiter = ',')]
+    pub consul_address: Vec<String>,
+
+    /// Address the embedded Consul-compatible registry listens on (only when no --consul-address).
+    #[arg(long, env = "EMBEDDED_REGISTRY_ADDRESS", default_value = "127.0.0.1:8500")]
+    pub embedded_registry_address: SocketAddr,
+
+    /// Directory for the generated haproxy.cfg, HAProxy's sockets and the embedded registry's state.
+    #[arg(long, env = "DATA_DIR", default_value = "./flow-proxy-data")]
+    pub data_dir: PathBuf,
+
+    /// The HAProxy executable (looked up on PATH when it has no slash).
+    #[arg(long, env = "HAPROXY_BINARY", default_value = "haproxy")]
+    pub haproxy_binary: PathBuf,
+
+    /// Address HAProxy's frontends bind to. Unset: every address.
+    #[arg(long, env = "BIND_HOST")]
+    pub bind_host: Option<IpAddr>,
+
+    /// Port of HAProxy's HTTP frontend.
+    #[arg(long, env = "HTTP_PORT", default_value_t = 80)]
+    pub http_port: u16,
+
+    /// Directory with handlebars templates overriding the built-in ones (same file names).
+    #[arg(long, env = "TEMPLATES_DIR")]
+    pub templates_dir: Option<PathBuf>,
+
+    /// Prefix of flow-proxy's keys in Consul KV; specs live at `<prefix>/services/<serviceName>`.
+    #[arg(long, env = "KV_PREFIX", default_value = "flow-proxy")]
+    pub kv_prefix: String,
+}

@@ -1,0 +1,1 @@
+//! The embedded registry speaks Consul's HTTP API (see ../shared/consul-api.md).
