@@ -1,22 +1,272 @@
 //! flow-proxy: an on-demand control plane for HAProxy, driven by Consul.
 //!
-//! (Layout section written when the modules are filled in.)
+//! CI or a deployment script calls `/v1/docker-flow-proxy/reconfigure?serviceName=…&servicePath=…`;
+//! flow-proxy reads the service's healthy instances from Consul, renders a complete haproxy.cfg,
+//! validates it with `haproxy -c`, reloads HAProxy without dropping a connection, and stores the
+//! spec in Consul KV so that any proxy restores every route by itself. HAProxy is the data plane;
+//! flow-proxy never proxies traffic itself.
+//!
+//! # Layout
+//!
+//! - [`settings`]: every flag, each also read from its environment variable.
+//! - [`api`]: the HTTP API (Docker Flow Proxy's endpoints and answers); the one place where
+//!   errors become HTTP status codes.
+//! - [`spec`]: service specs and instances as typed, validated values; query parsing. Nothing
+//!   reaches haproxy.cfg without passing through these types.
+//! - [`proxy`]: the core; owns the routing state and applies each change in order
+//!   (resolve → render → validate → persist → reload → answer), and restores stored specs on start.
+//! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`.
+//! - [`haproxy`]: validation with `haproxy -c`, atomic swaps of the live file, seamless reloads
+//!   (`-x`, `-sf`), and supervision of the HAProxy processes.
+//! - [`registry`]: the Consul client (healthy instances, KV) and the embedded Consul-compatible
+//!   registry used when no Consul address is given.
+//!
+//! [`FlowProxy::start`] wires them together; [`run`] is what the binary calls.
 
+pub mod api;
+pub mod haproxy;
+pub mod proxy;
 pub mod registry;
 pub mod render;
 pub mod settings;
 pub mod spec;
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths};
+use crate::proxy::{Proxy, ProxyParts};
+use crate::registry::embedded::{EmbeddedError, EmbeddedRegistry};
+use crate::registry::ConsulClient;
+use crate::render::{RenderError, RenderSettings, Renderer};
+use crate::settings::Settings;
+
+/// HAProxy's 503 page, compiled in and written to the data directory at start.
+const ERROR_PAGE_503: &str = include_str!("../haproxy/errors/503.http");
+
+/// flow-proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be prepared.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The data directory's path cannot be written into haproxy.cfg safely.
+    #[error("data directory {0}: its absolute path may only hold letters, digits and . _ - /")]
+    UnsafeDataDir(PathBuf),
+    /// The embedded registry did not start.
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    /// The templates did not load or the empty configuration did not render.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// HAProxy did not start.
+    #[error(transparent)]
+    Haproxy(#[from] HaproxyError),
+    /// The API address could not be bound.
+    #[error("API cannot listen on {address}: {source}")]
+    ApiBind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running flow-proxy: API, proxy core, HAProxy and (optionally) the embedded registry.
+pub struct FlowProxy {
+    api_address: SocketAddr,
+    registry_url: String,
+    embedded_registry: Option<EmbeddedRegistry>,
+    haproxy: Haproxy,
+    api_shutdown: oneshot::Sender<()>,
+    api_task: JoinHandle<std::io::Result<()>>,
+}
+
+impl FlowProxy {
+    /// Starts everything; returns once HAProxy serves the restored routes and the API listens.
+    pub async fn start(settings: Settings) -> Result<FlowProxy, StartError> {
+        let data_dir = prepare_data_dir(&settings.data_dir).await?;
+
+        let (embedded_registry, consul_addresses) = if settings.consul_address.is_empty() {
+            let registry =
+                EmbeddedRegistry::start(settings.embedded_registry_address, &data_dir).await?;
+            let address = registry.address().to_string();
+            tracing::info!(%address, "embedded Consul-compatible registry started");
+            (Some(registry), vec![address])
+        } else {
+            (None, settings.consul_address.clone())
+        };
+        let registry = ConsulClient::new(&consul_addresses);
+
+        let renderer = Renderer::new(settings.templates_dir.as_deref())?;
+        let paths = HaproxyPaths::under(&data_dir);
+        let render_settings = RenderSettings {
+            bind_host: settings.bind_host,
+            http_port: settings.http_port,
+            stats_socket: paths.stats_socket.clone(),
+            errors_dir: data_dir.join("errors"),
+        };
+        let haproxy = start_haproxy(
+            &settings.haproxy_binary,
+            &paths,
+            &renderer,
+            &render_settings,
+        )
+        .await?;
+
+        let proxy = Proxy::start(ProxyParts {
+            registry,
+            renderer,
+            render_settings,
+            haproxy: haproxy.clone(),
+            kv_prefix: settings.kv_prefix.clone(),
+        })
+        .await;
+
+        let listener = tokio::net::TcpListener::bind(settings.api_address)
+            .await
+            .map_err(|source| StartError::ApiBind {
+                address: settings.api_address,
+                source,
+            })?;
+        let api_address = listener
+            .local_addr()
+            .map_err(|source| StartError::ApiBind {
+                address: settings.api_address,
+                source,
+            })?;
+        let (api_shutdown, shutdown_requested) = oneshot::channel::<()>();
+        let api_task = tokio::spawn(async move {
+            axum::serve(listener, api::router(proxy))
+                .with_graceful_shutdown(async move {
+                    let _ = shutdown_requested.await;
+                })
+                .await
+        });
+        tracing::info!(%api_address, "flow-proxy API listening");
+
+        Ok(FlowProxy {
+            api_address,
+            registry_url: format!(
+                "http://{}",
+                consul_addresses.first().map_or("", String::as_str)
+            ),
+            embedded_registry,
+            haproxy,
+            api_shutdown,
+            api_task,
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn api_address(&self) -> SocketAddr {
+        self.api_address
+    }
+
+    /// The Consul HTTP address flow-proxy uses (the embedded registry's when it runs one).
+    pub fn registry_url(&self) -> &str {
+        &self.registry_url
+    }
+
+    /// Stops the API, HAProxy and the embedded registry, in that order.
+    pub async fn stop(self) {
+        let _ = self.api_shutdown.send(());
+        match self.api_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "API server failed"),
+            Err(error) => tracing::error!(%error, "API task failed"),
+        }
+        self.haproxy.stop().await;
+        if let Some(registry) = self.embedded_registry {
+            registry.shutdown().await;
+        }
+    }
+}
+
 /// Runs flow-proxy until `shutdown` completes.
 pub async fn run(
-    _settings: settings::Settings,
+    settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), std::io::Error> {
+) -> Result<(), StartError> {
+    let flow_proxy = FlowProxy::start(settings).await?;
     shutdown.await;
+    tracing::info!("shutting down");
+    flow_proxy.stop().await;
     Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            () = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// Creates the data directory and the error pages HAProxy reads; returns its absolute path.
+async fn prepare_data_dir(data_dir: &Path) -> Result<PathBuf, StartError> {
+    let data_dir_error = |source| StartError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    tokio::fs::create_dir_all(data_dir.join("errors"))
+        .await
+        .map_err(data_dir_error)?;
+    let data_dir = tokio::fs::canonicalize(data_dir)
+        .await
+        .map_err(data_dir_error)?;
+    let safe = data_dir.to_str().is_some_and(|path| {
+        path.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+    });
+    if !safe {
+        return Err(StartError::UnsafeDataDir(data_dir));
+    }
+    tokio::fs::write(data_dir.join("errors").join("503.http"), ERROR_PAGE_503)
+        .await
+        .map_err(|source| StartError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+    Ok(data_dir)
+}
+
+/// Starts HAProxy with the last good haproxy.cfg when one is on disk (so a restarted flow-proxy
+/// keeps serving the routes it had while it restores), else with the empty configuration.
+async fn start_haproxy(
+    binary: &Path,
+    paths: &HaproxyPaths,
+    renderer: &Renderer,
+    render_settings: &RenderSettings,
+) -> Result<Haproxy, StartError> {
+    if let Ok(last_good) = tokio::fs::read_to_string(&paths.config).await {
+        match Haproxy::start(binary.to_path_buf(), paths.clone(), &last_good).await {
+            Ok(haproxy) => return Ok(haproxy),
+            Err(error) => {
+                tracing::warn!(%error, "the last haproxy.cfg does not start; starting empty")
+            }
+        }
+    }
+    let empty = renderer.render(render_settings, &[])?;
+    Ok(Haproxy::start(binary.to_path_buf(), paths.clone(), &empty).await?)
 }

@@ -1,3 +1,9 @@
-//! flow-proxy's integration tests: one binary, one module per user story.
+//! flow-proxy's integration tests: one binary, one module per user story. Every test drives a
+//! real HAProxy and sends real HTTP through it to real backend servers on 127.0.0.1.
 
 mod embedded_registry;
+mod helpers;
+mod restore;
+mod routing;
+mod supervision;
+mod validation;

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs HAProxy if missing, then format, lint and tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-haproxy.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo test --all-targets

@@ -1,0 +1,85 @@
+//! The one place where a failure becomes an HTTP answer: status code plus Docker Flow Proxy's
+//! JSON shape `{"Status":"NOK","Message":…,"ServiceName":…}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::proxy::ProxyError;
+use crate::registry::RegistryError;
+use crate::spec::SpecError;
+
+use super::answer;
+
+/// What went wrong, by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiErrorKind {
+    /// The query string is not URL encoding.
+    #[error("the query string is not valid URL encoding: {0}")]
+    Query(#[from] serde_urlencoded::de::Error),
+    /// A parameter failed validation.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The core could not apply the change.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+}
+
+/// A failed API call: the cause, and the service it was about when known.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The `serviceName` the request named, echoed back in the answer.
+    pub service_name: Option<String>,
+    /// The cause.
+    pub kind: ApiErrorKind,
+}
+
+impl<E: Into<ApiErrorKind>> From<E> for ApiError {
+    fn from(error: E) -> Self {
+        ApiError {
+            service_name: None,
+            kind: error.into(),
+        }
+    }
+}
+
+impl ApiError {
+    /// Attaches the service name the request was about.
+    pub fn about(mut self, service_name: Option<String>) -> Self {
+        self.service_name = service_name;
+        self
+    }
+
+    fn status(&self) -> StatusCode {
+        match &self.kind {
+            ApiErrorKind::Query(_) | ApiErrorKind::Spec(_) => StatusCode::BAD_REQUEST,
+            ApiErrorKind::Proxy(error) => match error {
+                ProxyError::RejectedRequest(_) => StatusCode::BAD_REQUEST,
+                ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
+                ProxyError::Registry(RegistryError::Unreachable { .. }) | ProxyError::Stopped => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                ProxyError::Render(_)
+                | ProxyError::Registry(_)
+                | ProxyError::Rejected(_)
+                | ProxyError::Haproxy(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(service = ?self.service_name, error = %self.kind, "request failed");
+        } else {
+            tracing::info!(service = ?self.service_name, error = %self.kind, "request refused");
+        }
+        let mut body = answer("NOK", self.kind.to_string(), None);
+        if let Some(name) = self.service_name {
+            body.insert("ServiceName".into(), name.into());
+        }
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,59 @@
+//! flow-proxy restarted on the same machine restores every route from the KV store by itself.
+
+use reqwest::StatusCode;
+
+use crate::helpers::{names_answering, spawn_backend, TestProxy};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_restores_routes_from_kv_and_forgets_removed_ones() {
+    let mut proxy = TestProxy::spawn().await;
+    let kept = spawn_backend("kept").await;
+    let gone = spawn_backend("gone").await;
+    proxy.register_instance("kept", "kept.1", kept.port).await;
+    proxy.register_instance("gone", "gone.1", gone.port).await;
+    assert_eq!(
+        proxy
+            .reconfigure("serviceName=kept&servicePath=/kept&serviceDomain=kept.example.com")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        proxy
+            .reconfigure("serviceName=gone&servicePath=/gone")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(proxy.remove("serviceName=gone").await.0, StatusCode::OK);
+    let config_before = proxy.config().await;
+
+    proxy.stop().await;
+    // Without its haproxy.cfg, only the KV store can tell the new process what to route.
+    std::fs::remove_file(proxy.data_dir.path().join("haproxy.cfg")).expect("remove haproxy.cfg");
+    proxy.start_again().await;
+
+    assert_eq!(
+        names_answering(&proxy, "/kept", Some("kept.example.com"), 1).await,
+        ["kept"]
+    );
+    let (status, _) = proxy.get_through_proxy("/gone", None).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a removed service stays removed"
+    );
+    let (_, services) = proxy.api_get("/v1/docker-flow-proxy/services").await;
+    let names: Vec<&str> = services
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|s| s["ServiceName"].as_str())
+        .collect();
+    assert_eq!(names, ["kept"]);
+    assert_eq!(
+        proxy.config().await,
+        config_before,
+        "the same state renders the same file"
+    );
+}

@@ -1,0 +1,143 @@
+//! flow-proxy supervises HAProxy: reloads drop nothing, old processes are reaped, and an HAProxy
+//! that dies is started again with the last good configuration.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::helpers::{names_answering, spawn_backend, TestProxy};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_haproxy_is_restarted_with_the_last_good_config() {
+    let proxy = TestProxy::spawn().await;
+    let backend = spawn_backend("survivor").await;
+    proxy
+        .register_instance("survivor", "survivor.1", backend.port)
+        .await;
+    assert_eq!(
+        proxy
+            .reconfigure("serviceName=survivor&servicePath=/survivor")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let killed = proxy
+        .haproxy_pid()
+        .await
+        .expect("HAProxy answers on its stats socket");
+
+    // SAFETY: kill(2) on the HAProxy child this test started.
+    unsafe {
+        libc::kill(killed as libc::pid_t, libc::SIGKILL);
+    }
+
+    let mut restarted = None;
+    for _ in 0..200 {
+        match proxy.haproxy_pid().await {
+            Some(pid) if pid != killed => {
+                restarted = Some(pid);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(restarted.is_some(), "a new HAProxy serves within 10 s");
+    assert_eq!(
+        names_answering(&proxy, "/survivor", None, 1).await,
+        ["survivor"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_drop_no_request_and_leave_no_zombie() {
+    let proxy = TestProxy::spawn().await;
+    let backend = spawn_backend("steady").await;
+    proxy
+        .register_instance("steady", "steady.1", backend.port)
+        .await;
+    assert_eq!(
+        proxy
+            .reconfigure("serviceName=steady&servicePath=/steady")
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    let port = proxy.http_port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("client");
+            let mut failures = Vec::new();
+            let mut sent = 0;
+            // Bounded: at most 5,000 requests, stopped as soon as the reloads are done.
+            while sent < 5_000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                match client
+                    .get(format!("http://127.0.0.1:{port}/steady"))
+                    .send()
+                    .await
+                {
+                    Ok(response) if response.status() == StatusCode::OK => {}
+                    Ok(response) => failures.push(response.status().to_string()),
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            (sent, failures)
+        })
+    };
+    for index in 0..10 {
+        let query = format!("serviceName=other{index}&servicePath=/other{index}");
+        assert_eq!(proxy.reconfigure(&query).await.0, StatusCode::OK);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failures) = traffic.await.expect("traffic task");
+
+    assert!(
+        sent > 10,
+        "traffic ran during the reloads ({sent} requests)"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed during 10 reloads: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        zombie_children().is_empty(),
+        "zombie HAProxy processes: {:?}",
+        zombie_children()
+    );
+}
+
+/// PIDs of this process's children that have exited but were not reaped, after old HAProxy
+/// processes had a bounded time to finish.
+fn zombie_children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut zombies = Vec::new();
+    for _ in 0..50 {
+        zombies = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    return false;
+                };
+                // Fields after the command's closing parenthesis: state, ppid, …
+                let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest.to_string()) else {
+                    return false;
+                };
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                fields.first() == Some(&"Z") && fields.get(1) == Some(&me.to_string().as_str())
+            })
+            .collect();
+        if zombies.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    zombies
+}

@@ -1,0 +1,111 @@
+//! Bad input gets a clear error and changes nothing: neither haproxy.cfg, nor HAProxy, nor KV.
+
+use reqwest::StatusCode;
+
+use crate::helpers::{names_answering, spawn_backend, Backend, TestProxy};
+
+/// A proxy already routing `/demo` to one instance, so that "nothing changed" can be observed.
+async fn proxy_routing_demo() -> (TestProxy, Backend) {
+    let proxy = TestProxy::spawn().await;
+    let backend = spawn_backend("demo").await;
+    proxy
+        .register_instance("go-demo", "go-demo.1", backend.port)
+        .await;
+    let (status, answer) = proxy
+        .reconfigure("serviceName=go-demo&servicePath=/demo")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    (proxy, backend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_parameter_is_refused_with_its_name_and_changes_nothing() {
+    let (proxy, _backend) = proxy_routing_demo().await;
+    let config_before = proxy.config().await;
+    let pid_before = proxy.haproxy_pid().await;
+
+    let cases = [
+        ("servicePath=/demo", "serviceName"),
+        (
+            "serviceName=go-demo&servicePath=/demo%0Abackend%20evil",
+            "servicePath",
+        ),
+        ("serviceName=go-demo&servicePath=/a%20b", "servicePath"),
+        ("serviceName=go-demo&servicePath=/a%23b", "servicePath"),
+        ("serviceName=go-demo&servicePath=/a%22b", "servicePath"),
+        ("serviceName=go-demo&servicePath=/a%27b", "servicePath"),
+        ("serviceName=go%0Ademo&servicePath=/demo", "serviceName"),
+        (
+            "serviceName=go-demo&serviceDomain=evil.com%20if%20TRUE",
+            "serviceDomain",
+        ),
+        ("serviceName=go-demo&servicePath=/demo&port=70000", "port"),
+        (
+            "serviceName=go-demo&servicePath=/demo&pathType=path_beg%20-i",
+            "pathType",
+        ),
+        ("serviceName=go-demo&servicePath.1=/x%0D", "servicePath.1"),
+        (
+            "serviceName=go-demo&servicePath=/demo&serviceColor=bl%23ue",
+            "serviceColor",
+        ),
+        ("serviceName=go-demo&reqMode=tcp", "srcPort"),
+    ];
+    for (query, parameter) in cases {
+        let (status, answer) = proxy.reconfigure(query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {answer}");
+        assert_eq!(answer["Status"], "NOK", "{query}");
+        let message = answer["Message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(parameter),
+            "{query}: the message names `{parameter}`: {message}"
+        );
+    }
+
+    assert_eq!(
+        proxy.config().await,
+        config_before,
+        "haproxy.cfg is unchanged"
+    );
+    assert_eq!(
+        proxy.haproxy_pid().await,
+        pid_before,
+        "HAProxy was not reloaded"
+    );
+    assert_eq!(names_answering(&proxy, "/demo", None, 1).await, ["demo"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_haproxy_rejects_leaves_the_running_proxy_and_kv_unchanged() {
+    let (proxy, _backend) = proxy_routing_demo().await;
+    let config_before = proxy.config().await;
+    let pid_before = proxy.haproxy_pid().await;
+
+    // A well-formed value that HAProxy itself refuses: a regular expression that does not compile.
+    let (status, answer) = proxy
+        .reconfigure("serviceName=go-demo&servicePath=/demo[&pathType=path_reg")
+        .await;
+
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    let message = answer["Message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("[ALERT]"),
+        "HAProxy's own lines reach the caller: {message}"
+    );
+    assert_eq!(
+        proxy.config().await,
+        config_before,
+        "haproxy.cfg is unchanged"
+    );
+    assert_eq!(
+        proxy.haproxy_pid().await,
+        pid_before,
+        "HAProxy was not reloaded"
+    );
+    assert_eq!(names_answering(&proxy, "/demo/x", None, 1).await, ["demo"]);
+    let (_, services) = proxy.api_get("/services").await;
+    assert_eq!(
+        services[0]["ServiceDest"][0]["PathType"], "path_beg",
+        "the stored spec is the old one: {services}"
+    );
+}
