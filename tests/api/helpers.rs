@@ -185,6 +185,24 @@ impl TestProxy {
         assert_eq!(response.status(), StatusCode::OK, "deregister {id}");
     }
 
+    /// The spec stored in KV for `service` (`None` when the key does not exist).
+    pub async fn stored_spec(&self, service: &str) -> Option<Value> {
+        let response = self
+            .client
+            .get(format!(
+                "{}/v1/kv/flow-proxy/services/{service}?raw",
+                self.app().registry_url()
+            ))
+            .send()
+            .await
+            .expect("registry answers");
+        if response.status() == StatusCode::NOT_FOUND {
+            return None;
+        }
+        assert_eq!(response.status(), StatusCode::OK);
+        Some(serde_json::from_slice(&response.bytes().await.expect("value")).expect("a JSON spec"))
+    }
+
     /// Sends `GET <path>` through HAProxy (with a Host header when given); status and body.
     pub async fn get_through_proxy(&self, path: &str, host: Option<&str>) -> (StatusCode, String) {
         let mut request = self

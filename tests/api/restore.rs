@@ -26,6 +26,14 @@ async fn a_restarted_proxy_restores_routes_from_kv_and_forgets_removed_ones() {
         StatusCode::OK
     );
     assert_eq!(proxy.remove("serviceName=gone").await.0, StatusCode::OK);
+    assert!(
+        proxy.stored_spec("kept").await.is_some(),
+        "a routed spec is stored in KV"
+    );
+    assert!(
+        proxy.stored_spec("gone").await.is_none(),
+        "a removed spec is deleted from KV"
+    );
     let config_before = proxy.config().await;
 
     proxy.stop().await;

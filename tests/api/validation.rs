@@ -103,9 +103,17 @@ async fn a_config_haproxy_rejects_leaves_the_running_proxy_and_kv_unchanged() {
         "HAProxy was not reloaded"
     );
     assert_eq!(names_answering(&proxy, "/demo/x", None, 1).await, ["demo"]);
+    let stored = proxy
+        .stored_spec("go-demo")
+        .await
+        .expect("go-demo is stored");
+    assert_eq!(
+        stored["PathType"], "path_beg",
+        "KV keeps the old spec: {stored}"
+    );
     let (_, services) = proxy.api_get("/services").await;
     assert_eq!(
-        services[0]["ServiceDest"][0]["PathType"], "path_beg",
-        "the stored spec is the old one: {services}"
+        services[0]["PathType"], "path_beg",
+        "the routed spec is the old one: {services}"
     );
 }
