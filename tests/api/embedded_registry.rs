@@ -352,6 +352,11 @@ async fn kv_paths_are_decoded_and_cleaned() {
     let response = h.put("/v1/kv//lead", "v").await;
     assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
     assert_eq!(header(&response, "location"), Some("/v1/kv/lead"));
+    let response = h.get("/v1/kv?recurse").await;
+    assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(header(&response, "location"), Some("/v1/kv/?recurse"));
+    let response = h.get("/v1/nope").await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
     h.registry.shutdown().await;
 }
 
@@ -607,6 +612,13 @@ async fn reregistration_updates_in_place_and_deregister_removes() {
     let (_, body) = h.get_json("/v1/health/service/web").await;
     assert_eq!(body, json!([]));
     let (_, body) = h.get_json("/v1/catalog/services").await;
+    assert_eq!(body, json!({}));
+    h.register(REDIS).await;
+    let response = h
+        .put("/v1/agent/service/deregister/host1:redis.0:6379", "")
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = h.get("/v1/agent/services").await.json().await.unwrap();
     assert_eq!(body, json!({}));
     let response = h.put("/v1/agent/service/deregister/unknown", "").await;
     assert_eq!(

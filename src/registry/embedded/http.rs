@@ -373,10 +373,6 @@ impl Route {
             "/v1/agent/services" => Route::AgentServices,
             "/v1/agent/service/register" => Route::AgentRegister,
             "/v1/catalog/services" => Route::CatalogServices,
-            // Go's mux sends the bare subtree path to the subtree handler too.
-            "/v1/kv" => Route::Kv(String::new()),
-            "/v1/catalog/service" => Route::CatalogService(String::new()),
-            "/v1/health/service" => Route::HealthService(String::new()),
             _ => {
                 if let Some(key) = rest("/v1/kv/") {
                     Route::Kv(key)
@@ -424,20 +420,29 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
     }
 }
 
+/// A `301` to `path` (already escaped), keeping the query string.
+fn redirect(path: &str, query: Option<&str>) -> Response {
+    let mut location = path.to_string();
+    if let Some(query) = query {
+        location.push('?');
+        location.push_str(query);
+    }
+    let mut response = StatusCode::MOVED_PERMANENTLY.into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
 async fn handle(app: &App, request: Request) -> Result<Response, ApiError> {
     let path = percent_decode(request.uri().path())?;
     let cleaned = clean_path(&path);
     if cleaned != path {
-        let mut location = escape_path(&cleaned);
-        if let Some(query) = request.uri().query() {
-            location.push('?');
-            location.push_str(query);
-        }
-        let mut response = StatusCode::MOVED_PERMANENTLY.into_response();
-        if let Ok(value) = HeaderValue::from_str(&location) {
-            response.headers_mut().insert(header::LOCATION, value);
-        }
-        return Ok(response);
+        return Ok(redirect(&escape_path(&cleaned), request.uri().query()));
+    }
+    // Go's mux redirects a subtree root without its slash to the subtree.
+    if ["/v1/kv", "/v1/catalog/service", "/v1/health/service"].contains(&path.as_str()) {
+        return Ok(redirect(&format!("{path}/"), request.uri().query()));
     }
     let route = Route::find(&path).ok_or(ApiError::NoRoute)?;
     let method = request.method().clone();

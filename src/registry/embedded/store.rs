@@ -424,7 +424,8 @@ impl State {
                 check.modify_index = old.modify_index;
                 check.critical_since = old.critical_since;
                 if old.service_id != check.service_id {
-                    outcome.removed.push(old.check_id.clone());
+                    // The check ID moves to this service: its old service changes too.
+                    self.touch_service(&old.service_name, index);
                 }
                 let mut probe = old.clone();
                 probe.modify_index = check.modify_index;
