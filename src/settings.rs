@@ -7,7 +7,11 @@ use clap::Parser;
 
 /// The whole configuration of one flow-proxy process.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "flow-proxy", version, about = "On-demand control plane for HAProxy, driven by Consul")]
+#[command(
+    name = "flow-proxy",
+    version,
+    about = "On-demand control plane for HAProxy, driven by Consul"
+)]
 pub struct Settings {
     /// Address the flow-proxy HTTP API listens on.
     #[arg(long, env = "API_ADDRESS", default_value = "0.0.0.0:8080")]
@@ -18,7 +22,11 @@ pub struct Settings {
     pub consul_address: Vec<String>,
 
     /// Address the embedded Consul-compatible registry listens on (only when no --consul-address).
-    #[arg(long, env = "EMBEDDED_REGISTRY_ADDRESS", default_value = "127.0.0.1:8500")]
+    #[arg(
+        long,
+        env = "EMBEDDED_REGISTRY_ADDRESS",
+        default_value = "127.0.0.1:8500"
+    )]
     pub embedded_registry_address: SocketAddr,
 
     /// Directory for the generated haproxy.cfg, HAProxy's sockets and the embedded registry's state.

@@ -28,7 +28,10 @@ pub struct EmbeddedRegistry {
 
 impl EmbeddedRegistry {
     /// Loads the state persisted in `data_dir` and starts serving on `address` (port 0 picks one).
-    pub async fn start(address: SocketAddr, _data_dir: &Path) -> Result<EmbeddedRegistry, EmbeddedError> {
+    pub async fn start(
+        address: SocketAddr,
+        _data_dir: &Path,
+    ) -> Result<EmbeddedRegistry, EmbeddedError> {
         Ok(EmbeddedRegistry { address })
     }
 
