@@ -1,6 +1,6 @@
 //! Rendering: the complete routing state becomes haproxy.cfg text through the handlebars templates.
 //!
-//! Rust decides *what* goes in ([`view`]: names, order, validated values); the templates in
+//! Rust decides *what* goes in (the `view` module: names, order, validated values); the templates in
 //! `templates/` decide *how it looks*. The output is a pure function of the settings, the specs
 //! and the instances: the same state in any input order gives byte-identical text, so a diff
 //! between two versions shows only what changed.

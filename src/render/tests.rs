@@ -528,3 +528,33 @@ fn the_error_page_is_a_complete_http_response() {
     }
     assert!(headers.contains(&format!("Content-Length: {}", body.len()).as_str()));
 }
+
+#[test]
+fn haproxy_reads_every_accepted_path_character_as_part_of_one_pattern() {
+    let services = vec![(
+        spec(&[
+            ("serviceName", "chars"),
+            ("servicePath", "/a-b.c_d~e!f&g(h)*i+j;k=l:m@n%20o"),
+            ("pathType.1", "path_reg"),
+            ("servicePath.1", "^/x[0-9]{2}(a|b)?.*$"),
+            ("pathType.2", "path_end"),
+            ("servicePath.2", ".json"),
+        ]),
+        vec![inst("127.0.0.1", 9)],
+    )];
+    let output = haproxy_check(None, &services);
+    assert!(!output.contains("[WARNING]"), "{output}");
+    let text = render(&golden_settings(), &services);
+    assert!(
+        text.contains("    acl path_chars-be0 path_beg /a-b.c_d~e!f&g(h)*i+j;k=l:m@n%20o\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    acl path_chars-be1 path_reg ^/x[0-9]{2}(a|b)?.*$\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    acl path_chars-be2 path_end .json\n"),
+        "{text}"
+    );
+}

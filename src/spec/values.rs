@@ -478,7 +478,7 @@ impl ReqMode {
 }
 
 /// Parses a boolean flag (`true`, `false`, `1`, `0`).
-pub fn parse_flag(parameter: &str, value: &str) -> Result<bool, SpecError> {
+pub(crate) fn parse_flag(parameter: &str, value: &str) -> Result<bool, SpecError> {
     match value {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
@@ -493,7 +493,7 @@ pub fn parse_flag(parameter: &str, value: &str) -> Result<bool, SpecError> {
 const MAX_LIST_ITEMS: usize = 64;
 
 /// Parses each item of a list with `item`, rejecting empty and repeated items.
-pub fn parse_list<T: PartialEq>(
+pub(crate) fn parse_list<T: PartialEq>(
     parameter: &str,
     items: &[&str],
     item: impl Fn(&str) -> Result<T, SpecError>,
