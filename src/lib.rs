@@ -41,11 +41,8 @@ use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths};
 use crate::proxy::{Proxy, ProxyParts};
 use crate::registry::embedded::{EmbeddedError, EmbeddedRegistry};
 use crate::registry::ConsulClient;
-use crate::render::{RenderError, RenderSettings, Renderer};
+use crate::render::{RenderError, RenderSettings, Renderer, ERROR_PAGE_503};
 use crate::settings::Settings;
-
-/// HAProxy's 503 page, compiled in and written to the data directory at start.
-const ERROR_PAGE_503: &str = include_str!("../haproxy/errors/503.http");
 
 /// flow-proxy could not start.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@ use axum::Json;
 
 use crate::proxy::ProxyError;
 use crate::registry::RegistryError;
+use crate::render::RenderError;
 use crate::spec::SpecError;
 
 use super::answer;
@@ -54,7 +55,8 @@ impl ApiError {
         match &self.kind {
             ApiErrorKind::Query(_) | ApiErrorKind::Spec(_) => StatusCode::BAD_REQUEST,
             ApiErrorKind::Proxy(error) => match error {
-                ProxyError::RejectedRequest(_) => StatusCode::BAD_REQUEST,
+                ProxyError::RejectedRequest(_)
+                | ProxyError::Render(RenderError::PortConflict { .. }) => StatusCode::BAD_REQUEST,
                 ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
                 ProxyError::Registry(RegistryError::Unreachable { .. }) | ProxyError::Stopped => {
                     StatusCode::SERVICE_UNAVAILABLE

@@ -1,27 +1,103 @@
 //! Rendering: the complete routing state becomes haproxy.cfg text through the handlebars templates.
 //!
-//! (Skeleton: filled in by the spec/render work.)
+//! Rust decides *what* goes in (the `view` module: names, order, validated values); the templates in
+//! `templates/` decide *how it looks*. The output is a pure function of the settings, the specs
+//! and the instances: the same state in any input order gives byte-identical text, so a diff
+//! between two versions shows only what changed.
+//!
+//! # Names
+//! - Frontends: `http` (main, on `http_port`), `http_<srcPort>` (HTTP destinations with their
+//!   own `srcPort`), `tcp_<srcPort>` (`reqMode=tcp`).
+//! - Backends: `<serviceName>-be<index>`, one per destination, even without instances (then
+//!   HAProxy answers 503 with the clean error page).
+//! - Acls: `path_<backend>` and `domain_<backend>`.
+//! - Servers: `<address>_<registered port>`, sorted by (address, port); the name stays the same
+//!   when a `port` override changes, so runtime-API state follows the instance.
+//!
+//! # Order of rules in an HTTP frontend
+//! HAProxy takes the first `use_backend` that matches, so rules are sorted, most specific first:
+//! 1. rules with a `/.well-known…` path (`path`, `path_beg`, `path_dir`), so ACME challenges and
+//!    the like are never swallowed by a catch-all;
+//! 2. rules with a domain (domain+path before domain only);
+//! 3. path-only rules;
+//! 4. path-only rules whose only path is `/` (`path_beg`): the catch-alls, last.
+//!
+//! Within a group: longer paths first (a destination counts by its longest path; `/` counts as
+//! 0), exact domains before wildcard ones, then by `aclName` (default: the service name), then
+//! service name, then destination index. A destination with several paths is one rule, placed
+//! by its longest path; give paths that need different places their own destination index.
+//!
+//! # Ports
+//! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
+//! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a
+//! `srcPort` (their rules share the frontend), and an HTTP `srcPort` equal to `http_port` puts
+//! the rules in the main frontend.
+
+mod view;
+
+#[cfg(test)]
+mod tests;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use handlebars::Handlebars;
+
 use crate::spec::{Instance, ServiceSpec};
 
-/// A template that did not load or did not render.
+/// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
+/// write it as `<errors_dir>/503.http` before HAProxy reads the config.
+pub const ERROR_PAGE_503: &str = include_str!("../../haproxy/errors/503.http");
+
+/// The main template; the others are partials it includes under their file stem.
+const MAIN_TEMPLATE: &str = "haproxy.cfg.hbs";
+
+/// Every template file, with its built-in text.
+const TEMPLATES: &[(&str, &str)] = &[
+    (
+        "haproxy.cfg.hbs",
+        include_str!("../../templates/haproxy.cfg.hbs"),
+    ),
+    (
+        "http-frontend.hbs",
+        include_str!("../../templates/http-frontend.hbs"),
+    ),
+    ("backend.hbs", include_str!("../../templates/backend.hbs")),
+];
+
+/// Why haproxy.cfg could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
     /// A template file could not be read or parsed.
     #[error("template {name}: {message}")]
     Template { name: String, message: String },
-    /// Rendering failed.
+    /// Rendering failed (a template used a value the view model does not have).
     #[error("rendering haproxy.cfg failed: {0}")]
     Render(String),
+    /// Two destinations want the same port in incompatible ways (two TCP frontends, TCP and
+    /// HTTP, or TCP on the HTTP port).
+    #[error("port {port} is wanted by both {first} and {second}")]
+    PortConflict {
+        port: u16,
+        first: String,
+        second: String,
+    },
+    /// The same service was passed twice; routing state holds one spec per service.
+    #[error("service `{0}` is given twice")]
+    DuplicateService(String),
+    /// A setting cannot be written into haproxy.cfg safely.
+    #[error("setting {setting} = {value:?}: {reason}")]
+    Setting {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Everything the templates need besides the services.
 #[derive(Debug, Clone)]
 pub struct RenderSettings {
-    /// Address the frontends bind to; `None` binds every address.
+    /// Address the frontends bind to; `None` binds every IPv4 address (`*`).
     pub bind_host: Option<IpAddr>,
     /// Port of the main HTTP frontend.
     pub http_port: u16,
@@ -36,25 +112,68 @@ pub struct RenderSettings {
 pub struct ServiceRoute<'a> {
     /// The service's spec.
     pub spec: &'a ServiceSpec,
-    /// The instances to put in its backend(s), in any order.
+    /// The instances to put in its backend(s), in any order (duplicates are dropped).
     pub instances: &'a [Instance],
 }
 
-/// Holds the compiled templates.
-pub struct Renderer {}
+/// Holds the compiled templates, so a reconfigure only renders (templates are parsed once).
+pub struct Renderer {
+    registry: Handlebars<'static>,
+}
+
+impl std::fmt::Debug for Renderer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renderer").finish_non_exhaustive()
+    }
+}
 
 impl Renderer {
-    /// Loads the templates from `templates_dir`, or the built-in ones when `None`.
-    pub fn new(_templates_dir: Option<&Path>) -> Result<Renderer, RenderError> {
-        Ok(Renderer {})
+    /// Loads the templates from `templates_dir` (the same file names as the built-in ones:
+    /// `haproxy.cfg.hbs`, `http-frontend.hbs`, `backend.hbs`), or the built-in ones when `None`.
+    pub fn new(templates_dir: Option<&Path>) -> Result<Renderer, RenderError> {
+        let mut registry = Handlebars::new();
+        registry.set_strict_mode(true);
+        registry.register_escape_fn(handlebars::no_escape);
+        for (file, built_in) in TEMPLATES {
+            let text = match templates_dir {
+                None => (*built_in).to_string(),
+                Some(dir) => {
+                    let path = dir.join(file);
+                    std::fs::read_to_string(&path).map_err(|error| RenderError::Template {
+                        name: path.display().to_string(),
+                        message: error.to_string(),
+                    })?
+                }
+            };
+            let parsed = if *file == MAIN_TEMPLATE {
+                registry.register_template_string(file, text)
+            } else {
+                let stem = file.trim_end_matches(".hbs");
+                registry.register_partial(stem, text)
+            };
+            parsed.map_err(|error| RenderError::Template {
+                name: (*file).to_string(),
+                message: error.to_string(),
+            })?;
+        }
+        Ok(Renderer { registry })
     }
 
-    /// Renders the complete haproxy.cfg for these services.
+    /// Renders the complete haproxy.cfg for these services (in any order).
     pub fn render(
         &self,
-        _settings: &RenderSettings,
-        _services: &[ServiceRoute<'_>],
+        settings: &RenderSettings,
+        services: &[ServiceRoute<'_>],
     ) -> Result<String, RenderError> {
-        Err(RenderError::Render("not implemented yet".into()))
+        let view = view::build(settings, services)?;
+        let mut text = self
+            .registry
+            .render(MAIN_TEMPLATE, &view)
+            .map_err(|error| RenderError::Render(error.to_string()))?;
+        // HAProxy 2.6 rejects a file whose last line has no newline.
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        Ok(text)
     }
 }

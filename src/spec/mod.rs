@@ -1,12 +1,35 @@
 //! Service specs: the typed, validated description of how one service is routed.
 //!
 //! Everything that reaches haproxy.cfg passes through a type of this module, and each type only
-//! holds values that matched a strict pattern when it was built. No raw string from a request or
-//! from the registry reaches a template.
+//! holds values that matched a strict pattern when it was built ([`values`]). No raw string from
+//! a request or from the registry reaches a template.
 //!
-//! (Skeleton: parsing and validation are filled in by the spec/render work.)
+//! - [`values`]: the validated newtypes (service name, path, domain, port, …).
+//! - [`query`](ServiceSpec::from_query): the Docker Flow Proxy query parameters and their parsing.
+//! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
+//!   re-validates everything, because KV can be edited by anyone.
+//!
+//! A spec has one or more destinations. A destination is either HTTP (routed by `servicePath`
+//! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
+//! `srcPort` forwarding everything).
+
+mod query;
+mod stored;
+pub mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+
+pub use values::{
+    AclName, Domain, PathType, Port, ReqMode, ServiceColor, ServiceName, ServicePath,
+};
+
+use query::indexed;
+use values::{shown, spec_error};
 
 /// A request parameter that failed validation; the HTTP answer is 400 and names the parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -18,38 +41,40 @@ pub struct SpecError {
     pub message: String,
 }
 
-/// A validated service name (`[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 64 characters).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ServiceName(String);
-
-impl ServiceName {
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for ServiceName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// How one service is routed: the spec stored in KV and echoed in API answers.
+///
+/// Only [`ServiceSpec::from_query`] and deserialization build one, and both check every value
+/// and every rule between values, so a `ServiceSpec` in hand is always renderable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase")]
+#[serde(try_from = "stored::StoredSpec", into = "stored::StoredSpec")]
 pub struct ServiceSpec {
-    /// The service's name (the Consul service read, unless a color is set).
-    pub service_name: ServiceName,
+    service_name: ServiceName,
+    service_color: Option<ServiceColor>,
+    acl_name: Option<AclName>,
+    skip_check: bool,
+    path_type: PathType,
+    /// Sorted by index, indices unique.
+    destinations: Vec<Destination>,
+}
+
+/// One destination of a service: where requests come from (paths, domains, a source port) and
+/// which port of the instances they go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    index: u16,
+    service_path: Vec<ServicePath>,
+    service_domain: Vec<Domain>,
+    /// This destination's own `pathType.N`, if given.
+    path_type: Option<PathType>,
+    port: Option<Port>,
+    src_port: Option<Port>,
+    req_mode: ReqMode,
 }
 
 impl ServiceSpec {
-    /// Parses a reconfigure query (all pairs, in order) into a spec.
-    pub fn from_query(_pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
-        Err(SpecError {
-            parameter: "serviceName".into(),
-            message: "not implemented yet".into(),
-        })
+    /// Parses a reconfigure query (all pairs, percent-decoded, in request order) into a spec.
+    pub fn from_query(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
+        query::build_spec(pairs)
     }
 
     /// The service this spec routes.
@@ -59,19 +84,182 @@ impl ServiceSpec {
 
     /// The Consul service whose instances back this spec: `<serviceName>` or `<serviceName>-<color>`.
     pub fn consul_service_name(&self) -> String {
-        self.service_name.to_string()
+        match &self.service_color {
+            Some(color) => format!("{}-{}", self.service_name, color.as_str()),
+            None => self.service_name.to_string(),
+        }
+    }
+
+    /// The blue-green color, if any.
+    pub fn service_color(&self) -> Option<&ServiceColor> {
+        self.service_color.as_ref()
+    }
+
+    /// The key that orders this service's rules among equally specific ones: `aclName`, else
+    /// the service name.
+    pub fn ordering_name(&self) -> &str {
+        match &self.acl_name {
+            Some(acl) => acl.as_str(),
+            None => self.service_name.as_str(),
+        }
+    }
+
+    /// The `aclName` given, if any.
+    pub fn acl_name(&self) -> Option<&AclName> {
+        self.acl_name.as_ref()
+    }
+
+    /// Whether HAProxy should skip health checks on this service's servers.
+    pub fn skip_check(&self) -> bool {
+        self.skip_check
+    }
+
+    /// The service-wide path type (destinations may override it).
+    pub fn path_type(&self) -> PathType {
+        self.path_type
+    }
+
+    /// The destinations, by index.
+    pub fn destinations(&self) -> &[Destination] {
+        &self.destinations
+    }
+
+    /// Checks the rules between values and sorts the destinations; every constructor ends here.
+    fn checked(mut spec: ServiceSpec) -> Result<ServiceSpec, SpecError> {
+        spec.destinations.sort_by_key(|d| d.index);
+        if spec.destinations.is_empty() {
+            return Err(spec_error(
+                "servicePath",
+                "at least one destination is required: give servicePath, serviceDomain, or srcPort with reqMode=tcp",
+            ));
+        }
+        for pair in spec.destinations.windows(2) {
+            if pair[0].index == pair[1].index {
+                return Err(spec_error(
+                    "ServiceDest",
+                    format!("destination index {} appears twice", pair[0].index),
+                ));
+            }
+        }
+        for (position, destination) in spec.destinations.iter().enumerate() {
+            destination.check()?;
+            // Two destinations of one service cannot share a source port unless both are
+            // HTTP (then they are simply two rule sets in the same extra frontend).
+            let Some(port) = destination.src_port else {
+                continue;
+            };
+            let earlier = spec.destinations[..position]
+                .iter()
+                .find(|other| other.src_port == Some(port));
+            if let Some(other) = earlier {
+                if other.req_mode == ReqMode::Tcp || destination.req_mode == ReqMode::Tcp {
+                    return Err(spec_error(
+                        &indexed("srcPort", destination.index),
+                        format!(
+                            "port {port} is already used by destination {} of this service; a tcp frontend needs a port of its own",
+                            other.index
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(spec)
     }
 }
 
-/// Reads the `serviceName` of a remove query.
-pub fn service_name_from_query(_pairs: &[(String, String)]) -> Result<ServiceName, SpecError> {
-    Err(SpecError {
-        parameter: "serviceName".into(),
-        message: "not implemented yet".into(),
-    })
+impl Destination {
+    /// The destination's index: 0 for unsuffixed parameters, N for `.N`.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The path patterns (may be empty when domains are given, or for TCP).
+    pub fn service_path(&self) -> &[ServicePath] {
+        &self.service_path
+    }
+
+    /// The domains (may be empty: then every domain matches).
+    pub fn service_domain(&self) -> &[Domain] {
+        &self.service_domain
+    }
+
+    /// The `pathType.N` override, if given; see [`Destination::effective_path_type`].
+    pub fn path_type_override(&self) -> Option<PathType> {
+        self.path_type
+    }
+
+    /// The path type this destination's paths are matched with.
+    pub fn effective_path_type(&self, spec: &ServiceSpec) -> PathType {
+        self.path_type.unwrap_or(spec.path_type)
+    }
+
+    /// The port HAProxy connects to on every instance, instead of the registered one.
+    pub fn port(&self) -> Option<Port> {
+        self.port
+    }
+
+    /// The extra frontend port (always set for TCP).
+    pub fn src_port(&self) -> Option<Port> {
+        self.src_port
+    }
+
+    /// HTTP or TCP.
+    pub fn req_mode(&self) -> ReqMode {
+        self.req_mode
+    }
+
+    fn check(&self) -> Result<(), SpecError> {
+        let name = |base: &str| indexed(base, self.index);
+        match self.req_mode {
+            ReqMode::Tcp => {
+                if self.src_port.is_none() {
+                    return Err(spec_error(
+                        &name("srcPort"),
+                        "required with reqMode=tcp: the port of the TCP frontend",
+                    ));
+                }
+                if !self.service_path.is_empty() {
+                    return Err(spec_error(
+                        &name("servicePath"),
+                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                    ));
+                }
+                if !self.service_domain.is_empty() {
+                    return Err(spec_error(
+                        &name("serviceDomain"),
+                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                    ));
+                }
+                if self.path_type.is_some() {
+                    return Err(spec_error(
+                        &name("pathType"),
+                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                    ));
+                }
+            }
+            ReqMode::Http => {
+                if self.service_path.is_empty() && self.service_domain.is_empty() {
+                    return Err(spec_error(
+                        &name("servicePath"),
+                        "an http destination needs servicePath or serviceDomain",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the `serviceName` of a remove query; every other parameter is rejected.
+pub fn service_name_from_query(pairs: &[(String, String)]) -> Result<ServiceName, SpecError> {
+    query::remove_service_name(pairs)
 }
 
 /// One healthy instance of a service as HAProxy will reach it: a validated address and a port.
+///
+/// Addresses come from the registry, which anyone can write to, so they are checked as
+/// strictly as query parameters: an IPv4 or IPv6 literal (stored in canonical form) or a DNS
+/// hostname (stored lowercased).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Instance {
     address: String,
@@ -79,15 +267,42 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Validates an address (IPv4, IPv6 or DNS name) read from the registry.
+    /// Validates an address (IPv4, IPv6 or DNS name) and port read from the registry.
     pub fn new(address: &str, port: u16) -> Result<Instance, SpecError> {
+        let port = Port::from_number("ServicePort", u32::from(port))?.get();
+        if let Ok(ip) = address.parse::<IpAddr>() {
+            return Ok(Instance {
+                address: ip.to_string(),
+                port,
+            });
+        }
+        let hostname_ok = !address.is_empty()
+            && address.len() <= 253
+            && address.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !hostname_ok {
+            return Err(spec_error(
+                "ServiceAddress",
+                format!(
+                    "{} is neither an IP address nor a DNS hostname",
+                    shown(address)
+                ),
+            ));
+        }
         Ok(Instance {
-            address: address.to_string(),
+            address: address.to_ascii_lowercase(),
             port,
         })
     }
 
-    /// The instance's address.
+    /// The instance's address: a canonical IP literal or a lowercased hostname.
     pub fn address(&self) -> &str {
         &self.address
     }
@@ -95,5 +310,10 @@ impl Instance {
     /// The instance's port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether the address is an IPv6 literal (HAProxy needs it in brackets before a port).
+    pub fn is_ipv6(&self) -> bool {
+        self.address.contains(':')
     }
 }

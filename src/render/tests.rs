@@ -1,0 +1,560 @@
+//! Tests of rendering: golden files, determinism, rule order, conflicts, and `haproxy -c`.
+//!
+//! Golden files live in `tests/golden/`; run with `UPDATE_GOLDEN=1` to rewrite them after an
+//! intended change, then review the diff.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::*;
+use crate::spec::{Instance, ServiceSpec};
+
+fn spec(pairs: &[(&str, &str)]) -> ServiceSpec {
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    match ServiceSpec::from_query(&pairs) {
+        Ok(spec) => spec,
+        Err(error) => panic!("test spec rejected: {error}"),
+    }
+}
+
+fn inst(address: &str, port: u16) -> Instance {
+    Instance::new(address, port).unwrap()
+}
+
+/// Settings with fixed paths, for golden files.
+fn golden_settings() -> RenderSettings {
+    RenderSettings {
+        bind_host: None,
+        http_port: 80,
+        stats_socket: PathBuf::from("/run/flow-proxy/admin.sock"),
+        errors_dir: PathBuf::from("/etc/flow-proxy/errors"),
+    }
+}
+
+/// A mix of everything a user can ask for.
+fn rich_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+    vec![
+        (
+            spec(&[("serviceName", "go-demo"), ("servicePath", "/demo")]),
+            vec![inst("10.0.0.2", 31000), inst("10.0.0.1", 31001)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "acme"),
+                ("servicePath", "/.well-known/acme-challenge"),
+                ("skipCheck", "true"),
+            ]),
+            vec![inst("10.0.0.9", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "web"),
+                ("serviceDomain", "Example.com,*.example.org"),
+            ]),
+            vec![inst("fd00::5", 8080), inst("10.0.0.5", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "shop"),
+                ("serviceColor", "blue"),
+                ("aclName", "00-shop"),
+                ("servicePath", "/shop,/shop/api"),
+                ("serviceDomain", "shop.example.com"),
+                ("reqMode.1", "tcp"),
+                ("srcPort.1", "5432"),
+                ("port.1", "5433"),
+                ("servicePath.2", "/admin"),
+                ("srcPort.2", "8081"),
+                ("port.2", "9000"),
+            ]),
+            vec![inst("10.0.1.1", 3000), inst("10.0.1.2", 3000)],
+        ),
+        (
+            spec(&[("serviceName", "home"), ("servicePath", "/")]),
+            vec![inst("localhost", 8000)],
+        ),
+        (
+            spec(&[("serviceName", "empty"), ("servicePath", "/empty")]),
+            vec![],
+        ),
+        (
+            spec(&[
+                ("serviceName", "images"),
+                ("pathType", "path_reg"),
+                ("servicePath", "^/img/[a-z0-9]+[.]png$"),
+            ]),
+            vec![inst("10.0.2.1", 80)],
+        ),
+    ]
+}
+
+fn routes(services: &[(ServiceSpec, Vec<Instance>)]) -> Vec<ServiceRoute<'_>> {
+    services
+        .iter()
+        .map(|(spec, instances)| ServiceRoute { spec, instances })
+        .collect()
+}
+
+fn render(settings: &RenderSettings, services: &[(ServiceSpec, Vec<Instance>)]) -> String {
+    let renderer = Renderer::new(None).unwrap();
+    match renderer.render(settings, &routes(services)) {
+        Ok(text) => text,
+        Err(error) => panic!("render failed: {error}"),
+    }
+}
+
+fn render_error(services: &[(ServiceSpec, Vec<Instance>)]) -> RenderError {
+    let renderer = Renderer::new(None).unwrap();
+    match renderer.render(&golden_settings(), &routes(services)) {
+        Ok(text) => panic!("expected an error, rendered:\n{text}"),
+        Err(error) => error,
+    }
+}
+
+/// Compares `text` with `tests/golden/<name>`, or rewrites it when `UPDATE_GOLDEN` is set.
+fn assert_golden(name: &str, text: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, text).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|error| {
+        panic!(
+            "cannot read {}: {error}; run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
+    if expected != text {
+        panic!(
+            "{} differs from the rendered config (UPDATE_GOLDEN=1 rewrites it):\n--- rendered ---\n{text}",
+            path.display()
+        );
+    }
+}
+
+/// Writes `services`' config and the 503 page in a temporary directory and runs
+/// `haproxy -c -f` on it; returns HAProxy's output. Fails (never skips) without haproxy.
+fn haproxy_check(bind_host: Option<IpAddr>, services: &[(ServiceSpec, Vec<Instance>)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let errors_dir = dir.path().join("errors");
+    std::fs::create_dir(&errors_dir).unwrap();
+    std::fs::write(errors_dir.join("503.http"), ERROR_PAGE_503).unwrap();
+    let settings = RenderSettings {
+        bind_host,
+        http_port: 8080,
+        stats_socket: dir.path().join("admin.sock"),
+        errors_dir,
+    };
+    let config = dir.path().join("haproxy.cfg");
+    std::fs::write(&config, render(&settings, services)).unwrap();
+    let output = match Command::new("haproxy").arg("-c").arg("-f").arg(&config).output() {
+        Ok(output) => output,
+        Err(error) => panic!(
+            "cannot run `haproxy -c` ({error}): install HAProxy 2.6 (e.g. apt-get install haproxy) to run these tests"
+        ),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "haproxy -c rejected the rendered config:\n{text}\n--- config ---\n{}",
+        std::fs::read_to_string(&config).unwrap()
+    );
+    text
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|line| line.trim() == needle)
+        .unwrap_or_else(|| panic!("no line `{needle}` in:\n{text}"))
+}
+
+#[test]
+fn empty_config_matches_golden() {
+    let text = render(&golden_settings(), &[]);
+    assert_golden("empty.cfg", &text);
+}
+
+#[test]
+fn rich_config_matches_golden() {
+    let text = render(&golden_settings(), &rich_services());
+    assert_golden("rich.cfg", &text);
+}
+
+#[test]
+fn haproxy_accepts_the_empty_config_without_warnings() {
+    let output = haproxy_check(None, &[]);
+    assert!(!output.contains("[WARNING]"), "{output}");
+    assert!(!output.contains("[ALERT]"), "{output}");
+}
+
+#[test]
+fn haproxy_accepts_the_rich_config_without_warnings() {
+    let output = haproxy_check(None, &rich_services());
+    assert!(!output.contains("[WARNING]"), "{output}");
+    assert!(!output.contains("[ALERT]"), "{output}");
+}
+
+#[test]
+fn haproxy_accepts_ipv4_and_ipv6_bind_hosts() {
+    for host in ["127.0.0.1", "::1"] {
+        let output = haproxy_check(Some(host.parse().unwrap()), &rich_services());
+        assert!(!output.contains("[WARNING]"), "{host}: {output}");
+    }
+    let mut settings = golden_settings();
+    settings.bind_host = Some("::1".parse().unwrap());
+    let text = render(&settings, &rich_services());
+    assert!(text.contains("    bind [::1]:80\n"), "{text}");
+    assert!(text.contains("    bind [::1]:5432\n"), "{text}");
+}
+
+#[test]
+fn output_is_the_same_for_any_input_order() {
+    let services = rich_services();
+    let expected = render(&golden_settings(), &services);
+    let mut reversed: Vec<_> = services.iter().rev().cloned().collect();
+    for (_, instances) in &mut reversed {
+        instances.reverse();
+    }
+    assert_eq!(render(&golden_settings(), &reversed), expected);
+    let mut rotated = services.clone();
+    rotated.rotate_left(3);
+    // A repeated instance (the registry may list one twice) changes nothing either.
+    let repeated = rotated[0].1[0].clone();
+    rotated[0].1.push(repeated);
+    assert_eq!(render(&golden_settings(), &rotated), expected);
+}
+
+#[test]
+fn config_ends_with_a_newline() {
+    assert!(render(&golden_settings(), &[]).ends_with('\n'));
+    assert!(render(&golden_settings(), &rich_services()).ends_with("\n"));
+}
+
+#[test]
+fn rules_are_ordered_most_specific_first() {
+    let text = render(&golden_settings(), &rich_services());
+    let well_known = line_of(&text, "use_backend acme-be0 if path_acme-be0");
+    let shop = line_of(
+        &text,
+        "use_backend shop-be0 if path_shop-be0 domain_shop-be0",
+    );
+    let web = line_of(&text, "use_backend web-be0 if domain_web-be0");
+    let images = line_of(&text, "use_backend images-be0 if path_images-be0");
+    let demo = line_of(&text, "use_backend go-demo-be0 if path_go-demo-be0");
+    let empty = line_of(&text, "use_backend empty-be0 if path_empty-be0");
+    let root = line_of(&text, "use_backend home-be0 if path_home-be0");
+    assert!(well_known < shop, "well-known first:\n{text}");
+    assert!(shop < web, "domain+path before domain only:\n{text}");
+    assert!(web < images, "domain rules before path-only rules:\n{text}");
+    assert!(images < empty, "longer paths before shorter:\n{text}");
+    assert!(
+        empty < demo,
+        "longer paths (/empty) before shorter (/demo):\n{text}"
+    );
+    assert!(demo < root, "`/` last:\n{text}");
+}
+
+#[test]
+fn equal_rules_are_ordered_by_acl_name_then_service_name() {
+    let services = vec![
+        (
+            spec(&[
+                ("serviceName", "aaa"),
+                ("servicePath", "/x"),
+                ("aclName", "zz"),
+            ]),
+            vec![],
+        ),
+        (
+            spec(&[("serviceName", "bbb"), ("servicePath", "/y")]),
+            vec![],
+        ),
+        (
+            spec(&[("serviceName", "ccc"), ("servicePath", "/z")]),
+            vec![],
+        ),
+    ];
+    let text = render(&golden_settings(), &services);
+    let aaa = line_of(&text, "use_backend aaa-be0 if path_aaa-be0");
+    let bbb = line_of(&text, "use_backend bbb-be0 if path_bbb-be0");
+    let ccc = line_of(&text, "use_backend ccc-be0 if path_ccc-be0");
+    assert!(bbb < ccc && ccc < aaa, "aclName zz sorts aaa last:\n{text}");
+}
+
+#[test]
+fn domains_match_the_host_without_port_case_insensitively() {
+    let text = render(&golden_settings(), &rich_services());
+    assert!(
+        text.contains("    acl domain_web-be0 req.hdr(host),field(1,:) -m str -i example.com\n")
+    );
+    assert!(
+        text.contains("    acl domain_web-be0 req.hdr(host),field(1,:) -m end -i .example.org\n")
+    );
+}
+
+#[test]
+fn servers_use_the_port_override_brackets_for_ipv6_and_checks_unless_skipped() {
+    let text = render(&golden_settings(), &rich_services());
+    assert!(
+        text.contains("    server 10.0.0.1_31001 10.0.0.1:31001 check\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    server fd00::5_8080 [fd00::5]:8080 check\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    server 10.0.1.1_3000 10.0.1.1:5433 check\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    server 10.0.0.9_8080 10.0.0.9:8080\n"),
+        "{text}"
+    );
+    let first = text.find("server 10.0.0.1_31001").unwrap();
+    let second = text.find("server 10.0.0.2_31000").unwrap();
+    assert!(first < second, "servers sorted by address");
+}
+
+#[test]
+fn a_service_without_instances_still_gets_its_backend() {
+    let text = render(&golden_settings(), &rich_services());
+    let start = text.find("backend empty-be0\n").expect("backend present");
+    let section = &text[start..];
+    let section = &section[..section.find("\n\n").unwrap_or(section.len())];
+    assert!(!section.contains("server"), "{section}");
+}
+
+#[test]
+fn tcp_and_extra_http_frontends_get_their_own_sections() {
+    let text = render(&golden_settings(), &rich_services());
+    assert!(text.contains(
+        "frontend tcp_5432\n    mode tcp\n    bind *:5432\n    default_backend shop-be1\n"
+    ));
+    assert!(text.contains("backend shop-be1\n    mode tcp\n"));
+    assert!(text.contains("frontend http_8081\n    mode http\n    bind *:8081\n"));
+    let extra = &text[text.find("frontend http_8081").unwrap()..];
+    let extra = &extra[..extra.find("\n\n").unwrap()];
+    assert!(
+        extra.contains("use_backend shop-be2 if path_shop-be2"),
+        "{extra}"
+    );
+    let main = &text[text.find("frontend http\n").unwrap()..];
+    let main = &main[..main.find("\n\n").unwrap()];
+    assert!(!main.contains("shop-be2"), "{main}");
+}
+
+#[test]
+fn http_src_port_equal_to_http_port_routes_in_the_main_frontend() {
+    let services = vec![(
+        spec(&[
+            ("serviceName", "a"),
+            ("servicePath", "/a"),
+            ("srcPort", "80"),
+        ]),
+        vec![],
+    )];
+    let text = render(&golden_settings(), &services);
+    assert!(!text.contains("frontend http_80"), "{text}");
+    assert!(text.contains("use_backend a-be0 if path_a-be0"), "{text}");
+}
+
+#[test]
+fn two_services_sharing_an_http_src_port_share_the_frontend() {
+    let services = vec![
+        (
+            spec(&[
+                ("serviceName", "a"),
+                ("servicePath", "/a"),
+                ("srcPort", "8081"),
+            ]),
+            vec![],
+        ),
+        (
+            spec(&[
+                ("serviceName", "b"),
+                ("servicePath", "/b"),
+                ("srcPort", "8081"),
+            ]),
+            vec![],
+        ),
+    ];
+    let text = render(&golden_settings(), &services);
+    assert_eq!(text.matches("frontend http_8081\n").count(), 1, "{text}");
+}
+
+#[test]
+fn port_conflicts_name_both_services_and_the_port() {
+    let tcp = |name: &str, port: &str| {
+        (
+            spec(&[("serviceName", name), ("reqMode", "tcp"), ("srcPort", port)]),
+            vec![],
+        )
+    };
+    let error = render_error(&[tcp("db", "5432"), tcp("other-db", "5432")]);
+    let message = error.to_string();
+    assert!(
+        matches!(error, RenderError::PortConflict { port: 5432, .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("`db`") && message.contains("`other-db`"),
+        "{message}"
+    );
+    assert!(message.contains("5432"), "{message}");
+
+    let error = render_error(&[tcp("db", "80")]);
+    let message = error.to_string();
+    assert!(
+        matches!(error, RenderError::PortConflict { port: 80, .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("`db`") && message.contains("http_port"),
+        "{message}"
+    );
+
+    let http = (
+        spec(&[
+            ("serviceName", "web"),
+            ("servicePath", "/"),
+            ("srcPort", "9000"),
+        ]),
+        vec![],
+    );
+    for services in [
+        vec![http.clone(), tcp("db", "9000")],
+        vec![tcp("db", "9000"), http],
+    ] {
+        let error = render_error(&services);
+        let message = error.to_string();
+        assert!(
+            matches!(error, RenderError::PortConflict { port: 9000, .. }),
+            "{message}"
+        );
+        assert!(
+            message.contains("`web`") && message.contains("`db`"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn a_service_given_twice_is_an_error() {
+    let a = (spec(&[("serviceName", "a"), ("servicePath", "/a")]), vec![]);
+    let error = render_error(&[a.clone(), a]);
+    assert!(matches!(error, RenderError::DuplicateService(ref name) if name == "a"));
+}
+
+#[test]
+fn unsafe_setting_paths_are_refused() {
+    let mut settings = golden_settings();
+    settings.errors_dir = PathBuf::from("/etc/my errors");
+    let renderer = Renderer::new(None).unwrap();
+    let error = renderer.render(&settings, &[]).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            RenderError::Setting {
+                setting: "errors_dir",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn templates_can_come_from_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, text) in TEMPLATES {
+        let text = if *file == "backend.hbs" {
+            text.replace("balance roundrobin", "balance leastconn")
+        } else {
+            text.to_string()
+        };
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let renderer = Renderer::new(Some(dir.path())).unwrap();
+    let services = rich_services();
+    let text = renderer
+        .render(&golden_settings(), &routes(&services))
+        .unwrap();
+    assert!(text.contains("balance leastconn"), "{text}");
+    assert!(!text.contains("balance roundrobin"), "{text}");
+
+    std::fs::remove_file(dir.path().join("http-frontend.hbs")).unwrap();
+    let error = Renderer::new(Some(dir.path())).unwrap_err();
+    assert!(error.to_string().contains("http-frontend.hbs"), "{error}");
+}
+
+#[test]
+fn a_template_using_an_unknown_value_fails_in_strict_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, text) in TEMPLATES {
+        let text = if *file == "haproxy.cfg.hbs" {
+            format!("{text}{{{{no_such_value}}}}\n")
+        } else {
+            text.to_string()
+        };
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let renderer = Renderer::new(Some(dir.path())).unwrap();
+    let error = renderer.render(&golden_settings(), &[]).unwrap_err();
+    assert!(matches!(error, RenderError::Render(_)), "{error}");
+}
+
+#[test]
+fn the_error_page_is_a_complete_http_response() {
+    let (head, body) = ERROR_PAGE_503.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.split("\r\n");
+    assert_eq!(lines.next(), Some("HTTP/1.0 503 Service Unavailable"));
+    let headers: Vec<&str> = lines.collect();
+    for header in [
+        "Cache-Control: no-cache",
+        "Connection: close",
+        "Content-Type: text/html",
+    ] {
+        assert!(headers.contains(&header), "missing {header}: {headers:?}");
+    }
+    assert!(headers.contains(&format!("Content-Length: {}", body.len()).as_str()));
+}
+
+#[test]
+fn haproxy_reads_every_accepted_path_character_as_part_of_one_pattern() {
+    let services = vec![(
+        spec(&[
+            ("serviceName", "chars"),
+            ("servicePath", "/a-b.c_d~e!f&g(h)*i+j;k=l:m@n%20o"),
+            ("pathType.1", "path_reg"),
+            ("servicePath.1", "^/x[0-9]{2}(a|b)?.*$"),
+            ("pathType.2", "path_end"),
+            ("servicePath.2", ".json"),
+        ]),
+        vec![inst("127.0.0.1", 9)],
+    )];
+    let output = haproxy_check(None, &services);
+    assert!(!output.contains("[WARNING]"), "{output}");
+    let text = render(&golden_settings(), &services);
+    assert!(
+        text.contains("    acl path_chars-be0 path_beg /a-b.c_d~e!f&g(h)*i+j;k=l:m@n%20o\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    acl path_chars-be1 path_reg ^/x[0-9]{2}(a|b)?.*$\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    acl path_chars-be2 path_end .json\n"),
+        "{text}"
+    );
+}

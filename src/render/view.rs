@@ -1,0 +1,368 @@
+//! The view model: what goes into haproxy.cfg, in which order and under which names.
+//!
+//! The templates only lay these values out; every decision is made here, from validated spec
+//! types, so a template can never receive a raw user string. See the parent module's doc for
+//! the ordering rules.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::{RenderError, RenderSettings, ServiceRoute};
+use crate::spec::{Destination, Instance, PathType, ReqMode, ServiceSpec};
+
+/// The whole configuration, as the main template sees it.
+#[derive(Debug, Serialize)]
+pub(super) struct ConfigView {
+    stats_socket: String,
+    error_503: String,
+    /// The main HTTP frontend on `http_port`.
+    http: FrontendView,
+    /// Extra HTTP frontends, one per HTTP `srcPort`, by port.
+    http_extra: Vec<FrontendView>,
+    /// Backends of HTTP destinations, by service then destination index.
+    http_backends: Vec<BackendView>,
+    /// TCP frontends, by port.
+    tcp_frontends: Vec<TcpFrontendView>,
+    /// Backends of TCP destinations, by service then destination index.
+    tcp_backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Serialize)]
+struct FrontendView {
+    name: String,
+    bind: String,
+    rules: Vec<RuleView>,
+}
+
+/// The acls and `use_backend` of one HTTP destination.
+#[derive(Debug, Serialize)]
+struct RuleView {
+    backend: String,
+    path_acl: Option<PathAclView>,
+    domain_acl: Option<DomainAclView>,
+}
+
+#[derive(Debug, Serialize)]
+struct PathAclView {
+    name: String,
+    /// The HAProxy fetch, e.g. `path_beg`.
+    fetch: &'static str,
+    patterns: Vec<String>,
+}
+
+/// Host matches (the Host header without its `:port`, case-insensitive): exact domains in one
+/// acl line, wildcard endings in a second line of the same acl (HAProxy ORs them).
+#[derive(Debug, Serialize)]
+struct DomainAclView {
+    name: String,
+    exact: Vec<String>,
+    suffix: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct TcpFrontendView {
+    #[serde(skip)]
+    port: u16,
+    name: String,
+    bind: String,
+    backend: String,
+}
+
+#[derive(Debug, Serialize)]
+struct BackendView {
+    name: String,
+    mode: &'static str,
+    servers: Vec<ServerView>,
+}
+
+#[derive(Debug, Serialize)]
+struct ServerView {
+    name: String,
+    address: String,
+    check: bool,
+}
+
+/// The backend of one destination: `<serviceName>-be<index>`. Unique, because the index is the
+/// only trailing run of digits after the last `-be`.
+fn backend_name(spec: &ServiceSpec, destination: &Destination) -> String {
+    format!("{}-be{}", spec.service_name(), destination.index())
+}
+
+/// Where rule `a` of a frontend sorts; smaller first. Field order is the rule order.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct RuleOrder<'a> {
+    /// 0: `/.well-known` paths; 1: rules with a domain; 2: path-only rules; 3: path-only `/`.
+    group: u8,
+    /// Longer (more specific) paths first; a `path_beg /` or domain-only rule counts as 0.
+    longest_path: Reverse<usize>,
+    /// Exact domains before wildcard ones.
+    wildcard: bool,
+    acl_name: &'a str,
+    service: &'a str,
+    index: u16,
+}
+
+fn rule_order<'a>(spec: &'a ServiceSpec, destination: &Destination) -> RuleOrder<'a> {
+    let path_type = destination.effective_path_type(spec);
+    let literal_prefix = matches!(
+        path_type,
+        PathType::Path | PathType::PathBeg | PathType::PathDir
+    );
+    let paths = destination.service_path();
+    let well_known = literal_prefix && paths.iter().any(|p| p.as_str().starts_with("/.well-known"));
+    let specificity = |path: &str| {
+        if path_type == PathType::PathBeg && path == "/" {
+            0
+        } else {
+            path.len()
+        }
+    };
+    let longest = paths
+        .iter()
+        .map(|p| specificity(p.as_str()))
+        .max()
+        .unwrap_or(0);
+    let domains = destination.service_domain();
+    let group = if well_known {
+        0
+    } else if !domains.is_empty() {
+        1
+    } else if longest > 0 {
+        2
+    } else {
+        3
+    };
+    RuleOrder {
+        group,
+        longest_path: Reverse(longest),
+        wildcard: domains.iter().any(|d| d.is_wildcard()),
+        acl_name: spec.ordering_name(),
+        service: spec.service_name().as_str(),
+        index: destination.index(),
+    }
+}
+
+fn rule_view(spec: &ServiceSpec, destination: &Destination) -> RuleView {
+    let backend = backend_name(spec, destination);
+    let paths = destination.service_path();
+    let path_acl = (!paths.is_empty()).then(|| PathAclView {
+        name: format!("path_{backend}"),
+        fetch: destination.effective_path_type(spec).as_str(),
+        patterns: paths.iter().map(|p| p.as_str().to_string()).collect(),
+    });
+    let domains = destination.service_domain();
+    let domain_acl = (!domains.is_empty()).then(|| DomainAclView {
+        name: format!("domain_{backend}"),
+        exact: domains
+            .iter()
+            .filter(|d| !d.is_wildcard())
+            .map(|d| d.host_pattern().to_string())
+            .collect(),
+        suffix: domains
+            .iter()
+            .filter(|d| d.is_wildcard())
+            .map(|d| d.host_pattern().to_string())
+            .collect(),
+    });
+    RuleView {
+        backend,
+        path_acl,
+        domain_acl,
+    }
+}
+
+fn backend_view(
+    spec: &ServiceSpec,
+    destination: &Destination,
+    instances: &[Instance],
+) -> BackendView {
+    let unique: BTreeSet<&Instance> = instances.iter().collect();
+    let servers = unique
+        .into_iter()
+        .map(|instance| {
+            let port = destination
+                .port()
+                .map_or(instance.port(), |override_port| override_port.get());
+            let address = if instance.is_ipv6() {
+                format!("[{}]:{port}", instance.address())
+            } else {
+                format!("{}:{port}", instance.address())
+            };
+            ServerView {
+                name: format!("{}_{}", instance.address(), instance.port()),
+                address,
+                check: !spec.skip_check(),
+            }
+        })
+        .collect();
+    BackendView {
+        name: backend_name(spec, destination),
+        mode: destination.req_mode().as_str(),
+        servers,
+    }
+}
+
+/// `bind` argument: `*:80`, `10.0.0.1:80` or `[::1]:80` (HAProxy 2.6 takes IPv6 in brackets).
+fn bind_address(settings: &RenderSettings, port: u16) -> String {
+    match settings.bind_host {
+        None => format!("*:{port}"),
+        Some(std::net::IpAddr::V4(ip)) => format!("{ip}:{port}"),
+        Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+    }
+}
+
+/// A file path from the settings as config text; it must not be able to break a line or word.
+fn config_path(setting: &'static str, path: &Path) -> Result<String, RenderError> {
+    let invalid = |reason: &str| RenderError::Setting {
+        setting,
+        value: path.display().to_string(),
+        reason: reason.to_string(),
+    };
+    let text = path.to_str().ok_or_else(|| invalid("not valid UTF-8"))?;
+    if text.is_empty() {
+        return Err(invalid("empty"));
+    }
+    let safe = |c: char| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                '/' | '_' | '.' | '-' | '+' | '=' | ':' | '@' | ',' | '~' | '%'
+            )
+    };
+    if !text.chars().all(safe) {
+        return Err(invalid(
+            "only letters, digits and / _ . - + = : @ , ~ % are allowed in paths written to haproxy.cfg",
+        ));
+    }
+    Ok(text.to_string())
+}
+
+/// Who holds a port, for conflict messages.
+struct PortOwner {
+    who: String,
+    tcp: bool,
+}
+
+fn owner(spec: &ServiceSpec, destination: &Destination) -> PortOwner {
+    PortOwner {
+        who: format!(
+            "service `{}` (destination {}, {})",
+            spec.service_name(),
+            destination.index(),
+            destination.req_mode().as_str()
+        ),
+        tcp: destination.req_mode() == ReqMode::Tcp,
+    }
+}
+
+/// Builds the view of the complete configuration; errors on settings that cannot be written
+/// safely, on a service given twice and on port conflicts between destinations.
+pub(super) fn build(
+    settings: &RenderSettings,
+    services: &[ServiceRoute<'_>],
+) -> Result<ConfigView, RenderError> {
+    let stats_socket = config_path("stats_socket", &settings.stats_socket)?;
+    let error_503 = config_path("errors_dir", &settings.errors_dir.join("503.http"))?;
+
+    let mut sorted: Vec<&ServiceRoute<'_>> = services.iter().collect();
+    sorted.sort_by(|a, b| a.spec.service_name().cmp(b.spec.service_name()));
+    for pair in sorted.windows(2) {
+        if pair[0].spec.service_name() == pair[1].spec.service_name() {
+            return Err(RenderError::DuplicateService(
+                pair[0].spec.service_name().to_string(),
+            ));
+        }
+    }
+
+    // Which port belongs to whom; the main HTTP frontend holds `http_port`.
+    let mut ports: BTreeMap<u16, PortOwner> = BTreeMap::new();
+    ports.insert(
+        settings.http_port,
+        PortOwner {
+            who: format!("the main HTTP frontend (http_port {})", settings.http_port),
+            tcp: false,
+        },
+    );
+    let mut main_rules = Vec::new();
+    let mut extra_rules: BTreeMap<u16, Vec<_>> = BTreeMap::new();
+    let mut http_backends = Vec::new();
+    let mut tcp_frontends = Vec::new();
+    let mut tcp_backends = Vec::new();
+
+    for route in &sorted {
+        let spec = route.spec;
+        for destination in spec.destinations() {
+            let src_port = destination.src_port().map(|p| p.get());
+            let backend = backend_view(spec, destination, route.instances);
+            match (destination.req_mode(), src_port) {
+                (ReqMode::Tcp, Some(port)) => {
+                    let me = owner(spec, destination);
+                    if let Some(holder) = ports.get(&port) {
+                        return Err(RenderError::PortConflict {
+                            port,
+                            first: holder.who.clone(),
+                            second: me.who,
+                        });
+                    }
+                    ports.insert(port, me);
+                    tcp_frontends.push(TcpFrontendView {
+                        port,
+                        name: format!("tcp_{port}"),
+                        bind: bind_address(settings, port),
+                        backend: backend.name.clone(),
+                    });
+                    tcp_backends.push(backend);
+                }
+                (_, src_port) => {
+                    let key = (rule_order(spec, destination), rule_view(spec, destination));
+                    match src_port {
+                        Some(port) if port != settings.http_port => {
+                            let me = owner(spec, destination);
+                            match ports.get(&port) {
+                                Some(holder) if holder.tcp => {
+                                    return Err(RenderError::PortConflict {
+                                        port,
+                                        first: holder.who.clone(),
+                                        second: me.who,
+                                    })
+                                }
+                                Some(_) => {}
+                                None => {
+                                    ports.insert(port, me);
+                                }
+                            }
+                            extra_rules.entry(port).or_default().push(key);
+                        }
+                        _ => main_rules.push(key),
+                    }
+                    http_backends.push(backend);
+                }
+            }
+        }
+    }
+
+    let frontend = |name: String, port: u16, mut rules: Vec<(RuleOrder<'_>, RuleView)>| {
+        rules.sort_by(|a, b| a.0.cmp(&b.0));
+        FrontendView {
+            name,
+            bind: bind_address(settings, port),
+            rules: rules.into_iter().map(|(_, rule)| rule).collect(),
+        }
+    };
+    tcp_frontends.sort_by_key(|f| f.port);
+    Ok(ConfigView {
+        stats_socket,
+        error_503,
+        http: frontend("http".to_string(), settings.http_port, main_rules),
+        http_extra: extra_rules
+            .into_iter()
+            .map(|(port, rules)| frontend(format!("http_{port}"), port, rules))
+            .collect(),
+        http_backends,
+        tcp_frontends,
+        tcp_backends,
+    })
+}

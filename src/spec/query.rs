@@ -1,0 +1,241 @@
+//! Reading a reconfigure (or remove) query into a [`ServiceSpec`].
+//!
+//! The names are Docker Flow Proxy's. Destination parameters come unsuffixed (destination 0)
+//! or with an index suffix `.1`, `.2`, … (`servicePath.1`, `port.1`); every parameter of one
+//! index describes one destination. `pathType` is special: unsuffixed it is the service's
+//! default for every destination, `pathType.N` overrides it for destination N.
+//!
+//! Unknown parameters and parameters given twice are errors: a typo must not silently change
+//! routing. Values are validated in a fixed order (service parameters, then destinations by
+//! index), so the error for a bad query does not depend on the order of its parameters.
+//!
+//! Adding a parameter: one row in [`PARAMETERS`], one field in `ServiceSpec` or `Destination`,
+//! one line in [`build_spec`] (and its JSON field in `stored.rs`).
+
+use std::collections::BTreeMap;
+
+use super::values::{
+    parse_flag, parse_list, shown, spec_error, AclName, Domain, PathType, Port, ReqMode,
+    ServiceColor, ServiceName, ServicePath,
+};
+use super::{Destination, ServiceSpec, SpecError};
+
+/// Where a parameter may appear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Once per service, never indexed.
+    Service,
+    /// Per destination: unsuffixed is destination 0, `.N` is destination N.
+    Destination,
+    /// Unsuffixed: the service's default; `.N`: destination N's override.
+    ServiceDefault,
+}
+
+/// The parameters flow-proxy understands, by their Docker Flow Proxy names.
+const PARAMETERS: &[(&str, Scope)] = &[
+    ("serviceName", Scope::Service),
+    ("serviceColor", Scope::Service),
+    ("aclName", Scope::Service),
+    ("skipCheck", Scope::Service),
+    ("pathType", Scope::ServiceDefault),
+    ("servicePath", Scope::Destination),
+    ("serviceDomain", Scope::Destination),
+    ("port", Scope::Destination),
+    ("srcPort", Scope::Destination),
+    ("reqMode", Scope::Destination),
+];
+
+/// Highest destination index accepted.
+const MAX_INDEX: u16 = 999;
+
+/// The name a user wrote for parameter `base` of destination `index`.
+pub(crate) fn indexed(base: &str, index: u16) -> String {
+    if index == 0 {
+        base.to_string()
+    } else {
+        format!("{base}.{index}")
+    }
+}
+
+/// A query sorted by parameter, before any value is validated.
+#[derive(Debug, Default)]
+struct RawQuery<'q> {
+    /// Unsuffixed service (and service-default) parameters.
+    service: BTreeMap<&'static str, &'q str>,
+    /// Destination parameters by index (an index's `pathType` override included).
+    destinations: BTreeMap<u16, BTreeMap<&'static str, &'q str>>,
+}
+
+/// Splits `servicePath.12` into `("servicePath", 12)`; unsuffixed names have index 0.
+fn split_name(name: &str) -> Result<(&str, u16), SpecError> {
+    let Some((base, suffix)) = name.split_once('.') else {
+        return Ok((name, 0));
+    };
+    let canonical = !suffix.is_empty()
+        && suffix.len() <= 3
+        && suffix.bytes().all(|b| b.is_ascii_digit())
+        && !suffix.starts_with('0');
+    match suffix.parse::<u16>() {
+        Ok(index) if canonical && index <= MAX_INDEX => Ok((base, index)),
+        _ => Err(spec_error(
+            &shown_name(name),
+            format!("the index suffix must be a number from 1 to {MAX_INDEX} (the unsuffixed parameter is destination 0)"),
+        )),
+    }
+}
+
+/// A parameter name safe to echo: the name itself when it is plain, else escaped.
+fn shown_name(name: &str) -> String {
+    if name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+        && name.len() <= 64
+    {
+        name.to_string()
+    } else {
+        shown(name)
+    }
+}
+
+fn sort_query(pairs: &[(String, String)]) -> Result<RawQuery<'_>, SpecError> {
+    let mut raw = RawQuery::default();
+    for (name, value) in pairs {
+        let (base, index) = split_name(name)?;
+        let Some(&(known, scope)) = PARAMETERS.iter().find(|(known, _)| *known == base) else {
+            return Err(spec_error(
+                &shown_name(name),
+                "not supported by flow-proxy (check the spelling; names are case-sensitive)",
+            ));
+        };
+        let slot = match (scope, index) {
+            (Scope::Service, 0) | (Scope::ServiceDefault, 0) => &mut raw.service,
+            (Scope::Service, _) => {
+                return Err(spec_error(
+                    name,
+                    format!("`{known}` applies to the whole service and takes no index suffix"),
+                ))
+            }
+            (Scope::Destination, _) | (Scope::ServiceDefault, _) => {
+                raw.destinations.entry(index).or_default()
+            }
+        };
+        if slot.insert(known, value.as_str()).is_some() {
+            return Err(spec_error(name, "given more than once"));
+        }
+    }
+    Ok(raw)
+}
+
+/// Splits a comma list; the empty string is a list with one empty item (rejected later).
+fn items(value: &str) -> Vec<&str> {
+    value.split(',').collect()
+}
+
+/// Parses the query of `GET /v1/docker-flow-proxy/reconfigure` (pairs already percent-decoded,
+/// in request order).
+pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
+    let raw = sort_query(pairs)?;
+    let service = &raw.service;
+
+    let service_name = match service.get("serviceName") {
+        Some(value) => ServiceName::parse("serviceName", value)?,
+        None => return Err(spec_error("serviceName", "required")),
+    };
+    let service_color = service
+        .get("serviceColor")
+        .map(|v| ServiceColor::parse("serviceColor", v))
+        .transpose()?;
+    let acl_name = service
+        .get("aclName")
+        .map(|v| AclName::parse("aclName", v))
+        .transpose()?;
+    let skip_check = service
+        .get("skipCheck")
+        .map(|v| parse_flag("skipCheck", v))
+        .transpose()?
+        .unwrap_or(false);
+    let path_type = service
+        .get("pathType")
+        .map(|v| PathType::parse("pathType", v))
+        .transpose()?
+        .unwrap_or_default();
+
+    let mut destinations = Vec::new();
+    for (&index, params) in &raw.destinations {
+        let name = |base: &str| indexed(base, index);
+        let path_type_override = params
+            .get("pathType")
+            .map(|v| PathType::parse(&name("pathType"), v))
+            .transpose()?;
+        let effective = path_type_override.unwrap_or(path_type);
+        let service_path = params
+            .get("servicePath")
+            .map(|v| {
+                let parameter = name("servicePath");
+                parse_list(&parameter, &items(v), |item| {
+                    ServicePath::parse(&parameter, item, effective)
+                })
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let service_domain = params
+            .get("serviceDomain")
+            .map(|v| {
+                let parameter = name("serviceDomain");
+                parse_list(&parameter, &items(v), |item| {
+                    Domain::parse(&parameter, item)
+                })
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let port = params
+            .get("port")
+            .map(|v| Port::parse(&name("port"), v))
+            .transpose()?;
+        let src_port = params
+            .get("srcPort")
+            .map(|v| Port::parse(&name("srcPort"), v))
+            .transpose()?;
+        let req_mode = params
+            .get("reqMode")
+            .map(|v| ReqMode::parse(&name("reqMode"), v))
+            .transpose()?
+            .unwrap_or_default();
+        destinations.push(Destination {
+            index,
+            service_path,
+            service_domain,
+            path_type: path_type_override,
+            port,
+            src_port,
+            req_mode,
+        });
+    }
+
+    ServiceSpec::checked(ServiceSpec {
+        service_name,
+        service_color,
+        acl_name,
+        skip_check,
+        path_type,
+        destinations,
+    })
+}
+
+/// Reads the `serviceName` of `GET /v1/docker-flow-proxy/remove`; any other parameter is an
+/// error, so a mistyped query never removes something by accident.
+pub(crate) fn remove_service_name(pairs: &[(String, String)]) -> Result<ServiceName, SpecError> {
+    let mut found: Option<&str> = None;
+    for (name, value) in pairs {
+        if name != "serviceName" {
+            return Err(spec_error(&shown_name(name), "not supported by remove"));
+        }
+        if found.replace(value).is_some() {
+            return Err(spec_error("serviceName", "given more than once"));
+        }
+    }
+    match found {
+        Some(value) => ServiceName::parse("serviceName", value),
+        None => Err(spec_error("serviceName", "required")),
+    }
+}

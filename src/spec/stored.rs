@@ -1,0 +1,170 @@
+//! The JSON shape of a [`ServiceSpec`]: kept in Consul KV and echoed in Docker Flow Proxy-style
+//! answers.
+//!
+//! ```json
+//! {
+//!   "ServiceName": "go-demo",
+//!   "ServiceColor": null,
+//!   "AclName": null,
+//!   "SkipCheck": false,
+//!   "PathType": "path_beg",
+//!   "ServiceDest": [
+//!     { "Index": 0, "ServicePath": ["/demo"], "ServiceDomain": [], "PathType": null,
+//!       "Port": null, "SrcPort": null, "ReqMode": "http" }
+//!   ]
+//! }
+//! ```
+//!
+//! Every field is always written; an absent value is `null` (or `[]` for lists), so the shape
+//! is stable. When reading, missing fields take those same defaults (`PathType` `path_beg`,
+//! `ReqMode` `http`, `SkipCheck` false). Reading re-validates every value with the same rules
+//! as the query, and errors name the query parameter (`servicePath.1`), so one message format
+//! serves both.
+
+use serde::{Deserialize, Serialize};
+
+use super::query::indexed;
+use super::values::{parse_list, spec_error, AclName, Domain, PathType, Port, ReqMode};
+use super::values::{ServiceColor, ServiceName, ServicePath};
+use super::{Destination, ServiceSpec, SpecError};
+
+/// The stored form of a spec: plain values, validated on the way in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct StoredSpec {
+    service_name: String,
+    #[serde(default)]
+    service_color: Option<String>,
+    #[serde(default)]
+    acl_name: Option<String>,
+    #[serde(default)]
+    skip_check: bool,
+    #[serde(default)]
+    path_type: Option<String>,
+    #[serde(default)]
+    service_dest: Vec<StoredDestination>,
+}
+
+/// The stored form of one destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct StoredDestination {
+    index: u32,
+    #[serde(default)]
+    service_path: Vec<String>,
+    #[serde(default)]
+    service_domain: Vec<String>,
+    #[serde(default)]
+    path_type: Option<String>,
+    #[serde(default)]
+    port: Option<u32>,
+    #[serde(default)]
+    src_port: Option<u32>,
+    #[serde(default)]
+    req_mode: Option<String>,
+}
+
+impl From<ServiceSpec> for StoredSpec {
+    fn from(spec: ServiceSpec) -> StoredSpec {
+        StoredSpec {
+            service_name: spec.service_name.to_string(),
+            service_color: spec.service_color.map(|c| c.as_str().to_string()),
+            acl_name: spec.acl_name.map(|a| a.as_str().to_string()),
+            skip_check: spec.skip_check,
+            path_type: Some(spec.path_type.as_str().to_string()),
+            service_dest: spec
+                .destinations
+                .into_iter()
+                .map(|d| StoredDestination {
+                    index: u32::from(d.index),
+                    service_path: d
+                        .service_path
+                        .iter()
+                        .map(|p| p.as_str().to_string())
+                        .collect(),
+                    service_domain: d.service_domain.iter().map(|x| x.to_string()).collect(),
+                    path_type: d.path_type.map(|t| t.as_str().to_string()),
+                    port: d.port.map(|p| u32::from(p.get())),
+                    src_port: d.src_port.map(|p| u32::from(p.get())),
+                    req_mode: Some(d.req_mode.as_str().to_string()),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<StoredSpec> for ServiceSpec {
+    type Error = SpecError;
+
+    fn try_from(stored: StoredSpec) -> Result<ServiceSpec, SpecError> {
+        let path_type = stored
+            .path_type
+            .as_deref()
+            .map(|v| PathType::parse("pathType", v))
+            .transpose()?
+            .unwrap_or_default();
+        let mut destinations = Vec::with_capacity(stored.service_dest.len());
+        for dest in &stored.service_dest {
+            let index = u16::try_from(dest.index)
+                .ok()
+                .filter(|i| *i <= 999)
+                .ok_or_else(|| {
+                    spec_error(
+                        "ServiceDest",
+                        format!("destination index {} is out of range 0 to 999", dest.index),
+                    )
+                })?;
+            let name = |base: &str| indexed(base, index);
+            let override_type = dest
+                .path_type
+                .as_deref()
+                .map(|v| PathType::parse(&name("pathType"), v))
+                .transpose()?;
+            let effective = override_type.unwrap_or(path_type);
+            let path_param = name("servicePath");
+            let paths: Vec<&str> = dest.service_path.iter().map(String::as_str).collect();
+            let domain_param = name("serviceDomain");
+            let domains: Vec<&str> = dest.service_domain.iter().map(String::as_str).collect();
+            destinations.push(Destination {
+                index,
+                service_path: parse_list(&path_param, &paths, |p| {
+                    ServicePath::parse(&path_param, p, effective)
+                })?,
+                service_domain: parse_list(&domain_param, &domains, |d| {
+                    Domain::parse(&domain_param, d)
+                })?,
+                path_type: override_type,
+                port: dest
+                    .port
+                    .map(|p| Port::from_number(&name("port"), p))
+                    .transpose()?,
+                src_port: dest
+                    .src_port
+                    .map(|p| Port::from_number(&name("srcPort"), p))
+                    .transpose()?,
+                req_mode: dest
+                    .req_mode
+                    .as_deref()
+                    .map(|v| ReqMode::parse(&name("reqMode"), v))
+                    .transpose()?
+                    .unwrap_or_default(),
+            });
+        }
+        ServiceSpec::checked(ServiceSpec {
+            service_name: ServiceName::parse("serviceName", &stored.service_name)?,
+            service_color: stored
+                .service_color
+                .as_deref()
+                .map(|v| ServiceColor::parse("serviceColor", v))
+                .transpose()?,
+            acl_name: stored
+                .acl_name
+                .as_deref()
+                .map(|v| AclName::parse("aclName", v))
+                .transpose()?,
+            skip_check: stored.skip_check,
+            path_type,
+            destinations,
+        })
+    }
+}

@@ -1,0 +1,469 @@
+//! Tests of query parsing, validation and the stored JSON shape.
+
+use super::*;
+
+fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn parse(pairs: &[(&str, &str)]) -> Result<ServiceSpec, SpecError> {
+    ServiceSpec::from_query(&q(pairs))
+}
+
+fn rejected(pairs: &[(&str, &str)]) -> SpecError {
+    match parse(pairs) {
+        Ok(spec) => panic!("{pairs:?} was accepted as {spec:?}"),
+        Err(error) => error,
+    }
+}
+
+#[test]
+fn minimal_query_routes_one_path_with_defaults() {
+    let spec = parse(&[("serviceName", "go-demo"), ("servicePath", "/demo")]).unwrap();
+    assert_eq!(spec.service_name().as_str(), "go-demo");
+    assert_eq!(spec.consul_service_name(), "go-demo");
+    assert_eq!(spec.ordering_name(), "go-demo");
+    assert!(!spec.skip_check());
+    assert_eq!(spec.path_type(), PathType::PathBeg);
+    let [dest] = spec.destinations() else {
+        panic!("one destination expected: {spec:?}")
+    };
+    assert_eq!(dest.index(), 0);
+    assert_eq!(dest.service_path()[0].as_str(), "/demo");
+    assert_eq!(dest.req_mode(), ReqMode::Http);
+    assert_eq!(dest.port(), None);
+    assert_eq!(dest.src_port(), None);
+}
+
+#[test]
+fn all_parameters_and_indexed_destinations() {
+    let spec = parse(&[
+        ("serviceName", "shop"),
+        ("serviceColor", "blue"),
+        ("aclName", "00-shop"),
+        ("skipCheck", "1"),
+        ("pathType", "path_dir"),
+        ("servicePath", "/api,/v2/api"),
+        ("serviceDomain", "Shop.Example.com,*.shop.io"),
+        ("port", "8080"),
+        ("servicePath.2", "^/img/[a-z]+.png$"),
+        ("pathType.2", "path_reg"),
+        ("srcPort.2", "8081"),
+        ("reqMode.1", "tcp"),
+        ("srcPort.1", "5432"),
+        ("port.1", "5433"),
+    ])
+    .unwrap();
+    assert_eq!(spec.consul_service_name(), "shop-blue");
+    assert_eq!(spec.ordering_name(), "00-shop");
+    assert!(spec.skip_check());
+    let dests = spec.destinations();
+    assert_eq!(
+        dests.iter().map(Destination::index).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert_eq!(dests[0].effective_path_type(&spec), PathType::PathDir);
+    assert_eq!(dests[0].service_path().len(), 2);
+    let domains: Vec<String> = dests[0]
+        .service_domain()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    assert_eq!(domains, ["shop.example.com", "*.shop.io"]);
+    assert_eq!(dests[0].port().map(Port::get), Some(8080));
+    assert_eq!(dests[1].req_mode(), ReqMode::Tcp);
+    assert_eq!(dests[1].src_port().map(Port::get), Some(5432));
+    assert_eq!(dests[1].port().map(Port::get), Some(5433));
+    assert_eq!(dests[2].effective_path_type(&spec), PathType::PathReg);
+    assert_eq!(dests[2].src_port().map(Port::get), Some(8081));
+}
+
+#[test]
+fn domain_only_and_wildcard_domains() {
+    let spec = parse(&[("serviceName", "web"), ("serviceDomain", "*example.com")]).unwrap();
+    let domain = &spec.destinations()[0].service_domain()[0];
+    assert!(domain.is_wildcard());
+    assert_eq!(domain.host_pattern(), "example.com");
+    let spec = parse(&[("serviceName", "web"), ("serviceDomain", "*.example.com")]).unwrap();
+    assert_eq!(
+        spec.destinations()[0].service_domain()[0].host_pattern(),
+        ".example.com"
+    );
+    assert!(spec.destinations()[0].service_path().is_empty());
+}
+
+#[test]
+fn path_end_and_path_sub_need_no_leading_slash() {
+    let spec = parse(&[
+        ("serviceName", "img"),
+        ("pathType", "path_end"),
+        ("servicePath", ".png"),
+    ])
+    .unwrap();
+    assert_eq!(spec.destinations()[0].service_path()[0].as_str(), ".png");
+    assert!(parse(&[
+        ("serviceName", "img"),
+        ("pathType", "path_sub"),
+        ("servicePath", "thumb")
+    ])
+    .is_ok());
+}
+
+#[test]
+fn service_wide_path_type_applies_to_every_destination_unless_overridden() {
+    let spec = parse(&[
+        ("serviceName", "s"),
+        ("pathType", "path"),
+        ("servicePath", "/exact"),
+        ("servicePath.1", "/also-exact"),
+        ("servicePath.2", "/prefix"),
+        ("pathType.2", "path_beg"),
+    ])
+    .unwrap();
+    let types: Vec<PathType> = spec
+        .destinations()
+        .iter()
+        .map(|d| d.effective_path_type(&spec))
+        .collect();
+    assert_eq!(types, [PathType::Path, PathType::Path, PathType::PathBeg]);
+}
+
+#[test]
+fn injection_attempts_and_bad_values_name_the_parameter() {
+    let base = ("serviceName", "go-demo");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[base, ("servicePath", "/demo\nbackend x")], "servicePath"),
+        (&[base, ("servicePath", "/a b")], "servicePath"),
+        (&[base, ("servicePath", "/a#b")], "servicePath"),
+        (&[base, ("servicePath", "/a\"b")], "servicePath"),
+        (&[base, ("servicePath", "/a'b")], "servicePath"),
+        (&[base, ("servicePath", "/a\\b")], "servicePath"),
+        (&[base, ("servicePath", "/a\rb")], "servicePath"),
+        (&[base, ("servicePath", "/a\tb")], "servicePath"),
+        (&[base, ("servicePath", "/a\u{0}b")], "servicePath"),
+        (&[base, ("servicePath", "/a$b")], "servicePath"),
+        (&[base, ("servicePath", "a,,b")], "servicePath"),
+        (&[base, ("servicePath", "/a,,/b")], "servicePath"),
+        (&[base, ("servicePath", "")], "servicePath"),
+        (&[base, ("servicePath", "/a,/a")], "servicePath"),
+        (&[base, ("servicePath", "demo")], "servicePath"),
+        (
+            &[base, ("servicePath.1", "/ok"), ("servicePath.3", "/x y")],
+            "servicePath.3",
+        ),
+        (
+            &[base, ("pathType", "path_reg"), ("servicePath", "^/a\\d")],
+            "servicePath",
+        ),
+        (
+            &[base, ("pathType", "path_reg"), ("servicePath", "^/a b")],
+            "servicePath",
+        ),
+        (
+            &[base, ("pathType", "path_end"), ("servicePath", "-i")],
+            "servicePath",
+        ),
+        (
+            &[base, ("pathType", "path_nope"), ("servicePath", "/a")],
+            "pathType",
+        ),
+        (
+            &[base, ("servicePath", "/a"), ("pathType.1", "path")],
+            "servicePath.1",
+        ),
+        (
+            &[("serviceName", "go demo"), ("servicePath", "/a")],
+            "serviceName",
+        ),
+        (
+            &[("serviceName", "-go"), ("servicePath", "/a")],
+            "serviceName",
+        ),
+        (
+            &[("serviceName", "a\nb"), ("servicePath", "/a")],
+            "serviceName",
+        ),
+        (&[("servicePath", "/a")], "serviceName"),
+        (&[("serviceName", ""), ("servicePath", "/a")], "serviceName"),
+        (
+            &[("serviceName", &"a".repeat(65)), ("servicePath", "/a")],
+            "serviceName",
+        ),
+        (
+            &[base, ("servicePath", &format!("/{}", "a".repeat(600)))],
+            "servicePath",
+        ),
+        (
+            &[base, ("servicePath", "/a"), ("serviceColor", "blue.green")],
+            "serviceColor",
+        ),
+        (
+            &[
+                base,
+                ("servicePath", "/a"),
+                ("serviceColor", &"b".repeat(33)),
+            ],
+            "serviceColor",
+        ),
+        (
+            &[base, ("servicePath", "/a"), ("aclName", "a#b")],
+            "aclName",
+        ),
+        (
+            &[base, ("servicePath", "/a"), ("skipCheck", "yes")],
+            "skipCheck",
+        ),
+        (&[base, ("serviceDomain", "exa mple.com")], "serviceDomain"),
+        (&[base, ("serviceDomain", "example..com")], "serviceDomain"),
+        (&[base, ("serviceDomain", "-example.com")], "serviceDomain"),
+        (
+            &[base, ("serviceDomain", "example.com:8080")],
+            "serviceDomain",
+        ),
+        (&[base, ("serviceDomain", "ex_ample.com")], "serviceDomain"),
+        (&[base, ("serviceDomain", "*")], "serviceDomain"),
+        (&[base, ("serviceDomain", "a.com,")], "serviceDomain"),
+        (&[base, ("servicePath", "/a"), ("port", "0")], "port"),
+        (&[base, ("servicePath", "/a"), ("port", "70000")], "port"),
+        (&[base, ("servicePath", "/a"), ("port", "abc")], "port"),
+        (&[base, ("servicePath", "/a"), ("port", "+80")], "port"),
+        (&[base, ("servicePath.2", "/a"), ("port.2", "-1")], "port.2"),
+        (&[base, ("servicePath", "/a"), ("srcPort", "")], "srcPort"),
+        (
+            &[base, ("servicePath", "/a"), ("reqMode", "udp")],
+            "reqMode",
+        ),
+        (
+            &[base, ("servicePath", "/a"), ("servicePort", "80")],
+            "servicePort",
+        ),
+        (
+            &[base, ("servicePath", "/a"), ("ServicePath", "/b")],
+            "ServicePath",
+        ),
+        (
+            &[base, ("servicePath", "/a"), ("servicePath", "/b")],
+            "servicePath",
+        ),
+        (
+            &[base, ("servicePath", "/a"), ("serviceName", "other")],
+            "serviceName",
+        ),
+        (&[base, ("servicePath.0", "/a")], "servicePath.0"),
+        (&[base, ("servicePath.01", "/a")], "servicePath.01"),
+        (&[base, ("servicePath.1000", "/a")], "servicePath.1000"),
+        (&[base, ("servicePath.x", "/a")], "servicePath.x"),
+        (
+            &[base, ("servicePath", "/a"), ("serviceColor.1", "blue")],
+            "serviceColor.1",
+        ),
+        (&[base, ("reqMode", "tcp")], "srcPort"),
+        (
+            &[
+                base,
+                ("reqMode", "tcp"),
+                ("srcPort", "5000"),
+                ("servicePath", "/a"),
+            ],
+            "servicePath",
+        ),
+        (
+            &[
+                base,
+                ("reqMode.1", "tcp"),
+                ("srcPort.1", "5000"),
+                ("serviceDomain.1", "a.com"),
+            ],
+            "serviceDomain.1",
+        ),
+        (&[base, ("port", "8080")], "servicePath"),
+        (&[base], "servicePath"),
+        (
+            &[
+                base,
+                ("reqMode", "tcp"),
+                ("srcPort", "5000"),
+                ("reqMode.1", "tcp"),
+                ("srcPort.1", "5000"),
+            ],
+            "srcPort.1",
+        ),
+        (
+            &[
+                base,
+                ("servicePath", "/a"),
+                ("srcPort", "5000"),
+                ("reqMode.1", "tcp"),
+                ("srcPort.1", "5000"),
+            ],
+            "srcPort.1",
+        ),
+    ];
+    for (pairs, parameter) in cases {
+        let error = rejected(pairs);
+        assert_eq!(
+            error.parameter, *parameter,
+            "{pairs:?} rejected for the wrong parameter: {error}"
+        );
+        assert!(!error.message.is_empty());
+        assert!(
+            !error.to_string().contains('\n'),
+            "an error message must stay on one line: {error:?}"
+        );
+    }
+}
+
+#[test]
+fn error_message_names_the_parameter_and_the_problem() {
+    let error = rejected(&[("serviceName", "a"), ("servicePath.1", "/demo\nbackend x")]);
+    let text = error.to_string();
+    assert!(text.starts_with("parameter `servicePath.1`: "), "{text}");
+    assert!(text.contains("newline"), "{text}");
+    let error = rejected(&[("serviceName", "a"), ("servicePath", "/a"), ("bogus", "1")]);
+    assert!(error.message.contains("not supported"), "{error}");
+    let error = rejected(&[
+        ("serviceName", "a"),
+        ("servicePath", "/a"),
+        ("port", "1"),
+        ("port", "2"),
+    ]);
+    assert!(error.message.contains("more than once"), "{error}");
+}
+
+#[test]
+fn two_http_destinations_may_share_a_source_port() {
+    let spec = parse(&[
+        ("serviceName", "a"),
+        ("servicePath", "/a"),
+        ("srcPort", "8081"),
+        ("servicePath.1", "/b"),
+        ("srcPort.1", "8081"),
+    ])
+    .unwrap();
+    assert_eq!(spec.destinations().len(), 2);
+}
+
+#[test]
+fn remove_reads_only_the_service_name() {
+    let name = service_name_from_query(&q(&[("serviceName", "go-demo")])).unwrap();
+    assert_eq!(name.as_str(), "go-demo");
+    let error = service_name_from_query(&q(&[])).unwrap_err();
+    assert_eq!(error.parameter, "serviceName");
+    let error = service_name_from_query(&q(&[("serviceName", "a b")])).unwrap_err();
+    assert_eq!(error.parameter, "serviceName");
+    let error =
+        service_name_from_query(&q(&[("serviceName", "a"), ("servicePath", "/a")])).unwrap_err();
+    assert_eq!(error.parameter, "servicePath");
+}
+
+#[test]
+fn json_round_trip_keeps_every_value() {
+    let spec = parse(&[
+        ("serviceName", "shop"),
+        ("serviceColor", "green"),
+        ("aclName", "zz"),
+        ("skipCheck", "true"),
+        ("servicePath", "/api"),
+        ("serviceDomain", "*.shop.io"),
+        ("port", "8080"),
+        ("reqMode.1", "tcp"),
+        ("srcPort.1", "5432"),
+        ("servicePath.2", "^/x$"),
+        ("pathType.2", "path_reg"),
+    ])
+    .unwrap();
+    let json = serde_json::to_value(&spec).unwrap();
+    assert_eq!(json["ServiceName"], "shop");
+    assert_eq!(json["ServiceColor"], "green");
+    assert_eq!(json["AclName"], "zz");
+    assert_eq!(json["SkipCheck"], true);
+    assert_eq!(json["PathType"], "path_beg");
+    assert_eq!(json["ServiceDest"][0]["Index"], 0);
+    assert_eq!(json["ServiceDest"][0]["ServicePath"][0], "/api");
+    assert_eq!(json["ServiceDest"][0]["ServiceDomain"][0], "*.shop.io");
+    assert_eq!(json["ServiceDest"][0]["Port"], 8080);
+    assert_eq!(json["ServiceDest"][0]["SrcPort"], serde_json::Value::Null);
+    assert_eq!(json["ServiceDest"][0]["PathType"], serde_json::Value::Null);
+    assert_eq!(json["ServiceDest"][0]["ReqMode"], "http");
+    assert_eq!(json["ServiceDest"][1]["ReqMode"], "tcp");
+    assert_eq!(json["ServiceDest"][1]["SrcPort"], 5432);
+    assert_eq!(json["ServiceDest"][2]["PathType"], "path_reg");
+    let back: ServiceSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(back, spec);
+}
+
+#[test]
+fn minimal_stored_json_takes_defaults() {
+    let spec: ServiceSpec = serde_json::from_str(
+        r#"{"ServiceName":"go-demo","ServiceDest":[{"Index":0,"ServicePath":["/demo"]}]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        spec,
+        parse(&[("serviceName", "go-demo"), ("servicePath", "/demo")]).unwrap()
+    );
+}
+
+#[test]
+fn invalid_stored_specs_are_rejected_on_read() {
+    let cases = [
+        r#"{"ServiceName":"go demo","ServiceDest":[{"Index":0,"ServicePath":["/demo"]}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":0,"ServicePath":["/demo\nbackend x"]}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":0,"ServicePath":["/a"],"Port":0}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":0,"ServicePath":["/a"],"Port":70000}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":1,"ReqMode":"tcp"}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":0,"ServicePath":["/a"]},{"Index":0,"ServicePath":["/b"]}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":0,"ServiceDomain":["a b.com"]}]}"#,
+        r#"{"ServiceName":"go","PathType":"regex","ServiceDest":[{"Index":0,"ServicePath":["/a"]}]}"#,
+    ];
+    for json in cases {
+        let result: Result<ServiceSpec, _> = serde_json::from_str(json);
+        assert!(result.is_err(), "accepted invalid stored spec {json}");
+    }
+    let error = serde_json::from_str::<ServiceSpec>(
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":2,"ServicePath":["/a b"]}]}"#,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("servicePath.2"), "{error}");
+}
+
+#[test]
+fn service_name_deserialization_validates() {
+    assert!(serde_json::from_str::<ServiceName>(r#""go-demo""#).is_ok());
+    assert!(serde_json::from_str::<ServiceName>(r#""go demo""#).is_err());
+}
+
+#[test]
+fn instances_accept_ip_literals_and_hostnames_only() {
+    let v4 = Instance::new("10.0.0.1", 8080).unwrap();
+    assert_eq!((v4.address(), v4.port()), ("10.0.0.1", 8080));
+    let v6 = Instance::new("FD00:0:0::1", 80).unwrap();
+    assert_eq!(v6.address(), "fd00::1");
+    assert!(v6.is_ipv6());
+    assert_eq!(
+        Instance::new("Node-1.Consul", 80).unwrap().address(),
+        "node-1.consul"
+    );
+    for bad in [
+        "",
+        "a b",
+        "10.0.0.1:80",
+        "[::1]",
+        "host\nbackend",
+        "-a.com",
+        "a..b",
+        "a#b",
+        "fe80::1%eth0",
+    ] {
+        let error = Instance::new(bad, 80).unwrap_err();
+        assert_eq!(error.parameter, "ServiceAddress", "{bad:?}");
+    }
+    assert_eq!(
+        Instance::new("10.0.0.1", 0).unwrap_err().parameter,
+        "ServicePort"
+    );
+}

@@ -1,0 +1,522 @@
+//! Validated value types: each holds only text that matched a strict pattern when it was built.
+//!
+//! These are the only way a user's value reaches haproxy.cfg, so every constructor rejects
+//! whatever could end a word or a line in HAProxy's configuration language (whitespace, `#`,
+//! quotes, backslashes, control characters) and anything outside the value's own grammar.
+//! Each constructor takes the parameter name so the error names exactly what the user wrote.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::SpecError;
+
+/// Longest path (or path pattern) accepted, in bytes.
+const MAX_PATH_LEN: usize = 512;
+/// Longest domain accepted (DNS limit).
+const MAX_DOMAIN_LEN: usize = 253;
+
+/// Builds a [`SpecError`] for `parameter`.
+pub(crate) fn spec_error(parameter: &str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        parameter: parameter.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Shows a rejected value in an error message: escaped (so it cannot break a log line or an
+/// answer) and shortened when long.
+pub(crate) fn shown(value: &str) -> String {
+    const SHOWN: usize = 40;
+    if value.chars().count() > SHOWN {
+        let head: String = value.chars().take(SHOWN).collect();
+        format!("{head:?}…")
+    } else {
+        format!("{value:?}")
+    }
+}
+
+/// Names a rejected character in words a user recognises.
+fn describe(c: char) -> String {
+    match c {
+        '\n' => "a newline".into(),
+        '\r' => "a carriage return".into(),
+        '\t' => "a tab".into(),
+        ' ' => "a space".into(),
+        '#' => "`#`".into(),
+        '"' | '\'' | '`' => "a quote".into(),
+        '\\' => "a backslash".into(),
+        c if c.is_control() => format!("control character U+{:04X}", u32::from(c)),
+        c => format!("`{c}`"),
+    }
+}
+
+/// Checks `value` against a simple grammar: non-empty, at most `max` bytes, the first character
+/// passing `first` and the others passing `rest`.
+fn check_chars(
+    parameter: &str,
+    value: &str,
+    max: usize,
+    what: &str,
+    first: impl Fn(char) -> bool,
+    rest: impl Fn(char) -> bool,
+) -> Result<(), SpecError> {
+    if value.is_empty() {
+        return Err(spec_error(parameter, format!("{what} must not be empty")));
+    }
+    if value.len() > max {
+        return Err(spec_error(
+            parameter,
+            format!("{} is too long: at most {max} characters", shown(value)),
+        ));
+    }
+    for (position, c) in value.chars().enumerate() {
+        let allowed = if position == 0 { first(c) } else { rest(c) };
+        if !allowed {
+            return Err(spec_error(
+                parameter,
+                format!(
+                    "{} contains {}, not allowed in {what}",
+                    shown(value),
+                    describe(c)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+/// A validated service name (`[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 64 characters).
+///
+/// It names the Consul service, the KV key and HAProxy's backends, so it must be a valid
+/// HAProxy proxy name and safe in a URL path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<ServiceName, SpecError> {
+        check_chars(
+            parameter,
+            value,
+            64,
+            "a service name",
+            |c| c.is_ascii_alphanumeric(),
+            is_name_char,
+        )?;
+        Ok(ServiceName(value.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for ServiceName {
+    type Error = SpecError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        ServiceName::parse("serviceName", &value)
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(name: ServiceName) -> String {
+        name.0
+    }
+}
+
+/// A blue-green color (`[A-Za-z0-9_-]`, at most 32 characters): the Consul service read is
+/// `<serviceName>-<color>`, so switching colors switches instances without touching routing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceColor(String);
+
+impl ServiceColor {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<ServiceColor, SpecError> {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
+        check_chars(parameter, value, 32, "a service color", allowed, allowed)?;
+        Ok(ServiceColor(value.to_string()))
+    }
+
+    /// The color as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The key that orders a service's rules among equally specific ones (`[A-Za-z0-9_.-]`, at
+/// most 64 characters), as Docker Flow Proxy's `aclName`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AclName(String);
+
+impl AclName {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<AclName, SpecError> {
+        check_chars(
+            parameter,
+            value,
+            64,
+            "an ACL name",
+            is_name_char,
+            is_name_char,
+        )?;
+        Ok(AclName(value.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// How a destination's paths are matched: the HAProxy sample fetch used in its `acl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum PathType {
+    /// `path`: the whole path equals the pattern.
+    Path,
+    /// `path_beg`: the path begins with the pattern (the default, as in Docker Flow Proxy).
+    #[default]
+    PathBeg,
+    /// `path_dir`: one of the path's `/`-delimited parts is the pattern.
+    PathDir,
+    /// `path_end`: the path ends with the pattern.
+    PathEnd,
+    /// `path_reg`: the path matches the pattern as a regular expression.
+    PathReg,
+    /// `path_sub`: the path contains the pattern.
+    PathSub,
+}
+
+impl PathType {
+    const ALL: [PathType; 6] = [
+        PathType::Path,
+        PathType::PathBeg,
+        PathType::PathDir,
+        PathType::PathEnd,
+        PathType::PathReg,
+        PathType::PathSub,
+    ];
+
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<PathType, SpecError> {
+        PathType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == value)
+            .ok_or_else(|| {
+                spec_error(
+                    parameter,
+                    format!(
+                        "{} is not a path type; use one of path, path_beg, path_dir, path_end, path_reg, path_sub",
+                        shown(value)
+                    ),
+                )
+            })
+    }
+
+    /// The HAProxy fetch name, which is also the parameter value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathType::Path => "path",
+            PathType::PathBeg => "path_beg",
+            PathType::PathDir => "path_dir",
+            PathType::PathEnd => "path_end",
+            PathType::PathReg => "path_reg",
+            PathType::PathSub => "path_sub",
+        }
+    }
+
+    /// Whether patterns of this type are prefixes/exact paths that must start with `/`.
+    fn needs_leading_slash(self) -> bool {
+        matches!(self, PathType::Path | PathType::PathBeg | PathType::PathDir)
+    }
+}
+
+impl fmt::Display for PathType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Characters allowed in a literal path pattern: RFC 3986 path characters without the quote,
+/// the comma (our list separator) and `$` (HAProxy's variable sign).
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            '/' | '-'
+                | '.'
+                | '_'
+                | '~'
+                | '!'
+                | '&'
+                | '('
+                | ')'
+                | '*'
+                | '+'
+                | ';'
+                | '='
+                | ':'
+                | '@'
+                | '%'
+        )
+}
+
+/// Characters allowed in a `path_reg` pattern: path characters plus regex metacharacters, still
+/// without whitespace, `#`, quotes or backslashes.
+fn is_regex_char(c: char) -> bool {
+    is_path_char(c) || matches!(c, '^' | '$' | '[' | ']' | '{' | '}' | '|' | '?')
+}
+
+/// One validated path pattern of a destination, checked against its [`PathType`].
+///
+/// `path`, `path_beg` and `path_dir` patterns start with `/`; `path_end`, `path_sub` and
+/// `path_reg` patterns need not, but none may start with `-` (HAProxy would read it as a flag).
+/// A `path_reg` pattern's regex syntax itself is checked by `haproxy -c`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePath(String);
+
+impl ServicePath {
+    /// Validates `value` given as `parameter`, for matching with `path_type`.
+    pub fn parse(
+        parameter: &str,
+        value: &str,
+        path_type: PathType,
+    ) -> Result<ServicePath, SpecError> {
+        let (what, allowed): (&str, fn(char) -> bool) = if path_type == PathType::PathReg {
+            ("a path_reg pattern", is_regex_char)
+        } else {
+            ("a path", is_path_char)
+        };
+        check_chars(parameter, value, MAX_PATH_LEN, what, allowed, allowed)?;
+        if path_type.needs_leading_slash() && !value.starts_with('/') {
+            return Err(spec_error(
+                parameter,
+                format!(
+                    "{} must start with `/` (pathType {path_type})",
+                    shown(value)
+                ),
+            ));
+        }
+        if value.starts_with('-') {
+            return Err(spec_error(
+                parameter,
+                format!("{} must not start with `-`", shown(value)),
+            ));
+        }
+        Ok(ServicePath(value.to_string()))
+    }
+
+    /// The pattern as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A validated domain: DNS labels (lowercased), optionally led by `*` to match the end of the
+/// request's host (`*.example.com` matches `api.example.com`; `*example.com` also matches
+/// `myexample.com`, as in Docker Flow Proxy).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Domain {
+    /// The text after the optional `*`, lowercased.
+    suffix: String,
+    /// Whether the domain started with `*`.
+    wildcard: bool,
+}
+
+impl Domain {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<Domain, SpecError> {
+        let (wildcard, rest) = match value.strip_prefix('*') {
+            Some(rest) => (true, rest),
+            None => (false, value),
+        };
+        // `*.example.com`: the dot belongs to the matched suffix, the labels follow it.
+        let labels = if wildcard {
+            rest.strip_prefix('.').unwrap_or(rest)
+        } else {
+            rest
+        };
+        let is_label_char = |c: char| c.is_ascii_alphanumeric() || c == '-';
+        check_chars(
+            parameter,
+            labels,
+            MAX_DOMAIN_LEN,
+            "a domain",
+            is_label_char,
+            |c| is_label_char(c) || c == '.',
+        )?;
+        for label in labels.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return Err(spec_error(
+                    parameter,
+                    format!(
+                        "{} has an empty or over-long label (1 to 63 characters between dots)",
+                        shown(value)
+                    ),
+                ));
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return Err(spec_error(
+                    parameter,
+                    format!("{} has a label starting or ending with `-`", shown(value)),
+                ));
+            }
+        }
+        Ok(Domain {
+            suffix: rest.to_ascii_lowercase(),
+            wildcard,
+        })
+    }
+
+    /// Whether this domain matches the end of the host rather than the whole host.
+    pub fn is_wildcard(&self) -> bool {
+        self.wildcard
+    }
+
+    /// The host (exact domain) or the host's required ending (wildcard), without the `*`.
+    pub fn host_pattern(&self) -> &str {
+        &self.suffix
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wildcard {
+            f.write_str("*")?;
+        }
+        f.write_str(&self.suffix)
+    }
+}
+
+/// A TCP port, 1–65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Port(u16);
+
+impl Port {
+    /// Validates a port given as text (a query parameter).
+    pub fn parse(parameter: &str, value: &str) -> Result<Port, SpecError> {
+        if value.is_empty() || value.len() > 5 || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(spec_error(
+                parameter,
+                format!("{} is not a port number (1 to 65535)", shown(value)),
+            ));
+        }
+        let number: u32 = value.parse().map_err(|_| {
+            spec_error(
+                parameter,
+                format!("{} is not a port number (1 to 65535)", shown(value)),
+            )
+        })?;
+        Port::from_number(parameter, number)
+    }
+
+    /// Validates a port given as a number (a stored spec, an instance).
+    pub fn from_number(parameter: &str, number: u32) -> Result<Port, SpecError> {
+        match u16::try_from(number) {
+            Ok(port) if port != 0 => Ok(Port(port)),
+            _ => Err(spec_error(
+                parameter,
+                format!("{number} is not a port number (1 to 65535)"),
+            )),
+        }
+    }
+
+    /// The port number.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Whether a destination is routed as HTTP (by path and domain) or as plain TCP (by port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum ReqMode {
+    /// Routed by `acl`s in an HTTP frontend (the default).
+    #[default]
+    Http,
+    /// A TCP frontend on the destination's `srcPort` forwards everything to the service.
+    Tcp,
+}
+
+impl ReqMode {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<ReqMode, SpecError> {
+        match value {
+            "http" => Ok(ReqMode::Http),
+            "tcp" => Ok(ReqMode::Tcp),
+            _ => Err(spec_error(
+                parameter,
+                format!("{} is not a request mode; use http or tcp", shown(value)),
+            )),
+        }
+    }
+
+    /// The mode as HAProxy and the query name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReqMode::Http => "http",
+            ReqMode::Tcp => "tcp",
+        }
+    }
+}
+
+/// Parses a boolean flag (`true`, `false`, `1`, `0`).
+pub(crate) fn parse_flag(parameter: &str, value: &str) -> Result<bool, SpecError> {
+    match value {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(spec_error(
+            parameter,
+            format!("{} is not a flag; use true, false, 1 or 0", shown(value)),
+        )),
+    }
+}
+
+/// Most items accepted in one comma list.
+const MAX_LIST_ITEMS: usize = 64;
+
+/// Parses each item of a list with `item`, rejecting empty and repeated items.
+pub(crate) fn parse_list<T: PartialEq>(
+    parameter: &str,
+    items: &[&str],
+    item: impl Fn(&str) -> Result<T, SpecError>,
+) -> Result<Vec<T>, SpecError> {
+    if items.len() > MAX_LIST_ITEMS {
+        return Err(spec_error(
+            parameter,
+            format!("too many items: at most {MAX_LIST_ITEMS}"),
+        ));
+    }
+    let mut parsed: Vec<T> = Vec::with_capacity(items.len());
+    for raw in items {
+        if raw.is_empty() {
+            return Err(spec_error(parameter, "the list has an empty item"));
+        }
+        let value = item(raw)?;
+        if parsed.contains(&value) {
+            return Err(spec_error(
+                parameter,
+                format!("{} is listed twice", shown(raw)),
+            ));
+        }
+        parsed.push(value);
+    }
+    Ok(parsed)
+}
