@@ -258,7 +258,14 @@ fn spawn(
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                tracing::warn!(pid, "haproxy: {line}");
+                if line.contains("[ALERT]") {
+                    tracing::error!(pid, "haproxy: {line}");
+                } else if line.contains("stopped (cumulated conns") {
+                    // Every soft-stop after a reload says this for each proxy: routine.
+                    tracing::debug!(pid, "haproxy: {line}");
+                } else {
+                    tracing::warn!(pid, "haproxy: {line}");
+                }
                 if let Ok(mut kept) = sink.lock() {
                     if kept.len() < 100 {
                         kept.push(line);

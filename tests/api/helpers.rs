@@ -203,6 +203,18 @@ impl TestProxy {
         Some(serde_json::from_slice(&response.bytes().await.expect("value")).expect("a JSON spec"))
     }
 
+    /// Writes a raw value into the registry's KV store, as any Consul user could.
+    pub async fn put_kv(&self, key: &str, value: &str) {
+        let response = self
+            .client
+            .put(format!("{}/v1/kv/{key}", self.app().registry_url()))
+            .body(value.to_string())
+            .send()
+            .await
+            .expect("registry answers");
+        assert_eq!(response.status(), StatusCode::OK, "PUT {key}");
+    }
+
     /// Sends `GET <path>` through HAProxy (with a Host header when given); status and body.
     pub async fn get_through_proxy(&self, path: &str, host: Option<&str>) -> (StatusCode, String) {
         let mut request = self

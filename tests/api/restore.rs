@@ -65,3 +65,35 @@ async fn a_restarted_proxy_restores_routes_from_kv_and_forgets_removed_ones() {
         "the same state renders the same file"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_spec_that_no_longer_validates_is_skipped_and_the_rest_restored() {
+    let mut proxy = TestProxy::spawn().await;
+    let good = spawn_backend("good").await;
+    proxy.register_instance("good", "good.1", good.port).await;
+    assert_eq!(
+        proxy
+            .reconfigure("serviceName=good&servicePath=/good")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // Someone edits KV by hand: a path with a newline would inject a line into haproxy.cfg.
+    proxy
+        .put_kv(
+            "flow-proxy/services/evil",
+            r#"{"ServiceName":"evil","ServiceDest":[{"Index":0,"ServicePath":["/x\nbackend evil"]}]}"#,
+        )
+        .await;
+    proxy
+        .put_kv("flow-proxy/services/garbage", "not json")
+        .await;
+
+    proxy.stop().await;
+    proxy.start_again().await;
+
+    assert_eq!(names_answering(&proxy, "/good", None, 1).await, ["good"]);
+    let (_, services) = proxy.api_get("/services").await;
+    assert_eq!(services.as_array().map(Vec::len), Some(1), "{services}");
+    assert!(!proxy.config().await.contains("evil"));
+}

@@ -283,3 +283,21 @@ async fn reload_rereads_the_instances_from_the_registry() {
         ["staying"; 4]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_healthy_instances_gets_a_503_backend() {
+    let proxy = TestProxy::spawn().await;
+
+    let (status, answer) = proxy
+        .reconfigure("serviceName=not-yet-deployed&servicePath=/soon")
+        .await;
+
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, body) = proxy.get_through_proxy("/soon", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("503"), "the clean 503 page: {body}");
+    assert!(proxy
+        .config()
+        .await
+        .contains("backend not-yet-deployed-be0"));
+}

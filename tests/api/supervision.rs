@@ -63,47 +63,31 @@ async fn reloads_drop_no_request_and_leave_no_zombie() {
         StatusCode::OK
     );
 
+    // Two clients, each opening a new connection per request, while HAProxy reloads 20 times.
     let port = proxy.http_port;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .build()
-                .expect("client");
-            let mut failures = Vec::new();
-            let mut sent = 0;
-            // Bounded: at most 5,000 requests, stopped as soon as the reloads are done.
-            while sent < 5_000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                sent += 1;
-                match client
-                    .get(format!("http://127.0.0.1:{port}/steady"))
-                    .send()
-                    .await
-                {
-                    Ok(response) if response.status() == StatusCode::OK => {}
-                    Ok(response) => failures.push(response.status().to_string()),
-                    Err(error) => failures.push(error.to_string()),
-                }
-            }
-            (sent, failures)
-        })
-    };
-    for index in 0..10 {
+    let clients: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(send_until_stopped(port, stop.clone())))
+        .collect();
+    for index in 0..20 {
         let query = format!("serviceName=other{index}&servicePath=/other{index}");
         assert_eq!(proxy.reconfigure(&query).await.0, StatusCode::OK);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failures) = traffic.await.expect("traffic task");
+    let (mut sent, mut failures) = (0, Vec::new());
+    for client in clients {
+        let (client_sent, client_failures) = client.await.expect("traffic task");
+        sent += client_sent;
+        failures.extend(client_failures);
+    }
 
     assert!(
-        sent > 10,
+        sent > 20,
         "traffic ran during the reloads ({sent} requests)"
     );
     assert!(
         failures.is_empty(),
-        "{} of {sent} requests failed during 10 reloads: {failures:?}",
+        "{} of {sent} requests failed during 20 reloads: {failures:?}",
         failures.len()
     );
     assert!(
@@ -111,6 +95,33 @@ async fn reloads_drop_no_request_and_leave_no_zombie() {
         "zombie HAProxy processes: {:?}",
         zombie_children()
     );
+}
+
+/// Sends `GET /steady` on a new connection each time until `stop` (at most 10,000 requests);
+/// returns how many were sent and what failed.
+async fn send_until_stopped(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (usize, Vec<String>) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let mut failures = Vec::new();
+    let mut sent = 0;
+    while sent < 10_000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        sent += 1;
+        match client
+            .get(format!("http://127.0.0.1:{port}/steady"))
+            .send()
+            .await
+        {
+            Ok(response) if response.status() == StatusCode::OK => {}
+            Ok(response) => failures.push(response.status().to_string()),
+            Err(error) => failures.push(error.to_string()),
+        }
+    }
+    (sent, failures)
 }
 
 /// PIDs of this process's children that have exited but were not reaped, after old HAProxy

@@ -117,3 +117,24 @@ async fn a_config_haproxy_rejects_leaves_the_running_proxy_and_kv_unchanged() {
         "the routed spec is the old one: {services}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_registry_answers_503_and_changes_nothing() {
+    let closed_port = crate::helpers::free_port();
+    let proxy = TestProxy::spawn_with(|settings| {
+        settings.consul_address = vec![format!("127.0.0.1:{closed_port}")];
+    })
+    .await;
+    let config_before = proxy.config().await;
+
+    let (status, answer) = proxy
+        .reconfigure("serviceName=go-demo&servicePath=/demo")
+        .await;
+
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    let message = answer["Message"].as_str().unwrap_or_default();
+    assert!(message.contains("unreachable"), "{message}");
+    assert_eq!(proxy.config().await, config_before);
+    let (status, _) = proxy.get_through_proxy("/demo", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
