@@ -21,8 +21,7 @@ async fn proxy_routing_demo() -> (TestProxy, Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_parameter_is_refused_with_its_name_and_changes_nothing() {
     let (proxy, _backend) = proxy_routing_demo().await;
-    let config_before = proxy.config().await;
-    let pid_before = proxy.haproxy_pid().await;
+    let before = proxy.snapshot().await;
 
     let cases = [
         ("servicePath=/demo", "serviceName"),
@@ -62,24 +61,14 @@ async fn a_bad_parameter_is_refused_with_its_name_and_changes_nothing() {
         );
     }
 
-    assert_eq!(
-        proxy.config().await,
-        config_before,
-        "haproxy.cfg is unchanged"
-    );
-    assert_eq!(
-        proxy.haproxy_pid().await,
-        pid_before,
-        "HAProxy was not reloaded"
-    );
+    proxy.assert_unchanged_since(&before).await;
     assert_eq!(names_answering(&proxy, "/demo", None, 1).await, ["demo"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_haproxy_rejects_leaves_the_running_proxy_and_kv_unchanged() {
     let (proxy, _backend) = proxy_routing_demo().await;
-    let config_before = proxy.config().await;
-    let pid_before = proxy.haproxy_pid().await;
+    let before = proxy.snapshot().await;
 
     // A well-formed value that HAProxy itself refuses: a regular expression that does not compile.
     let (status, answer) = proxy
@@ -92,16 +81,7 @@ async fn a_config_haproxy_rejects_leaves_the_running_proxy_and_kv_unchanged() {
         message.contains("[ALERT]"),
         "HAProxy's own lines reach the caller: {message}"
     );
-    assert_eq!(
-        proxy.config().await,
-        config_before,
-        "haproxy.cfg is unchanged"
-    );
-    assert_eq!(
-        proxy.haproxy_pid().await,
-        pid_before,
-        "HAProxy was not reloaded"
-    );
+    proxy.assert_unchanged_since(&before).await;
     assert_eq!(names_answering(&proxy, "/demo/x", None, 1).await, ["demo"]);
     let stored = proxy
         .stored_spec("go-demo")
@@ -125,7 +105,7 @@ async fn an_unreachable_registry_answers_503_and_changes_nothing() {
         settings.consul_address = vec![format!("127.0.0.1:{closed_port}")];
     })
     .await;
-    let config_before = proxy.config().await;
+    let before = proxy.snapshot().await;
 
     let (status, answer) = proxy
         .reconfigure("serviceName=go-demo&servicePath=/demo")
@@ -134,7 +114,7 @@ async fn an_unreachable_registry_answers_503_and_changes_nothing() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     let message = answer["Message"].as_str().unwrap_or_default();
     assert!(message.contains("unreachable"), "{message}");
-    assert_eq!(proxy.config().await, config_before);
+    proxy.assert_unchanged_since(&before).await;
     let (status, _) = proxy.get_through_proxy("/demo", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
