@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 scripts/install-haproxy.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
+cargo test --lib --test api

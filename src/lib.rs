@@ -98,6 +98,7 @@ impl FlowProxy {
             (None, settings.consul_address.clone())
         };
         let registry = ConsulClient::new(&consul_addresses);
+        let registry_url = registry.primary_url().to_string();
 
         let renderer = Renderer::new(settings.templates_dir.as_deref())?;
         let paths = HaproxyPaths::under(&data_dir);
@@ -148,10 +149,7 @@ impl FlowProxy {
 
         Ok(FlowProxy {
             api_address,
-            registry_url: format!(
-                "http://{}",
-                consul_addresses.first().map_or("", String::as_str)
-            ),
+            registry_url,
             embedded_registry,
             haproxy,
             api_shutdown,

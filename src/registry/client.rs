@@ -101,6 +101,11 @@ impl ConsulClient {
         }
     }
 
+    /// The first Consul address, as a base URL (`http://host:port`).
+    pub fn primary_url(&self) -> &str {
+        self.base_urls.first().map_or("", String::as_str)
+    }
+
     /// The healthy instances of a Consul service (`/v1/health/service/<name>?passing`).
     ///
     /// An instance without its own address is reached at its node's address, as Consul documents.
