@@ -1,5 +1,6 @@
-//! Measures what a user waits for: rendering a full configuration, and a whole reconfigure
-//! (registry read, render, `haproxy -c`, KV write, seamless reload) against a real HAProxy.
+//! Measures what a user waits for: rendering a full configuration, a whole reconfigure
+//! (registry read, render, `haproxy -c`, KV write, seamless reload) against a real HAProxy, and
+//! a burst of concurrent reconfigures (which the core applies in batches).
 //!
 //! Run with `cargo bench --bench reconfigure`; figures go to BENCHMARKS.md.
 
@@ -112,6 +113,16 @@ async fn bench_reconfigure() {
             summary(samples)
         );
     }
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        futures::future::join_all((0..50).map(|index| reconfigure(&client, &api, index))).await;
+        samples.push(started.elapsed());
+    }
+    println!(
+        "burst of 50 concurrent reconfigures, {routed} services routed: {}",
+        summary(samples)
+    );
     app.stop().await;
 }
 

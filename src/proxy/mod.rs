@@ -1,7 +1,10 @@
 //! The proxy core: the one owner of the desired routing state.
 //!
 //! Every change (reconfigure, remove, reload, restore) goes through one queue and is applied by
-//! one task, so changes never interleave. For each change the order is:
+//! one task, so changes never interleave. Changes that queue up while one is being applied are
+//! applied together, with one validation and one reload (a burst of N deployments costs one
+//! reload, not N); if anything in such a batch fails, none of it stays applied and its changes are
+//! applied one at a time, so each caller gets its own answer. For each step the order is:
 //!
 //! 1. **resolve**: read the healthy instances of the services it touches from the registry.
 //!    Registry unreachable → the caller gets the error, nothing changed.
@@ -13,13 +16,13 @@
 //! 5. **apply**: swap the candidate in as the live file and reload HAProxy; the call returns once
 //!    the new process serves. Failure (e.g. a port HAProxy cannot bind) → the previous live file
 //!    and the previous KV value are put back; the old HAProxy process never stopped serving.
-//! 6. **commit** the candidate as the current state and answer the caller.
+//! 6. **commit** the candidate as the current state and answer the callers.
 //!
 //! On start the core restores every spec stored under the prefix. A stored spec that no longer
 //! parses or validates is skipped with a loud error; if the registry cannot be read the restore is
 //! retried with backoff while HAProxy keeps serving its last good configuration.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +32,9 @@ use crate::haproxy::{Haproxy, HaproxyError};
 use crate::registry::{ConsulClient, RegistryError};
 use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute};
 use crate::spec::{Instance, ServiceName, ServiceSpec};
+
+/// Most changes applied with one validation and one reload.
+const MAX_BATCH: usize = 64;
 
 /// First and longest pause between two attempts to restore the stored specs.
 const RESTORE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
@@ -187,7 +193,7 @@ struct Core {
 }
 
 impl Core {
-    /// Applies queued changes one at a time; while `restore_backoff` is set, retries the restore.
+    /// Applies queued changes in batches; while `restore_backoff` is set, retries the restore.
     async fn run(
         mut self,
         mut queue: mpsc::Receiver<Pending>,
@@ -213,76 +219,124 @@ impl Core {
                     }
                 },
                 pending = queue.recv() => {
-                    let Some(Pending { change, reply }) = pending else { break };
-                    let result = self.apply_change(change).await;
-                    let _ = reply.send(result);
+                    let Some(first) = pending else { break };
+                    // Everything queued meanwhile goes into the same validation and reload.
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match queue.try_recv() {
+                            Ok(next) => batch.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply_batch(batch).await;
                 }
             }
         }
     }
 
-    async fn apply_change(&mut self, change: Change) -> Result<Option<ServiceSpec>, ProxyError> {
-        match change {
-            Change::Reconfigure(spec) => {
-                let instances = self
-                    .registry
-                    .healthy_instances(&spec.consul_service_name())
-                    .await?;
-                let name = spec.service_name().clone();
-                let mut candidate = self.state.clone();
-                candidate.insert(
-                    name.clone(),
-                    Routed {
-                        spec: spec.clone(),
-                        instances,
-                    },
-                );
-                let config = self.render(&candidate)?;
-                self.haproxy
-                    .validate(&config)
-                    .await
-                    .map_err(|error| rejected(error, true))?;
-                let previous = self.state.get(&name).map(|routed| &routed.spec);
-                self.persist(&name, Some(&spec)).await?;
-                if let Err(error) = self.haproxy.apply().await {
-                    self.roll_back(&name, previous.cloned()).await;
-                    return Err(ProxyError::Haproxy(error));
+    /// Applies a batch of queued changes with one validation and one reload. If anything in the
+    /// batch fails, nothing of it stays applied and the changes are applied one at a time, so
+    /// each caller gets the answer its own change deserves.
+    async fn apply_batch(&mut self, batch: Vec<Pending>) {
+        if batch.len() > 1 {
+            let changes: Vec<&Change> = batch.iter().map(|pending| &pending.change).collect();
+            match self.apply_changes(&changes).await {
+                Ok(outcomes) => {
+                    tracing::info!(changes = batch.len(), "applied a batch with one reload");
+                    for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                        let _ = pending.reply.send(Ok(outcome));
+                    }
+                    return;
                 }
-                tracing::info!(service = %name, "service reconfigured");
-                self.commit(candidate);
-                Ok(Some(spec))
-            }
-            Change::Remove(name) => {
-                let mut candidate = self.state.clone();
-                let removed = candidate
-                    .remove(&name)
-                    .ok_or_else(|| ProxyError::UnknownService(name.clone()))?;
-                let config = self.render(&candidate)?;
-                self.haproxy
-                    .validate(&config)
-                    .await
-                    .map_err(|error| rejected(error, false))?;
-                self.persist(&name, None).await?;
-                if let Err(error) = self.haproxy.apply().await {
-                    self.roll_back(&name, Some(removed.spec.clone())).await;
-                    return Err(ProxyError::Haproxy(error));
-                }
-                tracing::info!(service = %name, "service removed");
-                self.commit(candidate);
-                Ok(Some(removed.spec))
-            }
-            Change::Reload => {
-                let mut candidate = self.state.clone();
-                for routed in candidate.values_mut() {
-                    routed.instances = self
-                        .registry
-                        .healthy_instances(&routed.spec.consul_service_name())
-                        .await?;
-                }
-                self.validate_and_apply(candidate).await?;
-                Ok(None)
+                Err(error) => tracing::info!(
+                    changes = batch.len(),
+                    %error,
+                    "a batch failed as a whole; applying its changes one at a time"
+                ),
             }
         }
+        for pending in batch {
+            let result = self
+                .apply_changes(&[&pending.change])
+                .await
+                .map(|mut outcomes| outcomes.pop().flatten());
+            let _ = pending.reply.send(result);
+        }
+    }
+
+    /// Applies `changes` in order as one step (see the module doc for the order of operations).
+    /// On error the state, the live file and the stored specs are as they were.
+    async fn apply_changes(
+        &mut self,
+        changes: &[&Change],
+    ) -> Result<Vec<Option<ServiceSpec>>, ProxyError> {
+        let mut candidate = self.state.clone();
+        let mut outcomes = Vec::with_capacity(changes.len());
+        let mut touched = BTreeSet::new();
+        for change in changes {
+            match change {
+                Change::Reconfigure(spec) => {
+                    let instances = self
+                        .registry
+                        .healthy_instances(&spec.consul_service_name())
+                        .await?;
+                    let name = spec.service_name().clone();
+                    let routed = Routed {
+                        spec: spec.clone(),
+                        instances,
+                    };
+                    candidate.insert(name.clone(), routed);
+                    touched.insert(name);
+                    outcomes.push(Some(spec.clone()));
+                }
+                Change::Remove(name) => {
+                    let removed = candidate
+                        .remove(name)
+                        .ok_or_else(|| ProxyError::UnknownService(name.clone()))?;
+                    touched.insert(name.clone());
+                    outcomes.push(Some(removed.spec));
+                }
+                Change::Reload => {
+                    for routed in candidate.values_mut() {
+                        routed.instances = self
+                            .registry
+                            .healthy_instances(&routed.spec.consul_service_name())
+                            .await?;
+                    }
+                    outcomes.push(None);
+                }
+            }
+        }
+        let config = self.render(&candidate)?;
+        let caused_by_request = changes
+            .iter()
+            .any(|change| matches!(change, Change::Reconfigure(_)));
+        self.haproxy
+            .validate(&config)
+            .await
+            .map_err(|error| rejected(error, caused_by_request))?;
+        let mut persisted = Vec::with_capacity(touched.len());
+        for name in touched {
+            let spec = candidate.get(&name).map(|routed| &routed.spec);
+            if let Err(error) = self.persist(&name, spec).await {
+                self.put_back_stored_specs(&persisted).await;
+                return Err(error);
+            }
+            persisted.push(name);
+        }
+        if let Err(error) = self.haproxy.apply().await {
+            self.put_back_live_config().await;
+            self.put_back_stored_specs(&persisted).await;
+            return Err(ProxyError::Haproxy(error));
+        }
+        for name in &persisted {
+            match candidate.get(name) {
+                Some(_) => tracing::info!(service = %name, "service reconfigured"),
+                None => tracing::info!(service = %name, "service removed"),
+            }
+        }
+        self.commit(candidate);
+        Ok(outcomes)
     }
 
     /// Reads every stored spec and routes the ones not routed yet.
@@ -339,7 +393,10 @@ impl Core {
             .validate(&config)
             .await
             .map_err(|error| rejected(error, false))?;
-        self.haproxy.apply().await.map_err(ProxyError::Haproxy)?;
+        if let Err(error) = self.haproxy.apply().await {
+            self.put_back_live_config().await;
+            return Err(ProxyError::Haproxy(error));
+        }
         self.commit(candidate);
         Ok(())
     }
@@ -376,20 +433,26 @@ impl Core {
         Ok(())
     }
 
-    /// Puts back the live file and the stored spec after a reload failed.
-    async fn roll_back(&self, name: &ServiceName, previous: Option<ServiceSpec>) {
-        let config = match self.render(&self.state) {
-            Ok(config) => config,
-            Err(error) => {
-                tracing::error!(%error, "rolling back: rendering the previous state failed");
-                return;
+    /// Writes the current state's configuration back as the live file after a failed reload,
+    /// so the file matches the HAProxy process that kept serving.
+    async fn put_back_live_config(&self) {
+        match self.render(&self.state) {
+            Ok(config) => {
+                if let Err(error) = self.haproxy.restore_live_config(&config).await {
+                    tracing::error!(%error, "putting back the previous haproxy.cfg failed");
+                }
             }
-        };
-        if let Err(error) = self.haproxy.restore_live_config(&config).await {
-            tracing::error!(%error, "rolling back: restoring the previous haproxy.cfg failed");
+            Err(error) => tracing::error!(%error, "rendering the previous state failed"),
         }
-        if let Err(error) = self.persist(name, previous.as_ref()).await {
-            tracing::error!(service = %name, %error, "rolling back: restoring the stored spec failed");
+    }
+
+    /// Writes the current state's specs of `names` back to KV (deleting those not routed).
+    async fn put_back_stored_specs(&self, names: &[ServiceName]) {
+        for name in names {
+            let spec = self.state.get(name).map(|routed| &routed.spec);
+            if let Err(error) = self.persist(name, spec).await {
+                tracing::error!(service = %name, %error, "putting back the stored spec failed");
+            }
         }
     }
 

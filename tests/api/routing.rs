@@ -301,3 +301,50 @@ async fn a_service_without_healthy_instances_gets_a_503_backend() {
         .await
         .contains("backend not-yet-deployed-be0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_concurrent_reconfigures_gets_one_answer_each() {
+    let proxy = TestProxy::spawn().await;
+    let backend = spawn_backend("burst").await;
+    for index in 0..10 {
+        proxy
+            .register_instance(
+                &format!("burst{index}"),
+                &format!("burst{index}.1"),
+                backend.port,
+            )
+            .await;
+    }
+
+    // Five changes at once queue up together and are applied together.
+    let first_half =
+        (0..5).map(|index| format!("serviceName=burst{index}&servicePath=/burst{index}"));
+    for (status, answer) in reconfigure_all(&proxy, first_half).await {
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    // Five more plus one HAProxy refuses: the refused one must not take the others down.
+    let second_half =
+        (5..10).map(|index| format!("serviceName=burst{index}&servicePath=/burst{index}"));
+    let bad = "serviceName=broken&servicePath=/broken[&pathType=path_reg".to_string();
+    let answers = reconfigure_all(&proxy, second_half.chain([bad])).await;
+
+    for (status, answer) in &answers[..5] {
+        assert_eq!(*status, StatusCode::OK, "{answer}");
+    }
+    assert_eq!(answers[5].0, StatusCode::BAD_REQUEST, "{}", answers[5].1);
+    for index in 0..10 {
+        let path = format!("/burst{index}");
+        assert_eq!(names_answering(&proxy, &path, None, 1).await, ["burst"]);
+    }
+    assert!(proxy.stored_spec("broken").await.is_none());
+    assert!(!proxy.config().await.contains("broken"));
+}
+
+/// Sends every reconfigure at once; the answers in query order.
+async fn reconfigure_all(
+    proxy: &TestProxy,
+    queries: impl Iterator<Item = String>,
+) -> Vec<(StatusCode, serde_json::Value)> {
+    futures::future::join_all(queries.map(|query| async move { proxy.reconfigure(&query).await }))
+        .await
+}
