@@ -115,7 +115,7 @@ impl Proxy {
         let (changes, queue) = mpsc::channel(256);
         let (published, services) = watch::channel(Arc::new(Vec::new()));
         let haproxy = parts.haproxy.clone();
-        let core = Core {
+        let mut core = Core {
             state: RoutingState::new(),
             registry: parts.registry,
             renderer: parts.renderer,
@@ -124,7 +124,6 @@ impl Proxy {
             services_prefix: format!("{}/services/", parts.kv_prefix.trim_end_matches('/')),
             published,
         };
-        let mut core = core;
         let restore_backoff = match core.restore().await {
             Ok(()) => None,
             Err(error) => {
