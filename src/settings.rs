@@ -37,7 +37,7 @@ pub struct Settings {
     #[arg(long, env = "HAPROXY_BINARY", default_value = "haproxy")]
     pub haproxy_binary: PathBuf,
 
-    /// Address HAProxy's frontends bind to. Unset: every address.
+    /// Address HAProxy's frontends bind to. Unset: every IPv4 address (`*`).
     #[arg(long, env = "BIND_HOST")]
     pub bind_host: Option<IpAddr>,
 
