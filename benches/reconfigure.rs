@@ -4,14 +4,19 @@
 //!
 //! Run with `cargo bench --bench reconfigure`; figures go to BENCHMARKS.md.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+// The integration tests' TestProxy: flow-proxy, its embedded registry and a real HAProxy on
+// loopback ports; the bench uses only part of it.
+#[allow(dead_code)]
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
+
+use helpers::TestProxy;
+
 use flow_proxy::render::{RenderSettings, Renderer, ServiceRoute};
-use flow_proxy::settings::Settings;
 use flow_proxy::spec::{Instance, ServiceSpec};
-use flow_proxy::FlowProxy;
 
 fn spec(index: usize) -> ServiceSpec {
     let pairs = vec![
@@ -74,38 +79,18 @@ fn bench_render() {
 }
 
 async fn bench_reconfigure() {
-    let data_dir = tempfile::tempdir().expect("temporary directory");
-    let http_port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port();
-    let settings = Settings {
-        api_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        consul_address: Vec::new(),
-        embedded_registry_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        data_dir: data_dir.path().to_path_buf(),
-        haproxy_binary: PathBuf::from("haproxy"),
-        bind_host: Some(Ipv4Addr::LOCALHOST.into()),
-        http_port,
-        templates_dir: None,
-        kv_prefix: "flow-proxy".into(),
-    };
-    let app = FlowProxy::start(settings)
-        .await
-        .expect("flow-proxy starts (is haproxy installed?)");
-    let client = reqwest::Client::new();
-    let api = format!("http://{}", app.api_address());
+    let proxy = TestProxy::spawn().await;
     let mut routed = 0;
     for target in [1, 100, 500] {
         while routed < target {
-            reconfigure(&client, &api, routed).await;
+            reconfigure(&proxy, routed).await;
             routed += 1;
         }
         let mut samples = Vec::new();
         for run in 0..20 {
             let started = Instant::now();
             // Re-route one existing service: the configuration keeps `target` services.
-            reconfigure(&client, &api, run % target).await;
+            reconfigure(&proxy, run % target).await;
             samples.push(started.elapsed());
         }
         println!(
@@ -116,28 +101,22 @@ async fn bench_reconfigure() {
     let mut samples = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
-        futures::future::join_all((0..50).map(|index| reconfigure(&client, &api, index))).await;
+        futures::future::join_all((0..50).map(|index| reconfigure(&proxy, index))).await;
         samples.push(started.elapsed());
     }
     println!(
         "burst of 50 concurrent reconfigures, {routed} services routed: {}",
         summary(samples)
     );
-    app.stop().await;
 }
 
-async fn reconfigure(client: &reqwest::Client, api: &str, index: usize) {
-    let response = client
-        .get(format!(
-            "{api}/v1/docker-flow-proxy/reconfigure?serviceName=service-{index}&servicePath=/service-{index}"
+async fn reconfigure(proxy: &TestProxy, index: usize) {
+    let (status, answer) = proxy
+        .reconfigure(&format!(
+            "serviceName=service-{index}&servicePath=/service-{index}"
         ))
-        .send()
-        .await
-        .expect("API answers");
-    assert!(
-        response.status().is_success(),
-        "reconfigure service-{index}"
-    );
+        .await;
+    assert!(status.is_success(), "reconfigure service-{index}: {answer}");
 }
 
 fn main() {
