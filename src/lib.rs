@@ -37,12 +37,15 @@ use std::path::{Path, PathBuf};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths};
+use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths, STATS_SOCKET_FILE};
 use crate::proxy::{Proxy, ProxyParts};
 use crate::registry::embedded::{EmbeddedError, EmbeddedRegistry};
 use crate::registry::ConsulClient;
 use crate::render::{RenderError, RenderSettings, Renderer, ERROR_PAGE_503};
 use crate::settings::Settings;
+
+/// Directory of HAProxy's error pages in the data directory.
+const ERRORS_DIR: &str = "errors";
 
 /// flow-proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +56,6 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The data directory's path cannot be written into haproxy.cfg safely.
-    #[error("data directory {0}: its absolute path may only hold letters, digits and . _ - /")]
-    UnsafeDataDir(PathBuf),
     /// The embedded registry did not start.
     #[error(transparent)]
     Embedded(#[from] EmbeddedError),
@@ -105,8 +105,10 @@ impl FlowProxy {
         let render_settings = RenderSettings {
             bind_host: settings.bind_host,
             http_port: settings.http_port,
-            stats_socket: paths.stats_socket.clone(),
-            errors_dir: data_dir.join("errors"),
+            // Relative to the data directory, where HAProxy runs: the same routes give the same
+            // haproxy.cfg on every machine, wherever its --data-dir is.
+            stats_socket: PathBuf::from(STATS_SOCKET_FILE),
+            errors_dir: PathBuf::from(ERRORS_DIR),
         };
         let haproxy = start_haproxy(
             &settings.haproxy_binary,
@@ -224,20 +226,13 @@ async fn prepare_data_dir(data_dir: &Path) -> Result<PathBuf, StartError> {
         path: data_dir.to_path_buf(),
         source,
     };
-    tokio::fs::create_dir_all(data_dir.join("errors"))
+    tokio::fs::create_dir_all(data_dir.join(ERRORS_DIR))
         .await
         .map_err(data_dir_error)?;
     let data_dir = tokio::fs::canonicalize(data_dir)
         .await
         .map_err(data_dir_error)?;
-    let safe = data_dir.to_str().is_some_and(|path| {
-        path.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
-    });
-    if !safe {
-        return Err(StartError::UnsafeDataDir(data_dir));
-    }
-    tokio::fs::write(data_dir.join("errors").join("503.http"), ERROR_PAGE_503)
+    tokio::fs::write(data_dir.join(ERRORS_DIR).join("503.http"), ERROR_PAGE_503)
         .await
         .map_err(|source| StartError::DataDir {
             path: data_dir.clone(),

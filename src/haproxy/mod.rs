@@ -56,6 +56,9 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Haprox
     move |source| HaproxyError::Io { context, source }
 }
 
+/// File name of the stats socket in the data directory.
+pub const STATS_SOCKET_FILE: &str = "haproxy.sock";
+
 /// Where HAProxy's files live under the data directory.
 #[derive(Debug, Clone)]
 pub struct HaproxyPaths {
@@ -73,7 +76,7 @@ impl HaproxyPaths {
         HaproxyPaths {
             config: data_dir.join("haproxy.cfg"),
             candidate: data_dir.join("haproxy.cfg.candidate"),
-            stats_socket: data_dir.join("haproxy.sock"),
+            stats_socket: data_dir.join(STATS_SOCKET_FILE),
         }
     }
 }
@@ -175,7 +178,7 @@ async fn validate_file(binary: &Path, candidate: &Path, config: &str) -> Result<
     tokio::fs::write(candidate, config)
         .await
         .map_err(io_error(format!("writing {}", candidate.display())))?;
-    let output = Command::new(binary)
+    let output = haproxy_command(binary, candidate)
         .arg("-c")
         .arg("-f")
         .arg(candidate)
@@ -199,6 +202,17 @@ async fn validate_file(binary: &Path, candidate: &Path, config: &str) -> Result<
         alerts.join("\n")
     };
     Err(HaproxyError::Rejected(message))
+}
+
+/// An HAProxy command run from the directory of `config_file`, so that the relative paths in
+/// haproxy.cfg (stats socket, error pages) resolve there and the rendered file does not depend on
+/// where `--data-dir` is.
+fn haproxy_command(binary: &Path, config_file: &Path) -> Command {
+    let mut command = Command::new(binary);
+    if let Some(directory) = config_file.parent() {
+        command.current_dir(directory);
+    }
+    command
 }
 
 async fn promote(paths: &HaproxyPaths) -> Result<(), HaproxyError> {
@@ -232,7 +246,7 @@ fn spawn(
     paths: &HaproxyPaths,
     previous_pid: Option<u32>,
 ) -> Result<Process, HaproxyError> {
-    let mut command = Command::new(binary);
+    let mut command = haproxy_command(binary, &paths.config);
     command.arg("-f").arg(&paths.config);
     if let Some(pid) = previous_pid {
         command

@@ -101,9 +101,10 @@ pub struct RenderSettings {
     pub bind_host: Option<IpAddr>,
     /// Port of the main HTTP frontend.
     pub http_port: u16,
-    /// HAProxy's stats socket (admin level, exposes listeners for `-x`).
+    /// HAProxy's stats socket (admin level, exposes listeners for `-x`). A relative path is
+    /// resolved from the directory HAProxy runs in (flow-proxy runs it in the config's directory).
     pub stats_socket: PathBuf,
-    /// Directory holding HAProxy's error pages (`503.http`, …).
+    /// Directory holding HAProxy's error pages (`503.http`, …); relative like `stats_socket`.
     pub errors_dir: PathBuf,
 }
 
