@@ -78,6 +78,7 @@ pub struct FlowProxy {
     api_address: SocketAddr,
     registry_url: String,
     embedded_registry: Option<EmbeddedRegistry>,
+    proxy: Proxy,
     haproxy: Haproxy,
     api_shutdown: oneshot::Sender<()>,
     api_task: JoinHandle<std::io::Result<()>>,
@@ -97,7 +98,7 @@ impl FlowProxy {
         } else {
             (None, settings.consul_address.clone())
         };
-        let registry = ConsulClient::new(&consul_addresses);
+        let registry = ConsulClient::new(&consul_addresses, settings.consul_token.clone());
         let registry_url = registry.primary_url().to_string();
 
         let renderer = Renderer::new(settings.templates_dir.as_deref())?;
@@ -124,6 +125,7 @@ impl FlowProxy {
             render_settings,
             haproxy: haproxy.clone(),
             kv_prefix: settings.kv_prefix.clone(),
+            watch_instances: settings.watch_instances,
         })
         .await;
 
@@ -140,8 +142,9 @@ impl FlowProxy {
                 source,
             })?;
         let (api_shutdown, shutdown_requested) = oneshot::channel::<()>();
+        let api_proxy = proxy.clone();
         let api_task = tokio::spawn(async move {
-            axum::serve(listener, api::router(proxy))
+            axum::serve(listener, api::router(api_proxy))
                 .with_graceful_shutdown(async move {
                     let _ = shutdown_requested.await;
                 })
@@ -153,6 +156,7 @@ impl FlowProxy {
             api_address,
             registry_url,
             embedded_registry,
+            proxy,
             haproxy,
             api_shutdown,
             api_task,
@@ -169,7 +173,8 @@ impl FlowProxy {
         &self.registry_url
     }
 
-    /// Stops the API, HAProxy and the embedded registry, in that order.
+    /// Stops the API, the proxy core and its watches, HAProxy and the embedded registry, in that
+    /// order.
     pub async fn stop(self) {
         let _ = self.api_shutdown.send(());
         match self.api_task.await {
@@ -177,6 +182,7 @@ impl FlowProxy {
             Ok(Err(error)) => tracing::error!(%error, "API server failed"),
             Err(error) => tracing::error!(%error, "API task failed"),
         }
+        self.proxy.stop().await;
         self.haproxy.stop().await;
         if let Some(registry) = self.embedded_registry {
             registry.shutdown().await;

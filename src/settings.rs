@@ -21,6 +21,15 @@ pub struct Settings {
     #[arg(long, env = "CONSUL_ADDRESS", value_delimiter = ',')]
     pub consul_address: Vec<String>,
 
+    /// Consul ACL token, sent as `X-Consul-Token` with every request to Consul.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
+
+    /// Follow each routed service's healthy instances in Consul (blocking queries) and update
+    /// HAProxy as they change. `false`: instances are read only on reconfigure and reload.
+    #[arg(long, env = "WATCH_INSTANCES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch_instances: bool,
+
     /// Address the embedded Consul-compatible registry listens on (only when no --consul-address).
     #[arg(
         long,

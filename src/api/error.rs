@@ -58,9 +58,13 @@ impl ApiError {
                 ProxyError::RejectedRequest(_)
                 | ProxyError::Render(RenderError::PortConflict { .. }) => StatusCode::BAD_REQUEST,
                 ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
-                ProxyError::Registry(RegistryError::Unreachable { .. }) | ProxyError::Stopped => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                ProxyError::Conflict(_) => StatusCode::CONFLICT,
+                ProxyError::Registry(
+                    RegistryError::Unreachable { .. } | RegistryError::Unavailable { .. },
+                )
+                | ProxyError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+                // Consul answered, and said no: flow-proxy's token is the problem.
+                ProxyError::Registry(RegistryError::AclDenied { .. }) => StatusCode::BAD_GATEWAY,
                 ProxyError::Render(_)
                 | ProxyError::Registry(_)
                 | ProxyError::Rejected(_)

@@ -1,43 +1,57 @@
 //! The proxy core: the one owner of the desired routing state.
 //!
-//! Every change (reconfigure, remove, reload, restore) goes through one queue and is applied by
-//! one task, so changes never interleave. Changes that queue up while one is being applied are
-//! applied together, with one validation and one reload (a burst of N deployments costs one
-//! reload, not N); if anything in such a batch fails, none of it stays applied and its changes are
-//! applied one at a time, so each caller gets its own answer. For each step the order is:
+//! Every change goes through one queue and is applied by one task, so changes never interleave:
+//! API calls (reconfigure, remove, reload), new versions of the stored specs seen by the KV watch
+//! (see [`stored`]), and new healthy instances seen by the instance watches (see [`instances`]).
+//! Changes that queue up while one is being applied are applied together, with one validation
+//! and one reload (a burst of N deployments costs one reload, not N); if anything in such a batch
+//! fails, none of it stays applied and its changes are applied one at a time, so each caller gets
+//! its own answer. For an API change the order is:
 //!
 //! 1. **resolve**: read the healthy instances of the services it touches from the registry.
 //!    Registry unreachable → the caller gets the error, nothing changed.
 //! 2. **render** the complete configuration of the candidate state (never a patch of the old file).
 //! 3. **validate** it with `haproxy -c` as a candidate file. Rejected → the caller gets HAProxy's
 //!    own lines; the live file, the running HAProxy and the stored specs are untouched.
-//! 4. **persist** the spec in Consul KV (`<kv-prefix>/services/<serviceName>`), or delete it.
-//!    Failure → the caller gets the error; the live file and HAProxy are untouched.
+//! 4. **persist** the spec in Consul KV (`<kv-prefix>/services/<serviceName>`) with check-and-set,
+//!    or delete it. Failure or a lost race retried too often → the caller gets the error; the live
+//!    file and HAProxy are untouched.
 //! 5. **apply**: swap the candidate in as the live file and reload HAProxy; the call returns once
 //!    the new process serves. Failure (e.g. a port HAProxy cannot bind) → the previous live file
 //!    and the previous KV value are put back; the old HAProxy process never stopped serving.
 //! 6. **commit** the candidate as the current state and answer the callers.
 //!
-//! On start the core restores every spec stored under the prefix. A stored spec that no longer
-//! parses or validates is skipped with a loud error; if the registry cannot be read the restore is
-//! retried with backoff while HAProxy keeps serving its last good configuration.
+//! A change whose configuration is byte-identical to the running one does not reload HAProxy
+//! (except an explicit reload).
+//!
+//! The stored specs are the shared truth between proxies: on start the core restores them, and
+//! afterwards it follows them, so a change made through another proxy reaches this one without any
+//! call between proxies. A version of the stored specs older than this proxy's own last write is
+//! ignored (a newer one follows). A stored spec that does not validate is logged and left as it is
+//! routed; a stored service HAProxy does not accept is skipped with an error, the others apply.
+//! If Consul's KV index goes backwards and the prefix comes back empty while services are routed,
+//! Consul has lost its data: the routes stay and their specs are written back.
+
+mod instances;
+mod stored;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::haproxy::{Haproxy, HaproxyError};
+use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, RegistryError};
 use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute};
 use crate::spec::{Instance, ServiceName, ServiceSpec};
 
+use instances::InstanceWatches;
+use stored::{SpecStore, StoredSpecs};
+
 /// Most changes applied with one validation and one reload.
 const MAX_BATCH: usize = 64;
-
-/// First and longest pause between two attempts to restore the stored specs.
-const RESTORE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 /// Why a change was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +74,12 @@ pub enum ProxyError {
     /// `/remove` named a service that is not routed.
     #[error("service `{0}` is not configured")]
     UnknownService(ServiceName),
+    /// Other writers kept changing the service's stored spec while this change tried to store it.
+    #[error(
+        "service `{0}` was changed in Consul by another writer each time this request tried to \
+         store it; nothing was changed, try again"
+    )]
+    Conflict(ServiceName),
     /// The core has stopped (flow-proxy is shutting down).
     #[error("flow-proxy is shutting down")]
     Stopped,
@@ -79,11 +99,32 @@ enum Change {
     Reconfigure(ServiceSpec),
     Remove(ServiceName),
     Reload,
+    /// A version of the stored specs read by the KV watch.
+    Stored(StoredSpecs),
+    /// The healthy instances of a Consul service, read by its instance watch.
+    Instances {
+        consul_service: String,
+        instances: Vec<Instance>,
+    },
+    /// Stop the core and its watches.
+    Stop,
 }
+
+type Outcome = Result<Option<ServiceSpec>, ProxyError>;
 
 struct Pending {
     change: Change,
-    reply: oneshot::Sender<Result<Option<ServiceSpec>, ProxyError>>,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// Hands a change from a watch to the core and waits for its outcome; `None` once the core has
+/// stopped.
+async fn submit_internal(core: &mpsc::WeakSender<Pending>, change: Change) -> Option<Outcome> {
+    let core = core.upgrade()?;
+    let (reply, answer) = oneshot::channel();
+    core.send(Pending { change, reply }).await.ok()?;
+    drop(core);
+    answer.await.ok()
 }
 
 /// The handle the API uses to submit changes and read the routed specs.
@@ -106,32 +147,57 @@ pub struct ProxyParts {
     pub haproxy: Haproxy,
     /// Prefix of the KV keys; specs live under `<kv_prefix>/services/`.
     pub kv_prefix: String,
+    /// Whether to follow the routed services' instances with blocking queries.
+    pub watch_instances: bool,
 }
 
 impl Proxy {
-    /// Restores the specs stored in KV (one attempt; on failure the core retries in the
-    /// background), then starts the core task.
+    /// Restores the specs stored in KV (one attempt; on failure the KV watch retries in the
+    /// background while HAProxy serves its last good configuration), then starts the core task,
+    /// the KV watch and the instance watches.
     pub async fn start(parts: ProxyParts) -> Proxy {
         let (changes, queue) = mpsc::channel(256);
         let (published, services) = watch::channel(Arc::new(Vec::new()));
         let haproxy = parts.haproxy.clone();
+        let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
         let mut core = Core {
             state: RoutingState::new(),
-            registry: parts.registry,
+            registry: parts.registry.clone(),
+            store: store.clone(),
             renderer: parts.renderer,
             render_settings: parts.render_settings,
             haproxy: parts.haproxy,
-            services_prefix: format!("{}/services/", parts.kv_prefix.trim_end_matches('/')),
             published,
+            stored_floor: 0,
+            applied_config: None,
+            instance_watches: InstanceWatches::new(
+                parts.watch_instances,
+                parts.registry,
+                changes.downgrade(),
+            ),
+            stored_watch: None,
         };
-        let restore_backoff = match core.restore().await {
-            Ok(()) => None,
+        let mut index = WatchIndex::default();
+        let import_pending = match stored::first_read(&store, &mut index).await {
+            Ok(snapshot) => {
+                if let Err(error) = core.apply_stored(snapshot).await {
+                    tracing::error!(%error, "restoring the stored services failed; retrying");
+                    index = WatchIndex::default();
+                }
+                false
+            }
             Err(error) => {
-                tracing::error!(%error, retry_in = ?RESTORE_BACKOFF.0, "restoring the stored services failed");
-                Some(RESTORE_BACKOFF.0)
+                tracing::error!(%error, "reading the stored services failed; HAProxy serves its last good configuration while flow-proxy retries");
+                true
             }
         };
-        tokio::spawn(core.run(queue, restore_backoff));
+        core.stored_watch = Some(tokio::spawn(stored::watch_stored_specs(
+            store,
+            index,
+            import_pending,
+            changes.downgrade(),
+        )));
+        tokio::spawn(core.run(queue));
         Proxy {
             changes,
             services,
@@ -158,6 +224,11 @@ impl Proxy {
         self.submit(Change::Reload).await.map(|_| ())
     }
 
+    /// Stops the core and its watches once the changes queued before are applied.
+    pub async fn stop(&self) {
+        let _ = self.submit(Change::Stop).await;
+    }
+
     /// The specs routed now, ordered by service name.
     pub fn services(&self) -> Arc<Vec<ServiceSpec>> {
         Arc::clone(&self.services.borrow())
@@ -171,7 +242,7 @@ impl Proxy {
             .map_err(ProxyError::Haproxy)
     }
 
-    async fn submit(&self, change: Change) -> Result<Option<ServiceSpec>, ProxyError> {
+    async fn submit(&self, change: Change) -> Outcome {
         let (reply, answer) = oneshot::channel();
         self.changes
             .send(Pending { change, reply })
@@ -184,53 +255,61 @@ impl Proxy {
 struct Core {
     state: RoutingState,
     registry: ConsulClient,
+    store: SpecStore,
     renderer: Renderer,
     render_settings: RenderSettings,
     haproxy: Haproxy,
-    services_prefix: String,
     published: watch::Sender<Arc<Vec<ServiceSpec>>>,
+    /// The KV index after this proxy's last write: reads of the stored specs older than that are
+    /// ignored.
+    stored_floor: u64,
+    /// The configuration HAProxy serves, when this core applied it.
+    applied_config: Option<String>,
+    instance_watches: InstanceWatches,
+    stored_watch: Option<JoinHandle<()>>,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        if let Some(task) = &self.stored_watch {
+            task.abort();
+        }
+    }
 }
 
 impl Core {
-    /// Applies queued changes in batches; while `restore_backoff` is set, retries the restore.
-    async fn run(
-        mut self,
-        mut queue: mpsc::Receiver<Pending>,
-        mut restore_backoff: Option<Duration>,
-    ) {
-        let mut next_restore = tokio::time::Instant::now() + restore_backoff.unwrap_or_default();
-        loop {
-            let restore_due = async {
-                match restore_backoff {
-                    Some(_) => tokio::time::sleep_until(next_restore).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                () = restore_due => match self.restore().await {
-                    Ok(()) => restore_backoff = None,
-                    Err(error) => {
-                        let pause = restore_backoff.unwrap_or(RESTORE_BACKOFF.0);
-                        tracing::error!(%error, retry_in = ?pause, "restoring the stored services failed");
-                        next_restore = tokio::time::Instant::now() + pause;
-                        restore_backoff = Some((pause * 2).min(RESTORE_BACKOFF.1));
-                    }
-                },
-                pending = queue.recv() => {
-                    let Some(first) = pending else { break };
-                    // Everything queued meanwhile goes into the same validation and reload.
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match queue.try_recv() {
-                            Ok(next) => batch.push(next),
-                            Err(_) => break,
-                        }
-                    }
-                    self.apply_batch(batch).await;
+    /// Applies queued changes in batches until told to stop or every handle is gone.
+    async fn run(mut self, mut queue: mpsc::Receiver<Pending>) {
+        while let Some(first) = queue.recv().await {
+            // Everything queued meanwhile goes into the same validation and reload.
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
                 }
             }
+            let mut routine = Vec::with_capacity(batch.len());
+            let mut stop = None;
+            for pending in batch {
+                match pending.change {
+                    Change::Stop => stop = Some(pending.reply),
+                    Change::Stored(snapshot) => {
+                        let _ = pending.reply.send(self.apply_stored(snapshot).await.map(|()| None));
+                    }
+                    change => routine.push(Pending {
+                        change,
+                        reply: pending.reply,
+                    }),
+                }
+            }
+            self.apply_batch(routine).await;
+            if let Some(reply) = stop {
+                let _ = reply.send(Ok(None));
+                break;
+            }
         }
+        tracing::debug!("proxy core stopped");
     }
 
     /// Applies a batch of queued changes with one validation and one reload. If anything in the
@@ -271,7 +350,8 @@ impl Core {
     ) -> Result<Vec<Option<ServiceSpec>>, ProxyError> {
         let mut candidate = self.state.clone();
         let mut outcomes = Vec::with_capacity(changes.len());
-        let mut touched = BTreeSet::new();
+        let mut requested = BTreeSet::new();
+        let mut force_reload = false;
         for change in changes {
             match change {
                 Change::Reconfigure(spec) => {
@@ -285,14 +365,14 @@ impl Core {
                         instances,
                     };
                     candidate.insert(name.clone(), routed);
-                    touched.insert(name);
+                    requested.insert(name);
                     outcomes.push(Some(spec.clone()));
                 }
                 Change::Remove(name) => {
                     let removed = candidate
                         .remove(name)
                         .ok_or_else(|| ProxyError::UnknownService(name.clone()))?;
-                    touched.insert(name.clone());
+                    requested.insert(name.clone());
                     outcomes.push(Some(removed.spec));
                 }
                 Change::Reload => {
@@ -302,11 +382,30 @@ impl Core {
                             .healthy_instances(&routed.spec.consul_service_name())
                             .await?;
                     }
+                    force_reload = true;
                     outcomes.push(None);
                 }
+                Change::Instances {
+                    consul_service,
+                    instances,
+                } => {
+                    for routed in candidate.values_mut() {
+                        if routed.spec.consul_service_name() == *consul_service {
+                            routed.instances.clone_from(instances);
+                        }
+                    }
+                    outcomes.push(None);
+                }
+                Change::Stored(_) | Change::Stop => outcomes.push(None),
             }
         }
         let config = self.render(&candidate)?;
+        if !force_reload && self.applied_config.as_deref() == Some(config.as_str()) {
+            // Nothing HAProxy would notice: store the specs, keep the process.
+            self.persist_all(&candidate, requested).await?;
+            self.commit(candidate);
+            return Ok(outcomes);
+        }
         let caused_by_request = changes
             .iter()
             .any(|change| matches!(change, Change::Reconfigure(_)));
@@ -314,20 +413,13 @@ impl Core {
             .validate(&config)
             .await
             .map_err(|error| rejected(error, caused_by_request))?;
-        let mut persisted = Vec::with_capacity(touched.len());
-        for name in touched {
-            let spec = candidate.get(&name).map(|routed| &routed.spec);
-            if let Err(error) = self.persist(&name, spec).await {
-                self.put_back_stored_specs(&persisted).await;
-                return Err(error);
-            }
-            persisted.push(name);
-        }
+        let persisted = self.persist_all(&candidate, requested).await?;
         if let Err(error) = self.haproxy.apply().await {
             self.put_back_live_config().await;
             self.put_back_stored_specs(&persisted).await;
             return Err(ProxyError::Haproxy(error));
         }
+        self.applied_config = Some(config);
         for name in &persisted {
             match candidate.get(name) {
                 Some(_) => tracing::info!(service = %name, "service reconfigured"),
@@ -338,63 +430,99 @@ impl Core {
         Ok(outcomes)
     }
 
-    /// Reads every stored spec and routes the ones not routed yet.
-    async fn restore(&mut self) -> Result<(), ProxyError> {
-        let entries = self.registry.kv_list(&self.services_prefix).await?;
-        let mut restored = Vec::new();
-        for entry in entries {
-            let stored_name = entry.key.strip_prefix(&self.services_prefix).unwrap_or("");
-            let spec = match serde_json::from_slice::<ServiceSpec>(&entry.value) {
-                Ok(spec) if spec.service_name().as_str() == stored_name => spec,
-                Ok(spec) => {
-                    tracing::error!(key = %entry.key, service = %spec.service_name(), "skipping a stored spec filed under another name");
-                    continue;
-                }
-                Err(error) => {
-                    tracing::error!(key = %entry.key, %error, "skipping a stored spec that does not validate");
-                    continue;
-                }
-            };
-            if self.state.contains_key(spec.service_name()) {
+    /// Brings the routed state in line with a version of the stored specs: routes the new and
+    /// changed specs, drops the services no longer stored. Services HAProxy does not accept are
+    /// skipped with an error (the others apply); a registry failure is returned, so the watch
+    /// retries.
+    async fn apply_stored(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
+        if snapshot.index < self.stored_floor {
+            tracing::debug!(
+                index = snapshot.index,
+                floor = self.stored_floor,
+                "ignoring a read of the stored specs older than this proxy's last write"
+            );
+            return Ok(());
+        }
+        let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
+        let mut updates: Vec<(ServiceName, Option<Routed>)> = Vec::new();
+        for (name, spec) in &snapshot.specs {
+            if self.state.get(name).map(|routed| &routed.spec) == Some(spec) {
                 continue;
             }
             let instances = self
                 .registry
                 .healthy_instances(&spec.consul_service_name())
                 .await?;
-            restored.push(Routed { spec, instances });
+            let routed = Routed {
+                spec: spec.clone(),
+                instances,
+            };
+            updates.push((name.clone(), Some(routed)));
         }
-        if restored.is_empty() {
+        let gone: Vec<ServiceName> = self
+            .state
+            .keys()
+            .filter(|name| {
+                !snapshot.specs.contains_key(*name) && !snapshot.unreadable.contains(name.as_str())
+            })
+            .cloned()
+            .collect();
+        if consul_lost_data && !gone.is_empty() {
+            tracing::warn!(
+                services = gone.len(),
+                "Consul came back without the stored specs (its data was lost): keeping the routes and storing them again"
+            );
+            for name in &gone {
+                let spec = self.state.get(name).map(|routed| routed.spec.clone());
+                let floor = self.store.store(name, spec.as_ref()).await?;
+                self.stored_floor = self.stored_floor.max(floor);
+            }
+        } else {
+            updates.extend(gone.into_iter().map(|name| (name, None)));
+        }
+        if updates.is_empty() {
             return Ok(());
         }
         let mut candidate = self.state.clone();
-        for routed in &restored {
-            candidate.insert(routed.spec.service_name().clone(), routed.clone());
+        for (name, routed) in &updates {
+            match routed {
+                Some(routed) => candidate.insert(name.clone(), routed.clone()),
+                None => candidate.remove(name),
+            };
         }
         if let Err(error) = self.validate_and_apply(candidate).await {
-            tracing::error!(%error, "the stored services together do not apply; restoring them one by one");
-            for routed in restored {
-                let name = routed.spec.service_name().clone();
+            if updates.len() == 1 {
+                tracing::error!(%error, "skipping a stored change HAProxy does not accept");
+                return Ok(());
+            }
+            tracing::error!(%error, "the stored changes together do not apply; applying them one by one");
+            for (name, routed) in updates {
                 let mut candidate = self.state.clone();
-                candidate.insert(name.clone(), routed);
+                match routed {
+                    Some(routed) => candidate.insert(name.clone(), routed),
+                    None => candidate.remove(&name),
+                };
                 if let Err(error) = self.validate_and_apply(candidate).await {
-                    tracing::error!(service = %name, %error, "skipping a stored service HAProxy does not accept");
+                    tracing::error!(service = %name, %error, "skipping a stored change HAProxy does not accept");
                 }
             }
         }
-        tracing::info!(services = self.state.len(), "stored services restored");
+        tracing::info!(services = self.state.len(), "routes follow the stored specs");
         Ok(())
     }
 
     async fn validate_and_apply(&mut self, candidate: RoutingState) -> Result<(), ProxyError> {
         let config = self.render(&candidate)?;
-        self.haproxy
-            .validate(&config)
-            .await
-            .map_err(|error| rejected(error, false))?;
-        if let Err(error) = self.haproxy.apply().await {
-            self.put_back_live_config().await;
-            return Err(ProxyError::Haproxy(error));
+        if self.applied_config.as_deref() != Some(config.as_str()) {
+            self.haproxy
+                .validate(&config)
+                .await
+                .map_err(|error| rejected(error, false))?;
+            if let Err(error) = self.haproxy.apply().await {
+                self.put_back_live_config().await;
+                return Err(ProxyError::Haproxy(error));
+            }
+            self.applied_config = Some(config);
         }
         self.commit(candidate);
         Ok(())
@@ -411,24 +539,34 @@ impl Core {
         self.renderer.render(&self.render_settings, &routes)
     }
 
+    /// Stores the candidate's specs of `names` (deleting those it does not route). If one fails,
+    /// the ones already stored are put back and the error is returned.
+    async fn persist_all(
+        &mut self,
+        candidate: &RoutingState,
+        names: BTreeSet<ServiceName>,
+    ) -> Result<Vec<ServiceName>, ProxyError> {
+        let mut persisted = Vec::with_capacity(names.len());
+        for name in names {
+            let spec = candidate.get(&name).map(|routed| &routed.spec);
+            if let Err(error) = self.persist(&name, spec).await {
+                self.put_back_stored_specs(&persisted).await;
+                return Err(error);
+            }
+            persisted.push(name);
+        }
+        Ok(persisted)
+    }
+
+    /// Stores (or deletes) a service's spec and raises the floor below which reads of the stored
+    /// specs are stale.
     async fn persist(
-        &self,
+        &mut self,
         name: &ServiceName,
         spec: Option<&ServiceSpec>,
     ) -> Result<(), ProxyError> {
-        let key = format!("{}{}", self.services_prefix, name);
-        match spec {
-            Some(spec) => {
-                let document = serde_json::to_vec(spec).map_err(|error| {
-                    ProxyError::Registry(RegistryError::Decode {
-                        request: format!("PUT /v1/kv/{key}"),
-                        message: error.to_string(),
-                    })
-                })?;
-                self.registry.kv_put(&key, document).await?;
-            }
-            None => self.registry.kv_delete(&key).await?,
-        }
+        let floor = self.store.store(name, spec).await?;
+        self.stored_floor = self.stored_floor.max(floor);
         Ok(())
     }
 
@@ -446,10 +584,10 @@ impl Core {
     }
 
     /// Writes the current state's specs of `names` back to KV (deleting those not routed).
-    async fn put_back_stored_specs(&self, names: &[ServiceName]) {
+    async fn put_back_stored_specs(&mut self, names: &[ServiceName]) {
         for name in names {
-            let spec = self.state.get(name).map(|routed| &routed.spec);
-            if let Err(error) = self.persist(name, spec).await {
+            let spec = self.state.get(name).map(|routed| routed.spec.clone());
+            if let Err(error) = self.persist(name, spec.as_ref()).await {
                 tracing::error!(service = %name, %error, "putting back the stored spec failed");
             }
         }
@@ -463,6 +601,12 @@ impl Core {
             .map(|routed| routed.spec.clone())
             .collect();
         self.published.send_replace(Arc::new(specs));
+        let consul_services = self
+            .state
+            .values()
+            .map(|routed| routed.spec.consul_service_name())
+            .collect();
+        self.instance_watches.follow(consul_services);
     }
 }
 

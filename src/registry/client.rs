@@ -9,8 +9,14 @@ use serde::Deserialize;
 
 use crate::spec::Instance;
 
-/// How long one request to Consul may take before the next address is tried.
+/// How long a non-blocking request to one Consul address may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long connecting to one Consul address may take before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Extra time a blocking query gets on top of its `wait` and Consul's `wait/16` jitter.
+const BLOCKING_GRACE: Duration = Duration::from_secs(5);
 
 /// A registry call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +24,21 @@ pub enum RegistryError {
     /// No Consul address answered at all.
     #[error("Consul is unreachable (tried {addresses}): {message}")]
     Unreachable { addresses: String, message: String },
-    /// Consul answered, but with an error status.
+    /// Consul answered, but cannot serve requests now (e.g. `500 No cluster leader`).
+    #[error("Consul cannot serve {request} now: {status} {body}")]
+    Unavailable {
+        request: String,
+        status: u16,
+        body: String,
+    },
+    /// Consul's ACL system refused the request (403): the token is missing, unknown, or lacks a right.
+    #[error(
+        "Consul's ACLs refused {request} (403 {body}): check the token given with --consul-token \
+         (or CONSUL_HTTP_TOKEN) and that its policy grants service:read, node:read and key:write \
+         on the KV prefix"
+    )]
+    AclDenied { request: String, body: String },
+    /// Consul answered with another error status.
     #[error("Consul answered {status} to {request}: {body}")]
     Status {
         request: String,
@@ -28,6 +48,35 @@ pub enum RegistryError {
     /// Consul's answer was not what its API documents.
     #[error("Consul's answer to {request} could not be read: {message}")]
     Decode { request: String, message: String },
+}
+
+/// What a read returned, with the `X-Consul-Index` it carried (0 when the header was absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Indexed<T> {
+    /// The data.
+    pub value: T,
+    /// The index to pass to the next blocking query on the same resource.
+    pub index: u64,
+}
+
+/// Makes a read a blocking query: it returns once the resource's index passes `index`, or after
+/// about `wait` with the same index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocking {
+    /// The `X-Consul-Index` of the previous answer (never 0: 0 does not block).
+    pub index: u64,
+    /// The longest time Consul should hold the query.
+    pub wait: Duration,
+}
+
+impl Blocking {
+    fn query(&self) -> String {
+        format!("index={}&wait={}s", self.index, self.wait.as_secs().max(1))
+    }
+
+    fn timeout(&self) -> Duration {
+        self.wait + self.wait / 16 + BLOCKING_GRACE
+    }
 }
 
 /// One KV entry, as `GET /v1/kv/<prefix>?recurse` lists it.
@@ -76,11 +125,13 @@ struct HealthServiceWire {
 pub struct ConsulClient {
     http: reqwest::Client,
     base_urls: Vec<String>,
+    token: Option<String>,
 }
 
 impl ConsulClient {
-    /// Builds a client for these addresses (`host:port` or `http://host:port`).
-    pub fn new(addresses: &[String]) -> ConsulClient {
+    /// Builds a client for these addresses (`host:port` or `http://host:port`), sending `token`
+    /// (when given) as `X-Consul-Token` with every request.
+    pub fn new(addresses: &[String], token: Option<String>) -> ConsulClient {
         let base_urls = addresses
             .iter()
             .map(|address| {
@@ -94,10 +145,11 @@ impl ConsulClient {
             .collect();
         ConsulClient {
             http: reqwest::Client::builder()
-                .timeout(REQUEST_TIMEOUT)
+                .connect_timeout(CONNECT_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
             base_urls,
+            token: token.filter(|token| !token.is_empty()),
         }
     }
 
@@ -107,12 +159,22 @@ impl ConsulClient {
     }
 
     /// The healthy instances of a Consul service (`/v1/health/service/<name>?passing`).
+    pub async fn healthy_instances(&self, service: &str) -> Result<Vec<Instance>, RegistryError> {
+        Ok(self.watch_healthy_instances(service, None).await?.value)
+    }
+
+    /// Like [`ConsulClient::healthy_instances`], as a blocking query when `blocking` is given.
     ///
     /// An instance without its own address is reached at its node's address, as Consul documents.
     /// Instances whose address or port could never be valid in haproxy.cfg are skipped with a warning.
-    pub async fn healthy_instances(&self, service: &str) -> Result<Vec<Instance>, RegistryError> {
-        let path = format!("/v1/health/service/{service}?passing");
-        let response = self.send(reqwest::Method::GET, &path, None).await?;
+    pub async fn watch_healthy_instances(
+        &self,
+        service: &str,
+        blocking: Option<Blocking>,
+    ) -> Result<Indexed<Vec<Instance>>, RegistryError> {
+        let path = with_blocking(format!("/v1/health/service/{service}?passing"), blocking);
+        let response = self.get(&path, blocking).await?;
+        let index = consul_index(&response);
         let entries: Vec<HealthEntryWire> = decode_json(&path, response).await?;
         let mut instances = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -131,99 +193,228 @@ impl ConsulClient {
                 ),
             }
         }
-        Ok(instances)
+        Ok(Indexed {
+            value: instances,
+            index,
+        })
     }
 
     /// Every KV entry whose key starts with `prefix` (none when the prefix is empty in Consul).
     pub async fn kv_list(&self, prefix: &str) -> Result<Vec<KvEntry>, RegistryError> {
-        let path = format!("/v1/kv/{prefix}?recurse");
-        let response = self.send(reqwest::Method::GET, &path, None).await?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(Vec::new());
-        }
-        let entries: Vec<KvEntryWire> = decode_json(&path, response).await?;
-        entries
-            .into_iter()
-            .map(|entry| {
-                let value = match entry.value {
-                    Some(encoded) => base64::engine::general_purpose::STANDARD
-                        .decode(encoded)
-                        .map_err(|error| RegistryError::Decode {
-                            request: format!("GET {path}"),
-                            message: format!("value of {}: {error}", entry.key),
-                        })?,
-                    None => Vec::new(),
-                };
-                Ok(KvEntry {
-                    key: entry.key,
-                    value,
-                    modify_index: entry.modify_index,
-                })
-            })
-            .collect()
+        Ok(self.watch_kv_list(prefix, None).await?.value)
     }
 
-    /// Stores `value` at `key`.
-    pub async fn kv_put(&self, key: &str, value: Vec<u8>) -> Result<(), RegistryError> {
+    /// Like [`ConsulClient::kv_list`], as a blocking query when `blocking` is given.
+    pub async fn watch_kv_list(
+        &self,
+        prefix: &str,
+        blocking: Option<Blocking>,
+    ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
+        let path = with_blocking(format!("/v1/kv/{prefix}?recurse"), blocking);
+        let response = self.get(&path, blocking).await?;
+        let index = consul_index(&response);
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Indexed {
+                value: Vec::new(),
+                index,
+            });
+        }
+        let entries: Vec<KvEntryWire> = decode_json(&path, response).await?;
+        let value = entries
+            .into_iter()
+            .map(|entry| entry.decode(&path))
+            .collect::<Result<_, _>>()?;
+        Ok(Indexed { value, index })
+    }
+
+    /// One KV entry (`None` when the key does not exist), with the index of the read: the entry's
+    /// `ModifyIndex`, or for a missing key the KV store's index counting deletions.
+    pub async fn kv_get(&self, key: &str) -> Result<Indexed<Option<KvEntry>>, RegistryError> {
         let path = format!("/v1/kv/{key}");
-        let response = self.send(reqwest::Method::PUT, &path, Some(value)).await?;
-        let stored: bool = decode_json(&path, response).await?;
-        if stored {
+        let response = self.get(&path, None).await?;
+        let index = consul_index(&response);
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Indexed { value: None, index });
+        }
+        let entries: Vec<KvEntryWire> = decode_json(&path, response).await?;
+        let entry = entries
+            .into_iter()
+            .next()
+            .map(|entry| entry.decode(&path))
+            .transpose()?;
+        Ok(Indexed {
+            value: entry,
+            index,
+        })
+    }
+
+    /// Stores `value` at `key` unconditionally.
+    pub async fn kv_put(&self, key: &str, value: Vec<u8>) -> Result<(), RegistryError> {
+        if self.kv_write(reqwest::Method::PUT, key, "", Some(value)).await? {
             Ok(())
         } else {
             Err(RegistryError::Status {
-                request: format!("PUT {path}"),
+                request: format!("PUT /v1/kv/{key}"),
                 status: 200,
                 body: "false (the value was not stored)".into(),
             })
         }
     }
 
-    /// Deletes `key` (deleting a missing key succeeds, as in Consul).
-    pub async fn kv_delete(&self, key: &str) -> Result<(), RegistryError> {
-        let path = format!("/v1/kv/{key}");
-        let response = self.send(reqwest::Method::DELETE, &path, None).await?;
-        let _: bool = decode_json(&path, response).await?;
-        Ok(())
+    /// Stores `value` at `key` only if the key's `ModifyIndex` is still `modify_index` (0: only if
+    /// the key does not exist). `false` means another writer got there first.
+    pub async fn kv_put_cas(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        modify_index: u64,
+    ) -> Result<bool, RegistryError> {
+        let query = format!("?cas={modify_index}");
+        self.kv_write(reqwest::Method::PUT, key, &query, Some(value))
+            .await
     }
 
-    /// Sends one request to the first address that answers. 404 is passed back to the caller;
-    /// any other non-2xx status becomes [`RegistryError::Status`].
+    /// Deletes `key` only if its `ModifyIndex` is still `modify_index`. `false` means another
+    /// writer changed it first.
+    pub async fn kv_delete_cas(&self, key: &str, modify_index: u64) -> Result<bool, RegistryError> {
+        let query = format!("?cas={modify_index}");
+        self.kv_write(reqwest::Method::DELETE, key, &query, None)
+            .await
+    }
+
+    /// Deletes `key` (deleting a missing key succeeds, as in Consul).
+    pub async fn kv_delete(&self, key: &str) -> Result<(), RegistryError> {
+        self.kv_write(reqwest::Method::DELETE, key, "", None)
+            .await
+            .map(|_| ())
+    }
+
+    /// A KV PUT or DELETE; Consul answers `true` or `false`.
+    async fn kv_write(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<bool, RegistryError> {
+        let path = format!("/v1/kv/{key}{query}");
+        let response = self.send(method, &path, body, REQUEST_TIMEOUT).await?;
+        decode_json(&path, response).await
+    }
+
+    async fn get(
+        &self,
+        path: &str,
+        blocking: Option<Blocking>,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let timeout = blocking.map_or(REQUEST_TIMEOUT, |blocking| blocking.timeout());
+        self.send(reqwest::Method::GET, path, None, timeout).await
+    }
+
+    /// Sends one request to the addresses in order until one answers. An address that cannot be
+    /// reached, or answers 5xx (e.g. `No cluster leader`), hands over to the next one. 404 is
+    /// passed back to the caller; 403 becomes [`RegistryError::AclDenied`] at once (a token
+    /// refused by one agent is refused by all); any other error status becomes
+    /// [`RegistryError::Status`].
     async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
+        timeout: Duration,
     ) -> Result<reqwest::Response, RegistryError> {
-        let mut failures = Vec::new();
+        let request_name = format!("{method} {}", path_without_query(path));
+        let mut unreachable = Vec::new();
+        let mut unavailable = None;
         for base_url in &self.base_urls {
             let mut request = self
                 .http
-                .request(method.clone(), format!("{base_url}{path}"));
+                .request(method.clone(), format!("{base_url}{path}"))
+                .timeout(timeout);
+            if let Some(token) = &self.token {
+                request = request.header("X-Consul-Token", token);
+            }
             if let Some(body) = &body {
                 request = request.body(body.clone());
             }
-            match request.send().await {
-                Ok(response) => {
-                    let status = response.status();
-                    if status.is_success() || status == reqwest::StatusCode::NOT_FOUND {
-                        return Ok(response);
-                    }
-                    let body = response.text().await.unwrap_or_default();
-                    return Err(RegistryError::Status {
-                        request: format!("{method} {path}"),
-                        status: status.as_u16(),
-                        body: body.trim().to_string(),
-                    });
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(error) => {
+                    unreachable.push(format!("{base_url}: {error}"));
+                    continue;
                 }
-                Err(error) => failures.push(format!("{base_url}: {error}")),
+            };
+            let status = response.status();
+            if status.is_success() || status == reqwest::StatusCode::NOT_FOUND {
+                return Ok(response);
             }
+            let body = response.text().await.unwrap_or_default().trim().to_string();
+            if status == reqwest::StatusCode::FORBIDDEN {
+                return Err(RegistryError::AclDenied {
+                    request: request_name,
+                    body,
+                });
+            }
+            if status.is_server_error() {
+                tracing::debug!(%base_url, %status, %body, "Consul address cannot serve; trying the next");
+                unavailable = Some(RegistryError::Unavailable {
+                    request: request_name.clone(),
+                    status: status.as_u16(),
+                    body,
+                });
+                continue;
+            }
+            return Err(RegistryError::Status {
+                request: request_name,
+                status: status.as_u16(),
+                body,
+            });
         }
-        Err(RegistryError::Unreachable {
+        Err(unavailable.unwrap_or_else(|| RegistryError::Unreachable {
             addresses: self.base_urls.join(", "),
-            message: failures.join("; "),
+            message: unreachable.join("; "),
+        }))
+    }
+}
+
+impl KvEntryWire {
+    fn decode(self, path: &str) -> Result<KvEntry, RegistryError> {
+        let value = match self.value {
+            Some(encoded) => base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|error| RegistryError::Decode {
+                    request: format!("GET {path}"),
+                    message: format!("value of {}: {error}", self.key),
+                })?,
+            None => Vec::new(),
+        };
+        Ok(KvEntry {
+            key: self.key,
+            value,
+            modify_index: self.modify_index,
         })
     }
+}
+
+fn with_blocking(path: String, blocking: Option<Blocking>) -> String {
+    match blocking {
+        Some(blocking) => format!("{path}&{}", blocking.query()),
+        None => path,
+    }
+}
+
+fn path_without_query(path: &str) -> &str {
+    path.split('?').next().unwrap_or(path)
+}
+
+/// The `X-Consul-Index` header (header names are case-insensitive); 0 when absent or unreadable.
+fn consul_index(response: &reqwest::Response) -> u64 {
+    response
+        .headers()
+        .get("x-consul-index")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
 }
 
 async fn decode_json<T: serde::de::DeserializeOwned>(

@@ -1,7 +1,9 @@
-//! The registry: flow-proxy's Consul client (healthy instances, KV) and the embedded
-//! Consul-compatible server used when no Consul address is given.
+//! The registry: flow-proxy's Consul client (healthy instances, KV, blocking queries), the rules
+//! its watch loops follow, and the embedded Consul-compatible server used when no Consul address
+//! is given.
 
 mod client;
 pub mod embedded;
+pub mod watch;
 
-pub use client::{ConsulClient, KvEntry, RegistryError};
+pub use client::{Blocking, ConsulClient, Indexed, KvEntry, RegistryError};

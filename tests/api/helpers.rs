@@ -71,6 +71,8 @@ impl TestProxy {
             http_port,
             templates_dir: None,
             kv_prefix: "flow-proxy".into(),
+            consul_token: None,
+            watch_instances: true,
         };
         customise(&mut settings);
         let app = FlowProxy::start(settings.clone())

@@ -1,0 +1,122 @@
+//! Live instances: one blocking query on `/v1/health/service/<name>?passing` per routed Consul
+//! service, handing every changed list of healthy instances to the core. The core says which
+//! services to follow after each change of the routed state; `--watch-instances=false` turns the
+//! watches off, and instances are then read only on reconfigure and reload.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio::sync::mpsc::WeakSender;
+use tokio::task::JoinHandle;
+
+use super::stored::{WATCH_BACKOFF, WATCH_MIN_INTERVAL};
+use super::{submit_internal, Change, Pending};
+use crate::registry::watch::{Backoff, IndexStep, RateLimit, WatchIndex};
+use crate::registry::ConsulClient;
+
+/// The running instance watches, one per Consul service name. Dropping it stops them.
+pub(super) struct InstanceWatches {
+    enabled: bool,
+    registry: ConsulClient,
+    core: WeakSender<Pending>,
+    running: BTreeMap<String, JoinHandle<()>>,
+}
+
+impl InstanceWatches {
+    pub fn new(enabled: bool, registry: ConsulClient, core: WeakSender<Pending>) -> Self {
+        InstanceWatches {
+            enabled,
+            registry,
+            core,
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// Watches exactly these Consul services: starts the missing watches, stops the others.
+    pub fn follow(&mut self, services: BTreeSet<String>) {
+        if !self.enabled {
+            return;
+        }
+        self.running.retain(|service, task| {
+            let keep = services.contains(service);
+            if !keep {
+                task.abort();
+                tracing::debug!(service, "stopped watching instances");
+            }
+            keep
+        });
+        for service in services {
+            if !self.running.contains_key(&service) {
+                tracing::debug!(service, "watching instances");
+                let task = tokio::spawn(watch_instances(
+                    self.registry.clone(),
+                    service.clone(),
+                    self.core.clone(),
+                ));
+                self.running.insert(service, task);
+            }
+        }
+    }
+}
+
+impl Drop for InstanceWatches {
+    fn drop(&mut self) {
+        for task in self.running.values() {
+            task.abort();
+        }
+    }
+}
+
+/// Follows one service's healthy instances until aborted or the core stops.
+async fn watch_instances(registry: ConsulClient, service: String, core: WeakSender<Pending>) {
+    let mut index = WatchIndex::default();
+    let mut backoff = Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1);
+    let mut rate_limit = RateLimit::new(WATCH_MIN_INTERVAL);
+    let mut handed_over = None;
+    loop {
+        rate_limit.acquire().await;
+        let answer = match registry
+            .watch_healthy_instances(&service, index.next_query())
+            .await
+        {
+            Ok(answer) => answer,
+            Err(error) => {
+                let pause = backoff.next_pause();
+                tracing::warn!(service, %error, retry_in = ?pause, "watching instances failed");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        if backoff.is_failing() {
+            tracing::info!(service, "Consul answers again: resyncing instances");
+            backoff.reset();
+        }
+        match index.observe(answer.index) {
+            IndexStep::Unchanged => continue,
+            IndexStep::Backwards => {
+                tracing::info!(service, "the service's index went backwards: reading it again");
+                continue;
+            }
+            IndexStep::Fresh | IndexStep::Forward => {}
+        }
+        let mut instances = answer.value;
+        instances.sort();
+        instances.dedup();
+        if handed_over.as_ref() == Some(&instances) {
+            continue;
+        }
+        let change = Change::Instances {
+            consul_service: service.clone(),
+            instances: instances.clone(),
+        };
+        match submit_internal(&core, change).await {
+            None => return,
+            Some(Ok(_)) => handed_over = Some(instances),
+            Some(Err(error)) => {
+                let pause = backoff.next_pause();
+                tracing::error!(service, %error, retry_in = ?pause, "applying new instances failed");
+                index = WatchIndex::default();
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}

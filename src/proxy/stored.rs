@@ -1,0 +1,237 @@
+//! The specs stored in Consul KV under `<kv-prefix>/services/`: writing them with check-and-set,
+//! reading them back, and the blocking-query watch that tells the core whenever another proxy
+//! (or anyone) changed them. The one-time import of Docker Flow Proxy's layout happens on the
+//! watch's first successful read.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tokio::sync::mpsc::WeakSender;
+
+use super::{submit_internal, Change, Pending, ProxyError};
+use crate::registry::watch::{Backoff, IndexStep, RateLimit, WatchIndex};
+use crate::registry::{ConsulClient, KvEntry, RegistryError};
+use crate::spec::{ServiceName, ServiceSpec};
+
+/// How many times a write that lost a check-and-set race is tried again before the caller gets
+/// a conflict.
+const CAS_ATTEMPTS: usize = 5;
+
+/// First and longest pause between two failed reads of a watch.
+pub(super) const WATCH_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(250), Duration::from_secs(10));
+
+/// With a burst of two, the shortest interval between two queries of one watch.
+pub(super) const WATCH_MIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The stored specs as one read of the prefix found them.
+#[derive(Debug)]
+pub(super) struct StoredSpecs {
+    /// The specs that validate, by service name.
+    pub specs: BTreeMap<ServiceName, ServiceSpec>,
+    /// Keys (below the prefix) whose document does not validate: such services are left as they
+    /// are routed, neither replaced nor removed.
+    pub unreadable: BTreeSet<String>,
+    /// The read's `X-Consul-Index`.
+    pub index: u64,
+    /// The read follows an index that went backwards (e.g. Consul lost or restored its data).
+    pub after_reset: bool,
+}
+
+/// Reads and writes the specs under `<kv-prefix>/services/`.
+#[derive(Debug, Clone)]
+pub(super) struct SpecStore {
+    registry: ConsulClient,
+    prefix: String,
+}
+
+impl SpecStore {
+    pub fn new(registry: ConsulClient, kv_prefix: &str) -> SpecStore {
+        SpecStore {
+            registry,
+            prefix: format!("{}/services/", kv_prefix.trim_end_matches('/')),
+        }
+    }
+
+    fn key(&self, name: &ServiceName) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    /// Stores `spec` as the service's document (`None` deletes it) with check-and-set on the
+    /// `ModifyIndex` just read, so a concurrent write by another proxy is never overwritten
+    /// unseen: a lost race is read again and retried, and after [`CAS_ATTEMPTS`] losses the
+    /// caller gets [`ProxyError::Conflict`]. Returns the KV index after the write: any read of the
+    /// prefix with a lower index predates it.
+    pub async fn store(
+        &self,
+        name: &ServiceName,
+        spec: Option<&ServiceSpec>,
+    ) -> Result<u64, ProxyError> {
+        let key = self.key(name);
+        let document = spec
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|error| {
+                ProxyError::Registry(RegistryError::Decode {
+                    request: format!("PUT /v1/kv/{key}"),
+                    message: error.to_string(),
+                })
+            })?;
+        for attempt in 1..=CAS_ATTEMPTS {
+            let current = self.registry.kv_get(&key).await?.value;
+            let stored = match (&document, current) {
+                (Some(document), Some(entry)) if entry.value == *document => true,
+                (Some(document), current) => {
+                    let modify_index = current.map_or(0, |entry| entry.modify_index);
+                    self.registry
+                        .kv_put_cas(&key, document.clone(), modify_index)
+                        .await?
+                }
+                (None, None) => true,
+                (None, Some(entry)) => {
+                    self.registry
+                        .kv_delete_cas(&key, entry.modify_index)
+                        .await?
+                }
+            };
+            if stored {
+                return Ok(self.registry.kv_get(&key).await?.index);
+            }
+            tracing::info!(%key, attempt, "another writer changed the stored spec meanwhile; reading it again");
+        }
+        Err(ProxyError::Conflict(name.clone()))
+    }
+
+    /// Reads every stored spec, as a blocking query after `index` when the watch has one.
+    async fn read(&self, index: &WatchIndex) -> Result<(Vec<KvEntry>, u64), RegistryError> {
+        let answer = self
+            .registry
+            .watch_kv_list(&self.prefix, index.next_query())
+            .await?;
+        Ok((answer.value, answer.index))
+    }
+
+    /// Parses what a read returned. Documents that do not validate are logged once per version.
+    fn parse(
+        &self,
+        entries: Vec<KvEntry>,
+        index: u64,
+        after_reset: bool,
+        reported: &mut BTreeSet<(String, u64)>,
+    ) -> StoredSpecs {
+        let mut snapshot = StoredSpecs {
+            specs: BTreeMap::new(),
+            unreadable: BTreeSet::new(),
+            index,
+            after_reset,
+        };
+        for entry in entries {
+            let Some(stored_name) = entry.key.strip_prefix(&self.prefix) else {
+                continue;
+            };
+            let problem = match serde_json::from_slice::<ServiceSpec>(&entry.value) {
+                Ok(spec) if spec.service_name().as_str() == stored_name => {
+                    snapshot.specs.insert(spec.service_name().clone(), spec);
+                    continue;
+                }
+                Ok(spec) => format!("it is filed under another name than `{}`", spec.service_name()),
+                Err(error) => error.to_string(),
+            };
+            if reported.insert((entry.key.clone(), entry.modify_index)) {
+                tracing::error!(key = %entry.key, %problem, "ignoring a stored spec that does not validate");
+            }
+            snapshot.unreadable.insert(stored_name.to_string());
+        }
+        snapshot
+    }
+}
+
+/// Reads the stored specs once, without blocking, for the restore at start. When the prefix is
+/// empty, Docker Flow Proxy's layout is imported first (see [`import_docker_flow`]).
+pub(super) async fn first_read(
+    store: &SpecStore,
+    index: &mut WatchIndex,
+) -> Result<StoredSpecs, RegistryError> {
+    let (mut entries, mut read_index) = store.read(&WatchIndex::default()).await?;
+    if entries.is_empty() && import_docker_flow(store).await? > 0 {
+        (entries, read_index) = store.read(&WatchIndex::default()).await?;
+    }
+    index.observe(read_index);
+    Ok(store.parse(entries, read_index, false, &mut BTreeSet::new()))
+}
+
+/// Imports Docker Flow Proxy's KV layout (`docker-flow/<service>/<field>`) into flow-proxy's.
+/// Returns how many services were written. Placeholder until the converter lands.
+async fn import_docker_flow(_store: &SpecStore) -> Result<usize, RegistryError> {
+    Ok(0)
+}
+
+/// Watches the prefix with blocking queries and hands every new version to the core, until the
+/// core stops. Read errors (Consul down, no leader, ACL refusals) are retried with capped,
+/// jittered exponential backoff while HAProxy keeps serving; a version the core could not apply
+/// is read and handed over again after a pause.
+pub(super) async fn watch_stored_specs(
+    store: SpecStore,
+    mut index: WatchIndex,
+    mut import_pending: bool,
+    core: WeakSender<Pending>,
+) {
+    let mut backoff = Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1);
+    let mut rate_limit = RateLimit::new(WATCH_MIN_INTERVAL);
+    let mut reported = BTreeSet::new();
+    let mut after_reset = false;
+    loop {
+        rate_limit.acquire().await;
+        let (entries, read_index) = match store.read(&index).await {
+            Ok(read) => read,
+            Err(error) => {
+                let pause = backoff.next_pause();
+                tracing::warn!(%error, retry_in = ?pause, "watching the stored specs failed");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        if backoff.is_failing() {
+            tracing::info!("Consul answers again: resyncing the stored specs");
+            backoff.reset();
+        }
+        if import_pending {
+            import_pending = false;
+            if entries.is_empty() {
+                match import_docker_flow(&store).await {
+                    Ok(0) => {}
+                    Ok(_) => continue,
+                    Err(error) => {
+                        tracing::error!(%error, "importing Docker Flow Proxy's layout failed; retrying");
+                        import_pending = true;
+                        tokio::time::sleep(backoff.next_pause()).await;
+                        continue;
+                    }
+                }
+            }
+        }
+        match index.observe(read_index) {
+            IndexStep::Unchanged => continue,
+            IndexStep::Backwards => {
+                tracing::warn!(
+                    read_index,
+                    "Consul's KV index went backwards (restored or lost data?): reading everything again"
+                );
+                after_reset = true;
+                continue;
+            }
+            IndexStep::Fresh | IndexStep::Forward => {}
+        }
+        let snapshot = store.parse(entries, read_index, after_reset, &mut reported);
+        match submit_internal(&core, Change::Stored(snapshot)).await {
+            None => return,
+            Some(Ok(_)) => after_reset = false,
+            Some(Err(error)) => {
+                let pause = backoff.next_pause();
+                tracing::error!(%error, retry_in = ?pause, "applying the stored specs failed");
+                index = WatchIndex::default();
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
