@@ -13,6 +13,7 @@
 //! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
 //! `srcPort` forwarding everything).
 
+mod docker_flow;
 mod query;
 mod stored;
 pub mod values;
@@ -24,6 +25,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
     AclName, Domain, PathType, Port, ReqMode, ServiceColor, ServiceName, ServicePath,
 };
