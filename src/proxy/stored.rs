@@ -11,7 +11,7 @@ use tokio::sync::mpsc::WeakSender;
 use super::{submit_internal, Change, Pending, ProxyError};
 use crate::registry::watch::{Backoff, IndexStep, RateLimit, WatchIndex};
 use crate::registry::{ConsulClient, KvEntry, RegistryError};
-use crate::spec::{ServiceName, ServiceSpec};
+use crate::spec::{services_from_docker_flow, ServiceName, ServiceSpec, DOCKER_FLOW_PREFIX};
 
 /// How many times a write that lost a check-and-set race is tried again before the caller gets
 /// a conflict.
@@ -160,10 +160,45 @@ pub(super) async fn first_read(
     Ok(store.parse(entries, read_index, false, &mut BTreeSet::new()))
 }
 
-/// Imports Docker Flow Proxy's KV layout (`docker-flow/<service>/<field>`) into flow-proxy's.
-/// Returns how many services were written. Placeholder until the converter lands.
-async fn import_docker_flow(_store: &SpecStore) -> Result<usize, RegistryError> {
-    Ok(0)
+/// Imports Docker Flow Proxy's KV layout (`docker-flow/<service>/<field>`) into flow-proxy's, when
+/// flow-proxy's own prefix is empty. Each service is written only if its key does not exist yet
+/// (`?cas=0`), so proxies starting together import it once. Services whose fields do not
+/// validate are logged and left out. Returns how many services were written.
+async fn import_docker_flow(store: &SpecStore) -> Result<usize, RegistryError> {
+    let entries = store.registry.kv_list(DOCKER_FLOW_PREFIX).await?;
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let entries: Vec<(String, Vec<u8>)> = entries
+        .into_iter()
+        .map(|entry| (entry.key, entry.value))
+        .collect();
+    let mut imported = 0;
+    for found in services_from_docker_flow(&entries) {
+        let spec = match found.spec {
+            Ok(spec) => spec,
+            Err(error) => {
+                tracing::error!(service = ?found.service, %error, "not importing a Docker Flow Proxy service");
+                continue;
+            }
+        };
+        let key = store.key(spec.service_name());
+        let document = serde_json::to_vec(&spec).map_err(|error| RegistryError::Decode {
+            request: format!("PUT /v1/kv/{key}"),
+            message: error.to_string(),
+        })?;
+        if store.registry.kv_put_cas(&key, document, 0).await? {
+            imported += 1;
+            tracing::info!(
+                service = %spec.service_name(),
+                %key,
+                ignored_fields = ?found.ignored_fields,
+                "imported a service from Docker Flow Proxy's layout"
+            );
+        }
+    }
+    tracing::info!(services = imported, from = DOCKER_FLOW_PREFIX, "Docker Flow Proxy import done");
+    Ok(imported)
 }
 
 /// Watches the prefix with blocking queries and hands every new version to the core, until the
