@@ -2,6 +2,8 @@
 //! real HAProxy and sends real HTTP through it to real backend servers on 127.0.0.1.
 
 mod embedded_registry;
+mod fleet;
+mod fleet_smoke;
 mod helpers;
 mod restore;
 mod routing;

@@ -1,0 +1,274 @@
+//! The fleet harness works: real flow-proxy processes share one registry, which can go away,
+//! come back and fail the way Consul does. These are the stories every later fleet test builds
+//! on, asserted against what flow-proxy guarantees today.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::fleet::{
+    eventually, live_group_members, Fault, ProxyOptions, ProxyProcess, SharedRegistry,
+};
+use crate::helpers::spawn_backend;
+
+/// The backend names answering `count` requests for `path` through `proxy`'s HAProxy.
+async fn names_answering(proxy: &ProxyProcess, path: &str, count: usize) -> Vec<String> {
+    let mut names = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (status, body) = proxy.get_through_proxy(path, None).await;
+        assert_eq!(status, StatusCode::OK, "GET {path} through HAProxy: {body}");
+        names.push(body.split(' ').next().unwrap_or_default().to_string());
+    }
+    names
+}
+
+/// Asserts that a reconfigure was applied.
+async fn reconfigure_ok(proxy: &ProxyProcess, query: &str) {
+    let (status, body) = proxy.reconfigure(query).await;
+    assert_eq!(status, StatusCode::OK, "reconfigure?{query}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_one_registry_and_a_route_set_on_one_is_stored_there() {
+    let registry = SharedRegistry::start().await;
+    let address = registry.address();
+    let (mut a, mut b) = tokio::join!(
+        ProxyProcess::start(&address, &[]),
+        ProxyProcess::start(&address, &[]),
+    );
+    for proxy in [&a, &b] {
+        let (status, body) = proxy.api_get("/v1/docker-flow-proxy/ping").await;
+        assert_eq!(status, StatusCode::OK, "ping: {body}");
+    }
+    assert_ne!(a.http_port, b.http_port, "each proxy has its own HAProxy");
+
+    let web = spawn_backend("web").await;
+    registry.register_instance("web", "web.1", web.port).await;
+    reconfigure_ok(&a, "serviceName=web&servicePath=/web").await;
+
+    assert_eq!(
+        a.get_through_proxy("/web", None).await,
+        (StatusCode::OK, "web /web".to_string())
+    );
+    let spec = registry
+        .stored_spec("web")
+        .await
+        .expect("the spec is stored in the shared registry");
+    assert_eq!(spec["ServiceName"], "web");
+    assert_eq!(spec["ServiceDest"][0]["ServicePath"][0], "/web");
+    assert_eq!(
+        registry.kv_keys("flow-proxy/").await,
+        ["flow-proxy/services/web"]
+    );
+    let config = a.config().await;
+    assert!(
+        config.contains("/web"),
+        "A's haproxy.cfg routes /web:\n{config}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(a.data_dir().join("haproxy.cfg")).expect("A's haproxy.cfg"),
+        config,
+        "/config shows the live file in A's data directory"
+    );
+
+    let (status, body) = a.remove("serviceName=web").await;
+    assert_eq!(status, StatusCode::OK, "remove: {body}");
+    assert_eq!(registry.stored_spec("web").await, None);
+
+    assert!(a.stop().await.success(), "A exits cleanly on SIGTERM");
+    assert!(b.stop().await.success(), "B exits cleanly on SIGTERM");
+    let after = reqwest::get(format!("http://127.0.0.1:{}/web", a.http_port)).await;
+    assert!(
+        after.as_ref().is_err_and(reqwest::Error::is_connect),
+        "A's HAProxy stopped with it: {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_checks_decide_which_instances_a_reconfigure_routes() {
+    let registry = SharedRegistry::start().await;
+    let proxy = ProxyProcess::start(&registry.address(), &[]).await;
+    let one = spawn_backend("one").await;
+    let two = spawn_backend("two").await;
+    let check_one = registry
+        .register_instance_with_ttl_check("web", "web.1", one.port)
+        .await;
+    registry
+        .register_instance_with_ttl_check("web", "web.2", two.port)
+        .await;
+    assert_eq!(
+        registry.passing_instance_ids("web").await,
+        ["web.1", "web.2"]
+    );
+
+    registry.fail_check(&check_one).await;
+    assert_eq!(registry.passing_instance_ids("web").await, ["web.2"]);
+    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    assert_eq!(names_answering(&proxy, "/web", 4).await, ["two"; 4]);
+
+    registry.pass_check(&check_one).await;
+    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    let mut names = names_answering(&proxy, "/web", 4).await;
+    names.sort();
+    names.dedup();
+    assert_eq!(names, ["one", "two"], "both healthy instances serve");
+
+    registry.deregister_instance("web.2").await;
+    assert_eq!(registry.passing_instance_ids("web").await, ["web.1"]);
+
+    registry.put_kv("operators/note", "hello").await;
+    assert_eq!(
+        registry.get_kv_raw("operators/note").await.as_deref(),
+        Some(&b"hello"[..])
+    );
+    assert_eq!(registry.get_kv_raw("operators/missing").await, None);
+    assert_eq!(registry.kv_keys("operators/").await, ["operators/note"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_registry_is_down_changes_are_refused_and_haproxy_keeps_serving() {
+    let mut registry = SharedRegistry::start().await;
+    let mut proxy = ProxyProcess::start(&registry.address(), &[]).await;
+    let web = spawn_backend("web").await;
+    let api = spawn_backend("api").await;
+    registry.register_instance("web", "web.1", web.port).await;
+    registry.register_instance("api", "api.1", api.port).await;
+    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+
+    registry.stop().await;
+    let refused = reqwest::get(format!("{}/v1/status/leader", registry.url())).await;
+    assert!(
+        refused.as_ref().is_err_and(reqwest::Error::is_connect),
+        "a stopped registry refuses connections: {refused:?}"
+    );
+    let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["Status"], "NOK");
+    assert_eq!(
+        proxy.get_through_proxy("/web", None).await,
+        (StatusCode::OK, "web /web".to_string()),
+        "HAProxy keeps serving the route it had"
+    );
+    assert_eq!(
+        proxy.get_through_proxy("/api", None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the refused route was not added"
+    );
+
+    registry.restart().await;
+    assert!(
+        registry.stored_spec("web").await.is_some(),
+        "the registry kept its KV across the restart"
+    );
+    reconfigure_ok(&proxy, "serviceName=api&servicePath=/api").await;
+    assert_eq!(
+        proxy.get_through_proxy("/api", None).await,
+        (StatusCode::OK, "api /api".to_string()),
+        "the instances registered before the restart are still known"
+    );
+    assert!(proxy.stop().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_cluster_leader_changes_are_refused_until_it_is_back() {
+    let registry = SharedRegistry::start().await;
+    let proxy = ProxyProcess::start(&registry.address(), &[]).await;
+    let web = spawn_backend("web").await;
+    let api = spawn_backend("api").await;
+    registry.register_instance("web", "web.1", web.port).await;
+    registry.register_instance("api", "api.1", api.port).await;
+    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+
+    registry.set_fault(Some(Fault::NoLeader));
+    let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
+    assert!(status.is_server_error(), "{status}: {body}");
+    assert_eq!(body["Status"], "NOK");
+    assert_eq!(
+        proxy.get_through_proxy("/web", None).await,
+        (StatusCode::OK, "web /web".to_string()),
+        "HAProxy keeps serving the route it had"
+    );
+
+    registry.set_fault(None);
+    reconfigure_ok(&proxy, "serviceName=api&servicePath=/api").await;
+    assert_eq!(
+        proxy.get_through_proxy("/api", None).await,
+        (StatusCode::OK, "api /api".to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_with_an_empty_data_dir_takes_over_a_stopped_proxys_port() {
+    let registry = SharedRegistry::start().await;
+    let mut a = ProxyProcess::start(&registry.address(), &[]).await;
+    let web = spawn_backend("web").await;
+    registry.register_instance("web", "web.1", web.port).await;
+    reconfigure_ok(&a, "serviceName=web&servicePath=/web").await;
+    assert!(a.stop().await.success());
+
+    let b = ProxyProcess::start_with(
+        &registry.address(),
+        ProxyOptions {
+            http_port: Some(a.http_port),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(b.http_port, a.http_port);
+    assert_ne!(b.data_dir(), a.data_dir());
+    assert_eq!(
+        b.get_through_proxy("/web", None).await,
+        (StatusCode::OK, "web /web".to_string()),
+        "B restored the route from the registry and serves it on A's port"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_proxy_stops_it_and_its_haproxy() {
+    let registry = SharedRegistry::start().await;
+    let proxy = ProxyProcess::start(&registry.address(), &[]).await;
+    let group = proxy.pid();
+    let running = live_group_members(group);
+    assert!(
+        running.iter().any(|(_, name)| name == "haproxy"),
+        "flow-proxy runs HAProxy in its process group: {running:?}"
+    );
+    drop(proxy);
+    eventually(
+        "nothing of the dropped proxy runs",
+        Duration::from_secs(1),
+        || async { live_group_members(group).is_empty() },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn eventually_measures_from_the_call_and_gives_up_at_its_timeout() {
+    let start = tokio::time::Instant::now();
+    let took = eventually("the third check", Duration::from_secs(1), {
+        let mut checks = 0;
+        move || {
+            checks += 1;
+            std::future::ready(checks == 3)
+        }
+    })
+    .await;
+    assert!(
+        took >= Duration::from_millis(40),
+        "two pauses of ~20 ms: {took:?}"
+    );
+    assert!(took <= start.elapsed());
+
+    let never = tokio::spawn(eventually("never", Duration::from_millis(100), || async {
+        false
+    }));
+    let panic = never.await.expect_err("eventually panics at its timeout");
+    let message = panic.into_panic();
+    let message = message
+        .downcast_ref::<String>()
+        .expect("a formatted panic message");
+    assert!(
+        message.starts_with("never: still not the case after 100ms"),
+        "{message}"
+    );
+}
