@@ -43,13 +43,18 @@ pub(super) struct StoredSpecs {
 pub(super) struct SpecStore {
     registry: ConsulClient,
     prefix: String,
+    /// Written once Docker Flow Proxy's layout was imported, so it is never imported again
+    /// (not even after every imported service was removed).
+    import_marker: String,
 }
 
 impl SpecStore {
     pub fn new(registry: ConsulClient, kv_prefix: &str) -> SpecStore {
+        let kv_prefix = kv_prefix.trim_end_matches('/');
         SpecStore {
             registry,
-            prefix: format!("{}/services/", kv_prefix.trim_end_matches('/')),
+            prefix: format!("{kv_prefix}/services/"),
+            import_marker: format!("{kv_prefix}/imported/docker-flow"),
         }
     }
 
@@ -161,10 +166,14 @@ pub(super) async fn first_read(
 }
 
 /// Imports Docker Flow Proxy's KV layout (`docker-flow/<service>/<field>`) into flow-proxy's, when
-/// flow-proxy's own prefix is empty. Each service is written only if its key does not exist yet
-/// (`?cas=0`), so proxies starting together import it once. Services whose fields do not
-/// validate are logged and left out. Returns how many services were written.
+/// flow-proxy's own prefix is empty and no import happened before (a marker key under the prefix
+/// records it). Each service is written only if its key does not exist yet (`?cas=0`), so proxies
+/// starting together import it once. Services whose fields do not validate are logged and left
+/// out. Returns how many services were written.
 async fn import_docker_flow(store: &SpecStore) -> Result<usize, RegistryError> {
+    if store.registry.kv_get(&store.import_marker).await?.value.is_some() {
+        return Ok(0);
+    }
     let entries = store.registry.kv_list(DOCKER_FLOW_PREFIX).await?;
     if entries.is_empty() {
         return Ok(0);
@@ -197,7 +206,12 @@ async fn import_docker_flow(store: &SpecStore) -> Result<usize, RegistryError> {
             );
         }
     }
-    tracing::info!(services = imported, from = DOCKER_FLOW_PREFIX, "Docker Flow Proxy import done");
+    let record = format!("{imported} services imported from {DOCKER_FLOW_PREFIX}");
+    store
+        .registry
+        .kv_put_cas(&store.import_marker, record.into_bytes(), 0)
+        .await?;
+    tracing::info!(services = imported, from = DOCKER_FLOW_PREFIX, marker = %store.import_marker, "Docker Flow Proxy import done");
     Ok(imported)
 }
 

@@ -338,6 +338,8 @@ pub struct ProxyOptions {
     pub data_dir: Option<PathBuf>,
     /// More flags, appended after the harness's own (which cannot be given twice).
     pub extra_args: Vec<String>,
+    /// Environment variables to set for the process (e.g. `CONSUL_HTTP_TOKEN`).
+    pub env: Vec<(String, String)>,
 }
 
 /// The real `flow-proxy` binary running as a child process, with its own HAProxy.
@@ -394,6 +396,7 @@ impl ProxyProcess {
                 http_port,
                 &data_dir,
                 &options.extra_args,
+                &options.env,
                 &log_path,
             );
             let why = match wait_ready(&mut child, pid, &client, api_address).await {
@@ -629,6 +632,7 @@ fn spawn_flow_proxy(
     http_port: u16,
     data_dir: &Path,
     extra_args: &[String],
+    env: &[(String, String)],
     log_path: &Path,
 ) -> (tokio::process::Child, u32) {
     let log = std::fs::OpenOptions::new()
@@ -663,6 +667,9 @@ fn spawn_flow_proxy(
         .env_remove("EMBEDDED_REGISTRY_ADDRESS")
         .env_remove("HAPROXY_BINARY")
         .env_remove("TEMPLATES_DIR")
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .env_remove("WATCH_INSTANCES")
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log)

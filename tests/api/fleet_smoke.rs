@@ -181,8 +181,10 @@ async fn without_a_cluster_leader_changes_are_refused_until_it_is_back() {
 
     registry.set_fault(Some(Fault::NoLeader));
     let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
-    assert!(status.is_server_error(), "{status}: {body}");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["Status"], "NOK");
+    let message = body["Message"].as_str().unwrap_or_default();
+    assert!(message.contains("No cluster leader"), "{message}");
     assert_eq!(
         proxy.get_through_proxy("/web", None).await,
         (StatusCode::OK, "web /web".to_string()),
