@@ -93,7 +93,10 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
         match index.observe(answer.index) {
             IndexStep::Unchanged => continue,
             IndexStep::Backwards => {
-                tracing::info!(service, "the service's index went backwards: reading it again");
+                tracing::info!(
+                    service,
+                    "the service's index went backwards: reading it again"
+                );
                 continue;
             }
             IndexStep::Fresh | IndexStep::Forward => {}

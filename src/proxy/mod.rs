@@ -295,7 +295,9 @@ impl Core {
                 match pending.change {
                     Change::Stop => stop = Some(pending.reply),
                     Change::Stored(snapshot) => {
-                        let _ = pending.reply.send(self.apply_stored(snapshot).await.map(|()| None));
+                        let _ = pending
+                            .reply
+                            .send(self.apply_stored(snapshot).await.map(|()| None));
                     }
                     change => routine.push(Pending {
                         change,
@@ -507,7 +509,10 @@ impl Core {
                 }
             }
         }
-        tracing::info!(services = self.state.len(), "routes follow the stored specs");
+        tracing::info!(
+            services = self.state.len(),
+            "routes follow the stored specs"
+        );
         Ok(())
     }
 

@@ -73,15 +73,12 @@ impl SpecStore {
         spec: Option<&ServiceSpec>,
     ) -> Result<u64, ProxyError> {
         let key = self.key(name);
-        let document = spec
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(|error| {
-                ProxyError::Registry(RegistryError::Decode {
-                    request: format!("PUT /v1/kv/{key}"),
-                    message: error.to_string(),
-                })
-            })?;
+        let document = spec.map(serde_json::to_vec).transpose().map_err(|error| {
+            ProxyError::Registry(RegistryError::Decode {
+                request: format!("PUT /v1/kv/{key}"),
+                message: error.to_string(),
+            })
+        })?;
         for attempt in 1..=CAS_ATTEMPTS {
             let current = self.registry.kv_get(&key).await?.value;
             let stored = match (&document, current) {
@@ -139,7 +136,10 @@ impl SpecStore {
                     snapshot.specs.insert(spec.service_name().clone(), spec);
                     continue;
                 }
-                Ok(spec) => format!("it is filed under another name than `{}`", spec.service_name()),
+                Ok(spec) => format!(
+                    "it is filed under another name than `{}`",
+                    spec.service_name()
+                ),
                 Err(error) => error.to_string(),
             };
             if reported.insert((entry.key.clone(), entry.modify_index)) {
@@ -171,7 +171,13 @@ pub(super) async fn first_read(
 /// starting together import it once. Services whose fields do not validate are logged and left
 /// out. Returns how many services were written.
 async fn import_docker_flow(store: &SpecStore) -> Result<usize, RegistryError> {
-    if store.registry.kv_get(&store.import_marker).await?.value.is_some() {
+    if store
+        .registry
+        .kv_get(&store.import_marker)
+        .await?
+        .value
+        .is_some()
+    {
         return Ok(0);
     }
     let entries = store.registry.kv_list(DOCKER_FLOW_PREFIX).await?;

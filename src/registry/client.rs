@@ -250,7 +250,10 @@ impl ConsulClient {
 
     /// Stores `value` at `key` unconditionally.
     pub async fn kv_put(&self, key: &str, value: Vec<u8>) -> Result<(), RegistryError> {
-        if self.kv_write(reqwest::Method::PUT, key, "", Some(value)).await? {
+        if self
+            .kv_write(reqwest::Method::PUT, key, "", Some(value))
+            .await?
+        {
             Ok(())
         } else {
             Err(RegistryError::Status {

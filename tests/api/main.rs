@@ -1,10 +1,15 @@
 //! flow-proxy's integration tests: one binary, one module per user story. Every test drives a
 //! real HAProxy and sends real HTTP through it to real backend servers on 127.0.0.1.
 
+mod consul_access;
+mod convergence;
 mod embedded_registry;
+mod failover;
 mod fleet;
 mod fleet_smoke;
+mod front;
 mod helpers;
+mod migration;
 mod restore;
 mod routing;
 mod supervision;
