@@ -444,3 +444,211 @@ async fn decode_json<T: serde::de::DeserializeOwned>(
         message: error.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registry::embedded::{EmbeddedRegistry, Fault};
+
+    async fn registry() -> (EmbeddedRegistry, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry =
+            EmbeddedRegistry::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), dir.path())
+                .await
+                .expect("embedded registry starts");
+        (registry, dir)
+    }
+
+    /// An address nobody listens on.
+    fn dead_address() -> String {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let address = listener.local_addr().expect("address");
+        drop(listener);
+        address.to_string()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_or_leaderless_address_hands_over_to_the_next_one() {
+        let (sick, _sick_dir) = registry().await;
+        sick.set_fault(Some(Fault::NoLeader));
+        let (healthy, _healthy_dir) = registry().await;
+        let client = ConsulClient::new(
+            &[
+                dead_address(),
+                sick.address().to_string(),
+                healthy.address().to_string(),
+            ],
+            None,
+        );
+
+        client
+            .kv_put("flow-proxy/services/web", b"{}".to_vec())
+            .await
+            .expect("the third address takes the write");
+        let stored = client
+            .kv_get("flow-proxy/services/web")
+            .await
+            .expect("read");
+        assert_eq!(stored.value.map(|entry| entry.value), Some(b"{}".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn when_every_address_fails_the_error_says_why() {
+        let (sick, _dir) = registry().await;
+        sick.set_fault(Some(Fault::NoLeader));
+        let leaderless = ConsulClient::new(&[sick.address().to_string()], None);
+        let error = leaderless
+            .kv_list("flow-proxy/")
+            .await
+            .expect_err("no leader");
+        assert!(
+            matches!(&error, RegistryError::Unavailable { status: 500, body, .. } if body == "No cluster leader"),
+            "{error:?}"
+        );
+
+        let nobody = ConsulClient::new(&[dead_address(), dead_address()], None);
+        let error = nobody
+            .kv_list("flow-proxy/")
+            .await
+            .expect_err("unreachable");
+        assert!(
+            matches!(error, RegistryError::Unreachable { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_403_is_an_acl_refusal_and_no_other_address_is_tried() {
+        let (refusing, _refusing_dir) = registry().await;
+        refusing.set_fault(Some(Fault::PermissionDenied));
+        let (healthy, _healthy_dir) = registry().await;
+        let client = ConsulClient::new(
+            &[
+                refusing.address().to_string(),
+                healthy.address().to_string(),
+            ],
+            Some("weak-token".into()),
+        );
+
+        let error = client
+            .kv_put("flow-proxy/services/web", b"{}".to_vec())
+            .await
+            .expect_err("refused");
+
+        assert!(
+            matches!(&error, RegistryError::AclDenied { body, .. } if body.contains("Permission denied")),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("--consul-token"), "{error}");
+        let untouched = ConsulClient::new(&[healthy.address().to_string()], None);
+        assert_eq!(
+            untouched
+                .kv_get("flow-proxy/services/web")
+                .await
+                .expect("read")
+                .value,
+            None,
+            "the refusal was final: the next address was not written to"
+        );
+    }
+
+    #[tokio::test]
+    async fn check_and_set_writes_only_over_the_index_read() {
+        let (registry, _dir) = registry().await;
+        let client = ConsulClient::new(&[registry.address().to_string()], None);
+        let key = "flow-proxy/services/web";
+
+        assert!(client
+            .kv_put_cas(key, b"one".to_vec(), 0)
+            .await
+            .expect("create"));
+        assert!(!client
+            .kv_put_cas(key, b"two".to_vec(), 0)
+            .await
+            .expect("create again"));
+        let read = client
+            .kv_get(key)
+            .await
+            .expect("read")
+            .value
+            .expect("an entry");
+        assert!(!client
+            .kv_put_cas(key, b"two".to_vec(), read.modify_index + 1)
+            .await
+            .expect("stale index"));
+        assert!(client
+            .kv_put_cas(key, b"two".to_vec(), read.modify_index)
+            .await
+            .expect("current index"));
+        let read = client
+            .kv_get(key)
+            .await
+            .expect("read")
+            .value
+            .expect("an entry");
+        assert_eq!(read.value, b"two");
+        assert!(!client
+            .kv_delete_cas(key, read.modify_index - 1)
+            .await
+            .expect("stale delete"));
+        assert!(client
+            .kv_delete_cas(key, read.modify_index)
+            .await
+            .expect("delete"));
+        assert_eq!(client.kv_get(key).await.expect("read").value, None);
+    }
+
+    #[tokio::test]
+    async fn a_blocking_list_returns_when_the_prefix_changes_with_a_higher_index() {
+        let (registry, _dir) = registry().await;
+        let client = ConsulClient::new(&[registry.address().to_string()], None);
+        client
+            .kv_put("flow-proxy/services/a", b"a".to_vec())
+            .await
+            .expect("write");
+        let first = client
+            .watch_kv_list("flow-proxy/services/", None)
+            .await
+            .expect("list");
+        assert!(first.index > 0);
+
+        let watcher = client.clone();
+        let mut blocked = tokio::spawn(async move {
+            watcher
+                .watch_kv_list(
+                    "flow-proxy/services/",
+                    Some(Blocking {
+                        index: first.index,
+                        wait: Duration::from_secs(30),
+                    }),
+                )
+                .await
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut blocked)
+                .await
+                .is_err(),
+            "with nothing changed, the query keeps waiting"
+        );
+        client
+            .kv_put("flow-proxy/services/b", b"b".to_vec())
+            .await
+            .expect("write");
+
+        let changed = tokio::time::timeout(Duration::from_secs(5), blocked)
+            .await
+            .expect("the blocking query returns on the change")
+            .expect("task")
+            .expect("list");
+        assert!(changed.index > first.index);
+        let keys: Vec<_> = changed
+            .value
+            .iter()
+            .map(|entry| entry.key.as_str())
+            .collect();
+        assert_eq!(keys, ["flow-proxy/services/a", "flow-proxy/services/b"]);
+    }
+}
