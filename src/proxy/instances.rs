@@ -80,6 +80,7 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
         {
             Ok(answer) => answer,
             Err(error) => {
+                index.after_error();
                 let pause = backoff.next_pause();
                 tracing::warn!(service, %error, retry_in = ?pause, "watching instances failed");
                 tokio::time::sleep(pause).await;

@@ -437,6 +437,10 @@ impl Core {
     /// skipped with an error (the others apply); a registry failure is returned, so the watch
     /// retries.
     async fn apply_stored(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
+        if snapshot.after_reset {
+            // Consul's indexes started over: the floor from before means nothing any more.
+            self.stored_floor = 0;
+        }
         if snapshot.index < self.stored_floor {
             tracing::debug!(
                 index = snapshot.index,

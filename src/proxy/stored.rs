@@ -240,6 +240,7 @@ pub(super) async fn watch_stored_specs(
         let (entries, read_index) = match store.read(&index).await {
             Ok(read) => read,
             Err(error) => {
+                index.after_error();
                 let pause = backoff.next_pause();
                 tracing::warn!(%error, retry_in = ?pause, "watching the stored specs failed");
                 tokio::time::sleep(pause).await;

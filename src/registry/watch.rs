@@ -9,8 +9,10 @@ use tokio::time::Instant;
 
 use super::Blocking;
 
-/// How long Consul may hold one blocking query.
-pub const BLOCKING_WAIT: Duration = Duration::from_secs(300);
+/// How long Consul may hold one blocking query. Shorter than Consul's default of 5 minutes, so
+/// that a Consul replaced by an empty one without any failed query (its index from then on lower
+/// than the one a watch waits for) is noticed within about a minute.
+pub const BLOCKING_WAIT: Duration = Duration::from_secs(60);
 
 /// What an answer's index says about the watched resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,20 +32,29 @@ pub enum IndexStep {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WatchIndex {
     last: u64,
+    resync: bool,
 }
 
 impl WatchIndex {
-    /// The query to send next: none (an immediate read) at first and after a reset, else a
-    /// blocking query on the last index.
+    /// The query to send next: none (an immediate read) at first, after a reset and after an
+    /// error, else a blocking query on the last index.
     pub fn next_query(&self) -> Option<Blocking> {
-        (self.last > 0).then_some(Blocking {
+        (self.last > 0 && !self.resync).then_some(Blocking {
             index: self.last,
             wait: BLOCKING_WAIT,
         })
     }
 
+    /// After a failed query: the next one reads at once instead of blocking. Consul may have
+    /// come back changed, or without its data, and then a blocking query on an index from
+    /// before would wait its full time before showing it.
+    pub fn after_error(&mut self) {
+        self.resync = true;
+    }
+
     /// Takes in the index of an answer and says what it means.
     pub fn observe(&mut self, index: u64) -> IndexStep {
+        self.resync = false;
         let previous = self.last;
         if previous > 0 && index < previous {
             // "Reset the index if it goes backwards": read everything afresh.
@@ -147,6 +158,26 @@ mod tests {
         assert_eq!(index.next_query(), None, "the next read starts over");
         assert_eq!(index.observe(7), IndexStep::Fresh);
         assert_eq!(index.next_query().map(|query| query.index), Some(7));
+    }
+
+    #[test]
+    fn after_an_error_the_next_read_does_not_block_and_still_detects_a_reset() {
+        let mut index = WatchIndex::default();
+        index.observe(40);
+        index.after_error();
+        assert_eq!(index.next_query(), None, "read at once after an error");
+        assert_eq!(
+            index.observe(40),
+            IndexStep::Unchanged,
+            "nothing changed meanwhile"
+        );
+        assert_eq!(index.next_query().map(|query| query.index), Some(40));
+        index.after_error();
+        assert_eq!(
+            index.observe(3),
+            IndexStep::Backwards,
+            "Consul came back with less"
+        );
     }
 
     #[test]

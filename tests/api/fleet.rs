@@ -168,6 +168,16 @@ impl SharedRegistry {
         .await;
     }
 
+    /// Throws away everything the stopped registry persisted, as when a Consul cluster is rebuilt
+    /// without its data: the next [`restart`](Self::restart) starts empty, with low indexes.
+    pub fn lose_data(&self) {
+        assert!(self.running.is_none(), "lose_data(): stop() first");
+        let state = self.data_dir.path().join("registry");
+        if state.exists() {
+            std::fs::remove_dir_all(&state).expect("remove the registry's state");
+        }
+    }
+
     /// Makes every following request fail as Consul does in that situation (`None` heals):
     /// [`Fault::NoLeader`] → `500 No cluster leader` on KV, catalog and health;
     /// [`Fault::PermissionDenied`] → `403 Permission denied` on KV and agent writes.

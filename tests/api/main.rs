@@ -3,6 +3,7 @@
 
 mod consul_access;
 mod convergence;
+mod data_loss;
 mod embedded_registry;
 mod failover;
 mod fleet;
