@@ -1,6 +1,7 @@
 //! Measures what a user waits for: rendering a full configuration, a whole reconfigure
-//! (registry read, render, `haproxy -c`, KV write, seamless reload) against a real HAProxy, and
-//! a burst of concurrent reconfigures (which the core applies in batches).
+//! (registry read, render, `haproxy -c`, KV write, seamless reload) against a real HAProxy, a
+//! burst of concurrent reconfigures (which the core applies in batches), and how long a change
+//! takes to reach HAProxy without any call: a route set on another proxy, a new instance.
 //!
 //! Run with `cargo bench --bench reconfigure`; figures go to BENCHMARKS.md.
 
@@ -83,14 +84,15 @@ async fn bench_reconfigure() {
     let mut routed = 0;
     for target in [1, 100, 500] {
         while routed < target {
-            reconfigure(&proxy, routed).await;
+            reconfigure(&proxy, routed, 0).await;
             routed += 1;
         }
         let mut samples = Vec::new();
         for run in 0..20 {
             let started = Instant::now();
-            // Re-route one existing service: the configuration keeps `target` services.
-            reconfigure(&proxy, run % target).await;
+            // Re-route one existing service on a new path: the configuration keeps `target`
+            // services and changes, so HAProxy reloads.
+            reconfigure(&proxy, run % target, run + 1).await;
             samples.push(started.elapsed());
         }
         println!(
@@ -99,9 +101,21 @@ async fn bench_reconfigure() {
         );
     }
     let mut samples = Vec::new();
-    for _ in 0..5 {
+    for run in 0..20 {
+        let index = run % routed;
         let started = Instant::now();
-        futures::future::join_all((0..50).map(|index| reconfigure(&proxy, index))).await;
+        // The spec it already has: stored again, no reload.
+        reconfigure(&proxy, index, current_variant(index, routed)).await;
+        samples.push(started.elapsed());
+    }
+    println!(
+        "reconfigure with an unchanged spec, {routed} services routed: {}",
+        summary(samples)
+    );
+    let mut samples = Vec::new();
+    for run in 0..5 {
+        let started = Instant::now();
+        futures::future::join_all((0..50).map(|index| reconfigure(&proxy, index, 100 + run))).await;
         samples.push(started.elapsed());
     }
     println!(
@@ -110,10 +124,74 @@ async fn bench_reconfigure() {
     );
 }
 
-async fn reconfigure(proxy: &TestProxy, index: usize) {
+/// The path variant `bench_reconfigure` left service `index` on before its unchanged-spec runs.
+fn current_variant(index: usize, routed: usize) -> usize {
+    // The 500-service round re-routed services 0..19 to variants 1..20.
+    if index < 20 && routed >= 500 {
+        index + 1
+    } else {
+        0
+    }
+}
+
+/// A change made on proxy A, until proxy B (same registry) serves it through its HAProxy; and a
+/// new instance registered in the registry, until HAProxy serves it. No API call on B either way.
+async fn bench_propagation() {
+    let a = TestProxy::spawn().await;
+    let registry = a.registry_address();
+    let b = TestProxy::spawn_with(|settings| settings.consul_address = vec![registry]).await;
+    let backend = helpers::spawn_backend("web").await;
+    a.register_instance("web", "web.1", backend.port).await;
+
+    let mut samples = Vec::new();
+    for run in 0..20 {
+        let path = format!("/web-{run}");
+        let (status, answer) = a
+            .reconfigure(&format!("serviceName=web&servicePath={path}"))
+            .await;
+        assert!(status.is_success(), "{answer}");
+        let answered = Instant::now();
+        wait_until_served(&b, &path).await;
+        samples.push(answered.elapsed());
+    }
+    println!(
+        "a reconfigure on A served by B, after A answered: {}",
+        summary(samples)
+    );
+
+    let mut samples = Vec::new();
+    for run in 0..20 {
+        let service = format!("late-{run}");
+        let path = format!("/{service}");
+        let (status, answer) = b
+            .reconfigure(&format!("serviceName={service}&servicePath={path}"))
+            .await;
+        assert!(status.is_success(), "{answer}");
+        let registered = Instant::now();
+        a.register_instance(&service, &format!("{service}.1"), backend.port)
+            .await;
+        wait_until_served(&b, &path).await;
+        samples.push(registered.elapsed());
+    }
+    println!(
+        "an instance registered, served by HAProxy: {}",
+        summary(samples)
+    );
+}
+
+/// Polls `path` through the proxy's HAProxy until it answers 200 (at most 10 s).
+async fn wait_until_served(proxy: &TestProxy, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.get_through_proxy(path, None).await.0 != reqwest::StatusCode::OK {
+        assert!(Instant::now() < deadline, "{path} never served");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn reconfigure(proxy: &TestProxy, index: usize, variant: usize) {
     let (status, answer) = proxy
         .reconfigure(&format!(
-            "serviceName=service-{index}&servicePath=/service-{index}"
+            "serviceName=service-{index}&servicePath=/service-{index}/v{variant}"
         ))
         .await;
     assert!(status.is_success(), "reconfigure service-{index}: {answer}");
@@ -127,5 +205,8 @@ fn main() {
     bench_render();
     tokio::runtime::Runtime::new()
         .expect("runtime")
-        .block_on(bench_reconfigure());
+        .block_on(async {
+            bench_reconfigure().await;
+            bench_propagation().await;
+        });
 }

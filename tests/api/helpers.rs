@@ -113,6 +113,16 @@ impl TestProxy {
         );
     }
 
+    /// The `host:port` of the registry this proxy uses (its embedded one unless told otherwise),
+    /// what another proxy's `--consul-address` takes. (The benches use it.)
+    #[allow(dead_code)]
+    pub fn registry_address(&self) -> String {
+        self.app()
+            .registry_url()
+            .trim_start_matches("http://")
+            .to_string()
+    }
+
     /// The URL of an API endpoint, e.g. `api("/v1/docker-flow-proxy/ping")`.
     pub fn api(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.app().api_address(), path_and_query)
