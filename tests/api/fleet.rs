@@ -522,6 +522,30 @@ impl ProxyProcess {
         (status, response.text().await.expect("body"))
     }
 
+    /// Asks `path` through its HAProxy `count` times (one connection each, so HAProxy's round
+    /// robin is visible request by request) and returns the backend names that answered, in
+    /// order. Every answer must be 200: a request HAProxy fails is a failure, not a sample.
+    pub async fn names_answering(&self, path: &str, count: usize) -> Vec<String> {
+        let mut names = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (status, body) = self.get_through_proxy(path, None).await;
+            assert_eq!(status, StatusCode::OK, "GET {path} through HAProxy: {body}");
+            names.push(body.split(' ').next().unwrap_or_default().to_string());
+        }
+        names
+    }
+
+    /// The PID of the HAProxy process serving now, asked on its stats socket (`None` when it
+    /// does not answer): unchanged means HAProxy was not reloaded.
+    pub async fn haproxy_pid(&self) -> Option<u32> {
+        let socket = self
+            .data_dir
+            .canonicalize()
+            .expect("the data directory exists")
+            .join("haproxy.sock");
+        flow_proxy::haproxy::serving_pid(&socket).await
+    }
+
     /// Stops flow-proxy with SIGTERM, as an orchestrator does, and returns its exit status.
     /// Panics (after killing them) if it is still running 15 s later or if any process it
     /// started, i.e. its HAProxy, is still running after it exited. Stopping twice returns the
