@@ -27,7 +27,14 @@ pub struct Settings {
 
     /// Follow each routed service's healthy instances in Consul (blocking queries) and update
     /// HAProxy as they change. `false`: instances are read only on reconfigure and reload.
-    #[arg(long, env = "WATCH_INSTANCES", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(
+        long,
+        env = "WATCH_INSTANCES",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub watch_instances: bool,
 
     /// Address the embedded Consul-compatible registry listens on (only when no --consul-address).
@@ -61,4 +68,37 @@ pub struct Settings {
     /// Prefix of flow-proxy's keys in Consul KV; specs live at `<prefix>/services/<serviceName>`.
     #[arg(long, env = "KV_PREFIX", default_value = "flow-proxy")]
     pub kv_prefix: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Settings;
+
+    fn parse(args: &[&str]) -> Settings {
+        Settings::try_parse_from(std::iter::once("flow-proxy").chain(args.iter().copied()))
+            .expect("valid flags")
+    }
+
+    #[test]
+    fn watch_instances_is_on_by_default_and_takes_an_explicit_false() {
+        assert!(parse(&[]).watch_instances);
+        assert!(parse(&["--watch-instances"]).watch_instances);
+        assert!(!parse(&["--watch-instances=false"]).watch_instances);
+        assert!(!parse(&["--watch-instances", "false"]).watch_instances);
+        assert!(Settings::try_parse_from(["flow-proxy", "--watch-instances=maybe"]).is_err());
+    }
+
+    #[test]
+    fn consul_addresses_keep_their_order_and_the_token_is_optional() {
+        let settings = parse(&[
+            "--consul-address",
+            "consul-1:8500,consul-2:8500",
+            "--consul-token",
+            "s3cret",
+        ]);
+        assert_eq!(settings.consul_address, ["consul-1:8500", "consul-2:8500"]);
+        assert_eq!(settings.consul_token.as_deref(), Some("s3cret"));
+    }
 }

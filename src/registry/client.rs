@@ -211,7 +211,26 @@ impl ConsulClient {
         blocking: Option<Blocking>,
     ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
         let path = with_blocking(format!("/v1/kv/{prefix}?recurse"), blocking);
-        let response = self.get(&path, blocking).await?;
+        self.kv_read(&path, blocking).await
+    }
+
+    /// One KV entry (`None` when the key does not exist), with the index of the read: the entry's
+    /// `ModifyIndex`, or for a missing key the KV store's index counting deletions.
+    pub async fn kv_get(&self, key: &str) -> Result<Indexed<Option<KvEntry>>, RegistryError> {
+        let read = self.kv_read(&format!("/v1/kv/{key}"), None).await?;
+        Ok(Indexed {
+            value: read.value.into_iter().next(),
+            index: read.index,
+        })
+    }
+
+    /// A KV read: the entries Consul lists (none on 404) and the answer's index.
+    async fn kv_read(
+        &self,
+        path: &str,
+        blocking: Option<Blocking>,
+    ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
+        let response = self.get(path, blocking).await?;
         let index = consul_index(&response);
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(Indexed {
@@ -219,33 +238,12 @@ impl ConsulClient {
                 index,
             });
         }
-        let entries: Vec<KvEntryWire> = decode_json(&path, response).await?;
+        let entries: Vec<KvEntryWire> = decode_json(path, response).await?;
         let value = entries
             .into_iter()
-            .map(|entry| entry.decode(&path))
+            .map(|entry| entry.decode(path))
             .collect::<Result<_, _>>()?;
         Ok(Indexed { value, index })
-    }
-
-    /// One KV entry (`None` when the key does not exist), with the index of the read: the entry's
-    /// `ModifyIndex`, or for a missing key the KV store's index counting deletions.
-    pub async fn kv_get(&self, key: &str) -> Result<Indexed<Option<KvEntry>>, RegistryError> {
-        let path = format!("/v1/kv/{key}");
-        let response = self.get(&path, None).await?;
-        let index = consul_index(&response);
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(Indexed { value: None, index });
-        }
-        let entries: Vec<KvEntryWire> = decode_json(&path, response).await?;
-        let entry = entries
-            .into_iter()
-            .next()
-            .map(|entry| entry.decode(&path))
-            .transpose()?;
-        Ok(Indexed {
-            value: entry,
-            index,
-        })
     }
 
     /// Stores `value` at `key` unconditionally.
