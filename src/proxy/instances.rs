@@ -72,6 +72,7 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
     let mut backoff = Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1);
     let mut rate_limit = RateLimit::new(WATCH_MIN_INTERVAL);
     let mut handed_over = None;
+    let mut consul_failing = false;
     loop {
         rate_limit.acquire().await;
         let answer = match registry
@@ -82,13 +83,19 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
             Err(error) => {
                 index.after_error();
                 let pause = backoff.next_pause();
-                tracing::warn!(service, %error, retry_in = ?pause, "watching instances failed");
+                if consul_failing {
+                    tracing::debug!(service, %error, retry_in = ?pause, "watching instances failed again");
+                } else {
+                    tracing::warn!(service, %error, retry_in = ?pause, "watching instances failed");
+                }
+                consul_failing = true;
                 tokio::time::sleep(pause).await;
                 continue;
             }
         };
-        if backoff.is_failing() {
+        if consul_failing {
             tracing::info!(service, "Consul answers again: resyncing instances");
+            consul_failing = false;
             backoff.reset();
         }
         match index.observe(answer.index) {
@@ -114,7 +121,10 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
         };
         match submit_internal(&core, change).await {
             None => return,
-            Some(Ok(_)) => handed_over = Some(instances),
+            Some(Ok(_)) => {
+                handed_over = Some(instances);
+                backoff.reset();
+            }
             Some(Err(error)) => {
                 let pause = backoff.next_pause();
                 tracing::error!(service, %error, retry_in = ?pause, "applying new instances failed");

@@ -235,6 +235,7 @@ pub(super) async fn watch_stored_specs(
     let mut rate_limit = RateLimit::new(WATCH_MIN_INTERVAL);
     let mut reported = BTreeSet::new();
     let mut after_reset = false;
+    let mut consul_failing = false;
     loop {
         rate_limit.acquire().await;
         let (entries, read_index) = match store.read(&index).await {
@@ -242,13 +243,19 @@ pub(super) async fn watch_stored_specs(
             Err(error) => {
                 index.after_error();
                 let pause = backoff.next_pause();
-                tracing::warn!(%error, retry_in = ?pause, "watching the stored specs failed");
+                if consul_failing {
+                    tracing::debug!(%error, retry_in = ?pause, "watching the stored specs failed again");
+                } else {
+                    tracing::warn!(%error, retry_in = ?pause, "watching the stored specs failed");
+                }
+                consul_failing = true;
                 tokio::time::sleep(pause).await;
                 continue;
             }
         };
-        if backoff.is_failing() {
+        if consul_failing {
             tracing::info!("Consul answers again: resyncing the stored specs");
+            consul_failing = false;
             backoff.reset();
         }
         if import_pending {
@@ -281,7 +288,10 @@ pub(super) async fn watch_stored_specs(
         let snapshot = store.parse(entries, read_index, after_reset, &mut reported);
         match submit_internal(&core, Change::Stored(snapshot)).await {
             None => return,
-            Some(Ok(_)) => after_reset = false,
+            Some(Ok(_)) => {
+                after_reset = false;
+                backoff.reset();
+            }
             Some(Err(error)) => {
                 let pause = backoff.next_pause();
                 tracing::error!(%error, retry_in = ?pause, "applying the stored specs failed");
