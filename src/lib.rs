@@ -13,13 +13,17 @@
 //!   errors become HTTP status codes.
 //! - [`spec`]: service specs and instances as typed, validated values; query parsing. Nothing
 //!   reaches haproxy.cfg without passing through these types.
+//! - [`spec`]'s `docker_flow`: Docker Flow Proxy's old KV layout → specs, for the one-time import.
 //! - [`proxy`]: the core; owns the routing state and applies each change in order
-//!   (resolve → render → validate → persist → reload → answer), and restores stored specs on start.
+//!   (resolve → render → validate → persist → reload → answer); restores the stored specs on
+//!   start and then follows them and the routed services' instances with blocking-query watches,
+//!   so every proxy sharing a Consul converges without calls between proxies.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`.
 //! - [`haproxy`]: validation with `haproxy -c`, atomic swaps of the live file, seamless reloads
 //!   (`-x`, `-sf`), and supervision of the HAProxy processes.
-//! - [`registry`]: the Consul client (healthy instances, KV) and the embedded Consul-compatible
-//!   registry used when no Consul address is given.
+//! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
+//!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
+//!   Consul-compatible registry used when no Consul address is given.
 //!
 //! [`FlowProxy::start`] wires them together; [`run`] is what the binary calls.
 
