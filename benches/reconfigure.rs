@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 #[allow(dead_code)]
 #[path = "../tests/api/helpers.rs"]
 mod helpers;
+// The client TestProxy derefs to (`reconfigure`, `get_through_proxy`, ...); helpers.rs names it
+// `crate::proxy_client`.
+#[allow(dead_code)]
+#[path = "../tests/api/proxy_client.rs"]
+mod proxy_client;
 
 use helpers::TestProxy;
 

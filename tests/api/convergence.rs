@@ -14,13 +14,6 @@ use crate::helpers::spawn_backend;
 /// The bound the issue sets for a change to reach another proxy.
 const CONVERGENCE: Duration = Duration::from_secs(1);
 
-/// The routed specs as `/services` lists them.
-async fn services(proxy: &ProxyProcess) -> Value {
-    let (status, body) = proxy.api_get("/v1/docker-flow-proxy/services").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body
-}
-
 /// The body `GET <path>` gets through the proxy's HAProxy, or its status when not 200.
 async fn answer(proxy: &ProxyProcess, path: &str) -> String {
     match proxy.get_through_proxy(path, None).await {
@@ -44,14 +37,14 @@ async fn a_reconfigure_or_remove_on_one_proxy_reaches_the_other_within_a_second(
         .reconfigure("serviceName=web&servicePath=/web&serviceDomain=example.com")
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let routed_on_a = services(&a).await;
+    let routed_on_a = a.services().await;
     eventually(
         "B serves and lists the route set on A",
         CONVERGENCE,
         || async {
             b.get_through_proxy("/web", Some("example.com")).await
                 == (StatusCode::OK, "web /web".to_string())
-                && services(&b).await == routed_on_a
+                && b.services().await == routed_on_a
         },
     )
     .await;
@@ -60,7 +53,7 @@ async fn a_reconfigure_or_remove_on_one_proxy_reaches_the_other_within_a_second(
     assert_eq!(status, StatusCode::OK, "{body}");
     eventually("B drops the route removed on A", CONVERGENCE, || async {
         b.get_through_proxy("/web", Some("example.com")).await.0 == StatusCode::SERVICE_UNAVAILABLE
-            && services(&b).await == Value::Array(Vec::new())
+            && b.services().await == Value::Array(Vec::new())
     })
     .await;
 }
@@ -93,7 +86,7 @@ async fn concurrent_reconfigures_of_one_service_on_two_proxies_end_in_agreement(
                 let Some(stored) = registry.stored_spec("web").await else {
                     return false;
                 };
-                let (on_a, on_b) = tokio::join!(services(&a), services(&b));
+                let (on_a, on_b) = tokio::join!(a.services(), b.services());
                 on_a == on_b && on_a.get(0) == Some(&stored)
             },
         )
@@ -153,7 +146,7 @@ async fn a_write_that_loses_a_race_is_read_again_and_retried() {
     eventually(
         "the proxy's routes match the stored spec",
         CONVERGENCE,
-        || async { services(&proxy).await.get(0) == Some(&stored) },
+        || async { proxy.services().await.get(0) == Some(&stored) },
     )
     .await;
     assert_eq!(answer(&proxy, "/rival").await, "503 Service Unavailable");

@@ -49,9 +49,11 @@ async fn routes_survive_a_consul_that_lost_its_data_and_their_specs_are_stored_a
         || async { registry.stored_spec("web").await.as_ref() == Some(&spec_before) },
     )
     .await;
-    let (status, services) = proxy.api_get("/v1/docker-flow-proxy/services").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(services[0], spec_before, "the route is still configured");
+    assert_eq!(
+        proxy.services().await[0],
+        spec_before,
+        "the route is still configured"
+    );
     // Registrator registers the instance again; the route serves it without any API call.
     registry.register_instance("web", "web.1", web.port).await;
     eventually("the re-registered instance serves", RESYNC, || async {

@@ -7,12 +7,14 @@
 //!   and operators write to Consul.
 //! - [`ProxyProcess`]: the `flow-proxy` binary as a child process with its own API port, HAProxy
 //!   port and data directory, pointed at a [`SharedRegistry`] with `--consul-address`. Stopping
-//!   it is SIGTERM, as in production; the harness checks that its HAProxy went with it.
+//!   it is SIGTERM, as in production; the harness checks that its HAProxy went with it. Requests
+//!   to it are those of its [`ProxyClient`], which it derefs to.
 //! - [`eventually`]: "this holds within N", measured from the call.
 
 use std::future::Future;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -25,6 +27,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 use crate::helpers::free_port;
+use crate::proxy_client::{http_client, ProxyClient};
 
 /// The KV prefix every [`ProxyProcess`] is started with (`--kv-prefix`).
 pub const KV_PREFIX: &str = "flow-proxy";
@@ -77,16 +80,6 @@ where
             ),
         }
     }
-}
-
-/// An HTTP client for the harness: one connection per request (so a stopped server is seen at
-/// once, not through a pooled connection) and a bound on every request.
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("HTTP client")
 }
 
 // ---- the registry ----------------------------------------------------------------------------
@@ -363,12 +356,9 @@ pub struct ProxyProcess {
     child: tokio::process::Child,
     pid: u32,
     exit: Option<ExitStatus>,
-    /// HAProxy's HTTP port on 127.0.0.1.
-    pub http_port: u16,
-    api_address: SocketAddr,
-    data_dir: PathBuf,
     log_path: PathBuf,
-    client: reqwest::Client,
+    /// Its API and HAProxy addresses and data directory, and the requests to them.
+    client: ProxyClient,
     /// Holds the log and, unless the caller gave one, the data directory.
     _scratch: TempDir,
 }
@@ -395,7 +385,6 @@ impl ProxyProcess {
             .clone()
             .unwrap_or_else(|| scratch.path().join("data"));
         let log_path = scratch.path().join("flow-proxy.log");
-        let client = http_client();
         let mut attempt = 1;
         loop {
             let api_address = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
@@ -409,15 +398,13 @@ impl ProxyProcess {
                 &options.env,
                 &log_path,
             );
-            let why = match wait_ready(&mut child, pid, &client, api_address).await {
+            let client = ProxyClient::new(api_address, http_port, data_dir.clone());
+            let why = match wait_ready(&mut child, pid, &client).await {
                 Ok(()) => {
                     return ProxyProcess {
                         child,
                         pid,
                         exit: None,
-                        http_port,
-                        api_address,
-                        data_dir,
                         log_path,
                         client,
                         _scratch: scratch,
@@ -448,16 +435,6 @@ impl ProxyProcess {
         }
     }
 
-    /// The URL of an API endpoint, e.g. `api("/v1/docker-flow-proxy/ping")`.
-    pub fn api(&self, path_and_query: &str) -> String {
-        format!("http://{}{}", self.api_address, path_and_query)
-    }
-
-    /// Its data directory (generated haproxy.cfg, HAProxy's sockets).
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
     /// The process ID of flow-proxy itself, which also names the process group it leads (see
     /// [`live_group_members`]).
     pub fn pid(&self) -> u32 {
@@ -467,83 +444,6 @@ impl ProxyProcess {
     /// Everything flow-proxy wrote to stdout and stderr so far (all start attempts).
     pub fn log(&self) -> String {
         read_log(&self.log_path)
-    }
-
-    /// Sends a GET to the API and returns the status and the JSON answer.
-    pub async fn api_get(&self, path_and_query: &str) -> (StatusCode, Value) {
-        let response = self
-            .client
-            .get(self.api(path_and_query))
-            .send()
-            .await
-            .unwrap_or_else(|error| panic!("flow-proxy's API answers {path_and_query}: {error}"));
-        let status = response.status();
-        let body = response.json().await.expect("API answers JSON");
-        (status, body)
-    }
-
-    /// Calls `/v1/docker-flow-proxy/reconfigure?<query>`.
-    pub async fn reconfigure(&self, query: &str) -> (StatusCode, Value) {
-        self.api_get(&format!("/v1/docker-flow-proxy/reconfigure?{query}"))
-            .await
-    }
-
-    /// Calls `/v1/docker-flow-proxy/remove?<query>`.
-    pub async fn remove(&self, query: &str) -> (StatusCode, Value) {
-        self.api_get(&format!("/v1/docker-flow-proxy/remove?{query}"))
-            .await
-    }
-
-    /// The haproxy.cfg its HAProxy runs now, as `/config` shows it.
-    pub async fn config(&self) -> String {
-        let response = self
-            .client
-            .get(self.api("/v1/docker-flow-proxy/config"))
-            .send()
-            .await
-            .expect("flow-proxy's API answers /config");
-        assert_eq!(response.status(), StatusCode::OK, "GET /config");
-        response.text().await.expect("config text")
-    }
-
-    /// Sends `GET <path>` through its HAProxy (with a Host header when given); status and body.
-    pub async fn get_through_proxy(&self, path: &str, host: Option<&str>) -> (StatusCode, String) {
-        let mut request = self
-            .client
-            .get(format!("http://127.0.0.1:{}{}", self.http_port, path));
-        if let Some(host) = host {
-            request = request.header(reqwest::header::HOST, host);
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|error| panic!("HAProxy answers GET {path}: {error}"));
-        let status = response.status();
-        (status, response.text().await.expect("body"))
-    }
-
-    /// Asks `path` through its HAProxy `count` times (one connection each, so HAProxy's round
-    /// robin is visible request by request) and returns the backend names that answered, in
-    /// order. Every answer must be 200: a request HAProxy fails is a failure, not a sample.
-    pub async fn names_answering(&self, path: &str, count: usize) -> Vec<String> {
-        let mut names = Vec::with_capacity(count);
-        for _ in 0..count {
-            let (status, body) = self.get_through_proxy(path, None).await;
-            assert_eq!(status, StatusCode::OK, "GET {path} through HAProxy: {body}");
-            names.push(body.split(' ').next().unwrap_or_default().to_string());
-        }
-        names
-    }
-
-    /// The PID of the HAProxy process serving now, asked on its stats socket (`None` when it
-    /// does not answer): unchanged means HAProxy was not reloaded.
-    pub async fn haproxy_pid(&self) -> Option<u32> {
-        let socket = self
-            .data_dir
-            .canonicalize()
-            .expect("the data directory exists")
-            .join("haproxy.sock");
-        flow_proxy::haproxy::serving_pid(&socket).await
     }
 
     /// Stops flow-proxy with SIGTERM, as an orchestrator does, and returns its exit status.
@@ -588,6 +488,14 @@ impl ProxyProcess {
     }
 }
 
+impl Deref for ProxyProcess {
+    type Target = ProxyClient;
+
+    fn deref(&self) -> &ProxyClient {
+        &self.client
+    }
+}
+
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
         if self.exit.is_none() {
@@ -610,7 +518,7 @@ impl Drop for ProxyProcess {
             eprintln!(
                 "---- log of flow-proxy (pid {}, API {}, HTTP port {}) ----\n{}",
                 self.pid,
-                self.api_address,
+                self.api(""),
                 self.http_port,
                 self.log()
             );
@@ -618,21 +526,21 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// Waits until the API at `api_address` answers its ping with 200. Fails early, with the
-/// reason, when the process exits; kills it when it does not answer within 20 s.
+/// Waits until the API `client` calls answers its ping with 200. Fails early, with the reason,
+/// when the process exits; kills it when it does not answer within 20 s.
 async fn wait_ready(
     child: &mut tokio::process::Child,
     pid: u32,
-    client: &reqwest::Client,
-    api_address: SocketAddr,
+    client: &ProxyClient,
 ) -> Result<(), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    let ping = format!("http://{api_address}/v1/docker-flow-proxy/ping");
+    let ping = client.api("/v1/docker-flow-proxy/ping");
     loop {
         if let Some(status) = child.try_wait().expect("flow-proxy's status") {
             return Err(format!("exited ({status}) before answering its ping"));
         }
         let answered = client
+            .http()
             .get(&ping)
             .timeout(Duration::from_secs(1))
             .send()

@@ -6,27 +6,8 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::fleet::{
-    eventually, live_group_members, Fault, ProxyOptions, ProxyProcess, SharedRegistry,
-};
+use crate::fleet::{eventually, live_group_members, Fault, ProxyProcess, SharedRegistry};
 use crate::helpers::spawn_backend;
-
-/// The backend names answering `count` requests for `path` through `proxy`'s HAProxy.
-async fn names_answering(proxy: &ProxyProcess, path: &str, count: usize) -> Vec<String> {
-    let mut names = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (status, body) = proxy.get_through_proxy(path, None).await;
-        assert_eq!(status, StatusCode::OK, "GET {path} through HAProxy: {body}");
-        names.push(body.split(' ').next().unwrap_or_default().to_string());
-    }
-    names
-}
-
-/// Asserts that a reconfigure was applied.
-async fn reconfigure_ok(proxy: &ProxyProcess, query: &str) {
-    let (status, body) = proxy.reconfigure(query).await;
-    assert_eq!(status, StatusCode::OK, "reconfigure?{query}: {body}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_one_registry_and_a_route_set_on_one_is_stored_there() {
@@ -44,7 +25,7 @@ async fn two_proxies_share_one_registry_and_a_route_set_on_one_is_stored_there()
 
     let web = spawn_backend("web").await;
     registry.register_instance("web", "web.1", web.port).await;
-    reconfigure_ok(&a, "serviceName=web&servicePath=/web").await;
+    a.reconfigure_ok("serviceName=web&servicePath=/web").await;
 
     assert_eq!(
         a.get_through_proxy("/web", None).await,
@@ -103,12 +84,16 @@ async fn ttl_checks_decide_which_instances_a_reconfigure_routes() {
 
     registry.fail_check(&check_one).await;
     assert_eq!(registry.passing_instance_ids("web").await, ["web.2"]);
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
-    assert_eq!(names_answering(&proxy, "/web", 4).await, ["two"; 4]);
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    assert_eq!(proxy.names_answering("/web", None, 4).await, ["two"; 4]);
 
     registry.pass_check(&check_one).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
-    let mut names = names_answering(&proxy, "/web", 4).await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    let mut names = proxy.names_answering("/web", None, 4).await;
     names.sort();
     names.dedup();
     assert_eq!(names, ["one", "two"], "both healthy instances serve");
@@ -133,7 +118,9 @@ async fn while_the_registry_is_down_changes_are_refused_and_haproxy_keeps_servin
     let api = spawn_backend("api").await;
     registry.register_instance("web", "web.1", web.port).await;
     registry.register_instance("api", "api.1", api.port).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
 
     registry.stop().await;
     let refused = reqwest::get(format!("{}/v1/status/leader", registry.url())).await;
@@ -160,7 +147,9 @@ async fn while_the_registry_is_down_changes_are_refused_and_haproxy_keeps_servin
         registry.stored_spec("web").await.is_some(),
         "the registry kept its KV across the restart"
     );
-    reconfigure_ok(&proxy, "serviceName=api&servicePath=/api").await;
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
     assert_eq!(
         proxy.get_through_proxy("/api", None).await,
         (StatusCode::OK, "api /api".to_string()),
@@ -177,7 +166,9 @@ async fn without_a_cluster_leader_changes_are_refused_until_it_is_back() {
     let api = spawn_backend("api").await;
     registry.register_instance("web", "web.1", web.port).await;
     registry.register_instance("api", "api.1", api.port).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
 
     registry.set_fault(Some(Fault::NoLeader));
     let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
@@ -192,36 +183,12 @@ async fn without_a_cluster_leader_changes_are_refused_until_it_is_back() {
     );
 
     registry.set_fault(None);
-    reconfigure_ok(&proxy, "serviceName=api&servicePath=/api").await;
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
     assert_eq!(
         proxy.get_through_proxy("/api", None).await,
         (StatusCode::OK, "api /api".to_string())
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_successor_with_an_empty_data_dir_takes_over_a_stopped_proxys_port() {
-    let registry = SharedRegistry::start().await;
-    let mut a = ProxyProcess::start(&registry.address(), &[]).await;
-    let web = spawn_backend("web").await;
-    registry.register_instance("web", "web.1", web.port).await;
-    reconfigure_ok(&a, "serviceName=web&servicePath=/web").await;
-    assert!(a.stop().await.success());
-
-    let b = ProxyProcess::start_with(
-        &registry.address(),
-        ProxyOptions {
-            http_port: Some(a.http_port),
-            ..ProxyOptions::default()
-        },
-    )
-    .await;
-    assert_eq!(b.http_port, a.http_port);
-    assert_ne!(b.data_dir(), a.data_dir());
-    assert_eq!(
-        b.get_through_proxy("/web", None).await,
-        (StatusCode::OK, "web /web".to_string()),
-        "B restored the route from the registry and serves it on A's port"
     );
 }
 

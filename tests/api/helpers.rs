@@ -2,14 +2,16 @@
 //! ports, plus tiny backend servers that say who they are.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Once;
-use std::time::Duration;
 
 use flow_proxy::settings::Settings;
 use flow_proxy::FlowProxy;
 use reqwest::StatusCode;
 use serde_json::Value;
+
+use crate::proxy_client::ProxyClient;
 
 /// A free TCP port on 127.0.0.1 (bound, then released for HAProxy to bind).
 pub fn free_port() -> u16 {
@@ -40,13 +42,14 @@ fn require_haproxy() {
     );
 }
 
-/// A running flow-proxy with its own data directory, HAProxy port and embedded registry.
+/// A running flow-proxy with its own data directory, HAProxy port and embedded registry. The
+/// requests to its API and through its HAProxy are those of its [`ProxyClient`] (it derefs to
+/// it); what is its own is the in-process lifecycle and the embedded registry.
 pub struct TestProxy {
     app: Option<FlowProxy>,
     settings: Settings,
     pub data_dir: tempfile::TempDir,
-    pub http_port: u16,
-    client: reqwest::Client,
+    client: ProxyClient,
 }
 
 impl TestProxy {
@@ -78,17 +81,12 @@ impl TestProxy {
         let app = FlowProxy::start(settings.clone())
             .await
             .expect("flow-proxy starts");
+        let client = client_of(&app, &settings);
         TestProxy {
             app: Some(app),
             settings,
             data_dir,
-            http_port,
-            // One connection per request, so that HAProxy's balancing is visible request by request.
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .timeout(Duration::from_secs(20))
-                .build()
-                .expect("HTTP client"),
+            client,
         }
     }
 
@@ -103,14 +101,15 @@ impl TestProxy {
         }
     }
 
-    /// Starts flow-proxy again on the same data directory and HAProxy port.
+    /// Starts flow-proxy again on the same data directory and HAProxy port (its API on a new
+    /// ephemeral port, which the client follows).
     pub async fn start_again(&mut self) {
         assert!(self.app.is_none(), "stop() first");
-        self.app = Some(
-            FlowProxy::start(self.settings.clone())
-                .await
-                .expect("flow-proxy starts again"),
-        );
+        let app = FlowProxy::start(self.settings.clone())
+            .await
+            .expect("flow-proxy starts again");
+        self.client = client_of(&app, &self.settings);
+        self.app = Some(app);
     }
 
     /// The `host:port` of the registry this proxy uses (its embedded one unless told otherwise),
@@ -123,55 +122,13 @@ impl TestProxy {
             .to_string()
     }
 
-    /// The URL of an API endpoint, e.g. `api("/v1/docker-flow-proxy/ping")`.
-    pub fn api(&self, path_and_query: &str) -> String {
-        format!("http://{}{}", self.app().api_address(), path_and_query)
-    }
-
-    /// Sends a GET to the API and returns the status and the JSON answer.
-    pub async fn api_get(&self, path_and_query: &str) -> (StatusCode, Value) {
-        let response = self
-            .client
-            .get(self.api(path_and_query))
-            .send()
-            .await
-            .expect("API answers");
-        let status = response.status();
-        let body = response.json().await.expect("API answers JSON");
-        (status, body)
-    }
-
-    /// Calls `/v1/docker-flow-proxy/reconfigure?<query>`.
-    pub async fn reconfigure(&self, query: &str) -> (StatusCode, Value) {
-        self.api_get(&format!("/v1/docker-flow-proxy/reconfigure?{query}"))
-            .await
-    }
-
-    /// Calls `/v1/docker-flow-proxy/remove?<query>`.
-    pub async fn remove(&self, query: &str) -> (StatusCode, Value) {
-        self.api_get(&format!("/v1/docker-flow-proxy/remove?{query}"))
-            .await
-    }
-
-    /// The haproxy.cfg HAProxy runs now, as `/config` shows it.
-    pub async fn config(&self) -> String {
-        let response = self
-            .client
-            .get(self.api("/v1/docker-flow-proxy/config"))
-            .send()
-            .await
-            .expect("API answers");
-        assert_eq!(response.status(), StatusCode::OK);
-        response.text().await.expect("config text")
-    }
-
     /// Registers an instance in the registry the way Registrator does.
     pub async fn register_instance(&self, service: &str, id: &str, port: u16) {
         let body = serde_json::json!({
             "ID": id, "Name": service, "Port": port, "Address": "127.0.0.1", "Check": null, "Checks": null
         });
         let response = self
-            .client
+            .http()
             .put(format!(
                 "{}/v1/agent/service/register",
                 self.app().registry_url()
@@ -186,7 +143,7 @@ impl TestProxy {
     /// Deregisters an instance the way Registrator does when its container stops.
     pub async fn deregister_instance(&self, id: &str) {
         let response = self
-            .client
+            .http()
             .put(format!(
                 "{}/v1/agent/service/deregister/{id}",
                 self.app().registry_url()
@@ -200,7 +157,7 @@ impl TestProxy {
     /// The spec stored in KV for `service` (`None` when the key does not exist).
     pub async fn stored_spec(&self, service: &str) -> Option<Value> {
         let response = self
-            .client
+            .http()
             .get(format!(
                 "{}/v1/kv/flow-proxy/services/{service}?raw",
                 self.app().registry_url()
@@ -218,26 +175,13 @@ impl TestProxy {
     /// Writes a raw value into the registry's KV store, as any Consul user could.
     pub async fn put_kv(&self, key: &str, value: &str) {
         let response = self
-            .client
+            .http()
             .put(format!("{}/v1/kv/{key}", self.app().registry_url()))
             .body(value.to_string())
             .send()
             .await
             .expect("registry answers");
         assert_eq!(response.status(), StatusCode::OK, "PUT {key}");
-    }
-
-    /// Sends `GET <path>` through HAProxy (with a Host header when given); status and body.
-    pub async fn get_through_proxy(&self, path: &str, host: Option<&str>) -> (StatusCode, String) {
-        let mut request = self
-            .client
-            .get(format!("http://127.0.0.1:{}{}", self.http_port, path));
-        if let Some(host) = host {
-            request = request.header(reqwest::header::HOST, host);
-        }
-        let response = request.send().await.expect("HAProxy answers");
-        let status = response.status();
-        (status, response.text().await.expect("body"))
     }
 
     /// What HAProxy runs now, to check later that a refused change changed nothing.
@@ -261,18 +205,22 @@ impl TestProxy {
             "HAProxy was not reloaded"
         );
     }
+}
 
-    /// The PID of the HAProxy process serving now, asked on its stats socket.
-    pub async fn haproxy_pid(&self) -> Option<u32> {
-        flow_proxy::haproxy::serving_pid(
-            &self
-                .data_dir
-                .path()
-                .canonicalize()
-                .expect("data dir")
-                .join("haproxy.sock"),
-        )
-        .await
+/// The client for `app`, started with `settings`.
+fn client_of(app: &FlowProxy, settings: &Settings) -> ProxyClient {
+    ProxyClient::new(
+        app.api_address(),
+        settings.http_port,
+        settings.data_dir.clone(),
+    )
+}
+
+impl Deref for TestProxy {
+    type Target = ProxyClient;
+
+    fn deref(&self) -> &ProxyClient {
+        &self.client
     }
 }
 
@@ -316,20 +264,4 @@ pub async fn spawn_backend(name: &str) -> Backend {
         let _ = axum::serve(listener, app).await;
     });
     Backend { port, task }
-}
-
-/// Asks `path` through the proxy `count` times; returns the backend names that answered, in order.
-pub async fn names_answering(
-    proxy: &TestProxy,
-    path: &str,
-    host: Option<&str>,
-    count: usize,
-) -> Vec<String> {
-    let mut names = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (status, body) = proxy.get_through_proxy(path, host).await;
-        assert_eq!(status, StatusCode::OK, "GET {path} through HAProxy: {body}");
-        names.push(body.split(' ').next().unwrap_or_default().to_string());
-    }
-    names
 }

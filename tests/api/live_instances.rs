@@ -44,7 +44,7 @@ where
 /// The distinct backend names answering [`SAMPLE`] requests for `path`.
 async fn serving(proxy: &ProxyProcess, path: &str) -> BTreeSet<String> {
     proxy
-        .names_answering(path, SAMPLE)
+        .names_answering(path, None, SAMPLE)
         .await
         .into_iter()
         .collect()
@@ -59,11 +59,6 @@ fn server_address(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
-async fn reconfigure_ok(proxy: &ProxyProcess, query: &str) {
-    let (status, body) = proxy.reconfigure(query).await;
-    assert_eq!(status, StatusCode::OK, "reconfigure?{query}: {body}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_instance_serves_within_a_second_without_any_api_call() {
     let registry = SharedRegistry::start().await;
@@ -71,7 +66,9 @@ async fn a_registered_instance_serves_within_a_second_without_any_api_call() {
     let one = spawn_backend("one").await;
     let two = spawn_backend("two").await;
     registry.register_instance("web", "web.1", one.port).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
     assert_eq!(serving(&proxy, "/web").await, names(&["one"]));
 
     let changed = Instant::now();
@@ -100,7 +97,9 @@ async fn a_deregistered_instance_stops_being_routed_within_a_second() {
     let two = spawn_backend("two").await;
     registry.register_instance("web", "web.1", one.port).await;
     registry.register_instance("web", "web.2", two.port).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
     assert_eq!(serving(&proxy, "/web").await, names(&["one", "two"]));
 
     // The backend keeps running: only Consul says the instance is gone.
@@ -114,7 +113,7 @@ async fn a_deregistered_instance_stops_being_routed_within_a_second() {
     .await;
 
     assert_eq!(
-        proxy.names_answering("/web", 20).await,
+        proxy.names_answering("/web", None, 20).await,
         ["one"; 20],
         "no request reaches the deregistered instance any more"
     );
@@ -138,7 +137,9 @@ async fn an_instance_whose_check_turns_critical_leaves_and_comes_back_within_a_s
     let check_two = registry
         .register_instance_with_ttl_check("web", "web.2", two.port)
         .await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
     assert_eq!(serving(&proxy, "/web").await, names(&["one", "two"]));
 
     let changed = Instant::now();
@@ -169,7 +170,9 @@ async fn without_instance_watching_new_instances_wait_for_a_reload() {
     let one = spawn_backend("one").await;
     let two = spawn_backend("two").await;
     registry.register_instance("web", "web.1", one.port).await;
-    reconfigure_ok(&watching, "serviceName=web&servicePath=/web").await;
+    watching
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
     // The route reaches the second proxy through the stored specs, with the instances of then.
     eventually("the on-demand proxy routes /web", FOLLOW, || async {
         on_demand.get_through_proxy("/web", None).await.0 == StatusCode::OK
@@ -214,7 +217,9 @@ async fn a_blue_green_service_follows_the_instances_of_its_current_color() {
     registry
         .register_instance("web-blue", "web-blue.1", blue_1.port)
         .await;
-    reconfigure_ok(&proxy, "serviceName=web&serviceColor=blue&servicePath=/web").await;
+    proxy
+        .reconfigure_ok("serviceName=web&serviceColor=blue&servicePath=/web")
+        .await;
     assert_eq!(serving(&proxy, "/web").await, names(&["blue-1"]));
 
     let changed = Instant::now();
@@ -230,11 +235,9 @@ async fn a_blue_green_service_follows_the_instances_of_its_current_color() {
     registry
         .register_instance("web-green", "web-green.1", green_1.port)
         .await;
-    reconfigure_ok(
-        &proxy,
-        "serviceName=web&serviceColor=green&servicePath=/web",
-    )
-    .await;
+    proxy
+        .reconfigure_ok("serviceName=web&serviceColor=green&servicePath=/web")
+        .await;
     assert_eq!(serving(&proxy, "/web").await, names(&["green-1"]));
 
     // Blue changes first, then green: once green's change shows, blue's would have too.

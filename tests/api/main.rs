@@ -13,6 +13,7 @@ mod helpers;
 mod live_instances;
 mod migration;
 mod outages;
+mod proxy_client;
 mod restore;
 mod routing;
 mod supervision;

@@ -27,9 +27,10 @@ async fn write_docker_flow_layout(registry: &SharedRegistry) {
 }
 
 async fn routed_names(proxy: &ProxyProcess) -> Vec<String> {
-    let (status, body) = proxy.api_get("/v1/docker-flow-proxy/services").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body.as_array()
+    proxy
+        .services()
+        .await
+        .as_array()
         .expect("a list of specs")
         .iter()
         .map(|spec| spec["ServiceName"].as_str().unwrap_or_default().to_string())

@@ -30,15 +30,10 @@ const NOTICE: Duration = Duration::from_secs(5);
 /// The warning an instance watch logs when a query to Consul fails.
 const WATCH_FAILED: &str = "watching instances failed";
 
-async fn reconfigure_ok(proxy: &ProxyProcess, query: &str) {
-    let (status, body) = proxy.reconfigure(query).await;
-    assert_eq!(status, StatusCode::OK, "reconfigure?{query}: {body}");
-}
-
 /// Whether the backend called `name` answers any of six requests for `path`.
 async fn answers(proxy: &ProxyProcess, path: &str, name: &str) -> bool {
     proxy
-        .names_answering(path, 6)
+        .names_answering(path, None, 6)
         .await
         .iter()
         .any(|answered| answered == name)
@@ -108,7 +103,9 @@ async fn with_consul_down_haproxy_keeps_serving_and_resyncs_when_it_is_back() {
     let api = spawn_backend("api").await;
     registry.register_instance("web", "web.1", one.port).await;
     registry.register_instance("api", "api.1", api.port).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
     let before = snapshot(&proxy).await;
 
     registry.stop().await;
@@ -124,7 +121,7 @@ async fn with_consul_down_haproxy_keeps_serving_and_resyncs_when_it_is_back() {
     let (status, body) = proxy.remove("serviceName=web").await;
     assert_refused(status, &body, "Consul is unreachable");
     assert_eq!(
-        proxy.names_answering("/web", 4).await,
+        proxy.names_answering("/web", None, 4).await,
         ["one"; 4],
         "HAProxy keeps serving the last route"
     );
@@ -164,14 +161,16 @@ async fn without_a_cluster_leader_changes_are_refused_and_instances_resync_once_
     let api = spawn_backend("api").await;
     registry.register_instance("web", "web.1", one.port).await;
     registry.register_instance("api", "api.1", api.port).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
     let before = snapshot(&proxy).await;
 
     registry.set_fault(Some(Fault::NoLeader));
     let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
     assert_refused(status, &body, "No cluster leader");
     assert_refused(status, &body, "Consul cannot serve");
-    assert_eq!(proxy.names_answering("/web", 4).await, ["one"; 4]);
+    assert_eq!(proxy.names_answering("/web", None, 4).await, ["one"; 4]);
     assert_unchanged(&proxy, &before).await;
 
     // Registrator still reaches the agent without a leader. A blocking query the watch had sent
@@ -195,7 +194,7 @@ async fn without_a_cluster_leader_changes_are_refused_and_instances_resync_once_
         "instances registered without a leader answer once it is back",
         RESYNC,
         || async {
-            let names = proxy.names_answering("/web", 6).await;
+            let names = proxy.names_answering("/web", None, 6).await;
             ["one", "two", "three"]
                 .iter()
                 .all(|name| names.iter().any(|answered| answered == name))
@@ -203,8 +202,10 @@ async fn without_a_cluster_leader_changes_are_refused_and_instances_resync_once_
     )
     .await;
     eprintln!("resynced {:?} after the leader came back", healed.elapsed());
-    reconfigure_ok(&proxy, "serviceName=api&servicePath=/api").await;
-    assert_eq!(proxy.names_answering("/api", 2).await, ["api"; 2]);
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
+    assert_eq!(proxy.names_answering("/api", None, 2).await, ["api"; 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,8 +217,10 @@ async fn an_unreachable_first_address_hands_over_to_the_next() {
     let one = spawn_backend("one").await;
     let two = spawn_backend("two").await;
     registry.register_instance("web", "web.1", one.port).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
-    assert_eq!(proxy.names_answering("/web", 2).await, ["one"; 2]);
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    assert_eq!(proxy.names_answering("/web", None, 2).await, ["one"; 2]);
     assert!(
         registry.stored_spec("web").await.is_some(),
         "the spec was stored through the second address"
@@ -237,7 +240,7 @@ async fn an_unreachable_first_address_hands_over_to_the_next() {
     eventually(
         "an instance deregistered behind the second address is not routed",
         LIVE.saturating_sub(changed.elapsed()),
-        || async { proxy.names_answering("/web", 6).await == ["two"; 6] },
+        || async { proxy.names_answering("/web", None, 6).await == ["two"; 6] },
     )
     .await;
 }
@@ -255,8 +258,10 @@ async fn an_address_without_a_leader_hands_over_to_the_next() {
     let one = spawn_backend("one").await;
     let two = spawn_backend("two").await;
     registry.register_instance("web", "web.1", one.port).await;
-    reconfigure_ok(&proxy, "serviceName=web&servicePath=/web").await;
-    assert_eq!(proxy.names_answering("/web", 2).await, ["one"; 2]);
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    assert_eq!(proxy.names_answering("/web", None, 2).await, ["one"; 2]);
     assert!(registry.stored_spec("web").await.is_some());
 
     let changed = Instant::now();
@@ -281,7 +286,9 @@ async fn a_proxy_started_while_consul_is_down_serves_its_last_good_config_then_r
     let one = spawn_backend("one").await;
     let two = spawn_backend("two").await;
     registry.register_instance("web", "web.1", one.port).await;
-    reconfigure_ok(&first, "serviceName=web&servicePath=/web").await;
+    first
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
     let last_good = first.config().await;
     assert!(first.stop().await.success());
 
@@ -295,7 +302,7 @@ async fn a_proxy_started_while_consul_is_down_serves_its_last_good_config_then_r
     )
     .await;
     assert_eq!(
-        proxy.names_answering("/web", 4).await,
+        proxy.names_answering("/web", None, 4).await,
         ["one"; 4],
         "HAProxy serves the last good haproxy.cfg with Consul down"
     );
@@ -315,7 +322,7 @@ async fn a_proxy_started_while_consul_is_down_serves_its_last_good_config_then_r
     eprintln!("resynced {:?} after the registration", changed.elapsed());
     assert!(
         proxy
-            .names_answering("/web", 4)
+            .names_answering("/web", None, 4)
             .await
             .contains(&"one".to_string()),
         "the restored route keeps its first instance"

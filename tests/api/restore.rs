@@ -2,7 +2,7 @@
 
 use reqwest::StatusCode;
 
-use crate::helpers::{names_answering, spawn_backend, TestProxy};
+use crate::helpers::{spawn_backend, TestProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_proxy_restores_routes_from_kv_and_forgets_removed_ones() {
@@ -42,7 +42,9 @@ async fn a_restarted_proxy_restores_routes_from_kv_and_forgets_removed_ones() {
     proxy.start_again().await;
 
     assert_eq!(
-        names_answering(&proxy, "/kept", Some("kept.example.com"), 1).await,
+        proxy
+            .names_answering("/kept", Some("kept.example.com"), 1)
+            .await,
         ["kept"]
     );
     let (status, _) = proxy.get_through_proxy("/gone", None).await;
@@ -51,7 +53,7 @@ async fn a_restarted_proxy_restores_routes_from_kv_and_forgets_removed_ones() {
         StatusCode::SERVICE_UNAVAILABLE,
         "a removed service stays removed"
     );
-    let (_, services) = proxy.api_get("/v1/docker-flow-proxy/services").await;
+    let services = proxy.services().await;
     let names: Vec<&str> = services
         .as_array()
         .expect("a list")
@@ -92,7 +94,7 @@ async fn a_stored_spec_that_no_longer_validates_is_skipped_and_the_rest_restored
     proxy.stop().await;
     proxy.start_again().await;
 
-    assert_eq!(names_answering(&proxy, "/good", None, 1).await, ["good"]);
+    assert_eq!(proxy.names_answering("/good", None, 1).await, ["good"]);
     let (_, services) = proxy.api_get("/services").await;
     assert_eq!(services.as_array().map(Vec::len), Some(1), "{services}");
     assert!(!proxy.config().await.contains("evil"));

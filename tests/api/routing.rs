@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{free_port, names_answering, spawn_backend, TestProxy};
+use crate::helpers::{free_port, spawn_backend, TestProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_proxy_answers_503() {
@@ -46,7 +46,7 @@ async fn reconfigure_routes_a_path_to_every_instance_round_robin() {
         body.ends_with(" /demo/hello"),
         "the path reaches the instance unchanged: {body}"
     );
-    let names = names_answering(&proxy, "/demo/hello", None, 4).await;
+    let names = proxy.names_answering("/demo/hello", None, 4).await;
     assert_ne!(names[0], names[1], "round robin alternates: {names:?}");
     assert_eq!(names[0], names[2], "round robin alternates: {names:?}");
     assert_eq!(
@@ -76,7 +76,7 @@ async fn the_short_endpoint_names_and_put_work_like_docker_flow_proxy() {
         .expect("API answers");
 
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(names_answering(&proxy, "/short", None, 1).await, ["short"]);
+    assert_eq!(proxy.names_answering("/short", None, 1).await, ["short"]);
     let (status, services) = proxy.api_get("/services").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(services[0]["ServiceName"], "short");
@@ -102,15 +102,21 @@ async fn domains_route_every_path_of_their_host_and_wildcards_match_the_end() {
     assert_eq!(status, StatusCode::OK, "{answer}");
 
     assert_eq!(
-        names_answering(&proxy, "/any/path", Some("example.com"), 1).await,
+        proxy
+            .names_answering("/any/path", Some("example.com"), 1)
+            .await,
         ["site"]
     );
     assert_eq!(
-        names_answering(&proxy, "/", Some("EXAMPLE.com:8080"), 1).await,
+        proxy
+            .names_answering("/", Some("EXAMPLE.com:8080"), 1)
+            .await,
         ["site"]
     );
     assert_eq!(
-        names_answering(&proxy, "/x", Some("shop.example.org"), 1).await,
+        proxy
+            .names_answering("/x", Some("shop.example.org"), 1)
+            .await,
         ["tenants"]
     );
     let (status, _) = proxy
@@ -151,10 +157,7 @@ async fn remove_takes_one_service_off_and_leaves_the_others() {
     assert_eq!(answer["ServiceName"], "users");
     let (status, _) = proxy.get_through_proxy("/users", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        names_answering(&proxy, "/orders", None, 1).await,
-        ["orders"]
-    );
+    assert_eq!(proxy.names_answering("/orders", None, 1).await, ["orders"]);
     let (status, answer) = proxy.remove("serviceName=users").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
     assert_eq!(answer["Status"], "NOK");
@@ -177,7 +180,7 @@ async fn a_color_switch_moves_traffic_from_blue_to_green() {
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(
-        names_answering(&proxy, "/demo", None, 3).await,
+        proxy.names_answering("/demo", None, 3).await,
         ["blue", "blue", "blue"]
     );
 
@@ -186,7 +189,7 @@ async fn a_color_switch_moves_traffic_from_blue_to_green() {
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(
-        names_answering(&proxy, "/demo", None, 3).await,
+        proxy.names_answering("/demo", None, 3).await,
         ["green", "green", "green"]
     );
 }
@@ -206,12 +209,9 @@ async fn indexed_destinations_route_each_path_to_its_own_port() {
     let (status, answer) = proxy.reconfigure(&query).await;
 
     assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(proxy.names_answering("/api/items", None, 1).await, ["api"]);
     assert_eq!(
-        names_answering(&proxy, "/api/items", None, 1).await,
-        ["api"]
-    );
-    assert_eq!(
-        names_answering(&proxy, "/admin/users", None, 1).await,
+        proxy.names_answering("/admin/users", None, 1).await,
         ["admin"]
     );
 }
@@ -268,7 +268,8 @@ async fn reload_rereads_the_instances_from_the_registry() {
             .0,
         StatusCode::OK
     );
-    let before: BTreeSet<String> = names_answering(&proxy, "/web", None, 4)
+    let before: BTreeSet<String> = proxy
+        .names_answering("/web", None, 4)
         .await
         .into_iter()
         .collect();
@@ -278,10 +279,7 @@ async fn reload_rereads_the_instances_from_the_registry() {
     let (status, answer) = proxy.api_get("/v1/docker-flow-proxy/reload").await;
 
     assert_eq!(status, StatusCode::OK, "{answer}");
-    assert_eq!(
-        names_answering(&proxy, "/web", None, 4).await,
-        ["staying"; 4]
-    );
+    assert_eq!(proxy.names_answering("/web", None, 4).await, ["staying"; 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,7 +332,7 @@ async fn a_burst_of_concurrent_reconfigures_gets_one_answer_each() {
     assert_eq!(answers[5].0, StatusCode::BAD_REQUEST, "{}", answers[5].1);
     for index in 0..10 {
         let path = format!("/burst{index}");
-        assert_eq!(names_answering(&proxy, &path, None, 1).await, ["burst"]);
+        assert_eq!(proxy.names_answering(&path, None, 1).await, ["burst"]);
     }
     assert!(proxy.stored_spec("broken").await.is_none());
     assert!(!proxy.config().await.contains("broken"));

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::helpers::{names_answering, spawn_backend, TestProxy};
+use crate::helpers::{spawn_backend, TestProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_haproxy_is_restarted_with_the_last_good_config() {
@@ -43,7 +43,7 @@ async fn a_killed_haproxy_is_restarted_with_the_last_good_config() {
     }
     assert!(restarted.is_some(), "a new HAProxy serves within 10 s");
     assert_eq!(
-        names_answering(&proxy, "/survivor", None, 1).await,
+        proxy.names_answering("/survivor", None, 1).await,
         ["survivor"]
     );
 }

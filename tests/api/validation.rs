@@ -2,7 +2,7 @@
 
 use reqwest::StatusCode;
 
-use crate::helpers::{names_answering, spawn_backend, Backend, TestProxy};
+use crate::helpers::{spawn_backend, Backend, TestProxy};
 
 /// A proxy already routing `/demo` to one instance, so that "nothing changed" can be observed.
 async fn proxy_routing_demo() -> (TestProxy, Backend) {
@@ -62,7 +62,7 @@ async fn a_bad_parameter_is_refused_with_its_name_and_changes_nothing() {
     }
 
     proxy.assert_unchanged_since(&before).await;
-    assert_eq!(names_answering(&proxy, "/demo", None, 1).await, ["demo"]);
+    assert_eq!(proxy.names_answering("/demo", None, 1).await, ["demo"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +82,7 @@ async fn a_config_haproxy_rejects_leaves_the_running_proxy_and_kv_unchanged() {
         "HAProxy's own lines reach the caller: {message}"
     );
     proxy.assert_unchanged_since(&before).await;
-    assert_eq!(names_answering(&proxy, "/demo/x", None, 1).await, ["demo"]);
+    assert_eq!(proxy.names_answering("/demo/x", None, 1).await, ["demo"]);
     let stored = proxy
         .stored_spec("go-demo")
         .await
@@ -138,6 +138,6 @@ async fn a_port_haproxy_cannot_bind_answers_500_and_puts_everything_back() {
     assert!(message.contains("bind"), "HAProxy's own reason: {message}");
     proxy.assert_unchanged_since(&before).await;
     assert!(proxy.stored_spec("db").await.is_none(), "nothing stored");
-    assert_eq!(names_answering(&proxy, "/demo", None, 1).await, ["demo"]);
+    assert_eq!(proxy.names_answering("/demo", None, 1).await, ["demo"]);
     drop(taken);
 }
