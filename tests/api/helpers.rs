@@ -183,28 +183,6 @@ impl TestProxy {
             .expect("registry answers");
         assert_eq!(response.status(), StatusCode::OK, "PUT {key}");
     }
-
-    /// What HAProxy runs now, to check later that a refused change changed nothing.
-    pub async fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            config: self.config().await,
-            haproxy_pid: self.haproxy_pid().await,
-        }
-    }
-
-    /// Asserts that haproxy.cfg is byte-identical and HAProxy was not reloaded since `before`.
-    pub async fn assert_unchanged_since(&self, before: &Snapshot) {
-        assert_eq!(
-            self.config().await,
-            before.config,
-            "haproxy.cfg is unchanged"
-        );
-        assert_eq!(
-            self.haproxy_pid().await,
-            before.haproxy_pid,
-            "HAProxy was not reloaded"
-        );
-    }
 }
 
 /// The client for `app`, started with `settings`.
@@ -229,12 +207,6 @@ impl Drop for TestProxy {
         // HAProxy children are killed when their handles drop with the runtime (kill_on_drop).
         self.app.take();
     }
-}
-
-/// The running configuration and HAProxy process at one moment.
-pub struct Snapshot {
-    config: String,
-    haproxy_pid: Option<u32>,
 }
 
 /// A backend HTTP server on 127.0.0.1 that answers every request with `<name> <path>`.

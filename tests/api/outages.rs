@@ -81,19 +81,6 @@ fn assert_refused(status: StatusCode, body: &Value, reason: &str) {
     );
 }
 
-/// What HAProxy runs now, to compare after a refused change.
-async fn snapshot(proxy: &ProxyProcess) -> (String, Option<u32>) {
-    let pid = proxy.haproxy_pid().await;
-    assert!(pid.is_some(), "HAProxy answers on its stats socket");
-    (proxy.config().await, pid)
-}
-
-async fn assert_unchanged(proxy: &ProxyProcess, before: &(String, Option<u32>)) {
-    let (config, pid) = snapshot(proxy).await;
-    assert_eq!(config, before.0, "haproxy.cfg is byte-identical");
-    assert_eq!(pid, before.1, "HAProxy was not reloaded");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_consul_down_haproxy_keeps_serving_and_resyncs_when_it_is_back() {
     let mut registry = SharedRegistry::start().await;
@@ -106,7 +93,7 @@ async fn with_consul_down_haproxy_keeps_serving_and_resyncs_when_it_is_back() {
     proxy
         .reconfigure_ok("serviceName=web&servicePath=/web")
         .await;
-    let before = snapshot(&proxy).await;
+    let before = proxy.snapshot().await;
 
     registry.stop().await;
     let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
@@ -130,9 +117,9 @@ async fn with_consul_down_haproxy_keeps_serving_and_resyncs_when_it_is_back() {
         StatusCode::SERVICE_UNAVAILABLE,
         "the refused route was not added"
     );
-    assert_unchanged(&proxy, &before).await;
+    proxy.assert_unchanged_since(&before).await;
     until_the_instance_watch_failed(&proxy, "Consul is unreachable").await;
-    assert_unchanged(&proxy, &before).await;
+    proxy.assert_unchanged_since(&before).await;
 
     registry.restart().await;
     let changed = Instant::now();
@@ -164,14 +151,14 @@ async fn without_a_cluster_leader_changes_are_refused_and_instances_resync_once_
     proxy
         .reconfigure_ok("serviceName=web&servicePath=/web")
         .await;
-    let before = snapshot(&proxy).await;
+    let before = proxy.snapshot().await;
 
     registry.set_fault(Some(Fault::NoLeader));
     let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
     assert_refused(status, &body, "No cluster leader");
     assert_refused(status, &body, "Consul cannot serve");
     assert_eq!(proxy.names_answering("/web", None, 4).await, ["one"; 4]);
-    assert_unchanged(&proxy, &before).await;
+    proxy.assert_unchanged_since(&before).await;
 
     // Registrator still reaches the agent without a leader. A blocking query the watch had sent
     // before the fault may still deliver this one; the watch's next query fails.

@@ -155,4 +155,35 @@ impl ProxyClient {
             .join("haproxy.sock");
         flow_proxy::haproxy::serving_pid(&socket).await
     }
+
+    /// What HAProxy runs now, to check later that a refused change changed nothing. HAProxy must
+    /// answer on its stats socket.
+    pub async fn snapshot(&self) -> Snapshot {
+        let haproxy_pid = self.haproxy_pid().await;
+        assert!(haproxy_pid.is_some(), "HAProxy answers on its stats socket");
+        Snapshot {
+            config: self.config().await,
+            haproxy_pid,
+        }
+    }
+
+    /// Asserts that haproxy.cfg is byte-identical and HAProxy was not reloaded since `before`.
+    pub async fn assert_unchanged_since(&self, before: &Snapshot) {
+        assert_eq!(
+            self.config().await,
+            before.config,
+            "haproxy.cfg is byte-identical"
+        );
+        assert_eq!(
+            self.haproxy_pid().await,
+            before.haproxy_pid,
+            "HAProxy was not reloaded"
+        );
+    }
+}
+
+/// The running configuration and HAProxy process at one moment.
+pub struct Snapshot {
+    config: String,
+    haproxy_pid: Option<u32>,
 }
