@@ -85,32 +85,38 @@ fn bench_render() {
 }
 
 async fn bench_reconfigure() {
-    let proxy = TestProxy::spawn().await;
-    let mut routed = 0;
+    let mut proxy = TestProxy::spawn().await;
+    // The path variant each routed service is on; a new variant changes the configuration.
+    let mut variants: Vec<usize> = Vec::new();
+    let mut next_variant = 1;
     for target in [1, 100, 500] {
-        while routed < target {
-            reconfigure(&proxy, routed, 0).await;
-            routed += 1;
+        while variants.len() < target {
+            reconfigure(&proxy, variants.len(), 0).await;
+            variants.push(0);
         }
         let mut samples = Vec::new();
         for run in 0..20 {
+            let index = run % target;
             let started = Instant::now();
             // Re-route one existing service on a new path: the configuration keeps `target`
             // services and changes, so HAProxy reloads.
-            reconfigure(&proxy, run % target, run + 1).await;
+            reconfigure(&proxy, index, next_variant).await;
             samples.push(started.elapsed());
+            variants[index] = next_variant;
+            next_variant += 1;
         }
         println!(
             "reconfigure, {target:>4} services routed: {}",
             summary(samples)
         );
     }
+    let routed = variants.len();
     let mut samples = Vec::new();
     for run in 0..20 {
         let index = run % routed;
         let started = Instant::now();
         // The spec it already has: stored again, no reload.
-        reconfigure(&proxy, index, current_variant(index, routed)).await;
+        reconfigure(&proxy, index, variants[index]).await;
         samples.push(started.elapsed());
     }
     println!(
@@ -118,33 +124,27 @@ async fn bench_reconfigure() {
         summary(samples)
     );
     let mut samples = Vec::new();
-    for run in 0..5 {
+    for _ in 0..5 {
+        let variant = next_variant;
+        next_variant += 1;
         let started = Instant::now();
-        futures::future::join_all((0..50).map(|index| reconfigure(&proxy, index, 100 + run))).await;
+        futures::future::join_all((0..50).map(|index| reconfigure(&proxy, index, variant))).await;
         samples.push(started.elapsed());
     }
     println!(
         "burst of 50 concurrent reconfigures, {routed} services routed: {}",
         summary(samples)
     );
-}
-
-/// The path variant `bench_reconfigure` left service `index` on before its unchanged-spec runs.
-fn current_variant(index: usize, routed: usize) -> usize {
-    // The 500-service round re-routed services 0..19 to variants 1..20.
-    if index < 20 && routed >= 500 {
-        index + 1
-    } else {
-        0
-    }
+    // Its watches would otherwise keep running beside the next measurements.
+    proxy.stop().await;
 }
 
 /// A change made on proxy A, until proxy B (same registry) serves it through its HAProxy; and a
 /// new instance registered in the registry, until HAProxy serves it. No API call on B either way.
 async fn bench_propagation() {
-    let a = TestProxy::spawn().await;
+    let mut a = TestProxy::spawn().await;
     let registry = a.registry_address();
-    let b = TestProxy::spawn_with(|settings| settings.consul_address = vec![registry]).await;
+    let mut b = TestProxy::spawn_with(|settings| settings.consul_address = vec![registry]).await;
     let backend = helpers::spawn_backend("web").await;
     a.register_instance("web", "web.1", backend.port).await;
 
@@ -182,6 +182,8 @@ async fn bench_propagation() {
         "an instance registered, served by HAProxy: {}",
         summary(samples)
     );
+    b.stop().await;
+    a.stop().await;
 }
 
 /// Polls `path` through the proxy's HAProxy until it answers 200 (at most 10 s).
