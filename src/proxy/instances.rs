@@ -115,6 +115,13 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
         if handed_over.as_ref() == Some(&instances) {
             continue;
         }
+        if handed_over.is_some() {
+            tracing::info!(
+                service,
+                healthy = instances.len(),
+                "healthy instances changed in Consul"
+            );
+        }
         let change = Change::Instances {
             consul_service: service.clone(),
             instances: instances.clone(),
