@@ -160,6 +160,8 @@ impl Proxy {
         let (published, services) = watch::channel(Arc::new(Vec::new()));
         let haproxy = parts.haproxy.clone();
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
+        // HAProxy already serves the last good file: a restore that renders it again is no reload.
+        let applied_config = parts.haproxy.live_config().await.ok();
         let mut core = Core {
             state: RoutingState::new(),
             registry: parts.registry.clone(),
@@ -169,7 +171,7 @@ impl Proxy {
             haproxy: parts.haproxy,
             published,
             stored_floor: 0,
-            applied_config: None,
+            applied_config,
             instance_watches: InstanceWatches::new(
                 parts.watch_instances,
                 parts.registry,
