@@ -70,6 +70,23 @@ async fn until_the_instance_watch_failed(proxy: &ProxyProcess, reason: &str) {
     .await;
 }
 
+/// Registers a second instance of `web` (the backend `two` on `port`) and waits until HAProxy
+/// routes requests to it, within `bound` counted from the registration.
+async fn register_two_and_wait_served(
+    registry: &SharedRegistry,
+    proxy: &ProxyProcess,
+    port: u16,
+    what: &str,
+    bound: Duration,
+) {
+    let registered = Instant::now();
+    registry.register_instance("web", "web.2", port).await;
+    eventually(what, bound.saturating_sub(registered.elapsed()), || async {
+        answers(proxy, "/web", "two").await
+    })
+    .await;
+}
+
 /// Asserts a 503 refusal whose message contains `reason`.
 fn assert_refused(status: StatusCode, body: &Value, reason: &str) {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -122,15 +139,14 @@ async fn with_consul_down_haproxy_keeps_serving_and_resyncs_when_it_is_back() {
     proxy.assert_unchanged_since(&before).await;
 
     registry.restart().await;
-    let changed = Instant::now();
-    registry.register_instance("web", "web.2", two.port).await;
-    eventually(
+    register_two_and_wait_served(
+        &registry,
+        &proxy,
+        two.port,
         "an instance registered after Consul came back answers",
         RESYNC,
-        || async { answers(&proxy, "/web", "two").await },
     )
     .await;
-    eprintln!("resynced {:?} after the registration", changed.elapsed());
     assert_eq!(
         proxy.get_through_proxy("/api", None).await.0,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -176,7 +192,6 @@ async fn without_a_cluster_leader_changes_are_refused_and_instances_resync_once_
     );
 
     registry.set_fault(None);
-    let healed = Instant::now();
     eventually(
         "instances registered without a leader answer once it is back",
         RESYNC,
@@ -188,7 +203,6 @@ async fn without_a_cluster_leader_changes_are_refused_and_instances_resync_once_
         },
     )
     .await;
-    eprintln!("resynced {:?} after the leader came back", healed.elapsed());
     proxy
         .reconfigure_ok("serviceName=api&servicePath=/api")
         .await;
@@ -213,12 +227,12 @@ async fn an_unreachable_first_address_hands_over_to_the_next() {
         "the spec was stored through the second address"
     );
 
-    let changed = Instant::now();
-    registry.register_instance("web", "web.2", two.port).await;
-    eventually(
+    register_two_and_wait_served(
+        &registry,
+        &proxy,
+        two.port,
         "an instance registered behind the second address answers",
-        LIVE.saturating_sub(changed.elapsed()),
-        || async { answers(&proxy, "/web", "two").await },
+        LIVE,
     )
     .await;
 
@@ -251,12 +265,12 @@ async fn an_address_without_a_leader_hands_over_to_the_next() {
     assert_eq!(proxy.names_answering("/web", None, 2).await, ["one"; 2]);
     assert!(registry.stored_spec("web").await.is_some());
 
-    let changed = Instant::now();
-    registry.register_instance("web", "web.2", two.port).await;
-    eventually(
+    register_two_and_wait_served(
+        &registry,
+        &proxy,
+        two.port,
         "an instance registered behind the second address answers",
-        LIVE.saturating_sub(changed.elapsed()),
-        || async { answers(&proxy, "/web", "two").await },
+        LIVE,
     )
     .await;
 }
@@ -298,15 +312,14 @@ async fn a_proxy_started_while_consul_is_down_serves_its_last_good_config_then_r
     assert_refused(status, &body, "Consul is unreachable");
 
     registry.restart().await;
-    let changed = Instant::now();
-    registry.register_instance("web", "web.2", two.port).await;
-    eventually(
+    register_two_and_wait_served(
+        &registry,
+        &proxy,
+        two.port,
         "an instance registered after Consul came back answers",
         RESYNC,
-        || async { answers(&proxy, "/web", "two").await },
     )
     .await;
-    eprintln!("resynced {:?} after the registration", changed.elapsed());
     assert!(
         proxy
             .names_answering("/web", None, 4)
