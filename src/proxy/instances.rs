@@ -8,9 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::mpsc::WeakSender;
 use tokio::task::JoinHandle;
 
-use super::stored::{WATCH_BACKOFF, WATCH_MIN_INTERVAL};
 use super::{submit_internal, Change, Pending};
-use crate::registry::watch::{Backoff, IndexStep, RateLimit, WatchIndex};
+use crate::registry::watch::{Watch, WatchIndex};
 use crate::registry::ConsulClient;
 
 /// The running instance watches, one per Consul service name. Dropping it stops them.
@@ -68,48 +67,16 @@ impl Drop for InstanceWatches {
 
 /// Follows one service's healthy instances until aborted or the core stops.
 async fn watch_instances(registry: ConsulClient, service: String, core: WeakSender<Pending>) {
-    let mut index = WatchIndex::default();
-    let mut backoff = Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1);
-    let mut rate_limit = RateLimit::new(WATCH_MIN_INTERVAL);
+    let mut watch = Watch::new(
+        format!("the instances of `{service}`"),
+        WatchIndex::default(),
+    );
     let mut handed_over = None;
-    let mut consul_failing = false;
     loop {
-        rate_limit.acquire().await;
-        let answer = match registry
-            .watch_healthy_instances(&service, index.next_query())
-            .await
-        {
-            Ok(answer) => answer,
-            Err(error) => {
-                index.after_error();
-                let pause = backoff.next_pause();
-                if consul_failing {
-                    tracing::debug!(service, %error, retry_in = ?pause, "watching instances failed again");
-                } else {
-                    tracing::warn!(service, %error, retry_in = ?pause, "watching instances failed");
-                }
-                consul_failing = true;
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-        };
-        if consul_failing {
-            tracing::info!(service, "Consul answers again: resyncing instances");
-            consul_failing = false;
-            backoff.reset();
-        }
-        match index.observe(answer.index) {
-            IndexStep::Unchanged => continue,
-            IndexStep::Backwards => {
-                tracing::info!(
-                    service,
-                    "the service's index went backwards: reading it again"
-                );
-                continue;
-            }
-            IndexStep::Fresh | IndexStep::Forward => {}
-        }
-        let mut instances = answer.value;
+        let update = watch
+            .next(|blocking| registry.watch_healthy_instances(&service, blocking))
+            .await;
+        let mut instances = update.value;
         instances.sort();
         instances.dedup();
         if handed_over.as_ref() == Some(&instances) {
@@ -130,14 +97,9 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
             None => return,
             Some(Ok(_)) => {
                 handed_over = Some(instances);
-                backoff.reset();
+                watch.taken();
             }
-            Some(Err(error)) => {
-                let pause = backoff.next_pause();
-                tracing::error!(service, %error, retry_in = ?pause, "applying new instances failed");
-                index = WatchIndex::default();
-                tokio::time::sleep(pause).await;
-            }
+            Some(Err(error)) => watch.retry_later(error).await,
         }
     }
 }

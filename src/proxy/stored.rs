@@ -4,25 +4,17 @@
 //! watch's first successful read.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use tokio::sync::mpsc::WeakSender;
 
 use super::{submit_internal, Change, Pending, ProxyError};
-use crate::registry::watch::{Backoff, IndexStep, RateLimit, WatchIndex};
-use crate::registry::{ConsulClient, KvEntry, RegistryError};
+use crate::registry::watch::{Watch, WatchIndex};
+use crate::registry::{Blocking, ConsulClient, Indexed, KvEntry, RegistryError};
 use crate::spec::{services_from_docker_flow, ServiceName, ServiceSpec, DOCKER_FLOW_PREFIX};
 
 /// How many times a write that lost a check-and-set race is tried again before the caller gets
 /// a conflict.
 const CAS_ATTEMPTS: usize = 5;
-
-/// First and longest pause between two failed reads of a watch.
-pub(super) const WATCH_BACKOFF: (Duration, Duration) =
-    (Duration::from_millis(250), Duration::from_secs(10));
-
-/// With a burst of two, the shortest interval between two queries of one watch.
-pub(super) const WATCH_MIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The stored specs as one read of the prefix found them.
 #[derive(Debug)]
@@ -104,13 +96,12 @@ impl SpecStore {
         Err(ProxyError::Conflict(name.clone()))
     }
 
-    /// Reads every stored spec, as a blocking query after `index` when the watch has one.
-    async fn read(&self, index: &WatchIndex) -> Result<(Vec<KvEntry>, u64), RegistryError> {
-        let answer = self
-            .registry
-            .watch_kv_list(&self.prefix, index.next_query())
-            .await?;
-        Ok((answer.value, answer.index))
+    /// Reads every stored spec, as a blocking query when `blocking` is given.
+    async fn read(
+        &self,
+        blocking: Option<Blocking>,
+    ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
+        self.registry.watch_kv_list(&self.prefix, blocking).await
     }
 
     /// Parses what a read returned. Documents that do not validate are logged once per version.
@@ -157,12 +148,12 @@ pub(super) async fn first_read(
     store: &SpecStore,
     index: &mut WatchIndex,
 ) -> Result<StoredSpecs, RegistryError> {
-    let (mut entries, mut read_index) = store.read(&WatchIndex::default()).await?;
-    if entries.is_empty() && import_docker_flow(store).await? > 0 {
-        (entries, read_index) = store.read(&WatchIndex::default()).await?;
+    let mut read = store.read(None).await?;
+    if read.value.is_empty() && import_docker_flow(store).await? > 0 {
+        read = store.read(None).await?;
     }
-    index.observe(read_index);
-    Ok(store.parse(entries, read_index, false, &mut BTreeSet::new()))
+    index.observe(read.index);
+    Ok(store.parse(read.value, read.index, false, &mut BTreeSet::new()))
 }
 
 /// Imports Docker Flow Proxy's KV layout (`docker-flow/<service>/<field>`) into flow-proxy's, when
@@ -224,80 +215,42 @@ async fn import_docker_flow(store: &SpecStore) -> Result<usize, RegistryError> {
 /// Watches the prefix with blocking queries and hands every new version to the core, until the
 /// core stops. Read errors (Consul down, no leader, ACL refusals) are retried with capped,
 /// jittered exponential backoff while HAProxy keeps serving; a version the core could not apply
-/// is read and handed over again after a pause.
+/// is read and handed over again after a pause. When `import_pending` (the first read at start
+/// failed), the first read that succeeds imports Docker Flow Proxy's layout into an empty prefix.
 pub(super) async fn watch_stored_specs(
     store: SpecStore,
-    mut index: WatchIndex,
+    index: WatchIndex,
     mut import_pending: bool,
     core: WeakSender<Pending>,
 ) {
-    let mut backoff = Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1);
-    let mut rate_limit = RateLimit::new(WATCH_MIN_INTERVAL);
+    let mut watch = Watch::new("the stored specs".into(), index);
     let mut reported = BTreeSet::new();
-    let mut after_reset = false;
-    let mut consul_failing = false;
     loop {
-        rate_limit.acquire().await;
-        let (entries, read_index) = match store.read(&index).await {
-            Ok(read) => read,
-            Err(error) => {
-                index.after_error();
-                let pause = backoff.next_pause();
-                if consul_failing {
-                    tracing::debug!(%error, retry_in = ?pause, "watching the stored specs failed again");
-                } else {
-                    tracing::warn!(%error, retry_in = ?pause, "watching the stored specs failed");
+        let update = watch.next(|blocking| store.read(blocking)).await;
+        if std::mem::take(&mut import_pending) && update.value.is_empty() {
+            match import_docker_flow(&store).await {
+                Ok(0) => {}
+                Ok(_) => {
+                    watch.read_again();
+                    continue;
                 }
-                consul_failing = true;
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-        };
-        if consul_failing {
-            tracing::info!("Consul answers again: resyncing the stored specs");
-            consul_failing = false;
-            backoff.reset();
-        }
-        if import_pending {
-            import_pending = false;
-            if entries.is_empty() {
-                match import_docker_flow(&store).await {
-                    Ok(0) => {}
-                    Ok(_) => continue,
-                    Err(error) => {
-                        tracing::error!(%error, "importing Docker Flow Proxy's layout failed; retrying");
-                        import_pending = true;
-                        tokio::time::sleep(backoff.next_pause()).await;
-                        continue;
-                    }
+                Err(error) => {
+                    import_pending = true;
+                    watch.retry_later(error).await;
+                    continue;
                 }
             }
         }
-        match index.observe(read_index) {
-            IndexStep::Unchanged => continue,
-            IndexStep::Backwards => {
-                tracing::warn!(
-                    read_index,
-                    "Consul's KV index went backwards (restored or lost data?): reading everything again"
-                );
-                after_reset = true;
-                continue;
-            }
-            IndexStep::Fresh | IndexStep::Forward => {}
-        }
-        let snapshot = store.parse(entries, read_index, after_reset, &mut reported);
+        let snapshot = store.parse(
+            update.value,
+            update.index,
+            update.after_reset,
+            &mut reported,
+        );
         match submit_internal(&core, Change::Stored(snapshot)).await {
             None => return,
-            Some(Ok(_)) => {
-                after_reset = false;
-                backoff.reset();
-            }
-            Some(Err(error)) => {
-                let pause = backoff.next_pause();
-                tracing::error!(%error, retry_in = ?pause, "applying the stored specs failed");
-                index = WatchIndex::default();
-                tokio::time::sleep(pause).await;
-            }
+            Some(Ok(_)) => watch.taken(),
+            Some(Err(error)) => watch.retry_later(error).await,
         }
     }
 }

@@ -1,13 +1,22 @@
 //! The rules every blocking-query loop follows, as Consul documents them for its clients:
 //! which index to send next ([`WatchIndex`]), how fast to loop ([`RateLimit`]) and how long to
-//! wait after an error ([`Backoff`]). The loops themselves live with their owners.
+//! wait after an error ([`Backoff`]); and [`Watch`], the loop that applies them all, so that its
+//! users only say what to read and what to do with each new answer.
 
+use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::Blocking;
+use super::{Blocking, Indexed, RegistryError};
+
+/// First and longest pause between two failed queries of a watch.
+pub const WATCH_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(250), Duration::from_secs(10));
+
+/// With a burst of two, the shortest interval between two queries of one watch.
+pub const WATCH_MIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How long Consul may hold one blocking query. Shorter than Consul's default of 5 minutes, so
 /// that a Consul replaced by an empty one without any failed query (its index from then on lower
@@ -130,6 +139,116 @@ impl Backoff {
     }
 }
 
+/// An answer whose index moved: what a watch hands to its owner.
+#[derive(Debug)]
+pub struct Update<T> {
+    /// The data read.
+    pub value: T,
+    /// Its `X-Consul-Index`.
+    pub index: u64,
+    /// Since the last update the owner took, the index went backwards (Consul restored or lost
+    /// data): this is a fresh read of everything.
+    pub after_reset: bool,
+}
+
+/// A blocking-query loop on one resource: rate-limited, backing off (with jitter) while Consul
+/// fails, reading at once after an error, resetting when the index goes backwards, and logging
+/// an outage once when it starts and once when it ends.
+#[derive(Debug)]
+pub struct Watch {
+    subject: String,
+    index: WatchIndex,
+    backoff: Backoff,
+    rate_limit: RateLimit,
+    failing: bool,
+    after_reset: bool,
+}
+
+impl Watch {
+    /// A watch of `subject` (named in its log lines), starting after `index`.
+    pub fn new(subject: String, index: WatchIndex) -> Watch {
+        Watch {
+            subject,
+            index,
+            backoff: Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1),
+            rate_limit: RateLimit::new(WATCH_MIN_INTERVAL),
+            failing: false,
+            after_reset: false,
+        }
+    }
+
+    /// Queries with `read` until an answer's index moves, and returns it. Failed queries are
+    /// retried with backoff; answers with an unchanged index are skipped.
+    pub async fn next<T, Read, Answer>(&mut self, mut read: Read) -> Update<T>
+    where
+        Read: FnMut(Option<Blocking>) -> Answer,
+        Answer: Future<Output = Result<Indexed<T>, RegistryError>>,
+    {
+        loop {
+            self.rate_limit.acquire().await;
+            let answer = match read(self.index.next_query()).await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    self.index.after_error();
+                    let pause = self.backoff.next_pause();
+                    if self.failing {
+                        tracing::debug!(%error, retry_in = ?pause, "watching {} failed again", self.subject);
+                    } else {
+                        tracing::warn!(%error, retry_in = ?pause, "watching {} failed", self.subject);
+                    }
+                    self.failing = true;
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            };
+            if self.failing {
+                tracing::info!("Consul answers again: resyncing {}", self.subject);
+                self.failing = false;
+                self.backoff.reset();
+            }
+            match self.index.observe(answer.index) {
+                IndexStep::Unchanged => continue,
+                IndexStep::Backwards => {
+                    tracing::warn!(
+                        index = answer.index,
+                        "the index of {} went backwards (Consul restored or lost data?): reading everything again",
+                        self.subject
+                    );
+                    self.after_reset = true;
+                    continue;
+                }
+                IndexStep::Fresh | IndexStep::Forward => {
+                    return Update {
+                        value: answer.value,
+                        index: answer.index,
+                        after_reset: self.after_reset,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The owner took the last update.
+    pub fn taken(&mut self) {
+        self.after_reset = false;
+        self.backoff.reset();
+    }
+
+    /// The owner could not use the last update: pause (with backoff), then read everything
+    /// again.
+    pub async fn retry_later(&mut self, error: impl std::fmt::Display + Send) {
+        let pause = self.backoff.next_pause();
+        tracing::error!(%error, retry_in = ?pause, "using what was read of {} failed", self.subject);
+        self.read_again();
+        tokio::time::sleep(pause).await;
+    }
+
+    /// The next query reads everything at once (e.g. after the owner wrote to the resource).
+    pub fn read_again(&mut self) {
+        self.index = WatchIndex::default();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +321,60 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next_pause() <= first, "back to the first step");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_skips_unchanged_answers_survives_errors_and_flags_a_reset() {
+        use std::collections::VecDeque;
+        use std::sync::Mutex;
+
+        let outage = || RegistryError::Unreachable {
+            addresses: "consul:8500".into(),
+            message: "connection refused".into(),
+        };
+        let answer = |index: u64, value: &'static str| Ok(Indexed { value, index });
+        let script = Mutex::new(VecDeque::from([
+            Err(outage()),
+            answer(5, "a"),
+            answer(5, "a"),
+            answer(7, "b"),
+            Err(outage()),
+            answer(3, "c"),
+            answer(3, "c"),
+        ]));
+        let asked = Mutex::new(Vec::new());
+        let read = |blocking: Option<Blocking>| {
+            asked
+                .lock()
+                .expect("asked")
+                .push(blocking.map(|query| query.index));
+            let next = script.lock().expect("script").pop_front();
+            async move { next.expect("the watch reads no more than scripted") }
+        };
+        let mut watch = Watch::new("the test resource".into(), WatchIndex::default());
+
+        let first = watch.next(read).await;
+        assert_eq!(
+            (first.value, first.index, first.after_reset),
+            ("a", 5, false)
+        );
+        watch.taken();
+        let second = watch.next(read).await;
+        assert_eq!(
+            (second.value, second.index, second.after_reset),
+            ("b", 7, false)
+        );
+        watch.taken();
+        let third = watch.next(read).await;
+        assert_eq!((third.value, third.index), ("c", 3));
+        assert!(third.after_reset, "the index went from 7 back to 3");
+        watch.taken();
+
+        assert_eq!(
+            *asked.lock().expect("asked"),
+            [None, None, Some(5), Some(5), Some(7), None, None],
+            "immediate reads at first, after each error and after the reset; else blocking"
+        );
     }
 
     #[tokio::test(start_paused = true)]
