@@ -84,10 +84,22 @@ async fn remove(
     let name = spec::service_name_from_query(&pairs)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     let removed = proxy
-        .remove(name)
+        .remove(name.clone())
         .await
         .map_err(|error| ApiError::from(error).about(about))?;
-    Ok(Json(answer("OK", String::new(), Some(&removed))))
+    Ok(Json(match removed {
+        Some(spec) => answer("OK", String::new(), Some(&spec)),
+        None => {
+            let mut body = answer(
+                "OK",
+                "the service was not routed: its stored spec did not validate; it is deleted"
+                    .into(),
+                None,
+            );
+            body.insert("ServiceName".into(), name.as_str().into());
+            body
+        }
+    }))
 }
 
 async fn reload(State(proxy): State<Proxy>) -> Result<Json<Map<String, Value>>, ApiError> {

@@ -214,11 +214,11 @@ impl Proxy {
             .ok_or(ProxyError::Stopped)
     }
 
-    /// Stops routing a service; returns the spec it had.
-    pub async fn remove(&self, name: ServiceName) -> Result<ServiceSpec, ProxyError> {
-        self.submit(Change::Remove(name))
-            .await?
-            .ok_or(ProxyError::Stopped)
+    /// Stops routing a service and deletes its stored spec; returns the spec it had. `None`:
+    /// the service was not routed, but a stored spec that does not validate was there, and is
+    /// deleted.
+    pub async fn remove(&self, name: ServiceName) -> Result<Option<ServiceSpec>, ProxyError> {
+        self.submit(Change::Remove(name)).await
     }
 
     /// Re-reads every service's instances, re-renders and reloads HAProxy.
@@ -373,11 +373,13 @@ impl Core {
                     outcomes.push(Some(spec.clone()));
                 }
                 Change::Remove(name) => {
-                    let removed = candidate
-                        .remove(name)
-                        .ok_or_else(|| ProxyError::UnknownService(name.clone()))?;
+                    match candidate.remove(name) {
+                        Some(removed) => outcomes.push(Some(removed.spec)),
+                        // Not routed because its stored spec does not validate: delete that.
+                        None if self.store.holds(name).await? => outcomes.push(None),
+                        None => return Err(ProxyError::UnknownService(name.clone())),
+                    }
                     requested.insert(name.clone());
-                    outcomes.push(Some(removed.spec));
                 }
                 Change::Reload => {
                     for routed in candidate.values_mut() {

@@ -96,6 +96,11 @@ impl SpecStore {
         Err(ProxyError::Conflict(name.clone()))
     }
 
+    /// Whether a document is stored for the service (valid or not).
+    pub async fn holds(&self, name: &ServiceName) -> Result<bool, RegistryError> {
+        Ok(self.registry.kv_get(&self.key(name)).await?.value.is_some())
+    }
+
     /// Reads every stored spec, as a blocking query when `blocking` is given.
     async fn read(
         &self,

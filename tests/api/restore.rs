@@ -69,7 +69,7 @@ async fn a_restarted_proxy_restores_routes_from_kv_and_forgets_removed_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_spec_that_no_longer_validates_is_skipped_and_the_rest_restored() {
+async fn a_stored_spec_that_no_longer_validates_is_skipped_and_can_be_removed() {
     let mut proxy = TestProxy::spawn().await;
     let good = spawn_backend("good").await;
     proxy.register_instance("good", "good.1", good.port).await;
@@ -98,4 +98,21 @@ async fn a_stored_spec_that_no_longer_validates_is_skipped_and_the_rest_restored
     let (_, services) = proxy.api_get("/services").await;
     assert_eq!(services.as_array().map(Vec::len), Some(1), "{services}");
     assert!(!proxy.config().await.contains("evil"));
+
+    // The operator cleans up through the API: the bad documents go, nothing else changes.
+    let before = proxy.snapshot().await;
+    for name in ["evil", "garbage"] {
+        let (status, answer) = proxy.remove(&format!("serviceName={name}")).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["ServiceName"], name);
+        assert!(
+            answer["Message"]
+                .as_str()
+                .is_some_and(|message| message.contains("did not validate")),
+            "{answer}"
+        );
+        assert_eq!(proxy.stored_spec(name).await, None, "{name} is deleted");
+    }
+    proxy.assert_unchanged_since(&before).await;
+    assert_eq!(proxy.names_answering("/good", None, 1).await, ["good"]);
 }
