@@ -246,22 +246,6 @@ impl ConsulClient {
         Ok(Indexed { value, index })
     }
 
-    /// Stores `value` at `key` unconditionally.
-    pub async fn kv_put(&self, key: &str, value: Vec<u8>) -> Result<(), RegistryError> {
-        if self
-            .kv_write(reqwest::Method::PUT, key, "", Some(value))
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(RegistryError::Status {
-                request: format!("PUT /v1/kv/{key}"),
-                status: 200,
-                body: "false (the value was not stored)".into(),
-            })
-        }
-    }
-
     /// Stores `value` at `key` only if the key's `ModifyIndex` is still `modify_index` (0: only if
     /// the key does not exist). `false` means another writer got there first.
     pub async fn kv_put_cas(
@@ -281,13 +265,6 @@ impl ConsulClient {
         let query = format!("?cas={modify_index}");
         self.kv_write(reqwest::Method::DELETE, key, &query, None)
             .await
-    }
-
-    /// Deletes `key` (deleting a missing key succeeds, as in Consul).
-    pub async fn kv_delete(&self, key: &str) -> Result<(), RegistryError> {
-        self.kv_write(reqwest::Method::DELETE, key, "", None)
-            .await
-            .map(|_| ())
     }
 
     /// A KV PUT or DELETE; Consul answers `true` or `false`.
@@ -482,10 +459,10 @@ mod tests {
             None,
         );
 
-        client
-            .kv_put("flow-proxy/services/web", b"{}".to_vec())
+        assert!(client
+            .kv_put_cas("flow-proxy/services/web", b"{}".to_vec(), 0)
             .await
-            .expect("the third address takes the write");
+            .expect("the third address takes the write"));
         let stored = client
             .kv_get("flow-proxy/services/web")
             .await
@@ -532,7 +509,7 @@ mod tests {
         );
 
         let error = client
-            .kv_put("flow-proxy/services/web", b"{}".to_vec())
+            .kv_put_cas("flow-proxy/services/web", b"{}".to_vec(), 0)
             .await
             .expect_err("refused");
 
@@ -603,10 +580,10 @@ mod tests {
     async fn a_blocking_list_returns_when_the_prefix_changes_with_a_higher_index() {
         let (registry, _dir) = registry().await;
         let client = ConsulClient::new(&[registry.address().to_string()], None);
-        client
-            .kv_put("flow-proxy/services/a", b"a".to_vec())
+        assert!(client
+            .kv_put_cas("flow-proxy/services/a", b"a".to_vec(), 0)
             .await
-            .expect("write");
+            .expect("write"));
         let first = client
             .watch_kv_list("flow-proxy/services/", None)
             .await
@@ -631,10 +608,10 @@ mod tests {
                 .is_err(),
             "with nothing changed, the query keeps waiting"
         );
-        client
-            .kv_put("flow-proxy/services/b", b"b".to_vec())
+        assert!(client
+            .kv_put_cas("flow-proxy/services/b", b"b".to_vec(), 0)
             .await
-            .expect("write");
+            .expect("write"));
 
         let changed = tokio::time::timeout(Duration::from_secs(5), blocked)
             .await
