@@ -69,6 +69,16 @@ pub enum StartError {
     /// HAProxy did not start.
     #[error(transparent)]
     Haproxy(#[from] HaproxyError),
+    /// The API's credentials are unusable.
+    #[error(transparent)]
+    ApiAccess(#[from] api::AccessError),
+    /// The API would listen beyond loopback with nobody asked for credentials.
+    #[error(
+        "refusing to serve the API on {address} without authentication: anyone who reaches it \
+         could change routing. Set --api-token (or --api-token-file) and/or --api-users, listen \
+         on a loopback address, or pass --insecure-api to accept the risk"
+    )]
+    OpenApi { address: SocketAddr },
     /// The API address could not be bound.
     #[error("API cannot listen on {address}: {source}")]
     ApiBind {
@@ -91,6 +101,7 @@ pub struct FlowProxy {
 impl FlowProxy {
     /// Starts everything; returns once HAProxy serves the restored routes and the API listens.
     pub async fn start(settings: Settings) -> Result<FlowProxy, StartError> {
+        let (access, api_address) = api_access(&settings)?;
         let data_dir = prepare_data_dir(&settings.data_dir).await?;
 
         let (embedded_registry, consul_addresses) = if settings.consul_address.is_empty() {
@@ -102,7 +113,13 @@ impl FlowProxy {
         } else {
             (None, settings.consul_address.clone())
         };
-        let registry = ConsulClient::new(&consul_addresses, settings.consul_token.clone());
+        let registry = ConsulClient::new(
+            &consul_addresses,
+            settings
+                .consul_token
+                .as_ref()
+                .map(|token| token.expose().to_string()),
+        );
         let registry_url = registry.primary_url().to_string();
 
         let renderer = Renderer::new(settings.templates_dir.as_deref())?;
@@ -133,28 +150,29 @@ impl FlowProxy {
         })
         .await;
 
-        let listener = tokio::net::TcpListener::bind(settings.api_address)
+        let listener = tokio::net::TcpListener::bind(api_address)
             .await
             .map_err(|source| StartError::ApiBind {
-                address: settings.api_address,
+                address: api_address,
                 source,
             })?;
         let api_address = listener
             .local_addr()
             .map_err(|source| StartError::ApiBind {
-                address: settings.api_address,
+                address: api_address,
                 source,
             })?;
         let (api_shutdown, shutdown_requested) = oneshot::channel::<()>();
         let api_proxy = proxy.clone();
+        let authentication = access.describe();
         let api_task = tokio::spawn(async move {
-            axum::serve(listener, api::router(api_proxy))
+            axum::serve(listener, api::router(api_proxy, access))
                 .with_graceful_shutdown(async move {
                     let _ = shutdown_requested.await;
                 })
                 .await
         });
-        tracing::info!(%api_address, "flow-proxy API listening");
+        tracing::info!(%api_address, authentication = %authentication, "flow-proxy API listening");
 
         Ok(FlowProxy {
             api_address,
@@ -230,6 +248,44 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The API's access rules and the address it listens on: `--api-address`, else all addresses
+/// when callers must authenticate (or `--insecure-api`), else loopback. Refuses an address beyond
+/// loopback that nobody has to authenticate on, unless `--insecure-api`.
+fn api_access(settings: &Settings) -> Result<(api::ApiAccess, SocketAddr), StartError> {
+    let token = match (&settings.api_token, &settings.api_token_file) {
+        (Some(token), _) => Some(token.expose().to_string()),
+        (None, Some(path)) => Some(api::ApiAccess::read_token_file(path)?),
+        (None, None) => None,
+    };
+    let access = api::ApiAccess::new(
+        token.as_deref(),
+        settings.api_users.as_ref().map(|users| users.expose()),
+        settings.open_read_endpoints,
+        settings.insecure_api,
+    )?;
+    let open = access.has_credentials() || settings.insecure_api;
+    let address = settings.api_address.unwrap_or(if open {
+        SocketAddr::from(([0, 0, 0, 0], DEFAULT_API_PORT))
+    } else {
+        SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT))
+    });
+    if !open && !address.ip().is_loopback() {
+        return Err(StartError::OpenApi { address });
+    }
+    if !open {
+        tracing::warn!(
+            "the API has no credentials set (--api-token, --api-users): it listens on {address} \
+             and answers only requests to a loopback name"
+        );
+    } else if !access.has_credentials() {
+        tracing::warn!(%address, "--insecure-api: the API has no credentials; anyone who reaches it can change routing");
+    }
+    Ok((access, address))
+}
+
+/// The API's port when `--api-address` is not given (Docker Flow Proxy's).
+const DEFAULT_API_PORT: u16 = 8080;
+
 /// Creates the data directory and the error pages HAProxy reads; returns its absolute path.
 async fn prepare_data_dir(data_dir: &Path) -> Result<PathBuf, StartError> {
     let data_dir_error = |source| StartError::DataDir {
@@ -269,4 +325,54 @@ async fn start_haproxy(
     }
     let empty = renderer.render(render_settings, &[])?;
     Ok(Haproxy::start(binary.to_path_buf(), paths.clone(), &empty).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn settings(args: &[&str]) -> Settings {
+        Settings::try_parse_from(std::iter::once("flow-proxy").chain(args.iter().copied()))
+            .expect("valid flags")
+    }
+
+    #[test]
+    fn the_api_listens_on_loopback_unless_callers_must_authenticate_or_it_is_told_otherwise() {
+        let address = |args: &[&str]| api_access(&settings(args)).map(|(_, address)| address);
+        assert_eq!(
+            address(&[]).expect("starts"),
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        );
+        assert_eq!(
+            address(&["--api-token", "t"]).expect("starts"),
+            SocketAddr::from(([0, 0, 0, 0], 8080))
+        );
+        assert_eq!(
+            address(&["--api-users", "alice:secret"]).expect("starts"),
+            SocketAddr::from(([0, 0, 0, 0], 8080))
+        );
+        assert_eq!(
+            address(&["--insecure-api"]).expect("starts"),
+            SocketAddr::from(([0, 0, 0, 0], 8080))
+        );
+        assert_eq!(
+            address(&["--api-address", "[::1]:9000"]).expect("starts"),
+            "[::1]:9000".parse().expect("address")
+        );
+        assert!(matches!(
+            address(&["--api-address", "0.0.0.0:8080"]),
+            Err(StartError::OpenApi { .. })
+        ));
+        assert!(matches!(
+            address(&[
+                "--api-address",
+                "10.0.0.1:8080",
+                "--api-token-file",
+                "/nonexistent/token"
+            ]),
+            Err(StartError::ApiAccess(_))
+        ));
+    }
 }

@@ -13,9 +13,46 @@ use clap::Parser;
     about = "On-demand control plane for HAProxy, driven by Consul"
 )]
 pub struct Settings {
-    /// Address the flow-proxy HTTP API listens on.
-    #[arg(long, env = "API_ADDRESS", default_value = "0.0.0.0:8080")]
-    pub api_address: SocketAddr,
+    /// Address the flow-proxy HTTP API listens on. Unset: `0.0.0.0:8080` when the API requires
+    /// credentials (or `--insecure-api` is given), else `127.0.0.1:8080`.
+    #[arg(long, env = "API_ADDRESS")]
+    pub api_address: Option<SocketAddr>,
+
+    /// Bearer token every API call that changes routing must carry (`Authorization: Bearer …`).
+    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<Secret>,
+
+    /// File holding the API token (e.g. a Docker or systemd secret); surrounding white space is
+    /// ignored.
+    #[arg(long, env = "API_TOKEN_FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// API users for basic auth, `user:password,user2:password2`.
+    #[arg(long, env = "API_USERS", hide_env_values = true)]
+    pub api_users: Option<Secret>,
+
+    /// Let the API listen on any address without credentials (anyone who reaches it can change
+    /// routing).
+    #[arg(
+        long,
+        env = "INSECURE_API",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub insecure_api: bool,
+
+    /// Let the read-only endpoints (`config`, `services`) answer without credentials.
+    #[arg(
+        long,
+        env = "OPEN_READ_ENDPOINTS",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub open_read_endpoints: bool,
 
     /// Consul HTTP addresses (comma separated, tried in order). Unset: start the embedded registry.
     #[arg(long, env = "CONSUL_ADDRESS", value_delimiter = ',')]
@@ -23,7 +60,7 @@ pub struct Settings {
 
     /// Consul ACL token, sent as `X-Consul-Token` with every request to Consul.
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
-    pub consul_token: Option<String>,
+    pub consul_token: Option<Secret>,
 
     /// Follow each routed service's healthy instances in Consul (blocking queries) and update
     /// HAProxy as they change. `false`: instances are read only on reconfigure and reload.
@@ -70,6 +107,37 @@ pub struct Settings {
     pub kv_prefix: String,
 }
 
+/// A secret setting (token, passwords): its `Debug` never shows the value, so printing the
+/// settings cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(value.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -99,6 +167,7 @@ mod tests {
             "s3cret",
         ]);
         assert_eq!(settings.consul_address, ["consul-1:8500", "consul-2:8500"]);
-        assert_eq!(settings.consul_token.as_deref(), Some("s3cret"));
+        assert_eq!(settings.consul_token, Some(super::Secret::new("s3cret")));
+        assert!(!format!("{settings:?}").contains("s3cret"));
     }
 }

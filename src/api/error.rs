@@ -1,7 +1,7 @@
 //! The one place where a failure becomes an HTTP answer: status code plus Docker Flow Proxy's
 //! JSON shape `{"Status":"NOK","Message":…,"ServiceName":…}`.
 
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -24,6 +24,24 @@ pub enum ApiErrorKind {
     /// The core could not apply the change.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// The request carries no valid credentials.
+    #[error("this endpoint requires credentials: `Authorization: Bearer <api token>` or basic auth of an API user")]
+    Unauthorized {
+        /// The `WWW-Authenticate` challenge.
+        challenge: &'static str,
+    },
+    /// The request may not be answered (cross-site, or not addressed to a loopback name).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The query string is longer than the API reads.
+    #[error("the query string has {length} bytes; at most {max} are accepted", max = super::MAX_QUERY_BYTES)]
+    UriTooLong { length: usize },
+    /// The request body is larger than the API reads.
+    #[error("the request body has {length} bytes; at most {max} are accepted", max = super::MAX_BODY_BYTES)]
+    PayloadTooLarge { length: u64 },
+    /// The method is not one this endpoint accepts.
+    #[error("{0}")]
+    MethodNotAllowed(String),
 }
 
 /// A failed API call: the cause, and the service it was about when known.
@@ -54,6 +72,11 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match &self.kind {
             ApiErrorKind::Query(_) | ApiErrorKind::Spec(_) => StatusCode::BAD_REQUEST,
+            ApiErrorKind::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiErrorKind::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiErrorKind::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ApiErrorKind::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiErrorKind::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiErrorKind::Proxy(error) => match error {
                 ProxyError::RejectedRequest(_)
                 | ProxyError::Render(RenderError::PortConflict { .. }) => StatusCode::BAD_REQUEST,
@@ -86,6 +109,13 @@ impl IntoResponse for ApiError {
         if let Some(name) = self.service_name {
             body.insert("ServiceName".into(), name.into());
         }
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let ApiErrorKind::Unauthorized { challenge } = self.kind {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static(challenge),
+            );
+        }
+        response
     }
 }

@@ -2,23 +2,32 @@
 //! `/v1/docker-flow-proxy/<name>` and under `/<name>`. Handlers only parse, hand the change to
 //! the proxy core, and answer; the meaning of a request lives in `spec` and `proxy`.
 
+mod access;
 mod error;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
+use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
+pub use access::{AccessError, ApiAccess};
 pub use error::{ApiError, ApiErrorKind};
 
 use crate::proxy::Proxy;
 use crate::spec::{self, ServiceSpec};
 
-/// Builds the API router around a running proxy core.
-pub fn router(proxy: Proxy) -> Router {
+/// Longest query string accepted (414 beyond).
+pub const MAX_QUERY_BYTES: usize = 16 * 1024;
+/// Largest request body accepted (413 beyond).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Builds the API router around a running proxy core, with `access` deciding who may call it.
+pub fn router(proxy: Proxy, access: ApiAccess) -> Router {
     let endpoints: [(&str, MethodRouter<Proxy>); 6] = [
         ("reconfigure", get(reconfigure).put(reconfigure)),
         ("remove", get(remove).put(remove).delete(remove)),
@@ -33,7 +42,34 @@ pub fn router(proxy: Proxy) -> Router {
             .route(&format!("/v1/docker-flow-proxy/{name}"), handler.clone())
             .route(&format!("/{name}"), handler);
     }
-    router.layer(TraceLayer::new_for_http()).with_state(proxy)
+    router
+        .layer(middleware::from_fn_with_state(access, access::enforce))
+        // The backstop for bodies without a Content-Length; `refuse_oversized` answers the rest.
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(refuse_oversized))
+        .layer(TraceLayer::new_for_http())
+        .with_state(proxy)
+}
+
+/// Refuses a query string longer than [`MAX_QUERY_BYTES`] (414) and a body announced larger
+/// than [`MAX_BODY_BYTES`] (413) before anything reads them.
+async fn refuse_oversized(request: Request, next: Next) -> Response {
+    let query_bytes = request.uri().query().map_or(0, str::len);
+    if query_bytes > MAX_QUERY_BYTES {
+        return ApiError::from(ApiErrorKind::UriTooLong {
+            length: query_bytes,
+        })
+        .into_response();
+    }
+    let body_bytes = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if let Some(length) = body_bytes.filter(|length| *length > MAX_BODY_BYTES as u64) {
+        return ApiError::from(ApiErrorKind::PayloadTooLarge { length }).into_response();
+    }
+    next.run(request).await
 }
 
 /// Builds an answer in Docker Flow Proxy's shape, with the spec's fields merged in.

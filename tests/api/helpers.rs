@@ -42,6 +42,29 @@ fn require_haproxy() {
     );
 }
 
+/// The settings of a test proxy: everything on 127.0.0.1 (API and registry on ephemeral ports,
+/// HAProxy on a free port), the embedded registry, data in `data_dir`.
+pub fn test_settings(data_dir: &std::path::Path) -> Settings {
+    Settings {
+        api_address: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        api_token: None,
+        api_token_file: None,
+        api_users: None,
+        insecure_api: false,
+        open_read_endpoints: false,
+        consul_address: Vec::new(),
+        embedded_registry_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        data_dir: data_dir.to_path_buf(),
+        haproxy_binary: PathBuf::from("haproxy"),
+        bind_host: Some(Ipv4Addr::LOCALHOST.into()),
+        http_port: free_port(),
+        templates_dir: None,
+        kv_prefix: "flow-proxy".into(),
+        consul_token: None,
+        watch_instances: true,
+    }
+}
+
 /// A running flow-proxy with its own data directory, HAProxy port and embedded registry. The
 /// requests to its API and through its HAProxy are those of its [`ProxyClient`] (it derefs to
 /// it); what is its own is the in-process lifecycle and the embedded registry.
@@ -63,20 +86,7 @@ impl TestProxy {
         init_tracing();
         require_haproxy();
         let data_dir = tempfile::tempdir().expect("temporary data directory");
-        let http_port = free_port();
-        let mut settings = Settings {
-            api_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            consul_address: Vec::new(),
-            embedded_registry_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            data_dir: data_dir.path().to_path_buf(),
-            haproxy_binary: PathBuf::from("haproxy"),
-            bind_host: Some(Ipv4Addr::LOCALHOST.into()),
-            http_port,
-            templates_dir: None,
-            kv_prefix: "flow-proxy".into(),
-            consul_token: None,
-            watch_instances: true,
-        };
+        let mut settings = test_settings(data_dir.path());
         customise(&mut settings);
         let app = FlowProxy::start(settings.clone())
             .await
