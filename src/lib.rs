@@ -147,6 +147,7 @@ impl FlowProxy {
             haproxy: haproxy.clone(),
             kv_prefix: settings.kv_prefix.clone(),
             watch_instances: settings.watch_instances,
+            max_services: settings.max_services,
         })
         .await;
 

@@ -102,6 +102,10 @@ pub struct Settings {
     #[arg(long, env = "TEMPLATES_DIR")]
     pub templates_dir: Option<PathBuf>,
 
+    /// The most services routed at once: a reconfigure of one more is refused with 409.
+    #[arg(long, env = "MAX_SERVICES", default_value_t = 10_000)]
+    pub max_services: usize,
+
     /// Prefix of flow-proxy's keys in Consul KV; specs live at `<prefix>/services/<serviceName>`.
     #[arg(long, env = "KV_PREFIX", default_value = "flow-proxy")]
     pub kv_prefix: String,

@@ -81,7 +81,9 @@ impl ApiError {
                 ProxyError::RejectedRequest(_)
                 | ProxyError::Render(RenderError::PortConflict { .. }) => StatusCode::BAD_REQUEST,
                 ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
-                ProxyError::Conflict(_) => StatusCode::CONFLICT,
+                ProxyError::Conflict(_)
+                | ProxyError::RouteTaken { .. }
+                | ProxyError::TooManyServices { .. } => StatusCode::CONFLICT,
                 ProxyError::Registry(
                     RegistryError::Unreachable { .. } | RegistryError::Unavailable { .. },
                 )

@@ -80,6 +80,15 @@ pub enum ProxyError {
          store it; nothing was changed, try again"
     )]
     Conflict(ServiceName),
+    /// Another service already routes a request pattern this spec claims.
+    #[error(
+        "`{route}` is already routed to service `{owner}`; remove it there first, or give this \
+         service another path or domain"
+    )]
+    RouteTaken { route: String, owner: ServiceName },
+    /// Routing one more service would pass `--max-services`.
+    #[error("{limit} services are routed, the most --max-services allows; remove one first or raise the limit")]
+    TooManyServices { limit: usize },
     /// The core has stopped (flow-proxy is shutting down).
     #[error("flow-proxy is shutting down")]
     Stopped,
@@ -149,6 +158,8 @@ pub struct ProxyParts {
     pub kv_prefix: String,
     /// Whether to follow the routed services' instances with blocking queries.
     pub watch_instances: bool,
+    /// The most services routed at once (`--max-services`).
+    pub max_services: usize,
 }
 
 impl Proxy {
@@ -178,6 +189,7 @@ impl Proxy {
                 changes.downgrade(),
             ),
             stored_watch: None,
+            max_services: parts.max_services,
         };
         let mut index = WatchIndex::default();
         let import_pending = match stored::first_read(&store, &mut index).await {
@@ -269,6 +281,7 @@ struct Core {
     applied_config: Option<String>,
     instance_watches: InstanceWatches,
     stored_watch: Option<JoinHandle<()>>,
+    max_services: usize,
 }
 
 impl Drop for Core {
@@ -359,6 +372,7 @@ impl Core {
         for change in changes {
             match change {
                 Change::Reconfigure(spec) => {
+                    self.admit(&candidate, spec)?;
                     let instances = self
                         .registry
                         .healthy_instances(&spec.consul_service_name())
@@ -538,6 +552,33 @@ impl Core {
             self.applied_config = Some(config);
         }
         self.commit(candidate);
+        Ok(())
+    }
+
+    /// Refuses a reconfigure that would pass `--max-services`, or that claims a request pattern
+    /// another service routes (a color switch of the same service is no conflict).
+    fn admit(&self, candidate: &RoutingState, spec: &ServiceSpec) -> Result<(), ProxyError> {
+        let name = spec.service_name();
+        if !candidate.contains_key(name) && candidate.len() >= self.max_services {
+            return Err(ProxyError::TooManyServices {
+                limit: self.max_services,
+            });
+        }
+        let main_port = self.render_settings.http_port;
+        let claims: BTreeSet<_> = spec.route_claims(main_port).into_iter().collect();
+        for (owner, routed) in candidate.iter().filter(|(owner, _)| *owner != name) {
+            if let Some(taken) = routed
+                .spec
+                .route_claims(main_port)
+                .into_iter()
+                .find(|claim| claims.contains(claim))
+            {
+                return Err(ProxyError::RouteTaken {
+                    route: taken.to_string(),
+                    owner: owner.clone(),
+                });
+            }
+        }
         Ok(())
     }
 

@@ -117,7 +117,9 @@ struct HealthServiceWire {
     #[serde(rename = "ID")]
     id: String,
     address: String,
-    port: u16,
+    /// Read wide: one instance registered with an impossible port must not make the whole
+    /// answer unreadable (it is skipped, the others are served).
+    port: i64,
 }
 
 /// A client for one Consul cluster, given as one or more agent addresses tried in order.
@@ -183,7 +185,11 @@ impl ConsulClient {
             } else {
                 entry.service.address
             };
-            match Instance::new(&address, entry.service.port) {
+            let port = u16::try_from(entry.service.port).map_err(|_| crate::spec::SpecError {
+                parameter: "ServicePort".into(),
+                message: format!("{} is not a TCP port", entry.service.port),
+            });
+            match port.and_then(|port| Instance::new(&address, port)) {
                 Ok(instance) => instances.push(instance),
                 Err(error) => tracing::warn!(
                     service,
@@ -443,6 +449,52 @@ mod tests {
         let address = listener.local_addr().expect("address");
         drop(listener);
         address.to_string()
+    }
+
+    #[tokio::test]
+    async fn instances_with_impossible_ports_or_addresses_are_skipped_and_the_others_kept() {
+        // What a Consul that accepted such registrations answers (the embedded registry refuses
+        // them, so this answer is served by hand).
+        let entry = |id: &str, address: &str, port: i64| {
+            serde_json::json!({
+                "Node": {"Node": "n", "Address": "127.0.0.1"},
+                "Service": {"ID": id, "Service": "web", "Address": address, "Port": port},
+                "Checks": []
+            })
+        };
+        let answer = serde_json::json!([
+            entry("bad-negative", "127.0.0.1", -1),
+            entry("good-1", "127.0.0.1", 8080),
+            entry("bad-too-high", "127.0.0.1", 99999),
+            entry("bad-zero", "127.0.0.1", 0),
+            entry("bad-address", "10.0.0.1\nbind :1", 80),
+            entry("good-2", "", 8081),
+        ]);
+        let app = axum::Router::new().route(
+            "/v1/health/service/web",
+            axum::routing::get(
+                move || async move { ([("X-Consul-Index", "7")], axum::Json(answer)) },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = ConsulClient::new(&[address], None);
+        let instances = client.healthy_instances("web").await.expect("readable");
+        let served: Vec<(String, u16)> = instances
+            .iter()
+            .map(|instance| (instance.address().to_string(), instance.port()))
+            .collect();
+        assert_eq!(
+            served,
+            [
+                ("127.0.0.1".to_string(), 8080),
+                ("127.0.0.1".to_string(), 8081)
+            ]
+        );
+        server.abort();
     }
 
     #[tokio::test]

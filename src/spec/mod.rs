@@ -252,6 +252,82 @@ impl Destination {
     }
 }
 
+/// One request pattern an HTTP destination claims: a path (with its path type), a domain, or
+/// both, on a frontend. Two services may not claim the same one: the second would never see a
+/// request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteClaim {
+    /// The extra frontend's port; `None` for the main HTTP frontend.
+    pub src_port: Option<u16>,
+    /// The domain matched, if any.
+    pub domain: Option<String>,
+    /// The path type and path matched, if any.
+    pub path: Option<(&'static str, String)>,
+}
+
+impl std::fmt::Display for RouteClaim {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.path {
+            Some((path_type, path)) => write!(formatter, "{path_type} {path}")?,
+            None => formatter.write_str("every path")?,
+        }
+        if let Some(domain) = &self.domain {
+            write!(formatter, " of {domain}")?;
+        }
+        if let Some(port) = self.src_port {
+            write!(formatter, " on port {port}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ServiceSpec {
+    /// Every request pattern this spec's HTTP destinations claim; `main_port` is the main HTTP
+    /// frontend's port (a `srcPort` equal to it is the main frontend).
+    pub fn route_claims(&self, main_port: u16) -> Vec<RouteClaim> {
+        let mut claims = Vec::new();
+        for destination in &self.destinations {
+            if destination.req_mode != ReqMode::Http {
+                continue;
+            }
+            let src_port = destination
+                .src_port
+                .map(Port::get)
+                .filter(|port| *port != main_port);
+            let path_type = destination.effective_path_type(self).as_str();
+            let domains: Vec<Option<String>> = if destination.service_domain.is_empty() {
+                vec![None]
+            } else {
+                destination
+                    .service_domain
+                    .iter()
+                    .map(|domain| Some(domain.to_string()))
+                    .collect()
+            };
+            let paths: Vec<Option<(&'static str, String)>> = if destination.service_path.is_empty()
+            {
+                vec![None]
+            } else {
+                destination
+                    .service_path
+                    .iter()
+                    .map(|path| Some((path_type, path.as_str().to_string())))
+                    .collect()
+            };
+            for domain in &domains {
+                for path in &paths {
+                    claims.push(RouteClaim {
+                        src_port,
+                        domain: domain.clone(),
+                        path: path.clone(),
+                    });
+                }
+            }
+        }
+        claims
+    }
+}
+
 /// Reads the `serviceName` of a remove query; every other parameter is rejected.
 pub fn service_name_from_query(pairs: &[(String, String)]) -> Result<ServiceName, SpecError> {
     query::remove_service_name(pairs)

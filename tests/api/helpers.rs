@@ -62,6 +62,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         kv_prefix: "flow-proxy".into(),
         consul_token: None,
         watch_instances: true,
+        max_services: 10_000,
     }
 }
 

@@ -16,6 +16,7 @@ mod migration;
 mod outages;
 mod proxy_client;
 mod restore;
+mod route_conflicts;
 mod routing;
 mod supervision;
 mod validation;
