@@ -148,6 +148,7 @@ impl FlowProxy {
             kv_prefix: settings.kv_prefix.clone(),
             watch_instances: settings.watch_instances,
             max_services: settings.max_services,
+            change_timeout: std::time::Duration::from_secs(settings.change_timeout.max(1)),
         })
         .await;
 

@@ -106,6 +106,11 @@ pub struct Settings {
     #[arg(long, env = "MAX_SERVICES", default_value_t = 10_000)]
     pub max_services: usize,
 
+    /// Seconds an API call waits for its change to be applied before answering 503 (a change
+    /// that has not started by then is dropped).
+    #[arg(long, env = "CHANGE_TIMEOUT", default_value_t = 20)]
+    pub change_timeout: u64,
+
     /// Prefix of flow-proxy's keys in Consul KV; specs live at `<prefix>/services/<serviceName>`.
     #[arg(long, env = "KV_PREFIX", default_value = "flow-proxy")]
     pub kv_prefix: String,

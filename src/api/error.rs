@@ -87,6 +87,8 @@ impl ApiError {
                 ProxyError::Registry(
                     RegistryError::Unreachable { .. } | RegistryError::Unavailable { .. },
                 )
+                | ProxyError::Busy
+                | ProxyError::TimedOut { .. }
                 | ProxyError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
                 // Consul answered, and said no: flow-proxy's token is the problem.
                 ProxyError::Registry(RegistryError::AclDenied { .. }) => StatusCode::BAD_GATEWAY,
@@ -112,11 +114,19 @@ impl IntoResponse for ApiError {
             body.insert("ServiceName".into(), name.into());
         }
         let mut response = (status, Json(body)).into_response();
-        if let ApiErrorKind::Unauthorized { challenge } = self.kind {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static(challenge),
-            );
+        match self.kind {
+            ApiErrorKind::Unauthorized { challenge } => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static(challenge),
+                );
+            }
+            ApiErrorKind::Proxy(ProxyError::Busy) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
     }

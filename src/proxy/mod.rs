@@ -53,6 +53,9 @@ use stored::{SpecStore, StoredSpecs};
 /// Most changes applied with one validation and one reload.
 const MAX_BATCH: usize = 64;
 
+/// Most changes waiting for the core; an API call beyond that is answered 503 at once.
+pub const QUEUE_CAPACITY: usize = 64;
+
 /// Why a change was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -89,6 +92,18 @@ pub enum ProxyError {
     /// Routing one more service would pass `--max-services`.
     #[error("{limit} services are routed, the most --max-services allows; remove one first or raise the limit")]
     TooManyServices { limit: usize },
+    /// The queue of changes is full: flow-proxy is busy (Consul or HAProxy is slow).
+    #[error(
+        "flow-proxy is busy: {QUEUE_CAPACITY} changes are waiting to be applied (Consul or \
+         HAProxy is slow); nothing was changed, try again shortly"
+    )]
+    Busy,
+    /// The change was not applied within the caller's time.
+    #[error(
+        "this change was not applied within {seconds} s (Consul or HAProxy is slow); it is \
+         dropped unless it had already started: /services shows what is routed"
+    )]
+    TimedOut { seconds: u64 },
     /// The core has stopped (flow-proxy is shutting down).
     #[error("flow-proxy is shutting down")]
     Stopped,
@@ -140,6 +155,8 @@ async fn submit_internal(core: &mpsc::WeakSender<Pending>, change: Change) -> Op
 #[derive(Clone)]
 pub struct Proxy {
     changes: mpsc::Sender<Pending>,
+    /// How long an API call waits for its change.
+    change_timeout: std::time::Duration,
     services: watch::Receiver<Arc<Vec<ServiceSpec>>>,
     haproxy: Haproxy,
 }
@@ -160,6 +177,8 @@ pub struct ProxyParts {
     pub watch_instances: bool,
     /// The most services routed at once (`--max-services`).
     pub max_services: usize,
+    /// How long an API call waits for its change to be applied (`--change-timeout`).
+    pub change_timeout: std::time::Duration,
 }
 
 impl Proxy {
@@ -167,7 +186,7 @@ impl Proxy {
     /// background while HAProxy serves its last good configuration), then starts the core task,
     /// the KV watch and the instance watches.
     pub async fn start(parts: ProxyParts) -> Proxy {
-        let (changes, queue) = mpsc::channel(256);
+        let (changes, queue) = mpsc::channel(QUEUE_CAPACITY);
         let (published, services) = watch::channel(Arc::new(Vec::new()));
         let haproxy = parts.haproxy.clone();
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
@@ -214,6 +233,7 @@ impl Proxy {
         tokio::spawn(core.run(queue));
         Proxy {
             changes,
+            change_timeout: parts.change_timeout,
             services,
             haproxy,
         }
@@ -240,7 +260,18 @@ impl Proxy {
 
     /// Stops the core and its watches once the changes queued before are applied.
     pub async fn stop(&self) {
-        let _ = self.submit(Change::Stop).await;
+        let (reply, answer) = oneshot::channel();
+        if self
+            .changes
+            .send(Pending {
+                change: Change::Stop,
+                reply,
+            })
+            .await
+            .is_ok()
+        {
+            let _ = answer.await;
+        }
     }
 
     /// The specs routed now, ordered by service name.
@@ -256,13 +287,23 @@ impl Proxy {
             .map_err(ProxyError::Haproxy)
     }
 
+    /// Queues a change (refused at once when the queue is full) and waits for its outcome at
+    /// most the change timeout; a change whose caller stopped waiting is dropped by the core
+    /// unless it had started.
     async fn submit(&self, change: Change) -> Outcome {
         let (reply, answer) = oneshot::channel();
         self.changes
-            .send(Pending { change, reply })
-            .await
-            .map_err(|_| ProxyError::Stopped)?;
-        answer.await.map_err(|_| ProxyError::Stopped)?
+            .try_send(Pending { change, reply })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => ProxyError::Busy,
+                mpsc::error::TrySendError::Closed(_) => ProxyError::Stopped,
+            })?;
+        match tokio::time::timeout(self.change_timeout, answer).await {
+            Ok(outcome) => outcome.map_err(|_| ProxyError::Stopped)?,
+            Err(_) => Err(ProxyError::TimedOut {
+                seconds: self.change_timeout.as_secs(),
+            }),
+        }
     }
 }
 
@@ -306,6 +347,8 @@ impl Core {
             }
             let mut routine = Vec::with_capacity(batch.len());
             let mut stop = None;
+            // A caller that stopped waiting (its change timed out) was told the change is dropped.
+            batch.retain(|pending| !pending.reply.is_closed());
             for pending in batch {
                 match pending.change {
                     Change::Stop => stop = Some(pending.reply),

@@ -9,8 +9,9 @@ use serde::Deserialize;
 
 use crate::spec::Instance;
 
-/// How long a non-blocking request to one Consul address may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a non-blocking request to one Consul address may take: well under the API's change
+/// timeout, so a slow Consul is answered as such instead of holding every change.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long connecting to one Consul address may take before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

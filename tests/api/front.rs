@@ -2,6 +2,7 @@
 //! forwards every request unchanged to a real registry, and in between it can
 //!
 //! - record the `X-Consul-Token` of each request, to check what flow-proxy sends;
+//! - hold every request for a while before forwarding it, as a Consul under load would;
 //! - play a rival writer: just before a check-and-set write (`PUT /v1/kv/…?cas=…`) reaches the
 //!   registry, write another document to the same key, so that flow-proxy loses the race exactly
 //!   as it would against another proxy writing at the same moment.
@@ -19,6 +20,7 @@ struct FrontState {
     client: reqwest::Client,
     tokens: Mutex<Vec<(String, Option<String>)>>,
     rival: Mutex<Option<Rival>>,
+    delay: Mutex<std::time::Duration>,
 }
 
 /// The rival writer's plan: how many check-and-set writes it wins, and what it writes.
@@ -48,6 +50,7 @@ impl RegistryFront {
             client: reqwest::Client::new(),
             tokens: Mutex::new(Vec::new()),
             rival: Mutex::new(None),
+            delay: Mutex::new(std::time::Duration::ZERO),
         });
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
@@ -74,6 +77,11 @@ impl RegistryFront {
     /// Each request seen so far: `METHOD path` and its `X-Consul-Token` header, if any.
     pub fn tokens_seen(&self) -> Vec<(String, Option<String>)> {
         self.state.tokens.lock().expect("tokens lock").clone()
+    }
+
+    /// Holds every request that arrives from now on for `delay` before forwarding it.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        *self.state.delay.lock().expect("delay lock") = delay;
     }
 
     /// The next `wins` check-and-set writes lose to a rival that writes `document` to the same
@@ -103,6 +111,10 @@ async fn forward(
         .expect("tokens lock")
         .push((format!("{method} {}", uri.path()), token));
 
+    let delay = *state.delay.lock().expect("delay lock");
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
     let is_cas_write = method == Method::PUT
         && uri.path().starts_with("/v1/kv/")

@@ -63,6 +63,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         consul_token: None,
         watch_instances: true,
         max_services: 10_000,
+        change_timeout: 20,
     }
 }
 

@@ -18,5 +18,6 @@ mod proxy_client;
 mod restore;
 mod route_conflicts;
 mod routing;
+mod slow_registry;
 mod supervision;
 mod validation;
