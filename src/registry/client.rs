@@ -7,6 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde::Deserialize;
 
+use crate::settings::Secret;
 use crate::spec::Instance;
 
 /// How long a non-blocking request to one Consul address may take: well under the API's change
@@ -128,7 +129,7 @@ struct HealthServiceWire {
 pub struct ConsulClient {
     http: reqwest::Client,
     base_urls: Vec<String>,
-    token: Option<String>,
+    token: Option<Secret>,
 }
 
 impl ConsulClient {
@@ -152,7 +153,7 @@ impl ConsulClient {
                 .build()
                 .unwrap_or_default(),
             base_urls,
-            token: token.filter(|token| !token.is_empty()),
+            token: token.filter(|token| !token.is_empty()).map(Secret::new),
         }
     }
 
@@ -317,7 +318,7 @@ impl ConsulClient {
                 .request(method.clone(), format!("{base_url}{path}"))
                 .timeout(timeout);
             if let Some(token) = &self.token {
-                request = request.header("X-Consul-Token", token);
+                request = request.header("X-Consul-Token", token.expose());
             }
             if let Some(body) = &body {
                 request = request.body(body.clone());
