@@ -28,6 +28,7 @@
 //! [`FlowProxy::start`] wires them together; [`run`] is what the binary calls.
 
 pub mod api;
+pub mod certs;
 pub mod haproxy;
 pub mod proxy;
 pub mod registry;
@@ -149,6 +150,10 @@ impl FlowProxy {
             watch_instances: settings.watch_instances,
             max_services: settings.max_services,
             change_timeout: std::time::Duration::from_secs(settings.change_timeout.max(1)),
+            https: proxy::HttpsOptions {
+                port: settings.https_port,
+                enable_h2: settings.enable_h2,
+            },
         })
         .await;
 

@@ -98,6 +98,22 @@ pub struct Settings {
     #[arg(long, env = "HTTP_PORT", default_value_t = 80)]
     pub http_port: u16,
 
+    /// Port of HAProxy's HTTPS frontend, which serves every route of the HTTP frontend once a
+    /// certificate is stored.
+    #[arg(long, env = "HTTPS_PORT", default_value_t = 443)]
+    pub https_port: u16,
+
+    /// Offer HTTP/2 on the HTTPS frontend (ALPN `h2,http/1.1`); `false`: HTTP/1.1 only.
+    #[arg(
+        long,
+        env = "ENABLE_H2",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub enable_h2: bool,
+
     /// Directory with handlebars templates overriding the built-in ones (same file names).
     #[arg(long, env = "TEMPLATES_DIR")]
     pub templates_dir: Option<PathBuf>,

@@ -18,6 +18,9 @@ pub enum ApiErrorKind {
     /// The query string is not URL encoding.
     #[error("the query string is not valid URL encoding: {0}")]
     Query(#[from] serde_urlencoded::de::Error),
+    /// A certificate bundle was refused.
+    #[error(transparent)]
+    Cert(#[from] crate::certs::CertError),
     /// A parameter failed validation.
     #[error(transparent)]
     Spec(#[from] SpecError),
@@ -71,7 +74,9 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match &self.kind {
-            ApiErrorKind::Query(_) | ApiErrorKind::Spec(_) => StatusCode::BAD_REQUEST,
+            ApiErrorKind::Query(_) | ApiErrorKind::Spec(_) | ApiErrorKind::Cert(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiErrorKind::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiErrorKind::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiErrorKind::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -80,7 +85,9 @@ impl ApiError {
             ApiErrorKind::Proxy(error) => match error {
                 ProxyError::RejectedRequest(_)
                 | ProxyError::Render(RenderError::PortConflict { .. }) => StatusCode::BAD_REQUEST,
-                ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
+                ProxyError::UnknownService(_) | ProxyError::UnknownCertificate(_) => {
+                    StatusCode::NOT_FOUND
+                }
                 ProxyError::Conflict(_)
                 | ProxyError::RouteTaken { .. }
                 | ProxyError::TooManyServices { .. } => StatusCode::CONFLICT,

@@ -5,11 +5,12 @@
 mod access;
 mod error;
 
+use axum::body::Bytes;
 use axum::extract::{RawQuery, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, MethodRouter};
+use axum::routing::{get, put, MethodRouter};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -18,8 +19,9 @@ use tower_http::trace::TraceLayer;
 pub use access::{AccessError, ApiAccess};
 pub use error::{ApiError, ApiErrorKind};
 
+use crate::certs::Certificate;
 use crate::proxy::Proxy;
-use crate::spec::{self, ServiceSpec};
+use crate::spec::{self, ServiceName, ServiceSpec, SpecError};
 
 /// Longest query string accepted (414 beyond).
 pub const MAX_QUERY_BYTES: usize = 16 * 1024;
@@ -28,7 +30,9 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Builds the API router around a running proxy core, with `access` deciding who may call it.
 pub fn router(proxy: Proxy, access: ApiAccess) -> Router {
-    let endpoints: [(&str, MethodRouter<Proxy>); 6] = [
+    let endpoints: [(&str, MethodRouter<Proxy>); 8] = [
+        ("cert", put(put_cert).delete(delete_cert)),
+        ("certs", get(certs)),
         ("reconfigure", get(reconfigure).put(reconfigure)),
         ("remove", get(remove).put(remove).delete(remove)),
         ("reload", get(reload).put(reload).post(reload)),
@@ -150,6 +154,77 @@ async fn config(State(proxy): State<Proxy>) -> Result<impl IntoResponse, ApiErro
 
 async fn services(State(proxy): State<Proxy>) -> Json<Vec<ServiceSpec>> {
     Json(proxy.services().as_ref().clone())
+}
+
+/// The `certName` of a certificate call; Docker Flow Proxy's `distribute` is accepted (every
+/// proxy sharing the Consul serves a stored certificate anyway), anything else is refused.
+fn cert_name(query: Option<String>) -> Result<String, ApiError> {
+    let mut name = None;
+    for (parameter, value) in query_pairs(query)? {
+        match parameter.as_str() {
+            "certName" if name.is_none() => name = Some(value),
+            "distribute" => {}
+            other => {
+                return Err(SpecError {
+                    parameter: spec::values::shown(other),
+                    message: "not supported by the certificate endpoints (they take certName)"
+                        .into(),
+                }
+                .into())
+            }
+        }
+    }
+    name.ok_or_else(|| {
+        SpecError {
+            parameter: "certName".into(),
+            message: "required: the name the certificate is stored under".into(),
+        }
+        .into()
+    })
+}
+
+async fn put_cert(
+    State(proxy): State<Proxy>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Result<Json<Map<String, Value>>, ApiError> {
+    let name = cert_name(query)?;
+    let certificate = Certificate::parse(&name, &body)?;
+    let info = certificate.info().clone();
+    proxy.put_cert(certificate).await?;
+    let message = if info.expired {
+        format!(
+            "warning: the certificate expired on {}; clients will refuse it",
+            info.not_after
+        )
+    } else {
+        String::new()
+    };
+    let mut body = answer("OK", message, None);
+    body.insert(
+        "Certificate".into(),
+        serde_json::to_value(&info).unwrap_or_default(),
+    );
+    Ok(Json(body))
+}
+
+async fn delete_cert(
+    State(proxy): State<Proxy>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Map<String, Value>>, ApiError> {
+    let name = cert_name(query)?;
+    let name = ServiceName::parse("certName", &name)?;
+    proxy.delete_cert(name).await?;
+    Ok(Json(answer("OK", String::new(), None)))
+}
+
+async fn certs(State(proxy): State<Proxy>) -> Json<Map<String, Value>> {
+    let mut body = answer("OK", String::new(), None);
+    body.insert(
+        "Certs".into(),
+        serde_json::to_value(proxy.certificates().as_ref()).unwrap_or_default(),
+    );
+    Json(body)
 }
 
 async fn ping() -> Json<Map<String, Value>> {

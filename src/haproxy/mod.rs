@@ -11,6 +11,7 @@
 //!   The call returns once the new process answers on the stats socket, i.e. serves the new config.
 //! - If the serving process dies, the supervisor starts a new one from the last good `haproxy.cfg`.
 
+mod certificates;
 mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
+pub use certificates::CERTS_DIR;
 pub use runtime::{command as runtime_command, serving_pid};
 
 /// How long a new HAProxy process may take to serve before the start counts as failed.

@@ -41,10 +41,11 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::certs::{CertInfo, Certificate};
 use crate::haproxy::{Haproxy, HaproxyError};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, RegistryError};
-use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute};
+use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings};
 use crate::spec::{Instance, ServiceName, ServiceSpec};
 
 use instances::InstanceWatches;
@@ -74,6 +75,9 @@ pub enum ProxyError {
     /// HAProxy could not be reloaded; the previous process keeps serving.
     #[error(transparent)]
     Haproxy(HaproxyError),
+    /// A certificate to delete is not stored.
+    #[error("certificate `{0}` is not stored")]
+    UnknownCertificate(ServiceName),
     /// `/remove` named a service that is not routed.
     #[error("service `{0}` is not configured")]
     UnknownService(ServiceName),
@@ -119,9 +123,16 @@ struct Routed {
 /// The complete desired routing state, ordered by service name.
 type RoutingState = BTreeMap<ServiceName, Routed>;
 
+/// The certificates served, by name.
+type Certificates = BTreeMap<ServiceName, Certificate>;
+
 enum Change {
     Reconfigure(ServiceSpec),
     Remove(ServiceName),
+    /// Store (or replace) a certificate and serve it.
+    PutCert(Certificate),
+    /// Delete a stored certificate.
+    DeleteCert(ServiceName),
     Reload,
     /// A version of the stored specs read by the KV watch.
     Stored(StoredSpecs),
@@ -155,6 +166,7 @@ async fn submit_internal(core: &mpsc::WeakSender<Pending>, change: Change) -> Op
 #[derive(Clone)]
 pub struct Proxy {
     changes: mpsc::Sender<Pending>,
+    certificates: watch::Receiver<Arc<Vec<CertInfo>>>,
     /// How long an API call waits for its change.
     change_timeout: std::time::Duration,
     services: watch::Receiver<Arc<Vec<ServiceSpec>>>,
@@ -179,6 +191,17 @@ pub struct ProxyParts {
     pub max_services: usize,
     /// How long an API call waits for its change to be applied (`--change-timeout`).
     pub change_timeout: std::time::Duration,
+    /// The HTTPS frontend's port and ALPN, used once a certificate is stored.
+    pub https: HttpsOptions,
+}
+
+/// How the HTTPS frontend listens, once a certificate is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpsOptions {
+    /// Port of the HTTPS frontend.
+    pub port: u16,
+    /// Offer HTTP/2 by ALPN.
+    pub enable_h2: bool,
 }
 
 impl Proxy {
@@ -188,6 +211,7 @@ impl Proxy {
     pub async fn start(parts: ProxyParts) -> Proxy {
         let (changes, queue) = mpsc::channel(QUEUE_CAPACITY);
         let (published, services) = watch::channel(Arc::new(Vec::new()));
+        let (published_certificates, certificates) = watch::channel(Arc::new(Vec::new()));
         let haproxy = parts.haproxy.clone();
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
         // HAProxy already serves the last good file: a restore that renders it again is no reload.
@@ -200,6 +224,9 @@ impl Proxy {
             render_settings: parts.render_settings,
             haproxy: parts.haproxy,
             published,
+            published_certificates,
+            certs: BTreeMap::new(),
+            https: parts.https,
             stored_floor: 0,
             applied_config,
             instance_watches: InstanceWatches::new(
@@ -233,6 +260,7 @@ impl Proxy {
         tokio::spawn(core.run(queue));
         Proxy {
             changes,
+            certificates,
             change_timeout: parts.change_timeout,
             services,
             haproxy,
@@ -251,6 +279,21 @@ impl Proxy {
     /// deleted.
     pub async fn remove(&self, name: ServiceName) -> Result<Option<ServiceSpec>, ProxyError> {
         self.submit(Change::Remove(name)).await
+    }
+
+    /// Stores `certificate` in KV (replacing one of the same name) and serves it.
+    pub async fn put_cert(&self, certificate: Certificate) -> Result<(), ProxyError> {
+        self.submit(Change::PutCert(certificate)).await.map(|_| ())
+    }
+
+    /// Deletes a stored certificate and stops serving it.
+    pub async fn delete_cert(&self, name: ServiceName) -> Result<(), ProxyError> {
+        self.submit(Change::DeleteCert(name)).await.map(|_| ())
+    }
+
+    /// What may be shown of the certificates served now, ordered by name.
+    pub fn certificates(&self) -> Arc<Vec<CertInfo>> {
+        Arc::clone(&self.certificates.borrow())
     }
 
     /// Re-reads every service's instances, re-renders and reloads HAProxy.
@@ -315,6 +358,10 @@ struct Core {
     render_settings: RenderSettings,
     haproxy: Haproxy,
     published: watch::Sender<Arc<Vec<ServiceSpec>>>,
+    published_certificates: watch::Sender<Arc<Vec<CertInfo>>>,
+    /// The certificates served, by name.
+    certs: Certificates,
+    https: HttpsOptions,
     /// The KV index after this proxy's last write: reads of the stored specs older than that are
     /// ignored.
     stored_floor: u64,
@@ -409,8 +456,10 @@ impl Core {
         changes: &[&Change],
     ) -> Result<Vec<Option<ServiceSpec>>, ProxyError> {
         let mut candidate = self.state.clone();
+        let mut candidate_certs = self.certs.clone();
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut requested = BTreeSet::new();
+        let mut requested_certs = BTreeSet::new();
         let mut force_reload = false;
         for change in changes {
             match change {
@@ -438,6 +487,18 @@ impl Core {
                     }
                     requested.insert(name.clone());
                 }
+                Change::PutCert(certificate) => {
+                    candidate_certs.insert(certificate.name().clone(), certificate.clone());
+                    requested_certs.insert(certificate.name().clone());
+                    outcomes.push(None);
+                }
+                Change::DeleteCert(name) => {
+                    if candidate_certs.remove(name).is_none() {
+                        return Err(ProxyError::UnknownCertificate(name.clone()));
+                    }
+                    requested_certs.insert(name.clone());
+                    outcomes.push(None);
+                }
                 Change::Reload => {
                     for routed in candidate.values_mut() {
                         routed.instances = self
@@ -462,27 +523,50 @@ impl Core {
                 Change::Stored(_) | Change::Stop => outcomes.push(None),
             }
         }
-        let config = self.render(&candidate)?;
+        let config = self.render(&candidate, &candidate_certs).await?;
         if !force_reload && self.applied_config.as_deref() == Some(config.as_str()) {
             // Nothing HAProxy would notice: store the specs, keep the process.
-            self.persist_all(&candidate, requested).await?;
+            let persisted = self.persist_all(&candidate, requested).await?;
+            if let Err(error) = self.persist_certs(&candidate_certs, requested_certs).await {
+                self.put_back_stored_specs(&persisted).await;
+                return Err(error);
+            }
             self.commit(candidate);
+            self.commit_certs(candidate_certs).await;
             return Ok(outcomes);
         }
-        let caused_by_request = changes
-            .iter()
-            .any(|change| matches!(change, Change::Reconfigure(_)));
+        let caused_by_request = changes.iter().any(|change| {
+            matches!(
+                change,
+                Change::Reconfigure(_) | Change::PutCert(_) | Change::DeleteCert(_)
+            )
+        });
         self.haproxy
             .validate(&config)
             .await
             .map_err(|error| rejected(error, caused_by_request))?;
         let persisted = self.persist_all(&candidate, requested).await?;
+        let persisted_certs = match self.persist_certs(&candidate_certs, requested_certs).await {
+            Ok(persisted_certs) => persisted_certs,
+            Err(error) => {
+                self.put_back_stored_specs(&persisted).await;
+                return Err(error);
+            }
+        };
         if let Err(error) = self.haproxy.apply().await {
             self.put_back_live_config().await;
             self.put_back_stored_specs(&persisted).await;
+            self.put_back_stored_certs(&persisted_certs).await;
             return Err(ProxyError::Haproxy(error));
         }
         self.applied_config = Some(config);
+        for name in &persisted_certs {
+            match candidate_certs.get(name) {
+                Some(_) => tracing::info!(certificate = %name, "certificate stored"),
+                None => tracing::info!(certificate = %name, "certificate removed"),
+            }
+        }
+        self.commit_certs(candidate_certs).await;
         for name in &persisted {
             match candidate.get(name) {
                 Some(_) => tracing::info!(service = %name, "service reconfigured"),
@@ -547,9 +631,19 @@ impl Core {
         } else {
             updates.extend(gone.into_iter().map(|name| (name, None)));
         }
+        let stored_certs = self
+            .stored_certificates(&snapshot, consul_lost_data)
+            .await?;
         if updates.is_empty() {
+            if let Some(certs) = stored_certs {
+                let state = self.state.clone();
+                if let Err(error) = self.validate_and_apply(state, certs).await {
+                    tracing::error!(%error, "skipping stored certificates HAProxy does not accept");
+                }
+            }
             return Ok(());
         }
+        let certs = stored_certs.unwrap_or_else(|| self.certs.clone());
         let mut candidate = self.state.clone();
         for (name, routed) in &updates {
             match routed {
@@ -557,7 +651,7 @@ impl Core {
                 None => candidate.remove(name),
             };
         }
-        if let Err(error) = self.validate_and_apply(candidate).await {
+        if let Err(error) = self.validate_and_apply(candidate, certs).await {
             if updates.len() == 1 {
                 tracing::error!(%error, "skipping a stored change HAProxy does not accept");
                 return Ok(());
@@ -569,7 +663,8 @@ impl Core {
                     Some(routed) => candidate.insert(name.clone(), routed),
                     None => candidate.remove(&name),
                 };
-                if let Err(error) = self.validate_and_apply(candidate).await {
+                let certs = self.certs.clone();
+                if let Err(error) = self.validate_and_apply(candidate, certs).await {
                     tracing::error!(service = %name, %error, "skipping a stored change HAProxy does not accept");
                 }
             }
@@ -581,8 +676,12 @@ impl Core {
         Ok(())
     }
 
-    async fn validate_and_apply(&mut self, candidate: RoutingState) -> Result<(), ProxyError> {
-        let config = self.render(&candidate)?;
+    async fn validate_and_apply(
+        &mut self,
+        candidate: RoutingState,
+        certs: Certificates,
+    ) -> Result<(), ProxyError> {
+        let config = self.render(&candidate, &certs).await?;
         if self.applied_config.as_deref() != Some(config.as_str()) {
             self.haproxy
                 .validate(&config)
@@ -595,7 +694,36 @@ impl Core {
             self.applied_config = Some(config);
         }
         self.commit(candidate);
+        self.commit_certs(certs).await;
         Ok(())
+    }
+
+    /// The certificates a version of the stored state asks for, when they differ from the ones
+    /// served (certificates that do not validate stay as they are served). When Consul lost its
+    /// data, the served certificates are written back instead.
+    async fn stored_certificates(
+        &mut self,
+        snapshot: &StoredSpecs,
+        consul_lost_data: bool,
+    ) -> Result<Option<Certificates>, ProxyError> {
+        if consul_lost_data && snapshot.certs.is_empty() && !self.certs.is_empty() {
+            let served: Vec<Certificate> = self.certs.values().cloned().collect();
+            for certificate in served {
+                let floor = self
+                    .store
+                    .store_cert(certificate.name(), Some(&certificate))
+                    .await?;
+                self.stored_floor = self.stored_floor.max(floor);
+            }
+            return Ok(None);
+        }
+        let mut wanted = snapshot.certs.clone();
+        for (name, certificate) in &self.certs {
+            if snapshot.unreadable_certs.contains(name.as_str()) {
+                wanted.insert(name.clone(), certificate.clone());
+            }
+        }
+        Ok((wanted != self.certs).then_some(wanted))
     }
 
     /// Refuses a reconfigure that would pass `--max-services`, or that claims a request pattern
@@ -625,7 +753,13 @@ impl Core {
         Ok(())
     }
 
-    fn render(&self, state: &RoutingState) -> Result<String, RenderError> {
+    /// Renders the configuration of `state` served with `certs`, writing the certificate files
+    /// it names.
+    async fn render(
+        &self,
+        state: &RoutingState,
+        certs: &Certificates,
+    ) -> Result<String, ProxyError> {
         let routes: Vec<ServiceRoute<'_>> = state
             .values()
             .map(|routed| ServiceRoute {
@@ -633,7 +767,20 @@ impl Core {
                 instances: &routed.instances,
             })
             .collect();
-        self.renderer.render(&self.render_settings, &routes)
+        let certificates: Vec<&Certificate> = certs.values().collect();
+        let tls = self
+            .haproxy
+            .write_certificates(&certificates)
+            .await
+            .map_err(ProxyError::Haproxy)?
+            .map(|crt_list| TlsSettings {
+                https_port: self.https.port,
+                crt_list,
+                enable_h2: self.https.enable_h2,
+            });
+        Ok(self
+            .renderer
+            .render_with_tls(&self.render_settings, &routes, tls.as_ref())?)
     }
 
     /// Stores the candidate's specs of `names` (deleting those it does not route). If one fails,
@@ -667,10 +814,60 @@ impl Core {
         Ok(())
     }
 
+    /// Stores the candidate's certificates of `names` (deleting those it does not hold). If one
+    /// fails, the ones already stored are put back and the error is returned.
+    async fn persist_certs(
+        &mut self,
+        candidate: &Certificates,
+        names: BTreeSet<ServiceName>,
+    ) -> Result<Vec<ServiceName>, ProxyError> {
+        let mut persisted = Vec::with_capacity(names.len());
+        for name in names {
+            match self.store.store_cert(&name, candidate.get(&name)).await {
+                Ok(floor) => self.stored_floor = self.stored_floor.max(floor),
+                Err(error) => {
+                    self.put_back_stored_certs(&persisted).await;
+                    return Err(error);
+                }
+            }
+            persisted.push(name);
+        }
+        Ok(persisted)
+    }
+
+    /// Writes the served certificates of `names` back to KV (deleting those not served).
+    async fn put_back_stored_certs(&mut self, names: &[ServiceName]) {
+        for name in names {
+            let certificate = self.certs.get(name).cloned();
+            match self.store.store_cert(name, certificate.as_ref()).await {
+                Ok(floor) => self.stored_floor = self.stored_floor.max(floor),
+                Err(error) => {
+                    tracing::error!(certificate = %name, %error, "putting back the stored certificate failed")
+                }
+            }
+        }
+    }
+
+    /// Makes `certs` the served certificates, publishes what may be shown of them, and removes
+    /// the files no configuration names any more.
+    async fn commit_certs(&mut self, certs: Certificates) {
+        if certs == self.certs {
+            return;
+        }
+        self.certs = certs;
+        let infos = self.certs.values().map(|c| c.info().clone()).collect();
+        self.published_certificates.send_replace(Arc::new(infos));
+        let certificates: Vec<&Certificate> = self.certs.values().collect();
+        match self.haproxy.write_certificates(&certificates).await {
+            Ok(live_list) => self.haproxy.prune_certificates(live_list.as_deref()).await,
+            Err(error) => tracing::warn!(%error, "checking the certificate files failed"),
+        }
+    }
+
     /// Writes the current state's configuration back as the live file after a failed reload,
     /// so the file matches the HAProxy process that kept serving.
     async fn put_back_live_config(&self) {
-        match self.render(&self.state) {
+        match self.render(&self.state, &self.certs).await {
             Ok(config) => {
                 if let Err(error) = self.haproxy.restore_live_config(&config).await {
                     tracing::error!(%error, "putting back the previous haproxy.cfg failed");

@@ -1,6 +1,7 @@
-//! The specs stored in Consul KV under `<kv-prefix>/services/`: writing them with check-and-set,
-//! reading them back, and the blocking-query watch that tells the core whenever another proxy
-//! (or anyone) changed them. The one-time import of Docker Flow Proxy's layout happens on the
+//! The specs and certificates stored in Consul KV under `<kv-prefix>/services/` and
+//! `<kv-prefix>/certs/`: writing them with check-and-set, reading them back, and the one
+//! blocking-query watch on `<kv-prefix>/` that tells the core whenever another proxy (or anyone)
+//! changed them. The one-time import of Docker Flow Proxy's layout happens on the
 //! watch's first successful read.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -8,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::mpsc::WeakSender;
 
 use super::{submit_internal, Change, Pending, ProxyError};
+use crate::certs::Certificate;
 use crate::registry::watch::{Watch, WatchIndex};
 use crate::registry::{Blocking, ConsulClient, Indexed, KvEntry, RegistryError};
 use crate::spec::{services_from_docker_flow, ServiceName, ServiceSpec, DOCKER_FLOW_PREFIX};
@@ -24,6 +26,10 @@ pub(super) struct StoredSpecs {
     /// Keys (below the prefix) whose document does not validate: such services are left as they
     /// are routed, neither replaced nor removed.
     pub unreadable: BTreeSet<String>,
+    /// The certificates that validate, by name.
+    pub certs: BTreeMap<ServiceName, Certificate>,
+    /// Certificate keys (below `certs/`) whose bundle does not validate: left as they are served.
+    pub unreadable_certs: BTreeSet<String>,
     /// The read's `X-Consul-Index`.
     pub index: u64,
     /// The read follows an index that went backwards (e.g. Consul lost or restored its data).
@@ -34,7 +40,12 @@ pub(super) struct StoredSpecs {
 #[derive(Debug, Clone)]
 pub(super) struct SpecStore {
     registry: ConsulClient,
+    /// `<kv-prefix>/`: what the watch reads.
+    root: String,
+    /// `<kv-prefix>/services/`.
     prefix: String,
+    /// `<kv-prefix>/certs/`.
+    certs_prefix: String,
     /// Written once Docker Flow Proxy's layout was imported, so it is never imported again
     /// (not even after every imported service was removed).
     import_marker: String,
@@ -45,7 +56,9 @@ impl SpecStore {
         let kv_prefix = kv_prefix.trim_end_matches('/');
         SpecStore {
             registry,
+            root: format!("{kv_prefix}/"),
             prefix: format!("{kv_prefix}/services/"),
+            certs_prefix: format!("{kv_prefix}/certs/"),
             import_marker: format!("{kv_prefix}/imported/docker-flow"),
         }
     }
@@ -71,6 +84,28 @@ impl SpecStore {
                 message: error.to_string(),
             })
         })?;
+        self.store_document(name, key, document).await
+    }
+
+    /// Stores a certificate's bundle under `<kv-prefix>/certs/<name>` (`None` deletes it), as
+    /// [`SpecStore::store`] stores specs.
+    pub async fn store_cert(
+        &self,
+        name: &ServiceName,
+        certificate: Option<&Certificate>,
+    ) -> Result<u64, ProxyError> {
+        let key = format!("{}{}", self.certs_prefix, name);
+        let document = certificate.map(|certificate| certificate.pem().as_bytes().to_vec());
+        self.store_document(name, key, document).await
+    }
+
+    /// Check-and-set write (or delete, for `None`) of one document; see [`SpecStore::store`].
+    async fn store_document(
+        &self,
+        name: &ServiceName,
+        key: String,
+        document: Option<Vec<u8>>,
+    ) -> Result<u64, ProxyError> {
         for attempt in 1..=CAS_ATTEMPTS {
             let current = self.registry.kv_get(&key).await?.value;
             let stored = match (&document, current) {
@@ -101,12 +136,19 @@ impl SpecStore {
         Ok(self.registry.kv_get(&self.key(name)).await?.value.is_some())
     }
 
-    /// Reads every stored spec, as a blocking query when `blocking` is given.
+    /// Reads everything under `<kv-prefix>/`, as a blocking query when `blocking` is given.
     async fn read(
         &self,
         blocking: Option<Blocking>,
     ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
-        self.registry.watch_kv_list(&self.prefix, blocking).await
+        self.registry.watch_kv_list(&self.root, blocking).await
+    }
+
+    /// Whether a read holds no stored spec (certificates and markers do not count).
+    fn holds_no_spec(&self, entries: &[KvEntry]) -> bool {
+        !entries
+            .iter()
+            .any(|entry| entry.key.starts_with(&self.prefix))
     }
 
     /// Parses what a read returned. Documents that do not validate are logged once per version.
@@ -120,10 +162,28 @@ impl SpecStore {
         let mut snapshot = StoredSpecs {
             specs: BTreeMap::new(),
             unreadable: BTreeSet::new(),
+            certs: BTreeMap::new(),
+            unreadable_certs: BTreeSet::new(),
             index,
             after_reset,
         };
         for entry in entries {
+            if let Some(cert_name) = entry.key.strip_prefix(&self.certs_prefix) {
+                match Certificate::parse(cert_name, &entry.value) {
+                    Ok(certificate) => {
+                        snapshot
+                            .certs
+                            .insert(certificate.name().clone(), certificate);
+                    }
+                    Err(error) => {
+                        if reported.insert((entry.key.clone(), entry.modify_index)) {
+                            tracing::error!(key = %entry.key, %error, "ignoring a stored certificate that does not validate");
+                        }
+                        snapshot.unreadable_certs.insert(cert_name.to_string());
+                    }
+                }
+                continue;
+            }
             let Some(stored_name) = entry.key.strip_prefix(&self.prefix) else {
                 continue;
             };
@@ -154,7 +214,7 @@ pub(super) async fn first_read(
     index: &mut WatchIndex,
 ) -> Result<StoredSpecs, RegistryError> {
     let mut read = store.read(None).await?;
-    if read.value.is_empty() && import_docker_flow(store).await? > 0 {
+    if store.holds_no_spec(&read.value) && import_docker_flow(store).await? > 0 {
         read = store.read(None).await?;
     }
     index.observe(read.index);
@@ -232,7 +292,7 @@ pub(super) async fn watch_stored_specs(
     let mut reported = BTreeSet::new();
     loop {
         let update = watch.next(|blocking| store.read(blocking)).await;
-        if std::mem::take(&mut import_pending) && update.value.is_empty() {
+        if std::mem::take(&mut import_pending) && store.holds_no_spec(&update.value) {
             match import_docker_flow(&store).await {
                 Ok(0) => {}
                 Ok(_) => {

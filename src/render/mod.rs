@@ -6,8 +6,9 @@
 //! between two versions shows only what changed.
 //!
 //! # Names
-//! - Frontends: `http` (main, on `http_port`), `http_<srcPort>` (HTTP destinations with their
-//!   own `srcPort`), `tcp_<srcPort>` (`reqMode=tcp`).
+//! - Frontends: `http` (main, on `http_port`), `https` (the main frontend's rules behind TLS on
+//!   `https_port`, when certificates exist), `http_<srcPort>` (HTTP destinations with their own
+//!   `srcPort`), `tcp_<srcPort>` (`reqMode=tcp`).
 //! - Backends: `<serviceName>-be<index>`, one per destination, even without instances (then
 //!   HAProxy answers 503 with the clean error page).
 //! - Acls: `path_<backend>` and `domain_<backend>`.
@@ -108,6 +109,18 @@ pub struct RenderSettings {
     pub errors_dir: PathBuf,
 }
 
+/// The HTTPS frontend, rendered when certificates exist: it serves the main HTTP frontend's
+/// rules behind TLS, picking the certificate by SNI from a crt-list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Port of the HTTPS frontend.
+    pub https_port: u16,
+    /// The crt-list file (relative to where HAProxy runs, like `stats_socket`).
+    pub crt_list: PathBuf,
+    /// Offer HTTP/2 by ALPN (`h2,http/1.1`), else `http/1.1` only.
+    pub enable_h2: bool,
+}
+
 /// One routed service and its healthy instances.
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceRoute<'a> {
@@ -160,13 +173,24 @@ impl Renderer {
         Ok(Renderer { registry })
     }
 
-    /// Renders the complete haproxy.cfg for these services (in any order).
+    /// Renders the complete haproxy.cfg for these services (in any order), without HTTPS.
     pub fn render(
         &self,
         settings: &RenderSettings,
         services: &[ServiceRoute<'_>],
     ) -> Result<String, RenderError> {
-        let view = view::build(settings, services)?;
+        self.render_with_tls(settings, services, None)
+    }
+
+    /// Renders the complete haproxy.cfg for these services, with the HTTPS frontend `tls`
+    /// describes when given.
+    pub fn render_with_tls(
+        &self,
+        settings: &RenderSettings,
+        services: &[ServiceRoute<'_>],
+        tls: Option<&TlsSettings>,
+    ) -> Result<String, RenderError> {
+        let view = view::build(settings, services, tls)?;
         let mut text = self
             .registry
             .render(MAIN_TEMPLATE, &view)

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{RenderError, RenderSettings, ServiceRoute};
+use super::{RenderError, RenderSettings, ServiceRoute, TlsSettings};
 use crate::spec::{Destination, Instance, PathType, ReqMode, ServiceSpec};
 
 /// The whole configuration, as the main template sees it.
@@ -20,6 +20,8 @@ pub(super) struct ConfigView {
     error_503: String,
     /// The main HTTP frontend on `http_port`.
     http: FrontendView,
+    /// The HTTPS frontend: the main frontend's rules behind TLS, when certificates exist.
+    https: Option<FrontendView>,
     /// Extra HTTP frontends, one per HTTP `srcPort`, by port.
     http_extra: Vec<FrontendView>,
     /// Backends of HTTP destinations, by service then destination index.
@@ -34,18 +36,20 @@ pub(super) struct ConfigView {
 struct FrontendView {
     name: String,
     bind: String,
+    /// `X-Forwarded-Proto` sent to the backends, when this frontend sets it.
+    forwarded_proto: Option<&'static str>,
     rules: Vec<RuleView>,
 }
 
 /// The acls and `use_backend` of one HTTP destination.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct RuleView {
     backend: String,
     path_acl: Option<PathAclView>,
     domain_acl: Option<DomainAclView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct PathAclView {
     name: String,
     /// The HAProxy fetch, e.g. `path_beg`.
@@ -55,7 +59,7 @@ struct PathAclView {
 
 /// Host matches (the Host header without its `:port`, case-insensitive): exact domains in one
 /// acl line, wildcard endings in a second line of the same acl (HAProxy ORs them).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct DomainAclView {
     name: String,
     exact: Vec<String>,
@@ -263,6 +267,7 @@ fn owner(spec: &ServiceSpec, destination: &Destination) -> PortOwner {
 pub(super) fn build(
     settings: &RenderSettings,
     services: &[ServiceRoute<'_>],
+    tls: Option<&TlsSettings>,
 ) -> Result<ConfigView, RenderError> {
     let stats_socket = config_path("stats_socket", &settings.stats_socket)?;
     let error_503 = config_path("errors_dir", &settings.errors_dir.join("503.http"))?;
@@ -286,6 +291,15 @@ pub(super) fn build(
             tcp: false,
         },
     );
+    if let Some(tls) = tls {
+        ports.insert(
+            tls.https_port,
+            PortOwner {
+                who: format!("the HTTPS frontend (https_port {})", tls.https_port),
+                tcp: true,
+            },
+        );
+    }
     let mut main_rules = Vec::new();
     let mut extra_rules: BTreeMap<u16, Vec<_>> = BTreeMap::new();
     let mut http_backends = Vec::new();
@@ -349,14 +363,37 @@ pub(super) fn build(
         FrontendView {
             name,
             bind: bind_address(settings, port),
+            forwarded_proto: None,
             rules: rules.into_iter().map(|(_, rule)| rule).collect(),
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
+    let http = frontend("http".to_string(), settings.http_port, main_rules);
+    let https = match tls {
+        Some(tls) => {
+            let crt_list = config_path("crt_list", &tls.crt_list)?;
+            let alpn = if tls.enable_h2 {
+                "h2,http/1.1"
+            } else {
+                "http/1.1"
+            };
+            Some(FrontendView {
+                name: "https".to_string(),
+                bind: format!(
+                    "{} ssl crt-list {crt_list} alpn {alpn}",
+                    bind_address(settings, tls.https_port)
+                ),
+                forwarded_proto: Some("https"),
+                rules: http.rules.clone(),
+            })
+        }
+        None => None,
+    };
     Ok(ConfigView {
         stats_socket,
         error_503,
-        http: frontend("http".to_string(), settings.http_port, main_rules),
+        http,
+        https,
         http_extra: extra_rules
             .into_iter()
             .map(|(port, rules)| frontend(format!("http_{port}"), port, rules))

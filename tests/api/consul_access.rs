@@ -23,7 +23,7 @@ async fn route_web_through(
 
 fn assert_every_request_carries(seen: &[(String, Option<String>)], token: &str) {
     for request in [
-        "GET /v1/kv/flow-proxy/services/",
+        "GET /v1/kv/flow-proxy/",
         "GET /v1/health/service/web",
         "PUT /v1/kv/flow-proxy/services/web",
     ] {

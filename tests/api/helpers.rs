@@ -58,6 +58,8 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         haproxy_binary: PathBuf::from("haproxy"),
         bind_host: Some(Ipv4Addr::LOCALHOST.into()),
         http_port: free_port(),
+        https_port: free_port(),
+        enable_h2: true,
         templates_dir: None,
         kv_prefix: "flow-proxy".into(),
         consul_token: None,
@@ -100,6 +102,11 @@ impl TestProxy {
             data_dir,
             client,
         }
+    }
+
+    /// The settings it was started with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     fn app(&self) -> &FlowProxy {

@@ -11,6 +11,7 @@ mod fleet;
 mod fleet_smoke;
 mod front;
 mod helpers;
+mod https;
 mod live_instances;
 mod migration;
 mod outages;
