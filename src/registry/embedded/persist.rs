@@ -19,6 +19,21 @@ use std::path::{Path, PathBuf};
 /// so compaction's cost per write stays constant.
 const COMPACT_AFTER_BYTES: u64 = 4 * 1024 * 1024;
 
+/// A file operation failed; names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub(crate) struct FileError {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+fn at(path: &Path) -> impl FnOnce(io::Error) -> FileError + '_ {
+    move |source| FileError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// What loading found on disk.
 pub(crate) struct Loaded {
     /// The snapshot's bytes, `None` when there is no snapshot yet.
@@ -96,11 +111,11 @@ impl Files {
 
     /// Appends one record (a newline is added) and syncs it. On failure the log is cut back to
     /// its last acknowledged record; if even that fails, appends stop until a compaction.
-    pub fn append(&mut self, record: &[u8]) -> io::Result<()> {
+    pub fn append(&mut self, record: &[u8]) -> Result<(), FileError> {
         if self.needs_compaction {
-            return Err(io::Error::other(
+            return Err(at(&self.log)(io::Error::other(
                 "the change log needs a compaction before it takes more writes",
-            ));
+            )));
         }
         let mut line = Vec::with_capacity(record.len() + 1);
         line.extend_from_slice(record);
@@ -122,7 +137,7 @@ impl Files {
                 if self.cut_back().is_err() {
                     self.needs_compaction = true;
                 }
-                Err(error)
+                Err(at(&self.log)(error))
             }
         }
     }
@@ -136,22 +151,27 @@ impl Files {
 
     /// Replaces the snapshot with `snapshot` (temp file, sync, rename, sync the directory) and
     /// then empties the log.
-    pub fn compact(&mut self, snapshot: &[u8]) -> io::Result<()> {
+    pub fn compact(&mut self, snapshot: &[u8]) -> Result<(), FileError> {
         let temp = self.snapshot.with_extension("json.tmp");
-        let mut file = File::create(&temp)?;
-        file.write_all(snapshot)?;
-        file.sync_all()?;
+        let mut file = File::create(&temp).map_err(at(&temp))?;
+        file.write_all(snapshot).map_err(at(&temp))?;
+        file.sync_all().map_err(at(&temp))?;
         drop(file);
-        std::fs::rename(&temp, &self.snapshot)?;
-        File::open(&self.dir)?.sync_all()?;
+        std::fs::rename(&temp, &self.snapshot).map_err(at(&self.snapshot))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(at(&self.dir))?;
         self.snapshot_bytes = snapshot.len() as u64;
-        let log = OpenOptions::new()
+        OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&self.log)?;
-        log.set_len(0)?;
-        log.sync_all()?;
+            .open(&self.log)
+            .and_then(|log| {
+                log.set_len(0)?;
+                log.sync_all()
+            })
+            .map_err(at(&self.log))?;
         self.log_bytes = 0;
         self.needs_compaction = false;
         Ok(())

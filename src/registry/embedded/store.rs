@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::persist::Files;
+use super::persist::{FileError, Files};
 use super::EmbeddedError;
 
 /// Check status values, as Consul spells them.
@@ -22,13 +22,10 @@ pub(crate) const PASSING: &str = "passing";
 pub(crate) const WARNING: &str = "warning";
 pub(crate) const CRITICAL: &str = "critical";
 
-/// A write could not be made durable.
+/// A write could not be made durable (nothing was changed).
 #[derive(Debug, thiserror::Error)]
-#[error("persisting registry state to {path}: {source}")]
-pub(crate) struct PersistError {
-    path: String,
-    source: std::io::Error,
-}
+#[error("persisting registry state: {0}")]
+pub(crate) struct PersistError(#[from] FileError);
 
 /// One KV entry. The value is kept as bytes and persisted as base64.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -705,7 +702,7 @@ impl Store {
         let snapshot = serde_json::to_vec(&state).map_err(|e| state_error(dir, e.to_string()))?;
         files
             .compact(&snapshot)
-            .map_err(|e| state_error(files.snapshot_path(), e.to_string()))?;
+            .map_err(|e| state_error(&e.path, e.source.to_string()))?;
         let (changes, _) = watch::channel(state.index);
         Ok(Store {
             inner: Mutex::new(Inner { state, files }),
@@ -751,15 +748,16 @@ impl Store {
             return Ok(answer);
         }
         state.index = index;
-        let logged = serde_json::to_vec(&state.change(&touched))
-            .map_err(std::io::Error::other)
-            .and_then(|record| files.append(&record));
-        if let Err(source) = logged {
+        let logged = match serde_json::to_vec(&state.change(&touched)) {
+            Ok(record) => files.append(&record),
+            Err(error) => Err(FileError {
+                path: files.log_path().to_path_buf(),
+                source: error.into(),
+            }),
+        };
+        if let Err(error) = logged {
             state.undo(touched, before);
-            return Err(PersistError {
-                path: files.log_path().display().to_string(),
-                source,
-            });
+            return Err(error.into());
         }
         self.changes.send_replace(index);
         if files.wants_compaction() {
@@ -781,15 +779,11 @@ impl Store {
 
 /// Writes the whole state as the new snapshot and empties the log.
 fn compact(state: &State, files: &mut Files) -> Result<(), PersistError> {
-    let error = |source| PersistError {
-        path: files.snapshot_path().display().to_string(),
-        source,
-    };
-    let snapshot = serde_json::to_vec(state).map_err(|e| error(e.into()))?;
-    files.compact(&snapshot).map_err(|source| PersistError {
-        path: files.snapshot_path().display().to_string(),
-        source,
-    })
+    let snapshot = serde_json::to_vec(state).map_err(|error| FileError {
+        path: files.snapshot_path().to_path_buf(),
+        source: error.into(),
+    })?;
+    Ok(files.compact(&snapshot)?)
 }
 
 /// A random version-4 UUID, formatted like Consul's node IDs.
