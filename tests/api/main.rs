@@ -14,6 +14,7 @@ mod live_instances;
 mod migration;
 mod outages;
 mod proxy_client;
+mod registry_crash;
 mod restore;
 mod routing;
 mod supervision;
