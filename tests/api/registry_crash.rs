@@ -105,7 +105,10 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
     }
     let started = Instant::now();
     while acknowledged.lock().unwrap().len() < ACKNOWLEDGED_BEFORE_KILL {
-        assert!(started.elapsed() < DEADLINE, "the writes did not get through");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the writes did not get through"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     kill_group(group);
