@@ -134,7 +134,7 @@ impl EmbeddedRegistry {
     }
 
     /// Stops serving (blocking queries answer at once), stops the check probes and the reaper,
-    /// and writes the state one last time.
+    /// and folds the change log into a final snapshot (which also keeps the latest check output).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.reaper.abort();
