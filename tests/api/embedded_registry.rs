@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flow_proxy::registry::embedded::{EmbeddedRegistry, Fault};
+use futures::StreamExt;
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -889,5 +890,233 @@ async fn datacenter_consistency_and_fault_answers() {
     assert_eq!(body, json!([]));
     h.registry.set_fault(None);
     assert_eq!(h.get("/v1/kv/k").await.status(), StatusCode::OK);
+    h.registry.shutdown().await;
+}
+
+// ---- durability and hostile input ---------------------------------------------------------------
+
+/// Makes the disk refuse the registry's writes, as a full disk does (also for root): its change
+/// log becomes a symlink to `/dev/full`. Returns where the real log was put aside.
+fn fill_disk(dir: &TempDir) -> std::path::PathBuf {
+    let log = dir.path().join("registry/state.log");
+    let aside = dir.path().join("registry/state.log.aside");
+    std::fs::rename(&log, &aside).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &log).unwrap();
+    aside
+}
+
+/// Undoes [`fill_disk`].
+fn free_disk(dir: &TempDir, aside: &std::path::Path) {
+    let log = dir.path().join("registry/state.log");
+    std::fs::remove_file(&log).unwrap();
+    std::fs::rename(aside, &log).unwrap();
+}
+
+#[tokio::test]
+async fn a_write_the_disk_refuses_is_answered_500_and_changes_nothing() {
+    let h = Harness::start().await;
+    assert_eq!(h.put("/v1/kv/kept", "1").await.status(), StatusCode::OK);
+    h.register(REDIS).await;
+    let (kv_index, _) = h.get_json("/v1/kv/kept").await;
+    let (catalog_index, catalog) = h.get_json("/v1/catalog/services").await;
+
+    let aside = fill_disk(&h.dir);
+    let refused = [
+        h.put("/v1/kv/lost", "2").await,
+        h.put("/v1/kv/kept", "changed").await,
+        h.delete("/v1/kv/kept").await,
+        h.put("/v1/agent/service/register", r#"{"Name":"web","Port":80}"#)
+            .await,
+        h.put("/v1/agent/service/deregister/host1:redis.0:6379", "")
+            .await,
+    ];
+    let mut reasons = Vec::new();
+    for response in refused {
+        reasons.push(error_text(response, StatusCode::INTERNAL_SERVER_ERROR).await);
+    }
+    assert!(
+        reasons[0].contains("state.log: No space left on device"),
+        "the reason is given: {}",
+        reasons[0]
+    );
+    assert!(
+        reasons.iter().all(|r| r.contains("state.log")),
+        "{reasons:?}"
+    );
+    // Reads show the state from before the refused writes, with the same indexes.
+    let (index, body) = h.get_json("/v1/kv/kept").await;
+    assert_eq!(index, kv_index);
+    assert_eq!(body[0]["Value"], "MQ==");
+    assert_eq!(h.get("/v1/kv/lost").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        h.get_json("/v1/catalog/services").await,
+        (catalog_index, catalog.clone())
+    );
+
+    // Once the disk takes writes again, so does the registry.
+    free_disk(&h.dir, &aside);
+    assert_eq!(
+        h.put("/v1/kv/after", "3").await.text().await.unwrap(),
+        "true"
+    );
+
+    // After a restart, the refused writes are still absent; the later one is there.
+    let Harness { registry, dir, .. } = h;
+    registry.shutdown().await;
+    let h = Harness::start_in(dir).await;
+    assert_eq!(h.get("/v1/kv/lost").await.status(), StatusCode::NOT_FOUND);
+    let (_, body) = h.get_json("/v1/kv/kept").await;
+    assert_eq!(body[0]["Value"], "MQ==");
+    let (_, body) = h.get_json("/v1/kv/after").await;
+    assert_eq!(body[0]["Value"], "Mw==");
+    let (_, body) = h.get_json("/v1/catalog/services").await;
+    assert_eq!(body, catalog, "redis still registered, web never was");
+    h.registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_keys_survive_a_restart() {
+    const KEYS: usize = 3_000;
+    let h = Harness::start().await;
+    // 2 KiB values: the change log outgrows its compaction threshold (4 MiB) on the way, so
+    // writes continue across a compaction.
+    let value = "v".repeat(2048);
+    let puts = futures::stream::iter(0..KEYS)
+        .map(|n| {
+            let request = h
+                .client
+                .put(h.url(&format!("/v1/kv/many/{n:05}")))
+                .body(format!("{n}:{value}"))
+                .send();
+            async move { request.await.unwrap().text().await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<String>>()
+        .await;
+    assert!(puts.iter().all(|answer| answer == "true"));
+    assert_eq!(h.delete("/v1/kv/many/00042").await.status(), StatusCode::OK);
+    let (index, keys) = h.get_json("/v1/kv/many/?keys").await;
+    assert_eq!(keys.as_array().unwrap().len(), KEYS - 1);
+
+    let Harness { registry, dir, .. } = h;
+    registry.shutdown().await;
+    let h = Harness::start_in(dir).await;
+    let (after, again) = h.get_json("/v1/kv/many/?keys").await;
+    assert_eq!((after, &again), (index, &keys));
+    let (_, body) = h.get_json("/v1/kv/many/02999").await;
+    let stored = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        body[0]["Value"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored, format!("2999:{value}").into_bytes());
+    h.registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn hostile_registration_bodies_are_refused_and_change_nothing() {
+    let h = Harness::start().await;
+    h.register(REDIS).await;
+    h.put("/v1/kv/kept", "1").await;
+    let (_, catalog) = h.get_json("/v1/catalog/service/redis").await;
+
+    let huge = format!(
+        r#"{{"ID":"host1:redis.0:6379","Name":"redis","Tags":["{}"]}}"#,
+        "t".repeat(9 * 1024 * 1024)
+    )
+    .into_bytes();
+    let huge_len = huge.len();
+    let cases: Vec<(Vec<u8>, StatusCode, String)> = vec![
+        (
+            Vec::new(),
+            StatusCode::BAD_REQUEST,
+            "Request decode failed: EOF".into(),
+        ),
+        (
+            br#"{"ID":"host1:redis.0:6379","Name":"redis","Port":1"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "Request decode failed: unexpected EOF".into(),
+        ),
+        (
+            br#"{"ID":"host1:redis.0:6379","Name":"redis","Port":1,}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "Request decode failed: ".into(),
+        ),
+        (
+            [b"[".repeat(10_000), b"]".repeat(10_000)].concat(),
+            StatusCode::BAD_REQUEST,
+            "Request decode failed: ".into(),
+        ),
+        (
+            huge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request body({huge_len} bytes) too large, max size: 8388608 bytes."),
+        ),
+    ];
+    for (body, status, message) in cases {
+        let response = h.put("/v1/agent/service/register", body).await;
+        let text = error_text(response, status).await;
+        assert!(text.starts_with(&message), "{text:.200}");
+    }
+    let (_, after) = h.get_json("/v1/catalog/service/redis").await;
+    assert_eq!(after, catalog);
+    let (_, body) = h.get_json("/v1/kv/kept").await;
+    assert_eq!(body[0]["Value"], "MQ==");
+    h.registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn impossible_ports_are_refused_at_registration() {
+    let h = Harness::start().await;
+    for port in ["-1", "65536", "99999"] {
+        let body = format!(r#"{{"ID":"web-{port}","Name":"web","Port":{port}}}"#);
+        let response = h.put("/v1/agent/service/register", body).await;
+        assert_eq!(
+            error_text(response, StatusCode::BAD_REQUEST).await,
+            format!("Invalid Port: {port} is not a TCP port (0 to 65535)")
+        );
+    }
+    h.register(r#"{"ID":"web-65535","Name":"web","Port":65535}"#)
+        .await;
+    let (_, body) = h.get_json("/v1/catalog/service/web").await;
+    let ids: Vec<&str> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["ServiceID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["web-65535"]);
+    h.registry.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_one_millisecond_check_interval_probes_once_a_second() {
+    let h = Harness::start().await;
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().route(
+        "/health",
+        axum::routing::get(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { "ok" }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    h.register(&format!(
+        r#"{{"ID":"api1","Name":"api","Port":{},"Check":{{"HTTP":"http://{address}/health","Interval":"1ms"}}}}"#,
+        address.port()
+    ))
+    .await;
+    h.wait_for("/v1/health/service/api?passing", |b| {
+        b.as_array().is_some_and(|a| a.len() == 1)
+    })
+    .await;
+    // Count the probes over a 2.5 s window: one a second, not hundreds.
+    let start = hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let probes = hits.load(Ordering::SeqCst) - start;
+    assert!((1..=3).contains(&probes), "{probes} probes in 2.5 s");
     h.registry.shutdown().await;
 }

@@ -16,6 +16,7 @@ mod live_instances;
 mod migration;
 mod outages;
 mod proxy_client;
+mod registry_crash;
 mod restore;
 mod route_conflicts;
 mod routing;

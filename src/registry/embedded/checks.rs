@@ -17,6 +17,15 @@ const OUTPUT_MAX: usize = 4096;
 pub(crate) const REAP_INTERVAL: Duration = Duration::from_secs(30);
 /// The smallest `DeregisterCriticalServiceAfter` Consul honours.
 const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+/// Consul's `checks.MinInterval`: shorter HTTP/TCP intervals are raised to it (with a warning),
+/// so a check cannot hammer its target.
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The pause between two probes of an HTTP or TCP check: its interval, at least [`MIN_INTERVAL`]
+/// (this also holds for checks restored from a state written before the floor existed).
+fn probe_interval(definition: &CheckDefinition) -> Duration {
+    Duration::from_millis(definition.interval_ms).max(MIN_INTERVAL)
+}
 
 struct Running {
     task: AbortHandle,
@@ -70,7 +79,7 @@ impl Runner {
                     body: body.clone(),
                     timeout: Duration::from_millis(definition.timeout_ms),
                 };
-                let interval = Duration::from_millis(definition.interval_ms.max(1));
+                let interval = probe_interval(definition);
                 let task = tokio::spawn(async move {
                     loop {
                         let (status, output) = probe.run().await;
@@ -86,7 +95,7 @@ impl Runner {
             CheckKind::Tcp { address } => {
                 let address = address.clone();
                 let timeout = Duration::from_millis(definition.timeout_ms);
-                let interval = Duration::from_millis(definition.interval_ms.max(1));
+                let interval = probe_interval(definition);
                 let task = tokio::spawn(async move {
                     loop {
                         let (status, output) = tcp_probe(&address, timeout).await;
@@ -323,6 +332,26 @@ mod tests {
             create_index: 0,
             modify_index: 0,
         }
+    }
+
+    #[test]
+    fn probes_never_run_more_often_than_once_a_second() {
+        let definition = |interval_ms| CheckDefinition {
+            kind: CheckKind::Tcp {
+                address: "127.0.0.1:9".into(),
+            },
+            interval_ms,
+            timeout_ms: 10_000,
+            ttl_ms: 0,
+            deregister_after_ms: 0,
+        };
+        // A state written before the floor existed may hold a 1 ms interval.
+        assert_eq!(probe_interval(&definition(1)), Duration::from_secs(1));
+        assert_eq!(probe_interval(&definition(0)), Duration::from_secs(1));
+        assert_eq!(
+            probe_interval(&definition(2_500)),
+            Duration::from_millis(2_500)
+        );
     }
 
     #[tokio::test]

@@ -3,7 +3,8 @@
 //! the data directory. It is the dev default and the test fixture; production uses real Consul.
 //!
 //! Layout:
-//! - [`store`]: the state, its indexes and atomic persistence to `<data_dir>/registry/state.json`.
+//! - [`store`]: the state and its indexes; a write is logged durably before it is visible.
+//! - [`persist`]: the snapshot (`<data_dir>/registry/state.json`) and the change log beside it.
 //! - [`http`]: routing, handlers, headers and Consul's error answers.
 //! - [`register`]: decoding and validating agent service registrations.
 //! - [`blocking`]: `?index`/`?wait` parsing and the blocking-query loop.
@@ -15,6 +16,7 @@
 mod blocking;
 mod checks;
 mod http;
+mod persist;
 mod register;
 mod store;
 
@@ -132,7 +134,7 @@ impl EmbeddedRegistry {
     }
 
     /// Stops serving (blocking queries answer at once), stops the check probes and the reaper,
-    /// and writes the state one last time.
+    /// and folds the change log into a final snapshot (which also keeps the latest check output).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.reaper.abort();

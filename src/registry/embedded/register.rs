@@ -14,6 +14,8 @@ use super::store::{
 
 /// Consul's default HTTP/TCP check timeout.
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// The largest TCP port; a registration whose `Port` is outside `0..=MAX_PORT` is refused.
+const MAX_PORT: i64 = 65_535;
 
 /// Why a registration was refused; the text is Consul's plain-text body.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -35,6 +37,18 @@ pub(crate) struct Registration {
 
 fn decode_error(message: String) -> RegisterError {
     RegisterError::BadRequest(format!("Request decode failed: {message}"))
+}
+
+/// The text Go's `encoding/json` gives for the end-of-input cases (`EOF` for an empty body,
+/// `unexpected EOF` for a cut-off one); other syntax errors keep serde's description.
+fn go_json_error(body: &[u8], error: &serde_json::Error) -> String {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        "EOF".into()
+    } else if error.is_eof() {
+        "unexpected EOF".into()
+    } else {
+        error.to_string()
+    }
 }
 
 fn go_type(value: &Value) -> &'static str {
@@ -172,7 +186,8 @@ impl<'a> Fields<'a> {
 
 /// Decodes and validates a registration body.
 pub(crate) fn decode(body: &[u8]) -> Result<Registration, RegisterError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| decode_error(e.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| decode_error(go_json_error(body, &e)))?;
     let object = match &value {
         Value::Object(object) => object,
         other => {
@@ -188,7 +203,7 @@ pub(crate) fn decode(body: &[u8]) -> Result<Registration, RegisterError> {
     let tags = fields.strings(&["Tags"])?;
     let address = fields.string(&["Address"])?;
     let meta = fields.string_map(&["Meta"])?;
-    let port = fields.int(&["Port"])?;
+    let port = port_in_range(fields.int(&["Port"])?, "Port")?;
     let kind = fields.string(&["Kind"])?;
     let enable_tag_override = fields.boolean(&["EnableTagOverride"])?;
     let mut weights = Weights::default();
@@ -217,7 +232,10 @@ pub(crate) fn decode(body: &[u8]) -> Result<Registration, RegisterError> {
                 tag.clone(),
                 TaggedAddress {
                     address: entry.string(&["Address"])?,
-                    port: entry.int(&["Port"])?,
+                    port: port_in_range(
+                        entry.int(&["Port"])?,
+                        &format!("TaggedAddresses[{tag}].Port"),
+                    )?,
                 },
             );
         }
@@ -308,6 +326,19 @@ pub(crate) fn decode(body: &[u8]) -> Result<Registration, RegisterError> {
     })
 }
 
+/// Refuses a port no TCP service can listen on. Consul itself stores any Go `int` here (its
+/// `validateService` checks only the name and the checks), but such an instance could never be
+/// reached; the embedded registry refuses it up front with a 400 in Consul's plain-text style.
+fn port_in_range(port: i64, field: &str) -> Result<i64, RegisterError> {
+    if (0..=MAX_PORT).contains(&port) {
+        Ok(port)
+    } else {
+        Err(RegisterError::BadRequest(format!(
+            "Invalid {field}: {port} is not a TCP port (0 to {MAX_PORT})"
+        )))
+    }
+}
+
 struct DecodedCheck {
     id: String,
     name: String,
@@ -326,7 +357,7 @@ fn decode_check(fields: &Fields<'_>) -> Result<Option<DecodedCheck>, RegisterErr
     let name = fields.string(&["Name"])?;
     let notes = fields.string(&["Notes"])?;
     let status = fields.string(&["Status"])?;
-    let interval_ms = fields.duration_ms(&["Interval"])?;
+    let mut interval_ms = fields.duration_ms(&["Interval"])?;
     let mut timeout_ms = fields.duration_ms(&["Timeout"])?;
     let ttl_ms = fields.duration_ms(&["TTL"])?;
     let deregister_after_ms = fields.duration_ms(&["DeregisterCriticalServiceAfter"])?;
@@ -400,6 +431,15 @@ fn decode_check(fields: &Fields<'_>) -> Result<Option<DecodedCheck>, RegisterErr
     };
     if timeout_ms == 0 {
         timeout_ms = DEFAULT_TIMEOUT_MS;
+    }
+    let floor = super::checks::MIN_INTERVAL.as_millis() as u64;
+    if interval_check && interval_ms < floor {
+        tracing::warn!(
+            check = %id,
+            interval_ms,
+            "check has interval below minimum of 1s; raised to 1s"
+        );
+        interval_ms = floor;
     }
     let kind = if !http.is_empty() {
         if method.is_empty() {
@@ -490,5 +530,51 @@ mod tests {
             decode(br#"{"Name":"x","Check":{"ScriptArgs":["true"],"Interval":"1s"}}"#).unwrap_err(),
             RegisterError::ScriptsDisabled
         );
+        assert_eq!(
+            decode(b"").unwrap_err().to_string(),
+            "Request decode failed: EOF"
+        );
+        assert_eq!(
+            decode(br#"{"Name":"x""#).unwrap_err().to_string(),
+            "Request decode failed: unexpected EOF"
+        );
+    }
+
+    #[test]
+    fn ports_outside_tcp_range_are_refused() {
+        for port in ["-1", "65536", "99999"] {
+            let body = format!(r#"{{"Name":"web","Port":{port}}}"#);
+            assert_eq!(
+                decode(body.as_bytes()).unwrap_err().to_string(),
+                format!("Invalid Port: {port} is not a TCP port (0 to 65535)")
+            );
+        }
+        for port in [0, 1, 65535] {
+            let body = format!(r#"{{"Name":"web","Port":{port}}}"#);
+            assert_eq!(decode(body.as_bytes()).unwrap().service.port, port);
+        }
+        let tagged = br#"{"Name":"web","Port":80,"TaggedAddresses":{"lan":{"Address":"10.0.0.1","Port":70000}}}"#;
+        assert_eq!(
+            decode(tagged).unwrap_err().to_string(),
+            "Invalid TaggedAddresses[lan].Port: 70000 is not a TCP port (0 to 65535)"
+        );
+    }
+
+    #[test]
+    fn intervals_below_one_second_are_raised_and_timeout_defaults_to_ten_seconds() {
+        let r =
+            decode(br#"{"Name":"web","Check":{"HTTP":"http://127.0.0.1:9/","Interval":"1ms"}}"#)
+                .unwrap();
+        assert_eq!(r.checks[0].definition.interval_ms, 1_000);
+        assert_eq!(r.checks[0].definition.timeout_ms, 10_000);
+        let r = decode(
+            br#"{"Name":"web","Check":{"TCP":"127.0.0.1:9","Interval":"1500ms","Timeout":"250ms"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.checks[0].definition.interval_ms, 1_500);
+        assert_eq!(r.checks[0].definition.timeout_ms, 250);
+        // TTL checks have no interval; their TTL is kept as given.
+        let r = decode(br#"{"Name":"job","Check":{"TTL":"500ms"}}"#).unwrap();
+        assert_eq!(r.checks[0].definition.ttl_ms, 500);
     }
 }

@@ -1,17 +1,20 @@
 //! The registry's state: KV entries and their tombstones, agent-registered services and their
 //! checks, the one raft-like index counter and the per-endpoint indexes derived from it. Every
-//! write goes through [`Store::write`], which bumps the counter, persists the whole state
-//! atomically (temp file + rename) and wakes blocking queries, in that order.
+//! write goes through [`Store::write`]: it applies the change in memory while remembering what
+//! each touched entry was, appends the touched entries' new values to the change log (see
+//! [`super::persist`]) and only then bumps the counter and wakes blocking queries. When the
+//! append fails, the remembered values are put back, so a write that is not durable changes
+//! nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::persist::{FileError, Files};
 use super::EmbeddedError;
 
 /// Check status values, as Consul spells them.
@@ -19,13 +22,10 @@ pub(crate) const PASSING: &str = "passing";
 pub(crate) const WARNING: &str = "warning";
 pub(crate) const CRITICAL: &str = "critical";
 
-/// A write could not be made durable.
+/// A write could not be made durable (nothing was changed).
 #[derive(Debug, thiserror::Error)]
-#[error("persisting registry state to {path}: {source}")]
-pub(crate) struct PersistError {
-    path: String,
-    source: std::io::Error,
-}
+#[error("persisting registry state: {0}")]
+pub(crate) struct PersistError(#[from] FileError);
 
 /// One KV entry. The value is kept as bytes and persisted as base64.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -156,7 +156,8 @@ pub(crate) struct NewCheck {
     pub definition: CheckDefinition,
 }
 
-/// The whole persisted state.
+/// The whole persisted state (the snapshot's format). Its tables change only through its own
+/// methods, which record what they touch in [`Touched`] so a write can be logged and undone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct State {
     pub node_id: String,
@@ -177,6 +178,78 @@ pub(crate) struct State {
     pub service_indexes: BTreeMap<String, u64>,
     /// Index at which the last service name disappeared (used for unknown services).
     pub extinction_index: u64,
+    /// What the write in progress touched, with the values before it. Never persisted.
+    #[serde(skip)]
+    touched: Touched,
+}
+
+/// The entries one write touched, each with its value before the write (`None`: absent).
+#[derive(Debug, Clone, Default)]
+struct Touched {
+    kv: BTreeMap<String, Option<KvEntry>>,
+    tombstones: BTreeMap<String, Option<u64>>,
+    services: BTreeMap<String, Option<Service>>,
+    checks: BTreeMap<String, Option<Check>>,
+    service_indexes: BTreeMap<String, Option<u64>>,
+}
+
+/// The state's counters, which every write may move.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+struct Counters {
+    index: u64,
+    kv_index: u64,
+    services_index: u64,
+    extinction_index: u64,
+}
+
+/// One line of the change log: the counters after a write and the new value of every entry it
+/// touched (`null`: removed).
+#[derive(Debug, Serialize, Deserialize)]
+struct Change {
+    #[serde(flatten)]
+    counters: Counters,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    kv: BTreeMap<String, Option<KvEntry>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    tombstones: BTreeMap<String, Option<u64>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    services: BTreeMap<String, Option<Service>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    checks: BTreeMap<String, Option<Check>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    service_indexes: BTreeMap<String, Option<u64>>,
+}
+
+/// Records `key`'s value before the current write, the first time the write touches it.
+fn remember<V: Clone>(
+    before: &mut BTreeMap<String, Option<V>>,
+    table: &BTreeMap<String, V>,
+    key: &str,
+) {
+    if !before.contains_key(key) {
+        before.insert(key.to_string(), table.get(key).cloned());
+    }
+}
+
+/// Puts `values` into `table` (`None` removes).
+fn put_back<V>(table: &mut BTreeMap<String, V>, values: BTreeMap<String, Option<V>>) {
+    for (key, value) in values {
+        match value {
+            Some(value) => table.insert(key, value),
+            None => table.remove(&key),
+        };
+    }
+}
+
+/// The current values of the touched keys of one table.
+fn current<V: Clone>(
+    table: &BTreeMap<String, V>,
+    touched: &BTreeMap<String, Option<V>>,
+) -> BTreeMap<String, Option<V>> {
+    touched
+        .keys()
+        .map(|key| (key.clone(), table.get(key).cloned()))
+        .collect()
 }
 
 /// What a registration changed, so the check runner can start and stop probes.
@@ -202,7 +275,56 @@ impl State {
             services_index: 0,
             service_indexes: BTreeMap::new(),
             extinction_index: 0,
+            touched: Touched::default(),
         }
+    }
+
+    fn counters(&self) -> Counters {
+        Counters {
+            index: self.index,
+            kv_index: self.kv_index,
+            services_index: self.services_index,
+            extinction_index: self.extinction_index,
+        }
+    }
+
+    fn set_counters(&mut self, counters: Counters) {
+        self.index = counters.index;
+        self.kv_index = counters.kv_index;
+        self.services_index = counters.services_index;
+        self.extinction_index = counters.extinction_index;
+    }
+
+    /// The log record of the write just made: counters and the touched entries' new values.
+    fn change(&self, touched: &Touched) -> Change {
+        Change {
+            counters: self.counters(),
+            kv: current(&self.kv, &touched.kv),
+            tombstones: current(&self.tombstones, &touched.tombstones),
+            services: current(&self.services, &touched.services),
+            checks: current(&self.checks, &touched.checks),
+            service_indexes: current(&self.service_indexes, &touched.service_indexes),
+        }
+    }
+
+    /// Applies a logged change (replay at load).
+    fn apply(&mut self, change: Change) {
+        put_back(&mut self.kv, change.kv);
+        put_back(&mut self.tombstones, change.tombstones);
+        put_back(&mut self.services, change.services);
+        put_back(&mut self.checks, change.checks);
+        put_back(&mut self.service_indexes, change.service_indexes);
+        self.set_counters(change.counters);
+    }
+
+    /// Undoes a write that could not be made durable.
+    fn undo(&mut self, touched: Touched, counters: Counters) {
+        put_back(&mut self.kv, touched.kv);
+        put_back(&mut self.tombstones, touched.tombstones);
+        put_back(&mut self.services, touched.services);
+        put_back(&mut self.checks, touched.checks);
+        put_back(&mut self.service_indexes, touched.service_indexes);
+        self.set_counters(counters);
     }
 
     // ---- KV ----------------------------------------------------------------------------
@@ -261,6 +383,8 @@ impl State {
             _ => {}
         }
         let create_index = existing.map_or(index, |entry| entry.create_index);
+        remember(&mut self.touched.kv, &self.kv, key);
+        remember(&mut self.touched.tombstones, &self.tombstones, key);
         self.kv.insert(
             key.to_string(),
             KvEntry {
@@ -287,6 +411,8 @@ impl State {
         if recurse {
             let doomed: Vec<String> = self.kv_under(key).map(|e| e.key.clone()).collect();
             for key in &doomed {
+                remember(&mut self.touched.kv, &self.kv, key);
+                remember(&mut self.touched.tombstones, &self.tombstones, key);
                 self.kv.remove(key);
                 self.tombstones.insert(key.clone(), index);
             }
@@ -300,7 +426,10 @@ impl State {
             (Some(n), Some(entry)) if entry.modify_index != n => return (false, false),
             _ => {}
         }
-        if self.kv.remove(key).is_some() {
+        if self.kv.contains_key(key) {
+            remember(&mut self.touched.kv, &self.kv, key);
+            remember(&mut self.touched.tombstones, &self.tombstones, key);
+            self.kv.remove(key);
             self.tombstones.insert(key.to_string(), index);
             self.kv_index = index;
             (true, true)
@@ -338,11 +467,21 @@ impl State {
     }
 
     fn touch_service(&mut self, name: &str, index: u64) {
+        remember(
+            &mut self.touched.service_indexes,
+            &self.service_indexes,
+            name,
+        );
         self.service_indexes.insert(name.to_string(), index);
     }
 
     fn forget_name_if_extinct(&mut self, name: &str, index: u64) {
         if !self.services.values().any(|s| s.name == name) {
+            remember(
+                &mut self.touched.service_indexes,
+                &self.service_indexes,
+                name,
+            );
             self.service_indexes.remove(name);
             self.extinction_index = index;
         }
@@ -385,16 +524,21 @@ impl State {
                 .map(|c| c.check_id.clone())
                 .collect();
             for id in stale {
+                remember(&mut self.touched.checks, &self.checks, &id);
                 self.checks.remove(&id);
                 outcome.removed.push(id);
                 changed = true;
             }
         }
         // Existing checks of this instance follow the service's name and tags.
-        for check in self.checks.values_mut() {
-            if check.service_id == service.id
-                && (check.service_name != service.name || check.service_tags != service.tags)
-            {
+        let followers: Vec<String> = self
+            .checks_of(&service.id)
+            .filter(|c| c.service_name != service.name || c.service_tags != service.tags)
+            .map(|c| c.check_id.clone())
+            .collect();
+        for id in followers {
+            remember(&mut self.touched.checks, &self.checks, &id);
+            if let Some(check) = self.checks.get_mut(&id) {
                 check.service_name = service.name.clone();
                 check.service_tags = service.tags.clone();
                 check.modify_index = index;
@@ -437,6 +581,7 @@ impl State {
             if check.status == CRITICAL && check.critical_since.is_none() {
                 check.critical_since = Some(Instant::now());
             }
+            remember(&mut self.touched.checks, &self.checks, &check.check_id);
             if existing.as_ref().map(|o| &o.definition) != Some(&check.definition) {
                 outcome
                     .started
@@ -449,6 +594,7 @@ impl State {
             return None;
         }
         let name = service.name.clone();
+        remember(&mut self.touched.services, &self.services, &service.id);
         self.services.insert(service.id.clone(), service);
         self.touch_service(&name, index);
         self.services_index = index;
@@ -463,12 +609,14 @@ impl State {
     /// Removes a service and its checks. Returns the removed check IDs, or `None` when the ID
     /// is unknown.
     pub fn deregister_service(&mut self, service_id: &str, index: u64) -> Option<Vec<String>> {
+        remember(&mut self.touched.services, &self.services, service_id);
         let service = self.services.remove(service_id)?;
         let removed: Vec<String> = self
             .checks_of(service_id)
             .map(|c| c.check_id.clone())
             .collect();
         for id in &removed {
+            remember(&mut self.touched.checks, &self.checks, id);
             self.checks.remove(id);
         }
         self.services_index = index;
@@ -487,6 +635,7 @@ impl State {
         output: String,
         index: u64,
     ) -> Option<bool> {
+        remember(&mut self.touched.checks, &self.checks, check_id);
         let check = self.checks.get_mut(check_id)?;
         check.output = output;
         if check.status == status {
@@ -501,62 +650,68 @@ impl State {
     }
 }
 
+/// The state and the files that make it durable, behind one lock so writes are serialised.
+struct Inner {
+    state: State,
+    files: Files,
+}
+
 /// Where the state lives, how writers reach it and how blocking queries learn about writes.
 pub(crate) struct Store {
-    state: Mutex<State>,
-    file: PathBuf,
+    inner: Mutex<Inner>,
     changes: watch::Sender<u64>,
 }
 
 impl Store {
-    /// Loads `<dir>/state.json` or starts a fresh state (with a new node ID) and persists it.
+    /// Loads `<dir>/state.json` and replays `<dir>/state.log` over it, or starts a fresh state
+    /// (with a new node ID); then folds everything into a new snapshot. A `state.json` written
+    /// by an earlier version (which had no log) loads as it is.
     pub fn open(dir: &Path) -> Result<Store, EmbeddedError> {
-        let state_error = |message: String| EmbeddedError::State {
-            path: dir.display().to_string(),
+        let state_error = |path: &Path, message: String| EmbeddedError::State {
+            path: path.display().to_string(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| state_error(e.to_string()))?;
-        let file = dir.join("state.json");
-        let state = match std::fs::read(&file) {
-            Ok(bytes) => {
-                let mut state: State =
-                    serde_json::from_slice(&bytes).map_err(|e| EmbeddedError::State {
-                        path: file.display().to_string(),
-                        message: e.to_string(),
-                    })?;
-                let now = Instant::now();
-                for check in state.checks.values_mut() {
-                    if check.status == CRITICAL {
-                        check.critical_since = Some(now);
-                    }
-                }
-                state
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::fresh(),
-            Err(e) => {
-                return Err(EmbeddedError::State {
-                    path: file.display().to_string(),
-                    message: e.to_string(),
-                })
-            }
+        let mut files = Files::new(dir).map_err(|e| state_error(dir, e.to_string()))?;
+        let loaded = files.load().map_err(|e| state_error(dir, e.to_string()))?;
+        let mut state = match &loaded.snapshot {
+            Some(bytes) => serde_json::from_slice::<State>(bytes)
+                .map_err(|e| state_error(files.snapshot_path(), e.to_string()))?,
+            None => State::fresh(),
         };
-        let (changes, _) = watch::channel(state.index);
-        let store = Store {
-            state: Mutex::new(state),
-            file,
-            changes,
-        };
-        {
-            let guard = store.lock();
-            store
-                .persist(&guard)
-                .map_err(|e| state_error(e.to_string()))?;
+        for (number, record) in loaded.records.iter().enumerate() {
+            let change: Change = serde_json::from_slice(record).map_err(|e| {
+                state_error(files.log_path(), format!("record {}: {e}", number + 1))
+            })?;
+            if change.counters.index > state.index {
+                state.apply(change);
+            }
         }
-        Ok(store)
+        if loaded.torn_bytes > 0 {
+            tracing::warn!(
+                path = %files.log_path().display(),
+                bytes = loaded.torn_bytes,
+                "embedded registry: ignoring a change cut short by a crash (it was never acknowledged)"
+            );
+        }
+        let now = Instant::now();
+        for check in state.checks.values_mut() {
+            if check.status == CRITICAL {
+                check.critical_since = Some(now);
+            }
+        }
+        let snapshot = serde_json::to_vec(&state).map_err(|e| state_error(dir, e.to_string()))?;
+        files
+            .compact(&snapshot)
+            .map_err(|e| state_error(&e.path, e.source.to_string()))?;
+        let (changes, _) = watch::channel(state.index);
+        Ok(Store {
+            inner: Mutex::new(Inner { state, files }),
+            changes,
+        })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A receiver that sees the global index after every write.
@@ -566,46 +721,69 @@ impl Store {
 
     /// Runs `f` on a consistent snapshot.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        f(&self.lock())
+        f(&self.lock().state)
     }
 
     /// Runs a write. `f` gets the state and the index this write will carry, and returns its
-    /// answer plus whether it changed anything. A change bumps the global index, is persisted
-    /// before this returns, and wakes blocking queries.
+    /// answer plus whether it changed anything. A change is appended to the log and synced
+    /// before it becomes visible: only then is the global index bumped and are blocking queries
+    /// woken. If it cannot be made durable, the state is put back as it was and the error is
+    /// returned instead of the answer.
     pub fn write<T>(
         &self,
         f: impl FnOnce(&mut State, u64) -> (T, bool),
     ) -> Result<T, PersistError> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let Inner { state, files } = &mut *guard;
+        if files.needs_compaction() {
+            compact(state, files)?;
+        }
+        let before = state.counters();
         let index = state.index + 1;
-        let (answer, changed) = f(&mut state, index);
-        if changed {
-            state.index = index;
-            self.persist(&state)?;
-            self.changes.send_replace(index);
+        let (answer, changed) = f(state, index);
+        let touched = std::mem::take(&mut state.touched);
+        if !changed {
+            // Nothing to log (an output-only check update stays in memory until the next
+            // snapshot, like Consul's deferred output sync).
+            return Ok(answer);
+        }
+        state.index = index;
+        let logged = match serde_json::to_vec(&state.change(&touched)) {
+            Ok(record) => files.append(&record),
+            Err(error) => Err(FileError {
+                path: files.log_path().to_path_buf(),
+                source: error.into(),
+            }),
+        };
+        if let Err(error) = logged {
+            state.undo(touched, before);
+            return Err(error.into());
+        }
+        self.changes.send_replace(index);
+        if files.wants_compaction() {
+            if let Err(error) = compact(state, files) {
+                tracing::warn!(%error, "embedded registry: compacting the change log failed; will retry");
+            }
         }
         Ok(answer)
     }
 
-    /// Writes the state again (used at shutdown to keep the latest check output).
+    /// Folds the log into a new snapshot (used at shutdown, which also keeps the latest check
+    /// output).
     pub fn flush(&self) -> Result<(), PersistError> {
-        let state = self.lock();
-        self.persist(&state)
+        let mut guard = self.lock();
+        let Inner { state, files } = &mut *guard;
+        compact(state, files)
     }
+}
 
-    fn persist(&self, state: &State) -> Result<(), PersistError> {
-        let error = |source| PersistError {
-            path: self.file.display().to_string(),
-            source,
-        };
-        let bytes = serde_json::to_vec(state).map_err(|e| error(e.into()))?;
-        let temp = self.file.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&temp).map_err(error)?;
-        file.write_all(&bytes).map_err(error)?;
-        file.sync_all().map_err(error)?;
-        drop(file);
-        std::fs::rename(&temp, &self.file).map_err(error)
-    }
+/// Writes the whole state as the new snapshot and empties the log.
+fn compact(state: &State, files: &mut Files) -> Result<(), PersistError> {
+    let snapshot = serde_json::to_vec(state).map_err(|error| FileError {
+        path: files.snapshot_path().to_path_buf(),
+        source: error.into(),
+    })?;
+    Ok(files.compact(&snapshot)?)
 }
 
 /// A random version-4 UUID, formatted like Consul's node IDs.
@@ -644,6 +822,7 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn cas_zero_creates_only_and_stale_cas_fails() {
@@ -666,6 +845,166 @@ mod tests {
         state.kv_delete("p/b", false, None, 5);
         assert_eq!(state.kv_prefix_index("p/"), 5);
         assert_eq!(state.kv_key_index("p/a"), 2);
+    }
+
+    fn put(store: &Store, key: &str, value: &str) -> Result<bool, PersistError> {
+        store.write(|s, index| {
+            let written = s.kv_put(key, value.as_bytes().to_vec(), 0, None, index);
+            (written, written)
+        })
+    }
+
+    fn value(store: &Store, key: &str) -> Option<String> {
+        store.read(|s| {
+            s.kv.get(key)
+                .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+        })
+    }
+
+    /// Makes every write to the change log fail as on a full disk (also for root): the log
+    /// becomes a symlink to `/dev/full`. Returns where the real log was put aside.
+    fn fill_disk(dir: &Path) -> PathBuf {
+        let log = dir.join("state.log");
+        let aside = dir.join("state.log.aside");
+        std::fs::rename(&log, &aside).unwrap();
+        std::os::unix::fs::symlink("/dev/full", &log).unwrap();
+        aside
+    }
+
+    fn free_disk(dir: &Path, aside: &Path) {
+        std::fs::remove_file(dir.join("state.log")).unwrap();
+        std::fs::rename(aside, dir.join("state.log")).unwrap();
+    }
+
+    #[test]
+    fn a_write_that_cannot_be_logged_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        put(&store, "kept", "1").unwrap();
+        store
+            .write(|s, index| {
+                let outcome = s.register_service(service("web"), vec![], false, index);
+                ((), outcome.is_some())
+            })
+            .unwrap();
+        let index = store.read(|s| s.index);
+
+        let aside = fill_disk(dir.path());
+        let error = put(&store, "lost", "2").unwrap_err().to_string();
+        assert!(error.contains("state.log"), "{error}");
+        assert!(put(&store, "kept", "changed").is_err());
+        let deregistered = store.write(|s, index| {
+            let removed = s.deregister_service("web", index);
+            let changed = removed.is_some();
+            (removed, changed)
+        });
+        assert!(deregistered.is_err());
+        assert_eq!(value(&store, "lost"), None);
+        assert_eq!(value(&store, "kept").as_deref(), Some("1"));
+        assert!(store.read(|s| s.services.contains_key("web")));
+        assert_eq!(store.read(|s| s.index), index, "the index did not move");
+        assert_eq!(*store.subscribe().borrow(), index, "no watcher was woken");
+
+        free_disk(dir.path(), &aside);
+        assert!(put(&store, "after", "3").unwrap());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(value(&store, "lost"), None);
+        assert_eq!(value(&store, "kept").as_deref(), Some("1"));
+        assert_eq!(value(&store, "after").as_deref(), Some("3"));
+        assert!(store.read(|s| s.services.contains_key("web")));
+    }
+
+    #[test]
+    fn a_crash_mid_append_loses_nothing_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for n in 0..50 {
+            put(&store, &format!("k/{n}"), &n.to_string()).unwrap();
+        }
+        store
+            .write(|s, index| s.kv_delete("k/7", false, None, index))
+            .unwrap();
+        let index = store.read(|s| s.index);
+        // A crash: no shutdown flush, and the next record only partly written.
+        drop(store);
+        let log = dir.path().join("state.log");
+        let mut bytes = std::fs::read(&log).unwrap();
+        let whole = bytes.len();
+        bytes.extend_from_slice(br#"{"index":999,"kv_index":999,"services_index":0,"extinction_index":0,"kv":{"k/torn":{"key":"k/to"#);
+        std::fs::write(&log, &bytes).unwrap();
+        assert!(whole > 0, "the writes were logged, not snapshotted");
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.read(|s| s.index), index);
+        assert_eq!(store.read(|s| s.kv.len()), 49);
+        assert_eq!(value(&store, "k/7"), None);
+        assert_eq!(
+            store.read(|s| s.tombstones.get("k/7").copied()),
+            Some(index)
+        );
+        assert_eq!(value(&store, "k/49").as_deref(), Some("49"));
+        assert_eq!(value(&store, "k/torn"), None);
+        // The log goes on cleanly after the torn record.
+        put(&store, "k/next", "x").unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.read(|s| s.kv.len()), 50);
+        assert_eq!(store.read(|s| s.index), index + 1);
+    }
+
+    #[test]
+    fn replay_skips_records_the_snapshot_already_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        put(&store, "a", "old").unwrap();
+        let old_log = std::fs::read(dir.path().join("state.log")).unwrap();
+        put(&store, "a", "new").unwrap();
+        store.flush().unwrap();
+        drop(store);
+        // A crash between renaming the snapshot and emptying the log leaves older records.
+        std::fs::write(dir.path().join("state.log"), old_log).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(value(&store, "a").as_deref(), Some("new"));
+    }
+
+    #[test]
+    fn a_state_json_from_before_the_log_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("state.json"),
+            r#"{"node_id":"0b5c2a1e-6d1f-4c3a-9e8b-2f7d6c5b4a39","index":12,"node_index":1,
+            "kv":{"dfp/routes/web":{"key":"dfp/routes/web","flags":0,"value":"c3BlYw==","create_index":3,"modify_index":9}},
+            "tombstones":{"gone":10},"kv_index":10,
+            "services":{"w1":{"id":"w1","name":"web","tags":[],"address":"","meta":null,"port":8080,
+              "tagged_addresses":{},"weights":{"Passing":1,"Warning":1},"enable_tag_override":false,
+              "kind":"","create_index":11,"modify_index":12}},
+            "checks":{},"services_index":12,"service_indexes":{"web":12},"extinction_index":0}"#,
+        )
+        .unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(value(&store, "dfp/routes/web").as_deref(), Some("spec"));
+        assert_eq!(store.read(|s| s.kv_prefix_index("g")), 10);
+        assert_eq!(store.read(|s| s.services["w1"].port), 8080);
+        put(&store, "next", "x").unwrap();
+        assert_eq!(store.read(|s| s.kv["next"].modify_index), 13);
+    }
+
+    fn service(id: &str) -> Service {
+        Service {
+            id: id.into(),
+            name: id.into(),
+            tags: vec![],
+            address: String::new(),
+            meta: None,
+            port: 80,
+            tagged_addresses: BTreeMap::new(),
+            weights: Weights::default(),
+            enable_tag_override: false,
+            kind: String::new(),
+            create_index: 0,
+            modify_index: 0,
+        }
     }
 
     #[test]
