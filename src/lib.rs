@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths, STATS_SOCKET_FILE};
+use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths, OnExit, STATS_SOCKET_FILE};
 use crate::proxy::{Proxy, ProxyParts};
 use crate::registry::embedded::{EmbeddedError, EmbeddedRegistry};
 use crate::registry::ConsulClient;
@@ -115,11 +115,17 @@ impl FlowProxy {
             stats_socket: PathBuf::from(STATS_SOCKET_FILE),
             errors_dir: PathBuf::from(ERRORS_DIR),
         };
+        let on_exit = if settings.stop_haproxy_on_exit {
+            OnExit::Stop
+        } else {
+            OnExit::LeaveRunning
+        };
         let haproxy = start_haproxy(
             &settings.haproxy_binary,
             &paths,
             &renderer,
             &render_settings,
+            on_exit,
         )
         .await?;
 
@@ -177,8 +183,9 @@ impl FlowProxy {
         &self.registry_url
     }
 
-    /// Stops the API, the proxy core and its watches, HAProxy and the embedded registry, in that
-    /// order.
+    /// Stops the API (letting the calls in flight finish), the proxy core and its watches, the
+    /// HAProxy supervisor and the embedded registry, in that order. HAProxy keeps serving unless
+    /// `--stop-haproxy-on-exit` was given.
     pub async fn stop(self) {
         let _ = self.api_shutdown.send(());
         match self.api_task.await {
@@ -187,7 +194,7 @@ impl FlowProxy {
             Err(error) => tracing::error!(%error, "API task failed"),
         }
         self.proxy.stop().await;
-        self.haproxy.stop().await;
+        self.haproxy.exit().await;
         if let Some(registry) = self.embedded_registry {
             registry.shutdown().await;
         }
@@ -258,9 +265,10 @@ async fn start_haproxy(
     paths: &HaproxyPaths,
     renderer: &Renderer,
     render_settings: &RenderSettings,
+    on_exit: OnExit,
 ) -> Result<Haproxy, StartError> {
     if let Ok(last_good) = tokio::fs::read_to_string(&paths.config).await {
-        match Haproxy::start(binary.to_path_buf(), paths.clone(), &last_good).await {
+        match Haproxy::start(binary.to_path_buf(), paths.clone(), &last_good, on_exit).await {
             Ok(haproxy) => return Ok(haproxy),
             Err(error) => {
                 tracing::warn!(%error, "the last haproxy.cfg does not start; starting empty")
@@ -268,5 +276,5 @@ async fn start_haproxy(
         }
     }
     let empty = renderer.render(render_settings, &[])?;
-    Ok(Haproxy::start(binary.to_path_buf(), paths.clone(), &empty).await?)
+    Ok(Haproxy::start(binary.to_path_buf(), paths.clone(), &empty, on_exit).await?)
 }

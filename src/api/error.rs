@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::haproxy::{HaproxyError, PortError};
 use crate::proxy::ProxyError;
 use crate::registry::RegistryError;
 use crate::render::RenderError;
@@ -58,7 +59,14 @@ impl ApiError {
                 ProxyError::RejectedRequest(_)
                 | ProxyError::Render(RenderError::PortConflict { .. }) => StatusCode::BAD_REQUEST,
                 ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
-                ProxyError::Conflict(_) => StatusCode::CONFLICT,
+                ProxyError::Conflict(_)
+                | ProxyError::Haproxy(HaproxyError::Port(PortError::InUse { .. })) => {
+                    StatusCode::CONFLICT
+                }
+                ProxyError::Haproxy(HaproxyError::Port(_)) => StatusCode::BAD_REQUEST,
+                ProxyError::Haproxy(HaproxyError::NotAnswering { .. }) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 ProxyError::Registry(
                     RegistryError::Unreachable { .. } | RegistryError::Unavailable { .. },
                 )

@@ -11,7 +11,9 @@
 //! 1. **resolve**: read the healthy instances of the services it touches from the registry.
 //!    Registry unreachable → the caller gets the error, nothing changed.
 //! 2. **render** the complete configuration of the candidate state (never a patch of the old file).
-//! 3. **validate** it with `haproxy -c` as a candidate file. Rejected → the caller gets HAProxy's
+//! 3. **validate**: the serving HAProxy must answer and every address the candidate binds anew
+//!    must be free (flow-proxy binds it and lets go: a port held by another program is refused
+//!    before a reload could pause every listener); then `haproxy -c` checks it as a candidate file. Rejected → the caller gets HAProxy's
 //!    own lines; the live file, the running HAProxy and the stored specs are untouched.
 //! 4. **persist** the spec in Consul KV (`<kv-prefix>/services/<serviceName>`) with check-and-set,
 //!    or delete it. Failure or a lost race retried too often → the caller gets the error; the live
@@ -416,6 +418,10 @@ impl Core {
             .iter()
             .any(|change| matches!(change, Change::Reconfigure(_)));
         self.haproxy
+            .preflight(&config)
+            .await
+            .map_err(ProxyError::Haproxy)?;
+        self.haproxy
             .validate(&config)
             .await
             .map_err(|error| rejected(error, caused_by_request))?;
@@ -527,6 +533,10 @@ impl Core {
     async fn validate_and_apply(&mut self, candidate: RoutingState) -> Result<(), ProxyError> {
         let config = self.render(&candidate)?;
         if self.applied_config.as_deref() != Some(config.as_str()) {
+            self.haproxy
+                .preflight(&config)
+                .await
+                .map_err(ProxyError::Haproxy)?;
             self.haproxy
                 .validate(&config)
                 .await

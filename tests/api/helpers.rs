@@ -76,6 +76,8 @@ impl TestProxy {
             kv_prefix: "flow-proxy".into(),
             consul_token: None,
             watch_instances: true,
+            // Tests start many proxies: each one's HAProxy goes with it.
+            stop_haproxy_on_exit: true,
         };
         customise(&mut settings);
         let app = FlowProxy::start(settings.clone())
