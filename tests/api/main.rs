@@ -9,6 +9,7 @@ mod failover;
 mod fleet;
 mod fleet_smoke;
 mod front;
+mod haproxy_faults;
 mod helpers;
 mod live_instances;
 mod migration;
