@@ -59,6 +59,26 @@ async fn routed_names(proxy: &TestProxy) -> Vec<String> {
         .collect()
 }
 
+/// The `X-Consul-Index` of flow-proxy's KV prefix: it moves with every write under it, also
+/// with a write that was later undone.
+async fn kv_index(proxy: &TestProxy) -> String {
+    let response = proxy
+        .http()
+        .get(format!(
+            "http://{}/v1/kv/flow-proxy/?recurse",
+            proxy.registry_address()
+        ))
+        .send()
+        .await
+        .expect("registry answers");
+    response
+        .headers()
+        .get("X-Consul-Index")
+        .and_then(|index| index.to_str().ok())
+        .expect("an X-Consul-Index")
+        .to_string()
+}
+
 /// A proxy routing `/steady` to a backend that answers `steady`.
 async fn proxy_with_steady_route() -> (TestProxy, crate::helpers::Backend) {
     let proxy = TestProxy::spawn().await;
@@ -78,6 +98,7 @@ async fn a_src_port_another_program_holds_is_refused_before_any_reload() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
     let port = held.local_addr().expect("held address").port();
     let before = proxy.snapshot().await;
+    let kv_before = kv_index(&proxy).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let client = traffic(proxy.http_port, "/steady", stop.clone());
@@ -120,6 +141,7 @@ async fn a_src_port_another_program_holds_is_refused_before_any_reload() {
     proxy.assert_unchanged_since(&before).await;
     assert_eq!(routed_names(&proxy).await, ["steady"]);
     assert_eq!(proxy.stored_spec("grabber").await, None);
+    assert_eq!(kv_index(&proxy).await, kv_before, "KV was not written");
 
     // Once the other program lets the port go, the same change works.
     drop(held);
@@ -137,6 +159,7 @@ async fn a_frozen_haproxy_is_answered_503_and_replaced() {
     let (proxy, _backend) = proxy_with_steady_route().await;
     let frozen = proxy.haproxy_pid().await.expect("HAProxy answers");
     let config_before = proxy.config().await;
+    let kv_before = kv_index(&proxy).await;
     signal(frozen, libc::SIGSTOP);
 
     let started = Instant::now();
@@ -156,6 +179,7 @@ async fn a_frozen_haproxy_is_answered_503_and_replaced() {
         None,
         "nothing stored in KV"
     );
+    assert_eq!(kv_index(&proxy).await, kv_before, "KV was not written");
     assert_eq!(routed_names(&proxy).await, ["steady"]);
 
     eventually(
@@ -229,6 +253,7 @@ async fn a_killed_haproxy_serves_again_at_once_with_the_last_good_config() {
 async fn a_full_disk_is_answered_500_and_changes_nothing() {
     let (proxy, _backend) = proxy_with_steady_route().await;
     let before = proxy.snapshot().await;
+    let kv_before = kv_index(&proxy).await;
     let candidate = proxy.data_dir().join("haproxy.cfg.candidate");
     let _ = std::fs::remove_file(&candidate);
     // Every write to /dev/full fails with ENOSPC, as on a full disk.
@@ -250,6 +275,7 @@ async fn a_full_disk_is_answered_500_and_changes_nothing() {
         None,
         "nothing stored in KV"
     );
+    assert_eq!(kv_index(&proxy).await, kv_before, "KV was not written");
     assert_eq!(routed_names(&proxy).await, ["steady"]);
     assert_eq!(
         proxy.names_answering("/steady", None, 2).await,
