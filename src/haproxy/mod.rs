@@ -154,9 +154,9 @@ impl Haproxy {
         promote(&paths).await?;
         let leftover_pid = serving_pid(&paths.stats_socket).await;
         if let Some(pid) = leftover_pid {
-            tracing::warn!(
+            tracing::info!(
                 pid,
-                "taking over from an HAProxy left running by an earlier flow-proxy"
+                "taking over from the HAProxy an earlier flow-proxy left serving"
             );
         }
         let first = spawn_and_wait_ready(&binary, &paths, leftover_pid, on_exit).await?;

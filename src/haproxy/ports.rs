@@ -200,4 +200,64 @@ mod tests {
         // The running configuration's own listeners are HAProxy's: not checked.
         assert!(check_new_binds(&candidate, &candidate).is_ok());
     }
+
+    /// Drops CAP_NET_BIND_SERVICE from the calling thread's effective capabilities (Linux keeps
+    /// capabilities per thread), so root binds like an ordinary user.
+    fn drop_net_bind_service_in_this_thread() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_NET_BIND_SERVICE: u32 = 10;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a valid v3 header and two data structs, as capget(2) says.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !(1 << CAP_NET_BIND_SERVICE);
+            assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
+        }
+    }
+
+    #[test]
+    fn a_privileged_port_without_the_right_is_refused_with_what_is_needed() {
+        let unprivileged_from: u16 =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or(1024);
+        if unprivileged_from == 0 {
+            return; // Every port is unprivileged on this machine: nothing to refuse.
+        }
+        let outcome = std::thread::spawn(|| {
+            drop_net_bind_service_in_this_thread();
+            check_new_binds("", "frontend tcp_1\n    bind 127.0.0.1:1\n")
+        })
+        .join()
+        .expect("the check runs");
+        match outcome {
+            Err(error @ PortError::NeedsPrivilege { .. }) => assert!(
+                error
+                    .to_string()
+                    .contains("ports below 1024 need root or CAP_NET_BIND_SERVICE"),
+                "{error}"
+            ),
+            other => panic!("expected NeedsPrivilege, got {other:?}"),
+        }
+    }
 }
