@@ -48,14 +48,10 @@ pub fn check_new_binds(running: &str, candidate: &str) -> Result<(), PortError> 
     Ok(())
 }
 
-/// Binds `address` and releases it at once.
+/// Binds `address` the way HAProxy does and releases it at once.
 fn try_bind(address: SocketAddr) -> Result<(), PortError> {
-    // std sets SO_REUSEADDR like HAProxy does, so a port left in TIME_WAIT is not reported.
-    match std::net::TcpListener::bind(address) {
-        Ok(listener) => {
-            drop(listener);
-            Ok(())
-        }
+    match bind_like_haproxy(address) {
+        Ok(()) => Ok(()),
         Err(source) => Err(match source.kind() {
             std::io::ErrorKind::AddrInUse => PortError::InUse {
                 address,
@@ -65,6 +61,21 @@ fn try_bind(address: SocketAddr) -> Result<(), PortError> {
             _ => PortError::Unavailable { address, source },
         }),
     }
+}
+
+/// A TCP socket bound to `address` with HAProxy's options, closed again: SO_REUSEADDR (a port
+/// left in TIME_WAIT is free) and SO_REUSEPORT (a port an HAProxy process that is stopping still
+/// holds is free for the next one, as HAProxy itself finds; a program holding it without
+/// SO_REUSEPORT keeps it).
+fn bind_like_haproxy(address: SocketAddr) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&address.into())
 }
 
 /// The TCP addresses of the `bind` lines of an haproxy.cfg (`*` and an empty host are every

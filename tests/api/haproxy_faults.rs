@@ -155,6 +155,20 @@ async fn a_src_port_another_program_holds_is_refused_before_any_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_src_port_a_removed_service_gave_back_can_be_taken_at_once() {
+    let (proxy, _backend) = proxy_with_steady_route().await;
+    let port = crate::helpers::free_port();
+    // The HAProxy process a reload replaces may still hold the port for a moment: that is no
+    // other program, and HAProxy itself can bind it (SO_REUSEPORT).
+    for round in 0..5 {
+        let query = format!("serviceName=db{round}&reqMode=tcp&srcPort={port}");
+        proxy.reconfigure_ok(&query).await;
+        let (status, body) = proxy.remove(&format!("serviceName=db{round}")).await;
+        assert_eq!(status, StatusCode::OK, "remove db{round}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_haproxy_is_answered_503_and_replaced() {
     let (proxy, _backend) = proxy_with_steady_route().await;
     let frozen = proxy.haproxy_pid().await.expect("HAProxy answers");
