@@ -19,8 +19,10 @@
 //!   start and then follows them and the routed services' instances with blocking-query watches,
 //!   so every proxy sharing a Consul converges without calls between proxies.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`.
-//! - [`haproxy`]: validation with `haproxy -c`, atomic swaps of the live file, seamless reloads
-//!   (`-x`, `-sf`), and supervision of the HAProxy processes.
+//! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
+//!   and that every new listening port is free), atomic swaps of the live file, seamless reloads
+//!   (`-x`, `-sf`), and supervision of the HAProxy processes (a dead or hung one is replaced from
+//!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
 //!   Consul-compatible registry used when no Consul address is given.

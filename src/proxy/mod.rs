@@ -19,8 +19,8 @@
 //!    or delete it. Failure or a lost race retried too often → the caller gets the error; the live
 //!    file and HAProxy are untouched.
 //! 5. **apply**: swap the candidate in as the live file and reload HAProxy; the call returns once
-//!    the new process serves. Failure (e.g. a port HAProxy cannot bind) → the previous live file
-//!    and the previous KV value are put back; the old HAProxy process never stopped serving.
+//!    the new process serves. Failure (e.g. the new process does not start) → the previous live
+//!    file and the previous KV value are put back; the old HAProxy process never stopped serving.
 //! 6. **commit** the candidate as the current state and answer the callers.
 //!
 //! A change whose configuration is byte-identical to the running one does not reload HAProxy

@@ -7,7 +7,8 @@
 //!   and operators write to Consul.
 //! - [`ProxyProcess`]: the `flow-proxy` binary as a child process with its own API port, HAProxy
 //!   port and data directory, pointed at a [`SharedRegistry`] with `--consul-address`. Stopping
-//!   it is SIGTERM, as in production; the harness checks that its HAProxy went with it. Requests
+//!   it is SIGTERM, as in production; the harness starts it with `--stop-haproxy-on-exit` and
+//!   checks that its HAProxy went with it (unless told otherwise: [`ProxyOptions`]). Requests
 //!   to it are those of its [`ProxyClient`], which it derefs to.
 //! - [`eventually`]: "this holds within N", measured from the call.
 
