@@ -103,10 +103,12 @@ async fn a_src_port_another_program_holds_is_refused_before_any_reload() {
     let stop = Arc::new(AtomicBool::new(false));
     let client = traffic(proxy.http_port, "/steady", stop.clone());
     let mut answers = Vec::new();
-    for query in [
+    // The ten bad calls in a row, TCP and HTTP.
+    let queries = [
         format!("serviceName=grabber&reqMode=tcp&srcPort={port}"),
         format!("serviceName=grabber&servicePath=/grab&srcPort={port}"),
-    ] {
+    ];
+    for query in queries.iter().cycle().take(10) {
         let started = Instant::now();
         let (status, body) = proxy.reconfigure(&query).await;
         answers.push((query, status, body, started.elapsed()));
