@@ -25,7 +25,7 @@ const ANSWER_BOUND: Duration = Duration::from_secs(5);
 const REPLACE_BOUND: Duration = Duration::from_secs(10);
 
 /// Requests `GET <path>` through HAProxy on 127.0.0.1:`port`, a new connection each, until
-/// `stop` (at most 100,000); returns how many were sent and, in order, whether each succeeded.
+/// `stop` (at most 100,000); returns, in order, whether each one succeeded.
 fn traffic(port: u16, path: &str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<bool>> {
     let url = format!("http://127.0.0.1:{port}{path}");
     tokio::spawn(async move {
