@@ -110,7 +110,7 @@ async fn a_src_port_another_program_holds_is_refused_before_any_reload() {
     ];
     for query in queries.iter().cycle().take(10) {
         let started = Instant::now();
-        let (status, body) = proxy.reconfigure(&query).await;
+        let (status, body) = proxy.reconfigure(query).await;
         answers.push((query, status, body, started.elapsed()));
     }
     stop.store(true, Ordering::Relaxed);
