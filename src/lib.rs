@@ -19,8 +19,10 @@
 //!   start and then follows them and the routed services' instances with blocking-query watches,
 //!   so every proxy sharing a Consul converges without calls between proxies.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`.
-//! - [`haproxy`]: validation with `haproxy -c`, atomic swaps of the live file, seamless reloads
-//!   (`-x`, `-sf`), and supervision of the HAProxy processes.
+//! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
+//!   and that every new listening port is free), atomic swaps of the live file, seamless reloads
+//!   (`-x`, `-sf`), and supervision of the HAProxy processes (a dead or hung one is replaced from
+//!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
 //!   Consul-compatible registry used when no Consul address is given.
@@ -42,7 +44,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths, STATS_SOCKET_FILE};
+use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths, OnExit, STATS_SOCKET_FILE};
 use crate::proxy::{Proxy, ProxyParts};
 use crate::registry::embedded::{EmbeddedError, EmbeddedRegistry};
 use crate::registry::ConsulClient;
@@ -133,11 +135,17 @@ impl FlowProxy {
             stats_socket: PathBuf::from(STATS_SOCKET_FILE),
             errors_dir: PathBuf::from(ERRORS_DIR),
         };
+        let on_exit = if settings.stop_haproxy_on_exit {
+            OnExit::Stop
+        } else {
+            OnExit::LeaveRunning
+        };
         let haproxy = start_haproxy(
             &settings.haproxy_binary,
             &paths,
             &renderer,
             &render_settings,
+            on_exit,
         )
         .await?;
 
@@ -202,8 +210,9 @@ impl FlowProxy {
         &self.registry_url
     }
 
-    /// Stops the API, the proxy core and its watches, HAProxy and the embedded registry, in that
-    /// order.
+    /// Stops the API (letting the calls in flight finish), the proxy core and its watches, the
+    /// HAProxy supervisor and the embedded registry, in that order. HAProxy keeps serving unless
+    /// `--stop-haproxy-on-exit` was given.
     pub async fn stop(self) {
         let _ = self.api_shutdown.send(());
         match self.api_task.await {
@@ -212,7 +221,7 @@ impl FlowProxy {
             Err(error) => tracing::error!(%error, "API task failed"),
         }
         self.proxy.stop().await;
-        self.haproxy.stop().await;
+        self.haproxy.exit().await;
         if let Some(registry) = self.embedded_registry {
             registry.shutdown().await;
         }
@@ -321,9 +330,10 @@ async fn start_haproxy(
     paths: &HaproxyPaths,
     renderer: &Renderer,
     render_settings: &RenderSettings,
+    on_exit: OnExit,
 ) -> Result<Haproxy, StartError> {
     if let Ok(last_good) = tokio::fs::read_to_string(&paths.config).await {
-        match Haproxy::start(binary.to_path_buf(), paths.clone(), &last_good).await {
+        match Haproxy::start(binary.to_path_buf(), paths.clone(), &last_good, on_exit).await {
             Ok(haproxy) => return Ok(haproxy),
             Err(error) => {
                 tracing::warn!(%error, "the last haproxy.cfg does not start; starting empty")
@@ -331,7 +341,7 @@ async fn start_haproxy(
         }
     }
     let empty = renderer.render(render_settings, &[])?;
-    Ok(Haproxy::start(binary.to_path_buf(), paths.clone(), &empty).await?)
+    Ok(Haproxy::start(binary.to_path_buf(), paths.clone(), &empty, on_exit).await?)
 }
 
 #[cfg(test)]

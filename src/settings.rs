@@ -130,6 +130,19 @@ pub struct Settings {
     /// Prefix of flow-proxy's keys in Consul KV; specs live at `<prefix>/services/<serviceName>`.
     #[arg(long, env = "KV_PREFIX", default_value = "flow-proxy")]
     pub kv_prefix: String,
+
+    /// Stop HAProxy when flow-proxy exits. `false` (the default): HAProxy keeps serving the last
+    /// good configuration while flow-proxy is down, and the next flow-proxy on the same data
+    /// directory takes it over without dropping a connection.
+    #[arg(
+        long,
+        env = "STOP_HAPROXY_ON_EXIT",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub stop_haproxy_on_exit: bool,
 }
 
 /// A secret setting (token, passwords): its `Debug` never shows the value, so printing the
@@ -181,6 +194,14 @@ mod tests {
         assert!(!parse(&["--watch-instances=false"]).watch_instances);
         assert!(!parse(&["--watch-instances", "false"]).watch_instances);
         assert!(Settings::try_parse_from(["flow-proxy", "--watch-instances=maybe"]).is_err());
+    }
+
+    #[test]
+    fn haproxy_is_left_running_on_exit_unless_told_to_stop_it() {
+        assert!(!parse(&[]).stop_haproxy_on_exit);
+        assert!(parse(&["--stop-haproxy-on-exit"]).stop_haproxy_on_exit);
+        assert!(parse(&["--stop-haproxy-on-exit=true"]).stop_haproxy_on_exit);
+        assert!(!parse(&["--stop-haproxy-on-exit=false"]).stop_haproxy_on_exit);
     }
 
     #[test]

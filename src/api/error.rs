@@ -5,6 +5,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::haproxy::{HaproxyError, PortError};
 use crate::proxy::ProxyError;
 use crate::registry::RegistryError;
 use crate::render::RenderError;
@@ -90,7 +91,14 @@ impl ApiError {
                 }
                 ProxyError::Conflict(_)
                 | ProxyError::RouteTaken { .. }
-                | ProxyError::TooManyServices { .. } => StatusCode::CONFLICT,
+                | ProxyError::TooManyServices { .. }
+                | ProxyError::Haproxy(HaproxyError::Port(PortError::InUse { .. })) => {
+                    StatusCode::CONFLICT
+                }
+                ProxyError::Haproxy(HaproxyError::Port(_)) => StatusCode::BAD_REQUEST,
+                ProxyError::Haproxy(HaproxyError::NotAnswering { .. }) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 ProxyError::Registry(
                     RegistryError::Unreachable { .. } | RegistryError::Unavailable { .. },
                 )

@@ -9,9 +9,20 @@
 //!   system) and reloads: a new process started with `-x <stats socket>` takes the listening
 //!   sockets over from the old one and `-sf <old pid>` soft-stops it, so no connection is refused.
 //!   The call returns once the new process answers on the stats socket, i.e. serves the new config.
-//! - If the serving process dies, the supervisor starts a new one from the last good `haproxy.cfg`.
+//! - [`Haproxy::preflight`] runs before a change is validated: the serving process must answer
+//!   on its stats socket, and every address the candidate binds that the running config does not
+//!   must be free (see [`ports`]); otherwise the change is refused before anything is touched.
+//! - If the serving process dies, the supervisor starts a new one at once from the last good
+//!   `haproxy.cfg`. It also asks the serving process `show info` every second when idle; a process
+//!   that fails [`HUNG_AFTER`] probes in a row (e.g. stopped with SIGSTOP) is killed with SIGKILL
+//!   and replaced the same way.
+//! - Every call to HAProxy is bounded in time: `haproxy -c`, each stats-socket command, the wait
+//!   for a new process to serve, and the wait for the supervisor's answer.
+//! - On exit flow-proxy leaves the serving HAProxy running (the next flow-proxy takes it over with
+//!   `-x`/`-sf`), unless it was started to stop it ([`OnExit::Stop`]).
 
 mod certificates;
+mod ports;
 mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -24,14 +35,23 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
 pub use certificates::CERTS_DIR;
-pub use runtime::{command as runtime_command, serving_pid};
+pub use ports::{bind_addresses, PortError};
+pub use runtime::{command as runtime_command, serving_pid, COMMAND_TIMEOUT};
 
 /// How long a new HAProxy process may take to serve before the start counts as failed.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `haproxy -c` may take (about 0.6 s for 10,000 services) before it is killed.
+const VALIDATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a caller waits for the supervisor's answer (it may be restarting HAProxy).
+const SUPERVISOR_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a stopping HAProxy may finish its connections at shutdown before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Pause between restarts of an HAProxy that keeps dying.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+/// How often the supervisor asks an idle HAProxy whether it still answers.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Consecutive unanswered probes after which the serving process counts as hung.
+pub const HUNG_AFTER: u32 = 3;
 
 /// Something went wrong with HAProxy.
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +68,30 @@ pub enum HaproxyError {
     /// A new process exited or never became ready; the previous one keeps serving.
     #[error("HAProxy did not start: {0}")]
     Start(String),
+    /// The serving process does not answer on its stats socket (stopped, hung or restarting).
+    #[error(
+        "HAProxy does not answer: {detail}; nothing was changed (flow-proxy replaces an HAProxy \
+         that stays unresponsive)"
+    )]
+    NotAnswering { detail: String },
+    /// A call to HAProxy did not finish in time.
+    #[error("{what} did not finish within {after:?}")]
+    Timeout { what: String, after: Duration },
+    /// The candidate binds an address that cannot be bound now.
+    #[error(transparent)]
+    Port(#[from] PortError),
     /// The supervisor is gone (flow-proxy is shutting down).
     #[error("the HAProxy supervisor has stopped")]
     Stopped,
+}
+
+/// What happens to the serving HAProxy when flow-proxy exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// Leave it serving, detached; the next flow-proxy on the same data directory takes it over.
+    LeaveRunning,
+    /// Soft-stop it (and kill it if flow-proxy's runtime goes away first).
+    Stop,
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> HaproxyError {
@@ -88,12 +129,16 @@ impl HaproxyPaths {
 pub struct Haproxy {
     binary: PathBuf,
     paths: HaproxyPaths,
+    on_exit: OnExit,
     supervisor: mpsc::Sender<SupervisorCommand>,
 }
 
 enum SupervisorCommand {
     Reload(oneshot::Sender<Result<(), HaproxyError>>),
-    Stop(oneshot::Sender<()>),
+    /// Does the serving process answer?
+    Probe(oneshot::Sender<Result<(), HaproxyError>>),
+    /// Stop supervising: soft-stop the process, or leave it running.
+    Exit(OnExit, oneshot::Sender<()>),
 }
 
 impl Haproxy {
@@ -105,24 +150,44 @@ impl Haproxy {
         binary: PathBuf,
         paths: HaproxyPaths,
         initial_config: &str,
+        on_exit: OnExit,
     ) -> Result<Haproxy, HaproxyError> {
         validate_file(&binary, &paths.candidate, initial_config).await?;
         promote(&paths).await?;
         let leftover_pid = serving_pid(&paths.stats_socket).await;
         if let Some(pid) = leftover_pid {
-            tracing::warn!(
+            tracing::info!(
                 pid,
-                "taking over from an HAProxy left running by an earlier flow-proxy"
+                "taking over from the HAProxy an earlier flow-proxy left serving"
             );
         }
-        let first = spawn_and_wait_ready(&binary, &paths, leftover_pid).await?;
+        let first = spawn_and_wait_ready(&binary, &paths, leftover_pid, on_exit).await?;
         let (supervisor, commands) = mpsc::channel(16);
-        tokio::spawn(supervise(binary.clone(), paths.clone(), first, commands));
+        let supervisor_task = Supervisor {
+            binary: binary.clone(),
+            paths: paths.clone(),
+            on_exit,
+            current: first,
+            unanswered_probes: 0,
+        };
+        tokio::spawn(supervisor_task.run(commands));
         Ok(Haproxy {
             binary,
             paths,
+            on_exit,
             supervisor,
         })
+    }
+
+    /// Checks, before a change is validated, what `haproxy -c` cannot: that the serving process
+    /// answers (else a reload would wait on it), and that every address `config` binds and the
+    /// live config does not can be bound now (else the reload would pause every listener while
+    /// the new process retries). Nothing is touched.
+    pub async fn preflight(&self, config: &str) -> Result<(), HaproxyError> {
+        self.ask_supervisor(SupervisorCommand::Probe).await?;
+        let live = self.live_config().await?;
+        ports::check_new_binds(&live, config)?;
+        Ok(())
     }
 
     /// Runs `haproxy -c` on `config` written as the candidate file; the live file is untouched.
@@ -135,12 +200,30 @@ impl Haproxy {
     /// Returns once the new process serves. If it fails to start, the old process keeps serving.
     pub async fn apply(&self) -> Result<(), HaproxyError> {
         promote(&self.paths).await?;
+        self.ask_supervisor(SupervisorCommand::Reload).await
+    }
+
+    /// Sends a command to the supervisor and waits (bounded) for its answer.
+    async fn ask_supervisor(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<(), HaproxyError>>) -> SupervisorCommand,
+    ) -> Result<(), HaproxyError> {
         let (reply, answer) = oneshot::channel();
-        self.supervisor
-            .send(SupervisorCommand::Reload(reply))
+        let exchange = async {
+            self.supervisor
+                .send(command(reply))
+                .await
+                .map_err(|_| HaproxyError::Stopped)?;
+            answer.await.map_err(|_| HaproxyError::Stopped)?
+        };
+        tokio::time::timeout(SUPERVISOR_TIMEOUT, exchange)
             .await
-            .map_err(|_| HaproxyError::Stopped)?;
-        answer.await.map_err(|_| HaproxyError::Stopped)?
+            .map_err(|_| HaproxyError::NotAnswering {
+                detail: format!(
+                    "the HAProxy supervisor did not answer within {SUPERVISOR_TIMEOUT:?} (it is \
+                     still starting a replacement process)"
+                ),
+            })?
     }
 
     /// Writes `config` back as the live file, without a reload: used to undo a swap whose reload
@@ -162,12 +245,14 @@ impl Haproxy {
             .map_err(io_error(format!("reading {}", self.paths.config.display())))
     }
 
-    /// Soft-stops every HAProxy process and waits for them (killing them after a grace period).
-    pub async fn stop(&self) {
+    /// Stops supervising, for flow-proxy's exit: with [`OnExit::Stop`] soft-stops the serving
+    /// process and waits for it (killing it after a grace period); with [`OnExit::LeaveRunning`]
+    /// leaves it serving on its own.
+    pub async fn exit(&self) {
         let (reply, done) = oneshot::channel();
         if self
             .supervisor
-            .send(SupervisorCommand::Stop(reply))
+            .send(SupervisorCommand::Exit(self.on_exit, reply))
             .await
             .is_ok()
         {
@@ -180,13 +265,20 @@ async fn validate_file(binary: &Path, candidate: &Path, config: &str) -> Result<
     tokio::fs::write(candidate, config)
         .await
         .map_err(io_error(format!("writing {}", candidate.display())))?;
-    let output = haproxy_command(binary, candidate)
+    // Dropping the unfinished future at the timeout kills `haproxy -c` (kill_on_drop).
+    let check = haproxy_command(binary, candidate)
         .arg("-c")
         .arg("-f")
         .arg(candidate)
         .stdin(Stdio::null())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(VALIDATE_TIMEOUT, check)
         .await
+        .map_err(|_| HaproxyError::Timeout {
+            what: format!("`{} -c`", binary.display()),
+            after: VALIDATE_TIMEOUT,
+        })?
         .map_err(io_error(format!("running {} -c", binary.display())))?;
     if output.status.success() {
         return Ok(());
@@ -247,6 +339,7 @@ fn spawn(
     binary: &Path,
     paths: &HaproxyPaths,
     previous_pid: Option<u32>,
+    on_exit: OnExit,
 ) -> Result<Process, HaproxyError> {
     let mut command = haproxy_command(binary, &paths.config);
     command.arg("-f").arg(&paths.config);
@@ -260,8 +353,10 @@ fn spawn(
     command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        // HAProxy ignores SIGPIPE, so a process left running keeps serving after flow-proxy
+        // (the reader of this pipe) is gone.
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(on_exit == OnExit::Stop);
     let mut child = command
         .spawn()
         .map_err(io_error(format!("starting {}", binary.display())))?;
@@ -299,8 +394,9 @@ async fn spawn_and_wait_ready(
     binary: &Path,
     paths: &HaproxyPaths,
     previous_pid: Option<u32>,
+    on_exit: OnExit,
 ) -> Result<Process, HaproxyError> {
-    let mut process = spawn(binary, paths, previous_pid)?;
+    let mut process = spawn(binary, paths, previous_pid, on_exit)?;
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     let mut pause = Duration::from_millis(2);
     loop {
@@ -359,56 +455,125 @@ fn send_signal(pid: u32, signal: libc::c_int) {
     }
 }
 
-/// The supervisor task: owns the serving process, performs reloads, restarts HAProxy if it dies.
-async fn supervise(
+/// The supervisor task: owns the serving process, performs reloads, probes it, and replaces it
+/// when it dies or hangs.
+struct Supervisor {
     binary: PathBuf,
     paths: HaproxyPaths,
-    mut current: Process,
-    mut commands: mpsc::Receiver<SupervisorCommand>,
-) {
-    loop {
-        tokio::select! {
-            command = commands.recv() => match command {
-                Some(SupervisorCommand::Reload(reply)) => {
-                    let result = match spawn_and_wait_ready(&binary, &paths, Some(current.pid)).await {
-                        Ok(next) => {
-                            let old = std::mem::replace(&mut current, next);
-                            reap(old);
-                            Ok(())
-                        }
-                        Err(error) => Err(error),
-                    };
-                    let _ = reply.send(result);
+    on_exit: OnExit,
+    current: Process,
+    /// Probes in a row the serving process did not answer.
+    unanswered_probes: u32,
+}
+
+impl Supervisor {
+    async fn run(mut self, mut commands: mpsc::Receiver<SupervisorCommand>) {
+        let mut probes = tokio::time::interval(PROBE_INTERVAL);
+        probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(SupervisorCommand::Reload(reply)) => {
+                        let result = self.reload().await;
+                        let _ = reply.send(result);
+                    }
+                    Some(SupervisorCommand::Probe(reply)) => {
+                        let result = self.probe().await;
+                        let _ = reply.send(result);
+                    }
+                    Some(SupervisorCommand::Exit(on_exit, reply)) => {
+                        self.exit(on_exit).await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    None => {
+                        let on_exit = self.on_exit;
+                        self.exit(on_exit).await;
+                        return;
+                    }
+                },
+                status = self.current.child.wait() => {
+                    tracing::error!(
+                        pid = self.current.pid,
+                        status = ?status,
+                        "haproxy died; restarting it with the last good configuration"
+                    );
+                    self.replace().await;
                 }
-                Some(SupervisorCommand::Stop(reply)) => {
-                    stop_process(current).await;
-                    let _ = reply.send(());
-                    return;
-                }
-                None => {
-                    stop_process(current).await;
-                    return;
-                }
-            },
-            status = current.child.wait() => {
-                tracing::error!(
-                    pid = current.pid,
-                    status = ?status,
-                    "haproxy died; restarting it with the last good configuration"
-                );
-                loop {
-                    match spawn_and_wait_ready(&binary, &paths, None).await {
-                        Ok(next) => {
-                            current = next;
-                            break;
-                        }
-                        Err(error) => {
-                            tracing::error!(%error, "restarting haproxy failed; trying again");
-                            tokio::time::sleep(RESTART_BACKOFF).await;
-                        }
+                _ = probes.tick() => {
+                    if self.probe().await.is_err() && self.unanswered_probes >= HUNG_AFTER {
+                        tracing::error!(
+                            pid = self.current.pid,
+                            probes = self.unanswered_probes,
+                            "haproxy does not answer on its stats socket; killing it and \
+                             restarting it with the last good configuration"
+                        );
+                        let _ = self.current.child.start_kill();
+                        let _ = self.current.child.wait().await;
+                        self.replace().await;
                     }
                 }
             }
+        }
+    }
+
+    /// Asks the serving process `show info`; counts the unanswered probes in a row.
+    async fn probe(&mut self) -> Result<(), HaproxyError> {
+        let pid = self.current.pid;
+        let detail = match runtime::command(&self.paths.stats_socket, "show info").await {
+            Ok(info) if info.lines().any(|line| line == format!("Pid: {pid}")) => {
+                self.unanswered_probes = 0;
+                return Ok(());
+            }
+            Ok(_) => format!("another process answers on the stats socket instead of pid {pid}"),
+            Err(error) => format!("pid {pid} on its stats socket: {error}"),
+        };
+        self.unanswered_probes += 1;
+        Err(HaproxyError::NotAnswering { detail })
+    }
+
+    /// Starts a new process on the live file that takes the listeners over from the serving
+    /// one, once the serving one answers (a hung one would hold the new one up).
+    async fn reload(&mut self) -> Result<(), HaproxyError> {
+        self.probe().await?;
+        let next = spawn_and_wait_ready(
+            &self.binary,
+            &self.paths,
+            Some(self.current.pid),
+            self.on_exit,
+        )
+        .await?;
+        let old = std::mem::replace(&mut self.current, next);
+        reap(old);
+        Ok(())
+    }
+
+    /// Starts a new process from the last good file after the serving one died or was killed,
+    /// at once and then every second until one serves. The listeners died with the old process,
+    /// so the new one binds them itself.
+    async fn replace(&mut self) {
+        loop {
+            match spawn_and_wait_ready(&self.binary, &self.paths, None, self.on_exit).await {
+                Ok(next) => {
+                    self.current = next;
+                    self.unanswered_probes = 0;
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "restarting haproxy failed; trying again");
+                    tokio::time::sleep(RESTART_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    async fn exit(self, on_exit: OnExit) {
+        match on_exit {
+            OnExit::Stop => stop_process(self.current).await,
+            OnExit::LeaveRunning => tracing::info!(
+                pid = self.current.pid,
+                "leaving haproxy serving; the next flow-proxy takes it over"
+            ),
         }
     }
 }

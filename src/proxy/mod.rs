@@ -11,14 +11,16 @@
 //! 1. **resolve**: read the healthy instances of the services it touches from the registry.
 //!    Registry unreachable → the caller gets the error, nothing changed.
 //! 2. **render** the complete configuration of the candidate state (never a patch of the old file).
-//! 3. **validate** it with `haproxy -c` as a candidate file. Rejected → the caller gets HAProxy's
+//! 3. **validate**: the serving HAProxy must answer and every address the candidate binds anew
+//!    must be free (flow-proxy binds it and lets go: a port held by another program is refused
+//!    before a reload could pause every listener); then `haproxy -c` checks it as a candidate file. Rejected → the caller gets HAProxy's
 //!    own lines; the live file, the running HAProxy and the stored specs are untouched.
 //! 4. **persist** the spec in Consul KV (`<kv-prefix>/services/<serviceName>`) with check-and-set,
 //!    or delete it. Failure or a lost race retried too often → the caller gets the error; the live
 //!    file and HAProxy are untouched.
 //! 5. **apply**: swap the candidate in as the live file and reload HAProxy; the call returns once
-//!    the new process serves. Failure (e.g. a port HAProxy cannot bind) → the previous live file
-//!    and the previous KV value are put back; the old HAProxy process never stopped serving.
+//!    the new process serves. Failure (e.g. the new process does not start) → the previous live
+//!    file and the previous KV value are put back; the old HAProxy process never stopped serving.
 //! 6. **commit** the candidate as the current state and answer the callers.
 //!
 //! A change whose configuration is byte-identical to the running one does not reload HAProxy
@@ -542,6 +544,10 @@ impl Core {
             )
         });
         self.haproxy
+            .preflight(&config)
+            .await
+            .map_err(ProxyError::Haproxy)?;
+        self.haproxy
             .validate(&config)
             .await
             .map_err(|error| rejected(error, caused_by_request))?;
@@ -683,6 +689,10 @@ impl Core {
     ) -> Result<(), ProxyError> {
         let config = self.render(&candidate, &certs).await?;
         if self.applied_config.as_deref() != Some(config.as_str()) {
+            self.haproxy
+                .preflight(&config)
+                .await
+                .map_err(ProxyError::Haproxy)?;
             self.haproxy
                 .validate(&config)
                 .await

@@ -7,7 +7,8 @@
 //!   and operators write to Consul.
 //! - [`ProxyProcess`]: the `flow-proxy` binary as a child process with its own API port, HAProxy
 //!   port and data directory, pointed at a [`SharedRegistry`] with `--consul-address`. Stopping
-//!   it is SIGTERM, as in production; the harness checks that its HAProxy went with it. Requests
+//!   it is SIGTERM, as in production; the harness starts it with `--stop-haproxy-on-exit` and
+//!   checks that its HAProxy went with it (unless told otherwise: [`ProxyOptions`]). Requests
 //!   to it are those of its [`ProxyClient`], which it derefs to.
 //! - [`eventually`]: "this holds within N", measured from the call.
 
@@ -343,6 +344,11 @@ pub struct ProxyOptions {
     pub extra_args: Vec<String>,
     /// Environment variables to set for the process (e.g. `CONSUL_HTTP_TOKEN`).
     pub env: Vec<(String, String)>,
+    /// Start it without `--stop-haproxy-on-exit`, which the harness passes otherwise so that no
+    /// HAProxy outlives its test. Without it flow-proxy leaves its HAProxy serving on exit
+    /// (stop it with [`ProxyProcess::stop_leaving_haproxy`]) unless `STOP_HAPROXY_ON_EXIT` is
+    /// set in [`env`](Self::env).
+    pub omit_stop_haproxy_flag: bool,
 }
 
 /// The real `flow-proxy` binary running as a child process, with its own HAProxy.
@@ -394,8 +400,7 @@ impl ProxyProcess {
                 api_address,
                 http_port,
                 &data_dir,
-                &options.extra_args,
-                &options.env,
+                &options,
                 &log_path,
             );
             let client = ProxyClient::new(api_address, http_port, data_dir.clone());
@@ -486,6 +491,33 @@ impl ProxyProcess {
         }
         self.exit.expect("the exit status was just recorded")
     }
+
+    /// Stops flow-proxy with SIGTERM and waits for it to exit (killing it after 15 s, then
+    /// panicking), without requiring its HAProxy to be gone: for a proxy started with
+    /// [`ProxyOptions::omit_stop_haproxy_flag`]. Whatever is left is killed when it is dropped.
+    pub async fn stop_leaving_haproxy(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        signal(self.pid, libc::SIGTERM);
+        match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
+            Ok(status) => {
+                let status = status.expect("flow-proxy's exit status");
+                self.exit = Some(status);
+                status
+            }
+            Err(_) => {
+                kill_group(self.pid);
+                self.exit = Some(self.child.wait().await.expect("reap flow-proxy"));
+                panic!(
+                    "flow-proxy (pid {}) did not exit within {STOP_TIMEOUT:?} of SIGTERM and was \
+                     killed; its log:\n{}",
+                    self.pid,
+                    self.log()
+                );
+            }
+        }
+    }
 }
 
 impl Deref for ProxyProcess {
@@ -573,8 +605,7 @@ fn spawn_flow_proxy(
     api_address: SocketAddr,
     http_port: u16,
     data_dir: &Path,
-    extra_args: &[String],
-    env: &[(String, String)],
+    options: &ProxyOptions,
     log_path: &Path,
 ) -> (tokio::process::Child, u32) {
     let log = std::fs::OpenOptions::new()
@@ -585,8 +616,9 @@ fn spawn_flow_proxy(
     writeln!(
         &log,
         "---- starting flow-proxy: registry {registry_address}, API {api_address}, HTTP port \
-         {http_port}, data dir {}, extra args {extra_args:?} ----",
-        data_dir.display()
+         {http_port}, data dir {}, extra args {:?} ----",
+        data_dir.display(),
+        options.extra_args
     )
     .expect("write the flow-proxy log");
     let log_too = log.try_clone().expect("flow-proxy log file");
@@ -604,14 +636,16 @@ fn spawn_flow_proxy(
         .arg(data_dir)
         .arg("--kv-prefix")
         .arg(KV_PREFIX)
-        .args(extra_args)
+        .args((!options.omit_stop_haproxy_flag).then_some("--stop-haproxy-on-exit"))
+        .args(&options.extra_args)
         // Settings not given as flags must not come from the environment the tests run in.
         .env_remove("EMBEDDED_REGISTRY_ADDRESS")
         .env_remove("HAPROXY_BINARY")
         .env_remove("TEMPLATES_DIR")
         .env_remove("CONSUL_HTTP_TOKEN")
         .env_remove("WATCH_INSTANCES")
-        .envs(env.iter().map(|(name, value)| (name, value)))
+        .env_remove("STOP_HAPROXY_ON_EXIT")
+        .envs(options.env.iter().map(|(name, value)| (name, value)))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log)

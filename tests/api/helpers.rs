@@ -66,6 +66,8 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         watch_instances: true,
         max_services: 10_000,
         change_timeout: 20,
+        // Tests start many proxies: each one's HAProxy goes with it.
+        stop_haproxy_on_exit: true,
     }
 }
 

@@ -10,6 +10,7 @@ mod failover;
 mod fleet;
 mod fleet_smoke;
 mod front;
+mod haproxy_faults;
 mod helpers;
 mod https;
 mod live_instances;

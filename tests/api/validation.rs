@@ -120,11 +120,12 @@ async fn an_unreachable_registry_answers_503_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_port_haproxy_cannot_bind_answers_500_and_puts_everything_back() {
+async fn a_port_another_program_holds_answers_409_and_changes_nothing() {
     let (proxy, _backend) = proxy_routing_demo().await;
     let echo = spawn_backend("db").await;
     proxy.register_instance("db", "db.1", echo.port).await;
-    // Another program holds the port: `haproxy -c` accepts the config, the reload cannot bind.
+    // Another program holds the port: `haproxy -c` accepts the config, but a reload could not
+    // bind it, so flow-proxy refuses the change before reloading (see haproxy_faults.rs).
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
     let taken_port = taken.local_addr().expect("address").port();
     let before = proxy.snapshot().await;
@@ -133,9 +134,12 @@ async fn a_port_haproxy_cannot_bind_answers_500_and_puts_everything_back() {
         .reconfigure(&format!("serviceName=db&reqMode=tcp&srcPort={taken_port}"))
         .await;
 
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{answer}");
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
     let message = answer["Message"].as_str().unwrap_or_default();
-    assert!(message.contains("bind"), "HAProxy's own reason: {message}");
+    assert!(
+        message.contains(&format!("port {taken_port}")) && message.contains("already in use"),
+        "{message}"
+    );
     proxy.assert_unchanged_since(&before).await;
     assert!(proxy.stored_spec("db").await.is_none(), "nothing stored");
     assert_eq!(proxy.names_answering("/demo", None, 1).await, ["demo"]);
