@@ -9,19 +9,24 @@
 //! # Layout
 //!
 //! - [`settings`]: every flag, each also read from its environment variable.
-//! - [`api`]: the HTTP API (Docker Flow Proxy's endpoints and answers); the one place where
-//!   errors become HTTP status codes.
+//! - [`api`]: the HTTP API (Docker Flow Proxy's endpoints and answers, the certificate
+//!   endpoints); who may call it (credentials, loopback only without them, no cross-site
+//!   requests); the one place where errors become HTTP status codes.
+//! - [`certs`]: TLS certificates as checked values (PEM with a matching key; names, expiry and
+//!   fingerprint, never the key).
 //! - [`spec`]: service specs and instances as typed, validated values; query parsing. Nothing
 //!   reaches haproxy.cfg without passing through these types.
 //! - [`spec`]'s `docker_flow`: Docker Flow Proxy's old KV layout → specs, for the one-time import.
-//! - [`proxy`]: the core; owns the routing state and applies each change in order
-//!   (resolve → render → validate → persist → reload → answer); restores the stored specs on
-//!   start and then follows them and the routed services' instances with blocking-query watches,
-//!   so every proxy sharing a Consul converges without calls between proxies.
+//! - [`proxy`]: the core; owns the routing state and the certificates and applies each change in
+//!   order (resolve → render → validate → persist → reload → answer) from one bounded queue;
+//!   restores the stored specs and certificates on start and then follows them and the routed
+//!   services' instances with blocking-query watches, so every proxy sharing a Consul converges
+//!   without calls between proxies.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`.
 //! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
 //!   and that every new listening port is free), atomic swaps of the live file, seamless reloads
-//!   (`-x`, `-sf`), and supervision of the HAProxy processes (a dead or hung one is replaced from
+//!   (`-x`, `-sf`), the certificate files and crt-list it reads, and supervision of the HAProxy
+//!   processes (a dead or hung one is replaced from
 //!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
