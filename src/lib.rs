@@ -21,6 +21,8 @@
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`.
 //! - [`haproxy`]: validation with `haproxy -c`, atomic swaps of the live file, seamless reloads
 //!   (`-x`, `-sf`), and supervision of the HAProxy processes.
+//! - [`limits`]: the open-files limit, raised to the hard limit at start (each routed service
+//!   holds a socket for its instance watch).
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
 //!   Consul-compatible registry used when no Consul address is given.
@@ -29,6 +31,7 @@
 
 pub mod api;
 pub mod haproxy;
+pub mod limits;
 pub mod proxy;
 pub mod registry;
 pub mod render;
@@ -194,11 +197,13 @@ impl FlowProxy {
     }
 }
 
-/// Runs flow-proxy until `shutdown` completes.
+/// Runs flow-proxy until `shutdown` completes, after raising the open-files limit (see
+/// [`limits`]).
 pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
+    limits::raise_and_log(settings.consul_address.is_empty());
     let flow_proxy = FlowProxy::start(settings).await?;
     shutdown.await;
     tracing::info!("shutting down");

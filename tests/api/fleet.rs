@@ -343,6 +343,12 @@ pub struct ProxyOptions {
     pub extra_args: Vec<String>,
     /// Environment variables to set for the process (e.g. `CONSUL_HTTP_TOKEN`).
     pub env: Vec<(String, String)>,
+    /// Run flow-proxy's own embedded registry on this address instead of pointing it at the
+    /// registry address [`ProxyProcess::start_with`] was given (which is then ignored).
+    pub embedded_registry: Option<SocketAddr>,
+    /// The open-files limit (`RLIMIT_NOFILE`) the process starts with, `(soft, hard)`; `None`
+    /// in either place keeps the test process's value.
+    pub open_files_limit: (Option<u64>, Option<u64>),
 }
 
 /// The real `flow-proxy` binary running as a child process, with its own HAProxy.
@@ -389,13 +395,16 @@ impl ProxyProcess {
         loop {
             let api_address = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
             let http_port = options.http_port.unwrap_or_else(free_port);
+            let registry_args = match options.embedded_registry {
+                Some(address) => ["--embedded-registry-address".into(), address.to_string()],
+                None => ["--consul-address".into(), registry_address.to_string()],
+            };
             let (mut child, pid) = spawn_flow_proxy(
-                registry_address,
+                &registry_args,
                 api_address,
                 http_port,
                 &data_dir,
-                &options.extra_args,
-                &options.env,
+                &options,
                 &log_path,
             );
             let client = ProxyClient::new(api_address, http_port, data_dir.clone());
@@ -444,6 +453,19 @@ impl ProxyProcess {
     /// Everything flow-proxy wrote to stdout and stderr so far (all start attempts).
     pub fn log(&self) -> String {
         read_log(&self.log_path)
+    }
+
+    /// Kills flow-proxy alone with SIGKILL, as `kill -9` or the OOM killer does, and reaps it.
+    /// The HAProxy it started is left running on its own, as it would be in production; it is
+    /// killed with the rest of the process group when this handle drops.
+    pub async fn kill(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        signal(self.pid, libc::SIGKILL);
+        let status = self.child.wait().await.expect("reap the killed flow-proxy");
+        self.exit = Some(status);
+        status
     }
 
     /// Stops flow-proxy with SIGTERM, as an orchestrator does, and returns its exit status.
@@ -569,14 +591,14 @@ fn read_log(path: &Path) -> String {
 
 /// Starts the binary; returns the child and its pid (which is also its process group ID).
 fn spawn_flow_proxy(
-    registry_address: &str,
+    registry_args: &[String; 2],
     api_address: SocketAddr,
     http_port: u16,
     data_dir: &Path,
-    extra_args: &[String],
-    env: &[(String, String)],
+    options: &ProxyOptions,
     log_path: &Path,
 ) -> (tokio::process::Child, u32) {
+    let extra_args = &options.extra_args;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -584,7 +606,7 @@ fn spawn_flow_proxy(
         .expect("flow-proxy log file");
     writeln!(
         &log,
-        "---- starting flow-proxy: registry {registry_address}, API {api_address}, HTTP port \
+        "---- starting flow-proxy: registry {registry_args:?}, API {api_address}, HTTP port \
          {http_port}, data dir {}, extra args {extra_args:?} ----",
         data_dir.display()
     )
@@ -592,8 +614,7 @@ fn spawn_flow_proxy(
     let log_too = log.try_clone().expect("flow-proxy log file");
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_flow-proxy"));
     command
-        .arg("--consul-address")
-        .arg(registry_address)
+        .args(registry_args)
         .arg("--api-address")
         .arg(api_address.to_string())
         .arg("--bind-host")
@@ -611,13 +632,37 @@ fn spawn_flow_proxy(
         .env_remove("TEMPLATES_DIR")
         .env_remove("CONSUL_HTTP_TOKEN")
         .env_remove("WATCH_INSTANCES")
-        .envs(env.iter().map(|(name, value)| (name, value)))
+        .envs(options.env.iter().map(|(name, value)| (name, value)))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_too)
         .process_group(0)
         .kill_on_drop(true);
+    if options.open_files_limit != (None, None) {
+        let (soft, hard) = options.open_files_limit;
+        let soft = soft.map(|limit| libc::rlim_t::try_from(limit).expect("a limit fits rlim_t"));
+        let hard = hard.map(|limit| libc::rlim_t::try_from(limit).expect("a limit fits rlim_t"));
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
+        // calls (getrlimit, setrlimit) on a stack value; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                limit.rlim_max = hard.unwrap_or(limit.rlim_max);
+                limit.rlim_cur = soft.unwrap_or(limit.rlim_cur).min(limit.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     #[cfg(target_os = "linux")]
     {
         let parent = libc::pid_t::try_from(std::process::id()).expect("a pid fits pid_t");
@@ -658,6 +703,49 @@ fn kill_group(group: u32) {
     unsafe {
         libc::kill(-group, libc::SIGKILL);
     }
+}
+
+/// The HAProxy processes serving from `data_dir` (their command line has `-f <data
+/// dir>/haproxy.cfg`; `haproxy -c` runs on candidates do not count), zombies excluded, from
+/// /proc (so always empty off Linux): what `pgrep -f <data dir>/haproxy.cfg` finds.
+pub fn haproxy_processes(data_dir: &Path) -> Vec<u32> {
+    let config = data_dir
+        .canonicalize()
+        .expect("the data directory exists")
+        .join("haproxy.cfg");
+    let config = config.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let mut args = cmdline.split(|byte| *byte == 0);
+            let serves = args.any(|arg| arg == config);
+            let checks = cmdline.split(|byte| *byte == 0).any(|arg| arg == b"-c");
+            (state != "Z" && serves && !checks).then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// SIGKILLs each of `pids` (e.g. HAProxy processes a test left behind on purpose).
+pub fn kill_processes(pids: &[u32]) {
+    for pid in pids {
+        signal(*pid, libc::SIGKILL);
+    }
+}
+
+/// The number of open file descriptors of process `pid` (entries of /proc/<pid>/fd; `None`
+/// off Linux or when the process is gone).
+pub fn open_files(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|entries| entries.count())
 }
 
 /// The processes of process group `group` that are still running (zombies excluded), as

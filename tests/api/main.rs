@@ -12,6 +12,7 @@ mod front;
 mod helpers;
 mod live_instances;
 mod migration;
+mod open_files;
 mod outages;
 mod proxy_client;
 mod restore;
