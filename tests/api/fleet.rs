@@ -770,3 +770,106 @@ pub fn live_group_members(group: u32) -> Vec<(u32, String)> {
         })
         .collect()
 }
+
+/// The parent process ID of `pid` (from /proc; `None` off Linux or when it is gone).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let _state = fields.next()?;
+    fields.next()?.parse().ok()
+}
+
+// ---- agreement between KV, /services and HAProxy ------------------------------------------------
+
+/// The path the random workloads of the crash and chaos tests route version `version` of
+/// `service` at: `/v<version>/<service>`. With service names of equal length no path is a
+/// prefix of another, so each request matches at most one route.
+pub fn versioned_path(service: &str, version: u32) -> String {
+    format!("/v{version}/{service}")
+}
+
+/// Compares, service by service, the spec stored in KV (`<kv-prefix>/services/<name>`, read raw
+/// from `registry`), the spec `/services` lists, and what HAProxy really serves: the stored
+/// version's path must reach the service's own backend (which answers `<name> <path>`), and no
+/// other version's path (`0..versions`, see [`versioned_path`]) may answer 200; a service
+/// stored nowhere must answer no path with 200. Returns one line per disagreement (none when all
+/// three agree on every service) and how many requests it sent through HAProxy.
+pub async fn disagreements(
+    registry: &SharedRegistry,
+    proxy: &ProxyClient,
+    services: &[String],
+    versions: u32,
+) -> (Vec<String>, usize) {
+    let listed = proxy.services().await;
+    let listed = listed.as_array().expect("/services answers a list");
+    let mut found = Vec::new();
+    let mut requests = 0;
+    for service in services {
+        let stored = registry.stored_spec(service).await;
+        let routed = listed
+            .iter()
+            .find(|spec| spec["ServiceName"].as_str() == Some(service.as_str()));
+        if stored.as_ref() != routed {
+            found.push(format!(
+                "{service}: KV holds {stored:?} but /services lists {routed:?}"
+            ));
+        }
+        let stored_path = stored
+            .as_ref()
+            .and_then(|spec| spec["ServiceDest"][0]["ServicePath"][0].as_str());
+        for version in 0..versions {
+            let path = versioned_path(service, version);
+            let request = format!("{path}/probe");
+            let (status, body) = proxy.get_through_proxy(&request, None).await;
+            requests += 1;
+            let expected_body = format!("{service} {request}");
+            let served = status == StatusCode::OK && body == expected_body;
+            let should_serve = stored_path == Some(path.as_str());
+            if served != should_serve || (!served && status == StatusCode::OK) {
+                found.push(format!(
+                    "{service}: KV routes it at {stored_path:?}, but GET {request} through \
+                     HAProxy answered {status} {body:?}"
+                ));
+            }
+        }
+    }
+    (found, requests)
+}
+
+/// What KV, `/services` and `/config` hold at one moment, to tell when changes have stopped.
+async fn state_of(registry: &SharedRegistry, proxy: &ProxyClient) -> (Vec<String>, Value, String) {
+    let mut stored = Vec::new();
+    for key in registry.kv_keys(&format!("{KV_PREFIX}/services/")).await {
+        let value = registry.get_kv_raw(&key).await.unwrap_or_default();
+        stored.push(format!("{key}={}", String::from_utf8_lossy(&value)));
+    }
+    (stored, proxy.services().await, proxy.config().await)
+}
+
+/// Waits until KV, `/services` and `/config` have stayed the same for `calm` (at most
+/// `timeout`), i.e. flow-proxy has applied everything it will apply; returns how long that took.
+pub async fn quiescent(
+    registry: &SharedRegistry,
+    proxy: &ProxyClient,
+    calm: Duration,
+    timeout: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let mut last = state_of(registry, proxy).await;
+    let mut unchanged_since = Instant::now();
+    loop {
+        if unchanged_since.elapsed() >= calm {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "KV, /services and /config still change after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = state_of(registry, proxy).await;
+        if now != last {
+            last = now;
+            unchanged_since = Instant::now();
+        }
+    }
+}

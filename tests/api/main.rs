@@ -1,8 +1,10 @@
 //! flow-proxy's integration tests: one binary, one module per user story. Every test drives a
 //! real HAProxy and sends real HTTP through it to real backend servers on 127.0.0.1.
 
+mod chaos;
 mod consul_access;
 mod convergence;
+mod crash;
 mod data_loss;
 mod embedded_registry;
 mod failover;
