@@ -133,6 +133,7 @@ impl FlowProxy {
             haproxy: haproxy.clone(),
             kv_prefix: settings.kv_prefix.clone(),
             watch_instances: settings.watch_instances,
+            max_instance_watches: limits::instance_watch_budget(embedded_registry.is_some()),
         })
         .await;
 
@@ -151,7 +152,7 @@ impl FlowProxy {
         let (api_shutdown, shutdown_requested) = oneshot::channel::<()>();
         let api_proxy = proxy.clone();
         let api_task = tokio::spawn(async move {
-            axum::serve(listener, api::router(api_proxy))
+            axum::serve(limits::ApiListener::new(listener), api::router(api_proxy))
                 .with_graceful_shutdown(async move {
                     let _ = shutdown_requested.await;
                 })

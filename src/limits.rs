@@ -1,4 +1,4 @@
-//! The open-files limit flow-proxy runs under, raised at start.
+//! The open-files limit flow-proxy runs under: raised at start, and lived with when reached.
 //!
 //! Every routed service holds a socket for its instance watch (a blocking query kept open to
 //! Consul), and with the embedded registry the registry holds the other end in the same process.
@@ -9,10 +9,24 @@
 //! `kern.maxfilesperproc`, which the kernel enforces anyway.
 //!
 //! The hard limit itself is the operator's (`ulimit -Hn`, `LimitNOFILE=` in systemd, `--ulimit
-//! nofile=` in Docker). When it is reached anyway, accepting a connection fails with `EMFILE`: the
-//! API and the embedded registry log the error and try again a second later (they neither stop
-//! nor spin), changes answer with the error that names the cause, and HAProxy keeps serving its
-//! last good configuration. Everything recovers by itself once descriptors are freed.
+//! nofile=` in Docker). flow-proxy runs at most [`instance_watch_budget`] instance watches, so
+//! that routing more services than the limit allows does not take the descriptors the API, the
+//! KV watch and `haproxy -c` need: the services past the budget (by name) are not watched, with
+//! an error in the log, and their instances are read on reconfigure and reload only. When the
+//! limit is reached anyway (e.g. by a flood of API connections), accepting fails with `EMFILE`.
+//! The API listens through an [`ApiListener`], which keeps one descriptor in reserve to answer
+//! such a connection with a 503 that says so instead of leaving the caller waiting; the embedded
+//! registry logs the error and tries again a second later (it neither stops nor spins). Changes
+//! that do get through answer with the error that names the cause ("Too many open files"), and
+//! HAProxy keeps serving its last good configuration. Everything recovers by itself once
+//! descriptors are freed.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Descriptors flow-proxy needs besides its instance watches: the API and registry listeners,
 /// the HAProxy children's pipes, `haproxy -c` runs, the KV watch, concurrent API requests and
@@ -81,6 +95,17 @@ pub fn services_allowed(limit: u64, embedded_registry: bool) -> u64 {
     limit.saturating_sub(BASE_OPEN_FILES) / per_service
 }
 
+/// How many instance watches the current soft limit leaves room for ([`services_allowed`]);
+/// unbounded when the limit cannot be read.
+pub fn instance_watch_budget(embedded_registry: bool) -> usize {
+    match rlimit::Resource::NOFILE.get() {
+        Ok((soft, _)) => {
+            usize::try_from(services_allowed(soft, embedded_registry)).unwrap_or(usize::MAX)
+        }
+        Err(_) => usize::MAX,
+    }
+}
+
 /// Raises the limit (see [`raise_open_files_limit`]) and logs the outcome: what it was, what it
 /// is, and about how many routed services it allows. A failure is logged and start goes on.
 pub fn raise_and_log(embedded_registry: bool) {
@@ -104,6 +129,161 @@ pub fn raise_and_log(embedded_registry: bool) {
         }
         Err(error) => tracing::warn!(%error, "the open files limit stays as it is"),
     }
+}
+
+/// How long the API waits before accepting again after an accept error it cannot answer.
+const ACCEPT_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a refused connection may take to send its request, and to take the 503.
+const REFUSED_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The API's listener: accepts like [`TcpListener`], and when the process is out of file
+/// descriptors (`EMFILE`, `ENFILE`) it closes a descriptor it holds in reserve, accepts the
+/// waiting connection with it, answers `503` with a message naming the cause, and turns that
+/// connection's descriptor back into the reserve as it closes it (`dup2`), so that no other task
+/// can take the descriptor in between. Without a reserve it logs and retries a second later, as
+/// axum does.
+pub struct ApiListener {
+    listener: TcpListener,
+    reserve: Option<OwnedFd>,
+}
+
+impl ApiListener {
+    /// Wraps a bound listener and takes one descriptor in reserve.
+    pub fn new(listener: TcpListener) -> ApiListener {
+        ApiListener {
+            listener,
+            reserve: open_reserve(),
+        }
+    }
+
+    /// Answers one connection waiting while the process is out of descriptors; whether one was
+    /// answered.
+    async fn refuse_one(&mut self, cause: &std::io::Error) -> bool {
+        let Some(reserve) = self.reserve.take() else {
+            return false;
+        };
+        drop(reserve);
+        let (stream, peer) = match self.listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(_) => {
+                self.reserve = open_reserve();
+                return false;
+            }
+        };
+        let limit = rlimit::Resource::NOFILE
+            .get()
+            .map_or_else(|_| "unknown".to_string(), |(soft, _)| soft.to_string());
+        tracing::error!(
+            %peer,
+            %cause,
+            "flow-proxy is out of file descriptors (open files limit {limit}): answering 503 \
+             until descriptors are freed"
+        );
+        let stream = answer_out_of_descriptors(stream, &limit).await;
+        self.reserve = self.keep_as_reserve(stream);
+        true
+    }
+
+    /// Closes `stream` by making its descriptor a duplicate of the listener's (one atomic
+    /// `dup2`), which becomes the new reserve.
+    fn keep_as_reserve(&self, stream: TcpStream) -> Option<OwnedFd> {
+        let descriptor = stream.into_std().ok()?.into_raw_fd();
+        // SAFETY: both descriptors are open and owned here; dup2 closes `descriptor` (the
+        // answered connection, owned by nobody else now) and reopens it as a copy of the
+        // listener's, which this function then owns.
+        unsafe {
+            if libc::dup2(self.listener.as_raw_fd(), descriptor) == descriptor {
+                Some(OwnedFd::from_raw_fd(descriptor))
+            } else {
+                libc::close(descriptor);
+                open_reserve()
+            }
+        }
+    }
+}
+
+impl axum::serve::Listener for ApiListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            match self.listener.accept().await {
+                Ok(accepted) => {
+                    if self.reserve.is_none() {
+                        self.reserve = open_reserve();
+                    }
+                    return accepted;
+                }
+                Err(error) if is_connection_error(&error) => {}
+                Err(error) if is_out_of_descriptors(&error) => {
+                    if !self.refuse_one(&error).await {
+                        tracing::error!(
+                            %error,
+                            "the API cannot accept connections: out of file descriptors; \
+                             trying again in 1 s"
+                        );
+                        tokio::time::sleep(ACCEPT_RETRY).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "the API cannot accept connections; trying again in 1 s");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// One open descriptor (of /dev/null) held so that it can be given up when none is left.
+fn open_reserve() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
+}
+
+fn is_out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+fn is_connection_error(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Reads what the caller sent (briefly, so that closing does not reset the connection before it
+/// reads the answer), then answers `503` in the API's JSON shape and ends the connection.
+async fn answer_out_of_descriptors(mut stream: TcpStream, limit: &str) -> TcpStream {
+    let mut request = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSED_READ_TIMEOUT, stream.read(&mut request)).await;
+    let body = serde_json::json!({
+        "Status": "NOK",
+        "Message": format!(
+            "flow-proxy is out of file descriptors (open files limit {limit}) and cannot serve \
+             this request; HAProxy keeps serving its last good configuration. It recovers by \
+             itself once descriptors are freed (fewer routed services), or raise the hard limit \
+             (ulimit -Hn, LimitNOFILE, docker --ulimit nofile)."
+        ),
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: \
+         {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSED_READ_TIMEOUT, async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    stream
 }
 
 #[cfg(test)]

@@ -56,13 +56,27 @@ pub async fn backends_for(registry: &SharedRegistry, services: &[String]) -> Vec
     backends
 }
 
-/// Answers counted by kind: `reconfigure 200`, `remove 404`, `reconfigure no answer`, …
+/// Answers counted by kind (`reconfigure 200`, `remove 404`, `reconfigure no answer`, …), with
+/// the first message of each kind of server error.
 #[derive(Default, Clone)]
-pub struct Tally(Arc<Mutex<BTreeMap<String, u64>>>);
+pub struct Tally(
+    Arc<Mutex<BTreeMap<String, u64>>>,
+    Arc<Mutex<BTreeMap<String, String>>>,
+);
 
 impl Tally {
     fn count(&self, what: String) {
         *self.0.lock().expect("tally lock").entry(what).or_default() += 1;
+    }
+
+    fn example(&self, what: String, message: String) {
+        let mut examples = self.1.lock().expect("tally lock");
+        examples.entry(what).or_insert(message);
+    }
+
+    /// The first message seen of each kind of server error.
+    pub fn examples(&self) -> BTreeMap<String, String> {
+        self.1.lock().expect("tally lock").clone()
     }
 
     /// Every kind with its count, and the total.
@@ -109,7 +123,14 @@ pub async fn random_change(
         )
     };
     match client.get(&url).send().await {
-        Ok(response) => tally.count(format!("{kind} {}", response.status().as_u16())),
+        Ok(response) => {
+            let what = format!("{kind} {}", response.status().as_u16());
+            if response.status().is_server_error() {
+                let message = response.text().await.unwrap_or_default();
+                tally.example(what.clone(), message);
+            }
+            tally.count(what);
+        }
         Err(_) => tally.count(format!("{kind} no answer")),
     }
 }
@@ -226,6 +247,9 @@ async fn kv_services_and_haproxy_agree_after_chaos() {
     );
     for (answer, count) in &answers {
         println!("chaos: answers {answer}: {count}");
+    }
+    for (answer, message) in tally.examples() {
+        println!("chaos: e.g. {answer}: {message}");
     }
     for mismatch in &mismatches {
         println!("chaos: MISMATCH {mismatch}");
