@@ -99,7 +99,8 @@ impl Tally {
 
 /// Sends one random change to the flow-proxy API at `api` (`http://<address>`): a reconfigure
 /// of a random service at a random version's path (two times in three) or its removal; counts
-/// the answer in `tally`. No answer at all (connection refused, reset) counts as `no answer`.
+/// the answer in `tally`. A connection refused counts as `refused`; one that breaks before the
+/// answer (the change was in flight) as `no answer`.
 pub async fn random_change(
     client: &reqwest::Client,
     api: &str,
@@ -131,6 +132,7 @@ pub async fn random_change(
             }
             tally.count(what);
         }
+        Err(error) if error.is_connect() => tally.count(format!("{kind} refused")),
         Err(_) => tally.count(format!("{kind} no answer")),
     }
 }

@@ -87,11 +87,16 @@ async fn a_flow_proxy_killed_mid_burst_restarts_into_agreement_with_kv_and_hapro
     let mut rng = StdRng::seed_from_u64(seed);
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
     first.kill().await;
-    let (before_kill, answered_before_kill) = tally.summary();
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         client.await.expect("a client task");
     }
+    let (before_kill, answered_before_kill) = tally.summary();
+    let interrupted = tally.get("reconfigure no answer") + tally.get("remove no answer");
+    assert!(
+        interrupted > 0,
+        "the kill interrupted changes in flight: {before_kill:?}"
+    );
 
     // flow-proxy is down; the HAProxy it left serves on.
     let orphans = haproxy_processes(data_dir.path());
@@ -127,7 +132,7 @@ async fn a_flow_proxy_killed_mid_burst_restarts_into_agreement_with_kv_and_hapro
     let (mismatches, requests) = disagreements(&registry, &second, &services, VERSIONS).await;
     println!(
         "crash: killed with {answered_before_kill} changes sent ({before_kill:?}; no answer: \
-         interrupted by the kill); \
+         interrupted by the kill; refused: sent after it); \
          orphaned HAProxy processes {orphans:?}; settled {settled_in:?} after the restart; \
          checker: {requests} requests, {} mismatches",
         mismatches.len()
