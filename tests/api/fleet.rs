@@ -9,6 +9,11 @@
 //!   port and data directory, pointed at a [`SharedRegistry`] with `--consul-address`. Stopping
 //!   it is SIGTERM, as in production; the harness checks that its HAProxy went with it. Requests
 //!   to it are those of its [`ProxyClient`], which it derefs to.
+//!   [`ProxyOptions`] can also give it its own embedded registry instead, or a lower open-files
+//!   limit; [`ProxyProcess::kill`] is SIGKILL, which leaves its HAProxy running alone.
+//! - [`haproxy_processes`], [`open_files`], [`parent_pid`]: what /proc says about the processes.
+//! - [`disagreements`] and [`quiescent`]: whether KV, `/services` and the routes HAProxy really
+//!   serves agree service by service, once changes have stopped.
 //! - [`eventually`]: "this holds within N", measured from the call.
 
 use std::future::Future;
@@ -733,10 +738,16 @@ pub fn haproxy_processes(data_dir: &Path) -> Vec<u32> {
     pids
 }
 
-/// SIGKILLs each of `pids` (e.g. HAProxy processes a test left behind on purpose).
+/// SIGKILLs each of `pids`: HAProxy processes a test's flow-proxies started (found with
+/// [`haproxy_processes`] just before), e.g. one left behind on purpose by a killed flow-proxy.
 pub fn kill_processes(pids: &[u32]) {
     for pid in pids {
-        signal(*pid, libc::SIGKILL);
+        let pid = libc::pid_t::try_from(*pid).expect("a pid fits pid_t");
+        // SAFETY: kill(2) has no memory-safety preconditions; the caller names processes its own
+        // test started.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
     }
 }
 

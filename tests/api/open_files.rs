@@ -444,3 +444,51 @@ async fn api_connections_beyond_the_hard_limit_get_a_clear_503_and_the_api_recov
     .await;
     println!("open files: API recovered {recovered_after:?} after the connections closed");
 }
+
+/// What happens to the stored changes flow-proxy could not apply while it was out of
+/// descriptors: a change that fails because a file cannot be written (here the candidate path is
+/// made a directory; out of descriptors it is `EMFILE`) is retried until it applies, not skipped
+/// as if HAProxy had rejected it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_change_that_fails_on_a_file_error_is_retried_until_it_applies() {
+    let registry = crate::fleet::SharedRegistry::start().await;
+    let backend = spawn_backend("svc-1").await;
+    registry
+        .register_instance("svc-1", "svc-1-a", backend.port)
+        .await;
+    let proxy = ProxyProcess::start(&registry.address(), &[]).await;
+    let candidate = proxy
+        .data_dir()
+        .canonicalize()
+        .expect("the data directory exists")
+        .join("haproxy.cfg.candidate");
+    let _ = std::fs::remove_file(&candidate);
+    std::fs::create_dir(&candidate).expect("block the candidate path");
+
+    let client = http_client();
+    store_spec(&client, &registry.url(), "svc-1").await;
+    eventually(
+        "flow-proxy tried to apply the stored change and failed",
+        Duration::from_secs(20),
+        || async { proxy.log().contains("haproxy.cfg.candidate") },
+    )
+    .await;
+    let (status, _) = proxy.get_through_proxy("/svc-1/x", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "not routed yet");
+
+    std::fs::remove_dir(&candidate).expect("unblock the candidate path");
+    eventually(
+        "the stored change applies once the file can be written",
+        Duration::from_secs(30),
+        || async {
+            proxy.get_through_proxy("/svc-1/x", None).await
+                == (StatusCode::OK, "svc-1 /svc-1/x".to_string())
+        },
+    )
+    .await;
+    assert!(
+        !proxy.log().contains("skipping a stored change"),
+        "the change was retried, not skipped: {}",
+        proxy.log()
+    );
+}
