@@ -28,6 +28,8 @@
 //!   (`-x`, `-sf`), the certificate files and crt-list it reads, and supervision of the HAProxy
 //!   processes (a dead or hung one is replaced from
 //!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
+//! - [`limits`]: the open-files limit, raised to the hard limit at start (each routed service
+//!   holds a socket for its instance watch).
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
 //!   Consul-compatible registry used when no Consul address is given.
@@ -37,6 +39,7 @@
 pub mod api;
 pub mod certs;
 pub mod haproxy;
+pub mod limits;
 pub mod proxy;
 pub mod registry;
 pub mod render;
@@ -167,6 +170,7 @@ impl FlowProxy {
                 port: settings.https_port,
                 enable_h2: settings.enable_h2,
             },
+            max_instance_watches: limits::instance_watch_budget(embedded_registry.is_some()),
         })
         .await;
 
@@ -186,11 +190,14 @@ impl FlowProxy {
         let api_proxy = proxy.clone();
         let authentication = access.describe();
         let api_task = tokio::spawn(async move {
-            axum::serve(listener, api::router(api_proxy, access))
-                .with_graceful_shutdown(async move {
-                    let _ = shutdown_requested.await;
-                })
-                .await
+            axum::serve(
+                limits::ApiListener::new(listener),
+                api::router(api_proxy, access),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_requested.await;
+            })
+            .await
         });
         tracing::info!(%api_address, authentication = %authentication, "flow-proxy API listening");
 
@@ -233,11 +240,13 @@ impl FlowProxy {
     }
 }
 
-/// Runs flow-proxy until `shutdown` completes.
+/// Runs flow-proxy until `shutdown` completes, after raising the open-files limit (see
+/// [`limits`]).
 pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
+    limits::raise_and_log(settings.consul_address.is_empty());
     let flow_proxy = FlowProxy::start(settings).await?;
     shutdown.await;
     tracing::info!("shutting down");

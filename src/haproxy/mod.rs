@@ -535,6 +535,20 @@ impl Supervisor {
     /// Starts a new process on the live file that takes the listeners over from the serving
     /// one, once the serving one answers (a hung one would hold the new one up).
     async fn reload(&mut self) -> Result<(), HaproxyError> {
+        if let Ok(Some(status)) = self.current.child.try_wait() {
+            // Died before the supervisor noticed: nobody holds the listeners to hand over, and
+            // `-x` would fail. The new configuration starts on its own (if it fails, the dead
+            // process is replaced from the put-back file as usual).
+            tracing::error!(
+                pid = self.current.pid,
+                %status,
+                "haproxy died; starting the new configuration in a fresh process"
+            );
+            let next = spawn_and_wait_ready(&self.binary, &self.paths, None, self.on_exit).await?;
+            self.current = next;
+            self.unanswered_probes = 0;
+            return Ok(());
+        }
         self.probe().await?;
         let next = spawn_and_wait_ready(
             &self.binary,

@@ -2,6 +2,11 @@
 //! service, handing every changed list of healthy instances to the core. The core says which
 //! services to follow after each change of the routed state; `--watch-instances=false` turns the
 //! watches off, and instances are then read only on reconfigure and reload.
+//!
+//! Each watch holds a socket, so the open-files limit caps how many run (see
+//! [`crate::limits`]): past that budget the services after the first ones (by name) are not
+//! watched, with an error in the log, so that the API, the KV watch and `haproxy -c` keep the
+//! descriptors they need.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,22 +23,53 @@ pub(super) struct InstanceWatches {
     registry: ConsulClient,
     core: WeakSender<Pending>,
     running: BTreeMap<String, JoinHandle<()>>,
+    /// Most watches running at once.
+    budget: usize,
+    /// How many services were left unwatched by the last `follow`, to log changes only.
+    unwatched: usize,
 }
 
 impl InstanceWatches {
-    pub fn new(enabled: bool, registry: ConsulClient, core: WeakSender<Pending>) -> Self {
+    pub fn new(
+        enabled: bool,
+        budget: usize,
+        registry: ConsulClient,
+        core: WeakSender<Pending>,
+    ) -> Self {
         InstanceWatches {
             enabled,
             registry,
             core,
             running: BTreeMap::new(),
+            budget,
+            unwatched: 0,
         }
     }
 
-    /// Watches exactly these Consul services: starts the missing watches, stops the others.
-    pub fn follow(&mut self, services: BTreeSet<String>) {
+    /// Watches exactly these Consul services (the first ones by name, up to the budget): starts
+    /// the missing watches, stops the others.
+    pub fn follow(&mut self, mut services: BTreeSet<String>) {
         if !self.enabled {
             return;
+        }
+        let unwatched = services.len().saturating_sub(self.budget);
+        if unwatched > 0 {
+            let kept: BTreeSet<String> = services.into_iter().take(self.budget).collect();
+            services = kept;
+        }
+        if unwatched != self.unwatched {
+            if unwatched > 0 {
+                tracing::error!(
+                    budget = self.budget,
+                    unwatched,
+                    "more routed services than the open files limit allows instance watches \
+                     for: the instances of {unwatched} services are read only on reconfigure and \
+                     reload; raise the hard open files limit (ulimit -Hn, LimitNOFILE)"
+                );
+            } else {
+                tracing::info!("every routed service's instances are watched again");
+            }
+            self.unwatched = unwatched;
         }
         self.running.retain(|service, task| {
             let keep = services.contains(service);

@@ -30,7 +30,9 @@
 //! afterwards it follows them, so a change made through another proxy reaches this one without any
 //! call between proxies. A version of the stored specs older than this proxy's own last write is
 //! ignored (a newer one follows). A stored spec that does not validate is logged and left as it is
-//! routed; a stored service HAProxy does not accept is skipped with an error, the others apply.
+//! routed; a stored service HAProxy does not accept is skipped with an error, the others apply
+//! (a stored change that fails for a passing reason, e.g. no file descriptor for `haproxy -c`,
+//! is retried instead).
 //! If Consul's KV index goes backwards and the prefix comes back empty while services are routed,
 //! Consul has lost its data: the routes stay and their specs are written back.
 
@@ -189,6 +191,8 @@ pub struct ProxyParts {
     pub kv_prefix: String,
     /// Whether to follow the routed services' instances with blocking queries.
     pub watch_instances: bool,
+    /// Most instance watches running at once (each holds a socket; see [`crate::limits`]).
+    pub max_instance_watches: usize,
     /// The most services routed at once (`--max-services`).
     pub max_services: usize,
     /// How long an API call waits for its change to be applied (`--change-timeout`).
@@ -233,6 +237,7 @@ impl Proxy {
             applied_config,
             instance_watches: InstanceWatches::new(
                 parts.watch_instances,
+                parts.max_instance_watches,
                 parts.registry,
                 changes.downgrade(),
             ),
@@ -658,6 +663,9 @@ impl Core {
             };
         }
         if let Err(error) = self.validate_and_apply(candidate, certs).await {
+            if is_transient(&error) {
+                return Err(error);
+            }
             if updates.len() == 1 {
                 tracing::error!(%error, "skipping a stored change HAProxy does not accept");
                 return Ok(());
@@ -671,6 +679,9 @@ impl Core {
                 };
                 let certs = self.certs.clone();
                 if let Err(error) = self.validate_and_apply(candidate, certs).await {
+                    if is_transient(&error) {
+                        return Err(error);
+                    }
                     tracing::error!(service = %name, %error, "skipping a stored change HAProxy does not accept");
                 }
             }
@@ -912,6 +923,13 @@ impl Core {
             .collect();
         self.instance_watches.follow(consul_services);
     }
+}
+
+/// Whether applying a stored change failed for a reason that passes (a file or process that could
+/// not be opened, e.g. out of file descriptors) rather than because HAProxy does not accept it:
+/// such a change is retried later instead of skipped.
+fn is_transient(error: &ProxyError) -> bool {
+    matches!(error, ProxyError::Haproxy(HaproxyError::Io { .. }))
 }
 
 fn rejected(error: HaproxyError, caused_by_request: bool) -> ProxyError {

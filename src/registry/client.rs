@@ -326,7 +326,7 @@ impl ConsulClient {
             let response = match request.send().await {
                 Ok(response) => response,
                 Err(error) => {
-                    unreachable.push(format!("{base_url}: {error}"));
+                    unreachable.push(format!("{base_url}: {}", with_causes(&error)));
                     continue;
                 }
             };
@@ -387,6 +387,22 @@ fn with_blocking(path: String, blocking: Option<Blocking>) -> String {
         Some(blocking) => format!("{path}&{}", blocking.query()),
         None => path,
     }
+}
+
+/// An error and its causes, outermost first: reqwest's own text ("error sending request for
+/// url") leaves out the reason, e.g. "Connection refused" or "Too many open files".
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 fn path_without_query(path: &str) -> &str {

@@ -10,6 +10,11 @@
 //!   it is SIGTERM, as in production; the harness starts it with `--stop-haproxy-on-exit` and
 //!   checks that its HAProxy went with it (unless told otherwise: [`ProxyOptions`]). Requests
 //!   to it are those of its [`ProxyClient`], which it derefs to.
+//!   [`ProxyOptions`] can also give it its own embedded registry instead, or a lower open-files
+//!   limit; [`ProxyProcess::kill`] is SIGKILL, which leaves its HAProxy running alone.
+//! - [`haproxy_processes`], [`open_files`], [`parent_pid`]: what /proc says about the processes.
+//! - [`disagreements`] and [`quiescent`]: whether KV, `/services` and the routes HAProxy really
+//!   serves agree service by service, once changes have stopped.
 //! - [`eventually`]: "this holds within N", measured from the call.
 
 use std::future::Future;
@@ -349,6 +354,12 @@ pub struct ProxyOptions {
     /// (stop it with [`ProxyProcess::stop_leaving_haproxy`]) unless `STOP_HAPROXY_ON_EXIT` is
     /// set in [`env`](Self::env).
     pub omit_stop_haproxy_flag: bool,
+    /// Run flow-proxy's own embedded registry on this address instead of pointing it at the
+    /// registry address [`ProxyProcess::start_with`] was given (which is then ignored).
+    pub embedded_registry: Option<SocketAddr>,
+    /// The open-files limit (`RLIMIT_NOFILE`) the process starts with, `(soft, hard)`; `None`
+    /// in either place keeps the test process's value.
+    pub open_files_limit: (Option<u64>, Option<u64>),
 }
 
 /// The real `flow-proxy` binary running as a child process, with its own HAProxy.
@@ -395,8 +406,12 @@ impl ProxyProcess {
         loop {
             let api_address = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
             let http_port = options.http_port.unwrap_or_else(free_port);
+            let registry_args = match options.embedded_registry {
+                Some(address) => ["--embedded-registry-address".into(), address.to_string()],
+                None => ["--consul-address".into(), registry_address.to_string()],
+            };
             let (mut child, pid) = spawn_flow_proxy(
-                registry_address,
+                &registry_args,
                 api_address,
                 http_port,
                 &data_dir,
@@ -449,6 +464,19 @@ impl ProxyProcess {
     /// Everything flow-proxy wrote to stdout and stderr so far (all start attempts).
     pub fn log(&self) -> String {
         read_log(&self.log_path)
+    }
+
+    /// Kills flow-proxy alone with SIGKILL, as `kill -9` or the OOM killer does, and reaps it.
+    /// The HAProxy it started is left running on its own, as it would be in production; it is
+    /// killed with the rest of the process group when this handle drops.
+    pub async fn kill(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        signal(self.pid, libc::SIGKILL);
+        let status = self.child.wait().await.expect("reap the killed flow-proxy");
+        self.exit = Some(status);
+        status
     }
 
     /// Stops flow-proxy with SIGTERM, as an orchestrator does, and returns its exit status.
@@ -601,13 +629,14 @@ fn read_log(path: &Path) -> String {
 
 /// Starts the binary; returns the child and its pid (which is also its process group ID).
 fn spawn_flow_proxy(
-    registry_address: &str,
+    registry_args: &[String; 2],
     api_address: SocketAddr,
     http_port: u16,
     data_dir: &Path,
     options: &ProxyOptions,
     log_path: &Path,
 ) -> (tokio::process::Child, u32) {
+    let extra_args = &options.extra_args;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -615,23 +644,24 @@ fn spawn_flow_proxy(
         .expect("flow-proxy log file");
     writeln!(
         &log,
-        "---- starting flow-proxy: registry {registry_address}, API {api_address}, HTTP port \
-         {http_port}, data dir {}, extra args {:?} ----",
-        data_dir.display(),
-        options.extra_args
+        "---- starting flow-proxy: registry {registry_args:?}, API {api_address}, HTTP port \
+         {http_port}, data dir {}, extra args {extra_args:?} ----",
+        data_dir.display()
     )
     .expect("write the flow-proxy log");
     let log_too = log.try_clone().expect("flow-proxy log file");
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_flow-proxy"));
     command
-        .arg("--consul-address")
-        .arg(registry_address)
+        .args(registry_args)
         .arg("--api-address")
         .arg(api_address.to_string())
         .arg("--bind-host")
         .arg("127.0.0.1")
         .arg("--http-port")
         .arg(http_port.to_string())
+        // Unused until a certificate is stored, but never the privileged default.
+        .arg("--https-port")
+        .arg(free_port().to_string())
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--kv-prefix")
@@ -645,6 +675,10 @@ fn spawn_flow_proxy(
         .env_remove("CONSUL_HTTP_TOKEN")
         .env_remove("WATCH_INSTANCES")
         .env_remove("STOP_HAPROXY_ON_EXIT")
+        .env_remove("API_TOKEN")
+        .env_remove("API_TOKEN_FILE")
+        .env_remove("API_USERS")
+        .env_remove("INSECURE_API")
         .envs(options.env.iter().map(|(name, value)| (name, value)))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -652,6 +686,30 @@ fn spawn_flow_proxy(
         .stderr(log_too)
         .process_group(0)
         .kill_on_drop(true);
+    if options.open_files_limit != (None, None) {
+        let (soft, hard) = options.open_files_limit;
+        let soft = soft.map(|limit| libc::rlim_t::try_from(limit).expect("a limit fits rlim_t"));
+        let hard = hard.map(|limit| libc::rlim_t::try_from(limit).expect("a limit fits rlim_t"));
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
+        // calls (getrlimit, setrlimit) on a stack value; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                limit.rlim_max = hard.unwrap_or(limit.rlim_max);
+                limit.rlim_cur = soft.unwrap_or(limit.rlim_cur).min(limit.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     #[cfg(target_os = "linux")]
     {
         let parent = libc::pid_t::try_from(std::process::id()).expect("a pid fits pid_t");
@@ -694,6 +752,55 @@ fn kill_group(group: u32) {
     }
 }
 
+/// The HAProxy processes serving from `data_dir` (their command line has `-f <data
+/// dir>/haproxy.cfg`; `haproxy -c` runs on candidates do not count), zombies excluded, from
+/// /proc (so always empty off Linux): what `pgrep -f <data dir>/haproxy.cfg` finds.
+pub fn haproxy_processes(data_dir: &Path) -> Vec<u32> {
+    let config = data_dir
+        .canonicalize()
+        .expect("the data directory exists")
+        .join("haproxy.cfg");
+    let config = config.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let mut args = cmdline.split(|byte| *byte == 0);
+            let serves = args.any(|arg| arg == config);
+            let checks = cmdline.split(|byte| *byte == 0).any(|arg| arg == b"-c");
+            (state != "Z" && serves && !checks).then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// SIGKILLs each of `pids`: HAProxy processes a test's flow-proxies started (found with
+/// [`haproxy_processes`] just before), e.g. one left behind on purpose by a killed flow-proxy.
+pub fn kill_processes(pids: &[u32]) {
+    for pid in pids {
+        let pid = libc::pid_t::try_from(*pid).expect("a pid fits pid_t");
+        // SAFETY: kill(2) has no memory-safety preconditions; the caller names processes its own
+        // test started.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// The number of open file descriptors of process `pid` (entries of /proc/<pid>/fd; `None`
+/// off Linux or when the process is gone).
+pub fn open_files(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|entries| entries.count())
+}
+
 /// The processes of process group `group` that are still running (zombies excluded), as
 /// `(pid, command name)`, read from /proc (so always empty off Linux). For a [`ProxyProcess`]
 /// this is flow-proxy and the HAProxy processes it started; empty once they are all gone.
@@ -715,4 +822,107 @@ pub fn live_group_members(group: u32) -> Vec<(u32, String)> {
             (pgrp == group && state != "Z").then_some((pid, name))
         })
         .collect()
+}
+
+/// The parent process ID of `pid` (from /proc; `None` off Linux or when it is gone).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let _state = fields.next()?;
+    fields.next()?.parse().ok()
+}
+
+// ---- agreement between KV, /services and HAProxy ------------------------------------------------
+
+/// The path the random workloads of the crash and chaos tests route version `version` of
+/// `service` at: `/v<version>/<service>`. With service names of equal length no path is a
+/// prefix of another, so each request matches at most one route.
+pub fn versioned_path(service: &str, version: u32) -> String {
+    format!("/v{version}/{service}")
+}
+
+/// Compares, service by service, the spec stored in KV (`<kv-prefix>/services/<name>`, read raw
+/// from `registry`), the spec `/services` lists, and what HAProxy really serves: the stored
+/// version's path must reach the service's own backend (which answers `<name> <path>`), and no
+/// other version's path (`0..versions`, see [`versioned_path`]) may answer 200; a service
+/// stored nowhere must answer no path with 200. Returns one line per disagreement (none when all
+/// three agree on every service) and how many requests it sent through HAProxy.
+pub async fn disagreements(
+    registry: &SharedRegistry,
+    proxy: &ProxyClient,
+    services: &[String],
+    versions: u32,
+) -> (Vec<String>, usize) {
+    let listed = proxy.services().await;
+    let listed = listed.as_array().expect("/services answers a list");
+    let mut found = Vec::new();
+    let mut requests = 0;
+    for service in services {
+        let stored = registry.stored_spec(service).await;
+        let routed = listed
+            .iter()
+            .find(|spec| spec["ServiceName"].as_str() == Some(service.as_str()));
+        if stored.as_ref() != routed {
+            found.push(format!(
+                "{service}: KV holds {stored:?} but /services lists {routed:?}"
+            ));
+        }
+        let stored_path = stored
+            .as_ref()
+            .and_then(|spec| spec["ServiceDest"][0]["ServicePath"][0].as_str());
+        for version in 0..versions {
+            let path = versioned_path(service, version);
+            let request = format!("{path}/probe");
+            let (status, body) = proxy.get_through_proxy(&request, None).await;
+            requests += 1;
+            let expected_body = format!("{service} {request}");
+            let served = status == StatusCode::OK && body == expected_body;
+            let should_serve = stored_path == Some(path.as_str());
+            if served != should_serve || (!served && status == StatusCode::OK) {
+                found.push(format!(
+                    "{service}: KV routes it at {stored_path:?}, but GET {request} through \
+                     HAProxy answered {status} {body:?}"
+                ));
+            }
+        }
+    }
+    (found, requests)
+}
+
+/// What KV, `/services` and `/config` hold at one moment, to tell when changes have stopped.
+async fn state_of(registry: &SharedRegistry, proxy: &ProxyClient) -> (Vec<String>, Value, String) {
+    let mut stored = Vec::new();
+    for key in registry.kv_keys(&format!("{KV_PREFIX}/services/")).await {
+        let value = registry.get_kv_raw(&key).await.unwrap_or_default();
+        stored.push(format!("{key}={}", String::from_utf8_lossy(&value)));
+    }
+    (stored, proxy.services().await, proxy.config().await)
+}
+
+/// Waits until KV, `/services` and `/config` have stayed the same for `calm` (at most
+/// `timeout`), i.e. flow-proxy has applied everything it will apply; returns how long that took.
+pub async fn quiescent(
+    registry: &SharedRegistry,
+    proxy: &ProxyClient,
+    calm: Duration,
+    timeout: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let mut last = state_of(registry, proxy).await;
+    let mut unchanged_since = Instant::now();
+    loop {
+        if unchanged_since.elapsed() >= calm {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "KV, /services and /config still change after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = state_of(registry, proxy).await;
+        if now != last {
+            last = now;
+            unchanged_since = Instant::now();
+        }
+    }
 }

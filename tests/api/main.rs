@@ -2,8 +2,10 @@
 //! real HAProxy and sends real HTTP through it to real backend servers on 127.0.0.1.
 
 mod api_access;
+mod chaos;
 mod consul_access;
 mod convergence;
+mod crash;
 mod data_loss;
 mod embedded_registry;
 mod failover;
@@ -15,6 +17,7 @@ mod helpers;
 mod https;
 mod live_instances;
 mod migration;
+mod open_files;
 mod outages;
 mod proxy_client;
 mod registry_crash;
