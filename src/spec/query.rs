@@ -86,9 +86,10 @@ fn split_name(name: &str) -> Result<(&str, u16), SpecError> {
 
 /// A parameter name safe to echo: the name itself when it is plain, else escaped.
 fn shown_name(name: &str) -> String {
-    if name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+    if !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
         && name.len() <= 64
     {
         name.to_string()

@@ -578,7 +578,7 @@ fn a_length_is_counted_in_characters_not_bytes() {
             ("serviceColor", &"é".repeat(20)),
         ],
         "serviceColor",
-        &["contains `é`"],
+        &["contains character U+00E9"],
     );
 }
 

@@ -72,6 +72,9 @@ fn describe(c: char) -> String {
         '"' | '\'' | '`' => "a quote".into(),
         '\\' => "a backslash".into(),
         c if c.is_control() => format!("control character U+{:04X}", u32::from(c)),
+        // Never the raw character: it may be a line separator, an invisible or a
+        // right-to-left mark, which would garble the message or a log line.
+        c if !c.is_ascii() => format!("character U+{:04X}", u32::from(c)),
         c => format!("`{c}`"),
     }
 }
