@@ -102,27 +102,44 @@ fn check_spec(
     instances: &[Instance],
     haproxy: &dyn Fn() -> bool,
 ) -> Result<Outcome, String> {
+    check_specs(&[(spec, instances)], haproxy)
+}
+
+/// Like [`check_spec`] for several services routed together.
+fn check_specs(
+    services: &[(&ServiceSpec, &[Instance])],
+    haproxy: &dyn Fn() -> bool,
+) -> Result<Outcome, String> {
     let harness = harness();
-    // A spec in hand always survives the trip through KV unchanged.
-    let json = serde_json::to_string(spec).map_err(|e| format!("serialize: {e}"))?;
-    let back: ServiceSpec =
-        serde_json::from_str(&json).map_err(|e| format!("stored form {json} reads back: {e}"))?;
-    if &back != spec {
-        return Err(format!("stored form {json} reads back as {back:?}"));
+    for (spec, _) in services {
+        // A spec in hand always survives the trip through KV unchanged.
+        let json = serde_json::to_string(spec).map_err(|e| format!("serialize: {e}"))?;
+        let back: ServiceSpec = serde_json::from_str(&json)
+            .map_err(|e| format!("stored form {json} reads back: {e}"))?;
+        if &back != *spec {
+            return Err(format!("stored form {json} reads back as {back:?}"));
+        }
     }
-    let route = ServiceRoute { spec, instances };
-    let config = match harness.renderer.render(&harness.settings, &[route]) {
+    let routes: Vec<ServiceRoute<'_>> = services
+        .iter()
+        .map(|(spec, instances)| ServiceRoute { spec, instances })
+        .collect();
+    let specs: Vec<&ServiceSpec> = services.iter().map(|(spec, _)| *spec).collect();
+    let config = match harness.renderer.render(&harness.settings, &routes) {
         Ok(config) => config,
-        // A tcp srcPort on the main HTTP port: the API answers 400.
-        Err(RenderError::PortConflict { .. }) => return Ok(Outcome::Refused),
-        Err(error) => return Err(format!("{spec:?} does not render: {error}")),
+        // A tcp srcPort on a port already taken, or one service twice: the API answers 400
+        // (the core holds one spec per service, so the second case is an update there).
+        Err(RenderError::PortConflict { .. } | RenderError::DuplicateService(_)) => {
+            return Ok(Outcome::Refused)
+        }
+        Err(error) => return Err(format!("{specs:?} do not render: {error}")),
     };
     let actual =
         skeleton::of_config(&config).map_err(|e| format!("{e}\n--- config ---\n{config}"))?;
-    let expected = harness.baseline.expected(&[(spec, instances)]);
+    let expected = harness.baseline.expected(services);
     if actual != expected {
         return Err(format!(
-            "skeleton differs from what {spec:?} asked for\n--- expected ---\n{}\n--- rendered ---\n{}\n--- config ---\n{config}",
+            "skeleton differs from what {specs:?} asked for\n--- expected ---\n{}\n--- rendered ---\n{}\n--- config ---\n{config}",
             expected.join("\n"),
             actual.join("\n")
         ));
@@ -130,9 +147,9 @@ fn check_spec(
     if haproxy() {
         let file = format!("case-{}.cfg", harness.files.fetch_add(1, Ordering::Relaxed));
         if let Err(output) = skeleton::haproxy_check(dir(harness), &file, &config) {
-            if !(uses_path_reg(spec) && regex_refused(&output)) {
+            if !(specs.iter().any(|spec| uses_path_reg(spec)) && regex_refused(&output)) {
                 return Err(format!(
-                    "haproxy -c refused an accepted spec {spec:?}:\n{output}\n--- config ---\n{config}"
+                    "haproxy -c refused accepted specs {specs:?}:\n{output}\n--- config ---\n{config}"
                 ));
             }
         }
@@ -436,31 +453,37 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
-/// A query: usually what a user would write (one to three destinations), possibly spoiled by
-/// one mutation; sometimes loose pairs of known names, sometimes anything at all.
-fn query() -> impl Strategy<Value = Vec<(String, String)>> {
-    let indices = proptest::sample::subsequence(vec![0u16, 1, 2, 3, 17, 999], 1..4);
-    let plausible = indices
+/// What a user would write: the service parameters and one to three destinations.
+fn plausible_query() -> impl Strategy<Value = Vec<(String, String)>> {
+    proptest::sample::subsequence(vec![0u16, 1, 2, 3, 17, 999], 1..4)
         .prop_flat_map(|indices| {
             let destinations: Vec<_> = indices.into_iter().map(destination).collect();
-            (service_parameters(), destinations, mutation())
+            (service_parameters(), destinations)
         })
-        .prop_map(|(mut pairs, destinations, mutation)| {
+        .prop_map(|(mut pairs, destinations)| {
             pairs.extend(destinations.into_iter().flatten());
-            match mutation {
-                Mutation::None => {}
-                Mutation::Replace(at, value) => {
-                    let i = at.index(pairs.len());
-                    pairs[i].1 = value;
-                }
-                Mutation::Append(at, value) => {
-                    let i = at.index(pairs.len());
-                    pairs[i].1.push_str(&value);
-                }
-                Mutation::Add(pair) => pairs.push(pair),
-            }
             pairs
-        });
+        })
+}
+
+/// A query: usually what a user would write, possibly spoiled by one mutation; sometimes loose
+/// pairs of known names, sometimes anything at all.
+fn query() -> impl Strategy<Value = Vec<(String, String)>> {
+    let plausible = (plausible_query(), mutation()).prop_map(|(mut pairs, mutation)| {
+        match mutation {
+            Mutation::None => {}
+            Mutation::Replace(at, value) => {
+                let i = at.index(pairs.len());
+                pairs[i].1 = value;
+            }
+            Mutation::Append(at, value) => {
+                let i = at.index(pairs.len());
+                pairs[i].1.push_str(&value);
+            }
+            Mutation::Add(pair) => pairs.push(pair),
+        }
+        pairs
+    });
     let anything = proptest::collection::vec((any_value(), any_value()), 0..5);
     let loose = (
         value_for("serviceName"),
@@ -919,4 +942,26 @@ async fn nasty_queries_and_limits_are_refused_at_the_api_and_change_nothing() {
         .reconfigure_ok(&format!("serviceName=go-demo&servicePath={fifty_paths}"))
         .await;
     assert_eq!(proxy.names_answering("/p49", None, 1).await, ["demo"]);
+}
+
+/// Two services routed together (names, ports and rules side by side) render exactly the union
+/// of what each asked for, or are refused as a port conflict.
+#[test]
+fn two_accepted_services_render_only_what_they_asked_for_together() {
+    run(
+        "two services",
+        (plausible_query(), plausible_query()),
+        |(first, second), tally| {
+            let (Ok(first), Ok(second)) = (
+                ServiceSpec::from_query(&first),
+                ServiceSpec::from_query(&second),
+            ) else {
+                return Ok(Outcome::Refused);
+            };
+            let instances = some_instances();
+            check_specs(&[(&first, &instances), (&second, &instances[..1])], &|| {
+                tally.take_haproxy_run()
+            })
+        },
+    );
 }
