@@ -31,7 +31,11 @@ pub use values::{
 };
 
 use query::indexed;
-use values::{shown, spec_error};
+use values::{shown, spec_error, MAX_DOMAIN_LABEL_LEN, MAX_DOMAIN_LEN};
+
+/// Most destinations one service may have (indices run from 0 to 999, but at most this many
+/// of them may be used at once).
+pub const MAX_DESTINATIONS_PER_SERVICE: usize = 64;
 
 /// A request parameter that failed validation; the HTTP answer is 400 and names the parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,6 +133,15 @@ impl ServiceSpec {
     /// Checks the rules between values and sorts the destinations; every constructor ends here.
     fn checked(mut spec: ServiceSpec) -> Result<ServiceSpec, SpecError> {
         spec.destinations.sort_by_key(|d| d.index);
+        if spec.destinations.len() > MAX_DESTINATIONS_PER_SERVICE {
+            return Err(spec_error(
+                "ServiceDest",
+                format!(
+                    "{} destinations given: at most {MAX_DESTINATIONS_PER_SERVICE} per service",
+                    spec.destinations.len()
+                ),
+            ));
+        }
         if spec.destinations.is_empty() {
             return Err(spec_error(
                 "servicePath",
@@ -355,10 +368,10 @@ impl Instance {
             });
         }
         let hostname_ok = !address.is_empty()
-            && address.len() <= 253
+            && address.len() <= MAX_DOMAIN_LEN
             && address.split('.').all(|label| {
                 !label.is_empty()
-                    && label.len() <= 63
+                    && label.len() <= MAX_DOMAIN_LABEL_LEN
                     && !label.starts_with('-')
                     && !label.ends_with('-')
                     && label
@@ -369,7 +382,7 @@ impl Instance {
             return Err(spec_error(
                 "ServiceAddress",
                 format!(
-                    "{} is neither an IP address nor a DNS hostname",
+                    "{} is neither an IP address nor a DNS hostname (at most {MAX_DOMAIN_LEN} characters, labels of 1 to {MAX_DOMAIN_LABEL_LEN} letters, digits or `-` between dots)",
                     shown(address)
                 ),
             ));

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 
 use super::values::{
     parse_flag, parse_list, shown, spec_error, AclName, Domain, PathType, Port, ReqMode,
-    ServiceColor, ServiceName, ServicePath,
+    ServiceColor, ServiceName, ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_PATHS_PER_DESTINATION,
 };
-use super::{Destination, ServiceSpec, SpecError};
+use super::{Destination, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
 /// Where a parameter may appear.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ const PARAMETERS: &[(&str, Scope)] = &[
 ];
 
 /// Highest destination index accepted.
-const MAX_INDEX: u16 = 999;
+pub(crate) const MAX_INDEX: u16 = 999;
 
 /// The name a user wrote for parameter `base` of destination `index`.
 pub(crate) fn indexed(base: &str, index: u16) -> String {
@@ -86,9 +86,10 @@ fn split_name(name: &str) -> Result<(&str, u16), SpecError> {
 
 /// A parameter name safe to echo: the name itself when it is plain, else escaped.
 fn shown_name(name: &str) -> String {
-    if name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+    if !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
         && name.len() <= 64
     {
         name.to_string()
@@ -135,6 +136,17 @@ fn items(value: &str) -> Vec<&str> {
 /// in request order).
 pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
     let raw = sort_query(pairs)?;
+    // Before any value is read: the first destination over the limit, by index, is named.
+    if let Some((&index, params)) = raw.destinations.iter().nth(MAX_DESTINATIONS_PER_SERVICE) {
+        let first = params.keys().next().copied().unwrap_or("servicePath");
+        return Err(spec_error(
+            &indexed(first, index),
+            format!(
+                "{} destinations given: at most {MAX_DESTINATIONS_PER_SERVICE} per service",
+                raw.destinations.len()
+            ),
+        ));
+    }
     let service = &raw.service;
 
     let service_name = match service.get("serviceName") {
@@ -172,9 +184,13 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             .get("servicePath")
             .map(|v| {
                 let parameter = name("servicePath");
-                parse_list(&parameter, &items(v), |item| {
-                    ServicePath::parse(&parameter, item, effective)
-                })
+                parse_list(
+                    &parameter,
+                    &items(v),
+                    MAX_PATHS_PER_DESTINATION,
+                    "paths",
+                    |item| ServicePath::parse(&parameter, item, effective),
+                )
             })
             .transpose()?
             .unwrap_or_default();
@@ -182,9 +198,13 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             .get("serviceDomain")
             .map(|v| {
                 let parameter = name("serviceDomain");
-                parse_list(&parameter, &items(v), |item| {
-                    Domain::parse(&parameter, item)
-                })
+                parse_list(
+                    &parameter,
+                    &items(v),
+                    MAX_DOMAINS_PER_DESTINATION,
+                    "domains",
+                    |item| Domain::parse(&parameter, item),
+                )
             })
             .transpose()?
             .unwrap_or_default();

@@ -24,9 +24,11 @@
 use serde::{Deserialize, Serialize};
 
 use super::query::indexed;
+use super::query::MAX_INDEX;
 use super::values::{parse_list, spec_error, AclName, Domain, PathType, Port, ReqMode};
 use super::values::{ServiceColor, ServiceName, ServicePath};
-use super::{Destination, ServiceSpec, SpecError};
+use super::values::{MAX_DOMAINS_PER_DESTINATION, MAX_PATHS_PER_DESTINATION};
+use super::{Destination, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
 /// The stored form of a spec: plain values, validated on the way in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,15 +105,27 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             .map(|v| PathType::parse("pathType", v))
             .transpose()?
             .unwrap_or_default();
+        if stored.service_dest.len() > MAX_DESTINATIONS_PER_SERVICE {
+            return Err(spec_error(
+                "ServiceDest",
+                format!(
+                    "{} destinations given: at most {MAX_DESTINATIONS_PER_SERVICE} per service",
+                    stored.service_dest.len()
+                ),
+            ));
+        }
         let mut destinations = Vec::with_capacity(stored.service_dest.len());
         for dest in &stored.service_dest {
             let index = u16::try_from(dest.index)
                 .ok()
-                .filter(|i| *i <= 999)
+                .filter(|i| *i <= MAX_INDEX)
                 .ok_or_else(|| {
                     spec_error(
                         "ServiceDest",
-                        format!("destination index {} is out of range 0 to 999", dest.index),
+                        format!(
+                            "destination index {} is out of range 0 to {MAX_INDEX}",
+                            dest.index
+                        ),
                     )
                 })?;
             let name = |base: &str| indexed(base, index);
@@ -127,12 +141,20 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             let domains: Vec<&str> = dest.service_domain.iter().map(String::as_str).collect();
             destinations.push(Destination {
                 index,
-                service_path: parse_list(&path_param, &paths, |p| {
-                    ServicePath::parse(&path_param, p, effective)
-                })?,
-                service_domain: parse_list(&domain_param, &domains, |d| {
-                    Domain::parse(&domain_param, d)
-                })?,
+                service_path: parse_list(
+                    &path_param,
+                    &paths,
+                    MAX_PATHS_PER_DESTINATION,
+                    "paths",
+                    |p| ServicePath::parse(&path_param, p, effective),
+                )?,
+                service_domain: parse_list(
+                    &domain_param,
+                    &domains,
+                    MAX_DOMAINS_PER_DESTINATION,
+                    "domains",
+                    |d| Domain::parse(&domain_param, d),
+                )?,
                 path_type: override_type,
                 port: dest
                     .port

@@ -467,3 +467,237 @@ fn instances_accept_ip_literals_and_hostnames_only() {
         "ServicePort"
     );
 }
+
+/// A domain of exactly `length` characters: labels of 63 `a`s joined by dots, then a shorter one.
+fn domain_of_length(length: usize) -> String {
+    let mut domain = String::new();
+    while domain.len() < length {
+        if !domain.is_empty() {
+            domain.push('.');
+        }
+        let left = length - domain.len();
+        // Never end on a lone dot: leave at least one character for the next label.
+        let label = if left > 64 { 63 } else { left.min(63) };
+        domain.push_str(&"a".repeat(label));
+    }
+    domain
+}
+
+/// Asserts the query is accepted.
+fn accepted(pairs: &[(&str, &str)]) -> ServiceSpec {
+    parse(pairs).unwrap_or_else(|error| panic!("{pairs:?} was refused: {error}"))
+}
+
+/// Asserts the query is refused naming `parameter`, with every `needle` in the message.
+fn refused_with(pairs: &[(&str, &str)], parameter: &str, needles: &[&str]) {
+    let error = rejected(pairs);
+    assert_eq!(error.parameter, parameter, "{error}");
+    for needle in needles {
+        assert!(error.message.contains(needle), "`{needle}` in: {error}");
+    }
+}
+
+#[test]
+fn every_value_length_limit_is_exact_and_named_with_its_number() {
+    let path = |length: usize| format!("/{}", "a".repeat(length - 1));
+    let name = |length: usize| "a".repeat(length);
+    let base = ("servicePath", "/a");
+    let cases: [(&str, usize, String, String); 5] = [
+        ("serviceName", 64, name(64), name(65)),
+        ("serviceColor", 32, name(32), name(33)),
+        ("aclName", 64, name(64), name(65)),
+        ("servicePath", 512, path(512), path(513)),
+        (
+            "serviceDomain",
+            253,
+            domain_of_length(253),
+            domain_of_length(254),
+        ),
+    ];
+    for (parameter, limit, longest, too_long) in cases {
+        let with = |value: &str| -> Vec<(String, String)> {
+            let mut pairs = q(&[("serviceName", "svc"), base]);
+            pairs.retain(|(k, _)| k != parameter);
+            pairs.push((parameter.to_string(), value.to_string()));
+            pairs
+        };
+        assert_eq!(longest.chars().count(), limit);
+        ServiceSpec::from_query(&with(&longest))
+            .unwrap_or_else(|error| panic!("{parameter} of {limit} characters: {error}"));
+        let error = ServiceSpec::from_query(&with(&too_long)).unwrap_err();
+        assert_eq!(error.parameter, parameter, "{error}");
+        let expected = format!("{} characters, at most {limit}", limit + 1);
+        assert!(error.message.contains(&expected), "{error}");
+    }
+}
+
+#[test]
+fn path_reg_patterns_and_wildcard_domains_have_the_same_length_limits() {
+    let regex = format!("^/{}", "a".repeat(510));
+    accepted(&[
+        ("serviceName", "svc"),
+        ("pathType", "path_reg"),
+        ("servicePath", &regex),
+    ]);
+    refused_with(
+        &[
+            ("serviceName", "svc"),
+            ("pathType", "path_reg"),
+            ("servicePath", &format!("{regex}a")),
+        ],
+        "servicePath",
+        &["513 characters, at most 512"],
+    );
+    // The DNS limit counts the labels, not a leading `*.`.
+    let longest = domain_of_length(253);
+    accepted(&[
+        ("serviceName", "svc"),
+        ("serviceDomain", &format!("*.{longest}")),
+    ]);
+    let too_long = format!("*.{}", domain_of_length(254));
+    refused_with(
+        &[("serviceName", "svc"), ("serviceDomain", &too_long)],
+        "serviceDomain",
+        &["254 characters, at most 253", "\"*.aaa"],
+    );
+    refused_with(
+        &[("serviceName", "svc"), ("serviceDomain", &"a".repeat(64))],
+        "serviceDomain",
+        &["1 to 63 characters"],
+    );
+    accepted(&[("serviceName", "svc"), ("serviceDomain", &"a".repeat(63))]);
+}
+
+#[test]
+fn a_length_is_counted_in_characters_not_bytes() {
+    // 20 two-byte characters: a bad character, not "too long".
+    refused_with(
+        &[
+            ("serviceName", "svc"),
+            ("servicePath", "/a"),
+            ("serviceColor", &"é".repeat(20)),
+        ],
+        "serviceColor",
+        &["contains character U+00E9"],
+    );
+}
+
+#[test]
+fn paths_and_domains_per_destination_are_capped_so_their_acl_line_fits_haproxy() {
+    let paths = |count: usize| -> String {
+        (0..count)
+            .map(|i| format!("/p{i}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let domains = |count: usize| -> String {
+        (0..count)
+            .map(|i| format!("d{i}.example.com"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let spec = accepted(&[("serviceName", "svc"), ("servicePath.3", &paths(50))]);
+    assert_eq!(spec.destinations()[0].service_path().len(), 50);
+    refused_with(
+        &[("serviceName", "svc"), ("servicePath.3", &paths(51))],
+        "servicePath.3",
+        &["51 paths given: at most 50 per destination"],
+    );
+    // 62 paths were HAProxy's "too many words" before the cap; 64 was the old cap.
+    refused_with(
+        &[("serviceName", "svc"), ("servicePath", &paths(62))],
+        "servicePath",
+        &["at most 50"],
+    );
+    let spec = accepted(&[("serviceName", "svc"), ("serviceDomain", &domains(50))]);
+    assert_eq!(spec.destinations()[0].service_domain().len(), 50);
+    refused_with(
+        &[("serviceName", "svc"), ("serviceDomain", &domains(51))],
+        "serviceDomain",
+        &["51 domains given: at most 50 per destination"],
+    );
+}
+
+#[test]
+fn destinations_per_service_are_capped_and_the_first_one_over_is_named() {
+    let query = |count: u16| -> Vec<(String, String)> {
+        let mut pairs = vec![("serviceName".to_string(), "svc".to_string())];
+        // Indices 0, 10, 20, …; given in reverse, so the error cannot depend on the order.
+        for index in (0..count).rev() {
+            let name = if index == 0 {
+                "servicePath".to_string()
+            } else {
+                format!("servicePath.{}", index * 10)
+            };
+            pairs.push((name, format!("/d{index}")));
+        }
+        pairs
+    };
+    let spec = ServiceSpec::from_query(&query(64)).expect("64 destinations");
+    assert_eq!(spec.destinations().len(), 64);
+    let error = ServiceSpec::from_query(&query(65)).unwrap_err();
+    assert_eq!(error.parameter, "servicePath.640", "{error}");
+    assert!(
+        error
+            .message
+            .contains("65 destinations given: at most 64 per service"),
+        "{error}"
+    );
+
+    // The stored form has the same limit.
+    let stored = |count: u32| {
+        let destinations: Vec<_> = (0..count)
+            .map(|i| serde_json::json!({"Index": i, "ServicePath": [format!("/d{i}")]}))
+            .collect();
+        serde_json::json!({"ServiceName": "svc", "ServiceDest": destinations}).to_string()
+    };
+    let spec: ServiceSpec = serde_json::from_str(&stored(64)).expect("64 stored destinations");
+    assert_eq!(spec.destinations().len(), 64);
+    let error = serde_json::from_str::<ServiceSpec>(&stored(65))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("65 destinations given: at most 64 per service"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_index_and_port_limits_carry_their_numbers() {
+    accepted(&[("serviceName", "svc"), ("servicePath.999", "/a")]);
+    refused_with(
+        &[("serviceName", "svc"), ("servicePath.1000", "/a")],
+        "servicePath.1000",
+        &["1 to 999"],
+    );
+    accepted(&[
+        ("serviceName", "svc"),
+        ("servicePath", "/a"),
+        ("port", "65535"),
+    ]);
+    refused_with(
+        &[
+            ("serviceName", "svc"),
+            ("servicePath", "/a"),
+            ("port", "65536"),
+        ],
+        "port",
+        &["1 to 65535"],
+    );
+    refused_with(
+        &[("serviceName", "svc"), ("servicePath", "/a"), ("port", "0")],
+        "port",
+        &["1 to 65535"],
+    );
+}
+
+#[test]
+fn instance_hostnames_have_the_dns_limits() {
+    let longest = domain_of_length(253);
+    assert_eq!(Instance::new(&longest, 80).unwrap().address(), longest);
+    let error = Instance::new(&domain_of_length(254), 80).unwrap_err();
+    assert!(error.message.contains("at most 253 characters"), "{error}");
+    assert!(Instance::new(&"a".repeat(64), 80).is_err());
+    assert!(Instance::new(&"a".repeat(63), 80).is_ok());
+    assert!(Instance::new("10.0.0.1", 0).is_err());
+}

@@ -11,10 +11,35 @@ use serde::{Deserialize, Serialize};
 
 use super::SpecError;
 
-/// Longest path (or path pattern) accepted, in bytes.
-const MAX_PATH_LEN: usize = 512;
-/// Longest domain accepted (DNS limit).
-const MAX_DOMAIN_LEN: usize = 253;
+/// Longest service name accepted (it also names the KV key and HAProxy's backends).
+pub const MAX_SERVICE_NAME_LEN: usize = 64;
+/// Longest service color accepted.
+pub const MAX_SERVICE_COLOR_LEN: usize = 32;
+/// Longest `aclName` accepted.
+pub const MAX_ACL_NAME_LEN: usize = 64;
+/// Longest path (or path pattern) accepted, in characters.
+pub const MAX_PATH_LEN: usize = 512;
+/// Longest domain accepted, not counting a leading `*` or `*.` (the DNS limit).
+pub const MAX_DOMAIN_LEN: usize = 253;
+/// Longest label of a domain (between dots), the DNS limit.
+pub const MAX_DOMAIN_LABEL_LEN: usize = 63;
+
+/// HAProxy 2.6 reads at most this many words on one configuration line (`MAX_LINE_ARGS`); a
+/// longer line is refused with "too many words".
+pub const HAPROXY_MAX_WORDS_PER_LINE: usize = 64;
+
+/// Most paths one destination may list. All its paths are the patterns of one `acl` line,
+/// `acl <name> <fetch> <path>…` (3 words before the paths), so HAProxy's 64 words would allow
+/// 61; 50 is a round number that keeps room for a flag (`-i`, `-m`) in that line.
+pub const MAX_PATHS_PER_DESTINATION: usize = 50;
+/// Most domains one destination may list. They are the patterns of at most two `acl` lines,
+/// `acl <name> req.hdr(host),field(1,:) -m str -i <domain>…` (6 words before the domains), so
+/// HAProxy's 64 words would allow 58; 50 keeps room, as for paths.
+pub const MAX_DOMAINS_PER_DESTINATION: usize = 50;
+
+// Every list line must fit HAProxy's line, with the words its template puts before the list.
+const _: () = assert!(3 + MAX_PATHS_PER_DESTINATION <= HAPROXY_MAX_WORDS_PER_LINE);
+const _: () = assert!(6 + MAX_DOMAINS_PER_DESTINATION <= HAPROXY_MAX_WORDS_PER_LINE);
 
 /// Builds a [`SpecError`] for `parameter`.
 pub(crate) fn spec_error(parameter: &str, message: impl Into<String>) -> SpecError {
@@ -47,12 +72,15 @@ fn describe(c: char) -> String {
         '"' | '\'' | '`' => "a quote".into(),
         '\\' => "a backslash".into(),
         c if c.is_control() => format!("control character U+{:04X}", u32::from(c)),
+        // Never the raw character: it may be a line separator, an invisible or a
+        // right-to-left mark, which would garble the message or a log line.
+        c if !c.is_ascii() => format!("character U+{:04X}", u32::from(c)),
         c => format!("`{c}`"),
     }
 }
 
-/// Checks `value` against a simple grammar: non-empty, at most `max` bytes, the first character
-/// passing `first` and the others passing `rest`.
+/// Checks `value` against a simple grammar: non-empty, at most `max` characters, the first
+/// character passing `first` and the others passing `rest`.
 fn check_chars(
     parameter: &str,
     value: &str,
@@ -61,23 +89,40 @@ fn check_chars(
     first: impl Fn(char) -> bool,
     rest: impl Fn(char) -> bool,
 ) -> Result<(), SpecError> {
-    if value.is_empty() {
+    check_part(parameter, value, value, max, what, first, rest)
+}
+
+/// Like [`check_chars`] for `part` of the value the user `wrote`, which errors show.
+fn check_part(
+    parameter: &str,
+    wrote: &str,
+    part: &str,
+    max: usize,
+    what: &str,
+    first: impl Fn(char) -> bool,
+    rest: impl Fn(char) -> bool,
+) -> Result<(), SpecError> {
+    if part.is_empty() {
         return Err(spec_error(parameter, format!("{what} must not be empty")));
     }
-    if value.len() > max {
+    let length = part.chars().count();
+    if length > max {
         return Err(spec_error(
             parameter,
-            format!("{} is too long: at most {max} characters", shown(value)),
+            format!(
+                "{} is too long: {length} characters, at most {max}",
+                shown(wrote)
+            ),
         ));
     }
-    for (position, c) in value.chars().enumerate() {
+    for (position, c) in part.chars().enumerate() {
         let allowed = if position == 0 { first(c) } else { rest(c) };
         if !allowed {
             return Err(spec_error(
                 parameter,
                 format!(
                     "{} contains {}, not allowed in {what}",
-                    shown(value),
+                    shown(wrote),
                     describe(c)
                 ),
             ));
@@ -90,7 +135,8 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
 }
 
-/// A validated service name (`[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 64 characters).
+/// A validated service name (`[A-Za-z0-9][A-Za-z0-9_.-]*`, at most [`MAX_SERVICE_NAME_LEN`]
+/// characters).
 ///
 /// It names the Consul service, the KV key and HAProxy's backends, so it must be a valid
 /// HAProxy proxy name and safe in a URL path.
@@ -104,7 +150,7 @@ impl ServiceName {
         check_chars(
             parameter,
             value,
-            64,
+            MAX_SERVICE_NAME_LEN,
             "a service name",
             |c| c.is_ascii_alphanumeric(),
             is_name_char,
@@ -137,7 +183,7 @@ impl From<ServiceName> for String {
     }
 }
 
-/// A blue-green color (`[A-Za-z0-9_-]`, at most 32 characters): the Consul service read is
+/// A blue-green color (`[A-Za-z0-9_-]`, at most [`MAX_SERVICE_COLOR_LEN`] characters): the Consul service read is
 /// `<serviceName>-<color>`, so switching colors switches instances without touching routing.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceColor(String);
@@ -146,7 +192,14 @@ impl ServiceColor {
     /// Validates `value` given as `parameter`.
     pub fn parse(parameter: &str, value: &str) -> Result<ServiceColor, SpecError> {
         let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
-        check_chars(parameter, value, 32, "a service color", allowed, allowed)?;
+        check_chars(
+            parameter,
+            value,
+            MAX_SERVICE_COLOR_LEN,
+            "a service color",
+            allowed,
+            allowed,
+        )?;
         Ok(ServiceColor(value.to_string()))
     }
 
@@ -157,7 +210,7 @@ impl ServiceColor {
 }
 
 /// The key that orders a service's rules among equally specific ones (`[A-Za-z0-9_.-]`, at
-/// most 64 characters), as Docker Flow Proxy's `aclName`.
+/// most [`MAX_ACL_NAME_LEN`] characters), as Docker Flow Proxy's `aclName`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AclName(String);
 
@@ -167,7 +220,7 @@ impl AclName {
         check_chars(
             parameter,
             value,
-            64,
+            MAX_ACL_NAME_LEN,
             "an ACL name",
             is_name_char,
             is_name_char,
@@ -348,9 +401,11 @@ impl Domain {
         } else {
             rest
         };
+        // The DNS limit applies to the labels, after any leading `*` or `*.`.
         let is_label_char = |c: char| c.is_ascii_alphanumeric() || c == '-';
-        check_chars(
+        check_part(
             parameter,
+            value,
             labels,
             MAX_DOMAIN_LEN,
             "a domain",
@@ -358,11 +413,11 @@ impl Domain {
             |c| is_label_char(c) || c == '.',
         )?;
         for label in labels.split('.') {
-            if label.is_empty() || label.len() > 63 {
+            if label.is_empty() || label.len() > MAX_DOMAIN_LABEL_LEN {
                 return Err(spec_error(
                     parameter,
                     format!(
-                        "{} has an empty or over-long label (1 to 63 characters between dots)",
+                        "{} has an empty or over-long label (1 to {MAX_DOMAIN_LABEL_LEN} characters between dots)",
                         shown(value)
                     ),
                 ));
@@ -489,19 +544,22 @@ pub(crate) fn parse_flag(parameter: &str, value: &str) -> Result<bool, SpecError
     }
 }
 
-/// Most items accepted in one comma list.
-const MAX_LIST_ITEMS: usize = 64;
-
-/// Parses each item of a list with `item`, rejecting empty and repeated items.
+/// Parses each item of a list of at most `max_items` `what` (e.g. "paths") with `item`,
+/// rejecting empty and repeated items.
 pub(crate) fn parse_list<T: PartialEq>(
     parameter: &str,
     items: &[&str],
+    max_items: usize,
+    what: &str,
     item: impl Fn(&str) -> Result<T, SpecError>,
 ) -> Result<Vec<T>, SpecError> {
-    if items.len() > MAX_LIST_ITEMS {
+    if items.len() > max_items {
         return Err(spec_error(
             parameter,
-            format!("too many items: at most {MAX_LIST_ITEMS}"),
+            format!(
+                "{} {what} given: at most {max_items} per destination",
+                items.len()
+            ),
         ));
     }
     let mut parsed: Vec<T> = Vec::with_capacity(items.len());
