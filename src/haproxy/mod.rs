@@ -550,13 +550,32 @@ impl Supervisor {
             return Ok(());
         }
         self.probe().await?;
-        let next = spawn_and_wait_ready(
+        let next = match spawn_and_wait_ready(
             &self.binary,
             &self.paths,
             Some(self.current.pid),
             self.on_exit,
         )
-        .await?;
+        .await
+        {
+            Ok(next) => next,
+            // The serving process died while the new one asked it for its sockets.
+            Err(error) => match self.current.child.try_wait() {
+                Ok(Some(status)) => {
+                    tracing::error!(
+                        pid = self.current.pid,
+                        %status,
+                        "haproxy died during the reload; starting the new configuration in a fresh process"
+                    );
+                    let next =
+                        spawn_and_wait_ready(&self.binary, &self.paths, None, self.on_exit).await?;
+                    self.current = next;
+                    self.unanswered_probes = 0;
+                    return Ok(());
+                }
+                _ => return Err(error),
+            },
+        };
         let old = std::mem::replace(&mut self.current, next);
         reap(old);
         Ok(())
