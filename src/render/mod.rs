@@ -64,6 +64,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/http-frontend.hbs"),
     ),
     ("backend.hbs", include_str!("../../templates/backend.hbs")),
+    (
+        "rule-acls.hbs",
+        include_str!("../../templates/rule-acls.hbs"),
+    ),
 ];
 
 /// Why haproxy.cfg could not be rendered.
@@ -107,6 +111,8 @@ pub struct RenderSettings {
     pub stats_socket: PathBuf,
     /// Directory holding HAProxy's error pages (`503.http`, …); relative like `stats_socket`.
     pub errors_dir: PathBuf,
+    /// `--https-only`: every HTTP destination of the main frontend redirects plain HTTP to HTTPS.
+    pub https_only: bool,
 }
 
 /// The HTTPS frontend, rendered when certificates exist: it serves the main HTTP frontend's
@@ -143,7 +149,7 @@ impl std::fmt::Debug for Renderer {
 
 impl Renderer {
     /// Loads the templates from `templates_dir` (the same file names as the built-in ones:
-    /// `haproxy.cfg.hbs`, `http-frontend.hbs`, `backend.hbs`), or the built-in ones when `None`.
+    /// `haproxy.cfg.hbs`, `http-frontend.hbs`, `backend.hbs`, `rule-acls.hbs`), or the built-in ones when `None`.
     pub fn new(templates_dir: Option<&Path>) -> Result<Renderer, RenderError> {
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);

@@ -15,10 +15,10 @@
 use std::collections::BTreeMap;
 
 use super::values::{
-    parse_flag, parse_list, shown, spec_error, AclName, Domain, PathType, Port, ReqMode,
-    ServiceColor, ServiceName, ServicePath,
+    parse_flag, parse_list, shown, spec_error, AclName, Domain, HeaderLine, HeaderName, HttpMethod,
+    PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName, ServicePath,
 };
-use super::{Destination, ServiceSpec, SpecError};
+use super::{Destination, HeaderRules, ServiceSpec, SpecError};
 
 /// Where a parameter may appear.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +43,20 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("port", Scope::Destination),
     ("srcPort", Scope::Destination),
     ("reqMode", Scope::Destination),
+    // Edge rules: redirects, header rules, method rules.
+    ("httpsOnly", Scope::Destination),
+    ("httpsRedirectCode", Scope::Destination),
+    ("redirectWhenHttpProto", Scope::Service),
+    ("redirectFromDomain", Scope::Destination),
+    ("addReqHeader", Scope::Service),
+    ("setReqHeader", Scope::Service),
+    ("delReqHeader", Scope::Service),
+    ("addResHeader", Scope::Service),
+    ("setResHeader", Scope::Service),
+    ("delResHeader", Scope::Service),
+    ("allowedMethods", Scope::Destination),
+    ("deniedMethods", Scope::Destination),
+    ("denyHttp", Scope::Destination),
 ];
 
 /// Highest destination index accepted.
@@ -160,6 +174,51 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         .transpose()?
         .unwrap_or_default();
 
+    let redirect_when_http_proto = service
+        .get("redirectWhenHttpProto")
+        .map(|v| parse_flag("redirectWhenHttpProto", v))
+        .transpose()?
+        .unwrap_or(false);
+    let header_lines = |parameter: &str| {
+        service
+            .get(parameter)
+            .map(|v| {
+                parse_list(parameter, &items(v), |item| {
+                    HeaderLine::parse(parameter, item)
+                })
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let header_names = |parameter: &str| {
+        service
+            .get(parameter)
+            .map(|v| {
+                parse_list(parameter, &items(v), |item| {
+                    HeaderName::parse(parameter, item).map_err(|error| {
+                        if item.contains(' ') {
+                            spec_error(
+                                parameter,
+                                format!("{} must be a header name only (no value)", shown(item)),
+                            )
+                        } else {
+                            error
+                        }
+                    })
+                })
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let headers = HeaderRules {
+        add_req: header_lines("addReqHeader")?,
+        set_req: header_lines("setReqHeader")?,
+        del_req: header_names("delReqHeader")?,
+        add_res: header_lines("addResHeader")?,
+        set_res: header_lines("setResHeader")?,
+        del_res: header_names("delResHeader")?,
+    };
+
     let mut destinations = Vec::new();
     for (&index, params) in &raw.destinations {
         let name = |base: &str| indexed(base, index);
@@ -201,6 +260,43 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             .map(|v| ReqMode::parse(&name("reqMode"), v))
             .transpose()?
             .unwrap_or_default();
+        let flag = |base: &str| {
+            params
+                .get(base)
+                .map(|v| parse_flag(&name(base), v))
+                .transpose()
+                .map(|set| set.unwrap_or(false))
+        };
+        let methods = |base: &str| {
+            let parameter = name(base);
+            params
+                .get(base)
+                .map(|v| {
+                    parse_list(&parameter, &items(v), |item| {
+                        HttpMethod::parse(&parameter, item)
+                    })
+                })
+                .transpose()
+                .map(Option::unwrap_or_default)
+        };
+        let https_only = flag("httpsOnly")?;
+        let https_redirect_code = params
+            .get("httpsRedirectCode")
+            .map(|v| RedirectCode::parse(&name("httpsRedirectCode"), v))
+            .transpose()?;
+        let redirect_from_domain = params
+            .get("redirectFromDomain")
+            .map(|v| {
+                let parameter = name("redirectFromDomain");
+                parse_list(&parameter, &items(v), |item| {
+                    Domain::parse(&parameter, item)
+                })
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let allowed_methods = methods("allowedMethods")?;
+        let denied_methods = methods("deniedMethods")?;
+        let deny_http = flag("denyHttp")?;
         destinations.push(Destination {
             index,
             service_path,
@@ -209,6 +305,12 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             port,
             src_port,
             req_mode,
+            https_only,
+            https_redirect_code,
+            redirect_from_domain,
+            allowed_methods,
+            denied_methods,
+            deny_http,
         });
     }
 
@@ -219,6 +321,8 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         skip_check,
         path_type,
         destinations,
+        redirect_when_http_proto,
+        headers,
     })
 }
 
