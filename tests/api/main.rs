@@ -23,4 +23,6 @@ mod route_conflicts;
 mod routing;
 mod slow_registry;
 mod supervision;
+mod tls;
+mod traffic_rules;
 mod validation;
