@@ -28,6 +28,23 @@
 //! service name, then destination index. A destination with several paths is one rule, placed
 //! by its longest path; give paths that need different places their own destination index.
 //!
+//! # Edge rules
+//! Redirects are `http-request redirect` lines in a frontend, placed before every `use_backend`
+//! (a rule with redirects declares its acls there, in rule order; the others keep theirs next
+//! to their `use_backend`, so configs without edge rules look as before):
+//! - main `http` frontend: `redirectFromDomain` (301 to the first `serviceDomain`, to `https://`
+//!   when the destination is HTTPS-only), then the HTTPS redirect of `httpsOnly`, `--https-only`
+//!   or `redirectWhenHttpProto` (`scheme https code <httpsRedirectCode, default 302>`, on
+//!   `!{ ssl_fc }`, or on `X-Forwarded-Proto: http` with `redirectWhenHttpProto`);
+//! - `https` frontend: `redirectFromDomain` only (to `https://`);
+//! - `http_<srcPort>` frontends: none (no HTTPS frontend serves those ports).
+//!
+//! Method rules, `denyHttp` and header rules are `http-request`/`http-response` lines in the
+//! destination's backend, so they hold on HTTP and HTTPS alike, in this order: `allowedMethods`
+//! and `deniedMethods` (`deny deny_status 405`), `denyHttp` (`deny deny_status 403 if !{ ssl_fc }`,
+//! 403 as Docker Flow Proxy answered), then request header rules (add, set, del) and response
+//! header rules (add, set, del). Header values are written double-quoted.
+//!
 //! # Ports
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a

@@ -34,6 +34,10 @@ pub use values::{
 use query::indexed;
 use values::{shown, spec_error};
 
+/// Most items in `redirectFromDomain`, `allowedMethods` or `deniedMethods`: each list becomes
+/// one HAProxy line, and a line holds at most 64 words.
+const MAX_EDGE_LIST_ITEMS: usize = 32;
+
 /// A request parameter that failed validation; the HTTP answer is 400 and names the parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("parameter `{parameter}`: {message}")]
@@ -355,6 +359,19 @@ impl Destination {
                 }
                 if !self.redirect_from_domain.is_empty() {
                     self.check_redirect_from_domain()?;
+                }
+                // Each list is one HAProxy line, which may hold at most 64 words.
+                for (base, len) in [
+                    ("redirectFromDomain", self.redirect_from_domain.len()),
+                    ("allowedMethods", self.allowed_methods.len()),
+                    ("deniedMethods", self.denied_methods.len()),
+                ] {
+                    if len > MAX_EDGE_LIST_ITEMS {
+                        return Err(spec_error(
+                            &name(base),
+                            format!("too many items: at most {MAX_EDGE_LIST_ITEMS}"),
+                        ));
+                    }
                 }
             }
         }
