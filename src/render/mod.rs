@@ -37,7 +37,9 @@
 //!   or `redirectWhenHttpProto` (`scheme https code <httpsRedirectCode, default 302>`, on
 //!   `!{ ssl_fc }`, or on `X-Forwarded-Proto: http` with `redirectWhenHttpProto`);
 //! - `https` frontend: `redirectFromDomain` only (to `https://`);
-//! - `http_<srcPort>` frontends: none (no HTTPS frontend serves those ports).
+//! - `http_<srcPort>` frontends: `redirectFromDomain` only, to `http://<domain>:<srcPort>` (no
+//!   HTTPS frontend serves those ports, so `httpsOnly` is refused with `srcPort` and
+//!   `--https-only` leaves them alone).
 //!
 //! Method rules, `denyHttp` and header rules are `http-request`/`http-response` lines in the
 //! destination's backend, so they hold on HTTP and HTTPS alike, in this order: `allowedMethods`

@@ -651,3 +651,24 @@ fn haproxy_accepts_edge_rules_without_warnings() {
     assert!(!output.contains("[WARNING]"), "{output}");
     assert!(!output.contains("[ALERT]"), "{output}");
 }
+
+#[test]
+fn redirect_from_domain_on_a_src_port_keeps_the_port_and_https_redirects_stay_in_the_main_frontend()
+{
+    let mut settings = golden_settings();
+    settings.https_only = true;
+    let services = vec![(
+        spec(&[
+            ("serviceName", "admin"),
+            ("serviceDomain", "admin.example.com"),
+            ("srcPort", "8081"),
+            ("redirectFromDomain", "old-admin.example.com"),
+        ]),
+        vec![inst("10.0.1.4", 3000)],
+    )];
+    let text = render(&settings, &services);
+    assert!(text.contains(
+        "    http-request redirect prefix http://admin.example.com:8081 code 301 if from_domain_admin-be0\n"
+    ), "{text}");
+    assert!(!text.contains("scheme https"), "{text}");
+}

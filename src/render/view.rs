@@ -197,9 +197,9 @@ enum FrontendKind {
     MainHttp { https_only_all: bool },
     /// The HTTPS frontend (same rules as the main one, behind TLS).
     Https,
-    /// An HTTP frontend on a destination's own `srcPort`: no redirects (there is no HTTPS
-    /// frontend for that port to send them to).
-    ExtraHttp,
+    /// An HTTP frontend on a destination's own `srcPort`: `redirectFromDomain` only, to the same
+    /// port (there is no HTTPS frontend for that port to send HTTPS redirects to).
+    ExtraHttp { port: u16 },
 }
 
 /// The redirects of `destination` in a frontend of `kind`, given its rule's acl names.
@@ -217,15 +217,18 @@ fn redirects(
         FrontendKind::MainHttp { https_only_all } => {
             https_only_all || destination.https_only() || spec.redirect_when_http_proto()
         }
-        FrontendKind::Https | FrontendKind::ExtraHttp => false,
+        FrontendKind::Https | FrontendKind::ExtraHttp { .. } => false,
     };
     let mut lines = Vec::new();
     if let (Some(acl), Some(target)) = (from_domain_acl, destination.service_domain().first()) {
         // On plain HTTP, an HTTPS-only destination is sent straight to HTTPS: one hop, not two.
-        let scheme = match kind {
-            FrontendKind::Https => "https",
-            _ if https_wanted && !spec.redirect_when_http_proto() => "https",
-            _ => "http",
+        let origin = match kind {
+            FrontendKind::Https => format!("https://{}", target.host_pattern()),
+            FrontendKind::ExtraHttp { port } => format!("http://{}:{port}", target.host_pattern()),
+            FrontendKind::MainHttp { .. } if https_wanted && !spec.redirect_when_http_proto() => {
+                format!("https://{}", target.host_pattern())
+            }
+            FrontendKind::MainHttp { .. } => format!("http://{}", target.host_pattern()),
         };
         let mut condition = vec![acl.to_string()];
         condition.extend(
@@ -235,7 +238,7 @@ fn redirects(
                 .cloned(),
         );
         lines.push(RedirectView {
-            target: format!("prefix {scheme}://{}", target.host_pattern()),
+            target: format!("prefix {origin}"),
             code: 301,
             condition,
         });
@@ -281,14 +284,13 @@ fn rule_view(spec: &ServiceSpec, destination: &Destination, kind: FrontendKind) 
             .collect(),
     });
     let from_domain = destination.redirect_from_domain();
-    let from_domain_acl =
-        (!from_domain.is_empty() && kind != FrontendKind::ExtraHttp).then(|| FromDomainAclView {
-            name: format!("from_domain_{backend}"),
-            domains: from_domain
-                .iter()
-                .map(|d| d.host_pattern().to_string())
-                .collect(),
-        });
+    let from_domain_acl = (!from_domain.is_empty()).then(|| FromDomainAclView {
+        name: format!("from_domain_{backend}"),
+        domains: from_domain
+            .iter()
+            .map(|d| d.host_pattern().to_string())
+            .collect(),
+    });
     let rule_acls: Vec<String> = path_acl
         .iter()
         .map(|acl| acl.name.clone())
@@ -579,7 +581,7 @@ pub(super) fn build(
             name,
             bind: bind_address(settings, port),
             forwarded_proto: None,
-            rules: rule_views(&rules, FrontendKind::ExtraHttp),
+            rules: rule_views(&rules, FrontendKind::ExtraHttp { port }),
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);

@@ -205,6 +205,24 @@ impl ServiceSpec {
                 ));
             }
         }
+        let no_http = spec.destinations.iter().all(|d| d.req_mode == ReqMode::Tcp);
+        if no_http {
+            let headers = &spec.headers;
+            let set = [
+                ("addReqHeader", headers.add_req.is_empty()),
+                ("setReqHeader", headers.set_req.is_empty()),
+                ("delReqHeader", headers.del_req.is_empty()),
+                ("addResHeader", headers.add_res.is_empty()),
+                ("setResHeader", headers.set_res.is_empty()),
+                ("delResHeader", headers.del_res.is_empty()),
+            ];
+            if let Some((parameter, _)) = set.iter().find(|(_, empty)| !empty) {
+                return Err(spec_error(
+                    parameter,
+                    "needs an http destination: header rules do not apply to reqMode=tcp",
+                ));
+            }
+        }
         for (position, destination) in spec.destinations.iter().enumerate() {
             destination.check()?;
             // Two destinations of one service cannot share a source port unless both are
@@ -360,6 +378,15 @@ impl Destination {
                 if !self.redirect_from_domain.is_empty() {
                     self.check_redirect_from_domain()?;
                 }
+                if self.https_only && self.src_port.is_some() {
+                    return Err(spec_error(
+                        &name("httpsOnly"),
+                        format!(
+                            "not available with {}: HTTPS serves the main HTTP frontend's routes only, so there is nowhere to redirect to",
+                            name("srcPort")
+                        ),
+                    ));
+                }
                 // Each list is one HAProxy line, which may hold at most 64 words.
                 for (base, len) in [
                     ("redirectFromDomain", self.redirect_from_domain.len()),
@@ -466,12 +493,15 @@ impl ServiceSpec {
                 .map(Port::get)
                 .filter(|port| *port != main_port);
             let path_type = destination.effective_path_type(self).as_str();
+            // The hosts `redirectFromDomain` redirects are taken as well: nobody else would
+            // see those requests.
             let domains: Vec<Option<String>> = if destination.service_domain.is_empty() {
                 vec![None]
             } else {
                 destination
                     .service_domain
                     .iter()
+                    .chain(&destination.redirect_from_domain)
                     .map(|domain| Some(domain.to_string()))
                     .collect()
             };

@@ -621,3 +621,43 @@ fn invalid_stored_edge_rules_are_rejected_on_read() {
         assert!(result.is_err(), "accepted invalid stored spec {json}");
     }
 }
+
+#[test]
+fn https_only_is_refused_on_a_destination_with_its_own_src_port() {
+    let error = parse(&[
+        ("serviceName", "go"),
+        ("servicePath", "/a"),
+        ("srcPort", "8081"),
+        ("httpsOnly", "true"),
+    ])
+    .unwrap_err();
+    assert_eq!(error.parameter, "httpsOnly", "{error}");
+}
+
+#[test]
+fn redirected_domains_are_claimed_routes() {
+    let spec = parse(&[
+        ("serviceName", "go"),
+        ("serviceDomain", "new.io"),
+        ("redirectFromDomain", "old.io"),
+    ])
+    .unwrap();
+    let claimed: Vec<String> = spec
+        .route_claims(80)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(claimed, ["every path of new.io", "every path of old.io"]);
+}
+
+#[test]
+fn header_rules_need_an_http_destination() {
+    let error = parse(&[
+        ("serviceName", "db"),
+        ("reqMode", "tcp"),
+        ("srcPort", "5432"),
+        ("setResHeader", "X-A b"),
+    ])
+    .unwrap_err();
+    assert_eq!(error.parameter, "setResHeader", "{error}");
+}

@@ -452,3 +452,26 @@ async fn deny_http_refuses_plain_http_with_403_and_serves_tls() {
     .await;
     assert_reached_app(&tls, "GET", "/secure");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_another_service_redirects_is_taken() {
+    let proxy = TestProxy::spawn().await;
+    proxy
+        .reconfigure_ok(
+            "serviceName=app&serviceDomain=new.example.test&redirectFromDomain=old.example.test",
+        )
+        .await;
+    let before = proxy.snapshot().await;
+
+    let (status, answer) = proxy
+        .reconfigure("serviceName=rival&serviceDomain=old.example.test")
+        .await;
+
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    let message = answer["Message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("old.example.test") && message.contains("`app`"),
+        "{message}"
+    );
+    proxy.assert_unchanged_since(&before).await;
+}
