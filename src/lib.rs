@@ -142,6 +142,7 @@ impl FlowProxy {
             // haproxy.cfg on every machine, wherever its --data-dir is.
             stats_socket: PathBuf::from(STATS_SOCKET_FILE),
             errors_dir: PathBuf::from(ERRORS_DIR),
+            https_only: settings.https_only,
         };
         let on_exit = if settings.stop_haproxy_on_exit {
             OnExit::Stop

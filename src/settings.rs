@@ -114,6 +114,18 @@ pub struct Settings {
     )]
     pub enable_h2: bool,
 
+    /// Redirect plain HTTP requests of every service to HTTPS (as `httpsOnly=true` on every
+    /// destination of the main HTTP frontend).
+    #[arg(
+        long,
+        env = "HTTPS_ONLY",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub https_only: bool,
+
     /// Directory with handlebars templates overriding the built-in ones (same file names).
     #[arg(long, env = "TEMPLATES_DIR")]
     pub templates_dir: Option<PathBuf>,
@@ -202,6 +214,13 @@ mod tests {
         assert!(parse(&["--stop-haproxy-on-exit"]).stop_haproxy_on_exit);
         assert!(parse(&["--stop-haproxy-on-exit=true"]).stop_haproxy_on_exit);
         assert!(!parse(&["--stop-haproxy-on-exit=false"]).stop_haproxy_on_exit);
+    }
+
+    #[test]
+    fn https_only_is_off_by_default() {
+        assert!(!parse(&[]).https_only);
+        assert!(parse(&["--https-only"]).https_only);
+        assert!(!parse(&["--https-only=false"]).https_only);
     }
 
     #[test]

@@ -28,6 +28,25 @@
 //! service name, then destination index. A destination with several paths is one rule, placed
 //! by its longest path; give paths that need different places their own destination index.
 //!
+//! # Edge rules
+//! Redirects are `http-request redirect` lines in a frontend, placed before every `use_backend`
+//! (a rule with redirects declares its acls there, in rule order; the others keep theirs next
+//! to their `use_backend`, so configs without edge rules look as before):
+//! - main `http` frontend: `redirectFromDomain` (301 to the first `serviceDomain`, to `https://`
+//!   when the destination is HTTPS-only), then the HTTPS redirect of `httpsOnly`, `--https-only`
+//!   or `redirectWhenHttpProto` (`scheme https code <httpsRedirectCode, default 302>`, on
+//!   `!{ ssl_fc }`, or on `X-Forwarded-Proto: http` with `redirectWhenHttpProto`);
+//! - `https` frontend: `redirectFromDomain` only (to `https://`);
+//! - `http_<srcPort>` frontends: `redirectFromDomain` only, to `http://<domain>:<srcPort>` (no
+//!   HTTPS frontend serves those ports, so `httpsOnly` is refused with `srcPort` and
+//!   `--https-only` leaves them alone).
+//!
+//! Method rules, `denyHttp` and header rules are `http-request`/`http-response` lines in the
+//! destination's backend, so they hold on HTTP and HTTPS alike, in this order: `allowedMethods`
+//! and `deniedMethods` (`deny deny_status 405`), `denyHttp` (`deny deny_status 403 if !{ ssl_fc }`,
+//! 403 as Docker Flow Proxy answered), then request header rules (add, set, del) and response
+//! header rules (add, set, del). Header values are written double-quoted.
+//!
 //! # Ports
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a
@@ -64,6 +83,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/http-frontend.hbs"),
     ),
     ("backend.hbs", include_str!("../../templates/backend.hbs")),
+    (
+        "rule-acls.hbs",
+        include_str!("../../templates/rule-acls.hbs"),
+    ),
 ];
 
 /// Why haproxy.cfg could not be rendered.
@@ -107,6 +130,8 @@ pub struct RenderSettings {
     pub stats_socket: PathBuf,
     /// Directory holding HAProxy's error pages (`503.http`, …); relative like `stats_socket`.
     pub errors_dir: PathBuf,
+    /// `--https-only`: every HTTP destination of the main frontend redirects plain HTTP to HTTPS.
+    pub https_only: bool,
 }
 
 /// The HTTPS frontend, rendered when certificates exist: it serves the main HTTP frontend's
@@ -143,7 +168,7 @@ impl std::fmt::Debug for Renderer {
 
 impl Renderer {
     /// Loads the templates from `templates_dir` (the same file names as the built-in ones:
-    /// `haproxy.cfg.hbs`, `http-frontend.hbs`, `backend.hbs`), or the built-in ones when `None`.
+    /// `haproxy.cfg.hbs`, `http-frontend.hbs`, `backend.hbs`, `rule-acls.hbs`), or the built-in ones when `None`.
     pub fn new(templates_dir: Option<&Path>) -> Result<Renderer, RenderError> {
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);

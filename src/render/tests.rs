@@ -31,6 +31,7 @@ fn golden_settings() -> RenderSettings {
         http_port: 80,
         stats_socket: PathBuf::from("/run/flow-proxy/admin.sock"),
         errors_dir: PathBuf::from("/etc/flow-proxy/errors"),
+        https_only: false,
     }
 }
 
@@ -149,6 +150,7 @@ fn haproxy_check(bind_host: Option<IpAddr>, services: &[(ServiceSpec, Vec<Instan
         http_port: 8080,
         stats_socket: dir.path().join("admin.sock"),
         errors_dir,
+        https_only: false,
     };
     let config = dir.path().join("haproxy.cfg");
     std::fs::write(&config, render(&settings, services)).unwrap();
@@ -557,4 +559,116 @@ fn haproxy_reads_every_accepted_path_character_as_part_of_one_pattern() {
         text.contains("    acl path_chars-be2 path_end .json\n"),
         "{text}"
     );
+}
+
+// ---- Edge rules: redirects, header rules, method rules -------------------------------------
+
+fn edge_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+    vec![
+        (
+            spec(&[
+                ("serviceName", "shop"),
+                ("servicePath", "/shop"),
+                ("serviceDomain", "shop.example.com"),
+                ("httpsOnly", "true"),
+                ("httpsRedirectCode", "308"),
+                ("redirectFromDomain", "old-shop.example.com"),
+                ("allowedMethods", "GET,HEAD"),
+                ("denyHttp", "true"),
+                ("addReqHeader", "X-Via flow-proxy edge"),
+                ("setResHeader", "Strict-Transport-Security max-age=31536000"),
+                ("delReqHeader", "X-Internal"),
+                ("delResHeader", "Server"),
+            ]),
+            vec![inst("10.0.1.1", 3000)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "api"),
+                ("servicePath", "/api"),
+                ("redirectWhenHttpProto", "true"),
+                ("deniedMethods", "DELETE,TRACE"),
+            ]),
+            vec![inst("10.0.1.2", 3000)],
+        ),
+        (
+            spec(&[("serviceName", "plain"), ("servicePath", "/plain")]),
+            vec![inst("10.0.1.3", 3000)],
+        ),
+    ]
+}
+
+#[test]
+fn edge_rules_come_before_every_use_backend_and_headers_are_quoted_in_the_backend() {
+    let text = render(&golden_settings(), &edge_services());
+    let frontend = text
+        .split("\nfrontend http\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .unwrap();
+    let first_use_backend = frontend.find("use_backend").unwrap();
+    let last_redirect = frontend.rfind("http-request redirect").unwrap();
+    assert!(last_redirect < first_use_backend, "{frontend}");
+    assert!(frontend.contains(
+        "    acl from_domain_shop-be0 req.hdr(host),field(1,:) -m str -i old-shop.example.com\n    http-request redirect prefix https://shop.example.com code 301 if from_domain_shop-be0 path_shop-be0\n    http-request redirect scheme https code 308 if path_shop-be0 domain_shop-be0 !{ ssl_fc }\n"
+    ), "{frontend}");
+    assert!(frontend.contains(
+        "    http-request redirect scheme https code 302 if path_api-be0 { req.hdr(X-Forwarded-Proto) -m str -i http }\n"
+    ), "{frontend}");
+    // Each acl is declared once.
+    assert_eq!(
+        frontend.matches("acl path_shop-be0 ").count(),
+        1,
+        "{frontend}"
+    );
+    assert!(
+        !frontend.contains("plain-be0 if path_plain-be0 !"),
+        "{frontend}"
+    );
+    assert!(text.contains(
+        "backend shop-be0\n    mode http\n    balance roundrobin\n    http-request deny deny_status 405 unless { method GET HEAD }\n    http-request deny deny_status 403 if !{ ssl_fc }\n    http-request add-header X-Via \"flow-proxy edge\"\n    http-request del-header X-Internal\n    http-response set-header Strict-Transport-Security \"max-age=31536000\"\n    http-response del-header Server\n"
+    ), "{text}");
+    assert!(text.contains("http-request deny deny_status 405 if { method DELETE TRACE }\n"));
+    assert!(text.contains("backend plain-be0\n    mode http\n    balance roundrobin\n    server"));
+}
+
+#[test]
+fn https_only_for_every_service_redirects_every_main_frontend_rule() {
+    let mut settings = golden_settings();
+    settings.https_only = true;
+    let text = render(&settings, &edge_services());
+    assert!(
+        text.contains(
+            "    http-request redirect scheme https code 302 if path_plain-be0 !{ ssl_fc }\n"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn haproxy_accepts_edge_rules_without_warnings() {
+    let output = haproxy_check(None, &edge_services());
+    assert!(!output.contains("[WARNING]"), "{output}");
+    assert!(!output.contains("[ALERT]"), "{output}");
+}
+
+#[test]
+fn redirect_from_domain_on_a_src_port_keeps_the_port_and_https_redirects_stay_in_the_main_frontend()
+{
+    let mut settings = golden_settings();
+    settings.https_only = true;
+    let services = vec![(
+        spec(&[
+            ("serviceName", "admin"),
+            ("serviceDomain", "admin.example.com"),
+            ("srcPort", "8081"),
+            ("redirectFromDomain", "old-admin.example.com"),
+        ]),
+        vec![inst("10.0.1.4", 3000)],
+    )];
+    let text = render(&settings, &services);
+    assert!(text.contains(
+        "    http-request redirect prefix http://admin.example.com:8081 code 301 if from_domain_admin-be0\n"
+    ), "{text}");
+    assert!(!text.contains("scheme https"), "{text}");
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::{RenderError, RenderSettings, ServiceRoute, TlsSettings};
-use crate::spec::{Destination, Instance, PathType, ReqMode, ServiceSpec};
+use crate::spec::{Destination, HeaderLine, HeaderName, Instance, PathType, ReqMode, ServiceSpec};
 
 /// The whole configuration, as the main template sees it.
 #[derive(Debug, Serialize)]
@@ -47,6 +47,29 @@ struct RuleView {
     backend: String,
     path_acl: Option<PathAclView>,
     domain_acl: Option<DomainAclView>,
+    /// Redirects of this destination in this frontend, in order. When there are any, the
+    /// template declares the rule's acls with them, in the frontend's redirect block before
+    /// every `use_backend` (HAProxy runs `http-request` rules before choosing a backend).
+    redirects: Vec<RedirectView>,
+    /// The hosts `redirectFromDomain` answers, when this frontend redirects them.
+    from_domain_acl: Option<FromDomainAclView>,
+}
+
+/// One `http-request redirect <target> code <code> if <condition>` line.
+#[derive(Debug, Clone, Serialize)]
+struct RedirectView {
+    /// `scheme https` or `prefix <scheme>://<domain>`.
+    target: String,
+    code: u16,
+    /// The words after `if`: acl names and anonymous acls.
+    condition: Vec<String>,
+}
+
+/// `acl from_domain_<backend> …`: the exact hosts `redirectFromDomain` lists.
+#[derive(Debug, Clone, Serialize)]
+struct FromDomainAclView {
+    name: String,
+    domains: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,7 +102,25 @@ struct TcpFrontendView {
 struct BackendView {
     name: String,
     mode: &'static str,
+    /// `http-request`/`http-response` rules of the destination, in the order HAProxy runs them.
+    http_rules: Vec<BackendRuleView>,
     servers: Vec<ServerView>,
+}
+
+/// One rule line of a backend: `<direction> <action>[ <args>][ if|unless <condition>]`.
+#[derive(Debug, Serialize)]
+struct BackendRuleView {
+    /// `http-request` or `http-response`.
+    direction: &'static str,
+    /// e.g. `deny deny_status 405`, `set-header`.
+    action: &'static str,
+    /// The header name, for header rules.
+    header: Option<String>,
+    /// The header value, for add/set (written double-quoted).
+    value: Option<String>,
+    /// `if` or `unless`, with `condition`.
+    guard: Option<&'static str>,
+    condition: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,7 +190,78 @@ fn rule_order<'a>(spec: &'a ServiceSpec, destination: &Destination) -> RuleOrder
     }
 }
 
-fn rule_view(spec: &ServiceSpec, destination: &Destination) -> RuleView {
+/// The frontend a rule is rendered in: which redirects it carries there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrontendKind {
+    /// The main HTTP frontend; `https_only_all` is the proxy-wide `--https-only`.
+    MainHttp { https_only_all: bool },
+    /// The HTTPS frontend (same rules as the main one, behind TLS).
+    Https,
+    /// An HTTP frontend on a destination's own `srcPort`: `redirectFromDomain` only, to the same
+    /// port (there is no HTTPS frontend for that port to send HTTPS redirects to).
+    ExtraHttp { port: u16 },
+}
+
+/// The redirects of `destination` in a frontend of `kind`, given its rule's acl names.
+///
+/// Order: `redirectFromDomain` first (its hosts are not the destination's own, so its condition
+/// never overlaps the HTTPS redirect's), then the HTTPS redirect.
+fn redirects(
+    spec: &ServiceSpec,
+    destination: &Destination,
+    kind: FrontendKind,
+    rule_acls: &[String],
+    from_domain_acl: Option<&str>,
+) -> Vec<RedirectView> {
+    let https_wanted = match kind {
+        FrontendKind::MainHttp { https_only_all } => {
+            https_only_all || destination.https_only() || spec.redirect_when_http_proto()
+        }
+        FrontendKind::Https | FrontendKind::ExtraHttp { .. } => false,
+    };
+    let mut lines = Vec::new();
+    if let (Some(acl), Some(target)) = (from_domain_acl, destination.service_domain().first()) {
+        // On plain HTTP, an HTTPS-only destination is sent straight to HTTPS: one hop, not two.
+        let origin = match kind {
+            FrontendKind::Https => format!("https://{}", target.host_pattern()),
+            FrontendKind::ExtraHttp { port } => format!("http://{}:{port}", target.host_pattern()),
+            FrontendKind::MainHttp { .. } if https_wanted && !spec.redirect_when_http_proto() => {
+                format!("https://{}", target.host_pattern())
+            }
+            FrontendKind::MainHttp { .. } => format!("http://{}", target.host_pattern()),
+        };
+        let mut condition = vec![acl.to_string()];
+        condition.extend(
+            rule_acls
+                .iter()
+                .filter(|name| name.starts_with("path_"))
+                .cloned(),
+        );
+        lines.push(RedirectView {
+            target: format!("prefix {origin}"),
+            code: 301,
+            condition,
+        });
+    }
+    if https_wanted {
+        let mut condition = rule_acls.to_vec();
+        if spec.redirect_when_http_proto() {
+            // Behind a load balancer that terminates TLS every request reaches HAProxy in plain
+            // HTTP; only the header tells what the client used, so only `http` is redirected.
+            condition.push("{ req.hdr(X-Forwarded-Proto) -m str -i http }".to_string());
+        } else {
+            condition.push("!{ ssl_fc }".to_string());
+        }
+        lines.push(RedirectView {
+            target: "scheme https".to_string(),
+            code: destination.redirect_code().get(),
+            condition,
+        });
+    }
+    lines
+}
+
+fn rule_view(spec: &ServiceSpec, destination: &Destination, kind: FrontendKind) -> RuleView {
     let backend = backend_name(spec, destination);
     let paths = destination.service_path();
     let path_acl = (!paths.is_empty()).then(|| PathAclView {
@@ -171,11 +283,104 @@ fn rule_view(spec: &ServiceSpec, destination: &Destination) -> RuleView {
             .map(|d| d.host_pattern().to_string())
             .collect(),
     });
+    let from_domain = destination.redirect_from_domain();
+    let from_domain_acl = (!from_domain.is_empty()).then(|| FromDomainAclView {
+        name: format!("from_domain_{backend}"),
+        domains: from_domain
+            .iter()
+            .map(|d| d.host_pattern().to_string())
+            .collect(),
+    });
+    let rule_acls: Vec<String> = path_acl
+        .iter()
+        .map(|acl| acl.name.clone())
+        .chain(domain_acl.iter().map(|acl| acl.name.clone()))
+        .collect();
+    let redirects = redirects(
+        spec,
+        destination,
+        kind,
+        &rule_acls,
+        from_domain_acl.as_ref().map(|acl| acl.name.as_str()),
+    );
     RuleView {
         backend,
         path_acl,
         domain_acl,
+        redirects,
+        from_domain_acl,
     }
+}
+
+/// The `http-request`/`http-response` rules of an HTTP destination's backend, in the order
+/// HAProxy runs them: method rules (405), then `denyHttp` (403), then the service's request
+/// header rules (add, set, del), then its response header rules (add, set, del).
+fn backend_rules(spec: &ServiceSpec, destination: &Destination) -> Vec<BackendRuleView> {
+    let mut rules = Vec::new();
+    let words = |items: &[crate::spec::HttpMethod]| -> Vec<String> {
+        let mut condition = vec!["{".to_string(), "method".to_string()];
+        condition.extend(items.iter().map(|m| m.as_str().to_string()));
+        condition.push("}".to_string());
+        condition
+    };
+    let deny_405 = |guard: &'static str, condition: Vec<String>| BackendRuleView {
+        direction: "http-request",
+        action: "deny deny_status 405",
+        header: None,
+        value: None,
+        guard: Some(guard),
+        condition,
+    };
+    if !destination.allowed_methods().is_empty() {
+        rules.push(deny_405("unless", words(destination.allowed_methods())));
+    }
+    if !destination.denied_methods().is_empty() {
+        rules.push(deny_405("if", words(destination.denied_methods())));
+    }
+    if destination.deny_http() {
+        rules.push(BackendRuleView {
+            direction: "http-request",
+            action: "deny deny_status 403",
+            header: None,
+            value: None,
+            guard: Some("if"),
+            condition: vec!["!{ ssl_fc }".to_string()],
+        });
+    }
+    let headers = spec.headers();
+    let lines = |direction: &'static str, action: &'static str, items: &[HeaderLine]| {
+        items
+            .iter()
+            .map(move |line| BackendRuleView {
+                direction,
+                action,
+                header: Some(line.name().as_str().to_string()),
+                value: Some(line.value().as_str().to_string()),
+                guard: None,
+                condition: Vec::new(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let deletions = |direction: &'static str, items: &[HeaderName]| {
+        items
+            .iter()
+            .map(move |name| BackendRuleView {
+                direction,
+                action: "del-header",
+                header: Some(name.as_str().to_string()),
+                value: None,
+                guard: None,
+                condition: Vec::new(),
+            })
+            .collect::<Vec<_>>()
+    };
+    rules.extend(lines("http-request", "add-header", &headers.add_req));
+    rules.extend(lines("http-request", "set-header", &headers.set_req));
+    rules.extend(deletions("http-request", &headers.del_req));
+    rules.extend(lines("http-response", "add-header", &headers.add_res));
+    rules.extend(lines("http-response", "set-header", &headers.set_res));
+    rules.extend(deletions("http-response", &headers.del_res));
+    rules
 }
 
 fn backend_view(
@@ -202,9 +407,14 @@ fn backend_view(
             }
         })
         .collect();
+    let http_rules = match destination.req_mode() {
+        ReqMode::Http => backend_rules(spec, destination),
+        ReqMode::Tcp => Vec::new(),
+    };
     BackendView {
         name: backend_name(spec, destination),
         mode: destination.req_mode().as_str(),
+        http_rules,
         servers,
     }
 }
@@ -331,7 +541,7 @@ pub(super) fn build(
                     tcp_backends.push(backend);
                 }
                 (_, src_port) => {
-                    let key = (rule_order(spec, destination), rule_view(spec, destination));
+                    let key = (rule_order(spec, destination), spec, destination);
                     match src_port {
                         Some(port) if port != settings.http_port => {
                             let me = owner(spec, destination);
@@ -358,17 +568,34 @@ pub(super) fn build(
         }
     }
 
-    let frontend = |name: String, port: u16, mut rules: Vec<(RuleOrder<'_>, RuleView)>| {
+    main_rules.sort_by(|a, b| a.0.cmp(&b.0));
+    let rule_views = |rules: &[(RuleOrder<'_>, &ServiceSpec, &Destination)], kind| {
+        rules
+            .iter()
+            .map(|(_, spec, destination)| rule_view(spec, destination, kind))
+            .collect::<Vec<_>>()
+    };
+    let frontend = |name: String, port: u16, mut rules: Vec<(RuleOrder<'_>, _, _)>| {
         rules.sort_by(|a, b| a.0.cmp(&b.0));
         FrontendView {
             name,
             bind: bind_address(settings, port),
             forwarded_proto: None,
-            rules: rules.into_iter().map(|(_, rule)| rule).collect(),
+            rules: rule_views(&rules, FrontendKind::ExtraHttp { port }),
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
-    let http = frontend("http".to_string(), settings.http_port, main_rules);
+    let http = FrontendView {
+        name: "http".to_string(),
+        bind: bind_address(settings, settings.http_port),
+        forwarded_proto: None,
+        rules: rule_views(
+            &main_rules,
+            FrontendKind::MainHttp {
+                https_only_all: settings.https_only,
+            },
+        ),
+    };
     let https = match tls {
         Some(tls) => {
             let crt_list = config_path("crt_list", &tls.crt_list)?;
@@ -384,7 +611,7 @@ pub(super) fn build(
                     bind_address(settings, tls.https_port)
                 ),
                 forwarded_proto: Some("https"),
-                rules: http.rules.clone(),
+                rules: rule_views(&main_rules, FrontendKind::Https),
             })
         }
         None => None,

@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
-    AclName, Domain, PathType, Port, ReqMode, ServiceColor, ServiceName, ServicePath,
+    AclName, Domain, HeaderLine, HeaderName, HeaderValue, HttpMethod, PathType, Port, RedirectCode,
+    ReqMode, ServiceColor, ServiceName, ServicePath,
 };
 
 use query::indexed;
@@ -36,6 +37,10 @@ use values::{shown, spec_error, MAX_DOMAIN_LABEL_LEN, MAX_DOMAIN_LEN};
 /// Most destinations one service may have (indices run from 0 to 999, but at most this many
 /// of them may be used at once).
 pub const MAX_DESTINATIONS_PER_SERVICE: usize = 64;
+
+/// Most items in `redirectFromDomain`, `allowedMethods` or `deniedMethods`: each list becomes
+/// one HAProxy line, and a line holds at most 64 words.
+const MAX_EDGE_LIST_ITEMS: usize = 32;
 
 /// A request parameter that failed validation; the HTTP answer is 400 and names the parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +66,41 @@ pub struct ServiceSpec {
     path_type: PathType,
     /// Sorted by index, indices unique.
     destinations: Vec<Destination>,
+    /// Redirect to HTTPS when `X-Forwarded-Proto` is `http` (a load balancer in front
+    /// terminates TLS), instead of when the connection itself is plain.
+    redirect_when_http_proto: bool,
+    /// Header rules, applied in every HTTP destination's backend.
+    headers: HeaderRules,
+}
+
+/// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
+/// `addResHeader`, `setResHeader`, `delResHeader`), each list in the order given.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderRules {
+    /// `http-request add-header`: appended to the request sent to the instance.
+    pub add_req: Vec<HeaderLine>,
+    /// `http-request set-header`: replaces any header of that name in the request.
+    pub set_req: Vec<HeaderLine>,
+    /// `http-request del-header`: removed from the request.
+    pub del_req: Vec<HeaderName>,
+    /// `http-response add-header`: appended to the response sent to the client.
+    pub add_res: Vec<HeaderLine>,
+    /// `http-response set-header`: replaces any header of that name in the response.
+    pub set_res: Vec<HeaderLine>,
+    /// `http-response del-header`: removed from the response.
+    pub del_res: Vec<HeaderName>,
+}
+
+impl HeaderRules {
+    /// Whether no header rule is set.
+    pub fn is_empty(&self) -> bool {
+        self.add_req.is_empty()
+            && self.set_req.is_empty()
+            && self.del_req.is_empty()
+            && self.add_res.is_empty()
+            && self.set_res.is_empty()
+            && self.del_res.is_empty()
+    }
 }
 
 /// One destination of a service: where requests come from (paths, domains, a source port) and
@@ -75,6 +115,18 @@ pub struct Destination {
     port: Option<Port>,
     src_port: Option<Port>,
     req_mode: ReqMode,
+    /// `httpsOnly.N`: plain HTTP requests are redirected to HTTPS.
+    https_only: bool,
+    /// `httpsRedirectCode.N`: the status of that redirect (default 302).
+    https_redirect_code: Option<RedirectCode>,
+    /// `redirectFromDomain.N`: hosts answered with a 301 to the first `serviceDomain`.
+    redirect_from_domain: Vec<Domain>,
+    /// `allowedMethods.N`: any other method gets 405.
+    allowed_methods: Vec<HttpMethod>,
+    /// `deniedMethods.N`: these methods get 405.
+    denied_methods: Vec<HttpMethod>,
+    /// `denyHttp.N`: plain HTTP requests get 403 (only HTTPS reaches the instances).
+    deny_http: bool,
 }
 
 impl ServiceSpec {
@@ -130,6 +182,16 @@ impl ServiceSpec {
         &self.destinations
     }
 
+    /// Whether HTTPS redirects follow `X-Forwarded-Proto: http` instead of the connection.
+    pub fn redirect_when_http_proto(&self) -> bool {
+        self.redirect_when_http_proto
+    }
+
+    /// The header rules applied in every HTTP destination's backend.
+    pub fn headers(&self) -> &HeaderRules {
+        &self.headers
+    }
+
     /// Checks the rules between values and sorts the destinations; every constructor ends here.
     fn checked(mut spec: ServiceSpec) -> Result<ServiceSpec, SpecError> {
         spec.destinations.sort_by_key(|d| d.index);
@@ -153,6 +215,24 @@ impl ServiceSpec {
                 return Err(spec_error(
                     "ServiceDest",
                     format!("destination index {} appears twice", pair[0].index),
+                ));
+            }
+        }
+        let no_http = spec.destinations.iter().all(|d| d.req_mode == ReqMode::Tcp);
+        if no_http {
+            let headers = &spec.headers;
+            let set = [
+                ("addReqHeader", headers.add_req.is_empty()),
+                ("setReqHeader", headers.set_req.is_empty()),
+                ("delReqHeader", headers.del_req.is_empty()),
+                ("addResHeader", headers.add_res.is_empty()),
+                ("setResHeader", headers.set_res.is_empty()),
+                ("delResHeader", headers.del_res.is_empty()),
+            ];
+            if let Some((parameter, _)) = set.iter().find(|(_, empty)| !empty) {
+                return Err(spec_error(
+                    parameter,
+                    "needs an http destination: header rules do not apply to reqMode=tcp",
                 ));
             }
         }
@@ -223,6 +303,41 @@ impl Destination {
         self.req_mode
     }
 
+    /// Whether plain HTTP requests of this destination are redirected to HTTPS.
+    pub fn https_only(&self) -> bool {
+        self.https_only
+    }
+
+    /// The `httpsRedirectCode` given, if any; see [`Destination::redirect_code`].
+    pub fn https_redirect_code(&self) -> Option<RedirectCode> {
+        self.https_redirect_code
+    }
+
+    /// The status of this destination's HTTPS redirect: `httpsRedirectCode`, else 302.
+    pub fn redirect_code(&self) -> RedirectCode {
+        self.https_redirect_code.unwrap_or(RedirectCode::DEFAULT)
+    }
+
+    /// Hosts whose requests get a 301 to this destination's first `serviceDomain`.
+    pub fn redirect_from_domain(&self) -> &[Domain] {
+        &self.redirect_from_domain
+    }
+
+    /// The only methods let through (empty: every method).
+    pub fn allowed_methods(&self) -> &[HttpMethod] {
+        &self.allowed_methods
+    }
+
+    /// Methods refused with 405.
+    pub fn denied_methods(&self) -> &[HttpMethod] {
+        &self.denied_methods
+    }
+
+    /// Whether plain HTTP requests are refused with 403.
+    pub fn deny_http(&self) -> bool {
+        self.deny_http
+    }
+
     fn check(&self) -> Result<(), SpecError> {
         let name = |base: &str| indexed(base, self.index);
         match self.req_mode {
@@ -251,6 +366,20 @@ impl Destination {
                         "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
                     ));
                 }
+                let http_only_rules = [
+                    ("httpsOnly", self.https_only),
+                    ("httpsRedirectCode", self.https_redirect_code.is_some()),
+                    ("redirectFromDomain", !self.redirect_from_domain.is_empty()),
+                    ("allowedMethods", !self.allowed_methods.is_empty()),
+                    ("deniedMethods", !self.denied_methods.is_empty()),
+                    ("denyHttp", self.deny_http),
+                ];
+                if let Some((base, _)) = http_only_rules.iter().find(|(_, set)| *set) {
+                    return Err(spec_error(
+                        &name(base),
+                        "not allowed with reqMode=tcp (an HTTP rule; TCP is forwarded as is)",
+                    ));
+                }
             }
             ReqMode::Http => {
                 if self.service_path.is_empty() && self.service_domain.is_empty() {
@@ -259,6 +388,75 @@ impl Destination {
                         "an http destination needs servicePath or serviceDomain",
                     ));
                 }
+                if !self.redirect_from_domain.is_empty() {
+                    self.check_redirect_from_domain()?;
+                }
+                if self.https_only && self.src_port.is_some() {
+                    return Err(spec_error(
+                        &name("httpsOnly"),
+                        format!(
+                            "not available with {}: HTTPS serves the main HTTP frontend's routes only, so there is nowhere to redirect to",
+                            name("srcPort")
+                        ),
+                    ));
+                }
+                // Each list is one HAProxy line, which may hold at most 64 words.
+                for (base, len) in [
+                    ("redirectFromDomain", self.redirect_from_domain.len()),
+                    ("allowedMethods", self.allowed_methods.len()),
+                    ("deniedMethods", self.denied_methods.len()),
+                ] {
+                    if len > MAX_EDGE_LIST_ITEMS {
+                        return Err(spec_error(
+                            &name(base),
+                            format!("too many items: at most {MAX_EDGE_LIST_ITEMS}"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Destination {
+    /// `redirectFromDomain` needs an exact first `serviceDomain` to redirect to, and exact
+    /// domains to redirect from (none of which is a `serviceDomain` itself, or it would loop).
+    fn check_redirect_from_domain(&self) -> Result<(), SpecError> {
+        let parameter = indexed("redirectFromDomain", self.index);
+        match self.service_domain.first() {
+            None => {
+                return Err(spec_error(
+                    &parameter,
+                    format!(
+                        "needs {}: requests are redirected to the first serviceDomain",
+                        indexed("serviceDomain", self.index)
+                    ),
+                ))
+            }
+            Some(target) if target.is_wildcard() => {
+                return Err(spec_error(
+                    &parameter,
+                    format!(
+                        "the first {} ({target}) is a wildcard; a redirect needs an exact domain to go to",
+                        indexed("serviceDomain", self.index)
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        for from in &self.redirect_from_domain {
+            if from.is_wildcard() {
+                return Err(spec_error(
+                    &parameter,
+                    format!("{from} is a wildcard; list exact domains to redirect from"),
+                ));
+            }
+            if self.service_domain.contains(from) {
+                return Err(spec_error(
+                    &parameter,
+                    format!("{from} is also a serviceDomain of this destination: it would redirect to itself"),
+                ));
             }
         }
         Ok(())
@@ -308,12 +506,15 @@ impl ServiceSpec {
                 .map(Port::get)
                 .filter(|port| *port != main_port);
             let path_type = destination.effective_path_type(self).as_str();
+            // The hosts `redirectFromDomain` redirects are taken as well: nobody else would
+            // see those requests.
             let domains: Vec<Option<String>> = if destination.service_domain.is_empty() {
                 vec![None]
             } else {
                 destination
                     .service_domain
                     .iter()
+                    .chain(&destination.redirect_from_domain)
                     .map(|domain| Some(domain.to_string()))
                     .collect()
             };

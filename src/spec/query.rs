@@ -15,10 +15,11 @@
 use std::collections::BTreeMap;
 
 use super::values::{
-    parse_flag, parse_list, shown, spec_error, AclName, Domain, PathType, Port, ReqMode,
-    ServiceColor, ServiceName, ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_PATHS_PER_DESTINATION,
+    parse_flag, parse_list, shown, spec_error, AclName, Domain, HeaderLine, HeaderName, HttpMethod,
+    PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName, ServicePath,
+    MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION,
 };
-use super::{Destination, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
+use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
 /// Where a parameter may appear.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,20 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("port", Scope::Destination),
     ("srcPort", Scope::Destination),
     ("reqMode", Scope::Destination),
+    // Edge rules: redirects, header rules, method rules.
+    ("httpsOnly", Scope::Destination),
+    ("httpsRedirectCode", Scope::Destination),
+    ("redirectWhenHttpProto", Scope::Service),
+    ("redirectFromDomain", Scope::Destination),
+    ("addReqHeader", Scope::Service),
+    ("setReqHeader", Scope::Service),
+    ("delReqHeader", Scope::Service),
+    ("addResHeader", Scope::Service),
+    ("setResHeader", Scope::Service),
+    ("delResHeader", Scope::Service),
+    ("allowedMethods", Scope::Destination),
+    ("deniedMethods", Scope::Destination),
+    ("denyHttp", Scope::Destination),
 ];
 
 /// Highest destination index accepted.
@@ -172,6 +187,51 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         .transpose()?
         .unwrap_or_default();
 
+    let redirect_when_http_proto = service
+        .get("redirectWhenHttpProto")
+        .map(|v| parse_flag("redirectWhenHttpProto", v))
+        .transpose()?
+        .unwrap_or(false);
+    let header_lines = |parameter: &str| {
+        service
+            .get(parameter)
+            .map(|v| {
+                parse_list(parameter, &items(v), MAX_LIST_ITEMS, "items", |item| {
+                    HeaderLine::parse(parameter, item)
+                })
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let header_names = |parameter: &str| {
+        service
+            .get(parameter)
+            .map(|v| {
+                parse_list(parameter, &items(v), MAX_LIST_ITEMS, "items", |item| {
+                    HeaderName::parse(parameter, item).map_err(|error| {
+                        if item.contains(' ') {
+                            spec_error(
+                                parameter,
+                                format!("{} must be a header name only (no value)", shown(item)),
+                            )
+                        } else {
+                            error
+                        }
+                    })
+                })
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let headers = HeaderRules {
+        add_req: header_lines("addReqHeader")?,
+        set_req: header_lines("setReqHeader")?,
+        del_req: header_names("delReqHeader")?,
+        add_res: header_lines("addResHeader")?,
+        set_res: header_lines("setResHeader")?,
+        del_res: header_names("delResHeader")?,
+    };
+
     let mut destinations = Vec::new();
     for (&index, params) in &raw.destinations {
         let name = |base: &str| indexed(base, index);
@@ -221,6 +281,43 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             .map(|v| ReqMode::parse(&name("reqMode"), v))
             .transpose()?
             .unwrap_or_default();
+        let flag = |base: &str| {
+            params
+                .get(base)
+                .map(|v| parse_flag(&name(base), v))
+                .transpose()
+                .map(|set| set.unwrap_or(false))
+        };
+        let methods = |base: &str| {
+            let parameter = name(base);
+            params
+                .get(base)
+                .map(|v| {
+                    parse_list(&parameter, &items(v), MAX_LIST_ITEMS, "items", |item| {
+                        HttpMethod::parse(&parameter, item)
+                    })
+                })
+                .transpose()
+                .map(Option::unwrap_or_default)
+        };
+        let https_only = flag("httpsOnly")?;
+        let https_redirect_code = params
+            .get("httpsRedirectCode")
+            .map(|v| RedirectCode::parse(&name("httpsRedirectCode"), v))
+            .transpose()?;
+        let redirect_from_domain = params
+            .get("redirectFromDomain")
+            .map(|v| {
+                let parameter = name("redirectFromDomain");
+                parse_list(&parameter, &items(v), MAX_LIST_ITEMS, "items", |item| {
+                    Domain::parse(&parameter, item)
+                })
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let allowed_methods = methods("allowedMethods")?;
+        let denied_methods = methods("deniedMethods")?;
+        let deny_http = flag("denyHttp")?;
         destinations.push(Destination {
             index,
             service_path,
@@ -229,6 +326,12 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             port,
             src_port,
             req_mode,
+            https_only,
+            https_redirect_code,
+            redirect_from_domain,
+            allowed_methods,
+            denied_methods,
+            deny_http,
         });
     }
 
@@ -239,6 +342,8 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         skip_check,
         path_type,
         destinations,
+        redirect_when_http_proto,
+        headers,
     })
 }
 

@@ -10,14 +10,19 @@
 //!   "PathType": "path_beg",
 //!   "ServiceDest": [
 //!     { "Index": 0, "ServicePath": ["/demo"], "ServiceDomain": [], "PathType": null,
-//!       "Port": null, "SrcPort": null, "ReqMode": "http" }
-//!   ]
+//!       "Port": null, "SrcPort": null, "ReqMode": "http",
+//!       "HttpsOnly": false, "HttpsRedirectCode": null, "RedirectFromDomain": [],
+//!       "AllowedMethods": [], "DeniedMethods": [], "DenyHttp": false }
+//!   ],
+//!   "RedirectWhenHttpProto": false,
+//!   "AddReqHeader": [], "SetReqHeader": [], "DelReqHeader": [],
+//!   "AddResHeader": [], "SetResHeader": [], "DelResHeader": []
 //! }
 //! ```
 //!
 //! Every field is always written; an absent value is `null` (or `[]` for lists), so the shape
 //! is stable. When reading, missing fields take those same defaults (`PathType` `path_beg`,
-//! `ReqMode` `http`, `SkipCheck` false). Reading re-validates every value with the same rules
+//! `ReqMode` `http`, flags false, lists empty). Reading re-validates every value with the same rules
 //! as the query, and errors name the query parameter (`servicePath.1`), so one message format
 //! serves both.
 
@@ -26,9 +31,10 @@ use serde::{Deserialize, Serialize};
 use super::query::indexed;
 use super::query::MAX_INDEX;
 use super::values::{parse_list, spec_error, AclName, Domain, PathType, Port, ReqMode};
+use super::values::{HeaderLine, HeaderName, HttpMethod, RedirectCode};
 use super::values::{ServiceColor, ServiceName, ServicePath};
-use super::values::{MAX_DOMAINS_PER_DESTINATION, MAX_PATHS_PER_DESTINATION};
-use super::{Destination, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
+use super::values::{MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION};
+use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
 /// The stored form of a spec: plain values, validated on the way in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +51,21 @@ pub(super) struct StoredSpec {
     path_type: Option<String>,
     #[serde(default)]
     service_dest: Vec<StoredDestination>,
+    #[serde(default)]
+    redirect_when_http_proto: bool,
+    /// `Name value` items, as in the query.
+    #[serde(default)]
+    add_req_header: Vec<String>,
+    #[serde(default)]
+    set_req_header: Vec<String>,
+    #[serde(default)]
+    del_req_header: Vec<String>,
+    #[serde(default)]
+    add_res_header: Vec<String>,
+    #[serde(default)]
+    set_res_header: Vec<String>,
+    #[serde(default)]
+    del_res_header: Vec<String>,
 }
 
 /// The stored form of one destination.
@@ -64,11 +85,47 @@ pub(super) struct StoredDestination {
     src_port: Option<u32>,
     #[serde(default)]
     req_mode: Option<String>,
+    #[serde(default)]
+    https_only: bool,
+    #[serde(default)]
+    https_redirect_code: Option<u32>,
+    #[serde(default)]
+    redirect_from_domain: Vec<String>,
+    #[serde(default)]
+    allowed_methods: Vec<String>,
+    #[serde(default)]
+    denied_methods: Vec<String>,
+    #[serde(default)]
+    deny_http: bool,
+}
+
+fn texts<T: ToString>(items: &[T]) -> Vec<String> {
+    items.iter().map(ToString::to_string).collect()
+}
+
+/// Re-validates a stored list with the query parameter's rules.
+fn reparse<T: PartialEq>(
+    parameter: &str,
+    stored: &[String],
+    item: impl Fn(&str, &str) -> Result<T, SpecError>,
+) -> Result<Vec<T>, SpecError> {
+    let items: Vec<&str> = stored.iter().map(String::as_str).collect();
+    parse_list(parameter, &items, MAX_LIST_ITEMS, "items", |raw| {
+        item(parameter, raw)
+    })
 }
 
 impl From<ServiceSpec> for StoredSpec {
     fn from(spec: ServiceSpec) -> StoredSpec {
+        let headers = &spec.headers;
         StoredSpec {
+            redirect_when_http_proto: spec.redirect_when_http_proto,
+            add_req_header: texts(&headers.add_req),
+            set_req_header: texts(&headers.set_req),
+            del_req_header: texts(&headers.del_req),
+            add_res_header: texts(&headers.add_res),
+            set_res_header: texts(&headers.set_res),
+            del_res_header: texts(&headers.del_res),
             service_name: spec.service_name.to_string(),
             service_color: spec.service_color.map(|c| c.as_str().to_string()),
             acl_name: spec.acl_name.map(|a| a.as_str().to_string()),
@@ -89,6 +146,12 @@ impl From<ServiceSpec> for StoredSpec {
                     port: d.port.map(|p| u32::from(p.get())),
                     src_port: d.src_port.map(|p| u32::from(p.get())),
                     req_mode: Some(d.req_mode.as_str().to_string()),
+                    https_only: d.https_only,
+                    https_redirect_code: d.https_redirect_code.map(|c| u32::from(c.get())),
+                    redirect_from_domain: texts(&d.redirect_from_domain),
+                    allowed_methods: texts(&d.allowed_methods),
+                    denied_methods: texts(&d.denied_methods),
+                    deny_http: d.deny_http,
                 })
                 .collect(),
         }
@@ -170,8 +233,37 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                     .map(|v| ReqMode::parse(&name("reqMode"), v))
                     .transpose()?
                     .unwrap_or_default(),
+                https_only: dest.https_only,
+                https_redirect_code: dest
+                    .https_redirect_code
+                    .map(|c| RedirectCode::from_number(&name("httpsRedirectCode"), c))
+                    .transpose()?,
+                redirect_from_domain: reparse(
+                    &name("redirectFromDomain"),
+                    &dest.redirect_from_domain,
+                    Domain::parse,
+                )?,
+                allowed_methods: reparse(
+                    &name("allowedMethods"),
+                    &dest.allowed_methods,
+                    HttpMethod::parse,
+                )?,
+                denied_methods: reparse(
+                    &name("deniedMethods"),
+                    &dest.denied_methods,
+                    HttpMethod::parse,
+                )?,
+                deny_http: dest.deny_http,
             });
         }
+        let headers = HeaderRules {
+            add_req: reparse("addReqHeader", &stored.add_req_header, HeaderLine::parse)?,
+            set_req: reparse("setReqHeader", &stored.set_req_header, HeaderLine::parse)?,
+            del_req: reparse("delReqHeader", &stored.del_req_header, HeaderName::parse)?,
+            add_res: reparse("addResHeader", &stored.add_res_header, HeaderLine::parse)?,
+            set_res: reparse("setResHeader", &stored.set_res_header, HeaderLine::parse)?,
+            del_res: reparse("delResHeader", &stored.del_res_header, HeaderName::parse)?,
+        };
         ServiceSpec::checked(ServiceSpec {
             service_name: ServiceName::parse("serviceName", &stored.service_name)?,
             service_color: stored
@@ -187,6 +279,8 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             skip_check: stored.skip_check,
             path_type,
             destinations,
+            redirect_when_http_proto: stored.redirect_when_http_proto,
+            headers,
         })
     }
 }

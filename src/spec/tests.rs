@@ -701,3 +701,197 @@ fn instance_hostnames_have_the_dns_limits() {
     assert!(Instance::new(&"a".repeat(63), 80).is_ok());
     assert!(Instance::new("10.0.0.1", 0).is_err());
 }
+
+// ---- Edge rules: redirects, header rules, method rules -------------------------------------
+
+#[test]
+fn edge_rules_round_trip_through_json() {
+    let spec = parse(&[
+        ("serviceName", "shop"),
+        ("serviceDomain", "shop.io"),
+        ("httpsOnly", "true"),
+        ("httpsRedirectCode", "308"),
+        ("redirectFromDomain", "old.shop.io,Shop.com"),
+        ("allowedMethods", "GET,HEAD"),
+        ("servicePath.1", "/admin"),
+        ("deniedMethods.1", "DELETE"),
+        ("denyHttp.1", "1"),
+        ("redirectWhenHttpProto", "true"),
+        ("addReqHeader", "X-A one two,X-B b"),
+        ("setResHeader", "Strict-Transport-Security max-age=31536000"),
+        ("delReqHeader", "X-Secret"),
+        ("delResHeader", "Server,X-Powered-By"),
+    ])
+    .unwrap();
+    let json = serde_json::to_value(&spec).unwrap();
+    assert_eq!(json["RedirectWhenHttpProto"], true);
+    assert_eq!(json["AddReqHeader"][0], "X-A one two");
+    assert_eq!(json["AddReqHeader"][1], "X-B b");
+    assert_eq!(
+        json["SetResHeader"][0],
+        "Strict-Transport-Security max-age=31536000"
+    );
+    assert_eq!(json["DelResHeader"][1], "X-Powered-By");
+    assert_eq!(json["SetReqHeader"], serde_json::json!([]));
+    let first = &json["ServiceDest"][0];
+    assert_eq!(first["HttpsOnly"], true);
+    assert_eq!(first["HttpsRedirectCode"], 308);
+    assert_eq!(first["RedirectFromDomain"][1], "shop.com");
+    assert_eq!(first["AllowedMethods"], serde_json::json!(["GET", "HEAD"]));
+    assert_eq!(first["DenyHttp"], false);
+    let second = &json["ServiceDest"][1];
+    assert_eq!(second["HttpsOnly"], false);
+    assert_eq!(second["HttpsRedirectCode"], serde_json::Value::Null);
+    assert_eq!(second["DeniedMethods"][0], "DELETE");
+    assert_eq!(second["DenyHttp"], true);
+    let back: ServiceSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(back, spec);
+    assert_eq!(back.destinations()[1].redirect_code().get(), 302);
+}
+
+#[test]
+fn bad_edge_rule_values_name_their_parameter() {
+    let base = [("serviceName", "go"), ("servicePath", "/a")];
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("addReqHeader", "X-A a\nb")], "addReqHeader"),
+        (&[("setReqHeader", "X-A \"q\"")], "setReqHeader"),
+        (&[("addResHeader", "X-A %[src]")], "addResHeader"),
+        (&[("setResHeader", "X-A a#b")], "setResHeader"),
+        (&[("setResHeader", "X-A $HOME")], "setResHeader"),
+        (&[("setResHeader", "X-A  padded")], "setResHeader"),
+        (&[("addReqHeader", "NoValue")], "addReqHeader"),
+        (&[("addReqHeader", "X(A) v")], "addReqHeader"),
+        (&[("delReqHeader", "X-A v")], "delReqHeader"),
+        (&[("delResHeader", "X-A,X-A")], "delResHeader"),
+        (
+            &[
+                ("httpsOnly.1", "true"),
+                ("servicePath.1", "/b"),
+                ("httpsOnly", "2"),
+            ],
+            "httpsOnly",
+        ),
+        (&[("httpsRedirectCode", "300")], "httpsRedirectCode"),
+        (&[("httpsRedirectCode", "0302")], "httpsRedirectCode"),
+        (&[("redirectFromDomain", "old.io")], "redirectFromDomain"),
+        (&[("allowedMethods", "get")], "allowedMethods"),
+        (
+            &[("deniedMethods.3", "DEL ETE"), ("servicePath.3", "/c")],
+            "deniedMethods.3",
+        ),
+        (
+            &[("redirectWhenHttpProto.1", "true")],
+            "redirectWhenHttpProto.1",
+        ),
+        (&[("addReqHeader.1", "X-A a")], "addReqHeader.1"),
+    ];
+    for (extra, parameter) in cases {
+        let mut pairs = base.to_vec();
+        pairs.extend_from_slice(extra);
+        let error = parse(&pairs).unwrap_err();
+        assert_eq!(&error.parameter, parameter, "{extra:?}: {error}");
+    }
+}
+
+#[test]
+fn redirect_from_domain_needs_an_exact_target_and_cannot_loop() {
+    let with = |domains: &str, from: &str| {
+        parse(&[
+            ("serviceName", "go"),
+            ("serviceDomain", domains),
+            ("redirectFromDomain", from),
+        ])
+    };
+    assert!(with("new.io", "old.io").is_ok());
+    for (domains, from) in [
+        ("*.new.io", "old.io"),
+        ("new.io", "*.old.io"),
+        ("new.io,www.new.io", "www.new.io"),
+    ] {
+        let error = with(domains, from).unwrap_err();
+        assert_eq!(error.parameter, "redirectFromDomain", "{domains} {from}");
+    }
+}
+
+#[test]
+fn http_rules_are_refused_on_tcp_destinations() {
+    for rule in ["httpsOnly.1", "denyHttp.1"] {
+        let error = parse(&[
+            ("serviceName", "db"),
+            ("reqMode.1", "tcp"),
+            ("srcPort.1", "5432"),
+            (rule, "true"),
+        ])
+        .unwrap_err();
+        assert_eq!(error.parameter, rule, "{error}");
+    }
+}
+
+#[test]
+fn method_lists_stay_within_one_haproxy_line() {
+    let methods: Vec<String> = (0..33)
+        .map(|i| format!("M{}", "X".repeat(i % 5 + 1)) + &"A".repeat(i / 5))
+        .collect();
+    let error = parse(&[
+        ("serviceName", "go"),
+        ("servicePath", "/a"),
+        ("allowedMethods", &methods.join(",")),
+    ])
+    .unwrap_err();
+    assert_eq!(error.parameter, "allowedMethods", "{error}");
+}
+
+#[test]
+fn invalid_stored_edge_rules_are_rejected_on_read() {
+    let cases = [
+        r#"{"ServiceName":"go","AddReqHeader":["X-A a\nb"],"ServiceDest":[{"Index":0,"ServicePath":["/a"]}]}"#,
+        r#"{"ServiceName":"go","DelResHeader":["X-A b"],"ServiceDest":[{"Index":0,"ServicePath":["/a"]}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":0,"ServicePath":["/a"],"HttpsRedirectCode":200}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":0,"ServicePath":["/a"],"AllowedMethods":["get"]}]}"#,
+        r#"{"ServiceName":"go","ServiceDest":[{"Index":0,"ServicePath":["/a"],"RedirectFromDomain":["old.io"]}]}"#,
+    ];
+    for json in cases {
+        let result: Result<ServiceSpec, _> = serde_json::from_str(json);
+        assert!(result.is_err(), "accepted invalid stored spec {json}");
+    }
+}
+
+#[test]
+fn https_only_is_refused_on_a_destination_with_its_own_src_port() {
+    let error = parse(&[
+        ("serviceName", "go"),
+        ("servicePath", "/a"),
+        ("srcPort", "8081"),
+        ("httpsOnly", "true"),
+    ])
+    .unwrap_err();
+    assert_eq!(error.parameter, "httpsOnly", "{error}");
+}
+
+#[test]
+fn redirected_domains_are_claimed_routes() {
+    let spec = parse(&[
+        ("serviceName", "go"),
+        ("serviceDomain", "new.io"),
+        ("redirectFromDomain", "old.io"),
+    ])
+    .unwrap();
+    let claimed: Vec<String> = spec
+        .route_claims(80)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(claimed, ["every path of new.io", "every path of old.io"]);
+}
+
+#[test]
+fn header_rules_need_an_http_destination() {
+    let error = parse(&[
+        ("serviceName", "db"),
+        ("reqMode", "tcp"),
+        ("srcPort", "5432"),
+        ("setResHeader", "X-A b"),
+    ])
+    .unwrap_err();
+    assert_eq!(error.parameter, "setResHeader", "{error}");
+}

@@ -544,6 +544,10 @@ pub(crate) fn parse_flag(parameter: &str, value: &str) -> Result<bool, SpecError
     }
 }
 
+/// The most items of any other list (header rules, methods, redirected domains); lists that
+/// share one HAProxy line have tighter caps of their own.
+pub(crate) const MAX_LIST_ITEMS: usize = 64;
+
 /// Parses each item of a list of at most `max_items` `what` (e.g. "paths") with `item`,
 /// rejecting empty and repeated items.
 pub(crate) fn parse_list<T: PartialEq>(
@@ -577,4 +581,206 @@ pub(crate) fn parse_list<T: PartialEq>(
         parsed.push(value);
     }
     Ok(parsed)
+}
+
+// ---- Edge rules: redirects, header rules, method rules -------------------------------------
+
+/// The status of an HTTPS redirect (`httpsRedirectCode`): 301, 302, 303, 307 or 308.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RedirectCode(u16);
+
+impl RedirectCode {
+    /// Docker Flow Proxy's default, 302 (a temporary redirect browsers do not cache forever).
+    pub const DEFAULT: RedirectCode = RedirectCode(302);
+    const ALLOWED: [u16; 5] = [301, 302, 303, 307, 308];
+
+    /// Validates a code given as text (a query parameter).
+    pub fn parse(parameter: &str, value: &str) -> Result<RedirectCode, SpecError> {
+        let number = if value.len() == 3 && value.bytes().all(|b| b.is_ascii_digit()) {
+            value.parse::<u32>().ok()
+        } else {
+            None
+        };
+        match number {
+            Some(number) => RedirectCode::from_number(parameter, number),
+            None => Err(spec_error(
+                parameter,
+                format!(
+                    "{} is not a redirect code; use 301, 302, 303, 307 or 308",
+                    shown(value)
+                ),
+            )),
+        }
+    }
+
+    /// Validates a code given as a number (a stored spec).
+    pub fn from_number(parameter: &str, number: u32) -> Result<RedirectCode, SpecError> {
+        match u16::try_from(number) {
+            Ok(code) if RedirectCode::ALLOWED.contains(&code) => Ok(RedirectCode(code)),
+            _ => Err(spec_error(
+                parameter,
+                format!("{number} is not a redirect code; use 301, 302, 303, 307 or 308"),
+            )),
+        }
+    }
+
+    /// The status code.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+/// Longest header name accepted.
+const MAX_HEADER_NAME_LEN: usize = 128;
+/// Longest header value accepted.
+const MAX_HEADER_VALUE_LEN: usize = 1024;
+
+/// Characters of a header name: RFC 7230 `tchar`s without the ones HAProxy's configuration
+/// language reads specially (`#` comment, `$` environment variable, `%` log-format, `'` and
+/// `` ` `` quotes).
+fn is_header_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(c, '!' | '&' | '*' | '+' | '-' | '.' | '^' | '_' | '|' | '~')
+}
+
+/// Characters of a header value: printable ASCII and the space, without what could end the
+/// double-quoted word it is written as (`"`, `\`), start a sample expression or a comment (`%`,
+/// `#`), or expand an environment variable (`$`). The list separator `,` cannot occur either.
+fn is_header_value_char(c: char) -> bool {
+    (c == ' ' || c.is_ascii_graphic()) && !matches!(c, '"' | '\\' | '%' | '#' | '$' | ',')
+}
+
+/// A validated HTTP header name, e.g. `Strict-Transport-Security`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HeaderName(String);
+
+impl HeaderName {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<HeaderName, SpecError> {
+        check_chars(
+            parameter,
+            value,
+            MAX_HEADER_NAME_LEN,
+            "a header name (letters, digits and ! & * + - . ^ _ | ~)",
+            is_header_name_char,
+            is_header_name_char,
+        )?;
+        Ok(HeaderName(value.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A validated header value: written double-quoted into haproxy.cfg, so spaces are kept and
+/// nothing in it is interpreted by HAProxy.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HeaderValue(String);
+
+impl HeaderValue {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<HeaderValue, SpecError> {
+        check_chars(
+            parameter,
+            value,
+            MAX_HEADER_VALUE_LEN,
+            "a header value (printable ASCII and spaces, without \" \\ % # $ ,)",
+            is_header_value_char,
+            is_header_value_char,
+        )?;
+        if value.starts_with(' ') || value.ends_with(' ') {
+            return Err(spec_error(
+                parameter,
+                format!("{} starts or ends with a space", shown(value)),
+            ));
+        }
+        Ok(HeaderValue(value.to_string()))
+    }
+
+    /// The value as text (without quotes).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One `Name value` item of `addReqHeader`, `setReqHeader`, `addResHeader` or `setResHeader`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HeaderLine {
+    name: HeaderName,
+    value: HeaderValue,
+}
+
+impl HeaderLine {
+    /// Validates one `Name value` item (the name ends at the first space; the value is the rest).
+    pub fn parse(parameter: &str, item: &str) -> Result<HeaderLine, SpecError> {
+        let Some((name, value)) = item.split_once(' ') else {
+            return Err(spec_error(
+                parameter,
+                format!(
+                    "{} must be `Name value` (a header name, a space, then the value)",
+                    shown(item)
+                ),
+            ));
+        };
+        Ok(HeaderLine {
+            name: HeaderName::parse(parameter, name)?,
+            value: HeaderValue::parse(parameter, value)?,
+        })
+    }
+
+    /// The header's name.
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+
+    /// The header's value.
+    pub fn value(&self) -> &HeaderValue {
+        &self.value
+    }
+}
+
+impl fmt::Display for HeaderLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.name.0, self.value.0)
+    }
+}
+
+/// A validated HTTP method (`allowedMethods`, `deniedMethods`): an upper-case token such as
+/// `GET` or `PROPFIND`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HttpMethod(String);
+
+impl HttpMethod {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<HttpMethod, SpecError> {
+        let allowed = |c: char| c.is_ascii_uppercase() || c == '-' || c == '_';
+        check_chars(
+            parameter,
+            value,
+            32,
+            "an HTTP method (upper-case letters, - and _, e.g. GET)",
+            |c| c.is_ascii_uppercase(),
+            allowed,
+        )?;
+        Ok(HttpMethod(value.to_string()))
+    }
+
+    /// The method as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HeaderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for HttpMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }

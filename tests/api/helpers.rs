@@ -60,6 +60,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         http_port: free_port(),
         https_port: free_port(),
         enable_h2: true,
+        https_only: false,
         templates_dir: None,
         kv_prefix: "flow-proxy".into(),
         consul_token: None,

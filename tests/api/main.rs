@@ -28,4 +28,6 @@ mod routing;
 mod skeleton;
 mod slow_registry;
 mod supervision;
+mod tls;
+mod traffic_rules;
 mod validation;

@@ -116,6 +116,7 @@ pub fn settings(errors_dir: &std::path::Path) -> RenderSettings {
         http_port: HTTP_PORT,
         stats_socket: "haproxy.sock".into(),
         errors_dir: errors_dir.to_path_buf(),
+        https_only: false,
     }
 }
 
