@@ -51,6 +51,8 @@ fn bench_render() {
         http_port: 80,
         stats_socket: PathBuf::from("/run/flow-proxy/haproxy.sock"),
         errors_dir: PathBuf::from("/run/flow-proxy/errors"),
+        users: Vec::new(),
+        stats: None,
     };
     for count in [10, 100, 1_000, 10_000] {
         let specs: Vec<ServiceSpec> = (0..count).map(spec).collect();

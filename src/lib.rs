@@ -48,8 +48,9 @@ use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths, OnExit, STATS_SOCKET_F
 use crate::proxy::{Proxy, ProxyParts};
 use crate::registry::embedded::{EmbeddedError, EmbeddedRegistry};
 use crate::registry::ConsulClient;
-use crate::render::{RenderError, RenderSettings, Renderer, ERROR_PAGE_503};
+use crate::render::{RenderError, RenderSettings, Renderer, StatsSettings, ERROR_PAGE_503};
 use crate::settings::Settings;
+use crate::spec::{AuthUser, PasswordHash, SpecError, UserName};
 
 /// Directory of HAProxy's error pages in the data directory.
 const ERRORS_DIR: &str = "errors";
@@ -82,6 +83,12 @@ pub enum StartError {
          on a loopback address, or pass --insecure-api to accept the risk"
     )]
     OpenApi { address: SocketAddr },
+    /// `--users` or the stats page's settings are unusable (the message never shows a password).
+    #[error("{0}")]
+    EdgeAuth(#[from] SpecError),
+    /// Only one of `--stats-user` and `--stats-pass` is set.
+    #[error("the stats page needs both --stats-user and --stats-pass (or neither, to stay off)")]
+    StatsCredentials,
     /// The API address could not be bound.
     #[error("API cannot listen on {address}: {source}")]
     ApiBind {
@@ -105,6 +112,7 @@ impl FlowProxy {
     /// Starts everything; returns once HAProxy serves the restored routes and the API listens.
     pub async fn start(settings: Settings) -> Result<FlowProxy, StartError> {
         let (access, api_address) = api_access(&settings)?;
+        let (users, stats) = edge_auth(&settings)?;
         let data_dir = prepare_data_dir(&settings.data_dir).await?;
 
         let (embedded_registry, consul_addresses) = if settings.consul_address.is_empty() {
@@ -134,6 +142,8 @@ impl FlowProxy {
             // haproxy.cfg on every machine, wherever its --data-dir is.
             stats_socket: PathBuf::from(STATS_SOCKET_FILE),
             errors_dir: PathBuf::from(ERRORS_DIR),
+            users,
+            stats,
         };
         let on_exit = if settings.stop_haproxy_on_exit {
             OnExit::Stop
@@ -262,6 +272,32 @@ pub async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
+}
+
+/// `--users` (hashed now, so no clear password is kept) and the stats page, when both of its
+/// credentials are set.
+fn edge_auth(settings: &Settings) -> Result<(Vec<AuthUser>, Option<StatsSettings>), StartError> {
+    let users = match &settings.users {
+        Some(users) if !users.expose().is_empty() => {
+            spec::parse_users("--users", users.expose(), settings.users_pass_encrypted)?
+        }
+        _ => Vec::new(),
+    };
+    let stats = match (&settings.stats_user, &settings.stats_pass) {
+        (None, None) => None,
+        (Some(user), Some(pass)) if !user.is_empty() && !pass.expose().is_empty() => {
+            Some(StatsSettings {
+                port: settings.stats_port.unwrap_or(settings.http_port),
+                uri: settings.stats_uri.clone(),
+                user: AuthUser::new(
+                    UserName::parse("--stats-user", user)?,
+                    PasswordHash::of_clear("--stats-pass", pass.expose())?,
+                ),
+            })
+        }
+        _ => return Err(StartError::StatsCredentials),
+    };
+    Ok((users, stats))
 }
 
 /// The API's access rules and the address it listens on: `--api-address`, else all addresses

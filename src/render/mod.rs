@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 
 use handlebars::Handlebars;
 
-use crate::spec::{Instance, ServiceSpec};
+use crate::spec::{AuthUser, Instance, ServiceSpec, MASKED_PASSWORD};
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -107,6 +107,24 @@ pub struct RenderSettings {
     pub stats_socket: PathBuf,
     /// Directory holding HAProxy's error pages (`503.http`, …); relative like `stats_socket`.
     pub errors_dir: PathBuf,
+    /// `--users`: basic auth on every HTTP destination of a service without `users` of its own,
+    /// unless the destination has `ignoreAuthorization`. Empty: no global auth.
+    pub users: Vec<AuthUser>,
+    /// HAProxy's stats page; `None` unless both stats credentials are set.
+    pub stats: Option<StatsSettings>,
+}
+
+/// HAProxy's stats page behind basic auth (`--stats-user`, `--stats-pass`, `--stats-uri`,
+/// `--stats-port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsSettings {
+    /// The port it answers on: an HTTP(S) frontend's port (then that frontend routes the URI to
+    /// it) or a port of its own.
+    pub port: u16,
+    /// The URI prefix of the page, e.g. `/admin?stats`; checked before it reaches the config.
+    pub uri: String,
+    /// The one user allowed to see it.
+    pub user: AuthUser,
 }
 
 /// The HTTPS frontend, rendered when certificates exist: it serves the main HTTP frontend's
@@ -201,4 +219,21 @@ impl Renderer {
         }
         Ok(text)
     }
+}
+
+/// haproxy.cfg as `/config` shows it: the password hash of every `user <name> password <hash>`
+/// line of a `userlist` replaced by [`MASKED_PASSWORD`]; every other line unchanged.
+pub fn masked_config(config: &str) -> String {
+    let mut masked = String::with_capacity(config.len());
+    for line in config.split_inclusive('\n') {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["user", name, "password" | "insecure-password", _, ..] => {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                masked.push_str(&format!("{indent}user {name} password {MASKED_PASSWORD}\n"));
+            }
+            _ => masked.push_str(line),
+        }
+    }
+    masked
 }

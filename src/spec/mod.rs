@@ -27,11 +27,15 @@ use serde::{Deserialize, Serialize};
 
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
-    AclName, Domain, PathType, Port, ReqMode, ServiceColor, ServiceName, ServicePath,
+    parse_users, AclName, AuthUser, Domain, PasswordHash, PathType, Port, ReqMode, ServiceColor,
+    ServiceName, ServicePath, UserName,
 };
 
 use query::indexed;
 use values::{shown, spec_error};
+
+/// What answers and `/config` show instead of a password hash.
+pub const MASKED_PASSWORD: &str = "***";
 
 /// A request parameter that failed validation; the HTTP answer is 400 and names the parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +61,8 @@ pub struct ServiceSpec {
     path_type: PathType,
     /// Sorted by index, indices unique.
     destinations: Vec<Destination>,
+    /// Basic-auth users of this service (`users`), passwords hashed; empty: `--users` applies.
+    users: Vec<AuthUser>,
 }
 
 /// One destination of a service: where requests come from (paths, domains, a source port) and
@@ -71,6 +77,8 @@ pub struct Destination {
     port: Option<Port>,
     src_port: Option<Port>,
     req_mode: ReqMode,
+    /// `ignoreAuthorization`: no basic auth on this destination, even with `users`/`--users`.
+    ignore_authorization: bool,
 }
 
 impl ServiceSpec {
@@ -124,6 +132,18 @@ impl ServiceSpec {
     /// The destinations, by index.
     pub fn destinations(&self) -> &[Destination] {
         &self.destinations
+    }
+
+    /// The service's own basic-auth users (`users`); empty when it has none.
+    pub fn users(&self) -> &[AuthUser] {
+        &self.users
+    }
+
+    /// The spec as API answers (`/services`, reconfigure) show it: the stored JSON with every
+    /// password hash replaced by [`MASKED_PASSWORD`]. A crypt hash is not a password, but it can
+    /// be attacked offline, and the read endpoints may be open; only KV and haproxy.cfg hold it.
+    pub fn to_answer_json(&self) -> serde_json::Value {
+        serde_json::to_value(stored::StoredSpec::masked(self.clone())).unwrap_or_default()
     }
 
     /// Checks the rules between values and sorts the destinations; every constructor ends here.
@@ -208,6 +228,11 @@ impl Destination {
     /// HTTP or TCP.
     pub fn req_mode(&self) -> ReqMode {
         self.req_mode
+    }
+
+    /// Whether this destination is exempt from basic auth (`ignoreAuthorization=true`).
+    pub fn ignore_authorization(&self) -> bool {
+        self.ignore_authorization
     }
 
     fn check(&self) -> Result<(), SpecError> {

@@ -15,8 +15,8 @@
 use std::collections::BTreeMap;
 
 use super::values::{
-    parse_flag, parse_list, shown, spec_error, AclName, Domain, PathType, Port, ReqMode,
-    ServiceColor, ServiceName, ServicePath,
+    parse_flag, parse_list, parse_users, shown, spec_error, AclName, Domain, PathType, Port,
+    ReqMode, ServiceColor, ServiceName, ServicePath,
 };
 use super::{Destination, ServiceSpec, SpecError};
 
@@ -43,6 +43,10 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("port", Scope::Destination),
     ("srcPort", Scope::Destination),
     ("reqMode", Scope::Destination),
+    // Basic auth.
+    ("users", Scope::Service),
+    ("usersPassEncrypted", Scope::Service),
+    ("ignoreAuthorization", Scope::Destination),
 ];
 
 /// Highest destination index accepted.
@@ -159,6 +163,16 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         .map(|v| PathType::parse("pathType", v))
         .transpose()?
         .unwrap_or_default();
+    let users_pass_encrypted = service
+        .get("usersPassEncrypted")
+        .map(|v| parse_flag("usersPassEncrypted", v))
+        .transpose()?
+        .unwrap_or(false);
+    let users = service
+        .get("users")
+        .map(|v| parse_users("users", v, users_pass_encrypted))
+        .transpose()?
+        .unwrap_or_default();
 
     let mut destinations = Vec::new();
     for (&index, params) in &raw.destinations {
@@ -201,6 +215,11 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             .map(|v| ReqMode::parse(&name("reqMode"), v))
             .transpose()?
             .unwrap_or_default();
+        let ignore_authorization = params
+            .get("ignoreAuthorization")
+            .map(|v| parse_flag(&name("ignoreAuthorization"), v))
+            .transpose()?
+            .unwrap_or(false);
         destinations.push(Destination {
             index,
             service_path,
@@ -209,6 +228,7 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             port,
             src_port,
             req_mode,
+            ignore_authorization,
         });
     }
 
@@ -219,6 +239,7 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         skip_check,
         path_type,
         destinations,
+        users,
     })
 }
 

@@ -10,10 +10,14 @@
 //!   "PathType": "path_beg",
 //!   "ServiceDest": [
 //!     { "Index": 0, "ServicePath": ["/demo"], "ServiceDomain": [], "PathType": null,
-//!       "Port": null, "SrcPort": null, "ReqMode": "http" }
-//!   ]
+//!       "Port": null, "SrcPort": null, "ReqMode": "http", "IgnoreAuthorization": false }
+//!   ],
+//!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ]
 //! }
 //! ```
+//!
+//! `Users` holds crypt(3) hashes only (clear passwords are hashed when the query is parsed);
+//! they are checked as strictly as `usersPassEncrypted=true` input when read back.
 //!
 //! Every field is always written; an absent value is `null` (or `[]` for lists), so the shape
 //! is stable. When reading, missing fields take those same defaults (`PathType` `path_beg`,
@@ -25,8 +29,9 @@ use serde::{Deserialize, Serialize};
 
 use super::query::indexed;
 use super::values::{parse_list, spec_error, AclName, Domain, PathType, Port, ReqMode};
+use super::values::{AuthUser, PasswordHash, UserName};
 use super::values::{ServiceColor, ServiceName, ServicePath};
-use super::{Destination, ServiceSpec, SpecError};
+use super::{Destination, ServiceSpec, SpecError, MASKED_PASSWORD};
 
 /// The stored form of a spec: plain values, validated on the way in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +48,16 @@ pub(super) struct StoredSpec {
     path_type: Option<String>,
     #[serde(default)]
     service_dest: Vec<StoredDestination>,
+    #[serde(default)]
+    users: Vec<StoredUser>,
+}
+
+/// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct StoredUser {
+    username: String,
+    password_hash: String,
 }
 
 /// The stored form of one destination.
@@ -62,6 +77,8 @@ pub(super) struct StoredDestination {
     src_port: Option<u32>,
     #[serde(default)]
     req_mode: Option<String>,
+    #[serde(default)]
+    ignore_authorization: bool,
 }
 
 impl From<ServiceSpec> for StoredSpec {
@@ -87,9 +104,29 @@ impl From<ServiceSpec> for StoredSpec {
                     port: d.port.map(|p| u32::from(p.get())),
                     src_port: d.src_port.map(|p| u32::from(p.get())),
                     req_mode: Some(d.req_mode.as_str().to_string()),
+                    ignore_authorization: d.ignore_authorization,
+                })
+                .collect(),
+            users: spec
+                .users
+                .iter()
+                .map(|user| StoredUser {
+                    username: user.name().as_str().to_string(),
+                    password_hash: user.password().as_str().to_string(),
                 })
                 .collect(),
         }
+    }
+}
+
+impl StoredSpec {
+    /// The stored form with every password hash masked, for answers.
+    pub(super) fn masked(spec: ServiceSpec) -> StoredSpec {
+        let mut stored = StoredSpec::from(spec);
+        for user in &mut stored.users {
+            user.password_hash = MASKED_PASSWORD.to_string();
+        }
+        stored
     }
 }
 
@@ -148,7 +185,22 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                     .map(|v| ReqMode::parse(&name("reqMode"), v))
                     .transpose()?
                     .unwrap_or_default(),
+                ignore_authorization: dest.ignore_authorization,
             });
+        }
+        let mut users: Vec<AuthUser> = Vec::with_capacity(stored.users.len());
+        for user in &stored.users {
+            let name = UserName::parse("users", &user.username)?;
+            if users.iter().any(|known| known.name() == &name) {
+                return Err(spec_error(
+                    "users",
+                    format!("user `{}` is listed twice", name.as_str()),
+                ));
+            }
+            users.push(AuthUser::new(
+                name,
+                PasswordHash::parse("users", &user.password_hash)?,
+            ));
         }
         ServiceSpec::checked(ServiceSpec {
             service_name: ServiceName::parse("serviceName", &stored.service_name)?,
@@ -165,6 +217,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             skip_check: stored.skip_check,
             path_type,
             destinations,
+            users,
         })
     }
 }
