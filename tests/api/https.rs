@@ -4,52 +4,16 @@
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fleet::eventually;
 use crate::helpers::{spawn_backend, TestProxy};
-
-/// A test CA and certificates it signs.
-struct TestCa {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    root: CertificateDer<'static>,
-}
-
-impl TestCa {
-    fn new() -> TestCa {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "flow-proxy test CA");
-        let key = rcgen::KeyPair::generate().expect("CA key");
-        let certificate = params.self_signed(&key).expect("CA certificate");
-        TestCa {
-            root: certificate.der().clone(),
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// A PEM bundle (certificate then key) for `names`, signed by this CA.
-    fn bundle(&self, names: &[&str]) -> String {
-        let params = rcgen::CertificateParams::new(
-            names
-                .iter()
-                .map(|name| name.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .expect("params");
-        let key = rcgen::KeyPair::generate().expect("key");
-        let certificate = params.signed_by(&key, &self.issuer).expect("signed");
-        format!("{}{}", certificate.pem(), key.serialize_pem())
-    }
-}
+use crate::tls::{client_config, tls_connect, TestCa};
 
 /// What a TLS client saw: the server's certificate names, the ALPN protocol, and the HTTP answer
 /// (status line and body) to `GET path` with `Host: sni`.
@@ -57,31 +21,6 @@ struct TlsAnswer {
     dns_names: Vec<String>,
     status_line: String,
     body: String,
-}
-
-fn client_config(root: &CertificateDer<'static>, alpn: &[&[u8]]) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).expect("CA root");
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
-    config
-}
-
-async fn tls_connect(
-    port: u16,
-    sni: &str,
-    config: rustls::ClientConfig,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = ServerName::try_from(sni.to_string()).expect("SNI name");
-    connector.connect(name, tcp).await
 }
 
 /// `GET path` over TLS to HAProxy's HTTPS port, trusting only `root`.
