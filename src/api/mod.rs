@@ -111,7 +111,12 @@ async fn reconfigure(
 ) -> Result<Json<Map<String, Value>>, ApiError> {
     let pairs = query_pairs(query)?;
     let about = named_service(&pairs);
-    let spec = ServiceSpec::from_query(&pairs)
+    // The service's spec now: a repeated clear password keeps its hash (and haproxy.cfg its text).
+    let services = proxy.services();
+    let current = about
+        .as_deref()
+        .and_then(|name| services.iter().find(|s| s.service_name().as_str() == name));
+    let spec = ServiceSpec::from_query_keeping(&pairs, current)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     let applied = proxy
         .reconfigure(spec)

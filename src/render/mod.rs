@@ -28,6 +28,20 @@
 //! service name, then destination index. A destination with several paths is one rule, placed
 //! by its longest path; give paths that need different places their own destination index.
 //!
+//! # Basic auth and the stats page
+//! - Userlists: `users` (`--users`), `users_<serviceName>` (a service's own `users`),
+//!   `stats_users` (the stats page's one user). They hold crypt(3) hashes only; `/config` shows
+//!   them masked ([`masked_config`]).
+//! - An HTTP destination's backend asks for credentials (`http-request auth realm <serviceName>
+//!   unless { http_auth(<userlist>) }`) from its service's own users, else from `--users`, unless
+//!   it has `ignoreAuthorization`; the checked `Authorization` header is then deleted, so the
+//!   backend never sees it. Being in the backend, it applies on HTTP and HTTPS alike. TCP
+//!   destinations are never under basic auth.
+//! - The stats page is the backend `stats` (`stats uri`, `stats http-request auth`). The
+//!   frontend whose port is the stats port routes the stats URI to it before any service rule
+//!   (`url_beg`); on any other port it gets a frontend `stats` of its own. A TCP `srcPort` equal to
+//!   the stats port is a [`RenderError::PortConflict`].
+//!
 //! # Ports
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a

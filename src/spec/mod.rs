@@ -9,6 +9,10 @@
 //! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
 //!   re-validates everything, because KV can be edited by anyone.
 //!
+//! Basic-auth passwords are hashed (SHA-512 crypt, [`PasswordHash::of_clear`]) while the query is
+//! parsed, so no spec, stored document, answer or log line ever holds a clear one; answers mask
+//! even the hashes ([`ServiceSpec::to_answer_json`]).
+//!
 //! A spec has one or more destinations. A destination is either HTTP (routed by `servicePath`
 //! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
 //! `srcPort` forwarding everything).
@@ -84,7 +88,17 @@ pub struct Destination {
 impl ServiceSpec {
     /// Parses a reconfigure query (all pairs, percent-decoded, in request order) into a spec.
     pub fn from_query(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
-        query::build_spec(pairs)
+        query::build_spec(pairs, None)
+    }
+
+    /// [`ServiceSpec::from_query`] for a service whose spec is `current` now: a clear password
+    /// that matches the hash `current` holds for the same user keeps that hash, so repeating a
+    /// reconfigure renders the same haproxy.cfg (a new random salt would change it).
+    pub fn from_query_keeping(
+        pairs: &[(String, String)],
+        current: Option<&ServiceSpec>,
+    ) -> Result<ServiceSpec, SpecError> {
+        query::build_spec(pairs, current)
     }
 
     /// The service this spec routes.

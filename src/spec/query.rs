@@ -15,8 +15,8 @@
 use std::collections::BTreeMap;
 
 use super::values::{
-    parse_flag, parse_list, parse_users, shown, spec_error, AclName, Domain, PathType, Port,
-    ReqMode, ServiceColor, ServiceName, ServicePath,
+    parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, PathType,
+    Port, ReqMode, ServiceColor, ServiceName, ServicePath,
 };
 use super::{Destination, ServiceSpec, SpecError};
 
@@ -136,8 +136,12 @@ fn items(value: &str) -> Vec<&str> {
 }
 
 /// Parses the query of `GET /v1/docker-flow-proxy/reconfigure` (pairs already percent-decoded,
-/// in request order).
-pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
+/// in request order). A clear password matching the hash `current` (the service's spec now)
+/// holds for the same user keeps that hash.
+pub(crate) fn build_spec(
+    pairs: &[(String, String)],
+    current: Option<&ServiceSpec>,
+) -> Result<ServiceSpec, SpecError> {
     let raw = sort_query(pairs)?;
     let service = &raw.service;
 
@@ -170,7 +174,12 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         .unwrap_or(false);
     let users = service
         .get("users")
-        .map(|v| parse_users("users", v, users_pass_encrypted))
+        .map(|v| {
+            let known = current
+                .filter(|spec| spec.service_name == service_name)
+                .map_or(&[][..], |spec| spec.users.as_slice());
+            parse_users_keeping("users", v, users_pass_encrypted, known)
+        })
         .transpose()?
         .unwrap_or_default();
 

@@ -621,3 +621,47 @@ fn a_stored_spec_with_a_clear_or_malformed_password_is_rejected_on_read() {
         assert!(!error.to_string().contains(hash), "{error}");
     }
 }
+
+#[test]
+fn a_repeated_clear_password_keeps_the_current_hash_and_a_new_one_is_hashed_afresh() {
+    let query = |users: &str| {
+        q(&[
+            ("serviceName", "admin"),
+            ("servicePath", "/admin"),
+            ("users", users),
+        ])
+    };
+    let first = ServiceSpec::from_query(&query("alice:wonderland,bob:builder")).unwrap();
+    let again =
+        ServiceSpec::from_query_keeping(&query("alice:wonderland,bob:builder"), Some(&first))
+            .unwrap();
+    assert_eq!(again, first, "same passwords, same hashes");
+
+    let changed =
+        ServiceSpec::from_query_keeping(&query("alice:looking-glass,bob:builder"), Some(&first))
+            .unwrap();
+    assert_ne!(changed.users()[0], first.users()[0]);
+    assert!(verifies(changed.users()[0].password(), "looking-glass"));
+    assert_eq!(changed.users()[1], first.users()[1]);
+
+    // Without the current spec (or another service's), a clear password gets a fresh salt.
+    let fresh = ServiceSpec::from_query(&query("alice:wonderland,bob:builder")).unwrap();
+    assert_ne!(fresh.users()[0], first.users()[0]);
+    let other = ServiceSpec::from_query(&q(&[
+        ("serviceName", "other"),
+        ("servicePath", "/other"),
+        ("users", "alice:wonderland"),
+    ]))
+    .unwrap();
+    let not_shared = ServiceSpec::from_query_keeping(
+        &q(&[
+            ("serviceName", "other"),
+            ("servicePath", "/other"),
+            ("users", "alice:wonderland"),
+        ]),
+        Some(&first),
+    )
+    .unwrap();
+    assert_ne!(not_shared.users()[0], first.users()[0]);
+    assert_ne!(not_shared.users()[0], other.users()[0]);
+}

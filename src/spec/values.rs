@@ -629,6 +629,15 @@ impl PasswordHash {
         Ok(PasswordHash(value.to_string()))
     }
 
+    /// Whether `clear` is the password this is the hash of.
+    pub fn matches(&self, clear: &str) -> bool {
+        use sha_crypt::{PasswordVerifier, ShaCrypt};
+        // The verifier reads the algorithm and rounds from the hash itself.
+        ShaCrypt::SHA512
+            .verify_password(clear.as_bytes(), self.0.as_str())
+            .is_ok()
+    }
+
     /// The hash as text (for the `userlist` and the stored spec only).
     pub fn as_str(&self) -> &str {
         &self.0
@@ -668,6 +677,17 @@ pub fn parse_users(
     value: &str,
     encrypted: bool,
 ) -> Result<Vec<AuthUser>, SpecError> {
+    parse_users_keeping(parameter, value, encrypted, &[])
+}
+
+/// [`parse_users`], keeping the hash of a user in `known` whose clear password it matches: a
+/// random salt would otherwise change the hash, and so haproxy.cfg, on every repeated call.
+pub(crate) fn parse_users_keeping(
+    parameter: &str,
+    value: &str,
+    encrypted: bool,
+    known: &[AuthUser],
+) -> Result<Vec<AuthUser>, SpecError> {
     let items: Vec<&str> = value.split(',').collect();
     if items.len() > MAX_USERS {
         return Err(spec_error(
@@ -697,10 +717,14 @@ pub fn parse_users(
                 format!("user `{}` is listed twice", name.as_str()),
             ));
         }
-        let password = if encrypted {
-            PasswordHash::parse(parameter, password)?
-        } else {
-            PasswordHash::of_clear(parameter, password)?
+        let kept = known
+            .iter()
+            .find(|user| user.name == name && !encrypted && user.password.matches(password))
+            .map(|user| user.password.clone());
+        let password = match kept {
+            Some(hash) => hash,
+            None if encrypted => PasswordHash::parse(parameter, password)?,
+            None => PasswordHash::of_clear(parameter, password)?,
         };
         users.push(AuthUser { name, password });
     }

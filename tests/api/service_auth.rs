@@ -146,6 +146,16 @@ async fn users_protect_a_service_and_the_backend_never_sees_the_checked_credenti
     for secret in ["wonderland", "builder"] {
         assert_not_shown(&proxy, stored.clone(), secret).await;
     }
+
+    // The same call again keeps the hashes: nothing to reload.
+    let on_disk = std::fs::read_to_string(proxy.data_dir().join("haproxy.cfg")).expect("config");
+    let before = proxy.snapshot().await;
+    proxy
+        .reconfigure_ok("serviceName=shop&servicePath=/shop&users=alice:wonderland,bob:builder")
+        .await;
+    proxy.assert_unchanged_since(&before).await;
+    let again = std::fs::read_to_string(proxy.data_dir().join("haproxy.cfg")).expect("config");
+    assert_eq!(again, on_disk, "the hashes in haproxy.cfg are the same");
 }
 
 #[tokio::test]
