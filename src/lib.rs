@@ -274,6 +274,10 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// `--stats-user` or `--stats-pass` with this value turns the stats page off, as in Docker Flow
+/// Proxy.
+const STATS_OFF: &str = "none";
+
 /// `--users` (hashed now, so no clear password is kept) and the stats page, when both of its
 /// credentials are set.
 fn edge_auth(settings: &Settings) -> Result<(Vec<AuthUser>, Option<StatsSettings>), StartError> {
@@ -285,6 +289,9 @@ fn edge_auth(settings: &Settings) -> Result<(Vec<AuthUser>, Option<StatsSettings
     };
     let stats = match (&settings.stats_user, &settings.stats_pass) {
         (None, None) => None,
+        // Docker Flow Proxy's way of turning the page off.
+        (Some(user), _) if user == STATS_OFF => None,
+        (_, Some(pass)) if pass.expose() == STATS_OFF => None,
         (Some(user), Some(pass)) if !user.is_empty() && !pass.expose().is_empty() => {
             Some(StatsSettings {
                 port: settings.stats_port.unwrap_or(settings.http_port),
@@ -427,5 +434,51 @@ mod tests {
             ]),
             Err(StartError::ApiAccess(_))
         ));
+    }
+
+    #[test]
+    fn the_stats_page_needs_both_credentials_and_none_turns_it_off() {
+        let stats = |args: &[&str]| edge_auth(&settings(args)).map(|(_, stats)| stats);
+        assert!(stats(&[]).expect("starts").is_none());
+        assert!(matches!(
+            stats(&["--stats-user", "admin"]),
+            Err(StartError::StatsCredentials)
+        ));
+        assert!(matches!(
+            stats(&["--stats-pass", "p"]),
+            Err(StartError::StatsCredentials)
+        ));
+        assert!(stats(&["--stats-user", "none", "--stats-pass", "none"])
+            .expect("starts")
+            .is_none());
+        let on = stats(&[
+            "--stats-user",
+            "admin",
+            "--stats-pass",
+            "hunter2",
+            "--http-port",
+            "81",
+        ])
+        .expect("starts")
+        .expect("on");
+        assert_eq!((on.port, on.uri.as_str()), (81, "/admin?stats"));
+        assert_eq!(on.user.name().as_str(), "admin");
+        assert!(on.user.password().matches("hunter2"));
+        assert!(!on.user.password().as_str().contains("hunter2"));
+    }
+
+    #[test]
+    fn users_flag_is_hashed_and_a_bad_one_is_named_without_its_password() {
+        let users = |args: &[&str]| edge_auth(&settings(args)).map(|(users, _)| users);
+        let parsed = users(&["--users", "ops:opspass,dev:devpass"]).expect("starts");
+        assert_eq!(parsed.len(), 2);
+        assert!(parsed[0].password().matches("opspass"));
+        let error = users(&["--users", "ops:opspass,dev"]).expect_err("refused");
+        let message = error.to_string();
+        assert!(
+            message.contains("--users") && message.contains("item 2"),
+            "{message}"
+        );
+        assert!(!message.contains("opspass"), "{message}");
     }
 }
