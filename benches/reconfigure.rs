@@ -52,6 +52,8 @@ fn bench_render() {
         stats_socket: PathBuf::from("/run/flow-proxy/haproxy.sock"),
         errors_dir: PathBuf::from("/run/flow-proxy/errors"),
         https_only: false,
+        users: Vec::new(),
+        stats: None,
     };
     for count in [10, 100, 1_000, 10_000] {
         let specs: Vec<ServiceSpec> = (0..count).map(spec).collect();

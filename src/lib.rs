@@ -56,8 +56,9 @@ use crate::haproxy::{Haproxy, HaproxyError, HaproxyPaths, OnExit, STATS_SOCKET_F
 use crate::proxy::{Proxy, ProxyParts};
 use crate::registry::embedded::{EmbeddedError, EmbeddedRegistry};
 use crate::registry::ConsulClient;
-use crate::render::{RenderError, RenderSettings, Renderer, ERROR_PAGE_503};
+use crate::render::{RenderError, RenderSettings, Renderer, StatsSettings, ERROR_PAGE_503};
 use crate::settings::Settings;
+use crate::spec::{AuthUser, PasswordHash, SpecError, UserName};
 
 /// Directory of HAProxy's error pages in the data directory.
 const ERRORS_DIR: &str = "errors";
@@ -90,6 +91,12 @@ pub enum StartError {
          on a loopback address, or pass --insecure-api to accept the risk"
     )]
     OpenApi { address: SocketAddr },
+    /// `--users` or the stats page's settings are unusable (the message never shows a password).
+    #[error("{0}")]
+    EdgeAuth(#[from] SpecError),
+    /// Only one of `--stats-user` and `--stats-pass` is set.
+    #[error("the stats page needs both --stats-user and --stats-pass (or neither, to stay off)")]
+    StatsCredentials,
     /// The API address could not be bound.
     #[error("API cannot listen on {address}: {source}")]
     ApiBind {
@@ -113,6 +120,7 @@ impl FlowProxy {
     /// Starts everything; returns once HAProxy serves the restored routes and the API listens.
     pub async fn start(settings: Settings) -> Result<FlowProxy, StartError> {
         let (access, api_address) = api_access(&settings)?;
+        let (users, stats) = edge_auth(&settings)?;
         let data_dir = prepare_data_dir(&settings.data_dir).await?;
 
         let (embedded_registry, consul_addresses) = if settings.consul_address.is_empty() {
@@ -143,6 +151,8 @@ impl FlowProxy {
             stats_socket: PathBuf::from(STATS_SOCKET_FILE),
             errors_dir: PathBuf::from(ERRORS_DIR),
             https_only: settings.https_only,
+            users,
+            stats,
         };
         let on_exit = if settings.stop_haproxy_on_exit {
             OnExit::Stop
@@ -279,6 +289,39 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// `--stats-user` or `--stats-pass` with this value turns the stats page off, as in Docker Flow
+/// Proxy.
+const STATS_OFF: &str = "none";
+
+/// `--users` (hashed now, so no clear password is kept) and the stats page, when both of its
+/// credentials are set.
+fn edge_auth(settings: &Settings) -> Result<(Vec<AuthUser>, Option<StatsSettings>), StartError> {
+    let users = match &settings.users {
+        Some(users) if !users.expose().is_empty() => {
+            spec::parse_users("--users", users.expose(), settings.users_pass_encrypted)?
+        }
+        _ => Vec::new(),
+    };
+    let stats = match (&settings.stats_user, &settings.stats_pass) {
+        (None, None) => None,
+        // Docker Flow Proxy's way of turning the page off.
+        (Some(user), _) if user == STATS_OFF => None,
+        (_, Some(pass)) if pass.expose() == STATS_OFF => None,
+        (Some(user), Some(pass)) if !user.is_empty() && !pass.expose().is_empty() => {
+            Some(StatsSettings {
+                port: settings.stats_port.unwrap_or(settings.http_port),
+                uri: settings.stats_uri.clone(),
+                user: AuthUser::new(
+                    UserName::parse("--stats-user", user)?,
+                    PasswordHash::of_clear("--stats-pass", pass.expose())?,
+                ),
+            })
+        }
+        _ => return Err(StartError::StatsCredentials),
+    };
+    Ok((users, stats))
+}
+
 /// The API's access rules and the address it listens on: `--api-address`, else all addresses
 /// when callers must authenticate (or `--insecure-api`), else loopback. Refuses an address beyond
 /// loopback that nobody has to authenticate on, unless `--insecure-api`.
@@ -406,5 +449,51 @@ mod tests {
             ]),
             Err(StartError::ApiAccess(_))
         ));
+    }
+
+    #[test]
+    fn the_stats_page_needs_both_credentials_and_none_turns_it_off() {
+        let stats = |args: &[&str]| edge_auth(&settings(args)).map(|(_, stats)| stats);
+        assert!(stats(&[]).expect("starts").is_none());
+        assert!(matches!(
+            stats(&["--stats-user", "admin"]),
+            Err(StartError::StatsCredentials)
+        ));
+        assert!(matches!(
+            stats(&["--stats-pass", "p"]),
+            Err(StartError::StatsCredentials)
+        ));
+        assert!(stats(&["--stats-user", "none", "--stats-pass", "none"])
+            .expect("starts")
+            .is_none());
+        let on = stats(&[
+            "--stats-user",
+            "admin",
+            "--stats-pass",
+            "hunter2",
+            "--http-port",
+            "81",
+        ])
+        .expect("starts")
+        .expect("on");
+        assert_eq!((on.port, on.uri.as_str()), (81, "/admin?stats"));
+        assert_eq!(on.user.name().as_str(), "admin");
+        assert!(on.user.password().matches("hunter2"));
+        assert!(!on.user.password().as_str().contains("hunter2"));
+    }
+
+    #[test]
+    fn users_flag_is_hashed_and_a_bad_one_is_named_without_its_password() {
+        let users = |args: &[&str]| edge_auth(&settings(args)).map(|(users, _)| users);
+        let parsed = users(&["--users", "ops:opspass,dev:devpass"]).expect("starts");
+        assert_eq!(parsed.len(), 2);
+        assert!(parsed[0].password().matches("opspass"));
+        let error = users(&["--users", "ops:opspass,dev"]).expect_err("refused");
+        let message = error.to_string();
+        assert!(
+            message.contains("--users") && message.contains("item 2"),
+            "{message}"
+        );
+        assert!(!message.contains("opspass"), "{message}");
     }
 }

@@ -126,6 +126,41 @@ pub struct Settings {
     )]
     pub https_only: bool,
 
+    /// Basic auth for every service, `user:password,user2:password2`: each HTTP destination of a
+    /// service without `users` of its own requires one of these users (unless it has
+    /// `ignoreAuthorization=true`). Passwords are hashed at start and never logged.
+    #[arg(long, env = "USERS", hide_env_values = true)]
+    pub users: Option<Secret>,
+
+    /// The `--users` passwords are crypt(3) hashes (SHA-512 `$6$…` or SHA-256 `$5$…`).
+    #[arg(
+        long,
+        env = "USERS_PASS_ENCRYPTED",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub users_pass_encrypted: bool,
+
+    /// User of HAProxy's stats page; the page is on only when both --stats-user and --stats-pass
+    /// are set.
+    #[arg(long, env = "STATS_USER")]
+    pub stats_user: Option<String>,
+
+    /// Password of HAProxy's stats page (hashed at start; never written in clear).
+    #[arg(long, env = "STATS_PASS", hide_env_values = true)]
+    pub stats_pass: Option<Secret>,
+
+    /// URI prefix of HAProxy's stats page.
+    #[arg(long, env = "STATS_URI", default_value = "/admin?stats")]
+    pub stats_uri: String,
+
+    /// Port of HAProxy's stats page. Unset: the HTTP port (the main frontend routes the stats
+    /// URI to the page before any service rule).
+    #[arg(long, env = "STATS_PORT")]
+    pub stats_port: Option<u16>,
+
     /// Directory with handlebars templates overriding the built-in ones (same file names).
     #[arg(long, env = "TEMPLATES_DIR")]
     pub templates_dir: Option<PathBuf>,
@@ -234,5 +269,23 @@ mod tests {
         assert_eq!(settings.consul_address, ["consul-1:8500", "consul-2:8500"]);
         assert_eq!(settings.consul_token, Some(super::Secret::new("s3cret")));
         assert!(!format!("{settings:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn stats_page_is_off_by_default_and_its_password_is_never_printed() {
+        let settings = parse(&[]);
+        assert_eq!(settings.stats_user, None);
+        assert_eq!(settings.stats_uri, "/admin?stats");
+        assert_eq!(settings.stats_port, None);
+        let settings = parse(&[
+            "--stats-user",
+            "admin",
+            "--stats-pass",
+            "hunter2",
+            "--users",
+            "alice:wonderland",
+        ]);
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains("wonderland"));
     }
 }

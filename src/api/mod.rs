@@ -51,7 +51,12 @@ pub fn router(proxy: Proxy, access: ApiAccess) -> Router {
         // The backstop for bodies without a Content-Length; `refuse_oversized` answers the rest.
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_oversized))
-        .layer(TraceLayer::new_for_http())
+        // Spans name the path only: a query may carry `users` passwords, which no log may hold.
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+            }),
+        )
         .with_state(proxy)
 }
 
@@ -81,7 +86,7 @@ fn answer(status: &str, message: String, spec: Option<&ServiceSpec>) -> Map<Stri
     let mut body = Map::new();
     body.insert("Status".into(), status.into());
     body.insert("Message".into(), message.into());
-    if let Some(Value::Object(fields)) = spec.and_then(|spec| serde_json::to_value(spec).ok()) {
+    if let Some(Value::Object(fields)) = spec.map(ServiceSpec::to_answer_json) {
         body.extend(fields);
     }
     body
@@ -106,7 +111,12 @@ async fn reconfigure(
 ) -> Result<Json<Map<String, Value>>, ApiError> {
     let pairs = query_pairs(query)?;
     let about = named_service(&pairs);
-    let spec = ServiceSpec::from_query(&pairs)
+    // The service's spec now: a repeated clear password keeps its hash (and haproxy.cfg its text).
+    let services = proxy.services();
+    let current = about
+        .as_deref()
+        .and_then(|name| services.iter().find(|s| s.service_name().as_str() == name));
+    let spec = ServiceSpec::from_query_keeping(&pairs, current)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     let applied = proxy
         .reconfigure(spec)
@@ -148,12 +158,18 @@ async fn reload(State(proxy): State<Proxy>) -> Result<Json<Map<String, Value>>, 
 }
 
 async fn config(State(proxy): State<Proxy>) -> Result<impl IntoResponse, ApiError> {
-    let text = proxy.live_config().await?;
+    let text = crate::render::masked_config(&proxy.live_config().await?);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text))
 }
 
-async fn services(State(proxy): State<Proxy>) -> Json<Vec<ServiceSpec>> {
-    Json(proxy.services().as_ref().clone())
+async fn services(State(proxy): State<Proxy>) -> Json<Vec<Value>> {
+    Json(
+        proxy
+            .services()
+            .iter()
+            .map(ServiceSpec::to_answer_json)
+            .collect(),
+    )
 }
 
 /// The `certName` of a certificate call; Docker Flow Proxy's `distribute` is accepted (every

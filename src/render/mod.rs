@@ -47,6 +47,20 @@
 //! 403 as Docker Flow Proxy answered), then request header rules (add, set, del) and response
 //! header rules (add, set, del). Header values are written double-quoted.
 //!
+//! # Basic auth and the stats page
+//! - Userlists: `users` (`--users`), `users_<serviceName>` (a service's own `users`),
+//!   `stats_users` (the stats page's one user). They hold crypt(3) hashes only; `/config` shows
+//!   them masked ([`masked_config`]).
+//! - An HTTP destination's backend asks for credentials (`http-request auth realm <serviceName>
+//!   unless { http_auth(<userlist>) }`) from its service's own users, else from `--users`, unless
+//!   it has `ignoreAuthorization`; the checked `Authorization` header is then deleted, so the
+//!   backend never sees it. Being in the backend, it applies on HTTP and HTTPS alike. TCP
+//!   destinations are never under basic auth.
+//! - The stats page is the backend `stats` (`stats uri`, `stats http-request auth`). The
+//!   frontend whose port is the stats port routes the stats URI to it before any service rule
+//!   (`url_beg`); on any other port it gets a frontend `stats` of its own. A TCP `srcPort` equal to
+//!   the stats port is a [`RenderError::PortConflict`].
+//!
 //! # Ports
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a
@@ -63,7 +77,7 @@ use std::path::{Path, PathBuf};
 
 use handlebars::Handlebars;
 
-use crate::spec::{Instance, ServiceSpec};
+use crate::spec::{AuthUser, Instance, ServiceSpec, MASKED_PASSWORD};
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -132,6 +146,24 @@ pub struct RenderSettings {
     pub errors_dir: PathBuf,
     /// `--https-only`: every HTTP destination of the main frontend redirects plain HTTP to HTTPS.
     pub https_only: bool,
+    /// `--users`: basic auth on every HTTP destination of a service without `users` of its own,
+    /// unless the destination has `ignoreAuthorization`. Empty: no global auth.
+    pub users: Vec<AuthUser>,
+    /// HAProxy's stats page; `None` unless both stats credentials are set.
+    pub stats: Option<StatsSettings>,
+}
+
+/// HAProxy's stats page behind basic auth (`--stats-user`, `--stats-pass`, `--stats-uri`,
+/// `--stats-port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsSettings {
+    /// The port it answers on: an HTTP(S) frontend's port (then that frontend routes the URI to
+    /// it) or a port of its own.
+    pub port: u16,
+    /// The URI prefix of the page, e.g. `/admin?stats`; checked before it reaches the config.
+    pub uri: String,
+    /// The one user allowed to see it.
+    pub user: AuthUser,
 }
 
 /// The HTTPS frontend, rendered when certificates exist: it serves the main HTTP frontend's
@@ -226,4 +258,21 @@ impl Renderer {
         }
         Ok(text)
     }
+}
+
+/// haproxy.cfg as `/config` shows it: the password hash of every `user <name> password <hash>`
+/// line of a `userlist` replaced by [`MASKED_PASSWORD`]; every other line unchanged.
+pub fn masked_config(config: &str) -> String {
+    let mut masked = String::with_capacity(config.len());
+    for line in config.split_inclusive('\n') {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["user", name, "password" | "insecure-password", _, ..] => {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                masked.push_str(&format!("{indent}user {name} password {MASKED_PASSWORD}\n"));
+            }
+            _ => masked.push_str(line),
+        }
+    }
+    masked
 }

@@ -32,6 +32,8 @@ fn golden_settings() -> RenderSettings {
         stats_socket: PathBuf::from("/run/flow-proxy/admin.sock"),
         errors_dir: PathBuf::from("/etc/flow-proxy/errors"),
         https_only: false,
+        users: Vec::new(),
+        stats: None,
     }
 }
 
@@ -141,17 +143,29 @@ fn assert_golden(name: &str, text: &str) {
 /// Writes `services`' config and the 503 page in a temporary directory and runs
 /// `haproxy -c -f` on it; returns HAProxy's output. Fails (never skips) without haproxy.
 fn haproxy_check(bind_host: Option<IpAddr>, services: &[(ServiceSpec, Vec<Instance>)]) -> String {
+    haproxy_check_with(bind_host, services, |_| {})
+}
+
+/// [`haproxy_check`] with settings changed by `edit` first.
+fn haproxy_check_with(
+    bind_host: Option<IpAddr>,
+    services: &[(ServiceSpec, Vec<Instance>)],
+    edit: impl FnOnce(&mut RenderSettings),
+) -> String {
     let dir = tempfile::tempdir().unwrap();
     let errors_dir = dir.path().join("errors");
     std::fs::create_dir(&errors_dir).unwrap();
     std::fs::write(errors_dir.join("503.http"), ERROR_PAGE_503).unwrap();
-    let settings = RenderSettings {
+    let mut settings = RenderSettings {
         bind_host,
         http_port: 8080,
         stats_socket: dir.path().join("admin.sock"),
         errors_dir,
         https_only: false,
+        users: Vec::new(),
+        stats: None,
     };
+    edit(&mut settings);
     let config = dir.path().join("haproxy.cfg");
     std::fs::write(&config, render(&settings, services)).unwrap();
     let output = match Command::new("haproxy").arg("-c").arg("-f").arg(&config).output() {
@@ -559,6 +573,202 @@ fn haproxy_reads_every_accepted_path_character_as_part_of_one_pattern() {
         text.contains("    acl path_chars-be2 path_end .json\n"),
         "{text}"
     );
+}
+
+/// `secret` under SHA-512 crypt (`openssl passwd -6 -salt saltsalt secret`).
+const SECRET_SHA512: &str =
+    "$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1";
+
+fn global_users() -> Vec<AuthUser> {
+    crate::spec::parse_users("--users", &format!("ops:{SECRET_SHA512}"), true).unwrap()
+}
+
+fn stats_on(port: u16) -> StatsSettings {
+    StatsSettings {
+        port,
+        uri: "/admin?stats".into(),
+        user: global_users().remove(0),
+    }
+}
+
+/// A service with its own users and an exempt destination, one relying on `--users`, and a TCP
+/// service (never under basic auth).
+fn auth_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+    vec![
+        (
+            spec(&[
+                ("serviceName", "shop"),
+                ("servicePath.1", "/shop"),
+                ("servicePath.2", "/shop/health"),
+                ("ignoreAuthorization.2", "true"),
+                ("users", &format!("alice:{SECRET_SHA512}")),
+                ("usersPassEncrypted", "true"),
+            ]),
+            vec![inst("10.0.0.1", 8080)],
+        ),
+        (
+            spec(&[("serviceName", "blog"), ("servicePath", "/blog")]),
+            vec![inst("10.0.0.2", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "db"),
+                ("reqMode", "tcp"),
+                ("srcPort", "5432"),
+            ]),
+            vec![inst("10.0.0.3", 5432)],
+        ),
+    ]
+}
+
+/// The lines of section `header` (up to the next blank line).
+fn section<'t>(text: &'t str, header: &str) -> &'t str {
+    let start = text
+        .find(&format!("\n{header}\n"))
+        .unwrap_or_else(|| panic!("no `{header}` in\n{text}"))
+        + 1;
+    let rest = &text[start..];
+    &rest[..rest.find("\n\n").unwrap_or(rest.len())]
+}
+
+#[test]
+fn basic_auth_guards_each_http_backend_with_the_service_users_else_the_global_ones() {
+    let mut settings = golden_settings();
+    settings.users = global_users();
+    let text = render(&settings, &auth_services());
+    let check = "    http-request auth realm shop unless { http_auth(users_shop) }\n    http-request del-header Authorization\n";
+    assert!(section(&text, "backend shop-be1").contains(check), "{text}");
+    assert!(
+        !section(&text, "backend shop-be2").contains("http-request"),
+        "{text}"
+    );
+    assert!(
+        section(&text, "backend blog-be0")
+            .contains("http-request auth realm blog unless { http_auth(users) }"),
+        "{text}"
+    );
+    assert!(
+        !section(&text, "backend db-be0").contains("http-request"),
+        "{text}"
+    );
+    assert!(section(&text, "userlist users")
+        .contains(&format!("    user ops password {SECRET_SHA512}")));
+    assert!(section(&text, "userlist users_shop")
+        .contains(&format!("    user alice password {SECRET_SHA512}")));
+
+    // Without --users, a service without users of its own is open.
+    let text = render(&golden_settings(), &auth_services());
+    assert!(
+        !section(&text, "backend blog-be0").contains("http-request"),
+        "{text}"
+    );
+    assert!(!text.contains("userlist users\n"), "{text}");
+}
+
+#[test]
+fn haproxy_accepts_basic_auth_and_the_stats_page_without_warnings() {
+    for stats_port in [8080, 9000] {
+        let output = haproxy_check_with(None, &auth_services(), |settings| {
+            settings.users = global_users();
+            settings.stats = Some(stats_on(stats_port));
+        });
+        assert!(!output.contains("[WARNING]"), "{stats_port}: {output}");
+    }
+}
+
+#[test]
+fn the_stats_page_is_routed_by_the_frontend_on_its_port_else_gets_its_own() {
+    let mut settings = golden_settings();
+    settings.stats = Some(stats_on(80));
+    let text = render(&settings, &auth_services());
+    let http = section(&text, "frontend http");
+    assert!(
+        http.contains("    use_backend stats if { url_beg /admin?stats }\n"),
+        "{text}"
+    );
+    assert!(
+        line_of(&text, "use_backend stats if { url_beg /admin?stats }")
+            < line_of(&text, "use_backend blog-be0 if path_blog-be0")
+    );
+    let backend = section(&text, "backend stats");
+    assert!(backend.contains("    stats uri /admin?stats\n"), "{text}");
+    assert!(
+        backend
+            .contains("    stats http-request auth realm stats unless { http_auth(stats_users) }"),
+        "{text}"
+    );
+    assert!(section(&text, "userlist stats_users").contains("    user ops password $6$"));
+    assert!(!text.contains("frontend stats"), "{text}");
+
+    settings.stats = Some(stats_on(9000));
+    let text = render(&settings, &auth_services());
+    assert!(!text.contains("use_backend stats"), "{text}");
+    assert!(
+        section(&text, "frontend stats").contains("    bind *:9000\n    default_backend stats"),
+        "{text}"
+    );
+
+    // Off: nothing of it.
+    let text = render(&golden_settings(), &auth_services());
+    assert!(
+        !text.contains("stats_users") && !text.contains("backend stats"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_stats_page_cannot_take_a_tcp_port_nor_an_unsafe_uri() {
+    let renderer = Renderer::new(None).unwrap();
+    let mut settings = golden_settings();
+    settings.stats = Some(stats_on(5432));
+    let services = auth_services();
+    let error = renderer.render(&settings, &routes(&services)).unwrap_err();
+    assert!(
+        matches!(error, RenderError::PortConflict { port: 5432, .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("stats page"), "{error}");
+
+    for uri in [
+        "admin",
+        "/admin stats",
+        "/admin\n    mode tcp",
+        "/a#b",
+        "/\"x\"",
+    ] {
+        let mut stats = stats_on(80);
+        stats.uri = uri.into();
+        settings.stats = Some(stats);
+        let error = renderer.render(&settings, &[]).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RenderError::Setting {
+                    setting: "stats_uri",
+                    ..
+                }
+            ),
+            "{uri:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn masked_config_hides_every_password_hash_and_nothing_else() {
+    let mut settings = golden_settings();
+    settings.users = global_users();
+    settings.stats = Some(stats_on(80));
+    let text = render(&settings, &auth_services());
+    let masked = masked_config(&text);
+    assert!(!masked.contains("$6$"), "{masked}");
+    assert!(
+        masked.contains("\n    user alice password ***\n"),
+        "{masked}"
+    );
+    assert_eq!(masked.lines().count(), text.lines().count());
+    let unmasked: Vec<&str> = text.lines().filter(|l| !l.contains("$6$")).collect();
+    let kept: Vec<&str> = masked.lines().filter(|l| !l.contains("***")).collect();
+    assert_eq!(unmasked, kept);
 }
 
 // ---- Edge rules: redirects, header rules, method rules -------------------------------------

@@ -10,8 +10,18 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{RenderError, RenderSettings, ServiceRoute, TlsSettings};
-use crate::spec::{Destination, HeaderLine, HeaderName, Instance, PathType, ReqMode, ServiceSpec};
+use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
+use crate::spec::{
+    AuthUser, Destination, HeaderLine, HeaderName, Instance, PathType, ReqMode, ServiceSpec,
+};
+
+/// The userlist of `--users`; a service's own is `users_<serviceName>`, so they never clash.
+const GLOBAL_USERLIST: &str = "users";
+/// The userlist of the stats page's one user.
+const STATS_USERLIST: &str = "stats_users";
+/// The backend (and, on a port of its own, the frontend) serving HAProxy's stats page; service
+/// backends always end in `-be<index>`, so it clashes with none.
+const STATS_PROXY: &str = "stats";
 
 /// The whole configuration, as the main template sees it.
 #[derive(Debug, Serialize)]
@@ -30,6 +40,11 @@ pub(super) struct ConfigView {
     tcp_frontends: Vec<TcpFrontendView>,
     /// Backends of TCP destinations, by service then destination index.
     tcp_backends: Vec<BackendView>,
+    /// Basic-auth userlists: `--users`, then each service's own by service name, then the stats
+    /// page's.
+    userlists: Vec<UserlistView>,
+    /// HAProxy's stats page, when both stats credentials are set.
+    stats: Option<StatsView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,7 +53,41 @@ struct FrontendView {
     bind: String,
     /// `X-Forwarded-Proto` sent to the backends, when this frontend sets it.
     forwarded_proto: Option<&'static str>,
+    /// The stats page's URI, when this frontend's port is the stats port: requests starting
+    /// with it go to the stats backend before any service rule.
+    stats_uri: Option<String>,
     rules: Vec<RuleView>,
+}
+
+/// A `userlist` section: user names with crypt(3) hashes, never clear passwords.
+#[derive(Debug, Serialize)]
+struct UserlistView {
+    name: String,
+    users: Vec<UserView>,
+}
+
+#[derive(Debug, Serialize)]
+struct UserView {
+    name: String,
+    password: String,
+}
+
+/// Basic auth in front of one backend: a 401 with `realm` unless the credentials match a user of
+/// `userlist`; the checked `Authorization` header is then removed before the backend sees it.
+#[derive(Debug, Serialize)]
+struct AuthView {
+    realm: String,
+    userlist: String,
+}
+
+/// The stats backend and, when the stats port is no HTTP frontend's, its own frontend.
+#[derive(Debug, Serialize)]
+struct StatsView {
+    name: &'static str,
+    uri: String,
+    userlist: &'static str,
+    /// The `bind` of its own frontend, when it has one.
+    bind: Option<String>,
 }
 
 /// The acls and `use_backend` of one HTTP destination.
@@ -104,6 +153,7 @@ struct BackendView {
     mode: &'static str,
     /// `http-request`/`http-response` rules of the destination, in the order HAProxy runs them.
     http_rules: Vec<BackendRuleView>,
+    auth: Option<AuthView>,
     servers: Vec<ServerView>,
 }
 
@@ -383,7 +433,93 @@ fn backend_rules(spec: &ServiceSpec, destination: &Destination) -> Vec<BackendRu
     rules
 }
 
+/// The userlist guarding `destination`, if any: the service's own users, else `--users`;
+/// none for TCP and for `ignoreAuthorization`.
+fn auth_view(
+    settings: &RenderSettings,
+    spec: &ServiceSpec,
+    destination: &Destination,
+) -> Option<AuthView> {
+    if destination.req_mode() != ReqMode::Http || destination.ignore_authorization() {
+        return None;
+    }
+    let userlist = if !spec.users().is_empty() {
+        service_userlist(spec)
+    } else if !settings.users.is_empty() {
+        GLOBAL_USERLIST.to_string()
+    } else {
+        return None;
+    };
+    Some(AuthView {
+        realm: spec.service_name().to_string(),
+        userlist,
+    })
+}
+
+fn service_userlist(spec: &ServiceSpec) -> String {
+    format!("users_{}", spec.service_name())
+}
+
+fn userlist_view(name: String, users: &[AuthUser]) -> UserlistView {
+    UserlistView {
+        name,
+        users: users
+            .iter()
+            .map(|user| UserView {
+                name: user.name().as_str().to_string(),
+                password: user.password().as_str().to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// The stats URI as config text: a path (and query) of URI characters, nothing that could end
+/// a word or a line.
+fn stats_uri(stats: &StatsSettings) -> Result<String, RenderError> {
+    let invalid = |reason: &str| RenderError::Setting {
+        setting: "stats_uri",
+        value: stats.uri.clone(),
+        reason: reason.to_string(),
+    };
+    let uri = stats.uri.as_str();
+    if !uri.starts_with('/') {
+        return Err(invalid("must start with `/`"));
+    }
+    if uri.len() > 256 {
+        return Err(invalid("too long: at most 256 characters"));
+    }
+    let allowed = |c: char| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                '/' | '-'
+                    | '.'
+                    | '_'
+                    | '~'
+                    | '!'
+                    | '&'
+                    | '('
+                    | ')'
+                    | '*'
+                    | '+'
+                    | ';'
+                    | '='
+                    | ':'
+                    | '@'
+                    | '%'
+                    | '?'
+            )
+    };
+    if !uri.chars().all(allowed) {
+        return Err(invalid(
+            "only letters, digits and / - . _ ~ ! & ( ) * + ; = : @ % ? are allowed",
+        ));
+    }
+    Ok(uri.to_string())
+}
+
 fn backend_view(
+    settings: &RenderSettings,
     spec: &ServiceSpec,
     destination: &Destination,
     instances: &[Instance],
@@ -415,6 +551,7 @@ fn backend_view(
         name: backend_name(spec, destination),
         mode: destination.req_mode().as_str(),
         http_rules,
+        auth: auth_view(settings, spec, destination),
         servers,
     }
 }
@@ -520,7 +657,7 @@ pub(super) fn build(
         let spec = route.spec;
         for destination in spec.destinations() {
             let src_port = destination.src_port().map(|p| p.get());
-            let backend = backend_view(spec, destination, route.instances);
+            let backend = backend_view(settings, spec, destination, route.instances);
             match (destination.req_mode(), src_port) {
                 (ReqMode::Tcp, Some(port)) => {
                     let me = owner(spec, destination);
@@ -575,12 +712,37 @@ pub(super) fn build(
             .map(|(_, spec, destination)| rule_view(spec, destination, kind))
             .collect::<Vec<_>>()
     };
+    // The stats page: routed by the frontend already on its port, else on a frontend of its own.
+    let stats_settings = settings.stats.as_ref();
+    let stats_uri_text = stats_settings.map(stats_uri).transpose()?;
+    let stats_port = stats_settings.map(|stats| stats.port);
+    let stats_shares_frontend = stats_port.is_some_and(|port| {
+        port == settings.http_port
+            || tls.is_some_and(|tls| tls.https_port == port)
+            || extra_rules.contains_key(&port)
+    });
+    if let (Some(port), false) = (stats_port, stats_shares_frontend) {
+        if let Some(holder) = ports.get(&port) {
+            return Err(RenderError::PortConflict {
+                port,
+                first: holder.who.clone(),
+                second: format!("the stats page (stats_port {port})"),
+            });
+        }
+    }
+    let stats_route = |port: u16| {
+        (stats_port == Some(port))
+            .then(|| stats_uri_text.clone())
+            .flatten()
+    };
+
     let frontend = |name: String, port: u16, mut rules: Vec<(RuleOrder<'_>, _, _)>| {
         rules.sort_by(|a, b| a.0.cmp(&b.0));
         FrontendView {
             name,
             bind: bind_address(settings, port),
             forwarded_proto: None,
+            stats_uri: stats_route(port),
             rules: rule_views(&rules, FrontendKind::ExtraHttp { port }),
         }
     };
@@ -589,6 +751,7 @@ pub(super) fn build(
         name: "http".to_string(),
         bind: bind_address(settings, settings.http_port),
         forwarded_proto: None,
+        stats_uri: stats_route(settings.http_port),
         rules: rule_views(
             &main_rules,
             FrontendKind::MainHttp {
@@ -611,10 +774,38 @@ pub(super) fn build(
                     bind_address(settings, tls.https_port)
                 ),
                 forwarded_proto: Some("https"),
+                stats_uri: stats_route(tls.https_port),
                 rules: rule_views(&main_rules, FrontendKind::Https),
             })
         }
         None => None,
+    };
+    let mut userlists = Vec::new();
+    if !settings.users.is_empty() {
+        userlists.push(userlist_view(GLOBAL_USERLIST.to_string(), &settings.users));
+    }
+    for route in &sorted {
+        if !route.spec.users().is_empty() {
+            userlists.push(userlist_view(
+                service_userlist(route.spec),
+                route.spec.users(),
+            ));
+        }
+    }
+    let stats = match (stats_settings, stats_uri_text.clone()) {
+        (Some(stats_settings), Some(uri)) => {
+            userlists.push(userlist_view(
+                STATS_USERLIST.to_string(),
+                std::slice::from_ref(&stats_settings.user),
+            ));
+            Some(StatsView {
+                name: STATS_PROXY,
+                uri,
+                userlist: STATS_USERLIST,
+                bind: (!stats_shares_frontend).then(|| bind_address(settings, stats_settings.port)),
+            })
+        }
+        _ => None,
     };
     Ok(ConfigView {
         stats_socket,
@@ -628,5 +819,7 @@ pub(super) fn build(
         http_backends,
         tcp_frontends,
         tcp_backends,
+        userlists,
+        stats,
     })
 }

@@ -9,6 +9,10 @@
 //! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
 //!   re-validates everything, because KV can be edited by anyone.
 //!
+//! Basic-auth passwords are hashed (SHA-512 crypt, [`PasswordHash::of_clear`]) while the query is
+//! parsed, so no spec, stored document, answer or log line ever holds a clear one; answers mask
+//! even the hashes ([`ServiceSpec::to_answer_json`]).
+//!
 //! A spec has one or more destinations. A destination is either HTTP (routed by `servicePath`
 //! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
 //! `srcPort` forwarding everything).
@@ -27,8 +31,9 @@ use serde::{Deserialize, Serialize};
 
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
-    AclName, Domain, HeaderLine, HeaderName, HeaderValue, HttpMethod, PathType, Port, RedirectCode,
-    ReqMode, ServiceColor, ServiceName, ServicePath,
+    parse_users, AclName, AuthUser, Domain, HeaderLine, HeaderName, HeaderValue, HttpMethod,
+    PasswordHash, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName, ServicePath,
+    UserName,
 };
 
 use query::indexed;
@@ -41,6 +46,9 @@ pub const MAX_DESTINATIONS_PER_SERVICE: usize = 64;
 /// Most items in `redirectFromDomain`, `allowedMethods` or `deniedMethods`: each list becomes
 /// one HAProxy line, and a line holds at most 64 words.
 const MAX_EDGE_LIST_ITEMS: usize = 32;
+
+/// What answers and `/config` show instead of a password hash.
+pub const MASKED_PASSWORD: &str = "***";
 
 /// A request parameter that failed validation; the HTTP answer is 400 and names the parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +74,8 @@ pub struct ServiceSpec {
     path_type: PathType,
     /// Sorted by index, indices unique.
     destinations: Vec<Destination>,
+    /// Basic-auth users of this service (`users`), passwords hashed; empty: `--users` applies.
+    users: Vec<AuthUser>,
     /// Redirect to HTTPS when `X-Forwarded-Proto` is `http` (a load balancer in front
     /// terminates TLS), instead of when the connection itself is plain.
     redirect_when_http_proto: bool,
@@ -127,12 +137,24 @@ pub struct Destination {
     denied_methods: Vec<HttpMethod>,
     /// `denyHttp.N`: plain HTTP requests get 403 (only HTTPS reaches the instances).
     deny_http: bool,
+    /// `ignoreAuthorization`: no basic auth on this destination, even with `users`/`--users`.
+    ignore_authorization: bool,
 }
 
 impl ServiceSpec {
     /// Parses a reconfigure query (all pairs, percent-decoded, in request order) into a spec.
     pub fn from_query(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
-        query::build_spec(pairs)
+        query::build_spec(pairs, None)
+    }
+
+    /// [`ServiceSpec::from_query`] for a service whose spec is `current` now: a clear password
+    /// that matches the hash `current` holds for the same user keeps that hash, so repeating a
+    /// reconfigure renders the same haproxy.cfg (a new random salt would change it).
+    pub fn from_query_keeping(
+        pairs: &[(String, String)],
+        current: Option<&ServiceSpec>,
+    ) -> Result<ServiceSpec, SpecError> {
+        query::build_spec(pairs, current)
     }
 
     /// The service this spec routes.
@@ -190,6 +212,18 @@ impl ServiceSpec {
     /// The header rules applied in every HTTP destination's backend.
     pub fn headers(&self) -> &HeaderRules {
         &self.headers
+    }
+
+    /// The service's own basic-auth users (`users`); empty when it has none.
+    pub fn users(&self) -> &[AuthUser] {
+        &self.users
+    }
+
+    /// The spec as API answers (`/services`, reconfigure) show it: the stored JSON with every
+    /// password hash replaced by [`MASKED_PASSWORD`]. A crypt hash is not a password, but it can
+    /// be attacked offline, and the read endpoints may be open; only KV and haproxy.cfg hold it.
+    pub fn to_answer_json(&self) -> serde_json::Value {
+        serde_json::to_value(stored::StoredSpec::masked(self.clone())).unwrap_or_default()
     }
 
     /// Checks the rules between values and sorts the destinations; every constructor ends here.
@@ -336,6 +370,11 @@ impl Destination {
     /// Whether plain HTTP requests are refused with 403.
     pub fn deny_http(&self) -> bool {
         self.deny_http
+    }
+
+    /// Whether this destination is exempt from basic auth (`ignoreAuthorization=true`).
+    pub fn ignore_authorization(&self) -> bool {
+        self.ignore_authorization
     }
 
     fn check(&self) -> Result<(), SpecError> {

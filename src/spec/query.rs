@@ -15,9 +15,9 @@
 use std::collections::BTreeMap;
 
 use super::values::{
-    parse_flag, parse_list, shown, spec_error, AclName, Domain, HeaderLine, HeaderName, HttpMethod,
-    PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName, ServicePath,
-    MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION,
+    parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, HeaderLine,
+    HeaderName, HttpMethod, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName,
+    ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION,
 };
 use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
@@ -58,6 +58,10 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("allowedMethods", Scope::Destination),
     ("deniedMethods", Scope::Destination),
     ("denyHttp", Scope::Destination),
+    // Basic auth.
+    ("users", Scope::Service),
+    ("usersPassEncrypted", Scope::Service),
+    ("ignoreAuthorization", Scope::Destination),
 ];
 
 /// Highest destination index accepted.
@@ -148,8 +152,12 @@ fn items(value: &str) -> Vec<&str> {
 }
 
 /// Parses the query of `GET /v1/docker-flow-proxy/reconfigure` (pairs already percent-decoded,
-/// in request order).
-pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
+/// in request order). A clear password matching the hash `current` (the service's spec now)
+/// holds for the same user keeps that hash.
+pub(crate) fn build_spec(
+    pairs: &[(String, String)],
+    current: Option<&ServiceSpec>,
+) -> Result<ServiceSpec, SpecError> {
     let raw = sort_query(pairs)?;
     // Before any value is read: the first destination over the limit, by index, is named.
     if let Some((&index, params)) = raw.destinations.iter().nth(MAX_DESTINATIONS_PER_SERVICE) {
@@ -184,6 +192,21 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
     let path_type = service
         .get("pathType")
         .map(|v| PathType::parse("pathType", v))
+        .transpose()?
+        .unwrap_or_default();
+    let users_pass_encrypted = service
+        .get("usersPassEncrypted")
+        .map(|v| parse_flag("usersPassEncrypted", v))
+        .transpose()?
+        .unwrap_or(false);
+    let users = service
+        .get("users")
+        .map(|v| {
+            let known = current
+                .filter(|spec| spec.service_name == service_name)
+                .map_or(&[][..], |spec| spec.users.as_slice());
+            parse_users_keeping("users", v, users_pass_encrypted, known)
+        })
         .transpose()?
         .unwrap_or_default();
 
@@ -318,6 +341,11 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         let allowed_methods = methods("allowedMethods")?;
         let denied_methods = methods("deniedMethods")?;
         let deny_http = flag("denyHttp")?;
+        let ignore_authorization = params
+            .get("ignoreAuthorization")
+            .map(|v| parse_flag(&name("ignoreAuthorization"), v))
+            .transpose()?
+            .unwrap_or(false);
         destinations.push(Destination {
             index,
             service_path,
@@ -332,6 +360,7 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
             allowed_methods,
             denied_methods,
             deny_http,
+            ignore_authorization,
         });
     }
 
@@ -344,6 +373,7 @@ pub(crate) fn build_spec(pairs: &[(String, String)]) -> Result<ServiceSpec, Spec
         destinations,
         redirect_when_http_proto,
         headers,
+        users,
     })
 }
 

@@ -10,15 +10,19 @@
 //!   "PathType": "path_beg",
 //!   "ServiceDest": [
 //!     { "Index": 0, "ServicePath": ["/demo"], "ServiceDomain": [], "PathType": null,
-//!       "Port": null, "SrcPort": null, "ReqMode": "http",
+//!       "Port": null, "SrcPort": null, "ReqMode": "http", "IgnoreAuthorization": false,
 //!       "HttpsOnly": false, "HttpsRedirectCode": null, "RedirectFromDomain": [],
 //!       "AllowedMethods": [], "DeniedMethods": [], "DenyHttp": false }
 //!   ],
 //!   "RedirectWhenHttpProto": false,
 //!   "AddReqHeader": [], "SetReqHeader": [], "DelReqHeader": [],
-//!   "AddResHeader": [], "SetResHeader": [], "DelResHeader": []
+//!   "AddResHeader": [], "SetResHeader": [], "DelResHeader": [],
+//!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ]
 //! }
 //! ```
+//!
+//! `Users` holds crypt(3) hashes only (clear passwords are hashed when the query is parsed);
+//! they are checked as strictly as `usersPassEncrypted=true` input when read back.
 //!
 //! Every field is always written; an absent value is `null` (or `[]` for lists), so the shape
 //! is stable. When reading, missing fields take those same defaults (`PathType` `path_beg`,
@@ -31,10 +35,13 @@ use serde::{Deserialize, Serialize};
 use super::query::indexed;
 use super::query::MAX_INDEX;
 use super::values::{parse_list, spec_error, AclName, Domain, PathType, Port, ReqMode};
+use super::values::{AuthUser, PasswordHash, UserName};
 use super::values::{HeaderLine, HeaderName, HttpMethod, RedirectCode};
 use super::values::{ServiceColor, ServiceName, ServicePath};
 use super::values::{MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION};
-use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
+use super::{
+    Destination, HeaderRules, ServiceSpec, SpecError, MASKED_PASSWORD, MAX_DESTINATIONS_PER_SERVICE,
+};
 
 /// The stored form of a spec: plain values, validated on the way in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +73,16 @@ pub(super) struct StoredSpec {
     set_res_header: Vec<String>,
     #[serde(default)]
     del_res_header: Vec<String>,
+    #[serde(default)]
+    users: Vec<StoredUser>,
+}
+
+/// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct StoredUser {
+    username: String,
+    password_hash: String,
 }
 
 /// The stored form of one destination.
@@ -85,6 +102,8 @@ pub(super) struct StoredDestination {
     src_port: Option<u32>,
     #[serde(default)]
     req_mode: Option<String>,
+    #[serde(default)]
+    ignore_authorization: bool,
     #[serde(default)]
     https_only: bool,
     #[serde(default)]
@@ -152,9 +171,29 @@ impl From<ServiceSpec> for StoredSpec {
                     allowed_methods: texts(&d.allowed_methods),
                     denied_methods: texts(&d.denied_methods),
                     deny_http: d.deny_http,
+                    ignore_authorization: d.ignore_authorization,
+                })
+                .collect(),
+            users: spec
+                .users
+                .iter()
+                .map(|user| StoredUser {
+                    username: user.name().as_str().to_string(),
+                    password_hash: user.password().as_str().to_string(),
                 })
                 .collect(),
         }
+    }
+}
+
+impl StoredSpec {
+    /// The stored form with every password hash masked, for answers.
+    pub(super) fn masked(spec: ServiceSpec) -> StoredSpec {
+        let mut stored = StoredSpec::from(spec);
+        for user in &mut stored.users {
+            user.password_hash = MASKED_PASSWORD.to_string();
+        }
+        stored
     }
 }
 
@@ -233,6 +272,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                     .map(|v| ReqMode::parse(&name("reqMode"), v))
                     .transpose()?
                     .unwrap_or_default(),
+                ignore_authorization: dest.ignore_authorization,
                 https_only: dest.https_only,
                 https_redirect_code: dest
                     .https_redirect_code
@@ -264,6 +304,20 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             set_res: reparse("setResHeader", &stored.set_res_header, HeaderLine::parse)?,
             del_res: reparse("delResHeader", &stored.del_res_header, HeaderName::parse)?,
         };
+        let mut users: Vec<AuthUser> = Vec::with_capacity(stored.users.len());
+        for user in &stored.users {
+            let name = UserName::parse("users", &user.username)?;
+            if users.iter().any(|known| known.name() == &name) {
+                return Err(spec_error(
+                    "users",
+                    format!("user `{}` is listed twice", name.as_str()),
+                ));
+            }
+            users.push(AuthUser::new(
+                name,
+                PasswordHash::parse("users", &user.password_hash)?,
+            ));
+        }
         ServiceSpec::checked(ServiceSpec {
             service_name: ServiceName::parse("serviceName", &stored.service_name)?,
             service_color: stored
@@ -281,6 +335,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             destinations,
             redirect_when_http_proto: stored.redirect_when_http_proto,
             headers,
+            users,
         })
     }
 }

@@ -895,3 +895,201 @@ fn header_rules_need_an_http_destination() {
     .unwrap_err();
     assert_eq!(error.parameter, "setResHeader", "{error}");
 }
+
+/// `secret` under SHA-512 crypt with the salt `saltsalt` (`openssl passwd -6 -salt saltsalt secret`).
+const SECRET_SHA512: &str =
+    "$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1";
+/// `secret` under SHA-256 crypt (`openssl passwd -5 -salt saltsalt secret`).
+const SECRET_SHA256: &str = "$5$saltsalt$0IyaXrmV7.sGNS6tirgqHLqX/G.FBvgkYA.lpPdS5sA";
+
+fn verifies(hash: &PasswordHash, clear: &str) -> bool {
+    use sha_crypt::{PasswordVerifier, ShaCrypt};
+    ShaCrypt::SHA512
+        .verify_password(clear.as_bytes(), hash.as_str())
+        .is_ok()
+}
+
+#[test]
+fn clear_passwords_are_hashed_when_parsed_and_never_stored_or_shown() {
+    let spec = parse(&[
+        ("serviceName", "admin"),
+        ("servicePath", "/admin"),
+        ("users", "alice:wonderland,bob:builder"),
+    ])
+    .unwrap();
+    let users = spec.users();
+    assert_eq!(users.len(), 2);
+    assert_eq!(users[0].name().as_str(), "alice");
+    assert!(users[0].password().as_str().starts_with("$6$"));
+    assert!(verifies(users[0].password(), "wonderland"));
+    assert!(!verifies(users[0].password(), "builder"));
+    assert!(verifies(users[1].password(), "builder"));
+
+    let stored = serde_json::to_string(&spec).unwrap();
+    assert!(!stored.contains("wonderland") && !stored.contains("builder"));
+    assert!(stored.contains(users[0].password().as_str()));
+    let answer = spec.to_answer_json().to_string();
+    assert!(
+        !answer.contains("wonderland") && !answer.contains("$6$"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(r#"{"Username":"alice","PasswordHash":"***"}"#),
+        "{answer}"
+    );
+    assert!(!format!("{spec:?}").contains("$6$"));
+
+    let read_back: ServiceSpec = serde_json::from_str(&stored).unwrap();
+    assert_eq!(read_back, spec);
+}
+
+#[test]
+fn encrypted_passwords_must_be_sha_crypt_hashes() {
+    for hash in [
+        SECRET_SHA512,
+        SECRET_SHA256,
+        "$6$rounds=10000$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1",
+    ] {
+        let spec = parse(&[
+            ("serviceName", "admin"),
+            ("servicePath", "/admin"),
+            ("users", &format!("alice:{hash}")),
+            ("usersPassEncrypted", "true"),
+        ])
+        .unwrap();
+        assert_eq!(spec.users()[0].password().as_str(), hash);
+    }
+    for bad in [
+        "secret",
+        "$1$saltsalt$9xy1btjgzLYfb7hivXtC//",
+        "$6$saltsalt$short",
+        "$6$salt salt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1",
+        "$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO\n",
+        "$6$rounds=10$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1",
+        "$6$a$b$c",
+    ] {
+        let error = rejected(&[
+            ("serviceName", "admin"),
+            ("servicePath", "/admin"),
+            ("users", &format!("alice:{bad}")),
+            ("usersPassEncrypted", "true"),
+        ]);
+        assert_eq!(error.parameter, "users");
+        assert!(error.message.contains("SHA-512"), "{error}");
+        assert!(!error.to_string().contains(bad), "the error repeats the value: {error}");
+    }
+}
+
+#[test]
+fn bad_user_lists_name_the_parameter_and_never_repeat_a_password() {
+    for (users, expected) in [
+        ("alice", "item 1 is not `user:password`"),
+        ("alice:wonderland,bob", "item 2 is not `user:password`"),
+        ("alice:", "user `alice` has an empty password"),
+        (
+            "alice:wonderland,alice:again",
+            "user `alice` is listed twice",
+        ),
+        (":wonderland", "a user name must not be empty"),
+        ("al ice:wonderland", "contains a space"),
+    ] {
+        let error = rejected(&[
+            ("serviceName", "admin"),
+            ("servicePath", "/admin"),
+            ("users", users),
+        ]);
+        assert_eq!(error.parameter, "users", "{users}");
+        assert!(error.message.contains(expected), "{users}: {error}");
+        assert!(!error.to_string().contains("wonderland"), "{error}");
+    }
+}
+
+#[test]
+fn ignore_authorization_is_per_destination_and_survives_storage() {
+    let spec = parse(&[
+        ("serviceName", "shop"),
+        ("servicePath.1", "/shop"),
+        ("servicePath.2", "/shop/health"),
+        ("ignoreAuthorization.2", "true"),
+        ("users", &format!("alice:{SECRET_SHA512}")),
+        ("usersPassEncrypted", "1"),
+    ])
+    .unwrap();
+    let flags: Vec<bool> = spec
+        .destinations()
+        .iter()
+        .map(|d| d.ignore_authorization())
+        .collect();
+    assert_eq!(flags, [false, true]);
+    let stored = serde_json::to_value(&spec).unwrap();
+    assert_eq!(stored["ServiceDest"][1]["IgnoreAuthorization"], true);
+    let read_back: ServiceSpec = serde_json::from_value(stored).unwrap();
+    assert_eq!(read_back, spec);
+    assert_eq!(
+        rejected(&[
+            ("serviceName", "shop"),
+            ("servicePath", "/shop"),
+            ("ignoreAuthorization", "maybe")
+        ])
+        .parameter,
+        "ignoreAuthorization"
+    );
+}
+
+#[test]
+fn a_stored_spec_with_a_clear_or_malformed_password_is_rejected_on_read() {
+    for hash in ["wonderland", "$6$x$y z"] {
+        let json = serde_json::json!({
+            "ServiceName": "admin",
+            "ServiceDest": [{ "Index": 0, "ServicePath": ["/admin"] }],
+            "Users": [{ "Username": "alice", "PasswordHash": hash }],
+        });
+        let error = serde_json::from_value::<ServiceSpec>(json).unwrap_err();
+        assert!(error.to_string().contains("users"), "{error}");
+        assert!(!error.to_string().contains(hash), "{error}");
+    }
+}
+
+#[test]
+fn a_repeated_clear_password_keeps_the_current_hash_and_a_new_one_is_hashed_afresh() {
+    let query = |users: &str| {
+        q(&[
+            ("serviceName", "admin"),
+            ("servicePath", "/admin"),
+            ("users", users),
+        ])
+    };
+    let first = ServiceSpec::from_query(&query("alice:wonderland,bob:builder")).unwrap();
+    let again =
+        ServiceSpec::from_query_keeping(&query("alice:wonderland,bob:builder"), Some(&first))
+            .unwrap();
+    assert_eq!(again, first, "same passwords, same hashes");
+
+    let changed =
+        ServiceSpec::from_query_keeping(&query("alice:looking-glass,bob:builder"), Some(&first))
+            .unwrap();
+    assert_ne!(changed.users()[0], first.users()[0]);
+    assert!(verifies(changed.users()[0].password(), "looking-glass"));
+    assert_eq!(changed.users()[1], first.users()[1]);
+
+    // Without the current spec (or another service's), a clear password gets a fresh salt.
+    let fresh = ServiceSpec::from_query(&query("alice:wonderland,bob:builder")).unwrap();
+    assert_ne!(fresh.users()[0], first.users()[0]);
+    let other = ServiceSpec::from_query(&q(&[
+        ("serviceName", "other"),
+        ("servicePath", "/other"),
+        ("users", "alice:wonderland"),
+    ]))
+    .unwrap();
+    let not_shared = ServiceSpec::from_query_keeping(
+        &q(&[
+            ("serviceName", "other"),
+            ("servicePath", "/other"),
+            ("users", "alice:wonderland"),
+        ]),
+        Some(&first),
+    )
+    .unwrap();
+    assert_ne!(not_shared.users()[0], first.users()[0]);
+    assert_ne!(not_shared.users()[0], other.users()[0]);
+}

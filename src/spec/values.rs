@@ -784,3 +784,213 @@ impl fmt::Display for HttpMethod {
         f.write_str(&self.0)
     }
 }
+
+/// Longest clear password accepted, in bytes (SHA-crypt's cost grows with the length).
+const MAX_CLEAR_PASSWORD_LEN: usize = 256;
+/// Most users accepted in one list.
+const MAX_USERS: usize = 64;
+
+/// A basic-auth user name (`[A-Za-z0-9][A-Za-z0-9_.@-]*`, at most 64 characters): one word of
+/// a `user` line in a HAProxy `userlist`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UserName(String);
+
+impl UserName {
+    /// Validates `value` given as `parameter`.
+    pub fn parse(parameter: &str, value: &str) -> Result<UserName, SpecError> {
+        check_chars(
+            parameter,
+            value,
+            64,
+            "a user name",
+            |c| c.is_ascii_alphanumeric(),
+            |c| is_name_char(c) || c == '@',
+        )?;
+        Ok(UserName(value.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A crypt(3) hash HAProxy checks passwords against with libc's `crypt()`: SHA-512 crypt
+/// (`$6$`) or SHA-256 crypt (`$5$`), optionally with `rounds=N`, in the crypt alphabet only.
+///
+/// A clear password never becomes anything but one of these ([`PasswordHash::of_clear`]), so no
+/// spec, stored document, answer or config line ever holds one.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PasswordHash(String);
+
+impl fmt::Debug for PasswordHash {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("PasswordHash(***)")
+    }
+}
+
+/// Characters of the crypt alphabet (salts and digests).
+fn is_crypt_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '.' || c == '/'
+}
+
+impl PasswordHash {
+    /// Hashes a clear password with SHA-512 crypt and a random 16-character salt.
+    pub fn of_clear(parameter: &str, clear: &str) -> Result<PasswordHash, SpecError> {
+        use sha_crypt::{PasswordHasher, ShaCrypt};
+        if clear.len() > MAX_CLEAR_PASSWORD_LEN {
+            return Err(spec_error(
+                parameter,
+                format!("a password is too long: at most {MAX_CLEAR_PASSWORD_LEN} bytes"),
+            ));
+        }
+        // 12 random bytes are 16 characters of the crypt alphabet: glibc's longest salt.
+        let salt: [u8; 12] = rand::random();
+        let hashed = ShaCrypt::SHA512
+            .hash_password_with_salt(clear.as_bytes(), &salt)
+            .map_err(|error| {
+                spec_error(parameter, format!("hashing a password failed: {error}"))
+            })?;
+        PasswordHash::parse(parameter, hashed.as_str())
+    }
+
+    /// Validates a crypt(3) hash given as `parameter` (with `usersPassEncrypted=true`, or read
+    /// back from KV). The error never repeats the value.
+    pub fn parse(parameter: &str, value: &str) -> Result<PasswordHash, SpecError> {
+        let refuse = |why: &str| {
+            spec_error(
+                parameter,
+                format!("a password hash {why}; give a SHA-512 crypt hash (`$6$…`, e.g. from `mkpasswd -m sha-512` or `openssl passwd -6`) or a SHA-256 one (`$5$…`)"),
+            )
+        };
+        let (digest_len, rest) = if let Some(rest) = value.strip_prefix("$6$") {
+            (86, rest)
+        } else if let Some(rest) = value.strip_prefix("$5$") {
+            (43, rest)
+        } else {
+            return Err(refuse("is not SHA-512 or SHA-256 crypt"));
+        };
+        let mut fields: Vec<&str> = rest.split('$').collect();
+        if let Some(rounds) = fields.first().and_then(|f| f.strip_prefix("rounds=")) {
+            let valid = !rounds.is_empty()
+                && rounds.len() <= 9
+                && rounds.bytes().all(|b| b.is_ascii_digit())
+                && rounds.parse::<u32>().is_ok_and(|n| n >= 1000);
+            if !valid {
+                return Err(refuse("has rounds outside 1000 to 999999999"));
+            }
+            fields.remove(0);
+        }
+        let [salt, digest] = fields[..] else {
+            return Err(refuse("is not `$id$[rounds=N$]salt$digest`"));
+        };
+        if salt.is_empty() || salt.len() > 16 || !salt.chars().all(is_crypt_char) {
+            return Err(refuse("has a salt that is not 1 to 16 crypt characters"));
+        }
+        if digest.len() != digest_len || !digest.chars().all(is_crypt_char) {
+            return Err(refuse("has a digest of the wrong length or alphabet"));
+        }
+        Ok(PasswordHash(value.to_string()))
+    }
+
+    /// Whether `clear` is the password this is the hash of.
+    pub fn matches(&self, clear: &str) -> bool {
+        use sha_crypt::{PasswordVerifier, ShaCrypt};
+        // The verifier reads the algorithm and rounds from the hash itself.
+        ShaCrypt::SHA512
+            .verify_password(clear.as_bytes(), self.0.as_str())
+            .is_ok()
+    }
+
+    /// The hash as text (for the `userlist` and the stored spec only).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One basic-auth user: a name and the hash of its password.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuthUser {
+    name: UserName,
+    password: PasswordHash,
+}
+
+impl AuthUser {
+    /// A user from validated parts.
+    pub fn new(name: UserName, password: PasswordHash) -> AuthUser {
+        AuthUser { name, password }
+    }
+
+    /// The user name.
+    pub fn name(&self) -> &UserName {
+        &self.name
+    }
+
+    /// The hash of the user's password.
+    pub fn password(&self) -> &PasswordHash {
+        &self.password
+    }
+}
+
+/// Parses `alice:secret,bob:pass` (Docker Flow Proxy's `users`, and `--users`): clear
+/// passwords are hashed at once; with `encrypted` each password must already be a crypt hash.
+///
+/// Errors name the item by its position and never repeat a password.
+pub fn parse_users(
+    parameter: &str,
+    value: &str,
+    encrypted: bool,
+) -> Result<Vec<AuthUser>, SpecError> {
+    parse_users_keeping(parameter, value, encrypted, &[])
+}
+
+/// [`parse_users`], keeping the hash of a user in `known` whose clear password it matches: a
+/// random salt would otherwise change the hash, and so haproxy.cfg, on every repeated call.
+pub(crate) fn parse_users_keeping(
+    parameter: &str,
+    value: &str,
+    encrypted: bool,
+    known: &[AuthUser],
+) -> Result<Vec<AuthUser>, SpecError> {
+    let items: Vec<&str> = value.split(',').collect();
+    if items.len() > MAX_USERS {
+        return Err(spec_error(
+            parameter,
+            format!("too many users: at most {MAX_USERS}"),
+        ));
+    }
+    let mut users: Vec<AuthUser> = Vec::with_capacity(items.len());
+    for (position, item) in items.iter().enumerate() {
+        let position = position + 1;
+        let Some((name, password)) = item.split_once(':') else {
+            return Err(spec_error(
+                parameter,
+                format!("item {position} is not `user:password`"),
+            ));
+        };
+        let name = UserName::parse(parameter, name)?;
+        if password.is_empty() {
+            return Err(spec_error(
+                parameter,
+                format!("user `{}` has an empty password", name.as_str()),
+            ));
+        }
+        if users.iter().any(|user| user.name == name) {
+            return Err(spec_error(
+                parameter,
+                format!("user `{}` is listed twice", name.as_str()),
+            ));
+        }
+        let kept = known
+            .iter()
+            .find(|user| user.name == name && !encrypted && user.password.matches(password))
+            .map(|user| user.password.clone());
+        let password = match kept {
+            Some(hash) => hash,
+            None if encrypted => PasswordHash::parse(parameter, password)?,
+            None => PasswordHash::of_clear(parameter, password)?,
+        };
+        users.push(AuthUser { name, password });
+    }
+    Ok(users)
+}

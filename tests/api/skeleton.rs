@@ -117,6 +117,8 @@ pub fn settings(errors_dir: &std::path::Path) -> RenderSettings {
         stats_socket: "haproxy.sock".into(),
         errors_dir: errors_dir.to_path_buf(),
         https_only: false,
+        users: Vec::new(),
+        stats: None,
     }
 }
 
