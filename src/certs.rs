@@ -309,6 +309,11 @@ mod tests {
             Certificate::parse("a", mismatched.as_bytes()),
             Err(CertError::KeyMismatch)
         );
+        let oversized = format!("{cert}{key}{}", "x".repeat(MAX_PEM_BYTES));
+        assert_eq!(
+            Certificate::parse("a", oversized.as_bytes()),
+            Err(CertError::TooLarge(oversized.len()))
+        );
         let two_keys = format!("{cert}{key}{other_key}");
         assert_eq!(
             Certificate::parse("a", two_keys.as_bytes()),

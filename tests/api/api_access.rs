@@ -316,3 +316,48 @@ async fn oversized_requests_are_refused_with_414_and_413() {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(proxy.stored_spec("app").await, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_token_and_users_never_reach_the_log_even_at_debug() {
+    let registry = crate::fleet::SharedRegistry::start().await;
+    let backend = spawn_backend("app").await;
+    registry
+        .register_instance("app", "app-1", backend.port)
+        .await;
+    let mut proxy = crate::fleet::ProxyProcess::start_with(
+        &registry.address(),
+        crate::fleet::ProxyOptions {
+            env: vec![
+                ("API_TOKEN".into(), "tokenSecret5".into()),
+                ("API_USERS".into(), "carol:carolSecret6".into()),
+                ("RUST_LOG".into(), "debug".into()),
+            ],
+            ..crate::fleet::ProxyOptions::default()
+        },
+    )
+    .await;
+    let bearer = format!("Bearer {}", "tokenSecret5");
+    for authorization in [
+        bearer.as_str(),
+        &basic("carol", "carolSecret6"),
+        "Bearer wrongSecret7",
+    ] {
+        proxy
+            .http()
+            .get(proxy.api(RECONFIGURE))
+            .header("authorization", authorization)
+            .send()
+            .await
+            .expect("the API answers");
+    }
+    assert_eq!(
+        proxy.get_through_proxy("/app", None).await,
+        (StatusCode::OK, "app /app".into())
+    );
+    proxy.stop().await;
+    let log = proxy.log();
+    assert!(log.contains("bearer token or basic auth"), "{log}");
+    for secret in ["tokenSecret5", "carolSecret6", "wrongSecret7"] {
+        assert!(!log.contains(secret), "the log shows {secret}:\n{log}");
+    }
+}
