@@ -58,8 +58,14 @@ use stored::{SpecStore, StoredSpecs};
 /// Most changes applied with one validation and one reload.
 const MAX_BATCH: usize = 64;
 
-/// Most changes waiting for the core; an API call beyond that is answered 503 at once.
+/// Most API changes waiting for the core; an API call beyond that is answered 503 at once. The
+/// watches' changes do not count: a thousand services whose instances change at once must not
+/// lock callers out.
 pub const QUEUE_CAPACITY: usize = 64;
+
+/// Room in the channel to the core, for API calls and the watches together (a watch waits for
+/// room; an API call waits at most its change timeout).
+const CHANNEL_CAPACITY: usize = 256;
 
 /// Why a change was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +179,8 @@ pub struct Proxy {
     certificates: watch::Receiver<Arc<Vec<CertInfo>>>,
     /// How long an API call waits for its change.
     change_timeout: std::time::Duration,
+    /// One permit per API change waiting or being applied ([`QUEUE_CAPACITY`]).
+    api_slots: Arc<tokio::sync::Semaphore>,
     services: watch::Receiver<Arc<Vec<ServiceSpec>>>,
     haproxy: Haproxy,
 }
@@ -215,7 +223,7 @@ impl Proxy {
     /// background while HAProxy serves its last good configuration), then starts the core task,
     /// the KV watch and the instance watches.
     pub async fn start(parts: ProxyParts) -> Proxy {
-        let (changes, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let (changes, queue) = mpsc::channel(CHANNEL_CAPACITY);
         let (published, services) = watch::channel(Arc::new(Vec::new()));
         let (published_certificates, certificates) = watch::channel(Arc::new(Vec::new()));
         let haproxy = parts.haproxy.clone();
@@ -269,6 +277,7 @@ impl Proxy {
             changes,
             certificates,
             change_timeout: parts.change_timeout,
+            api_slots: Arc::new(tokio::sync::Semaphore::new(QUEUE_CAPACITY)),
             services,
             haproxy,
         }
@@ -337,19 +346,21 @@ impl Proxy {
             .map_err(ProxyError::Haproxy)
     }
 
-    /// Queues a change (refused at once when the queue is full) and waits for its outcome at
-    /// most the change timeout; a change whose caller stopped waiting is dropped by the core
-    /// unless it had started.
+    /// Queues an API change (refused at once when [`QUEUE_CAPACITY`] API changes are already
+    /// waiting) and waits for its outcome at most the change timeout; a change whose caller
+    /// stopped waiting is dropped by the core unless it had started.
     async fn submit(&self, change: Change) -> Outcome {
+        let _slot = self.api_slots.try_acquire().map_err(|_| ProxyError::Busy)?;
         let (reply, answer) = oneshot::channel();
-        self.changes
-            .try_send(Pending { change, reply })
-            .map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) => ProxyError::Busy,
-                mpsc::error::TrySendError::Closed(_) => ProxyError::Stopped,
-            })?;
-        match tokio::time::timeout(self.change_timeout, answer).await {
-            Ok(outcome) => outcome.map_err(|_| ProxyError::Stopped)?,
+        let applied = async {
+            self.changes
+                .send(Pending { change, reply })
+                .await
+                .map_err(|_| ProxyError::Stopped)?;
+            answer.await.map_err(|_| ProxyError::Stopped)?
+        };
+        match tokio::time::timeout(self.change_timeout, applied).await {
+            Ok(outcome) => outcome,
             Err(_) => Err(ProxyError::TimedOut {
                 seconds: self.change_timeout.as_secs(),
             }),
