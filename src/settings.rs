@@ -126,6 +126,12 @@ pub struct Settings {
     )]
     pub https_only: bool,
 
+    /// PEM file of the CA (one or more certificates) that signs client certificates: services
+    /// with `verifyClientSsl=true` require a client certificate signed by it (mutual TLS). Read
+    /// at start and copied into the data directory.
+    #[arg(long, env = "CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
     /// Basic auth for every service, `user:password,user2:password2`: each HTTP destination of a
     /// service without `users` of its own requires one of these users (unless it has
     /// `ignoreAuthorization=true`). Passwords are hashed at start and never logged.
