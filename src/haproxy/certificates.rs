@@ -81,7 +81,10 @@ impl ClientCa {
 
     /// `ca-<first 16 hex digits of the SHA-256 of the PEM>.pem`.
     fn file_name(&self) -> String {
-        format!("ca-{}.pem", hex_prefix(&Sha256::digest(self.pem.as_bytes())))
+        format!(
+            "ca-{}.pem",
+            hex_prefix(&Sha256::digest(self.pem.as_bytes()))
+        )
     }
 }
 
@@ -300,7 +303,9 @@ mod tests {
 
     #[test]
     fn a_ca_file_holds_certificates_only() {
-        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string()).unwrap();
+        let key = rcgen::KeyPair::generate()
+            .map_err(|e| e.to_string())
+            .unwrap();
         let ca = rcgen::CertificateParams::new(Vec::<String>::new())
             .unwrap()
             .self_signed(&key)

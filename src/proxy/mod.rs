@@ -133,7 +133,7 @@ type Certificates = BTreeMap<ServiceName, Certificate>;
 enum Change {
     /// Route a service; with a certificate (`serviceCert`), store it under the service's name in
     /// the same step (both or neither).
-    Reconfigure(ServiceSpec, Option<Certificate>),
+    Reconfigure(ServiceSpec, Option<Box<Certificate>>),
     Remove(ServiceName),
     /// Store (or replace) a certificate and serve it.
     PutCert(Certificate),
@@ -300,7 +300,7 @@ impl Proxy {
         spec: ServiceSpec,
         certificate: Certificate,
     ) -> Result<ServiceSpec, ProxyError> {
-        self.submit(Change::Reconfigure(spec, Some(certificate)))
+        self.submit(Change::Reconfigure(spec, Some(Box::new(certificate))))
             .await?
             .ok_or(ProxyError::Stopped)
     }
@@ -499,8 +499,9 @@ impl Core {
                 Change::Reconfigure(spec, certificate) => {
                     self.admit(&candidate, spec)?;
                     if let Some(certificate) = certificate {
-                        candidate_certs.insert(certificate.name().clone(), certificate.clone());
+                        let certificate = Certificate::clone(certificate);
                         requested_certs.insert(certificate.name().clone());
+                        candidate_certs.insert(certificate.name().clone(), certificate);
                     }
                     let instances = self
                         .registry

@@ -392,7 +392,10 @@ fn backend_rules(spec: &ServiceSpec, destination: &Destination) -> Vec<BackendRu
             header: None,
             value: None,
             guard: Some("unless"),
-            condition: vec!["{ ssl_c_used }".to_string(), "{ ssl_c_verify 0 }".to_string()],
+            condition: vec![
+                "{ ssl_c_used }".to_string(),
+                "{ ssl_c_verify 0 }".to_string(),
+            ],
         });
     }
     if !destination.allowed_methods().is_empty() {

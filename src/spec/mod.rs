@@ -231,7 +231,11 @@ impl ServiceSpec {
     /// The service's `serviceDomain`s over every destination, in destination order, unique.
     pub fn all_service_domains(&self) -> Vec<&Domain> {
         let mut domains: Vec<&Domain> = Vec::new();
-        for domain in self.destinations.iter().flat_map(|d| d.service_domain.iter()) {
+        for domain in self
+            .destinations
+            .iter()
+            .flat_map(|d| d.service_domain.iter())
+        {
             if !domains.contains(&domain) {
                 domains.push(domain);
             }
@@ -302,11 +306,28 @@ impl ServiceSpec {
                  client sends (SNI), so the service must be reached by domain",
             ));
         }
-        if spec.verify_client_ssl && no_http {
-            return Err(spec_error(
-                "verifyClientSsl",
-                "needs an http destination: client certificates are checked by the HTTPS frontend",
-            ));
+        if spec.verify_client_ssl {
+            if spec.destinations.iter().any(|d| d.req_mode == ReqMode::Tcp) {
+                return Err(spec_error(
+                    "verifyClientSsl",
+                    "applies to http destinations only: client certificates are checked by the \
+                     HTTPS frontend, which a reqMode=tcp destination does not pass through",
+                ));
+            }
+            let loose = spec
+                .all_service_domains()
+                .into_iter()
+                .find(|d| d.is_wildcard() && !d.host_pattern().starts_with('.'));
+            if let Some(domain) = loose {
+                return Err(spec_error(
+                    "verifyClientSsl",
+                    format!(
+                        "cannot ask for a client certificate on serviceDomain {domain}: a TLS \
+                         client names one host, so use exact domains or whole-label wildcards \
+                         (`*.example.com`)"
+                    ),
+                ));
+            }
         }
         for (position, destination) in spec.destinations.iter().enumerate() {
             destination.check()?;
