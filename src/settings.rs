@@ -250,6 +250,15 @@ mod tests {
     }
 
     #[test]
+    fn ca_file_is_unset_by_default_and_takes_a_path() {
+        assert_eq!(parse(&[]).ca_file, None);
+        assert_eq!(
+            parse(&["--ca-file", "/etc/flow-proxy/ca.pem"]).ca_file,
+            Some(std::path::PathBuf::from("/etc/flow-proxy/ca.pem"))
+        );
+    }
+
+    #[test]
     fn haproxy_is_left_running_on_exit_unless_told_to_stop_it() {
         assert!(!parse(&[]).stop_haproxy_on_exit);
         assert!(parse(&["--stop-haproxy-on-exit"]).stop_haproxy_on_exit);

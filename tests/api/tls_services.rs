@@ -3,6 +3,7 @@
 //! (`sslVerifyNone`). Every request here is a real TLS handshake with HAProxy.
 
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -275,9 +276,38 @@ async fn verify_client_ssl_requires_a_client_certificate_signed_by_the_ca_file()
     proxy
         .reconfigure_ok("serviceName=open&serviceDomain=open.example.test")
         .await;
-    // haproxy.cfg names the CA inside the data directory only.
+    // The CA is copied into the data directory (owner-only, content-addressed) and the
+    // crt-list names that copy, never the file given to --ca-file.
     let config = proxy.config().await;
     assert!(!config.contains(&directory.path().display().to_string()));
+    let certs_dir = proxy.data_dir().join("certs");
+    let names: Vec<String> = std::fs::read_dir(&certs_dir)
+        .expect("certs directory")
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    let ca_copy = names
+        .iter()
+        .find(|name| name.starts_with("ca-") && name.ends_with(".pem"))
+        .unwrap_or_else(|| panic!("a copy of the CA in {names:?}"));
+    let mode = std::fs::metadata(certs_dir.join(ca_copy))
+        .expect("CA copy")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let list = names
+        .iter()
+        .find(|name| name.starts_with("crt-list-"))
+        .expect("a crt-list");
+    let list = std::fs::read_to_string(certs_dir.join(list)).expect("crt-list");
+    assert!(
+        list.lines()
+            .next()
+            .is_some_and(|line| line.ends_with(&format!(
+                "[verify required ca-file certs/{ca_copy}] secure.example.test"
+            ))),
+        "{list}"
+    );
 
     let port = https_port(&proxy);
     let host = "secure.example.test";
