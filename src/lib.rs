@@ -81,6 +81,9 @@ pub enum StartError {
     /// HAProxy did not start.
     #[error(transparent)]
     Haproxy(#[from] HaproxyError),
+    /// `--ca-file` could not be read or holds no certificate.
+    #[error(transparent)]
+    CaFile(#[from] haproxy::CaFileError),
     /// The API's credentials are unusable.
     #[error(transparent)]
     ApiAccess(#[from] api::AccessError),
@@ -121,6 +124,11 @@ impl FlowProxy {
     pub async fn start(settings: Settings) -> Result<FlowProxy, StartError> {
         let (access, api_address) = api_access(&settings)?;
         let (users, stats) = edge_auth(&settings)?;
+        let client_ca = settings
+            .ca_file
+            .as_deref()
+            .map(haproxy::ClientCa::read)
+            .transpose()?;
         let data_dir = prepare_data_dir(&settings.data_dir).await?;
 
         let (embedded_registry, consul_addresses) = if settings.consul_address.is_empty() {
@@ -182,6 +190,7 @@ impl FlowProxy {
                 enable_h2: settings.enable_h2,
             },
             max_instance_watches: limits::instance_watch_budget(embedded_registry.is_some()),
+            client_ca,
         })
         .await;
 

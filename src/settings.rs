@@ -126,6 +126,12 @@ pub struct Settings {
     )]
     pub https_only: bool,
 
+    /// PEM file of the CA (one or more certificates) that signs client certificates: services
+    /// with `verifyClientSsl=true` require a client certificate signed by it (mutual TLS). Read
+    /// at start and copied into the data directory.
+    #[arg(long, env = "CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
     /// Basic auth for every service, `user:password,user2:password2`: each HTTP destination of a
     /// service without `users` of its own requires one of these users (unless it has
     /// `ignoreAuthorization=true`). Passwords are hashed at start and never logged.
@@ -241,6 +247,15 @@ mod tests {
         assert!(!parse(&["--watch-instances=false"]).watch_instances);
         assert!(!parse(&["--watch-instances", "false"]).watch_instances);
         assert!(Settings::try_parse_from(["flow-proxy", "--watch-instances=maybe"]).is_err());
+    }
+
+    #[test]
+    fn ca_file_is_unset_by_default_and_takes_a_path() {
+        assert_eq!(parse(&[]).ca_file, None);
+        assert_eq!(
+            parse(&["--ca-file", "/etc/flow-proxy/ca.pem"]).ca_file,
+            Some(std::path::PathBuf::from("/etc/flow-proxy/ca.pem"))
+        );
     }
 
     #[test]

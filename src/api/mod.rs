@@ -105,12 +105,45 @@ fn named_service(pairs: &[(String, String)]) -> Option<String> {
         .map(|(_, value)| value.clone())
 }
 
+/// Takes Docker Flow Proxy's `serviceCert` out of a reconfigure query: the PEM is the query
+/// value or the request body (not both); `None` when neither is given.
+fn take_service_cert(
+    pairs: &mut Vec<(String, String)>,
+    body: &[u8],
+) -> Result<Option<Vec<u8>>, SpecError> {
+    let mut from_query: Vec<String> = Vec::new();
+    pairs.retain(|(name, value)| {
+        let is_cert = name == "serviceCert";
+        if is_cert {
+            from_query.push(value.clone());
+        }
+        !is_cert
+    });
+    let cert_error = |message: &str| SpecError {
+        parameter: "serviceCert".into(),
+        message: message.into(),
+    };
+    let body = (!body.iter().all(u8::is_ascii_whitespace)).then_some(body);
+    match (from_query.as_slice(), body) {
+        ([], None) => Ok(None),
+        ([], Some(body)) => Ok(Some(body.to_vec())),
+        ([pem], None) => Ok(Some(pem.as_bytes().to_vec())),
+        ([_], Some(_)) => Err(cert_error(
+            "given both in the query and as the request body; send the PEM once",
+        )),
+        _ => Err(cert_error("given more than once")),
+    }
+}
+
 async fn reconfigure(
     State(proxy): State<Proxy>,
     RawQuery(query): RawQuery,
+    body: Bytes,
 ) -> Result<Json<Map<String, Value>>, ApiError> {
-    let pairs = query_pairs(query)?;
+    let mut pairs = query_pairs(query)?;
     let about = named_service(&pairs);
+    let service_cert =
+        take_service_cert(&mut pairs, &body).map_err(|e| ApiError::from(e).about(about.clone()))?;
     // The service's spec now: a repeated clear password keeps its hash (and haproxy.cfg its text).
     let services = proxy.services();
     let current = about
@@ -118,11 +151,44 @@ async fn reconfigure(
         .and_then(|name| services.iter().find(|s| s.service_name().as_str() == name));
     let spec = ServiceSpec::from_query_keeping(&pairs, current)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
-    let applied = proxy
-        .reconfigure(spec)
-        .await
-        .map_err(|error| ApiError::from(error).about(about))?;
-    Ok(Json(answer("OK", String::new(), Some(&applied))))
+    if spec.verify_client_ssl() && !proxy.has_client_ca() {
+        let error = SpecError {
+            parameter: "verifyClientSsl".into(),
+            message: "needs the CA that signs client certificates: start flow-proxy with \
+                      --ca-file (env CA_FILE)"
+                .into(),
+        };
+        return Err(ApiError::from(error).about(about));
+    }
+    let certificate = service_cert
+        .map(|pem| {
+            Certificate::parse(spec.service_name().as_str(), &pem).map_err(|error| SpecError {
+                parameter: "serviceCert".into(),
+                message: error.to_string(),
+            })
+        })
+        .transpose()
+        .map_err(|error| ApiError::from(error).about(about.clone()))?;
+    let message = certificate
+        .as_ref()
+        .and_then(|certificate| expiry_warning(certificate.info()))
+        .unwrap_or_default();
+    let applied = match certificate {
+        Some(certificate) => proxy.reconfigure_with_cert(spec, certificate).await,
+        None => proxy.reconfigure(spec).await,
+    }
+    .map_err(|error| ApiError::from(error).about(about))?;
+    Ok(Json(answer("OK", message, Some(&applied))))
+}
+
+/// The warning an answer carries when a stored certificate has expired.
+fn expiry_warning(info: &crate::certs::CertInfo) -> Option<String> {
+    info.expired.then(|| {
+        format!(
+            "warning: the certificate expired on {}; clients will refuse it",
+            info.not_after
+        )
+    })
 }
 
 async fn remove(
@@ -208,14 +274,7 @@ async fn put_cert(
     let certificate = Certificate::parse(&name, &body)?;
     let info = certificate.info().clone();
     proxy.put_cert(certificate).await?;
-    let message = if info.expired {
-        format!(
-            "warning: the certificate expired on {}; clients will refuse it",
-            info.not_after
-        )
-    } else {
-        String::new()
-    };
+    let message = expiry_warning(&info).unwrap_or_default();
     let mut body = answer("OK", message, None);
     body.insert(
         "Certificate".into(),

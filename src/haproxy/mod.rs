@@ -34,7 +34,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
-pub use certificates::CERTS_DIR;
+pub use certificates::{certificate_for, CaFileError, ClientAuth, ClientCa, CERTS_DIR};
 pub use ports::{bind_addresses, PortError};
 pub use runtime::{command as runtime_command, serving_pid, COMMAND_TIMEOUT};
 

@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::certs::{CertInfo, Certificate};
-use crate::haproxy::{Haproxy, HaproxyError};
+use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, RegistryError};
 use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings};
@@ -137,7 +137,9 @@ type RoutingState = BTreeMap<ServiceName, Routed>;
 type Certificates = BTreeMap<ServiceName, Certificate>;
 
 enum Change {
-    Reconfigure(ServiceSpec),
+    /// Route a service; with a certificate (`serviceCert`), store it under the service's name in
+    /// the same step (both or neither).
+    Reconfigure(ServiceSpec, Option<Box<Certificate>>),
     Remove(ServiceName),
     /// Store (or replace) a certificate and serve it.
     PutCert(Certificate),
@@ -183,6 +185,7 @@ pub struct Proxy {
     api_slots: Arc<tokio::sync::Semaphore>,
     services: watch::Receiver<Arc<Vec<ServiceSpec>>>,
     haproxy: Haproxy,
+    has_client_ca: bool,
 }
 
 /// What the core needs to run.
@@ -207,6 +210,8 @@ pub struct ProxyParts {
     pub change_timeout: std::time::Duration,
     /// The HTTPS frontend's port and ALPN, used once a certificate is stored.
     pub https: HttpsOptions,
+    /// The CA of `--ca-file`, which `verifyClientSsl` services check client certificates with.
+    pub client_ca: Option<ClientCa>,
 }
 
 /// How the HTTPS frontend listens, once a certificate is stored.
@@ -241,6 +246,7 @@ impl Proxy {
             published_certificates,
             certs: BTreeMap::new(),
             https: parts.https,
+            client_ca: parts.client_ca.clone(),
             stored_floor: 0,
             applied_config,
             instance_watches: InstanceWatches::new(
@@ -280,12 +286,30 @@ impl Proxy {
             api_slots: Arc::new(tokio::sync::Semaphore::new(QUEUE_CAPACITY)),
             services,
             haproxy,
+            has_client_ca: parts.client_ca.is_some(),
         }
+    }
+
+    /// Whether `--ca-file` was given (`verifyClientSsl` needs it).
+    pub fn has_client_ca(&self) -> bool {
+        self.has_client_ca
     }
 
     /// Routes a service as `spec` describes (adds it or replaces its previous spec).
     pub async fn reconfigure(&self, spec: ServiceSpec) -> Result<ServiceSpec, ProxyError> {
-        self.submit(Change::Reconfigure(spec))
+        self.submit(Change::Reconfigure(spec, None))
+            .await?
+            .ok_or(ProxyError::Stopped)
+    }
+
+    /// Routes a service as `spec` describes and stores `certificate` (named after the service)
+    /// in the same step: one reload, and both are stored or neither.
+    pub async fn reconfigure_with_cert(
+        &self,
+        spec: ServiceSpec,
+        certificate: Certificate,
+    ) -> Result<ServiceSpec, ProxyError> {
+        self.submit(Change::Reconfigure(spec, Some(Box::new(certificate))))
             .await?
             .ok_or(ProxyError::Stopped)
     }
@@ -380,6 +404,8 @@ struct Core {
     /// The certificates served, by name.
     certs: Certificates,
     https: HttpsOptions,
+    /// `--ca-file`, for the `verifyClientSsl` services.
+    client_ca: Option<ClientCa>,
     /// The KV index after this proxy's last write: reads of the stored specs older than that are
     /// ignored.
     stored_floor: u64,
@@ -481,8 +507,13 @@ impl Core {
         let mut force_reload = false;
         for change in changes {
             match change {
-                Change::Reconfigure(spec) => {
+                Change::Reconfigure(spec, certificate) => {
                     self.admit(&candidate, spec)?;
+                    if let Some(certificate) = certificate {
+                        let certificate = Certificate::clone(certificate);
+                        requested_certs.insert(certificate.name().clone());
+                        candidate_certs.insert(certificate.name().clone(), certificate);
+                    }
                     let instances = self
                         .registry
                         .healthy_instances(&spec.consul_service_name())
@@ -556,7 +587,7 @@ impl Core {
         let caused_by_request = changes.iter().any(|change| {
             matches!(
                 change,
-                Change::Reconfigure(_) | Change::PutCert(_) | Change::DeleteCert(_)
+                Change::Reconfigure(..) | Change::PutCert(_) | Change::DeleteCert(_)
             )
         });
         self.haproxy
@@ -588,7 +619,6 @@ impl Core {
                 None => tracing::info!(certificate = %name, "certificate removed"),
             }
         }
-        self.commit_certs(candidate_certs).await;
         for name in &persisted {
             match candidate.get(name) {
                 Some(_) => tracing::info!(service = %name, "service reconfigured"),
@@ -596,6 +626,7 @@ impl Core {
             }
         }
         self.commit(candidate);
+        self.commit_certs(candidate_certs).await;
         Ok(outcomes)
     }
 
@@ -800,9 +831,10 @@ impl Core {
             })
             .collect();
         let certificates: Vec<&Certificate> = certs.values().collect();
+        let client_auth = self.client_auth(state, &certificates);
         let tls = self
             .haproxy
-            .write_certificates(&certificates)
+            .write_certificates(&certificates, client_auth.as_ref())
             .await
             .map_err(ProxyError::Haproxy)?
             .map(|crt_list| TlsSettings {
@@ -880,17 +912,46 @@ impl Core {
         }
     }
 
-    /// Makes `certs` the served certificates, publishes what may be shown of them, and removes
-    /// the files no configuration names any more.
-    async fn commit_certs(&mut self, certs: Certificates) {
-        if certs == self.certs {
-            return;
+    /// The crt-list lines asking for a client certificate: each `serviceDomain` of the
+    /// `verifyClientSsl` services of `state`, with the certificate served for it. `None` without
+    /// `--ca-file` (such services then only ever answer 403, see the backend's rule).
+    fn client_auth<'a>(
+        &'a self,
+        state: &RoutingState,
+        certificates: &[&'a Certificate],
+    ) -> Option<ClientAuth<'a>> {
+        let ca = self.client_ca.as_ref()?;
+        let mut domains: Vec<(String, &Certificate)> = Vec::new();
+        for routed in state.values().filter(|r| r.spec.verify_client_ssl()) {
+            let service = routed.spec.service_name().as_str();
+            for domain in routed.spec.all_service_domains() {
+                let filter = domain.to_string();
+                if domains.iter().any(|(known, _)| *known == filter) {
+                    continue;
+                }
+                if let Some(certificate) = certificate_for(certificates, service, &filter) {
+                    domains.push((filter, certificate));
+                }
+            }
         }
-        self.certs = certs;
-        let infos = self.certs.values().map(|c| c.info().clone()).collect();
-        self.published_certificates.send_replace(Arc::new(infos));
+        Some(ClientAuth { ca, domains })
+    }
+
+    /// Makes `certs` the served certificates, publishes what may be shown of them, and removes
+    /// the files the configuration of the routed state (committed first) no longer names.
+    async fn commit_certs(&mut self, certs: Certificates) {
+        if certs != self.certs {
+            self.certs = certs;
+            let infos = self.certs.values().map(|c| c.info().clone()).collect();
+            self.published_certificates.send_replace(Arc::new(infos));
+        }
         let certificates: Vec<&Certificate> = self.certs.values().collect();
-        match self.haproxy.write_certificates(&certificates).await {
+        let client_auth = self.client_auth(&self.state, &certificates);
+        let written = self
+            .haproxy
+            .write_certificates(&certificates, client_auth.as_ref())
+            .await;
+        match written {
             Ok(live_list) => self.haproxy.prune_certificates(live_list.as_deref()).await,
             Err(error) => tracing::warn!(%error, "checking the certificate files failed"),
         }

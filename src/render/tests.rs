@@ -882,3 +882,29 @@ fn redirect_from_domain_on_a_src_port_keeps_the_port_and_https_redirects_stay_in
     ), "{text}");
     assert!(!text.contains("scheme https"), "{text}");
 }
+
+#[test]
+fn tls_per_service_renders_tls_servers_and_the_client_certificate_rule() {
+    let secure = spec(&[
+        ("serviceName", "secure"),
+        ("serviceDomain", "secure.example.com"),
+        ("verifyClientSsl", "true"),
+        ("sslVerifyNone", "true"),
+    ]);
+    let instances = vec![inst("10.0.0.7", 8443)];
+    let routes = [ServiceRoute {
+        spec: &secure,
+        instances: &instances,
+    }];
+    let renderer = Renderer::new(None).unwrap();
+    let config = renderer.render(&golden_settings(), &routes).unwrap();
+    assert!(
+        config.contains("server 10.0.0.7_8443 10.0.0.7:8443 check ssl verify none\n"),
+        "{config}"
+    );
+    assert!(
+        config
+            .contains("http-request deny deny_status 403 unless { ssl_c_used } { ssl_c_verify 0 }"),
+        "{config}"
+    );
+}

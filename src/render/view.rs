@@ -178,6 +178,8 @@ struct ServerView {
     name: String,
     address: String,
     check: bool,
+    /// `sslVerifyNone`: connect to the instance over TLS without verifying its certificate.
+    ssl_verify_none: bool,
 }
 
 /// The backend of one destination: `<serviceName>-be<index>`. Unique, because the index is the
@@ -381,6 +383,21 @@ fn backend_rules(spec: &ServiceSpec, destination: &Destination) -> Vec<BackendRu
         guard: Some(guard),
         condition,
     };
+    if spec.verify_client_ssl() {
+        // The crt-list asks for the certificate by SNI; this also refuses a request whose Host
+        // names the service over a connection made for another name, or over plain HTTP.
+        rules.push(BackendRuleView {
+            direction: "http-request",
+            action: "deny deny_status 403",
+            header: None,
+            value: None,
+            guard: Some("unless"),
+            condition: vec![
+                "{ ssl_c_used }".to_string(),
+                "{ ssl_c_verify 0 }".to_string(),
+            ],
+        });
+    }
     if !destination.allowed_methods().is_empty() {
         rules.push(deny_405("unless", words(destination.allowed_methods())));
     }
@@ -540,6 +557,7 @@ fn backend_view(
                 name: format!("{}_{}", instance.address(), instance.port()),
                 address,
                 check: !spec.skip_check(),
+                ssl_verify_none: spec.ssl_verify_none(),
             }
         })
         .collect();

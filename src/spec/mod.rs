@@ -81,6 +81,10 @@ pub struct ServiceSpec {
     redirect_when_http_proto: bool,
     /// Header rules, applied in every HTTP destination's backend.
     headers: HeaderRules,
+    /// `verifyClientSsl`: clients must present a certificate signed by `--ca-file`.
+    verify_client_ssl: bool,
+    /// `sslVerifyNone`: the instances speak TLS, connected to without verifying their certificate.
+    ssl_verify_none: bool,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -214,6 +218,31 @@ impl ServiceSpec {
         &self.headers
     }
 
+    /// Whether clients must present a certificate signed by `--ca-file` (`verifyClientSsl`).
+    pub fn verify_client_ssl(&self) -> bool {
+        self.verify_client_ssl
+    }
+
+    /// Whether the instances speak TLS, unverified (`sslVerifyNone`).
+    pub fn ssl_verify_none(&self) -> bool {
+        self.ssl_verify_none
+    }
+
+    /// The service's `serviceDomain`s over every destination, in destination order, unique.
+    pub fn all_service_domains(&self) -> Vec<&Domain> {
+        let mut domains: Vec<&Domain> = Vec::new();
+        for domain in self
+            .destinations
+            .iter()
+            .flat_map(|d| d.service_domain.iter())
+        {
+            if !domains.contains(&domain) {
+                domains.push(domain);
+            }
+        }
+        domains
+    }
+
     /// The service's own basic-auth users (`users`); empty when it has none.
     pub fn users(&self) -> &[AuthUser] {
         &self.users
@@ -267,6 +296,36 @@ impl ServiceSpec {
                 return Err(spec_error(
                     parameter,
                     "needs an http destination: header rules do not apply to reqMode=tcp",
+                ));
+            }
+        }
+        if spec.verify_client_ssl && spec.all_service_domains().is_empty() {
+            return Err(spec_error(
+                "verifyClientSsl",
+                "needs a serviceDomain: HAProxy asks for a client certificate by the name the \
+                 client sends (SNI), so the service must be reached by domain",
+            ));
+        }
+        if spec.verify_client_ssl {
+            if spec.destinations.iter().any(|d| d.req_mode == ReqMode::Tcp) {
+                return Err(spec_error(
+                    "verifyClientSsl",
+                    "applies to http destinations only: client certificates are checked by the \
+                     HTTPS frontend, which a reqMode=tcp destination does not pass through",
+                ));
+            }
+            let loose = spec
+                .all_service_domains()
+                .into_iter()
+                .find(|d| d.is_wildcard() && !d.host_pattern().starts_with('.'));
+            if let Some(domain) = loose {
+                return Err(spec_error(
+                    "verifyClientSsl",
+                    format!(
+                        "cannot ask for a client certificate on serviceDomain {domain}: a TLS \
+                         client names one host, so use exact domains or whole-label wildcards \
+                         (`*.example.com`)"
+                    ),
                 ));
             }
         }

@@ -62,6 +62,9 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("users", Scope::Service),
     ("usersPassEncrypted", Scope::Service),
     ("ignoreAuthorization", Scope::Destination),
+    // TLS per service (`serviceCert` is taken by the API: it is a certificate, not a spec value).
+    ("verifyClientSsl", Scope::Service),
+    ("sslVerifyNone", Scope::Service),
 ];
 
 /// Highest destination index accepted.
@@ -213,6 +216,16 @@ pub(crate) fn build_spec(
     let redirect_when_http_proto = service
         .get("redirectWhenHttpProto")
         .map(|v| parse_flag("redirectWhenHttpProto", v))
+        .transpose()?
+        .unwrap_or(false);
+    let verify_client_ssl = service
+        .get("verifyClientSsl")
+        .map(|v| parse_flag("verifyClientSsl", v))
+        .transpose()?
+        .unwrap_or(false);
+    let ssl_verify_none = service
+        .get("sslVerifyNone")
+        .map(|v| parse_flag("sslVerifyNone", v))
         .transpose()?
         .unwrap_or(false);
     let header_lines = |parameter: &str| {
@@ -374,6 +387,8 @@ pub(crate) fn build_spec(
         redirect_when_http_proto,
         headers,
         users,
+        verify_client_ssl,
+        ssl_verify_none,
     })
 }
 

@@ -75,6 +75,10 @@ pub(super) struct StoredSpec {
     del_res_header: Vec<String>,
     #[serde(default)]
     users: Vec<StoredUser>,
+    #[serde(default)]
+    verify_client_ssl: bool,
+    #[serde(default)]
+    ssl_verify_none: bool,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -139,6 +143,8 @@ impl From<ServiceSpec> for StoredSpec {
         let headers = &spec.headers;
         StoredSpec {
             redirect_when_http_proto: spec.redirect_when_http_proto,
+            verify_client_ssl: spec.verify_client_ssl,
+            ssl_verify_none: spec.ssl_verify_none,
             add_req_header: texts(&headers.add_req),
             set_req_header: texts(&headers.set_req),
             del_req_header: texts(&headers.del_req),
@@ -336,6 +342,8 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             redirect_when_http_proto: stored.redirect_when_http_proto,
             headers,
             users,
+            verify_client_ssl: stored.verify_client_ssl,
+            ssl_verify_none: stored.ssl_verify_none,
         })
     }
 }

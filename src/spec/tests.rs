@@ -1093,3 +1093,59 @@ fn a_repeated_clear_password_keeps_the_current_hash_and_a_new_one_is_hashed_afre
     assert_ne!(not_shared.users()[0], first.users()[0]);
     assert_ne!(not_shared.users()[0], other.users()[0]);
 }
+
+#[test]
+fn tls_per_service_flags_are_read_stored_and_checked() {
+    let spec = accepted(&[
+        ("serviceName", "secure"),
+        ("serviceDomain", "a.example.com,*.example.org"),
+        ("verifyClientSsl", "true"),
+        ("sslVerifyNone", "true"),
+    ]);
+    assert!(spec.verify_client_ssl());
+    assert!(spec.ssl_verify_none());
+    let stored = serde_json::to_string(&spec).unwrap();
+    assert_eq!(serde_json::from_str::<ServiceSpec>(&stored).unwrap(), spec);
+    let plain = accepted(&[("serviceName", "plain"), ("servicePath", "/")]);
+    assert!(!plain.verify_client_ssl() && !plain.ssl_verify_none());
+
+    refused_with(
+        &[
+            ("serviceName", "s"),
+            ("servicePath", "/"),
+            ("verifyClientSsl", "true"),
+        ],
+        "verifyClientSsl",
+        &["serviceDomain", "SNI"],
+    );
+    refused_with(
+        &[
+            ("serviceName", "s"),
+            ("serviceDomain", "*example.com"),
+            ("verifyClientSsl", "true"),
+        ],
+        "verifyClientSsl",
+        &["*.example.com"],
+    );
+    refused_with(
+        &[
+            ("serviceName", "s"),
+            ("serviceDomain", "a.example.com"),
+            ("srcPort.1", "5000"),
+            ("reqMode.1", "tcp"),
+            ("port.1", "5000"),
+            ("verifyClientSsl", "true"),
+        ],
+        "verifyClientSsl",
+        &["tcp"],
+    );
+    refused_with(
+        &[
+            ("serviceName", "s"),
+            ("servicePath", "/"),
+            ("sslVerifyNone", "maybe"),
+        ],
+        "sslVerifyNone",
+        &[],
+    );
+}

@@ -61,6 +61,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         https_port: free_port(),
         enable_h2: true,
         https_only: false,
+        ca_file: None,
         templates_dir: None,
         users: None,
         users_pass_encrypted: false,

@@ -31,5 +31,6 @@ mod slow_registry;
 mod stats_page;
 mod supervision;
 mod tls;
+mod tls_services;
 mod traffic_rules;
 mod validation;
