@@ -21,7 +21,7 @@ pub use error::{ApiError, ApiErrorKind};
 
 use crate::certs::Certificate;
 use crate::proxy::Proxy;
-use crate::spec::{self, ServiceName, ServiceSpec, SpecError};
+use crate::spec::{self, IgnoredParameter, ServiceName, ServiceSpec, SpecError};
 
 /// Longest query string accepted (414 beyond).
 pub const MAX_QUERY_BYTES: usize = 16 * 1024;
@@ -92,6 +92,15 @@ fn answer(status: &str, message: String, spec: Option<&ServiceSpec>) -> Map<Stri
     body
 }
 
+/// The answer's `Message` naming the parameters accepted and ignored, with their reasons.
+fn ignored_message(ignored: &[IgnoredParameter]) -> String {
+    ignored
+        .iter()
+        .map(IgnoredParameter::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The decoded query pairs, in request order.
 fn query_pairs(query: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
     Ok(serde_urlencoded::from_str(query.as_deref().unwrap_or(""))?)
@@ -116,13 +125,17 @@ async fn reconfigure(
     let current = about
         .as_deref()
         .and_then(|name| services.iter().find(|s| s.service_name().as_str() == name));
-    let spec = ServiceSpec::from_query_keeping(&pairs, current)
+    let (spec, ignored) = ServiceSpec::from_query_keeping(&pairs, current)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     let applied = proxy
         .reconfigure(spec)
         .await
         .map_err(|error| ApiError::from(error).about(about))?;
-    Ok(Json(answer("OK", String::new(), Some(&applied))))
+    Ok(Json(answer(
+        "OK",
+        ignored_message(&ignored),
+        Some(&applied),
+    )))
 }
 
 async fn remove(
@@ -131,21 +144,22 @@ async fn remove(
 ) -> Result<Json<Map<String, Value>>, ApiError> {
     let pairs = query_pairs(query)?;
     let about = named_service(&pairs);
-    let name = spec::service_name_from_query(&pairs)
+    let (name, ignored) = spec::service_name_from_query(&pairs)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     let removed = proxy
         .remove(name.clone())
         .await
         .map_err(|error| ApiError::from(error).about(about))?;
     Ok(Json(match removed {
-        Some(spec) => answer("OK", String::new(), Some(&spec)),
+        Some(spec) => answer("OK", ignored_message(&ignored), Some(&spec)),
         None => {
-            let mut body = answer(
-                "OK",
+            let mut message =
                 "the service was not routed: its stored spec did not validate; it is deleted"
-                    .into(),
-                None,
-            );
+                    .to_string();
+            if !ignored.is_empty() {
+                message = format!("{message}; {}", ignored_message(&ignored));
+            }
+            let mut body = answer("OK", message, None);
             body.insert("ServiceName".into(), name.as_str().into());
             body
         }

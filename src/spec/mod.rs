@@ -37,6 +37,7 @@ pub use values::{
 };
 
 use query::indexed;
+pub use query::IgnoredParameter;
 use values::{shown, spec_error, MAX_DOMAIN_LABEL_LEN, MAX_DOMAIN_LEN};
 
 /// Most destinations one service may have (indices run from 0 to 999, but at most this many
@@ -144,16 +145,17 @@ pub struct Destination {
 impl ServiceSpec {
     /// Parses a reconfigure query (all pairs, percent-decoded, in request order) into a spec.
     pub fn from_query(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
-        query::build_spec(pairs, None)
+        query::build_spec(pairs, None).map(|(spec, _)| spec)
     }
 
     /// [`ServiceSpec::from_query`] for a service whose spec is `current` now: a clear password
     /// that matches the hash `current` holds for the same user keeps that hash, so repeating a
-    /// reconfigure renders the same haproxy.cfg (a new random salt would change it).
+    /// reconfigure renders the same haproxy.cfg (a new random salt would change it). Also returns
+    /// the Docker Flow Proxy parameters that were accepted and ignored, for the answer.
     pub fn from_query_keeping(
         pairs: &[(String, String)],
         current: Option<&ServiceSpec>,
-    ) -> Result<ServiceSpec, SpecError> {
+    ) -> Result<(ServiceSpec, Vec<IgnoredParameter>), SpecError> {
         query::build_spec(pairs, current)
     }
 
@@ -581,8 +583,11 @@ impl ServiceSpec {
     }
 }
 
-/// Reads the `serviceName` of a remove query; every other parameter is rejected.
-pub fn service_name_from_query(pairs: &[(String, String)]) -> Result<ServiceName, SpecError> {
+/// Reads the `serviceName` of a remove query, with the Docker Flow Proxy parameters accepted and
+/// ignored (`aclName`, `distribute`, …); every other parameter is rejected.
+pub fn service_name_from_query(
+    pairs: &[(String, String)],
+) -> Result<(ServiceName, Vec<IgnoredParameter>), SpecError> {
     query::remove_service_name(pairs)
 }
 
