@@ -77,7 +77,7 @@ use std::path::{Path, PathBuf};
 
 use handlebars::Handlebars;
 
-use crate::spec::{AuthUser, Instance, ServiceSpec, MASKED_PASSWORD};
+use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -151,6 +151,9 @@ pub struct RenderSettings {
     pub users: Vec<AuthUser>,
     /// HAProxy's stats page; `None` unless both stats credentials are set.
     pub stats: Option<StatsSettings>,
+    /// `--service-domain-algo`: how exact domains match for services without
+    /// `serviceDomainAlgo` of their own.
+    pub service_domain_algo: DomainAlgo,
 }
 
 /// HAProxy's stats page behind basic auth (`--stats-user`, `--stats-pass`, `--stats-uri`,

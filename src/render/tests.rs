@@ -34,6 +34,7 @@ fn golden_settings() -> RenderSettings {
         https_only: false,
         users: Vec::new(),
         stats: None,
+        service_domain_algo: Default::default(),
     }
 }
 
@@ -164,6 +165,7 @@ fn haproxy_check_with(
         https_only: false,
         users: Vec::new(),
         stats: None,
+        service_domain_algo: Default::default(),
     };
     edit(&mut settings);
     let config = dir.path().join("haproxy.cfg");
@@ -881,4 +883,55 @@ fn redirect_from_domain_on_a_src_port_keeps_the_port_and_https_redirects_stay_in
         "    http-request redirect prefix http://admin.example.com:8081 code 301 if from_domain_admin-be0\n"
     ), "{text}");
     assert!(!text.contains("scheme https"), "{text}");
+}
+
+#[test]
+fn service_domain_algo_chooses_the_exact_domains_match_and_haproxy_accepts_it() {
+    let services = vec![
+        (
+            spec(&[
+                ("serviceName", "own"),
+                ("serviceDomain", "own.example.com,*.own.example.org"),
+                ("serviceDomainAlgo", "hdr_beg(host)"),
+            ]),
+            vec![inst("10.0.0.1", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "global"),
+                ("serviceDomain", "global.example.com"),
+            ]),
+            vec![inst("10.0.0.2", 8080)],
+        ),
+    ];
+    let mut settings = golden_settings();
+    let text = render(&settings, &services);
+    assert!(
+        text.contains("acl domain_own-be0 req.hdr(host),field(1,:) -m beg -i own.example.com\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("acl domain_own-be0 req.hdr(host),field(1,:) -m end -i .own.example.org\n"),
+        "wildcards keep their suffix match: {text}"
+    );
+    assert!(
+        text.contains(
+            "acl domain_global-be0 req.hdr(host),field(1,:) -m str -i global.example.com\n"
+        ),
+        "the default stays the exact match: {text}"
+    );
+    settings.service_domain_algo = DomainAlgo::HdrDom;
+    let text = render(&settings, &services);
+    assert!(
+        text.contains(
+            "acl domain_global-be0 req.hdr(host),field(1,:) -m dom -i global.example.com\n"
+        ),
+        "--service-domain-algo applies to services without their own: {text}"
+    );
+    assert!(text.contains("-m beg -i own.example.com\n"), "{text}");
+    let output = haproxy_check_with(None, &services, |settings| {
+        settings.service_domain_algo = DomainAlgo::HdrEnd;
+    });
+    assert!(!output.contains("[WARNING]"), "{output}");
+    assert!(!output.contains("[ALERT]"), "{output}");
 }

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
 use crate::spec::{
-    AuthUser, Destination, HeaderLine, HeaderName, Instance, PathType, ReqMode, ServiceSpec,
+    AuthUser, Destination, DomainAlgo, HeaderLine, HeaderName, Instance, PathType, ReqMode,
+    ServiceSpec,
 };
 
 /// The userlist of `--users`; a service's own is `users_<serviceName>`, so they never clash.
@@ -130,10 +131,13 @@ struct PathAclView {
 }
 
 /// Host matches (the Host header without its `:port`, case-insensitive): exact domains in one
-/// acl line, wildcard endings in a second line of the same acl (HAProxy ORs them).
+/// acl line (matched as `serviceDomainAlgo` says), wildcard endings in a second line of the
+/// same acl (HAProxy ORs them).
 #[derive(Debug, Clone, Serialize)]
 struct DomainAclView {
     name: String,
+    /// HAProxy's match method for `exact`: `str`, `beg`, `end` or `dom`.
+    exact_match: &'static str,
     exact: Vec<String>,
     suffix: Vec<String>,
 }
@@ -311,7 +315,12 @@ fn redirects(
     lines
 }
 
-fn rule_view(spec: &ServiceSpec, destination: &Destination, kind: FrontendKind) -> RuleView {
+fn rule_view(
+    spec: &ServiceSpec,
+    destination: &Destination,
+    kind: FrontendKind,
+    default_domain_algo: DomainAlgo,
+) -> RuleView {
     let backend = backend_name(spec, destination);
     let paths = destination.service_path();
     let path_acl = (!paths.is_empty()).then(|| PathAclView {
@@ -322,6 +331,10 @@ fn rule_view(spec: &ServiceSpec, destination: &Destination, kind: FrontendKind) 
     let domains = destination.service_domain();
     let domain_acl = (!domains.is_empty()).then(|| DomainAclView {
         name: format!("domain_{backend}"),
+        exact_match: spec
+            .service_domain_algo()
+            .unwrap_or(default_domain_algo)
+            .match_method(),
         exact: domains
             .iter()
             .filter(|d| !d.is_wildcard())
@@ -709,7 +722,9 @@ pub(super) fn build(
     let rule_views = |rules: &[(RuleOrder<'_>, &ServiceSpec, &Destination)], kind| {
         rules
             .iter()
-            .map(|(_, spec, destination)| rule_view(spec, destination, kind))
+            .map(|(_, spec, destination)| {
+                rule_view(spec, destination, kind, settings.service_domain_algo)
+            })
             .collect::<Vec<_>>()
     };
     // The stats page: routed by the frontend already on its port, else on a frontend of its own.

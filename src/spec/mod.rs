@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
-    parse_users, AclName, AuthUser, Domain, HeaderLine, HeaderName, HeaderValue, HttpMethod,
-    PasswordHash, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName, ServicePath,
-    UserName,
+    parse_users, AclName, AuthUser, Domain, DomainAlgo, HeaderLine, HeaderName, HeaderValue,
+    HttpMethod, PasswordHash, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName,
+    ServicePath, UserName,
 };
 
 use query::indexed;
@@ -82,6 +82,8 @@ pub struct ServiceSpec {
     redirect_when_http_proto: bool,
     /// Header rules, applied in every HTTP destination's backend.
     headers: HeaderRules,
+    /// `serviceDomainAlgo`: how exact domains match; `None`: `--service-domain-algo`.
+    service_domain_algo: Option<DomainAlgo>,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -214,6 +216,11 @@ impl ServiceSpec {
     /// The header rules applied in every HTTP destination's backend.
     pub fn headers(&self) -> &HeaderRules {
         &self.headers
+    }
+
+    /// The `serviceDomainAlgo` given, if any (else `--service-domain-algo` applies).
+    pub fn service_domain_algo(&self) -> Option<DomainAlgo> {
+        self.service_domain_algo
     }
 
     /// The service's own basic-auth users (`users`); empty when it has none.

@@ -22,9 +22,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::values::{
-    parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, HeaderLine,
-    HeaderName, HttpMethod, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName,
-    ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION,
+    parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, DomainAlgo,
+    HeaderLine, HeaderName, HttpMethod, PathType, Port, RedirectCode, ReqMode, ServiceColor,
+    ServiceName, ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS,
+    MAX_PATHS_PER_DESTINATION,
 };
 use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
@@ -72,6 +73,8 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("users", Scope::Service),
     ("usersPassEncrypted", Scope::Service),
     ("ignoreAuthorization", Scope::DestinationDefault),
+    // Docker Flow Proxy compatibility.
+    ("serviceDomainAlgo", Scope::Service),
 ];
 
 // Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
@@ -382,6 +385,10 @@ pub(crate) fn build_spec(
         .map(|v| PathType::parse("pathType", v))
         .transpose()?
         .unwrap_or_default();
+    let service_domain_algo = service
+        .get("serviceDomainAlgo")
+        .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
+        .transpose()?;
     let users_pass_encrypted = service
         .get("usersPassEncrypted")
         .map(|v| parse_flag("usersPassEncrypted", v))
@@ -562,6 +569,7 @@ pub(crate) fn build_spec(
         redirect_when_http_proto,
         headers,
         users,
+        service_domain_algo,
     })
     .map(|spec| (spec, raw.ignored.clone()))
 }

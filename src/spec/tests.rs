@@ -1276,3 +1276,36 @@ fn unknown_parameters_name_the_closest_known_one() {
     assert_eq!(error.parameter, "timeoutTunnel");
     assert!(!error.message.contains("did you mean"), "{error}");
 }
+
+#[test]
+fn service_domain_algo_takes_the_four_matches_in_both_forms_and_round_trips() {
+    for (written, algo) in [
+        ("hdr", DomainAlgo::Hdr),
+        ("hdr(host)", DomainAlgo::Hdr),
+        ("hdr_beg", DomainAlgo::HdrBeg),
+        ("hdr_end(host)", DomainAlgo::HdrEnd),
+        ("hdr_dom", DomainAlgo::HdrDom),
+    ] {
+        let spec = parse(&[
+            ("serviceName", "web"),
+            ("serviceDomain", "example.com"),
+            ("serviceDomainAlgo", written),
+        ])
+        .unwrap();
+        assert_eq!(spec.service_domain_algo(), Some(algo));
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["ServiceDomainAlgo"], algo.as_str());
+        let back: ServiceSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, spec);
+    }
+    let plain = parse(&[("serviceName", "web"), ("serviceDomain", "example.com")]).unwrap();
+    assert_eq!(plain.service_domain_algo(), None);
+    for bad in ["req.ssl_sni", "hdr_sub", "HDR", "hdr(host) -m reg .*", ""] {
+        let error = rejected(&[
+            ("serviceName", "web"),
+            ("serviceDomain", "example.com"),
+            ("serviceDomainAlgo", bad),
+        ]);
+        assert_eq!(error.parameter, "serviceDomainAlgo", "{bad}: {error}");
+    }
+}
