@@ -24,7 +24,8 @@
 //! 4. path-only rules whose only path is `/` (`path_beg`): the catch-alls, last.
 //!
 //! Within a group: longer paths first (a destination counts by its longest path; `/` counts as
-//! 0), exact domains before wildcard ones, then by `aclName` (default: the service name), then
+//! 0), exactly matched domains before wildcard ones and those matched by `hdr_beg`, `hdr_end`
+//! or `hdr_dom` (`serviceDomainAlgo`), then by `aclName` (default: the service name), then
 //! service name, then destination index. A destination with several paths is one rule, placed
 //! by its longest path; give paths that need different places their own destination index.
 //!

@@ -935,3 +935,33 @@ fn service_domain_algo_chooses_the_exact_domains_match_and_haproxy_accepts_it() 
     assert!(!output.contains("[WARNING]"), "{output}");
     assert!(!output.contains("[ALERT]"), "{output}");
 }
+
+#[test]
+fn exactly_matched_domains_come_before_domains_matched_by_another_algo() {
+    let services = vec![
+        (
+            spec(&[
+                ("serviceName", "a-whole-domain"),
+                ("serviceDomain", "example.com"),
+                ("serviceDomainAlgo", "hdr_dom"),
+            ]),
+            vec![inst("10.0.0.1", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "b-www"),
+                ("serviceDomain", "www.example.com"),
+            ]),
+            vec![inst("10.0.0.2", 8080)],
+        ),
+    ];
+    let text = render(&golden_settings(), &services);
+    let position = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {text}"))
+    };
+    assert!(
+        position("use_backend b-www-be0") < position("use_backend a-whole-domain-be0"),
+        "www.example.com would otherwise go to the hdr_dom rule: {text}"
+    );
+}

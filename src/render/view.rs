@@ -197,14 +197,19 @@ struct RuleOrder<'a> {
     group: u8,
     /// Longer (more specific) paths first; a `path_beg /` or domain-only rule counts as 0.
     longest_path: Reverse<usize>,
-    /// Exact domains before wildcard ones.
-    wildcard: bool,
+    /// Domains matched exactly before wildcard ones and those matched by `hdr_beg`, `hdr_end`
+    /// or `hdr_dom` (which may also match another rule's exact domain).
+    inexact_domain: bool,
     acl_name: &'a str,
     service: &'a str,
     index: u16,
 }
 
-fn rule_order<'a>(spec: &'a ServiceSpec, destination: &Destination) -> RuleOrder<'a> {
+fn rule_order<'a>(
+    spec: &'a ServiceSpec,
+    destination: &Destination,
+    default_domain_algo: DomainAlgo,
+) -> RuleOrder<'a> {
     let path_type = destination.effective_path_type(spec);
     let literal_prefix = matches!(
         path_type,
@@ -237,7 +242,9 @@ fn rule_order<'a>(spec: &'a ServiceSpec, destination: &Destination) -> RuleOrder
     RuleOrder {
         group,
         longest_path: Reverse(longest),
-        wildcard: domains.iter().any(|d| d.is_wildcard()),
+        inexact_domain: domains.iter().any(|d| d.is_wildcard())
+            || (!domains.is_empty()
+                && spec.service_domain_algo().unwrap_or(default_domain_algo) != DomainAlgo::Hdr),
         acl_name: spec.ordering_name(),
         service: spec.service_name().as_str(),
         index: destination.index(),
@@ -691,7 +698,11 @@ pub(super) fn build(
                     tcp_backends.push(backend);
                 }
                 (_, src_port) => {
-                    let key = (rule_order(spec, destination), spec, destination);
+                    let key = (
+                        rule_order(spec, destination, settings.service_domain_algo),
+                        spec,
+                        destination,
+                    );
                     match src_port {
                         Some(port) if port != settings.http_port => {
                             let me = owner(spec, destination);
