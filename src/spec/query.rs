@@ -4,11 +4,11 @@
 //! or with an index suffix `.1`, `.2`, … (`servicePath.1`, `port.1`); every parameter of one
 //! index describes one destination. Both generations of Docker Flow Proxy's clients are read:
 //! the unsuffixed destination exists when it has a `servicePath` or a `serviceDomain` (or is a
-//! whole tcp destination, `reqMode=tcp&srcPort=…`, or there is no indexed destination), and
-//! the unsuffixed value of
-//! a [`Scope::DestinationDefault`] parameter (`port`, `reqMode`, `httpsOnly`, …) is also the
-//! default of every indexed destination that does not set its own. `pathType` is special:
-//! unsuffixed it is the service's default for every destination, `pathType.N` overrides it.
+//! whole tcp destination, `reqMode=tcp&srcPort=…`, or there is no indexed destination), and the
+//! unsuffixed value of a [`Scope::DestinationDefault`] parameter (`port`, `reqMode`,
+//! `httpsOnly`, …) is also the default of every indexed destination that does not set its own.
+//! `pathType` is special: unsuffixed it is the service's default for every destination,
+//! `pathType.N` overrides it.
 //!
 //! Parameters Docker Flow Proxy's clients send that mean nothing here ([`IGNORED_PARAMETERS`])
 //! are accepted and reported back with the reason. Any other unknown parameter and parameters
