@@ -54,6 +54,7 @@ fn bench_render() {
         https_only: false,
         users: Vec::new(),
         stats: None,
+        service_domain_algo: Default::default(),
     };
     for count in [10, 100, 1_000, 10_000] {
         let specs: Vec<ServiceSpec> = (0..count).map(spec).collect();

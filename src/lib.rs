@@ -161,6 +161,7 @@ impl FlowProxy {
             https_only: settings.https_only,
             users,
             stats,
+            service_domain_algo: settings.service_domain_algo,
         };
         let on_exit = if settings.stop_haproxy_on_exit {
             OnExit::Stop

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::spec::DomainAlgo;
+
 /// The whole configuration of one flow-proxy process.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -167,6 +169,12 @@ pub struct Settings {
     #[arg(long, env = "STATS_PORT")]
     pub stats_port: Option<u16>,
 
+    /// How a service's exact `serviceDomain`s match the request's host when it has no
+    /// `serviceDomainAlgo` of its own: `hdr` (the host is the domain), `hdr_beg`, `hdr_end` or
+    /// `hdr_dom`; always on the host without its port, case-insensitive.
+    #[arg(long, env = "SERVICE_DOMAIN_ALGO", default_value = "hdr")]
+    pub service_domain_algo: DomainAlgo,
+
     /// Directory with handlebars templates overriding the built-in ones (same file names).
     #[arg(long, env = "TEMPLATES_DIR")]
     pub templates_dir: Option<PathBuf>,
@@ -302,5 +310,52 @@ mod tests {
         ]);
         let printed = format!("{settings:?}");
         assert!(!printed.contains("hunter2") && !printed.contains("wonderland"));
+    }
+
+    #[test]
+    fn flags_docker_flow_proxy_had_read_its_environment_variables() {
+        let command = <Settings as clap::CommandFactory>::command();
+        let env_of = |flag: &str| {
+            command
+                .get_arguments()
+                .find(|argument| argument.get_long() == Some(flag))
+                .and_then(|argument| argument.get_env())
+                .and_then(|name| name.to_str())
+                .map(str::to_string)
+        };
+        let mut flags = vec![
+            ("stats-user", "STATS_USER"),
+            ("stats-pass", "STATS_PASS"),
+            ("stats-uri", "STATS_URI"),
+            ("stats-port", "STATS_PORT"),
+            ("users", "USERS"),
+            ("https-only", "HTTPS_ONLY"),
+            ("enable-h2", "ENABLE_H2"),
+            ("service-domain-algo", "SERVICE_DOMAIN_ALGO"),
+        ];
+        // `--ca-file` comes with client certificates; checked once it exists.
+        if command
+            .get_arguments()
+            .any(|argument| argument.get_long() == Some("ca-file"))
+        {
+            flags.push(("ca-file", "CA_FILE"));
+        }
+        for (flag, env) in flags {
+            assert_eq!(env_of(flag).as_deref(), Some(env), "--{flag}");
+        }
+    }
+
+    #[test]
+    fn service_domain_algo_is_exact_by_default_and_refuses_other_matches() {
+        use crate::spec::DomainAlgo;
+        assert_eq!(parse(&[]).service_domain_algo, DomainAlgo::Hdr);
+        assert_eq!(
+            parse(&["--service-domain-algo", "hdr_beg(host)"]).service_domain_algo,
+            DomainAlgo::HdrBeg
+        );
+        let error =
+            Settings::try_parse_from(["flow-proxy", "--service-domain-algo", "req.ssl_sni"])
+                .expect_err("not a domain match");
+        assert!(error.to_string().contains("hdr_dom"), "{error}");
     }
 }

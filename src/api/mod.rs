@@ -21,7 +21,7 @@ pub use error::{ApiError, ApiErrorKind};
 
 use crate::certs::Certificate;
 use crate::proxy::Proxy;
-use crate::spec::{self, ServiceName, ServiceSpec, SpecError};
+use crate::spec::{self, IgnoredParameter, ServiceName, ServiceSpec, SpecError};
 
 /// Longest query string accepted (414 beyond).
 pub const MAX_QUERY_BYTES: usize = 16 * 1024;
@@ -92,6 +92,15 @@ fn answer(status: &str, message: String, spec: Option<&ServiceSpec>) -> Map<Stri
     body
 }
 
+/// The answer's `Message` naming the parameters accepted and ignored, with their reasons.
+fn ignored_message(ignored: &[IgnoredParameter]) -> String {
+    ignored
+        .iter()
+        .map(IgnoredParameter::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The decoded query pairs, in request order.
 fn query_pairs(query: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
     Ok(serde_urlencoded::from_str(query.as_deref().unwrap_or(""))?)
@@ -149,7 +158,7 @@ async fn reconfigure(
     let current = about
         .as_deref()
         .and_then(|name| services.iter().find(|s| s.service_name().as_str() == name));
-    let spec = ServiceSpec::from_query_keeping(&pairs, current)
+    let (spec, ignored) = ServiceSpec::from_query_keeping(&pairs, current)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     if spec.verify_client_ssl() && !proxy.has_client_ca() {
         let error = SpecError {
@@ -169,10 +178,16 @@ async fn reconfigure(
         })
         .transpose()
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
-    let message = certificate
+    let mut notes: Vec<String> = certificate
         .as_ref()
         .and_then(|certificate| expiry_warning(certificate.info()))
-        .unwrap_or_default();
+        .into_iter()
+        .collect();
+    let ignored_note = ignored_message(&ignored);
+    if !ignored_note.is_empty() {
+        notes.push(ignored_note);
+    }
+    let message = notes.join("; ");
     let applied = match certificate {
         Some(certificate) => proxy.reconfigure_with_cert(spec, certificate).await,
         None => proxy.reconfigure(spec).await,
@@ -197,21 +212,22 @@ async fn remove(
 ) -> Result<Json<Map<String, Value>>, ApiError> {
     let pairs = query_pairs(query)?;
     let about = named_service(&pairs);
-    let name = spec::service_name_from_query(&pairs)
+    let (name, ignored) = spec::service_name_from_query(&pairs)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     let removed = proxy
         .remove(name.clone())
         .await
         .map_err(|error| ApiError::from(error).about(about))?;
     Ok(Json(match removed {
-        Some(spec) => answer("OK", String::new(), Some(&spec)),
+        Some(spec) => answer("OK", ignored_message(&ignored), Some(&spec)),
         None => {
-            let mut body = answer(
-                "OK",
+            let mut message =
                 "the service was not routed: its stored spec did not validate; it is deleted"
-                    .into(),
-                None,
-            );
+                    .to_string();
+            if !ignored.is_empty() {
+                message = format!("{message}; {}", ignored_message(&ignored));
+            }
+            let mut body = answer("OK", message, None);
             body.insert("ServiceName".into(), name.as_str().into());
             body
         }

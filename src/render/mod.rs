@@ -24,7 +24,8 @@
 //! 4. path-only rules whose only path is `/` (`path_beg`): the catch-alls, last.
 //!
 //! Within a group: longer paths first (a destination counts by its longest path; `/` counts as
-//! 0), exact domains before wildcard ones, then by `aclName` (default: the service name), then
+//! 0), exactly matched domains before wildcard ones and those matched by `hdr_beg`, `hdr_end`
+//! or `hdr_dom` (`serviceDomainAlgo`), then by `aclName` (default: the service name), then
 //! service name, then destination index. A destination with several paths is one rule, placed
 //! by its longest path; give paths that need different places their own destination index.
 //!
@@ -77,7 +78,7 @@ use std::path::{Path, PathBuf};
 
 use handlebars::Handlebars;
 
-use crate::spec::{AuthUser, Instance, ServiceSpec, MASKED_PASSWORD};
+use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -151,6 +152,9 @@ pub struct RenderSettings {
     pub users: Vec<AuthUser>,
     /// HAProxy's stats page; `None` unless both stats credentials are set.
     pub stats: Option<StatsSettings>,
+    /// `--service-domain-algo`: how exact domains match for services without
+    /// `serviceDomainAlgo` of their own.
+    pub service_domain_algo: DomainAlgo,
 }
 
 /// HAProxy's stats page behind basic auth (`--stats-user`, `--stats-pass`, `--stats-uri`,

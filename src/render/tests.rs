@@ -34,6 +34,7 @@ fn golden_settings() -> RenderSettings {
         https_only: false,
         users: Vec::new(),
         stats: None,
+        service_domain_algo: Default::default(),
     }
 }
 
@@ -164,6 +165,7 @@ fn haproxy_check_with(
         https_only: false,
         users: Vec::new(),
         stats: None,
+        service_domain_algo: Default::default(),
     };
     edit(&mut settings);
     let config = dir.path().join("haproxy.cfg");
@@ -906,5 +908,86 @@ fn tls_per_service_renders_tls_servers_and_the_client_certificate_rule() {
         config
             .contains("http-request deny deny_status 403 unless { ssl_c_used } { ssl_c_verify 0 }"),
         "{config}"
+    );
+}
+
+#[test]
+fn service_domain_algo_chooses_the_exact_domains_match_and_haproxy_accepts_it() {
+    let services = vec![
+        (
+            spec(&[
+                ("serviceName", "own"),
+                ("serviceDomain", "own.example.com,*.own.example.org"),
+                ("serviceDomainAlgo", "hdr_beg(host)"),
+            ]),
+            vec![inst("10.0.0.1", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "global"),
+                ("serviceDomain", "global.example.com"),
+            ]),
+            vec![inst("10.0.0.2", 8080)],
+        ),
+    ];
+    let mut settings = golden_settings();
+    let text = render(&settings, &services);
+    assert!(
+        text.contains("acl domain_own-be0 req.hdr(host),field(1,:) -m beg -i own.example.com\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("acl domain_own-be0 req.hdr(host),field(1,:) -m end -i .own.example.org\n"),
+        "wildcards keep their suffix match: {text}"
+    );
+    assert!(
+        text.contains(
+            "acl domain_global-be0 req.hdr(host),field(1,:) -m str -i global.example.com\n"
+        ),
+        "the default stays the exact match: {text}"
+    );
+    settings.service_domain_algo = DomainAlgo::HdrDom;
+    let text = render(&settings, &services);
+    assert!(
+        text.contains(
+            "acl domain_global-be0 req.hdr(host),field(1,:) -m dom -i global.example.com\n"
+        ),
+        "--service-domain-algo applies to services without their own: {text}"
+    );
+    assert!(text.contains("-m beg -i own.example.com\n"), "{text}");
+    let output = haproxy_check_with(None, &services, |settings| {
+        settings.service_domain_algo = DomainAlgo::HdrEnd;
+    });
+    assert!(!output.contains("[WARNING]"), "{output}");
+    assert!(!output.contains("[ALERT]"), "{output}");
+}
+
+#[test]
+fn exactly_matched_domains_come_before_domains_matched_by_another_algo() {
+    let services = vec![
+        (
+            spec(&[
+                ("serviceName", "a-whole-domain"),
+                ("serviceDomain", "example.com"),
+                ("serviceDomainAlgo", "hdr_dom"),
+            ]),
+            vec![inst("10.0.0.1", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "b-www"),
+                ("serviceDomain", "www.example.com"),
+            ]),
+            vec![inst("10.0.0.2", 8080)],
+        ),
+    ];
+    let text = render(&golden_settings(), &services);
+    let position = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {text}"))
+    };
+    assert!(
+        position("use_backend b-www-be0") < position("use_backend a-whole-domain-be0"),
+        "www.example.com would otherwise go to the hdr_dom rule: {text}"
     );
 }

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
 use crate::spec::{
-    AuthUser, Destination, HeaderLine, HeaderName, Instance, PathType, ReqMode, ServiceSpec,
+    AuthUser, Destination, DomainAlgo, HeaderLine, HeaderName, Instance, PathType, ReqMode,
+    ServiceSpec,
 };
 
 /// The userlist of `--users`; a service's own is `users_<serviceName>`, so they never clash.
@@ -130,10 +131,13 @@ struct PathAclView {
 }
 
 /// Host matches (the Host header without its `:port`, case-insensitive): exact domains in one
-/// acl line, wildcard endings in a second line of the same acl (HAProxy ORs them).
+/// acl line (matched as `serviceDomainAlgo` says), wildcard endings in a second line of the
+/// same acl (HAProxy ORs them).
 #[derive(Debug, Clone, Serialize)]
 struct DomainAclView {
     name: String,
+    /// HAProxy's match method for `exact`: `str`, `beg`, `end` or `dom`.
+    exact_match: &'static str,
     exact: Vec<String>,
     suffix: Vec<String>,
 }
@@ -195,14 +199,19 @@ struct RuleOrder<'a> {
     group: u8,
     /// Longer (more specific) paths first; a `path_beg /` or domain-only rule counts as 0.
     longest_path: Reverse<usize>,
-    /// Exact domains before wildcard ones.
-    wildcard: bool,
+    /// Domains matched exactly before wildcard ones and those matched by `hdr_beg`, `hdr_end`
+    /// or `hdr_dom` (which may also match another rule's exact domain).
+    inexact_domain: bool,
     acl_name: &'a str,
     service: &'a str,
     index: u16,
 }
 
-fn rule_order<'a>(spec: &'a ServiceSpec, destination: &Destination) -> RuleOrder<'a> {
+fn rule_order<'a>(
+    spec: &'a ServiceSpec,
+    destination: &Destination,
+    default_domain_algo: DomainAlgo,
+) -> RuleOrder<'a> {
     let path_type = destination.effective_path_type(spec);
     let literal_prefix = matches!(
         path_type,
@@ -235,7 +244,9 @@ fn rule_order<'a>(spec: &'a ServiceSpec, destination: &Destination) -> RuleOrder
     RuleOrder {
         group,
         longest_path: Reverse(longest),
-        wildcard: domains.iter().any(|d| d.is_wildcard()),
+        inexact_domain: domains.iter().any(|d| d.is_wildcard())
+            || (!domains.is_empty()
+                && spec.service_domain_algo().unwrap_or(default_domain_algo) != DomainAlgo::Hdr),
         acl_name: spec.ordering_name(),
         service: spec.service_name().as_str(),
         index: destination.index(),
@@ -313,7 +324,12 @@ fn redirects(
     lines
 }
 
-fn rule_view(spec: &ServiceSpec, destination: &Destination, kind: FrontendKind) -> RuleView {
+fn rule_view(
+    spec: &ServiceSpec,
+    destination: &Destination,
+    kind: FrontendKind,
+    default_domain_algo: DomainAlgo,
+) -> RuleView {
     let backend = backend_name(spec, destination);
     let paths = destination.service_path();
     let path_acl = (!paths.is_empty()).then(|| PathAclView {
@@ -324,6 +340,10 @@ fn rule_view(spec: &ServiceSpec, destination: &Destination, kind: FrontendKind) 
     let domains = destination.service_domain();
     let domain_acl = (!domains.is_empty()).then(|| DomainAclView {
         name: format!("domain_{backend}"),
+        exact_match: spec
+            .service_domain_algo()
+            .unwrap_or(default_domain_algo)
+            .match_method(),
         exact: domains
             .iter()
             .filter(|d| !d.is_wildcard())
@@ -696,7 +716,11 @@ pub(super) fn build(
                     tcp_backends.push(backend);
                 }
                 (_, src_port) => {
-                    let key = (rule_order(spec, destination), spec, destination);
+                    let key = (
+                        rule_order(spec, destination, settings.service_domain_algo),
+                        spec,
+                        destination,
+                    );
                     match src_port {
                         Some(port) if port != settings.http_port => {
                             let me = owner(spec, destination);
@@ -727,7 +751,9 @@ pub(super) fn build(
     let rule_views = |rules: &[(RuleOrder<'_>, &ServiceSpec, &Destination)], kind| {
         rules
             .iter()
-            .map(|(_, spec, destination)| rule_view(spec, destination, kind))
+            .map(|(_, spec, destination)| {
+                rule_view(spec, destination, kind, settings.service_domain_algo)
+            })
             .collect::<Vec<_>>()
     };
     // The stats page: routed by the frontend already on its port, else on a frontend of its own.

@@ -31,12 +31,13 @@ use serde::{Deserialize, Serialize};
 
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
-    parse_users, AclName, AuthUser, Domain, HeaderLine, HeaderName, HeaderValue, HttpMethod,
-    PasswordHash, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName, ServicePath,
-    UserName,
+    parse_users, AclName, AuthUser, Domain, DomainAlgo, HeaderLine, HeaderName, HeaderValue,
+    HttpMethod, PasswordHash, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName,
+    ServicePath, UserName,
 };
 
 use query::indexed;
+pub use query::IgnoredParameter;
 use values::{shown, spec_error, MAX_DOMAIN_LABEL_LEN, MAX_DOMAIN_LEN};
 
 /// Most destinations one service may have (indices run from 0 to 999, but at most this many
@@ -85,6 +86,8 @@ pub struct ServiceSpec {
     verify_client_ssl: bool,
     /// `sslVerifyNone`: the instances speak TLS, connected to without verifying their certificate.
     ssl_verify_none: bool,
+    /// `serviceDomainAlgo`: how exact domains match; `None`: `--service-domain-algo`.
+    service_domain_algo: Option<DomainAlgo>,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -148,16 +151,17 @@ pub struct Destination {
 impl ServiceSpec {
     /// Parses a reconfigure query (all pairs, percent-decoded, in request order) into a spec.
     pub fn from_query(pairs: &[(String, String)]) -> Result<ServiceSpec, SpecError> {
-        query::build_spec(pairs, None)
+        query::build_spec(pairs, None).map(|(spec, _)| spec)
     }
 
     /// [`ServiceSpec::from_query`] for a service whose spec is `current` now: a clear password
     /// that matches the hash `current` holds for the same user keeps that hash, so repeating a
-    /// reconfigure renders the same haproxy.cfg (a new random salt would change it).
+    /// reconfigure renders the same haproxy.cfg (a new random salt would change it). Also returns
+    /// the Docker Flow Proxy parameters that were accepted and ignored, for the answer.
     pub fn from_query_keeping(
         pairs: &[(String, String)],
         current: Option<&ServiceSpec>,
-    ) -> Result<ServiceSpec, SpecError> {
+    ) -> Result<(ServiceSpec, Vec<IgnoredParameter>), SpecError> {
         query::build_spec(pairs, current)
     }
 
@@ -241,6 +245,11 @@ impl ServiceSpec {
             }
         }
         domains
+    }
+
+    /// The `serviceDomainAlgo` given, if any (else `--service-domain-algo` applies).
+    pub fn service_domain_algo(&self) -> Option<DomainAlgo> {
+        self.service_domain_algo
     }
 
     /// The service's own basic-auth users (`users`); empty when it has none.
@@ -640,8 +649,11 @@ impl ServiceSpec {
     }
 }
 
-/// Reads the `serviceName` of a remove query; every other parameter is rejected.
-pub fn service_name_from_query(pairs: &[(String, String)]) -> Result<ServiceName, SpecError> {
+/// Reads the `serviceName` of a remove query, with the Docker Flow Proxy parameters accepted and
+/// ignored (`aclName`, `distribute`, …); every other parameter is rejected.
+pub fn service_name_from_query(
+    pairs: &[(String, String)],
+) -> Result<(ServiceName, Vec<IgnoredParameter>), SpecError> {
     query::remove_service_name(pairs)
 }
 

@@ -2,22 +2,30 @@
 //!
 //! The names are Docker Flow Proxy's. Destination parameters come unsuffixed (destination 0)
 //! or with an index suffix `.1`, `.2`, … (`servicePath.1`, `port.1`); every parameter of one
-//! index describes one destination. `pathType` is special: unsuffixed it is the service's
-//! default for every destination, `pathType.N` overrides it for destination N.
+//! index describes one destination. Both generations of Docker Flow Proxy's clients are read:
+//! the unsuffixed destination exists when it has a `servicePath` or a `serviceDomain` (or is a
+//! whole tcp destination, `reqMode=tcp&srcPort=…`, or there is no indexed destination), and the
+//! unsuffixed value of a [`Scope::DestinationDefault`] parameter (`port`, `reqMode`,
+//! `httpsOnly`, …) is also the default of every indexed destination that does not set its own.
+//! `pathType` is special: unsuffixed it is the service's default for every destination,
+//! `pathType.N` overrides it.
 //!
-//! Unknown parameters and parameters given twice are errors: a typo must not silently change
+//! Parameters Docker Flow Proxy's clients send that mean nothing here ([`IGNORED_PARAMETERS`])
+//! are accepted and reported back with the reason. Any other unknown parameter and parameters
+//! given twice are errors (naming the closest known name): a typo must not silently change
 //! routing. Values are validated in a fixed order (service parameters, then destinations by
 //! index), so the error for a bad query does not depend on the order of its parameters.
 //!
 //! Adding a parameter: one row in [`PARAMETERS`], one field in `ServiceSpec` or `Destination`,
 //! one line in [`build_spec`] (and its JSON field in `stored.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::values::{
-    parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, HeaderLine,
-    HeaderName, HttpMethod, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName,
-    ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION,
+    parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, DomainAlgo,
+    HeaderLine, HeaderName, HttpMethod, PathType, Port, RedirectCode, ReqMode, ServiceColor,
+    ServiceName, ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS,
+    MAX_PATHS_PER_DESTINATION,
 };
 use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
@@ -28,6 +36,9 @@ enum Scope {
     Service,
     /// Per destination: unsuffixed is destination 0, `.N` is destination N.
     Destination,
+    /// Per destination, as `Destination`; the unsuffixed value is also the default of every
+    /// indexed destination that does not set its own.
+    DestinationDefault,
     /// Unsuffixed: the service's default; `.N`: destination N's override.
     ServiceDefault,
 }
@@ -41,12 +52,12 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("pathType", Scope::ServiceDefault),
     ("servicePath", Scope::Destination),
     ("serviceDomain", Scope::Destination),
-    ("port", Scope::Destination),
-    ("srcPort", Scope::Destination),
-    ("reqMode", Scope::Destination),
+    ("port", Scope::DestinationDefault),
+    ("srcPort", Scope::DestinationDefault),
+    ("reqMode", Scope::DestinationDefault),
     // Edge rules: redirects, header rules, method rules.
-    ("httpsOnly", Scope::Destination),
-    ("httpsRedirectCode", Scope::Destination),
+    ("httpsOnly", Scope::DestinationDefault),
+    ("httpsRedirectCode", Scope::DestinationDefault),
     ("redirectWhenHttpProto", Scope::Service),
     ("redirectFromDomain", Scope::Destination),
     ("addReqHeader", Scope::Service),
@@ -55,17 +66,135 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("addResHeader", Scope::Service),
     ("setResHeader", Scope::Service),
     ("delResHeader", Scope::Service),
-    ("allowedMethods", Scope::Destination),
-    ("deniedMethods", Scope::Destination),
-    ("denyHttp", Scope::Destination),
+    ("allowedMethods", Scope::DestinationDefault),
+    ("deniedMethods", Scope::DestinationDefault),
+    ("denyHttp", Scope::DestinationDefault),
     // Basic auth.
     ("users", Scope::Service),
     ("usersPassEncrypted", Scope::Service),
-    ("ignoreAuthorization", Scope::Destination),
+    ("ignoreAuthorization", Scope::DestinationDefault),
     // TLS per service (`serviceCert` is taken by the API: it is a certificate, not a spec value).
     ("verifyClientSsl", Scope::Service),
     ("sslVerifyNone", Scope::Service),
+    // Docker Flow Proxy compatibility.
+    ("serviceDomainAlgo", Scope::Service),
 ];
+
+// Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
+// with the reason given back in the answer's `Message`.
+
+/// Reconfigure (and remove) parameters that are accepted and ignored, with the reason.
+pub(crate) const IGNORED_PARAMETERS: &[(&str, &str)] = &[
+    (
+        "distribute",
+        "every flow-proxy sharing the registry applies each change already",
+    ),
+    (
+        "replicas",
+        "instances come from the registry's healthy services, not from a replica count",
+    ),
+    (
+        "discoveryType",
+        "instances always come from the Consul-compatible registry",
+    ),
+    (
+        "proxyInstanceName",
+        "where specs are kept is set by --kv-prefix",
+    ),
+    (
+        "fromListener",
+        "every caller's request is handled alike (there is no swarm listener)",
+    ),
+    (
+        "recreate",
+        "each reconfigure replaces the service's whole spec already",
+    ),
+];
+
+/// Remove parameters that are accepted and ignored (besides [`IGNORED_PARAMETERS`]).
+const IGNORED_ON_REMOVE: &[(&str, &str)] = &[(
+    "aclName",
+    "a service is removed by serviceName, with every rule it has",
+)];
+
+/// A parameter Docker Flow Proxy's clients send that flow-proxy accepts and ignores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredParameter {
+    /// The parameter as the user wrote it.
+    pub parameter: String,
+    /// Why it means nothing here.
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for IgnoredParameter {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "`{}` ignored: {}", self.parameter, self.reason)
+    }
+}
+
+/// Notes `name` (base name `base`) when a table of ignored parameters lists it; true if so.
+fn note_ignored(
+    ignored: &mut Vec<IgnoredParameter>,
+    tables: &[&[(&'static str, &'static str)]],
+    name: &str,
+    base: &str,
+) -> bool {
+    let Some(&(_, reason)) = tables
+        .iter()
+        .flat_map(|table| table.iter())
+        .find(|(known, _)| *known == base)
+    else {
+        return false;
+    };
+    if !ignored.iter().any(|note| note.parameter == name) {
+        ignored.push(IgnoredParameter {
+            parameter: shown_name(name),
+            reason,
+        });
+    }
+    true
+}
+
+/// The error for an unknown parameter `name` (`base` with index `index`): names it, and the
+/// closest of `known` when one is close enough to be a typo (case-insensitive).
+fn unknown_parameter<'k>(
+    name: &str,
+    base: &str,
+    index: u16,
+    known: impl Iterator<Item = &'k str>,
+    what: &str,
+) -> SpecError {
+    let written = base.to_ascii_lowercase();
+    let closest = known
+        .map(|candidate| {
+            let distance = strsim::damerau_levenshtein(&written, &candidate.to_ascii_lowercase());
+            (distance, candidate)
+        })
+        .filter(|(distance, candidate)| *distance <= typo_distance(candidate))
+        .min_by_key(|(distance, _)| *distance);
+    match closest {
+        Some((_, candidate)) => spec_error(
+            &shown_name(name),
+            format!(
+                "{what}; did you mean `{}`? (names are case-sensitive)",
+                indexed(candidate, index)
+            ),
+        ),
+        None => spec_error(
+            &shown_name(name),
+            format!("{what} (check the spelling; names are case-sensitive)"),
+        ),
+    }
+}
+
+/// How many edits (after lowercasing) still read as a typo of `name`.
+fn typo_distance(name: &str) -> usize {
+    match name.len() {
+        0..=4 => 1,
+        5..=9 => 2,
+        _ => 3,
+    }
+}
 
 /// Highest destination index accepted.
 pub(crate) const MAX_INDEX: u16 = 999;
@@ -84,8 +213,61 @@ pub(crate) fn indexed(base: &str, index: u16) -> String {
 struct RawQuery<'q> {
     /// Unsuffixed service (and service-default) parameters.
     service: BTreeMap<&'static str, &'q str>,
-    /// Destination parameters by index (an index's `pathType` override included).
+    /// Destination parameters by index (an index's `pathType` override included), the
+    /// unsuffixed defaults an indexed destination takes included.
     destinations: BTreeMap<u16, BTreeMap<&'static str, &'q str>>,
+    /// Per indexed destination, the parameters it takes from the unsuffixed ones.
+    inherited: BTreeMap<u16, BTreeSet<&'static str>>,
+    /// Accepted parameters that mean nothing here.
+    ignored: Vec<IgnoredParameter>,
+}
+
+impl RawQuery<'_> {
+    /// The index whose parameter `base` destination `index` uses: 0 when it took the
+    /// unsuffixed default, else its own.
+    fn origin(&self, index: u16, base: &str) -> u16 {
+        match self.inherited.get(&index) {
+            Some(names) if names.contains(base) => 0,
+            _ => index,
+        }
+    }
+
+    /// With indexed destinations, the unsuffixed [`Scope::DestinationDefault`] values are the
+    /// defaults of each indexed destination, and the unsuffixed destination exists only when it
+    /// has a parameter of its own (`servicePath`, `serviceDomain`, …).
+    fn apply_unsuffixed_defaults(&mut self) {
+        if self.destinations.keys().all(|&index| index == 0) {
+            return;
+        }
+        let Some(unsuffixed) = self.destinations.get(&0) else {
+            return;
+        };
+        let is_default = |base: &str| {
+            PARAMETERS
+                .iter()
+                .any(|(known, scope)| *known == base && *scope == Scope::DestinationDefault)
+        };
+        let defaults: Vec<(&'static str, &str)> = unsuffixed
+            .iter()
+            .filter(|(base, _)| is_default(base))
+            .map(|(base, value)| (*base, *value))
+            .collect();
+        // A complete tcp destination (`reqMode=tcp&srcPort=…`) has no path or domain, yet is
+        // one: it stays, rather than vanish into defaults.
+        let tcp_destination = unsuffixed.get("reqMode").is_some_and(|mode| *mode == "tcp")
+            && unsuffixed.contains_key("srcPort");
+        if !tcp_destination && unsuffixed.keys().all(|base| is_default(base)) {
+            self.destinations.remove(&0);
+        }
+        for (&index, params) in self.destinations.iter_mut().filter(|(&i, _)| i != 0) {
+            for &(base, value) in &defaults {
+                if !params.contains_key(base) {
+                    params.insert(base, value);
+                    self.inherited.entry(index).or_default().insert(base);
+                }
+            }
+        }
+    }
 }
 
 /// Splits `servicePath.12` into `("servicePath", 12)`; unsuffixed names have index 0.
@@ -124,10 +306,18 @@ fn sort_query(pairs: &[(String, String)]) -> Result<RawQuery<'_>, SpecError> {
     let mut raw = RawQuery::default();
     for (name, value) in pairs {
         let (base, index) = split_name(name)?;
+        if note_ignored(&mut raw.ignored, &[IGNORED_PARAMETERS], name, base) {
+            continue;
+        }
         let Some(&(known, scope)) = PARAMETERS.iter().find(|(known, _)| *known == base) else {
-            return Err(spec_error(
-                &shown_name(name),
-                "not supported by flow-proxy (check the spelling; names are case-sensitive)",
+            let known = (PARAMETERS.iter().map(|(k, _)| *k))
+                .chain(IGNORED_PARAMETERS.iter().map(|(k, _)| *k));
+            return Err(unknown_parameter(
+                name,
+                base,
+                index,
+                known,
+                "not supported by flow-proxy",
             ));
         };
         let slot = match (scope, index) {
@@ -138,14 +328,15 @@ fn sort_query(pairs: &[(String, String)]) -> Result<RawQuery<'_>, SpecError> {
                     format!("`{known}` applies to the whole service and takes no index suffix"),
                 ))
             }
-            (Scope::Destination, _) | (Scope::ServiceDefault, _) => {
-                raw.destinations.entry(index).or_default()
-            }
+            (Scope::Destination, _)
+            | (Scope::DestinationDefault, _)
+            | (Scope::ServiceDefault, _) => raw.destinations.entry(index).or_default(),
         };
         if slot.insert(known, value.as_str()).is_some() {
             return Err(spec_error(name, "given more than once"));
         }
     }
+    raw.apply_unsuffixed_defaults();
     Ok(raw)
 }
 
@@ -156,11 +347,11 @@ fn items(value: &str) -> Vec<&str> {
 
 /// Parses the query of `GET /v1/docker-flow-proxy/reconfigure` (pairs already percent-decoded,
 /// in request order). A clear password matching the hash `current` (the service's spec now)
-/// holds for the same user keeps that hash.
+/// holds for the same user keeps that hash. Also returns the parameters accepted and ignored.
 pub(crate) fn build_spec(
     pairs: &[(String, String)],
     current: Option<&ServiceSpec>,
-) -> Result<ServiceSpec, SpecError> {
+) -> Result<(ServiceSpec, Vec<IgnoredParameter>), SpecError> {
     let raw = sort_query(pairs)?;
     // Before any value is read: the first destination over the limit, by index, is named.
     if let Some((&index, params)) = raw.destinations.iter().nth(MAX_DESTINATIONS_PER_SERVICE) {
@@ -197,6 +388,10 @@ pub(crate) fn build_spec(
         .map(|v| PathType::parse("pathType", v))
         .transpose()?
         .unwrap_or_default();
+    let service_domain_algo = service
+        .get("serviceDomainAlgo")
+        .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
+        .transpose()?;
     let users_pass_encrypted = service
         .get("usersPassEncrypted")
         .map(|v| parse_flag("usersPassEncrypted", v))
@@ -270,7 +465,7 @@ pub(crate) fn build_spec(
 
     let mut destinations = Vec::new();
     for (&index, params) in &raw.destinations {
-        let name = |base: &str| indexed(base, index);
+        let name = |base: &str| indexed(base, raw.origin(index, base));
         let path_type_override = params
             .get("pathType")
             .map(|v| PathType::parse(&name("pathType"), v))
@@ -389,23 +584,44 @@ pub(crate) fn build_spec(
         users,
         verify_client_ssl,
         ssl_verify_none,
+        service_domain_algo,
     })
+    .map(|spec| (spec, raw.ignored.clone()))
 }
 
-/// Reads the `serviceName` of `GET /v1/docker-flow-proxy/remove`; any other parameter is an
-/// error, so a mistyped query never removes something by accident.
-pub(crate) fn remove_service_name(pairs: &[(String, String)]) -> Result<ServiceName, SpecError> {
+/// Reads the `serviceName` of `GET /v1/docker-flow-proxy/remove`, with the Docker Flow Proxy
+/// parameters accepted and ignored; any other parameter is an error, so a mistyped query never
+/// removes something by accident.
+pub(crate) fn remove_service_name(
+    pairs: &[(String, String)],
+) -> Result<(ServiceName, Vec<IgnoredParameter>), SpecError> {
     let mut found: Option<&str> = None;
+    let mut ignored = Vec::new();
+    let tables = [IGNORED_PARAMETERS, IGNORED_ON_REMOVE];
     for (name, value) in pairs {
+        if note_ignored(&mut ignored, &tables, name, name) {
+            continue;
+        }
         if name != "serviceName" {
-            return Err(spec_error(&shown_name(name), "not supported by remove"));
+            let known = std::iter::once("serviceName").chain(
+                tables
+                    .iter()
+                    .flat_map(|table| table.iter().map(|(k, _)| *k)),
+            );
+            return Err(unknown_parameter(
+                name,
+                name,
+                0,
+                known,
+                "not supported by remove",
+            ));
         }
         if found.replace(value).is_some() {
             return Err(spec_error("serviceName", "given more than once"));
         }
     }
     match found {
-        Some(value) => ServiceName::parse("serviceName", value),
+        Some(value) => Ok((ServiceName::parse("serviceName", value)?, ignored)),
         None => Err(spec_error("serviceName", "required")),
     }
 }

@@ -17,7 +17,8 @@
 //!   "RedirectWhenHttpProto": false,
 //!   "AddReqHeader": [], "SetReqHeader": [], "DelReqHeader": [],
 //!   "AddResHeader": [], "SetResHeader": [], "DelResHeader": [],
-//!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ]
+//!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ],
+//!   "ServiceDomainAlgo": null
 //! }
 //! ```
 //!
@@ -34,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use super::query::indexed;
 use super::query::MAX_INDEX;
-use super::values::{parse_list, spec_error, AclName, Domain, PathType, Port, ReqMode};
+use super::values::{parse_list, spec_error, AclName, Domain, DomainAlgo, PathType, Port, ReqMode};
 use super::values::{AuthUser, PasswordHash, UserName};
 use super::values::{HeaderLine, HeaderName, HttpMethod, RedirectCode};
 use super::values::{ServiceColor, ServiceName, ServicePath};
@@ -79,6 +80,9 @@ pub(super) struct StoredSpec {
     verify_client_ssl: bool,
     #[serde(default)]
     ssl_verify_none: bool,
+    /// `hdr`, `hdr_beg`, `hdr_end` or `hdr_dom`; `null`: `--service-domain-algo`.
+    #[serde(default)]
+    service_domain_algo: Option<String>,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -155,6 +159,7 @@ impl From<ServiceSpec> for StoredSpec {
             service_color: spec.service_color.map(|c| c.as_str().to_string()),
             acl_name: spec.acl_name.map(|a| a.as_str().to_string()),
             skip_check: spec.skip_check,
+            service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -344,6 +349,11 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             users,
             verify_client_ssl: stored.verify_client_ssl,
             ssl_verify_none: stored.ssl_verify_none,
+            service_domain_algo: stored
+                .service_domain_algo
+                .as_deref()
+                .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
+                .transpose()?,
         })
     }
 }

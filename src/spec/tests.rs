@@ -348,8 +348,9 @@ fn two_http_destinations_may_share_a_source_port() {
 
 #[test]
 fn remove_reads_only_the_service_name() {
-    let name = service_name_from_query(&q(&[("serviceName", "go-demo")])).unwrap();
+    let (name, ignored) = service_name_from_query(&q(&[("serviceName", "go-demo")])).unwrap();
     assert_eq!(name.as_str(), "go-demo");
+    assert!(ignored.is_empty());
     let error = service_name_from_query(&q(&[])).unwrap_err();
     assert_eq!(error.parameter, "serviceName");
     let error = service_name_from_query(&q(&[("serviceName", "a b")])).unwrap_err();
@@ -739,14 +740,18 @@ fn edge_rules_round_trip_through_json() {
     assert_eq!(first["RedirectFromDomain"][1], "shop.com");
     assert_eq!(first["AllowedMethods"], serde_json::json!(["GET", "HEAD"]));
     assert_eq!(first["DenyHttp"], false);
+    // The unsuffixed httpsOnly, httpsRedirectCode and allowedMethods are destination 1's
+    // defaults; redirectFromDomain belongs to destination 0's domains only.
     let second = &json["ServiceDest"][1];
-    assert_eq!(second["HttpsOnly"], false);
-    assert_eq!(second["HttpsRedirectCode"], serde_json::Value::Null);
+    assert_eq!(second["HttpsOnly"], true);
+    assert_eq!(second["HttpsRedirectCode"], 308);
+    assert_eq!(second["RedirectFromDomain"], serde_json::json!([]));
+    assert_eq!(second["AllowedMethods"], serde_json::json!(["GET", "HEAD"]));
     assert_eq!(second["DeniedMethods"][0], "DELETE");
     assert_eq!(second["DenyHttp"], true);
     let back: ServiceSpec = serde_json::from_value(json).unwrap();
     assert_eq!(back, spec);
-    assert_eq!(back.destinations()[1].redirect_code().get(), 302);
+    assert_eq!(back.destinations()[1].redirect_code().get(), 308);
 }
 
 #[test]
@@ -1062,12 +1067,14 @@ fn a_repeated_clear_password_keeps_the_current_hash_and_a_new_one_is_hashed_afre
     let first = ServiceSpec::from_query(&query("alice:wonderland,bob:builder")).unwrap();
     let again =
         ServiceSpec::from_query_keeping(&query("alice:wonderland,bob:builder"), Some(&first))
-            .unwrap();
+            .unwrap()
+            .0;
     assert_eq!(again, first, "same passwords, same hashes");
 
     let changed =
         ServiceSpec::from_query_keeping(&query("alice:looking-glass,bob:builder"), Some(&first))
-            .unwrap();
+            .unwrap()
+            .0;
     assert_ne!(changed.users()[0], first.users()[0]);
     assert!(verifies(changed.users()[0].password(), "looking-glass"));
     assert_eq!(changed.users()[1], first.users()[1]);
@@ -1089,7 +1096,8 @@ fn a_repeated_clear_password_keeps_the_current_hash_and_a_new_one_is_hashed_afre
         ]),
         Some(&first),
     )
-    .unwrap();
+    .unwrap()
+    .0;
     assert_ne!(not_shared.users()[0], first.users()[0]);
     assert_ne!(not_shared.users()[0], other.users()[0]);
 }
@@ -1148,4 +1156,211 @@ fn tls_per_service_flags_are_read_stored_and_checked() {
         "sslVerifyNone",
         &[],
     );
+}
+// Docker Flow Proxy's callers: unsuffixed defaults, ignored parameters, did-you-mean.
+
+#[test]
+fn unsuffixed_port_is_the_default_of_indexed_destinations() {
+    let spec = parse(&[
+        ("serviceName", "go-demo"),
+        ("port", "8080"),
+        ("servicePath.1", "/a"),
+        ("servicePath.2", "/b"),
+        ("port.2", "9090"),
+    ])
+    .unwrap();
+    let ports: Vec<(u16, Option<u16>)> = spec
+        .destinations()
+        .iter()
+        .map(|d| (d.index(), d.port().map(Port::get)))
+        .collect();
+    assert_eq!(ports, [(1, Some(8080)), (2, Some(9090))]);
+}
+
+#[test]
+fn unsuffixed_destination_with_a_path_or_domain_exists_and_lends_its_defaults() {
+    let spec = parse(&[
+        ("serviceName", "go-demo"),
+        ("servicePath", "/api"),
+        ("reqMode", "http"),
+        ("httpsOnly", "true"),
+        ("port", "8080"),
+        ("serviceDomain.1", "admin.example.com"),
+    ])
+    .unwrap();
+    let [zero, one] = spec.destinations() else {
+        panic!("two destinations expected: {spec:?}")
+    };
+    assert_eq!((zero.index(), one.index()), (0, 1));
+    assert_eq!(one.port().map(Port::get), Some(8080));
+    assert!(one.https_only());
+    assert!(one.service_path().is_empty());
+}
+
+#[test]
+fn unsuffixed_tcp_destination_stays_one_with_or_without_indexed_ones() {
+    let alone = parse(&[
+        ("serviceName", "db"),
+        ("reqMode", "tcp"),
+        ("srcPort", "5432"),
+        ("port", "5432"),
+    ])
+    .unwrap();
+    assert_eq!(alone.destinations().len(), 1);
+    let error = rejected(&[
+        ("serviceName", "db"),
+        ("reqMode", "tcp"),
+        ("srcPort", "5432"),
+        ("servicePath.1", "/a"),
+    ]);
+    assert_eq!(error.parameter, "servicePath.1", "{error}");
+    // `reqMode=tcp` alone is the default of the indexed tcp destinations.
+    let spec = parse(&[
+        ("serviceName", "db"),
+        ("reqMode", "tcp"),
+        ("srcPort.1", "5432"),
+        ("srcPort.2", "5433"),
+    ])
+    .unwrap();
+    assert!(spec
+        .destinations()
+        .iter()
+        .all(|d| d.req_mode() == ReqMode::Tcp && d.index() > 0));
+}
+
+#[test]
+fn a_bad_unsuffixed_default_is_named_unsuffixed() {
+    let error = rejected(&[
+        ("serviceName", "go-demo"),
+        ("port", "http"),
+        ("servicePath.1", "/a"),
+    ]);
+    assert_eq!(error.parameter, "port", "{error}");
+}
+
+#[test]
+fn unsuffixed_destination_only_parameter_without_path_is_still_refused() {
+    let error = rejected(&[
+        ("serviceName", "go-demo"),
+        ("redirectFromDomain", "old.example.com"),
+        ("servicePath.1", "/a"),
+    ]);
+    assert_eq!(error.parameter, "servicePath", "{error}");
+}
+
+#[test]
+fn docker_flow_proxy_only_parameters_are_ignored_with_a_reason() {
+    let (spec, ignored) = query::build_spec(
+        &q(&[
+            ("serviceName", "go-demo"),
+            ("servicePath", "/demo"),
+            ("distribute", "true"),
+            ("replicas", "3"),
+            ("discoveryType", "swarm"),
+            ("proxyInstanceName", "docker-flow"),
+            ("fromListener", "true"),
+            ("recreate", "true"),
+        ]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(spec.destinations().len(), 1);
+    let names: Vec<&str> = ignored.iter().map(|i| i.parameter.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "distribute",
+            "replicas",
+            "discoveryType",
+            "proxyInstanceName",
+            "fromListener",
+            "recreate"
+        ]
+    );
+    assert!(ignored.iter().all(|i| !i.reason.is_empty()));
+    let error = rejected(&[("serviceName", "go-demo"), ("aclName", "a b")]);
+    assert_eq!(
+        error.parameter, "aclName",
+        "aclName is still a reconfigure parameter"
+    );
+}
+
+#[test]
+fn remove_ignores_acl_name_and_distribute() {
+    let (name, ignored) = service_name_from_query(&q(&[
+        ("serviceName", "go-demo"),
+        ("aclName", "05-go-demo"),
+        ("distribute", "true"),
+    ]))
+    .unwrap();
+    assert_eq!(name.as_str(), "go-demo");
+    let names: Vec<&str> = ignored.iter().map(|i| i.parameter.as_str()).collect();
+    assert_eq!(names, ["aclName", "distribute"]);
+    let error = service_name_from_query(&q(&[("servicename", "go-demo")])).unwrap_err();
+    assert!(
+        error.message.contains("did you mean `serviceName`?"),
+        "{error}"
+    );
+}
+
+#[test]
+fn unknown_parameters_name_the_closest_known_one() {
+    for (written, expected) in [
+        ("servicepath", "servicePath"),
+        ("servicePth", "servicePath"),
+        ("serviceDomian", "serviceDomain"),
+        ("servicePaht.2", "servicePath.2"),
+        ("prot", "port"),
+        ("PORT.1", "port.1"),
+        ("httpsonly", "httpsOnly"),
+    ] {
+        let error = rejected(&[
+            ("serviceName", "go-demo"),
+            ("servicePath", "/a"),
+            (written, "1"),
+        ]);
+        assert_eq!(error.parameter, written);
+        assert!(
+            error
+                .message
+                .contains(&format!("did you mean `{expected}`?")),
+            "{written}: {error}"
+        );
+    }
+    let error = rejected(&[("serviceName", "go-demo"), ("timeoutTunnel", "5")]);
+    assert_eq!(error.parameter, "timeoutTunnel");
+    assert!(!error.message.contains("did you mean"), "{error}");
+}
+
+#[test]
+fn service_domain_algo_takes_the_four_matches_in_both_forms_and_round_trips() {
+    for (written, algo) in [
+        ("hdr", DomainAlgo::Hdr),
+        ("hdr(host)", DomainAlgo::Hdr),
+        ("hdr_beg", DomainAlgo::HdrBeg),
+        ("hdr_end(host)", DomainAlgo::HdrEnd),
+        ("hdr_dom", DomainAlgo::HdrDom),
+    ] {
+        let spec = parse(&[
+            ("serviceName", "web"),
+            ("serviceDomain", "example.com"),
+            ("serviceDomainAlgo", written),
+        ])
+        .unwrap();
+        assert_eq!(spec.service_domain_algo(), Some(algo));
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["ServiceDomainAlgo"], algo.as_str());
+        let back: ServiceSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, spec);
+    }
+    let plain = parse(&[("serviceName", "web"), ("serviceDomain", "example.com")]).unwrap();
+    assert_eq!(plain.service_domain_algo(), None);
+    for bad in ["req.ssl_sni", "hdr_sub", "HDR", "hdr(host) -m reg .*", ""] {
+        let error = rejected(&[
+            ("serviceName", "web"),
+            ("serviceDomain", "example.com"),
+            ("serviceDomainAlgo", bad),
+        ]);
+        assert_eq!(error.parameter, "serviceDomainAlgo", "{bad}: {error}");
+    }
 }

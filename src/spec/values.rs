@@ -532,6 +532,79 @@ impl ReqMode {
     }
 }
 
+/// How a destination's exact `serviceDomain`s match the request's host (without its port,
+/// case-insensitive): `serviceDomainAlgo` per service, `--service-domain-algo` for all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum DomainAlgo {
+    /// `hdr`: the host is the domain (the default).
+    #[default]
+    Hdr,
+    /// `hdr_beg`: the host begins with the domain (Docker Flow Proxy's old default).
+    HdrBeg,
+    /// `hdr_end`: the host ends with the domain.
+    HdrEnd,
+    /// `hdr_dom`: the domain is a dot-delimited run of the host's labels (so `example.com`
+    /// matches `example.com` and `www.example.com`).
+    HdrDom,
+}
+
+impl DomainAlgo {
+    /// Every algorithm, by its query name.
+    const ALL: [DomainAlgo; 4] = [
+        DomainAlgo::Hdr,
+        DomainAlgo::HdrBeg,
+        DomainAlgo::HdrEnd,
+        DomainAlgo::HdrDom,
+    ];
+
+    /// Validates `value` given as `parameter`: `hdr`, `hdr_beg`, `hdr_end` or `hdr_dom`, also
+    /// in Docker Flow Proxy's form with the header named (`hdr_beg(host)`).
+    pub fn parse(parameter: &str, value: &str) -> Result<DomainAlgo, SpecError> {
+        let name = value.strip_suffix("(host)").unwrap_or(value);
+        DomainAlgo::ALL
+            .into_iter()
+            .find(|algo| algo.as_str() == name)
+            .ok_or_else(|| {
+                spec_error(
+                    parameter,
+                    format!(
+                        "{} is not a domain match; use hdr (exact), hdr_beg, hdr_end or hdr_dom",
+                        shown(value)
+                    ),
+                )
+            })
+    }
+
+    /// The query name: `hdr`, `hdr_beg`, `hdr_end` or `hdr_dom`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainAlgo::Hdr => "hdr",
+            DomainAlgo::HdrBeg => "hdr_beg",
+            DomainAlgo::HdrEnd => "hdr_end",
+            DomainAlgo::HdrDom => "hdr_dom",
+        }
+    }
+
+    /// HAProxy's match method for it (`-m <method>`).
+    pub fn match_method(self) -> &'static str {
+        match self {
+            DomainAlgo::Hdr => "str",
+            DomainAlgo::HdrBeg => "beg",
+            DomainAlgo::HdrEnd => "end",
+            DomainAlgo::HdrDom => "dom",
+        }
+    }
+}
+
+impl std::str::FromStr for DomainAlgo {
+    type Err = SpecError;
+
+    /// Reads `--service-domain-algo`.
+    fn from_str(value: &str) -> Result<DomainAlgo, SpecError> {
+        DomainAlgo::parse("--service-domain-algo", value)
+    }
+}
+
 /// Parses a boolean flag (`true`, `false`, `1`, `0`).
 pub(crate) fn parse_flag(parameter: &str, value: &str) -> Result<bool, SpecError> {
     match value {

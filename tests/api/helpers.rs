@@ -69,6 +69,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         stats_pass: None,
         stats_uri: "/admin?stats".into(),
         stats_port: None,
+        service_domain_algo: Default::default(),
         kv_prefix: "flow-proxy".into(),
         consul_token: None,
         watch_instances: true,

@@ -7,6 +7,7 @@ mod consul_access;
 mod convergence;
 mod crash;
 mod data_loss;
+mod dfp_callers;
 mod embedded_registry;
 mod failover;
 mod fleet;

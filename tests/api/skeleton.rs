@@ -119,6 +119,7 @@ pub fn settings(errors_dir: &std::path::Path) -> RenderSettings {
         https_only: false,
         users: Vec::new(),
         stats: None,
+        service_domain_algo: Default::default(),
     }
 }
 

@@ -89,8 +89,8 @@ async fn https_only_redirects_plain_http_with_its_code_and_tls_reaches_the_backe
     let (proxy, _backend) = proxy_with_tls(&ca, &["app.example.test"], |_| {}).await;
     proxy
         .reconfigure_ok(
-            "serviceName=app&servicePath=/moved&httpsOnly=true&httpsRedirectCode=301\
-             &servicePath.1=/temporary&httpsOnly.1=true&servicePath.2=/plain",
+            "serviceName=app&servicePath=/plain&servicePath.1=/moved&httpsOnly.1=true\
+             &httpsRedirectCode.1=301&servicePath.2=/temporary&httpsOnly.2=true",
         )
         .await;
 
@@ -405,8 +405,8 @@ async fn allowed_and_denied_methods_answer_405_through_haproxy() {
     proxy.register_instance("app", "app-1", backend.port).await;
     proxy
         .reconfigure_ok(
-            "serviceName=app&servicePath=/read&allowedMethods=GET,HEAD\
-             &servicePath.1=/write&deniedMethods.1=DELETE",
+            "serviceName=app&servicePath=/write&deniedMethods=DELETE\
+             &servicePath.1=/read&allowedMethods.1=GET,HEAD",
         )
         .await;
 
@@ -433,7 +433,7 @@ async fn deny_http_refuses_plain_http_with_403_and_serves_tls() {
     let ca = TestCa::new();
     let (proxy, _backend) = proxy_with_tls(&ca, &["app.example.test"], |_| {}).await;
     proxy
-        .reconfigure_ok("serviceName=app&servicePath=/secure&denyHttp=true&servicePath.1=/open")
+        .reconfigure_ok("serviceName=app&servicePath=/open&servicePath.1=/secure&denyHttp.1=true")
         .await;
 
     let plain = http_request(http_port(&proxy), "GET", "/secure", "app.example.test", &[]).await;
