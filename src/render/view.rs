@@ -525,28 +525,8 @@ fn stats_uri(stats: &StatsSettings) -> Result<String, RenderError> {
     if uri.len() > 256 {
         return Err(invalid("too long: at most 256 characters"));
     }
-    let allowed = |c: char| {
-        c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                '/' | '-'
-                    | '.'
-                    | '_'
-                    | '~'
-                    | '!'
-                    | '&'
-                    | '('
-                    | ')'
-                    | '*'
-                    | '+'
-                    | ';'
-                    | '='
-                    | ':'
-                    | '@'
-                    | '%'
-                    | '?'
-            )
-    };
+    // A path's characters (as a literal `servicePath` takes them) and the query's `?`.
+    let allowed = |c: char| crate::spec::values::is_path_char(c) || c == '?';
     if !uri.chars().all(allowed) {
         return Err(invalid(
             "only letters, digits and / - . _ ~ ! & ( ) * + ; = : @ % ? are allowed",

@@ -304,7 +304,7 @@ impl fmt::Display for PathType {
 
 /// Characters allowed in a literal path pattern: RFC 3986 path characters without the quote,
 /// the comma (our list separator) and `$` (HAProxy's variable sign).
-fn is_path_char(c: char) -> bool {
+pub(crate) fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric()
         || matches!(
             c,
