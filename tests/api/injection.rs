@@ -1016,22 +1016,30 @@ fn the_regression_corpus_is_refused_or_renders_only_what_it_asked_for() {
 /// A stored spec as anyone with KV access could write it: the right shape, nasty values.
 fn stored_json() -> impl Strategy<Value = String> {
     let text = || prop_oneof![3 => value_for("servicePath"), 1 => any_value()];
-    let destination = |index: u32| {
-        (
+    let destination =
+        |index: u32| {
+            (
             proptest::collection::vec(path_item(), 1..4),
             proptest::collection::vec(domain_item(), 0..2),
             proptest::option::weighted(0.2, prop_oneof![5 => one_of(PATH_TYPES), 1 => any_value()]),
             proptest::option::weighted(0.2, prop_oneof![5 => 1u32..65536, 1 => any::<u32>()]),
             proptest::option::weighted(0.1, prop_oneof![5 => 1u32..65536, 1 => any::<u32>()]),
             proptest::option::weighted(0.1, one_of(&["http", "tcp", "udp", "HTTP"])),
+            stored_edge_rules(),
         )
-            .prop_map(move |(paths, domains, path_type, port, src_port, mode)| {
-                serde_json::json!({
+            .prop_map(move |(paths, domains, path_type, port, src_port, mode, edge)| {
+                let mut destination = serde_json::json!({
                     "Index": index, "ServicePath": paths, "ServiceDomain": domains,
                     "PathType": path_type, "Port": port, "SrcPort": src_port, "ReqMode": mode,
-                })
+                });
+                if let (Some(destination), serde_json::Value::Object(edge)) =
+                    (destination.as_object_mut(), edge)
+                {
+                    destination.extend(edge);
+                }
+                destination
             })
-    };
+        };
     let indices = prop_oneof![
         12 => proptest::sample::subsequence(vec![0u32, 1, 2, 3, 999], 1..4),
         1 => proptest::sample::subsequence(vec![0u32, 1000, 65536, u32::MAX], 0..3),
@@ -1050,14 +1058,94 @@ fn stored_json() -> impl Strategy<Value = String> {
         any::<bool>(),
         proptest::option::weighted(0.3, one_of(PATH_TYPES)),
         destinations,
+        stored_service_rules(),
     )
-        .prop_map(|(name, color, acl, skip, path_type, destinations)| {
-            serde_json::json!({
+        .prop_map(|(name, color, acl, skip, path_type, destinations, rules)| {
+            let mut spec = serde_json::json!({
                 "ServiceName": name, "ServiceColor": color, "AclName": acl, "SkipCheck": skip,
                 "PathType": path_type, "ServiceDest": destinations,
-            })
-            .to_string()
+            });
+            if let (Some(spec), serde_json::Value::Object(rules)) = (spec.as_object_mut(), rules) {
+                spec.extend(rules);
+            }
+            spec.to_string()
         })
+}
+
+/// A stored list: the items a query would give, sometimes anything.
+fn stored_list(item: BoxedStrategy<String>) -> BoxedStrategy<Vec<String>> {
+    proptest::collection::vec(prop_oneof![8 => item, 1 => any_value()], 0..3).boxed()
+}
+
+/// The edge rules and `IgnoreAuthorization` of a stored destination (only the fields set).
+fn stored_edge_rules() -> BoxedStrategy<serde_json::Value> {
+    (
+        proptest::option::weighted(0.1, any::<bool>()),
+        proptest::option::weighted(
+            0.1,
+            prop_oneof![5 => proptest::sample::select(&[301u32, 302, 303, 307, 308][..]), 1 => any::<u32>()],
+        ),
+        proptest::option::weighted(0.1, stored_list(redirect_domain_item())),
+        proptest::option::weighted(0.1, stored_list(method_item())),
+        proptest::option::weighted(0.1, stored_list(method_item())),
+        proptest::option::weighted(0.1, any::<bool>()),
+        proptest::option::weighted(0.1, any::<bool>()),
+    )
+        .prop_map(
+            |(https_only, code, from_domain, allowed, denied, deny_http, ignore_auth)| {
+                let mut fields = serde_json::Map::new();
+                let mut set = |key: &str, value: Option<serde_json::Value>| {
+                    if let Some(value) = value {
+                        fields.insert(key.to_string(), value);
+                    }
+                };
+                set("HttpsOnly", https_only.map(Into::into));
+                set("HttpsRedirectCode", code.map(Into::into));
+                set("RedirectFromDomain", from_domain.map(Into::into));
+                set("AllowedMethods", allowed.map(Into::into));
+                set("DeniedMethods", denied.map(Into::into));
+                set("DenyHttp", deny_http.map(Into::into));
+                set("IgnoreAuthorization", ignore_auth.map(Into::into));
+                serde_json::Value::Object(fields)
+            },
+        )
+        .boxed()
+}
+
+/// The service-wide rules and users of a stored spec (only the fields set): a stored password
+/// must be a crypt hash, a clear one is refused.
+fn stored_service_rules() -> BoxedStrategy<serde_json::Value> {
+    let lines = || proptest::option::weighted(0.08, stored_list(header_line()));
+    let names = || proptest::option::weighted(0.08, stored_list(header_name()));
+    let user = (
+        prop_oneof![8 => "[a-zA-Z0-9][a-zA-Z0-9_.@-]{0,10}".boxed(), 1 => any_value()],
+        prop_oneof![8 => password_hash(), 1 => any_value()],
+    )
+        .prop_map(|(name, hash)| serde_json::json!({ "Username": name, "PasswordHash": hash }));
+    (
+        proptest::option::weighted(0.1, any::<bool>()),
+        (lines(), lines(), names()),
+        (lines(), lines(), names()),
+        proptest::option::weighted(0.15, proptest::collection::vec(user, 0..3)),
+    )
+        .prop_map(|(proto, request, response, users)| {
+            let mut fields = serde_json::Map::new();
+            let mut set = |key: &str, value: Option<serde_json::Value>| {
+                if let Some(value) = value {
+                    fields.insert(key.to_string(), value);
+                }
+            };
+            set("RedirectWhenHttpProto", proto.map(Into::into));
+            set("AddReqHeader", request.0.map(Into::into));
+            set("SetReqHeader", request.1.map(Into::into));
+            set("DelReqHeader", request.2.map(Into::into));
+            set("AddResHeader", response.0.map(Into::into));
+            set("SetResHeader", response.1.map(Into::into));
+            set("DelResHeader", response.2.map(Into::into));
+            set("Users", users.map(Into::into));
+            serde_json::Value::Object(fields)
+        })
+        .boxed()
 }
 
 /// A stored spec (KV can be edited by anyone) is refused when read, or renders as asked.
