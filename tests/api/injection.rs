@@ -4,19 +4,27 @@
 //! Arbitrary queries, stored JSON specs and instance addresses go through the real parser and
 //! the real [`Renderer`]. Each input is either refused (a [`SpecError`], a 400), or it renders a
 //! config whose directive skeleton (see `skeleton`) is exactly the one the spec asks for and
-//! that `haproxy -c` accepts (a `path_reg` pattern HAProxy's regex engine refuses is the one
-//! allowed refusal there: the API answers 400 with HAProxy's message).
+//! that `haproxy -c` accepts without warnings (a `path_reg` pattern HAProxy's regex engine
+//! refuses is the one allowed refusal there: the API answers 400 with HAProxy's message).
 //!
-//! Budgets: `PROPTEST_CASES` cases per property (256 by default) and at most
-//! `INJECTION_HAPROXY_CHECKS` runs of `haproxy -c` per property (35 by default, ~35 ms each;
-//! with the corpus and the largest spec about 150 runs in all).
+//! Every parameter is generated, the edge rules (redirects, header and method rules) and basic
+//! auth included, and each case is rendered under one of several profiles ([`profiles`]): plain
+//! HTTP, with an HTTPS frontend (a crt-list of a real certificate), with `--https-only`,
+//! `--users` and the stats page on its own port, on the HTTPS port or on the main port. A
+//! further property checks that a clear password never reaches the config, the stored spec or
+//! the answer: only its SHA-512 crypt hash does.
+//!
+//! Budgets: `PROPTEST_CASES` cases per property (256 by default; the clear-password property
+//! runs an eighth of them, two services a quarter) and at most `INJECTION_HAPROXY_CHECKS` runs
+//! of `haproxy -c` per property (35 by default; with the corpus and the largest spec about 170
+//! runs in all).
 //! Run longer by hand with e.g.
 //! `PROPTEST_CASES=20000 INJECTION_HAPROXY_CHECKS=2000 cargo test --test api injection::`;
 //! `INJECTION_DEBUG=1` prints every refusal (to see what the generators reach).
 //!
 //! Every case found is kept in `tests/corpus/queries.txt` (raw query strings, replayed every run
-//! with `haproxy -c` on each accepted one); proptest's seeds of failures go to
-//! `tests/corpus/proptest-seeds.txt`.
+//! under every profile, with `haproxy -c` on one profile's config per line, in turn); proptest's
+//! seeds of failures go to `tests/corpus/proptest-seeds.txt`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
