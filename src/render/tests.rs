@@ -669,12 +669,18 @@ fn basic_auth_guards_each_http_backend_with_the_service_users_else_the_global_on
 
 #[test]
 fn haproxy_accepts_basic_auth_and_the_stats_page_without_warnings() {
-    for stats_port in [8080, 9000] {
+    // With --https-only, the frontend on the stats port holds redirects too: the stats page's
+    // use_backend must follow them (HAProxy warns about an http-request after a use_backend).
+    for (stats_port, https_only) in [(8080, false), (9000, false), (8080, true), (9000, true)] {
         let output = haproxy_check_with(None, &auth_services(), |settings| {
             settings.users = global_users();
             settings.stats = Some(stats_on(stats_port));
+            settings.https_only = https_only;
         });
-        assert!(!output.contains("[WARNING]"), "{stats_port}: {output}");
+        assert!(
+            !output.contains("[WARNING]"),
+            "{stats_port}, https_only {https_only}: {output}"
+        );
     }
 }
 

@@ -1364,3 +1364,32 @@ fn service_domain_algo_takes_the_four_matches_in_both_forms_and_round_trips() {
         assert_eq!(error.parameter, "serviceDomainAlgo", "{bad}: {error}");
     }
 }
+
+#[test]
+fn a_path_starting_with_a_parenthesis_is_refused_for_every_path_type() {
+    // HAProxy warns that such a first pattern is "likely a mistake" (found by the injection
+    // proof with a stored `path_end` spec).
+    for path_type in [
+        "path", "path_beg", "path_dir", "path_end", "path_reg", "path_sub",
+    ] {
+        let error = rejected(&[
+            ("serviceName", "demo"),
+            ("servicePath", "(a)"),
+            ("pathType", path_type),
+        ]);
+        assert_eq!(error.parameter, "servicePath", "{path_type}");
+        // Types that need a leading `/` refuse it for that first.
+        assert!(
+            error.message.contains("must not start with `(`")
+                || error.message.contains("must start with `/`"),
+            "{error}"
+        );
+    }
+    let spec = parse(&[
+        ("serviceName", "demo"),
+        ("servicePath", "^(a|b)$"),
+        ("pathType", "path_reg"),
+    ])
+    .expect("a regex starting with ^( is accepted");
+    assert_eq!(spec.destinations()[0].service_path()[0].as_str(), "^(a|b)$");
+}

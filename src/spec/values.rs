@@ -368,6 +368,16 @@ impl ServicePath {
                 format!("{} must not start with `-`", shown(value)),
             ));
         }
+        // HAProxy takes a pattern starting with `(` for a misplaced parenthesis and warns.
+        if value.starts_with('(') {
+            return Err(spec_error(
+                parameter,
+                format!(
+                    "{} must not start with `(` (HAProxy reads it as a misplaced parenthesis; for a regex, start with `.*(` or `^(`)",
+                    shown(value)
+                ),
+            ));
+        }
         Ok(ServicePath(value.to_string()))
     }
 

@@ -1,12 +1,18 @@
 //! The directive skeleton of a haproxy.cfg, and the skeleton a spec asks for.
 //!
 //! A skeleton keeps, for each section, the words of each line with the names flow-proxy makes
-//! up (section, acl, backend, server names, bind and server addresses) replaced by `_`, and the
-//! user's values (paths, domains) kept as they are. Lines are read the way HAProxy reads them:
-//! words split on spaces and tabs, `#` starts a comment. A quote, a backslash or a control
-//! character makes a line unreadable (flow-proxy never writes one). So a value that ended a
-//! word, a line or the section shows up as a skeleton that differs from the one the spec asks
-//! for, whatever text it smuggled in.
+//! up (section, acl, backend, userlist, server names, bind and server addresses) replaced by
+//! `_`, and the user's values (paths, domains, header names and values, methods, user names,
+//! password hashes) kept as they are. Lines are read the way HAProxy reads them: words split on
+//! spaces and tabs, `#` starts a comment, a double-quoted part belongs to its word (kept with its
+//! quotes, so `"a b"` is one word). A single quote or a backslash, a control character, an
+//! unterminated double quote, and a `$` or `%` inside double quotes (HAProxy expands
+//! environment variables and log-format there) make a line unreadable: flow-proxy never writes
+//! one. So a value that ended a word, a line or the section shows up as a skeleton that differs
+//! from the one the spec asks for, whatever text it smuggled in.
+//!
+//! In conditions (the words after `if`/`unless`), acl names become `_`; anonymous acls
+//! (`{ … }`, `!{ … }`) are kept, except the userlist name in `http_auth(<userlist>)`.
 //!
 //! Sections and the lines within a section are compared as sorted lists: the order of rules is
 //! the renderer's business (tested on its own), what is asked here is that every line is one the
@@ -18,24 +24,47 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use flow_proxy::render::{RenderSettings, Renderer, ServiceRoute};
+use flow_proxy::render::{RenderSettings, Renderer, ServiceRoute, TlsSettings};
 use flow_proxy::spec::{Destination, Instance, ReqMode, ServiceSpec};
 
-/// The words of one config line as HAProxy splits them, or why HAProxy would read it otherwise.
-pub fn words(line: &str) -> Result<Vec<&str>, String> {
-    let code = match line.find('#') {
-        Some(comment) => &line[..comment],
-        None => line,
-    };
-    if let Some(c) = code
-        .chars()
-        .find(|c| matches!(c, '"' | '\'' | '\\') || (c.is_control() && *c != '\t'))
-    {
-        return Err(format!(
-            "line {line:?} has {c:?}, which HAProxy reads specially"
-        ));
+/// The words of one config line as HAProxy splits them (a double-quoted part kept with its
+/// quotes), or why HAProxy would read it otherwise.
+pub fn words(line: &str) -> Result<Vec<String>, String> {
+    let special = |c: char, why: &str| Err(format!("line {line:?} has {c:?}, {why}"));
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut quoted = false;
+    for c in line.chars() {
+        if c.is_control() && c != '\t' {
+            return special(c, "a control character");
+        }
+        if quoted {
+            match c {
+                '"' => quoted = false,
+                '\\' | '$' | '%' => {
+                    return special(c, "which HAProxy reads specially inside double quotes")
+                }
+                '\t' => return special(c, "a tab inside double quotes"),
+                _ => {}
+            }
+            word.get_or_insert_with(String::new).push(c);
+            continue;
+        }
+        match c {
+            '#' => break,
+            ' ' | '\t' => words.extend(word.take()),
+            '\'' | '\\' => return special(c, "which HAProxy reads specially"),
+            _ => {
+                quoted = c == '"';
+                word.get_or_insert_with(String::new).push(c);
+            }
+        }
     }
-    Ok(code.split([' ', '\t']).filter(|w| !w.is_empty()).collect())
+    if quoted {
+        return Err(format!("line {line:?} has an unterminated double quote"));
+    }
+    words.extend(word);
+    Ok(words)
 }
 
 /// One section: its header and its lines, each already reduced to a skeleton line.
@@ -46,24 +75,66 @@ struct Section {
 }
 
 /// Reduces one line to its skeleton: made-up names become `_`.
-fn skeleton_line(words: &[&str]) -> String {
-    let keep = |position: usize, word: &str| -> bool {
-        match words[0] {
-            "frontend" | "backend" | "defaults" | "acl" | "bind" | "default_backend" => {
-                position != 1
-            }
-            "server" => position == 0 || position > 2,
-            // `use_backend <backend> if <acl> [<acl>]`
-            "use_backend" => position != 1 && !(position > 2 && word != "if"),
-            _ => true,
-        }
+fn skeleton_line(words: &[String]) -> String {
+    let first = words.first().map(String::as_str).unwrap_or_default();
+    // Where a condition may start: after the fixed words of the directive.
+    let condition_from = match first {
+        "use_backend" => 2,
+        "http-request" | "http-response" => 2,
+        _ => usize::MAX,
     };
-    words
-        .iter()
-        .enumerate()
-        .map(|(position, word)| if keep(position, word) { *word } else { "_" })
-        .collect::<Vec<_>>()
-        .join(" ")
+    let mut in_condition = false;
+    let mut depth = 0usize;
+    let mut out = Vec::with_capacity(words.len());
+    for (position, word) in words.iter().enumerate() {
+        let word = word.as_str();
+        let masked = if in_condition {
+            match word {
+                "{" | "!{" => {
+                    depth += 1;
+                    word
+                }
+                "}" => {
+                    depth = depth.saturating_sub(1);
+                    word
+                }
+                "!" | "or" | "||" => word,
+                _ if depth > 0 => {
+                    if word.starts_with("http_auth(") && word.ends_with(')') {
+                        "http_auth(_)"
+                    } else {
+                        word
+                    }
+                }
+                _ => "_",
+            }
+        } else {
+            if position >= condition_from && matches!(word, "if" | "unless") {
+                in_condition = true;
+            }
+            let made_up = match first {
+                "frontend" | "backend" | "defaults" | "userlist" | "acl" | "bind"
+                | "default_backend" | "use_backend" => position == 1,
+                "server" => position == 1 || position == 2,
+                _ => false,
+            };
+            if made_up {
+                "_"
+            } else {
+                word
+            }
+        };
+        out.push(masked);
+    }
+    out.join(" ")
+}
+
+/// The skeleton of one line the model writes (read and masked like a rendered one).
+fn normalized(line: &str) -> String {
+    match words(line) {
+        Ok(words) => skeleton_line(&words),
+        Err(error) => format!("unreadable model line: {error}"),
+    }
 }
 
 /// The skeleton of a rendered config: sorted sections, each with its sorted lines.
@@ -126,20 +197,47 @@ pub fn settings(errors_dir: &std::path::Path) -> RenderSettings {
 /// The main HTTP frontend's port in [`settings`].
 pub const HTTP_PORT: u16 = 8080;
 
+/// The line that tells the HTTPS frontend apart from the other HTTP frontends.
+const HTTPS_MARK: &str = "http-request set-header X-Forwarded-Proto https";
+
 /// The sections that do not depend on the services, from configs rendered without services
-/// (`global`, `defaults` for HTTP, the main frontend's own lines) and with one TCP service (the
-/// `defaults` for TCP).
+/// (`global`, `defaults` for HTTP, the `--users` and stats userlists, the main and HTTPS
+/// frontends' own lines, the stats page) and with one TCP service (the `defaults` for TCP); and
+/// the settings that decide what each service adds.
 pub struct Baseline {
     global_and_http: Vec<Section>,
     tcp_defaults: Section,
+    settings: RenderSettings,
+    tls: Option<TlsSettings>,
+}
+
+/// Which frontend a rule is rendered in, for its redirects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frontend {
+    /// The main HTTP frontend.
+    Main,
+    /// The HTTPS frontend.
+    Https,
+    /// An HTTP frontend of a destination's own `srcPort`.
+    Extra(u16),
 }
 
 impl Baseline {
-    /// Renders the two reference configs.
+    /// Renders the two reference configs without TLS (the fuzz target's baseline).
+    #[allow(dead_code)]
     pub fn new(renderer: &Renderer, settings: &RenderSettings) -> Baseline {
+        Baseline::with_tls(renderer, settings, None)
+    }
+
+    /// Renders the two reference configs, with the HTTPS frontend `tls` describes when given.
+    pub fn with_tls(
+        renderer: &Renderer,
+        settings: &RenderSettings,
+        tls: Option<&TlsSettings>,
+    ) -> Baseline {
         let parse = |config: &str| sections(config).expect("the renderer writes plain lines");
         let empty = renderer
-            .render(settings, &[])
+            .render_with_tls(settings, &[], tls)
             .expect("empty config renders");
         let global_and_http = parse(&empty);
         let tcp_spec = ServiceSpec::from_query(&[
@@ -149,12 +247,13 @@ impl Baseline {
         ])
         .expect("reference tcp spec");
         let with_tcp = renderer
-            .render(
+            .render_with_tls(
                 settings,
                 &[ServiceRoute {
                     spec: &tcp_spec,
                     instances: &[],
                 }],
+                tls,
             )
             .expect("reference tcp config renders");
         let tcp_defaults = parse(&with_tcp)
@@ -164,24 +263,60 @@ impl Baseline {
         Baseline {
             global_and_http,
             tcp_defaults,
+            settings: settings.clone(),
+            tls: tls.cloned(),
         }
     }
 
-    /// The skeleton `services` ask for, derived from the specs alone (not from the renderer):
-    /// the fixed sections, then per HTTP destination an acl line for its paths, one per kind of
-    /// domain (exact, wildcard), one `use_backend`; per TCP destination a frontend; per
-    /// destination a backend with one server per distinct instance.
+    /// The skeleton `services` ask for, derived from the specs and the settings (not from the
+    /// renderer): the fixed sections; per HTTP destination, in the main frontend (and the HTTPS
+    /// one) or its `srcPort`'s frontend, an acl line for its paths, one per kind of domain
+    /// (exact, wildcard), one `use_backend`, and its redirects with their acl; per TCP
+    /// destination a frontend; per destination a backend with its auth lines and
+    /// `http-request`/`http-response` rules and one server per distinct instance; per service
+    /// with `users` a userlist.
     pub fn expected(&self, services: &[(&ServiceSpec, &[Instance])]) -> Vec<String> {
         let mut sections = self.global_and_http.clone();
+        let is_frontend = |s: &Section| s.header == "frontend _";
         let main = sections
             .iter()
-            .position(|s| s.header.starts_with("frontend"))
+            .position(is_frontend)
             .expect("the main frontend");
+        let https = self.tls.as_ref().map(|_| {
+            sections
+                .iter()
+                .position(|s| is_frontend(s) && s.lines.iter().any(|l| l == HTTPS_MARK))
+                .expect("the HTTPS frontend")
+        });
+        let stats = self.settings.stats.as_ref();
+        // The stats page's own frontend, when its port is no frontend's in the baseline.
+        let stats_frontend = stats.and_then(|_| {
+            sections
+                .iter()
+                .position(|s| is_frontend(s) && s.lines.iter().any(|l| l == "default_backend _"))
+        });
         let mut extra_http: std::collections::BTreeMap<u16, Section> = Default::default();
         let mut tcp = Vec::new();
+        let mut userlists = Vec::new();
         for (spec, instances) in services {
+            if !spec.users().is_empty() {
+                userlists.push(Section {
+                    header: "userlist _".into(),
+                    lines: spec
+                        .users()
+                        .iter()
+                        .map(|user| {
+                            normalized(&format!(
+                                "user {} password {}",
+                                user.name().as_str(),
+                                user.password().as_str()
+                            ))
+                        })
+                        .collect(),
+                });
+            }
             for destination in spec.destinations() {
-                sections.push(backend(spec, destination, instances));
+                sections.push(self.backend(spec, destination, instances));
                 let src_port = destination.src_port().map(|p| p.get());
                 if destination.req_mode() == ReqMode::Tcp {
                     tcp.push(Section {
@@ -194,73 +329,212 @@ impl Baseline {
                     });
                     continue;
                 }
-                let frontend = match src_port {
-                    Some(port) if port != HTTP_PORT => {
-                        extra_http.entry(port).or_insert_with(|| Section {
-                            header: "frontend _".into(),
-                            lines: vec!["mode http".into(), "bind _".into()],
-                        })
+                match src_port {
+                    Some(port) if port != self.settings.http_port => {
+                        let lines = self.rule_lines(spec, destination, Frontend::Extra(port));
+                        extra_http
+                            .entry(port)
+                            .or_insert_with(|| {
+                                let mut lines = vec!["mode http".into(), "bind _".into()];
+                                if let Some(stats) = stats.filter(|s| s.port == port) {
+                                    lines.push(normalized(&format!(
+                                        "use_backend _ if {{ url_beg {} }}",
+                                        stats.uri
+                                    )));
+                                }
+                                Section {
+                                    header: "frontend _".into(),
+                                    lines,
+                                }
+                            })
+                            .lines
+                            .extend(lines);
                     }
-                    _ => &mut sections[main],
-                };
-                frontend.lines.extend(rule_lines(spec, destination));
+                    _ => {
+                        let lines = self.rule_lines(spec, destination, Frontend::Main);
+                        sections[main].lines.extend(lines);
+                        if let Some(https) = https {
+                            let lines = self.rule_lines(spec, destination, Frontend::Https);
+                            sections[https].lines.extend(lines);
+                        }
+                    }
+                }
+            }
+        }
+        // An HTTP srcPort on the stats port routes the stats page: no frontend of its own.
+        if let (Some(stats), Some(position)) = (stats, stats_frontend) {
+            if extra_http.contains_key(&stats.port) {
+                sections.remove(position);
             }
         }
         sections.extend(extra_http.into_values());
+        sections.extend(userlists);
         if !tcp.is_empty() {
             sections.push(self.tcp_defaults.clone());
             sections.extend(tcp);
         }
         sorted(sections)
     }
-}
 
-/// The acl and `use_backend` lines of one HTTP destination.
-fn rule_lines(spec: &ServiceSpec, destination: &Destination) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut acls = 0;
-    let paths = destination.service_path();
-    if !paths.is_empty() {
-        let fetch = destination.effective_path_type(spec).as_str();
-        let patterns: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();
-        lines.push(format!("acl _ {fetch} {}", patterns.join(" ")));
-        acls += 1;
-    }
-    let domains = destination.service_domain();
-    for (wildcard, match_kind) in [(false, "str"), (true, "end")] {
-        let hosts: Vec<&str> = domains
-            .iter()
-            .filter(|d| d.is_wildcard() == wildcard)
-            .map(|d| d.host_pattern())
-            .collect();
-        if !hosts.is_empty() {
+    /// The lines one HTTP destination adds to a frontend: its acls and `use_backend`, then its
+    /// redirects there (`redirectFromDomain` with its acl; the HTTPS redirect of `httpsOnly`,
+    /// `--https-only` or `redirectWhenHttpProto`, in the main frontend only).
+    fn rule_lines(
+        &self,
+        spec: &ServiceSpec,
+        destination: &Destination,
+        frontend: Frontend,
+    ) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut acls = Vec::new();
+        let paths = destination.service_path();
+        if !paths.is_empty() {
+            let fetch = destination.effective_path_type(spec).as_str();
+            let patterns: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();
+            lines.push(format!("acl _ {fetch} {}", patterns.join(" ")));
+            acls.push("path");
+        }
+        let domains = destination.service_domain();
+        for (wildcard, match_kind) in [(false, "str"), (true, "end")] {
+            let hosts: Vec<&str> = domains
+                .iter()
+                .filter(|d| d.is_wildcard() == wildcard)
+                .map(|d| d.host_pattern())
+                .collect();
+            if !hosts.is_empty() {
+                lines.push(format!(
+                    "acl _ req.hdr(host),field(1,:) -m {match_kind} -i {}",
+                    hosts.join(" ")
+                ));
+            }
+        }
+        if !domains.is_empty() {
+            acls.push("domain");
+        }
+        lines.push(format!("use_backend _ if{}", " _".repeat(acls.len())));
+
+        let redirect_when_http_proto = spec.redirect_when_http_proto();
+        let https_wanted = frontend == Frontend::Main
+            && (self.settings.https_only || destination.https_only() || redirect_when_http_proto);
+        let from = destination.redirect_from_domain();
+        if let (false, Some(target)) = (from.is_empty(), domains.first()) {
+            let host = target.host_pattern();
+            let origin = match frontend {
+                Frontend::Https => format!("https://{host}"),
+                Frontend::Extra(port) => format!("http://{host}:{port}"),
+                Frontend::Main if https_wanted && !redirect_when_http_proto => {
+                    format!("https://{host}")
+                }
+                Frontend::Main => format!("http://{host}"),
+            };
+            let from_hosts: Vec<&str> = from.iter().map(|d| d.host_pattern()).collect();
             lines.push(format!(
-                "acl _ req.hdr(host),field(1,:) -m {match_kind} -i {}",
-                hosts.join(" ")
+                "acl _ req.hdr(host),field(1,:) -m str -i {}",
+                from_hosts.join(" ")
+            ));
+            let path_acl = if paths.is_empty() { "" } else { " _" };
+            lines.push(format!(
+                "http-request redirect prefix {origin} code 301 if _{path_acl}"
             ));
         }
+        if https_wanted {
+            let condition = if redirect_when_http_proto {
+                "{ req.hdr(X-Forwarded-Proto) -m str -i http }"
+            } else {
+                "!{ ssl_fc }"
+            };
+            lines.push(format!(
+                "http-request redirect scheme https code {} if{} {condition}",
+                destination.redirect_code().get(),
+                " _".repeat(acls.len())
+            ));
+        }
+        lines.iter().map(|line| normalized(line)).collect()
     }
-    if !domains.is_empty() {
-        acls += 1;
-    }
-    lines.push(format!("use_backend _ if{}", " _".repeat(acls)));
-    lines
-}
 
-/// The backend of one destination: one server per distinct instance.
-fn backend(spec: &ServiceSpec, destination: &Destination, instances: &[Instance]) -> Section {
-    let mode = destination.req_mode().as_str();
-    let distinct: BTreeSet<&Instance> = instances.iter().collect();
-    let server = if spec.skip_check() {
-        "server _ _"
-    } else {
-        "server _ _ check"
-    };
-    let mut lines = vec![format!("mode {mode}"), "balance roundrobin".to_string()];
-    lines.extend(distinct.iter().map(|_| server.to_string()));
-    Section {
-        header: "backend _".into(),
-        lines,
+    /// The backend of one destination: basic auth (the service's users, else `--users`, unless
+    /// `ignoreAuthorization`), method rules, `denyHttp`, header rules (HTTP only), one server
+    /// per distinct instance.
+    fn backend(
+        &self,
+        spec: &ServiceSpec,
+        destination: &Destination,
+        instances: &[Instance],
+    ) -> Section {
+        let mode = destination.req_mode().as_str();
+        let distinct: BTreeSet<&Instance> = instances.iter().collect();
+        let server = if spec.skip_check() {
+            "server _ _"
+        } else {
+            "server _ _ check"
+        };
+        let mut lines = vec![format!("mode {mode}"), "balance roundrobin".to_string()];
+        if destination.req_mode() == ReqMode::Http {
+            let users = !spec.users().is_empty() || !self.settings.users.is_empty();
+            if users && !destination.ignore_authorization() {
+                lines.push(format!(
+                    "http-request auth realm {} unless {{ http_auth(_) }}",
+                    spec.service_name().as_str()
+                ));
+                lines.push("http-request del-header Authorization".to_string());
+            }
+            let methods = |items: &[flow_proxy::spec::HttpMethod]| {
+                items
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            if !destination.allowed_methods().is_empty() {
+                lines.push(format!(
+                    "http-request deny deny_status 405 unless {{ method {} }}",
+                    methods(destination.allowed_methods())
+                ));
+            }
+            if !destination.denied_methods().is_empty() {
+                lines.push(format!(
+                    "http-request deny deny_status 405 if {{ method {} }}",
+                    methods(destination.denied_methods())
+                ));
+            }
+            if destination.deny_http() {
+                lines.push("http-request deny deny_status 403 if !{ ssl_fc }".to_string());
+            }
+            let headers = spec.headers();
+            for (direction, add, set, del) in [
+                (
+                    "http-request",
+                    &headers.add_req,
+                    &headers.set_req,
+                    &headers.del_req,
+                ),
+                (
+                    "http-response",
+                    &headers.add_res,
+                    &headers.set_res,
+                    &headers.del_res,
+                ),
+            ] {
+                for (action, items) in [("add-header", add), ("set-header", set)] {
+                    lines.extend(items.iter().map(|line| {
+                        format!(
+                            "{direction} {action} {} \"{}\"",
+                            line.name().as_str(),
+                            line.value().as_str()
+                        )
+                    }));
+                }
+                lines.extend(
+                    del.iter()
+                        .map(|name| format!("{direction} del-header {}", name.as_str())),
+                );
+            }
+        }
+        lines.extend(distinct.iter().map(|_| server.to_string()));
+        Section {
+            header: "backend _".into(),
+            lines: lines.iter().map(|line| normalized(line)).collect(),
+        }
     }
 }
 
