@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 
 use flow_proxy::spec::DomainAlgo;
 
-use crate::helpers::{free_port, spawn_backend, TestProxy};
+use crate::helpers::{free_port, proxy_routing_demo, spawn_backend, TestProxy};
 
 /// Sends `GET /` to `port` on 127.0.0.1 and returns the name of the backend that answered.
 async fn name_on_port(proxy: &TestProxy, port: u16) -> String {
@@ -81,14 +81,7 @@ async fn parameters_docker_flow_proxy_clients_send_are_ignored_and_named_in_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mistyped_parameter_is_refused_with_the_closest_name_and_changes_nothing() {
-    let proxy = TestProxy::spawn().await;
-    let backend = spawn_backend("demo").await;
-    proxy
-        .register_instance("go-demo", "go-demo.1", backend.port)
-        .await;
-    proxy
-        .reconfigure_ok("serviceName=go-demo&servicePath=/demo")
-        .await;
+    let (proxy, _backend) = proxy_routing_demo().await;
     let before = proxy.snapshot().await;
 
     for (query, parameter, suggestion) in [

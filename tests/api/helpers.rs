@@ -267,3 +267,17 @@ pub async fn spawn_backend(name: &str) -> Backend {
     });
     Backend { port, task }
 }
+
+/// A proxy already routing `/demo` of service `go-demo` to one instance, so that "nothing
+/// changed" can be observed.
+pub async fn proxy_routing_demo() -> (TestProxy, Backend) {
+    let proxy = TestProxy::spawn().await;
+    let backend = spawn_backend("demo").await;
+    proxy
+        .register_instance("go-demo", "go-demo.1", backend.port)
+        .await;
+    proxy
+        .reconfigure_ok("serviceName=go-demo&servicePath=/demo")
+        .await;
+    (proxy, backend)
+}

@@ -38,7 +38,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use reqwest::StatusCode;
 
-use crate::helpers::{spawn_backend, TestProxy};
+use crate::helpers::proxy_routing_demo;
 use crate::skeleton::{self, Baseline};
 
 /// Everything the properties share: the renderer, the render profiles with their reference
@@ -1292,14 +1292,7 @@ fn the_largest_accepted_spec_renders_a_config_haproxy_accepts() {
 /// every limit answers 400 with its number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nasty_queries_and_limits_are_refused_at_the_api_and_change_nothing() {
-    let proxy = TestProxy::spawn().await;
-    let backend = spawn_backend("demo").await;
-    proxy
-        .register_instance("go-demo", "go-demo.1", backend.port)
-        .await;
-    proxy
-        .reconfigure_ok("serviceName=go-demo&servicePath=/demo")
-        .await;
+    let (proxy, _backend) = proxy_routing_demo().await;
     let before = proxy.snapshot().await;
 
     let many_paths = (0..51)

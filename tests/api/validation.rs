@@ -2,21 +2,7 @@
 
 use reqwest::StatusCode;
 
-use crate::helpers::{spawn_backend, Backend, TestProxy};
-
-/// A proxy already routing `/demo` to one instance, so that "nothing changed" can be observed.
-async fn proxy_routing_demo() -> (TestProxy, Backend) {
-    let proxy = TestProxy::spawn().await;
-    let backend = spawn_backend("demo").await;
-    proxy
-        .register_instance("go-demo", "go-demo.1", backend.port)
-        .await;
-    let (status, answer) = proxy
-        .reconfigure("serviceName=go-demo&servicePath=/demo")
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    (proxy, backend)
-}
+use crate::helpers::{proxy_routing_demo, spawn_backend, TestProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_parameter_is_refused_with_its_name_and_changes_nothing() {
