@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use crate::fleet::{eventually, ProxyOptions, ProxyProcess, SharedRegistry};
 use crate::helpers::TestProxy;
 use crate::proxy_client::ProxyClient;
-use crate::tls::{https_exchange, TestCa};
+use crate::tls::{https_request, put_cert, TestCa};
 
 /// `secret` under SHA-512 crypt (`openssl passwd -6 -salt saltsalt secret`).
 const SECRET_SHA512: &str =
@@ -337,36 +337,34 @@ async fn basic_auth_applies_over_https_too() {
         .reconfigure_ok("serviceName=shop&servicePath=/shop&users=alice:wonderland")
         .await;
     let ca = TestCa::new();
-    let response = proxy
-        .http()
-        .put(proxy.api("/v1/docker-flow-proxy/cert?certName=shop"))
-        .body(ca.bundle(&["shop.example.com"]))
-        .send()
-        .await
-        .expect("the API answers");
-    assert_eq!(response.status(), StatusCode::OK);
+    let (status, answer) = put_cert(&proxy, "shop", &ca.bundle(&["shop.example.com"])).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
     let https_port = proxy.settings().https_port;
-    let request = |authorization: &str| {
-        format!(
-            "GET /shop HTTP/1.1\r\nHost: shop.example.com\r\n{authorization}Connection: close\r\n\r\n"
-        )
-    };
 
-    let (status, headers, _) =
-        https_exchange(https_port, "shop.example.com", &request(""), &ca.root).await;
-    assert!(status.contains(" 401 "), "{status}");
-    assert!(
-        headers.contains("www-authenticate: Basic realm=\"shop\""),
-        "{headers}"
-    );
-    // alice:wonderland
-    let (status, _, body) = https_exchange(
+    let refused = https_request(
         https_port,
-        "shop.example.com",
-        &request("Authorization: Basic YWxpY2U6d29uZGVybGFuZA==\r\n"),
         &ca.root,
+        "GET",
+        "/shop",
+        "shop.example.com",
+        &[],
     )
     .await;
-    assert!(status.contains(" 200 "), "{status}: {body}");
-    assert_eq!(body, "shop authorization=none");
+    assert_eq!(refused.status, 401);
+    assert_eq!(
+        refused.header("www-authenticate"),
+        Some("Basic realm=\"shop\"")
+    );
+    // alice:wonderland
+    let alice = https_request(
+        https_port,
+        &ca.root,
+        "GET",
+        "/shop",
+        "shop.example.com",
+        &[("Authorization", "Basic YWxpY2U6d29uZGVybGFuZA==")],
+    )
+    .await;
+    assert_eq!(alice.status, 200, "{}", alice.body);
+    assert_eq!(alice.body, "shop authorization=none");
 }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::TestProxy;
 
@@ -179,30 +178,4 @@ pub async fn https_request(
         .await
         .unwrap_or_else(|error| panic!("TLS handshake with {host}: {error}"));
     exchange(stream, method, path, host, headers).await
-}
-
-/// Sends `request` (a complete HTTP/1.1 request, `Connection: close`) over TLS to
-/// 127.0.0.1:`port` with `sni`, trusting only `root`; returns the status line, the headers
-/// and the body as text.
-pub async fn https_exchange(
-    port: u16,
-    sni: &str,
-    request: &str,
-    root: &CertificateDer<'static>,
-) -> (String, String, String) {
-    let mut stream = tls_connect(port, sni, client_config(root, &[b"http/1.1"]))
-        .await
-        .unwrap_or_else(|error| panic!("TLS handshake with {sni}: {error}"));
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut answer = Vec::new();
-    // HAProxy may close without close_notify: what was read is the answer.
-    let _ = stream.read_to_end(&mut answer).await;
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let (status_line, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (
-        status_line.to_string(),
-        headers.to_string(),
-        body.to_string(),
-    )
 }
