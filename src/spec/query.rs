@@ -109,6 +109,10 @@ pub(crate) const IGNORED_PARAMETERS: &[(&str, &str)] = &[
         "recreate",
         "each reconfigure replaces the service's whole spec already",
     ),
+    (
+        "checkTcp",
+        "every server is health-checked already (tcp destinations by a TCP connect) unless skipCheck=true",
+    ),
 ];
 
 /// Remove parameters that are accepted and ignored (besides [`IGNORED_PARAMETERS`]).
@@ -116,6 +120,66 @@ const IGNORED_ON_REMOVE: &[(&str, &str)] = &[(
     "aclName",
     "a service is removed by serviceName, with every rule it has",
 )];
+
+/// Docker Flow Proxy parameters flow-proxy refuses (400), each with the reason and what to do
+/// instead: accepting them would change less than the caller asked for.
+const UNSUPPORTED_PARAMETERS: &[(&str, &str)] = &[
+    (
+        "consulTemplateFePath",
+        "flow-proxy renders handlebars, not consul-template; put a handlebars fragment under \
+         --templates-dir and name it with templateFePath",
+    ),
+    (
+        "consulTemplateBePath",
+        "flow-proxy renders handlebars, not consul-template; put a handlebars fragment under \
+         --templates-dir and name it with templateBePath",
+    ),
+    (
+        "usersSecret",
+        "per-service Docker secrets are not read; pass users (hashed, with \
+         usersPassEncrypted=true) or set --users",
+    ),
+    (
+        "httpsPort",
+        "a Docker Swarm setting; HAProxy connects to each instance on its Consul port or on port",
+    ),
+    (
+        "srcHttpsPort",
+        "HTTPS is served on --https-port for every route of the main HTTP frontend",
+    ),
+    (
+        "xForwardedProto",
+        "the HTTPS frontend already sends X-Forwarded-Proto https; behind a load balancer that \
+         terminates TLS, use setReqHeader=X-Forwarded-Proto%20https",
+    ),
+    (
+        "checkResolvers",
+        "instances are the addresses Consul reports, not names HAProxy resolves",
+    ),
+    (
+        "balanceGroup",
+        "tcp service groups are not supported; give each tcp service its own srcPort",
+    ),
+    (
+        "serviceGroup",
+        "tcp service groups are not supported; give each tcp service its own srcPort",
+    ),
+    (
+        "clitcpka",
+        "TCP keep-alive towards clients is not configurable per service; use --extra-frontend",
+    ),
+    (
+        "userDef",
+        "custom templates get only validated spec values, never free text",
+    ),
+];
+
+/// Older Docker Flow Proxy names still read, with the name they stand for now.
+const RENAMED_PARAMETERS: &[(&str, &str)] =
+    &[("addHeader", "addReqHeader"), ("setHeader", "setReqHeader")];
+
+/// Docker Flow Proxy's old `serviceDomainMatchAll=true`: the same as `serviceDomainAlgo=hdr_dom`.
+const DOMAIN_MATCH_ALL: &str = "serviceDomainMatchAll";
 
 /// A parameter Docker Flow Proxy's clients send that flow-proxy accepts and ignores.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,6 +373,25 @@ fn sort_query(pairs: &[(String, String)]) -> Result<RawQuery<'_>, SpecError> {
         if note_ignored(&mut raw.ignored, &[IGNORED_PARAMETERS], name, base) {
             continue;
         }
+        if let Some(&(_, reason)) = UNSUPPORTED_PARAMETERS.iter().find(|(k, _)| *k == base) {
+            return Err(spec_error(
+                &shown_name(name),
+                format!("not supported by flow-proxy: {reason}"),
+            ));
+        }
+        let (base, value) = match base {
+            DOMAIN_MATCH_ALL if index == 0 => match parse_flag(DOMAIN_MATCH_ALL, value)? {
+                true => ("serviceDomainAlgo", "hdr_dom"),
+                false => continue,
+            },
+            _ => (
+                RENAMED_PARAMETERS
+                    .iter()
+                    .find(|(old, _)| *old == base)
+                    .map_or(base, |(_, new)| *new),
+                value.as_str(),
+            ),
+        };
         let Some(&(known, scope)) = PARAMETERS.iter().find(|(known, _)| *known == base) else {
             let known = (PARAMETERS.iter().map(|(k, _)| *k))
                 .chain(IGNORED_PARAMETERS.iter().map(|(k, _)| *k));
@@ -332,7 +415,7 @@ fn sort_query(pairs: &[(String, String)]) -> Result<RawQuery<'_>, SpecError> {
             | (Scope::DestinationDefault, _)
             | (Scope::ServiceDefault, _) => raw.destinations.entry(index).or_default(),
         };
-        if slot.insert(known, value.as_str()).is_some() {
+        if slot.insert(known, value).is_some() {
             return Err(spec_error(name, "given more than once"));
         }
     }

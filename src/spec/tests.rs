@@ -1393,3 +1393,64 @@ fn a_path_starting_with_a_parenthesis_is_refused_for_every_path_type() {
     .expect("a regex starting with ^( is accepted");
     assert_eq!(spec.destinations()[0].service_path()[0].as_str(), "^(a|b)$");
 }
+
+#[test]
+fn docker_flow_parameters_without_a_meaning_here_are_refused_with_the_reason() {
+    let error = rejected(&[
+        ("serviceName", "go-demo"),
+        ("servicePath", "/demo"),
+        ("consulTemplateBePath", "/tmpl/be.tmpl"),
+    ]);
+    assert_eq!(error.parameter, "consulTemplateBePath");
+    assert!(error.message.contains("templateBePath"), "{error}");
+    let error = rejected(&[
+        ("serviceName", "go-demo"),
+        ("servicePath", "/demo"),
+        ("usersSecret", "monitoring"),
+    ]);
+    assert_eq!(error.parameter, "usersSecret");
+    assert!(error.message.contains("not supported"), "{error}");
+}
+
+#[test]
+fn docker_flow_older_names_are_read_as_the_new_ones() {
+    let renamed = parse(&[
+        ("serviceName", "go-demo"),
+        ("servicePath", "/demo"),
+        ("addHeader", "X-Added yes"),
+        ("setHeader", "X-Set yes"),
+        ("serviceDomain", "example.com"),
+        ("serviceDomainMatchAll", "true"),
+    ])
+    .unwrap();
+    let current = parse(&[
+        ("serviceName", "go-demo"),
+        ("servicePath", "/demo"),
+        ("addReqHeader", "X-Added yes"),
+        ("setReqHeader", "X-Set yes"),
+        ("serviceDomain", "example.com"),
+        ("serviceDomainAlgo", "hdr_dom"),
+    ])
+    .unwrap();
+    assert_eq!(renamed, current);
+    let exact = parse(&[
+        ("serviceName", "go-demo"),
+        ("serviceDomain", "example.com"),
+        ("serviceDomainMatchAll", "false"),
+    ])
+    .unwrap();
+    assert_eq!(exact.service_domain_algo(), None);
+    let twice = rejected(&[
+        ("serviceName", "go-demo"),
+        ("servicePath", "/demo"),
+        ("addHeader", "X-A a"),
+        ("addReqHeader", "X-B b"),
+    ]);
+    assert!(twice.message.contains("more than once"), "{twice}");
+    let bad = rejected(&[
+        ("serviceName", "go-demo"),
+        ("servicePath", "/demo"),
+        ("serviceDomainMatchAll", "yes please"),
+    ]);
+    assert_eq!(bad.parameter, "serviceDomainMatchAll");
+}
