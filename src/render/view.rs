@@ -58,6 +58,9 @@ struct FrontendView {
     /// with it go to the stats backend before any service rule.
     stats_uri: Option<String>,
     rules: Vec<RuleView>,
+    /// `default_backend`: the backend of the `isDefaultBackend` service, for requests no rule
+    /// matched (main HTTP and HTTPS frontends only).
+    default_backend: Option<String>,
 }
 
 /// A `userlist` section: user names with crypt(3) hashes, never clear passwords.
@@ -103,6 +106,11 @@ struct RuleView {
     redirects: Vec<RedirectView>,
     /// The hosts `redirectFromDomain` answers, when this frontend redirects them.
     from_domain_acl: Option<FromDomainAclView>,
+    /// `servicePathExclude`, `serviceHeader` and `userAgent` acls.
+    routing_acls: RoutingAclsView,
+    /// The words after `if` of the `use_backend` line: every acl of the rule, the exclusion
+    /// negated.
+    condition: Vec<String>,
 }
 
 /// One `http-request redirect <target> code <code> if <condition>` line.
@@ -186,6 +194,95 @@ struct ServerView {
     ssl_verify_none: bool,
 }
 
+// Routing rules (`servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`,
+// `isDefaultBackend`).
+
+/// The acls of a rule's routing conditions: `exclude_<backend>` (the excluded paths, negated on
+/// the `use_backend` line), `header_<backend>_<n>` (one per `serviceHeader` item, all required),
+/// `agent_<backend>` (any `userAgent` item, contained in the `User-Agent`, case-insensitive).
+#[derive(Debug, Clone, Default, Serialize)]
+struct RoutingAclsView {
+    exclude: Option<PathAclView>,
+    headers: Vec<HeaderAclView>,
+    agent: Option<AgentAclView>,
+}
+
+/// `acl <name> req.hdr(<header>) -m str <value>`.
+#[derive(Debug, Clone, Serialize)]
+struct HeaderAclView {
+    name: String,
+    header: String,
+    value: String,
+}
+
+/// `acl <name> req.hdr(User-Agent) -m sub -i <agents…>`.
+#[derive(Debug, Clone, Serialize)]
+struct AgentAclView {
+    name: String,
+    agents: Vec<String>,
+}
+
+fn routing_acls(spec: &ServiceSpec, destination: &Destination, backend: &str) -> RoutingAclsView {
+    let rules = destination.routing();
+    RoutingAclsView {
+        exclude: (!rules.path_exclude.is_empty()).then(|| PathAclView {
+            name: format!("exclude_{backend}"),
+            fetch: destination.effective_path_type(spec).as_str(),
+            patterns: rules
+                .path_exclude
+                .iter()
+                .map(|p| p.as_str().to_string())
+                .collect(),
+        }),
+        headers: rules
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(position, header)| HeaderAclView {
+                name: format!("header_{backend}_{}", position + 1),
+                header: header.name().as_str().to_string(),
+                value: header.value().as_str().to_string(),
+            })
+            .collect(),
+        agent: (!rules.user_agents.is_empty()).then(|| AgentAclView {
+            name: format!("agent_{backend}"),
+            agents: rules
+                .user_agents
+                .iter()
+                .map(|a| a.as_str().to_string())
+                .collect(),
+        }),
+    }
+}
+
+/// The backend of the main frontend's requests no rule matched: the `isDefaultBackend`
+/// service's first HTTP destination (by index) served by the main frontend. Should stored specs
+/// name two such services (the API refuses the second), the first by service name wins.
+fn default_backend(settings: &RenderSettings, sorted: &[&ServiceRoute<'_>]) -> Option<String> {
+    sorted
+        .iter()
+        .filter(|route| route.spec.is_default_backend())
+        .find_map(|route| {
+            route
+                .spec
+                .destinations()
+                .iter()
+                .find(|d| {
+                    d.req_mode() == ReqMode::Http
+                        && d.src_port()
+                            .is_none_or(|port| port.get() == settings.http_port)
+                })
+                .map(|d| backend_name(route.spec, d))
+        })
+}
+
+/// The one server of a destination with `outboundHostname`: the host on the destination's
+/// `port` (which the spec requires with it).
+fn outbound_instance(destination: &Destination) -> Option<Instance> {
+    let host = destination.routing().outbound_hostname.as_ref()?;
+    host.instance(destination.port()?.get())
+}
+
 /// The backend of one destination: `<serviceName>-be<index>`. Unique, because the index is the
 /// only trailing run of digits after the last `-be`.
 fn backend_name(spec: &ServiceSpec, destination: &Destination) -> String {
@@ -199,6 +296,9 @@ struct RuleOrder<'a> {
     group: u8,
     /// Longer (more specific) paths first; a `path_beg /` or domain-only rule counts as 0.
     longest_path: Reverse<usize>,
+    /// Rules that also need request headers or a user agent (`serviceHeader`, `userAgent`)
+    /// before the same path without them, the most conditions first.
+    conditions: Reverse<usize>,
     /// Domains matched exactly before wildcard ones and those matched by `hdr_beg`, `hdr_end`
     /// or `hdr_dom` (which may also match another rule's exact domain).
     inexact_domain: bool,
@@ -244,6 +344,10 @@ fn rule_order<'a>(
     RuleOrder {
         group,
         longest_path: Reverse(longest),
+        conditions: Reverse(
+            destination.routing().headers.len()
+                + usize::from(!destination.routing().user_agents.is_empty()),
+        ),
         inexact_domain: domains.iter().any(|d| d.is_wildcard())
             || (!domains.is_empty()
                 && spec.service_domain_algo().unwrap_or(default_domain_algo) != DomainAlgo::Hdr),
@@ -363,10 +467,19 @@ fn rule_view(
             .map(|d| d.host_pattern().to_string())
             .collect(),
     });
+    let routing_acls = routing_acls(spec, destination, &backend);
     let rule_acls: Vec<String> = path_acl
         .iter()
         .map(|acl| acl.name.clone())
+        .chain(
+            routing_acls
+                .exclude
+                .iter()
+                .map(|acl| format!("!{}", acl.name)),
+        )
         .chain(domain_acl.iter().map(|acl| acl.name.clone()))
+        .chain(routing_acls.headers.iter().map(|acl| acl.name.clone()))
+        .chain(routing_acls.agent.iter().map(|acl| acl.name.clone()))
         .collect();
     let redirects = redirects(
         spec,
@@ -381,6 +494,8 @@ fn rule_view(
         domain_acl,
         redirects,
         from_domain_acl,
+        routing_acls,
+        condition: rule_acls,
     }
 }
 
@@ -541,6 +656,11 @@ fn backend_view(
     destination: &Destination,
     instances: &[Instance],
 ) -> BackendView {
+    let outbound = outbound_instance(destination);
+    let instances = match &outbound {
+        Some(outbound) => std::slice::from_ref(outbound),
+        None => instances,
+    };
     let unique: BTreeSet<&Instance> = instances.iter().collect();
     let servers = unique
         .into_iter()
@@ -768,9 +888,11 @@ pub(super) fn build(
             forwarded_proto: None,
             stats_uri: stats_route(port),
             rules: rule_views(&rules, FrontendKind::ExtraHttp { port }),
+            default_backend: None,
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
+    let default_backend = default_backend(settings, &sorted);
     let http = FrontendView {
         name: "http".to_string(),
         bind: bind_address(settings, settings.http_port),
@@ -782,6 +904,7 @@ pub(super) fn build(
                 https_only_all: settings.https_only,
             },
         ),
+        default_backend: default_backend.clone(),
     };
     let https = match tls {
         Some(tls) => {
@@ -800,6 +923,7 @@ pub(super) fn build(
                 forwarded_proto: Some("https"),
                 stats_uri: stats_route(tls.https_port),
                 rules: rule_views(&main_rules, FrontendKind::Https),
+                default_backend: default_backend.clone(),
             })
         }
         None => None,

@@ -19,6 +19,7 @@
 
 mod docker_flow;
 mod query;
+mod routing_rules;
 mod stored;
 pub mod values;
 
@@ -38,6 +39,7 @@ pub use values::{
 
 use query::indexed;
 pub use query::IgnoredParameter;
+pub use routing_rules::{HeaderMatch, MatchValue, OutboundHost, RoutingRules};
 use values::{shown, spec_error, MAX_DOMAIN_LABEL_LEN, MAX_DOMAIN_LEN};
 
 /// Most destinations one service may have (indices run from 0 to 999, but at most this many
@@ -88,6 +90,8 @@ pub struct ServiceSpec {
     ssl_verify_none: bool,
     /// `serviceDomainAlgo`: how exact domains match; `None`: `--service-domain-algo`.
     service_domain_algo: Option<DomainAlgo>,
+    /// `isDefaultBackend`: requests no rule of the main frontend matched go to this service.
+    is_default_backend: bool,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -146,6 +150,8 @@ pub struct Destination {
     deny_http: bool,
     /// `ignoreAuthorization`: no basic auth on this destination, even with `users`/`--users`.
     ignore_authorization: bool,
+    /// `servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`.
+    routing: RoutingRules,
 }
 
 impl ServiceSpec {
@@ -252,6 +258,19 @@ impl ServiceSpec {
         self.service_domain_algo
     }
 
+    /// Whether requests no rule matched go to this service (`isDefaultBackend=true`).
+    pub fn is_default_backend(&self) -> bool {
+        self.is_default_backend
+    }
+
+    /// Whether some destination forwards to the Consul service's instances (not every one has
+    /// an `outboundHostname`): only then are its instances read and watched.
+    pub fn uses_registry(&self) -> bool {
+        self.destinations
+            .iter()
+            .any(|d| d.routing.outbound_hostname.is_none())
+    }
+
     /// The service's own basic-auth users (`users`); empty when it has none.
     pub fn users(&self) -> &[AuthUser] {
         &self.users
@@ -337,6 +356,17 @@ impl ServiceSpec {
                     ),
                 ));
             }
+        }
+        let main_http = spec
+            .destinations
+            .iter()
+            .any(|d| d.req_mode == ReqMode::Http && d.src_port.is_none());
+        if spec.is_default_backend && !main_http {
+            return Err(spec_error(
+                "isDefaultBackend",
+                "needs an http destination without srcPort: the default backend takes the \
+                 requests of the main HTTP (and HTTPS) frontend that no rule matched",
+            ));
         }
         for (position, destination) in spec.destinations.iter().enumerate() {
             destination.check()?;
@@ -445,8 +475,19 @@ impl Destination {
         self.ignore_authorization
     }
 
+    /// `servicePathExclude`, `serviceHeader`, `userAgent` and `outboundHostname`.
+    pub fn routing(&self) -> &RoutingRules {
+        &self.routing
+    }
+
     fn check(&self) -> Result<(), SpecError> {
         let name = |base: &str| indexed(base, self.index);
+        self.routing.check(
+            self.index,
+            self.req_mode == ReqMode::Http,
+            !self.service_path.is_empty(),
+            self.port.is_some(),
+        )?;
         match self.req_mode {
             ReqMode::Tcp => {
                 if self.src_port.is_none() {
@@ -581,6 +622,9 @@ pub struct RouteClaim {
     pub domain: Option<String>,
     /// The path type and path matched, if any.
     pub path: Option<(&'static str, String)>,
+    /// The request headers and user agents also required (`serviceHeader`, `userAgent`), in
+    /// canonical text; `None` when the rule has none.
+    pub condition: Option<String>,
 }
 
 impl std::fmt::Display for RouteClaim {
@@ -594,6 +638,9 @@ impl std::fmt::Display for RouteClaim {
         }
         if let Some(port) = self.src_port {
             write!(formatter, " on port {port}")?;
+        }
+        if let Some(condition) = &self.condition {
+            write!(formatter, " with {condition}")?;
         }
         Ok(())
     }
@@ -635,12 +682,14 @@ impl ServiceSpec {
                     .map(|path| Some((path_type, path.as_str().to_string())))
                     .collect()
             };
+            let condition = destination.routing.condition_text();
             for domain in &domains {
                 for path in &paths {
                     claims.push(RouteClaim {
                         src_port,
                         domain: domain.clone(),
                         path: path.clone(),
+                        condition: condition.clone(),
                     });
                 }
             }

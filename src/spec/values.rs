@@ -81,7 +81,7 @@ fn describe(c: char) -> String {
 
 /// Checks `value` against a simple grammar: non-empty, at most `max` characters, the first
 /// character passing `first` and the others passing `rest`.
-fn check_chars(
+pub(crate) fn check_chars(
     parameter: &str,
     value: &str,
     max: usize,
