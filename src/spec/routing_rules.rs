@@ -376,3 +376,185 @@ impl StoredRoutingRules {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::spec::{ServiceSpec, SpecError};
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<ServiceSpec, SpecError> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ServiceSpec::from_query(&pairs)
+    }
+
+    fn refused(pairs: &[(&str, &str)]) -> SpecError {
+        match parse(pairs) {
+            Ok(spec) => panic!("accepted: {spec:?}"),
+            Err(error) => error,
+        }
+    }
+
+    #[test]
+    fn the_routing_rules_are_read_per_destination_and_round_trip() {
+        let spec = parse(&[
+            ("serviceName", "api"),
+            ("isDefaultBackend", "true"),
+            ("servicePath", "/api"),
+            ("servicePathExclude", "/api/internal,/api/admin"),
+            ("serviceHeader", "X-Version:2,x-tenant:acme"),
+            ("userAgent", "googlebot,iPhone"),
+            ("servicePath.1", "/ext"),
+            ("port.1", "8443"),
+            ("outboundHostname.1", "Example.COM"),
+        ])
+        .expect("valid");
+        assert!(spec.is_default_backend());
+        let first = spec.destinations()[0].routing();
+        let excluded: Vec<&str> = first.path_exclude.iter().map(|p| p.as_str()).collect();
+        assert_eq!(excluded, ["/api/internal", "/api/admin"]);
+        let headers: Vec<String> = first.headers.iter().map(ToString::to_string).collect();
+        assert_eq!(headers, ["X-Version:2", "x-tenant:acme"]);
+        let agents: Vec<&str> = first.user_agents.iter().map(|a| a.as_str()).collect();
+        assert_eq!(agents, ["googlebot", "iPhone"]);
+        assert!(first.outbound_hostname.is_none());
+        let second = spec.destinations()[1].routing();
+        assert_eq!(
+            second.outbound_hostname.as_ref().map(|h| h.as_str()),
+            Some("example.com")
+        );
+        assert!(spec.uses_registry(), "destination 0 still uses Consul");
+
+        let json = serde_json::to_string(&spec).expect("serializes");
+        assert!(json.contains("\"ServicePathExclude\":[\"/api/internal\",\"/api/admin\"]"));
+        assert!(json.contains("\"OutboundHostname\":\"example.com\""));
+        assert!(json.contains("\"IsDefaultBackend\":true"));
+        let back: ServiceSpec = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn a_service_whose_every_destination_is_outbound_needs_no_registry() {
+        let spec = parse(&[
+            ("serviceName", "ext"),
+            ("servicePath", "/ext"),
+            ("port", "80"),
+            ("outboundHostname", "127.0.0.1"),
+        ])
+        .expect("valid");
+        assert!(!spec.uses_registry());
+    }
+
+    #[test]
+    fn bad_routing_values_are_refused_naming_the_parameter() {
+        let base = [("serviceName", "api"), ("servicePath", "/api")];
+        let with = |extra: (&'static str, &'static str)| {
+            let mut pairs = base.to_vec();
+            pairs.push(extra);
+            refused(&pairs)
+        };
+        for (parameter, value) in [
+            ("serviceHeader", "X-Version"),
+            ("serviceHeader", "X-Version:"),
+            ("serviceHeader", "X Version:2"),
+            ("serviceHeader", "X-Version:a b"),
+            ("serviceHeader", "X-Version:\"2\""),
+            ("serviceHeader", "X-Version:2#x"),
+            ("serviceHeader", "X-Version:${HOME}"),
+            ("serviceHeader", "X-Version:{x}"),
+            ("serviceHeader", "X-Version:a\\b"),
+            ("serviceHeader", "X-Version:2\nacl x"),
+            ("serviceHeader", "X-Version:2,X-Version:3"),
+            ("userAgent", "Mozilla 5"),
+            ("userAgent", "bot,"),
+            ("userAgent", "'bot'"),
+            ("userAgent", "bot%[src]"),
+            ("servicePathExclude", "/a b"),
+            ("servicePathExclude", "/a#b"),
+            ("outboundHostname", "bad host"),
+            ("outboundHostname", "-bad.example.com"),
+            ("outboundHostname", "a.example.com:80"),
+            ("isDefaultBackend", "yes please"),
+        ] {
+            let error = with((parameter, value));
+            assert_eq!(error.parameter, parameter, "{value:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_rules_between_routing_parameters_are_checked() {
+        let error = refused(&[
+            ("serviceName", "ext"),
+            ("servicePath", "/ext"),
+            ("outboundHostname", "example.com"),
+        ]);
+        assert_eq!(error.parameter, "outboundHostname");
+        assert!(error.message.contains("port"), "{error}");
+
+        let error = refused(&[
+            ("serviceName", "db"),
+            ("reqMode", "tcp"),
+            ("srcPort", "5432"),
+            ("userAgent", "psql"),
+        ]);
+        assert_eq!(error.parameter, "userAgent");
+
+        let error = refused(&[
+            ("serviceName", "web"),
+            ("serviceDomain", "example.com"),
+            ("servicePathExclude", "/private"),
+        ]);
+        assert_eq!(error.parameter, "servicePathExclude");
+
+        let error = refused(&[
+            ("serviceName", "web"),
+            ("servicePath", "/web"),
+            ("srcPort", "8081"),
+            ("isDefaultBackend", "true"),
+        ]);
+        assert_eq!(error.parameter, "isDefaultBackend");
+
+        // Indexed forms name the index.
+        let error = refused(&[
+            ("serviceName", "web"),
+            ("servicePath.1", "/a"),
+            ("serviceHeader.1", "X-A"),
+        ]);
+        assert_eq!(error.parameter, "serviceHeader.1");
+    }
+
+    #[test]
+    fn conditions_tell_route_claims_on_one_path_apart() {
+        let plain = parse(&[("serviceName", "a"), ("servicePath", "/api")]).expect("valid");
+        let versioned = parse(&[
+            ("serviceName", "b"),
+            ("servicePath", "/api"),
+            ("serviceHeader", "X-Version:2"),
+        ])
+        .expect("valid");
+        let reordered = parse(&[
+            ("serviceName", "c"),
+            ("servicePath", "/api"),
+            ("userAgent", "iphone,googlebot"),
+        ])
+        .expect("valid");
+        let claims = |spec: &ServiceSpec| spec.route_claims(80);
+        assert_ne!(claims(&plain), claims(&versioned));
+        assert_ne!(claims(&versioned), claims(&reordered));
+        let shown = claims(&reordered)[0].to_string();
+        assert_eq!(shown, "path_beg /api with user agent googlebot,iphone");
+    }
+
+    #[test]
+    fn stored_routing_rules_are_validated_on_read() {
+        let stored = r#"{"ServiceName":"api","ServiceDest":[{"Index":0,"ServicePath":["/api"],
+            "ServiceHeader":["X-Version:2 acl"]}]}"#;
+        let error = serde_json::from_str::<ServiceSpec>(stored).expect_err("refused");
+        assert!(error.to_string().contains("serviceHeader"), "{error}");
+        let stored = r#"{"ServiceName":"api","ServiceDest":[{"Index":1,"ServicePath":["/api"],
+            "UserAgent":["a,b"]}]}"#;
+        let error = serde_json::from_str::<ServiceSpec>(stored).expect_err("refused");
+        assert!(error.to_string().contains("userAgent.1"), "{error}");
+    }
+}
