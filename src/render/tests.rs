@@ -1131,3 +1131,114 @@ fn haproxy_accepts_the_routing_rules_without_warnings() {
     let output = haproxy_check(None, &routing_rule_services());
     assert!(!output.contains("WARNING"), "{output}");
 }
+
+// TLS passthrough by SNI (reqMode=sni).
+
+fn sni_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+    vec![
+        (
+            spec(&[
+                ("serviceName", "beta"),
+                ("reqMode", "sni"),
+                ("srcPort", "9443"),
+                ("serviceDomain", "beta.example.com,*.beta.example.com"),
+            ]),
+            vec![inst("10.0.0.2", 8443)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "alpha"),
+                ("reqMode", "sni"),
+                ("srcPort", "9443"),
+                ("serviceDomain", "alpha.example.com"),
+                ("port", "443"),
+            ]),
+            vec![inst("10.0.0.1", 8443)],
+        ),
+    ]
+}
+
+#[test]
+fn sni_destinations_share_one_frontend_per_port_exact_names_before_wildcards() {
+    let text = render(&golden_settings(), &sni_services());
+    let frontend = section(&text, "frontend sni_9443");
+    for line in [
+        "mode tcp",
+        "bind *:9443",
+        "tcp-request inspect-delay 5s",
+        "tcp-request content accept if { req_ssl_hello_type 1 }",
+        "acl sni_alpha-be0 req_ssl_sni -m str -i alpha.example.com",
+        "acl sni_beta-be0 req_ssl_sni -m str -i beta.example.com",
+        "acl sni_beta-be0 req_ssl_sni -m end -i .beta.example.com",
+    ] {
+        line_of(frontend, line);
+    }
+    let alpha = line_of(frontend, "use_backend alpha-be0 if sni_alpha-be0");
+    let beta = line_of(frontend, "use_backend beta-be0 if sni_beta-be0");
+    assert!(alpha < beta, "exact-only rules first:\n{frontend}");
+    assert_eq!(text.matches("\nfrontend sni_").count(), 1, "{text}");
+    let backend = section(&text, "backend alpha-be0");
+    line_of(backend, "mode tcp");
+    line_of(backend, "server 10.0.0.1_8443 10.0.0.1:443 check");
+    assert!(text.contains("\ndefaults tcp_defaults\n"), "{text}");
+}
+
+#[test]
+fn an_sni_port_is_shared_by_sni_destinations_only() {
+    let mut services = sni_services();
+    services.push((
+        spec(&[
+            ("serviceName", "web"),
+            ("servicePath", "/web"),
+            ("srcPort", "9443"),
+        ]),
+        Vec::new(),
+    ));
+    match render_error(&services) {
+        RenderError::PortConflict {
+            port,
+            first,
+            second,
+        } => {
+            assert_eq!(port, 9443);
+            assert!(
+                first.contains("`alpha`") && first.contains("sni"),
+                "{first}"
+            );
+            assert!(second.contains("`web`"), "{second}");
+        }
+        other => panic!("expected a port conflict, got {other}"),
+    }
+    let mut services = sni_services();
+    services.push((
+        spec(&[
+            ("serviceName", "db"),
+            ("reqMode", "tcp"),
+            ("srcPort", "9443"),
+        ]),
+        Vec::new(),
+    ));
+    assert!(matches!(
+        render_error(&services),
+        RenderError::PortConflict { port: 9443, .. }
+    ));
+    let services = vec![(
+        spec(&[
+            ("serviceName", "main"),
+            ("reqMode", "sni"),
+            ("srcPort", "80"),
+            ("serviceDomain", "a.example.com"),
+        ]),
+        Vec::new(),
+    )];
+    assert!(matches!(
+        render_error(&services),
+        RenderError::PortConflict { port: 80, .. }
+    ));
+}
+
+#[test]
+fn haproxy_accepts_sni_frontends_without_warnings() {
+    let output = haproxy_check(None, &sni_services());
+    assert!(!output.contains("WARNING"), "{output}");
+}

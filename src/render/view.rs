@@ -39,6 +39,10 @@ pub(super) struct ConfigView {
     http_backends: Vec<BackendView>,
     /// TCP frontends, by port.
     tcp_frontends: Vec<TcpFrontendView>,
+    /// SNI frontends (`reqMode=sni`), by port.
+    sni_frontends: Vec<SniFrontendView>,
+    /// Whether any TCP or SNI frontend needs the tcp defaults section.
+    tcp_defaults: bool,
     /// Backends of TCP destinations, by service then destination index.
     tcp_backends: Vec<BackendView>,
     /// Basic-auth userlists: `--users`, then each service's own by service name, then the stats
@@ -281,6 +285,64 @@ fn default_backend(settings: &RenderSettings, sorted: &[&ServiceRoute<'_>]) -> O
 fn outbound_instance(destination: &Destination) -> Option<Instance> {
     let host = destination.routing().outbound_hostname.as_ref()?;
     host.instance(destination.port()?.get())
+}
+
+// TLS passthrough by SNI (`reqMode=sni`).
+
+/// A frontend `sni_<srcPort>`: waits for the TLS ClientHello, then routes the connection, still
+/// encrypted, by the server name it asks for.
+#[derive(Debug, Serialize)]
+struct SniFrontendView {
+    name: String,
+    bind: String,
+    rules: Vec<SniRuleView>,
+}
+
+/// `acl sni_<backend> req_ssl_sni …` (exact names, then wildcard endings) and its `use_backend`.
+#[derive(Debug, Serialize)]
+struct SniRuleView {
+    #[serde(skip)]
+    order: SniOrder,
+    backend: String,
+    acl: String,
+    exact: Vec<String>,
+    suffix: Vec<String>,
+}
+
+/// Where an SNI rule sorts; smaller first: rules with exact names only, then those with
+/// wildcards (longest ending first, so a more specific wildcard wins), then by service name and
+/// destination index. Two services never claim the same name on a port (route claims), so only
+/// a wildcard can overlap another rule's name.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct SniOrder {
+    has_wildcard: bool,
+    shortest_suffix: Reverse<usize>,
+    service: String,
+    index: u16,
+}
+
+fn sni_rule(spec: &ServiceSpec, destination: &Destination, backend: &str) -> SniRuleView {
+    let domains = destination.service_domain();
+    let names = |wildcard: bool| -> Vec<String> {
+        domains
+            .iter()
+            .filter(|d| d.is_wildcard() == wildcard)
+            .map(|d| d.host_pattern().to_string())
+            .collect()
+    };
+    let suffix = names(true);
+    SniRuleView {
+        order: SniOrder {
+            has_wildcard: !suffix.is_empty(),
+            shortest_suffix: Reverse(suffix.iter().map(String::len).min().unwrap_or(0)),
+            service: spec.service_name().to_string(),
+            index: destination.index(),
+        },
+        backend: backend.to_string(),
+        acl: format!("sni_{backend}"),
+        exact: names(false),
+        suffix,
+    }
 }
 
 /// The backend of one destination: `<serviceName>-be<index>`. Unique, because the index is the
@@ -683,11 +745,11 @@ fn backend_view(
         .collect();
     let http_rules = match destination.req_mode() {
         ReqMode::Http => backend_rules(spec, destination),
-        ReqMode::Tcp => Vec::new(),
+        ReqMode::Tcp | ReqMode::Sni => Vec::new(),
     };
     BackendView {
         name: backend_name(spec, destination),
-        mode: destination.req_mode().as_str(),
+        mode: destination.req_mode().haproxy_mode(),
         http_rules,
         auth: auth_view(settings, spec, destination),
         servers,
@@ -729,10 +791,20 @@ fn config_path(setting: &'static str, path: &Path) -> Result<String, RenderError
     Ok(text.to_string())
 }
 
+/// How a port is held: by HTTP frontends (shared by HTTP destinations), by one TCP frontend
+/// (the HTTPS frontend or a `reqMode=tcp` destination: exclusive), or by an SNI frontend (shared
+/// by `reqMode=sni` destinations only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortKind {
+    Http,
+    Tcp,
+    Sni,
+}
+
 /// Who holds a port, for conflict messages.
 struct PortOwner {
     who: String,
-    tcp: bool,
+    kind: PortKind,
 }
 
 fn owner(spec: &ServiceSpec, destination: &Destination) -> PortOwner {
@@ -743,7 +815,11 @@ fn owner(spec: &ServiceSpec, destination: &Destination) -> PortOwner {
             destination.index(),
             destination.req_mode().as_str()
         ),
-        tcp: destination.req_mode() == ReqMode::Tcp,
+        kind: match destination.req_mode() {
+            ReqMode::Http => PortKind::Http,
+            ReqMode::Tcp => PortKind::Tcp,
+            ReqMode::Sni => PortKind::Sni,
+        },
     }
 }
 
@@ -773,7 +849,7 @@ pub(super) fn build(
         settings.http_port,
         PortOwner {
             who: format!("the main HTTP frontend (http_port {})", settings.http_port),
-            tcp: false,
+            kind: PortKind::Http,
         },
     );
     if let Some(tls) = tls {
@@ -781,7 +857,7 @@ pub(super) fn build(
             tls.https_port,
             PortOwner {
                 who: format!("the HTTPS frontend (https_port {})", tls.https_port),
-                tcp: true,
+                kind: PortKind::Tcp,
             },
         );
     }
@@ -790,6 +866,7 @@ pub(super) fn build(
     let mut http_backends = Vec::new();
     let mut tcp_frontends = Vec::new();
     let mut tcp_backends = Vec::new();
+    let mut sni_rules: BTreeMap<u16, Vec<SniRuleView>> = BTreeMap::new();
 
     for route in &sorted {
         let spec = route.spec;
@@ -797,6 +874,28 @@ pub(super) fn build(
             let src_port = destination.src_port().map(|p| p.get());
             let backend = backend_view(settings, spec, destination, route.instances);
             match (destination.req_mode(), src_port) {
+                (ReqMode::Sni, Some(port)) => {
+                    let me = owner(spec, destination);
+                    match ports.get(&port) {
+                        Some(holder) if holder.kind != PortKind::Sni => {
+                            return Err(RenderError::PortConflict {
+                                port,
+                                first: holder.who.clone(),
+                                second: me.who,
+                            })
+                        }
+                        Some(_) => {}
+                        None => {
+                            ports.insert(port, me);
+                        }
+                    }
+                    sni_rules.entry(port).or_default().push(sni_rule(
+                        spec,
+                        destination,
+                        &backend.name,
+                    ));
+                    tcp_backends.push(backend);
+                }
                 (ReqMode::Tcp, Some(port)) => {
                     let me = owner(spec, destination);
                     if let Some(holder) = ports.get(&port) {
@@ -825,7 +924,7 @@ pub(super) fn build(
                         Some(port) if port != settings.http_port => {
                             let me = owner(spec, destination);
                             match ports.get(&port) {
-                                Some(holder) if holder.tcp => {
+                                Some(holder) if holder.kind != PortKind::Http => {
                                     return Err(RenderError::PortConflict {
                                         port,
                                         first: holder.who.clone(),
@@ -955,7 +1054,20 @@ pub(super) fn build(
         }
         _ => None,
     };
+    let sni_frontends: Vec<SniFrontendView> = sni_rules
+        .into_iter()
+        .map(|(port, mut rules)| {
+            rules.sort_by(|a, b| a.order.cmp(&b.order));
+            SniFrontendView {
+                name: format!("sni_{port}"),
+                bind: bind_address(settings, port),
+                rules,
+            }
+        })
+        .collect();
     Ok(ConfigView {
+        tcp_defaults: !tcp_frontends.is_empty() || !sni_frontends.is_empty(),
+        sni_frontends,
         stats_socket,
         error_503,
         http,

@@ -309,7 +309,10 @@ impl ServiceSpec {
                 ));
             }
         }
-        let no_http = spec.destinations.iter().all(|d| d.req_mode == ReqMode::Tcp);
+        let no_http = spec
+            .destinations
+            .iter()
+            .all(|d| d.req_mode != ReqMode::Http);
         if no_http {
             let headers = &spec.headers;
             let set = [
@@ -323,9 +326,16 @@ impl ServiceSpec {
             if let Some((parameter, _)) = set.iter().find(|(_, empty)| !empty) {
                 return Err(spec_error(
                     parameter,
-                    "needs an http destination: header rules do not apply to reqMode=tcp",
+                    "needs an http destination: header rules do not apply to reqMode=tcp or sni",
                 ));
             }
+        }
+        if spec.ssl_verify_none && spec.destinations.iter().any(|d| d.req_mode == ReqMode::Sni) {
+            return Err(spec_error(
+                "sslVerifyNone",
+                "not allowed with reqMode=sni: the client's TLS passes through to the instances \
+                 untouched, HAProxy opens no TLS of its own to them",
+            ));
         }
         if spec.verify_client_ssl && spec.all_service_domains().is_empty() {
             return Err(spec_error(
@@ -335,7 +345,11 @@ impl ServiceSpec {
             ));
         }
         if spec.verify_client_ssl {
-            if spec.destinations.iter().any(|d| d.req_mode == ReqMode::Tcp) {
+            if spec
+                .destinations
+                .iter()
+                .any(|d| d.req_mode != ReqMode::Http)
+            {
                 return Err(spec_error(
                     "verifyClientSsl",
                     "applies to http destinations only: client certificates are checked by the \
@@ -379,12 +393,17 @@ impl ServiceSpec {
                 .iter()
                 .find(|other| other.src_port == Some(port));
             if let Some(other) = earlier {
-                if other.req_mode == ReqMode::Tcp || destination.req_mode == ReqMode::Tcp {
+                let shared = matches!(
+                    (other.req_mode, destination.req_mode),
+                    (ReqMode::Http, ReqMode::Http) | (ReqMode::Sni, ReqMode::Sni)
+                );
+                if !shared {
                     return Err(spec_error(
                         &indexed("srcPort", destination.index),
                         format!(
-                            "port {port} is already used by destination {} of this service; a tcp frontend needs a port of its own",
-                            other.index
+                            "port {port} is already used by destination {} of this service ({}); a tcp frontend needs a port of its own, and an sni port is shared by sni destinations only",
+                            other.index,
+                            other.req_mode.as_str()
                         ),
                     ));
                 }
@@ -489,29 +508,42 @@ impl Destination {
             self.port.is_some(),
         )?;
         match self.req_mode {
-            ReqMode::Tcp => {
+            ReqMode::Tcp | ReqMode::Sni => {
+                let mode = self.req_mode.as_str();
+                let routed_by = match self.req_mode {
+                    ReqMode::Sni => {
+                        "sni is routed by srcPort and the TLS server name (serviceDomain)"
+                    }
+                    _ => "TCP is routed by srcPort only",
+                };
                 if self.src_port.is_none() {
                     return Err(spec_error(
                         &name("srcPort"),
-                        "required with reqMode=tcp: the port of the TCP frontend",
+                        format!("required with reqMode={mode}: the port of the TCP frontend"),
                     ));
                 }
                 if !self.service_path.is_empty() {
                     return Err(spec_error(
                         &name("servicePath"),
-                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                        format!("not allowed with reqMode={mode} ({routed_by})"),
                     ));
                 }
-                if !self.service_domain.is_empty() {
+                if self.req_mode == ReqMode::Tcp && !self.service_domain.is_empty() {
                     return Err(spec_error(
                         &name("serviceDomain"),
-                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                        format!("not allowed with reqMode={mode} ({routed_by})"),
+                    ));
+                }
+                if self.req_mode == ReqMode::Sni && self.service_domain.is_empty() {
+                    return Err(spec_error(
+                        &name("serviceDomain"),
+                        "required with reqMode=sni: the TLS server names this destination takes",
                     ));
                 }
                 if self.path_type.is_some() {
                     return Err(spec_error(
                         &name("pathType"),
-                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                        format!("not allowed with reqMode={mode} ({routed_by})"),
                     ));
                 }
                 let http_only_rules = [
@@ -525,7 +557,7 @@ impl Destination {
                 if let Some((base, _)) = http_only_rules.iter().find(|(_, set)| *set) {
                     return Err(spec_error(
                         &name(base),
-                        "not allowed with reqMode=tcp (an HTTP rule; TCP is forwarded as is)",
+                        format!("not allowed with reqMode={mode} (an HTTP rule; TCP is forwarded as is)"),
                     ));
                 }
             }
@@ -611,6 +643,9 @@ impl Destination {
     }
 }
 
+/// The condition of an sni destination's claims: its names are TLS server names, not hosts.
+const SNI_CLAIM: &str = "TLS passthrough (reqMode=sni)";
+
 /// One request pattern an HTTP destination claims: a path (with its path type), a domain, or
 /// both, on a frontend. Two services may not claim the same one: the second would never see a
 /// request.
@@ -652,6 +687,17 @@ impl ServiceSpec {
     pub fn route_claims(&self, main_port: u16) -> Vec<RouteClaim> {
         let mut claims = Vec::new();
         for destination in &self.destinations {
+            if destination.req_mode == ReqMode::Sni {
+                // The TLS server names an sni port passes through: one claim per name.
+                let src_port = destination.src_port.map(Port::get);
+                claims.extend(destination.service_domain.iter().map(|domain| RouteClaim {
+                    src_port,
+                    domain: Some(domain.to_string()),
+                    path: None,
+                    condition: Some(SNI_CLAIM.to_string()),
+                }));
+                continue;
+            }
             if destination.req_mode != ReqMode::Http {
                 continue;
             }
