@@ -1,10 +1,12 @@
 //! Docker Flow Proxy's remaining routing parameters, as a user sees them through the real
 //! HAProxy: `servicePathExclude`, `serviceHeader`, `userAgent`, `isDefaultBackend`,
-//! `outboundHostname`.
+//! `outboundHostname`, and `reqMode=sni` (TLS passed through by server name, over a real TLS
+//! connection to backends that terminate TLS themselves).
 
 use reqwest::StatusCode;
 
-use crate::helpers::{proxy_routing_demo, spawn_backend, Backend, TestProxy};
+use crate::helpers::{free_port, proxy_routing_demo, spawn_backend, Backend, TestProxy};
+use crate::tls::{client_config, https_request, tls_connect, TestCa};
 
 /// A proxy with one instance registered per name (each a backend answering `<name> <path>`).
 async fn proxy_with(names: &[&'static str]) -> (TestProxy, Vec<Backend>) {
@@ -239,5 +241,133 @@ async fn bad_routing_values_get_400_naming_the_parameter_and_change_nothing() {
             "{query}: {body}"
         );
     }
+    proxy.assert_unchanged_since(&before).await;
+}
+
+/// A backend serving TLS on 127.0.0.1:`port`; stops when dropped.
+struct TlsBackend {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A backend that terminates TLS itself with `pem` (certificate then key, from the test CA) and
+/// answers `<name> <path>` to one request per connection.
+async fn spawn_tls_backend(name: &'static str, pem: &str) -> TlsBackend {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("certificate PEM");
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("key PEM");
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(certificates, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind backend");
+    let port = listener.local_addr().expect("address").port();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request).into_owned();
+                let path = text.split(' ').nth(1).unwrap_or("?").to_string();
+                let body = format!("{name} {path}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    TlsBackend { port, task }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sni_services_on_one_src_port_each_answer_their_own_name_through_tls() {
+    let ca = TestCa::new();
+    let alpha_name = "alpha.example.test";
+    let beta_name = "beta.example.test";
+    let alpha = spawn_tls_backend("alpha", &ca.bundle(&[alpha_name])).await;
+    let beta = spawn_tls_backend("beta", &ca.bundle(&[beta_name])).await;
+    let proxy = TestProxy::spawn().await;
+    proxy
+        .register_instance("alpha", "alpha-1", alpha.port)
+        .await;
+    proxy.register_instance("beta", "beta-1", beta.port).await;
+    let port = free_port();
+    proxy
+        .reconfigure_ok(&format!(
+            "serviceName=alpha&reqMode=sni&srcPort={port}&serviceDomain={alpha_name}"
+        ))
+        .await;
+    proxy
+        .reconfigure_ok(&format!(
+            "serviceName=beta&reqMode=sni&srcPort={port}&serviceDomain={beta_name}"
+        ))
+        .await;
+
+    // HAProxy holds no certificate: each handshake is the backend's own, verified against
+    // the test CA for the name asked.
+    for (name, backend) in [(alpha_name, "alpha"), (beta_name, "beta")] {
+        let answer = https_request(port, &ca.root, "GET", "/hello", name, &[]).await;
+        assert_eq!(answer.status, 200, "{name}: {answer:?}");
+        assert_eq!(
+            answer.body,
+            format!("{backend} /hello"),
+            "{name}: {answer:?}"
+        );
+    }
+    // A name nobody claims gets no backend: the connection is closed, no handshake.
+    let unclaimed = tls_connect(
+        port,
+        "gamma.example.test",
+        client_config(&ca.root, &[b"http/1.1"]),
+    )
+    .await;
+    assert!(unclaimed.is_err(), "no backend for an unclaimed name");
+
+    // The same name on the same port is a route conflict, naming the owner.
+    let before = proxy.snapshot().await;
+    let (status, body) = proxy
+        .reconfigure(&format!(
+            "serviceName=alpha2&reqMode=sni&srcPort={port}&serviceDomain={alpha_name}"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.to_string().contains("`alpha`"), "{body}");
+    // An sni port is shared by sni destinations only.
+    let (status, body) = proxy
+        .reconfigure(&format!("serviceName=web&servicePath=/web&srcPort={port}"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains(&port.to_string()), "{body}");
     proxy.assert_unchanged_since(&before).await;
 }
