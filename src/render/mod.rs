@@ -8,10 +8,11 @@
 //! # Names
 //! - Frontends: `http` (main, on `http_port`), `https` (the main frontend's rules behind TLS on
 //!   `https_port`, when certificates exist), `http_<srcPort>` (HTTP destinations with their own
-//!   `srcPort`), `tcp_<srcPort>` (`reqMode=tcp`).
+//!   `srcPort`), `tcp_<srcPort>` (`reqMode=tcp`), `sni_<srcPort>` (`reqMode=sni`, shared by every
+//!   sni destination on that port).
 //! - Backends: `<serviceName>-be<index>`, one per destination, even without instances (then
 //!   HAProxy answers 503 with the clean error page).
-//! - Acls: `path_<backend>`, `domain_<backend>`, `exclude_<backend>`, `header_<backend>_<n>`,
+//! - Acls: `path_<backend>`, `domain_<backend>`, `sni_<backend>`, `exclude_<backend>`, `header_<backend>_<n>`,
 //!   `agent_<backend>`.
 //! - Servers: `<address>_<registered port>`, sorted by (address, port); the name stays the same
 //!   when a `port` override changes, so runtime-API state follows the instance.
@@ -83,7 +84,18 @@
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a
 //! `srcPort` (their rules share the frontend), and an HTTP `srcPort` equal to `http_port` puts
-//! the rules in the main frontend.
+//! the rules in the main frontend. An sni `srcPort` is shared by sni destinations only (of any
+//! service): not by HTTP, TCP, the HTTPS frontend nor the stats page. Since one frontend binds
+//! it once, the preflight bind check sees one new address however many services share it.
+//!
+//! # TLS passthrough by SNI
+//! A frontend `sni_<srcPort>` (mode tcp) waits up to 5 s for the TLS ClientHello
+//! (`tcp-request inspect-delay 5s`, `tcp-request content accept if { req_ssl_hello_type 1 }`),
+//! then sends the connection, still encrypted, to the destination whose `serviceDomain` the
+//! server name is: `acl sni_<backend> req_ssl_sni -m str -i <names…>` (wildcards:
+//! `-m end -i <.suffix…>`), `use_backend`. Rules with exact names only come first, then those
+//! with wildcards, longest ending first, then by service name and destination index. A name no
+//! destination claims has no backend: HAProxy closes the connection.
 
 mod view;
 

@@ -553,7 +553,22 @@ fn destination(index: u16) -> BoxedStrategy<Vec<(String, String)>> {
             pairs
         },
     );
-    prop_oneof![8 => http, 1 => tcp].boxed()
+    // TLS passthrough by SNI: a srcPort (often one the other destinations share) and names.
+    let sni = (
+        prop_oneof![2 => one_of(&["9443"]), 1 => port_value()],
+        list(domain_item()),
+        proptest::option::weighted(0.3, port_value()),
+    )
+        .prop_map(move |(src_port, domains, port)| {
+            let mut pairs = vec![
+                (name("reqMode"), "sni".to_string()),
+                (name("srcPort"), src_port),
+                (name("serviceDomain"), domains),
+            ];
+            pairs.extend(port.map(|p| (name("port"), p)));
+            pairs
+        });
+    prop_oneof![8 => http, 1 => tcp, 1 => sni].boxed()
 }
 
 const FLAGS: &[&str] = &["true", "false", "1", "0"];
@@ -867,7 +882,7 @@ fn value_for(base: &str) -> BoxedStrategy<String> {
         "servicePath" => list(path_item()),
         "serviceDomain" => list(domain_item()),
         "port" | "srcPort" => port_value(),
-        "reqMode" => one_of(&["http", "tcp", "udp"]),
+        "reqMode" => one_of(&["http", "tcp", "sni", "udp"]),
         "httpsOnly"
         | "redirectWhenHttpProto"
         | "denyHttp"
@@ -1100,7 +1115,7 @@ fn stored_json() -> impl Strategy<Value = String> {
             proptest::option::weighted(0.2, prop_oneof![5 => one_of(PATH_TYPES), 1 => any_value()]),
             proptest::option::weighted(0.2, prop_oneof![5 => 1u32..65536, 1 => any::<u32>()]),
             proptest::option::weighted(0.1, prop_oneof![5 => 1u32..65536, 1 => any::<u32>()]),
-            proptest::option::weighted(0.1, one_of(&["http", "tcp", "udp", "HTTP"])),
+            proptest::option::weighted(0.1, one_of(&["http", "tcp", "sni", "udp", "HTTP"])),
             stored_edge_rules(),
         )
             .prop_map(move |(paths, domains, path_type, port, src_port, mode, edge)| {

@@ -297,6 +297,7 @@ impl Baseline {
         });
         let mut extra_http: std::collections::BTreeMap<u16, Section> = Default::default();
         let mut tcp = Vec::new();
+        let mut sni: std::collections::BTreeMap<u16, Section> = Default::default();
         let mut userlists = Vec::new();
         for (spec, instances) in services {
             if !spec.users().is_empty() {
@@ -318,6 +319,34 @@ impl Baseline {
             for destination in spec.destinations() {
                 sections.push(self.backend(spec, destination, instances));
                 let src_port = destination.src_port().map(|p| p.get());
+                if destination.req_mode() == ReqMode::Sni {
+                    let port = src_port.expect("an sni destination has a srcPort");
+                    let frontend = sni.entry(port).or_insert_with(|| Section {
+                        header: "frontend _".into(),
+                        lines: vec![
+                            "mode tcp".into(),
+                            "bind _".into(),
+                            "tcp-request inspect-delay 5s".into(),
+                            normalized("tcp-request content accept if { req_ssl_hello_type 1 }"),
+                        ],
+                    });
+                    let domains = destination.service_domain();
+                    for (wildcard, match_kind) in [(false, "str"), (true, "end")] {
+                        let names: Vec<&str> = domains
+                            .iter()
+                            .filter(|d| d.is_wildcard() == wildcard)
+                            .map(|d| d.host_pattern())
+                            .collect();
+                        if !names.is_empty() {
+                            frontend.lines.push(normalized(&format!(
+                                "acl _ req_ssl_sni -m {match_kind} -i {}",
+                                names.join(" ")
+                            )));
+                        }
+                    }
+                    frontend.lines.push("use_backend _ if _".into());
+                    continue;
+                }
                 if destination.req_mode() == ReqMode::Tcp {
                     tcp.push(Section {
                         header: "frontend _".into(),
@@ -389,9 +418,10 @@ impl Baseline {
         }
         sections.extend(extra_http.into_values());
         sections.extend(userlists);
-        if !tcp.is_empty() {
+        if !tcp.is_empty() || !sni.is_empty() {
             sections.push(self.tcp_defaults.clone());
             sections.extend(tcp);
+            sections.extend(sni.into_values());
         }
         sorted(sections)
     }
@@ -504,7 +534,7 @@ impl Baseline {
         destination: &Destination,
         instances: &[Instance],
     ) -> Section {
-        let mode = destination.req_mode().as_str();
+        let mode = destination.req_mode().haproxy_mode();
         // `outboundHostname`: one server, the host on the destination's port.
         let outbound: Vec<Instance> = destination
             .routing()
