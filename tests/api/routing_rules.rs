@@ -201,6 +201,35 @@ async fn an_outbound_hostname_answers_without_any_consul_registration() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_destination_ignores_consul_instances_and_is_restored_after_a_restart() {
+    let mut proxy = TestProxy::spawn().await;
+    let partner = spawn_backend("partner").await;
+    let impostor = spawn_backend("impostor").await;
+    proxy
+        .reconfigure_ok(&format!(
+            "serviceName=partner&servicePath=/partner&outboundHostname=127.0.0.1&port={}",
+            partner.port
+        ))
+        .await;
+    // An instance registered under the same name is not where the destination forwards.
+    proxy
+        .register_instance("partner", "partner-1", impostor.port)
+        .await;
+    let (status, body) = proxy.api_get("/v1/docker-flow-proxy/reload").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let names = proxy.names_answering("/partner/x", None, 4).await;
+    assert!(names.iter().all(|name| name == "partner"), "{names:?}");
+
+    proxy.stop().await;
+    proxy.start_again().await;
+    assert_answered_by(
+        &get_with(&proxy, "/partner/y", &[]).await,
+        "partner",
+        "/partner/y",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_routing_values_get_400_naming_the_parameter_and_change_nothing() {
     let (proxy, _backend) = proxy_routing_demo().await;
     let before = proxy.snapshot().await;
