@@ -91,6 +91,7 @@ impl ApiError {
                 }
                 ProxyError::Conflict(_)
                 | ProxyError::RouteTaken { .. }
+                | ProxyError::DefaultBackendTaken { .. }
                 | ProxyError::TooManyServices { .. }
                 | ProxyError::Haproxy(HaproxyError::Port(PortError::InUse { .. })) => {
                     StatusCode::CONFLICT

@@ -3,6 +3,9 @@
 //! services to follow after each change of the routed state; `--watch-instances=false` turns the
 //! watches off, and instances are then read only on reconfigure and reload.
 //!
+//! A service whose every destination has an `outboundHostname` forwards to fixed hosts: its
+//! instances are neither read nor watched ([`instances_for`]).
+//!
 //! Each watch holds a socket, so the open-files limit caps how many run (see
 //! [`crate::limits`]): past that budget the services after the first ones (by name) are not
 //! watched, with an error in the log, so that the API, the KV watch and `haproxy -c` keep the
@@ -15,7 +18,22 @@ use tokio::task::JoinHandle;
 
 use super::{submit_internal, Change, Pending};
 use crate::registry::watch::{Watch, WatchIndex};
-use crate::registry::ConsulClient;
+use crate::registry::{ConsulClient, RegistryError};
+use crate::spec::{Instance, ServiceSpec};
+
+/// The healthy instances of `spec`'s Consul service, read now; none, without asking the
+/// registry, when every destination forwards to its `outboundHostname`.
+pub(super) async fn instances_for(
+    registry: &ConsulClient,
+    spec: &ServiceSpec,
+) -> Result<Vec<Instance>, RegistryError> {
+    if !spec.uses_registry() {
+        return Ok(Vec::new());
+    }
+    registry
+        .healthy_instances(&spec.consul_service_name())
+        .await
+}
 
 /// The running instance watches, one per Consul service name. Dropping it stops them.
 pub(super) struct InstanceWatches {

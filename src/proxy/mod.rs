@@ -52,7 +52,7 @@ use crate::registry::{ConsulClient, RegistryError};
 use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings};
 use crate::spec::{Instance, ServiceName, ServiceSpec};
 
-use instances::InstanceWatches;
+use instances::{instances_for, InstanceWatches};
 use stored::{SpecStore, StoredSpecs};
 
 /// Most changes applied with one validation and one reload.
@@ -103,6 +103,12 @@ pub enum ProxyError {
          service another path or domain"
     )]
     RouteTaken { route: String, owner: ServiceName },
+    /// Another service already takes the requests no rule matched (`isDefaultBackend`).
+    #[error(
+        "service `{owner}` is already the default backend (isDefaultBackend=true); reconfigure it \
+         without isDefaultBackend first, or leave it out here"
+    )]
+    DefaultBackendTaken { owner: ServiceName },
     /// Routing one more service would pass `--max-services`.
     #[error("{limit} services are routed, the most --max-services allows; remove one first or raise the limit")]
     TooManyServices { limit: usize },
@@ -514,10 +520,7 @@ impl Core {
                         requested_certs.insert(certificate.name().clone());
                         candidate_certs.insert(certificate.name().clone(), certificate);
                     }
-                    let instances = self
-                        .registry
-                        .healthy_instances(&spec.consul_service_name())
-                        .await?;
+                    let instances = instances_for(&self.registry, spec).await?;
                     let name = spec.service_name().clone();
                     let routed = Routed {
                         spec: spec.clone(),
@@ -550,10 +553,7 @@ impl Core {
                 }
                 Change::Reload => {
                     for routed in candidate.values_mut() {
-                        routed.instances = self
-                            .registry
-                            .healthy_instances(&routed.spec.consul_service_name())
-                            .await?;
+                        routed.instances = instances_for(&self.registry, &routed.spec).await?;
                     }
                     force_reload = true;
                     outcomes.push(None);
@@ -653,10 +653,7 @@ impl Core {
             if self.state.get(name).map(|routed| &routed.spec) == Some(spec) {
                 continue;
             }
-            let instances = self
-                .registry
-                .healthy_instances(&spec.consul_service_name())
-                .await?;
+            let instances = instances_for(&self.registry, spec).await?;
             let routed = Routed {
                 spec: spec.clone(),
                 instances,
@@ -797,6 +794,16 @@ impl Core {
             return Err(ProxyError::TooManyServices {
                 limit: self.max_services,
             });
+        }
+        if spec.is_default_backend() {
+            let other = candidate
+                .iter()
+                .find(|(owner, routed)| *owner != name && routed.spec.is_default_backend());
+            if let Some((owner, _)) = other {
+                return Err(ProxyError::DefaultBackendTaken {
+                    owner: owner.clone(),
+                });
+            }
         }
         let main_port = self.render_settings.http_port;
         let claims: BTreeSet<_> = spec.route_claims(main_port).into_iter().collect();
@@ -991,6 +998,7 @@ impl Core {
         let consul_services = self
             .state
             .values()
+            .filter(|routed| routed.spec.uses_registry())
             .map(|routed| routed.spec.consul_service_name())
             .collect();
         self.instance_watches.follow(consul_services);

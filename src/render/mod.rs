@@ -8,10 +8,12 @@
 //! # Names
 //! - Frontends: `http` (main, on `http_port`), `https` (the main frontend's rules behind TLS on
 //!   `https_port`, when certificates exist), `http_<srcPort>` (HTTP destinations with their own
-//!   `srcPort`), `tcp_<srcPort>` (`reqMode=tcp`).
+//!   `srcPort`), `tcp_<srcPort>` (`reqMode=tcp`), `sni_<srcPort>` (`reqMode=sni`, shared by every
+//!   sni destination on that port).
 //! - Backends: `<serviceName>-be<index>`, one per destination, even without instances (then
 //!   HAProxy answers 503 with the clean error page).
-//! - Acls: `path_<backend>` and `domain_<backend>`.
+//! - Acls: `path_<backend>`, `domain_<backend>`, `sni_<backend>`, `exclude_<backend>`, `header_<backend>_<n>`,
+//!   `agent_<backend>`.
 //! - Servers: `<address>_<registered port>`, sorted by (address, port); the name stays the same
 //!   when a `port` override changes, so runtime-API state follows the instance.
 //!
@@ -24,10 +26,26 @@
 //! 4. path-only rules whose only path is `/` (`path_beg`): the catch-alls, last.
 //!
 //! Within a group: longer paths first (a destination counts by its longest path; `/` counts as
-//! 0), exactly matched domains before wildcard ones and those matched by `hdr_beg`, `hdr_end`
+//! 0), then rules that also need request headers or a user agent (`serviceHeader`, `userAgent`)
+//! before the same path without them, the most conditions first (each header counts one, the
+//! user-agent list one), then exactly matched domains before wildcard ones and those matched by `hdr_beg`, `hdr_end`
 //! or `hdr_dom` (`serviceDomainAlgo`), then by `aclName` (default: the service name), then
 //! service name, then destination index. A destination with several paths is one rule, placed
 //! by its longest path; give paths that need different places their own destination index.
+//!
+//! A rule's `use_backend` needs all of its acls: path, `!exclude_<backend>`
+//! (`servicePathExclude`, matched with the rule's path type), domain, `header_<backend>_<n>`
+//! (`req.hdr(<name>) -m str <value>`, each required) and `agent_<backend>`
+//! (`req.hdr(User-Agent) -m sub -i <agents…>`, any one). An excluded request falls through to the
+//! later rules. After every `use_backend`, the main HTTP and HTTPS frontends end with
+//! `default_backend` when a service has `isDefaultBackend` (its first HTTP destination without a
+//! `srcPort` of its own): the requests no rule matched go there instead of the 503 page.
+//!
+//! # Outbound destinations
+//! A destination with `outboundHostname` has one server, `<host>_<port>` at `<host>:<port>` (its
+//! `port`), whatever the Consul instances; HAProxy resolves the name when it loads the config
+//! (`init-addr last,libc,none`: a name that does not resolve leaves the server down, answered
+//! with 503, until a later reload resolves it).
 //!
 //! # Edge rules
 //! Redirects are `http-request redirect` lines in a frontend, placed before every `use_backend`
@@ -66,7 +84,18 @@
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a
 //! `srcPort` (their rules share the frontend), and an HTTP `srcPort` equal to `http_port` puts
-//! the rules in the main frontend.
+//! the rules in the main frontend. An sni `srcPort` is shared by sni destinations only (of any
+//! service): not by HTTP, TCP, the HTTPS frontend nor the stats page. Since one frontend binds
+//! it once, the preflight bind check sees one new address however many services share it.
+//!
+//! # TLS passthrough by SNI
+//! A frontend `sni_<srcPort>` (mode tcp) waits up to 5 s for the TLS ClientHello
+//! (`tcp-request inspect-delay 5s`, `tcp-request content accept if { req_ssl_hello_type 1 }`),
+//! then sends the connection, still encrypted, to the destination whose `serviceDomain` the
+//! server name is: `acl sni_<backend> req_ssl_sni -m str -i <names…>` (wildcards:
+//! `-m end -i <.suffix…>`), `use_backend`. Rules with exact names only come first, then those
+//! with wildcards, longest ending first, then by service name and destination index. A name no
+//! destination claims has no backend: HAProxy closes the connection.
 
 mod view;
 

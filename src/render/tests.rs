@@ -997,3 +997,248 @@ fn exactly_matched_domains_come_before_domains_matched_by_another_algo() {
         "www.example.com would otherwise go to the hdr_dom rule: {text}"
     );
 }
+
+// Routing rules: servicePathExclude, serviceHeader, userAgent, outboundHostname, isDefaultBackend.
+
+fn routing_rule_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+    vec![
+        (
+            spec(&[
+                ("serviceName", "api"),
+                ("servicePath", "/api"),
+                ("servicePathExclude", "/api/internal"),
+            ]),
+            vec![inst("10.0.0.1", 3000)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "api-v2"),
+                ("servicePath", "/api"),
+                ("serviceHeader", "X-Version:2,X-Tenant:acme"),
+            ]),
+            vec![inst("10.0.0.2", 3000)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "api-bots"),
+                ("servicePath", "/api"),
+                ("userAgent", "googlebot,bingbot"),
+            ]),
+            vec![inst("10.0.0.3", 3000)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "api-v2-bots"),
+                ("servicePath", "/api"),
+                ("serviceHeader", "X-Version:2"),
+                ("userAgent", "googlebot"),
+            ]),
+            vec![inst("10.0.0.4", 3000)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "fallback"),
+                ("servicePath", "/fallback"),
+                ("isDefaultBackend", "true"),
+                ("servicePath.1", "/other"),
+            ]),
+            vec![inst("10.0.0.5", 3000)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "ext"),
+                ("servicePath", "/ext"),
+                ("port", "8443"),
+                ("outboundHostname", "LocalHost"),
+            ]),
+            vec![inst("10.0.0.6", 3000)],
+        ),
+    ]
+}
+
+#[test]
+fn routing_rule_acls_are_declared_and_required_by_their_use_backend() {
+    let text = render(&golden_settings(), &routing_rule_services());
+    for line in [
+        "acl exclude_api-be0 path_beg /api/internal",
+        "use_backend api-be0 if path_api-be0 !exclude_api-be0",
+        "acl header_api-v2-be0_1 req.hdr(X-Version) -m str 2",
+        "acl header_api-v2-be0_2 req.hdr(X-Tenant) -m str acme",
+        "use_backend api-v2-be0 if path_api-v2-be0 header_api-v2-be0_1 header_api-v2-be0_2",
+        "acl agent_api-bots-be0 req.hdr(User-Agent) -m sub -i googlebot bingbot",
+        "use_backend api-bots-be0 if path_api-bots-be0 agent_api-bots-be0",
+    ] {
+        line_of(&text, line);
+    }
+}
+
+#[test]
+fn rules_with_header_or_user_agent_conditions_come_before_the_same_path_without_them() {
+    let text = render(&golden_settings(), &routing_rule_services());
+    let both = line_of(
+        &text,
+        "use_backend api-v2-bots-be0 if path_api-v2-bots-be0 header_api-v2-bots-be0_1 agent_api-v2-bots-be0",
+    );
+    let two_headers = line_of(
+        &text,
+        "use_backend api-v2-be0 if path_api-v2-be0 header_api-v2-be0_1 header_api-v2-be0_2",
+    );
+    let agent = line_of(
+        &text,
+        "use_backend api-bots-be0 if path_api-bots-be0 agent_api-bots-be0",
+    );
+    let plain = line_of(
+        &text,
+        "use_backend api-be0 if path_api-be0 !exclude_api-be0",
+    );
+    // The most conditions first; equal numbers (two each) fall back to the name order.
+    assert!(two_headers < both, "{text}");
+    assert!(both < agent, "{text}");
+    assert!(agent < plain, "{text}");
+    // A longer path stays before a shorter one with conditions.
+    let fallback = line_of(&text, "use_backend fallback-be0 if path_fallback-be0");
+    assert!(fallback < both, "{text}");
+}
+
+#[test]
+fn the_default_backend_is_the_first_main_destination_of_the_default_service_after_every_rule() {
+    let text = render(&golden_settings(), &routing_rule_services());
+    let http = section(&text, "frontend http");
+    let default = line_of(http, "default_backend fallback-be0");
+    let lines: Vec<&str> = http.lines().collect();
+    let last_rule = lines
+        .iter()
+        .rposition(|line| line.trim_start().starts_with("use_backend"))
+        .expect("rules");
+    assert!(last_rule < default, "{http}");
+    // Nothing else is a default backend.
+    assert_eq!(text.matches("default_backend").count(), 1, "{text}");
+}
+
+#[test]
+fn an_outbound_destination_forwards_to_its_host_and_port_instead_of_the_instances() {
+    let text = render(&golden_settings(), &routing_rule_services());
+    let backend = section(&text, "backend ext-be0");
+    assert!(
+        backend.contains("server localhost_8443 localhost:8443 check"),
+        "{backend}"
+    );
+    assert!(!backend.contains("10.0.0.6"), "{backend}");
+}
+
+#[test]
+fn haproxy_accepts_the_routing_rules_without_warnings() {
+    let output = haproxy_check(None, &routing_rule_services());
+    assert!(!output.contains("WARNING"), "{output}");
+}
+
+// TLS passthrough by SNI (reqMode=sni).
+
+fn sni_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+    vec![
+        (
+            spec(&[
+                ("serviceName", "beta"),
+                ("reqMode", "sni"),
+                ("srcPort", "9443"),
+                ("serviceDomain", "beta.example.com,*.beta.example.com"),
+            ]),
+            vec![inst("10.0.0.2", 8443)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "alpha"),
+                ("reqMode", "sni"),
+                ("srcPort", "9443"),
+                ("serviceDomain", "alpha.example.com"),
+                ("port", "443"),
+            ]),
+            vec![inst("10.0.0.1", 8443)],
+        ),
+    ]
+}
+
+#[test]
+fn sni_destinations_share_one_frontend_per_port_exact_names_before_wildcards() {
+    let text = render(&golden_settings(), &sni_services());
+    let frontend = section(&text, "frontend sni_9443");
+    for line in [
+        "mode tcp",
+        "bind *:9443",
+        "tcp-request inspect-delay 5s",
+        "tcp-request content accept if { req_ssl_hello_type 1 }",
+        "acl sni_alpha-be0 req_ssl_sni -m str -i alpha.example.com",
+        "acl sni_beta-be0 req_ssl_sni -m str -i beta.example.com",
+        "acl sni_beta-be0 req_ssl_sni -m end -i .beta.example.com",
+    ] {
+        line_of(frontend, line);
+    }
+    let alpha = line_of(frontend, "use_backend alpha-be0 if sni_alpha-be0");
+    let beta = line_of(frontend, "use_backend beta-be0 if sni_beta-be0");
+    assert!(alpha < beta, "exact-only rules first:\n{frontend}");
+    assert_eq!(text.matches("\nfrontend sni_").count(), 1, "{text}");
+    let backend = section(&text, "backend alpha-be0");
+    line_of(backend, "mode tcp");
+    line_of(backend, "server 10.0.0.1_8443 10.0.0.1:443 check");
+    assert!(text.contains("\ndefaults tcp_defaults\n"), "{text}");
+}
+
+#[test]
+fn an_sni_port_is_shared_by_sni_destinations_only() {
+    let mut services = sni_services();
+    services.push((
+        spec(&[
+            ("serviceName", "web"),
+            ("servicePath", "/web"),
+            ("srcPort", "9443"),
+        ]),
+        Vec::new(),
+    ));
+    match render_error(&services) {
+        RenderError::PortConflict {
+            port,
+            first,
+            second,
+        } => {
+            assert_eq!(port, 9443);
+            assert!(
+                first.contains("`alpha`") && first.contains("sni"),
+                "{first}"
+            );
+            assert!(second.contains("`web`"), "{second}");
+        }
+        other => panic!("expected a port conflict, got {other}"),
+    }
+    let mut services = sni_services();
+    services.push((
+        spec(&[
+            ("serviceName", "db"),
+            ("reqMode", "tcp"),
+            ("srcPort", "9443"),
+        ]),
+        Vec::new(),
+    ));
+    assert!(matches!(
+        render_error(&services),
+        RenderError::PortConflict { port: 9443, .. }
+    ));
+    let services = vec![(
+        spec(&[
+            ("serviceName", "main"),
+            ("reqMode", "sni"),
+            ("srcPort", "80"),
+            ("serviceDomain", "a.example.com"),
+        ]),
+        Vec::new(),
+    )];
+    assert!(matches!(
+        render_error(&services),
+        RenderError::PortConflict { port: 80, .. }
+    ));
+}
+
+#[test]
+fn haproxy_accepts_sni_frontends_without_warnings() {
+    let output = haproxy_check(None, &sni_services());
+    assert!(!output.contains("WARNING"), "{output}");
+}

@@ -39,6 +39,10 @@ pub(super) struct ConfigView {
     http_backends: Vec<BackendView>,
     /// TCP frontends, by port.
     tcp_frontends: Vec<TcpFrontendView>,
+    /// SNI frontends (`reqMode=sni`), by port.
+    sni_frontends: Vec<SniFrontendView>,
+    /// Whether any TCP or SNI frontend needs the tcp defaults section.
+    tcp_defaults: bool,
     /// Backends of TCP destinations, by service then destination index.
     tcp_backends: Vec<BackendView>,
     /// Basic-auth userlists: `--users`, then each service's own by service name, then the stats
@@ -58,6 +62,9 @@ struct FrontendView {
     /// with it go to the stats backend before any service rule.
     stats_uri: Option<String>,
     rules: Vec<RuleView>,
+    /// `default_backend`: the backend of the `isDefaultBackend` service, for requests no rule
+    /// matched (main HTTP and HTTPS frontends only).
+    default_backend: Option<String>,
 }
 
 /// A `userlist` section: user names with crypt(3) hashes, never clear passwords.
@@ -103,6 +110,11 @@ struct RuleView {
     redirects: Vec<RedirectView>,
     /// The hosts `redirectFromDomain` answers, when this frontend redirects them.
     from_domain_acl: Option<FromDomainAclView>,
+    /// `servicePathExclude`, `serviceHeader` and `userAgent` acls.
+    routing_acls: RoutingAclsView,
+    /// The words after `if` of the `use_backend` line: every acl of the rule, the exclusion
+    /// negated.
+    condition: Vec<String>,
 }
 
 /// One `http-request redirect <target> code <code> if <condition>` line.
@@ -186,6 +198,153 @@ struct ServerView {
     ssl_verify_none: bool,
 }
 
+// Routing rules (`servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`,
+// `isDefaultBackend`).
+
+/// The acls of a rule's routing conditions: `exclude_<backend>` (the excluded paths, negated on
+/// the `use_backend` line), `header_<backend>_<n>` (one per `serviceHeader` item, all required),
+/// `agent_<backend>` (any `userAgent` item, contained in the `User-Agent`, case-insensitive).
+#[derive(Debug, Clone, Default, Serialize)]
+struct RoutingAclsView {
+    exclude: Option<PathAclView>,
+    headers: Vec<HeaderAclView>,
+    agent: Option<AgentAclView>,
+}
+
+/// `acl <name> req.hdr(<header>) -m str <value>`.
+#[derive(Debug, Clone, Serialize)]
+struct HeaderAclView {
+    name: String,
+    header: String,
+    value: String,
+}
+
+/// `acl <name> req.hdr(User-Agent) -m sub -i <agents…>`.
+#[derive(Debug, Clone, Serialize)]
+struct AgentAclView {
+    name: String,
+    agents: Vec<String>,
+}
+
+fn routing_acls(spec: &ServiceSpec, destination: &Destination, backend: &str) -> RoutingAclsView {
+    let rules = destination.routing();
+    RoutingAclsView {
+        exclude: (!rules.path_exclude.is_empty()).then(|| PathAclView {
+            name: format!("exclude_{backend}"),
+            fetch: destination.effective_path_type(spec).as_str(),
+            patterns: rules
+                .path_exclude
+                .iter()
+                .map(|p| p.as_str().to_string())
+                .collect(),
+        }),
+        headers: rules
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(position, header)| HeaderAclView {
+                name: format!("header_{backend}_{}", position + 1),
+                header: header.name().as_str().to_string(),
+                value: header.value().as_str().to_string(),
+            })
+            .collect(),
+        agent: (!rules.user_agents.is_empty()).then(|| AgentAclView {
+            name: format!("agent_{backend}"),
+            agents: rules
+                .user_agents
+                .iter()
+                .map(|a| a.as_str().to_string())
+                .collect(),
+        }),
+    }
+}
+
+/// The backend of the main frontend's requests no rule matched: the `isDefaultBackend`
+/// service's first HTTP destination (by index) served by the main frontend. Should stored specs
+/// name two such services (the API refuses the second), the first by service name wins.
+fn default_backend(settings: &RenderSettings, sorted: &[&ServiceRoute<'_>]) -> Option<String> {
+    sorted
+        .iter()
+        .filter(|route| route.spec.is_default_backend())
+        .find_map(|route| {
+            route
+                .spec
+                .destinations()
+                .iter()
+                .find(|d| {
+                    d.req_mode() == ReqMode::Http
+                        && d.src_port()
+                            .is_none_or(|port| port.get() == settings.http_port)
+                })
+                .map(|d| backend_name(route.spec, d))
+        })
+}
+
+/// The one server of a destination with `outboundHostname`: the host on the destination's
+/// `port` (which the spec requires with it).
+fn outbound_instance(destination: &Destination) -> Option<Instance> {
+    let host = destination.routing().outbound_hostname.as_ref()?;
+    host.instance(destination.port()?.get())
+}
+
+// TLS passthrough by SNI (`reqMode=sni`).
+
+/// A frontend `sni_<srcPort>`: waits for the TLS ClientHello, then routes the connection, still
+/// encrypted, by the server name it asks for.
+#[derive(Debug, Serialize)]
+struct SniFrontendView {
+    name: String,
+    bind: String,
+    rules: Vec<SniRuleView>,
+}
+
+/// `acl sni_<backend> req_ssl_sni …` (exact names, then wildcard endings) and its `use_backend`.
+#[derive(Debug, Serialize)]
+struct SniRuleView {
+    #[serde(skip)]
+    order: SniOrder,
+    backend: String,
+    acl: String,
+    exact: Vec<String>,
+    suffix: Vec<String>,
+}
+
+/// Where an SNI rule sorts; smaller first: rules with exact names only, then those with
+/// wildcards (longest ending first, so a more specific wildcard wins), then by service name and
+/// destination index. Two services never claim the same name on a port (route claims), so only
+/// a wildcard can overlap another rule's name.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct SniOrder {
+    has_wildcard: bool,
+    shortest_suffix: Reverse<usize>,
+    service: String,
+    index: u16,
+}
+
+fn sni_rule(spec: &ServiceSpec, destination: &Destination, backend: &str) -> SniRuleView {
+    let domains = destination.service_domain();
+    let names = |wildcard: bool| -> Vec<String> {
+        domains
+            .iter()
+            .filter(|d| d.is_wildcard() == wildcard)
+            .map(|d| d.host_pattern().to_string())
+            .collect()
+    };
+    let suffix = names(true);
+    SniRuleView {
+        order: SniOrder {
+            has_wildcard: !suffix.is_empty(),
+            shortest_suffix: Reverse(suffix.iter().map(String::len).min().unwrap_or(0)),
+            service: spec.service_name().to_string(),
+            index: destination.index(),
+        },
+        backend: backend.to_string(),
+        acl: format!("sni_{backend}"),
+        exact: names(false),
+        suffix,
+    }
+}
+
 /// The backend of one destination: `<serviceName>-be<index>`. Unique, because the index is the
 /// only trailing run of digits after the last `-be`.
 fn backend_name(spec: &ServiceSpec, destination: &Destination) -> String {
@@ -199,6 +358,9 @@ struct RuleOrder<'a> {
     group: u8,
     /// Longer (more specific) paths first; a `path_beg /` or domain-only rule counts as 0.
     longest_path: Reverse<usize>,
+    /// Rules that also need request headers or a user agent (`serviceHeader`, `userAgent`)
+    /// before the same path without them, the most conditions first.
+    conditions: Reverse<usize>,
     /// Domains matched exactly before wildcard ones and those matched by `hdr_beg`, `hdr_end`
     /// or `hdr_dom` (which may also match another rule's exact domain).
     inexact_domain: bool,
@@ -244,6 +406,10 @@ fn rule_order<'a>(
     RuleOrder {
         group,
         longest_path: Reverse(longest),
+        conditions: Reverse(
+            destination.routing().headers.len()
+                + usize::from(!destination.routing().user_agents.is_empty()),
+        ),
         inexact_domain: domains.iter().any(|d| d.is_wildcard())
             || (!domains.is_empty()
                 && spec.service_domain_algo().unwrap_or(default_domain_algo) != DomainAlgo::Hdr),
@@ -363,10 +529,19 @@ fn rule_view(
             .map(|d| d.host_pattern().to_string())
             .collect(),
     });
+    let routing_acls = routing_acls(spec, destination, &backend);
     let rule_acls: Vec<String> = path_acl
         .iter()
         .map(|acl| acl.name.clone())
+        .chain(
+            routing_acls
+                .exclude
+                .iter()
+                .map(|acl| format!("!{}", acl.name)),
+        )
         .chain(domain_acl.iter().map(|acl| acl.name.clone()))
+        .chain(routing_acls.headers.iter().map(|acl| acl.name.clone()))
+        .chain(routing_acls.agent.iter().map(|acl| acl.name.clone()))
         .collect();
     let redirects = redirects(
         spec,
@@ -381,6 +556,8 @@ fn rule_view(
         domain_acl,
         redirects,
         from_domain_acl,
+        routing_acls,
+        condition: rule_acls,
     }
 }
 
@@ -541,6 +718,11 @@ fn backend_view(
     destination: &Destination,
     instances: &[Instance],
 ) -> BackendView {
+    let outbound = outbound_instance(destination);
+    let instances = match &outbound {
+        Some(outbound) => std::slice::from_ref(outbound),
+        None => instances,
+    };
     let unique: BTreeSet<&Instance> = instances.iter().collect();
     let servers = unique
         .into_iter()
@@ -563,11 +745,11 @@ fn backend_view(
         .collect();
     let http_rules = match destination.req_mode() {
         ReqMode::Http => backend_rules(spec, destination),
-        ReqMode::Tcp => Vec::new(),
+        ReqMode::Tcp | ReqMode::Sni => Vec::new(),
     };
     BackendView {
         name: backend_name(spec, destination),
-        mode: destination.req_mode().as_str(),
+        mode: destination.req_mode().haproxy_mode(),
         http_rules,
         auth: auth_view(settings, spec, destination),
         servers,
@@ -609,10 +791,20 @@ fn config_path(setting: &'static str, path: &Path) -> Result<String, RenderError
     Ok(text.to_string())
 }
 
+/// How a port is held: by HTTP frontends (shared by HTTP destinations), by one TCP frontend
+/// (the HTTPS frontend or a `reqMode=tcp` destination: exclusive), or by an SNI frontend (shared
+/// by `reqMode=sni` destinations only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortKind {
+    Http,
+    Tcp,
+    Sni,
+}
+
 /// Who holds a port, for conflict messages.
 struct PortOwner {
     who: String,
-    tcp: bool,
+    kind: PortKind,
 }
 
 fn owner(spec: &ServiceSpec, destination: &Destination) -> PortOwner {
@@ -623,7 +815,11 @@ fn owner(spec: &ServiceSpec, destination: &Destination) -> PortOwner {
             destination.index(),
             destination.req_mode().as_str()
         ),
-        tcp: destination.req_mode() == ReqMode::Tcp,
+        kind: match destination.req_mode() {
+            ReqMode::Http => PortKind::Http,
+            ReqMode::Tcp => PortKind::Tcp,
+            ReqMode::Sni => PortKind::Sni,
+        },
     }
 }
 
@@ -653,7 +849,7 @@ pub(super) fn build(
         settings.http_port,
         PortOwner {
             who: format!("the main HTTP frontend (http_port {})", settings.http_port),
-            tcp: false,
+            kind: PortKind::Http,
         },
     );
     if let Some(tls) = tls {
@@ -661,7 +857,7 @@ pub(super) fn build(
             tls.https_port,
             PortOwner {
                 who: format!("the HTTPS frontend (https_port {})", tls.https_port),
-                tcp: true,
+                kind: PortKind::Tcp,
             },
         );
     }
@@ -670,6 +866,7 @@ pub(super) fn build(
     let mut http_backends = Vec::new();
     let mut tcp_frontends = Vec::new();
     let mut tcp_backends = Vec::new();
+    let mut sni_rules: BTreeMap<u16, Vec<SniRuleView>> = BTreeMap::new();
 
     for route in &sorted {
         let spec = route.spec;
@@ -677,6 +874,28 @@ pub(super) fn build(
             let src_port = destination.src_port().map(|p| p.get());
             let backend = backend_view(settings, spec, destination, route.instances);
             match (destination.req_mode(), src_port) {
+                (ReqMode::Sni, Some(port)) => {
+                    let me = owner(spec, destination);
+                    match ports.get(&port) {
+                        Some(holder) if holder.kind != PortKind::Sni => {
+                            return Err(RenderError::PortConflict {
+                                port,
+                                first: holder.who.clone(),
+                                second: me.who,
+                            })
+                        }
+                        Some(_) => {}
+                        None => {
+                            ports.insert(port, me);
+                        }
+                    }
+                    sni_rules.entry(port).or_default().push(sni_rule(
+                        spec,
+                        destination,
+                        &backend.name,
+                    ));
+                    tcp_backends.push(backend);
+                }
                 (ReqMode::Tcp, Some(port)) => {
                     let me = owner(spec, destination);
                     if let Some(holder) = ports.get(&port) {
@@ -705,7 +924,7 @@ pub(super) fn build(
                         Some(port) if port != settings.http_port => {
                             let me = owner(spec, destination);
                             match ports.get(&port) {
-                                Some(holder) if holder.tcp => {
+                                Some(holder) if holder.kind != PortKind::Http => {
                                     return Err(RenderError::PortConflict {
                                         port,
                                         first: holder.who.clone(),
@@ -768,9 +987,11 @@ pub(super) fn build(
             forwarded_proto: None,
             stats_uri: stats_route(port),
             rules: rule_views(&rules, FrontendKind::ExtraHttp { port }),
+            default_backend: None,
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
+    let default_backend = default_backend(settings, &sorted);
     let http = FrontendView {
         name: "http".to_string(),
         bind: bind_address(settings, settings.http_port),
@@ -782,6 +1003,7 @@ pub(super) fn build(
                 https_only_all: settings.https_only,
             },
         ),
+        default_backend: default_backend.clone(),
     };
     let https = match tls {
         Some(tls) => {
@@ -800,6 +1022,7 @@ pub(super) fn build(
                 forwarded_proto: Some("https"),
                 stats_uri: stats_route(tls.https_port),
                 rules: rule_views(&main_rules, FrontendKind::Https),
+                default_backend: default_backend.clone(),
             })
         }
         None => None,
@@ -831,7 +1054,20 @@ pub(super) fn build(
         }
         _ => None,
     };
+    let sni_frontends: Vec<SniFrontendView> = sni_rules
+        .into_iter()
+        .map(|(port, mut rules)| {
+            rules.sort_by(|a, b| a.order.cmp(&b.order));
+            SniFrontendView {
+                name: format!("sni_{port}"),
+                bind: bind_address(settings, port),
+                rules,
+            }
+        })
+        .collect();
     Ok(ConfigView {
+        tcp_defaults: !tcp_frontends.is_empty() || !sni_frontends.is_empty(),
+        sni_frontends,
         stats_socket,
         error_503,
         http,

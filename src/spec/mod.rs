@@ -19,6 +19,7 @@
 
 mod docker_flow;
 mod query;
+mod routing_rules;
 mod stored;
 pub mod values;
 
@@ -38,6 +39,7 @@ pub use values::{
 
 use query::indexed;
 pub use query::IgnoredParameter;
+pub use routing_rules::{HeaderMatch, MatchValue, OutboundHost, RoutingRules};
 use values::{shown, spec_error, MAX_DOMAIN_LABEL_LEN, MAX_DOMAIN_LEN};
 
 /// Most destinations one service may have (indices run from 0 to 999, but at most this many
@@ -88,6 +90,8 @@ pub struct ServiceSpec {
     ssl_verify_none: bool,
     /// `serviceDomainAlgo`: how exact domains match; `None`: `--service-domain-algo`.
     service_domain_algo: Option<DomainAlgo>,
+    /// `isDefaultBackend`: requests no rule of the main frontend matched go to this service.
+    is_default_backend: bool,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -146,6 +150,8 @@ pub struct Destination {
     deny_http: bool,
     /// `ignoreAuthorization`: no basic auth on this destination, even with `users`/`--users`.
     ignore_authorization: bool,
+    /// `servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`.
+    routing: RoutingRules,
 }
 
 impl ServiceSpec {
@@ -252,6 +258,19 @@ impl ServiceSpec {
         self.service_domain_algo
     }
 
+    /// Whether requests no rule matched go to this service (`isDefaultBackend=true`).
+    pub fn is_default_backend(&self) -> bool {
+        self.is_default_backend
+    }
+
+    /// Whether some destination forwards to the Consul service's instances (not every one has
+    /// an `outboundHostname`): only then are its instances read and watched.
+    pub fn uses_registry(&self) -> bool {
+        self.destinations
+            .iter()
+            .any(|d| d.routing.outbound_hostname.is_none())
+    }
+
     /// The service's own basic-auth users (`users`); empty when it has none.
     pub fn users(&self) -> &[AuthUser] {
         &self.users
@@ -290,7 +309,10 @@ impl ServiceSpec {
                 ));
             }
         }
-        let no_http = spec.destinations.iter().all(|d| d.req_mode == ReqMode::Tcp);
+        let no_http = spec
+            .destinations
+            .iter()
+            .all(|d| d.req_mode != ReqMode::Http);
         if no_http {
             let headers = &spec.headers;
             let set = [
@@ -304,9 +326,16 @@ impl ServiceSpec {
             if let Some((parameter, _)) = set.iter().find(|(_, empty)| !empty) {
                 return Err(spec_error(
                     parameter,
-                    "needs an http destination: header rules do not apply to reqMode=tcp",
+                    "needs an http destination: header rules do not apply to reqMode=tcp or sni",
                 ));
             }
+        }
+        if spec.ssl_verify_none && spec.destinations.iter().any(|d| d.req_mode == ReqMode::Sni) {
+            return Err(spec_error(
+                "sslVerifyNone",
+                "not allowed with reqMode=sni: the client's TLS passes through to the instances \
+                 untouched, HAProxy opens no TLS of its own to them",
+            ));
         }
         if spec.verify_client_ssl && spec.all_service_domains().is_empty() {
             return Err(spec_error(
@@ -316,7 +345,11 @@ impl ServiceSpec {
             ));
         }
         if spec.verify_client_ssl {
-            if spec.destinations.iter().any(|d| d.req_mode == ReqMode::Tcp) {
+            if spec
+                .destinations
+                .iter()
+                .any(|d| d.req_mode != ReqMode::Http)
+            {
                 return Err(spec_error(
                     "verifyClientSsl",
                     "applies to http destinations only: client certificates are checked by the \
@@ -338,6 +371,17 @@ impl ServiceSpec {
                 ));
             }
         }
+        let main_http = spec
+            .destinations
+            .iter()
+            .any(|d| d.req_mode == ReqMode::Http && d.src_port.is_none());
+        if spec.is_default_backend && !main_http {
+            return Err(spec_error(
+                "isDefaultBackend",
+                "needs an http destination without srcPort: the default backend takes the \
+                 requests of the main HTTP (and HTTPS) frontend that no rule matched",
+            ));
+        }
         for (position, destination) in spec.destinations.iter().enumerate() {
             destination.check()?;
             // Two destinations of one service cannot share a source port unless both are
@@ -349,12 +393,17 @@ impl ServiceSpec {
                 .iter()
                 .find(|other| other.src_port == Some(port));
             if let Some(other) = earlier {
-                if other.req_mode == ReqMode::Tcp || destination.req_mode == ReqMode::Tcp {
+                let shared = matches!(
+                    (other.req_mode, destination.req_mode),
+                    (ReqMode::Http, ReqMode::Http) | (ReqMode::Sni, ReqMode::Sni)
+                );
+                if !shared {
                     return Err(spec_error(
                         &indexed("srcPort", destination.index),
                         format!(
-                            "port {port} is already used by destination {} of this service; a tcp frontend needs a port of its own",
-                            other.index
+                            "port {port} is already used by destination {} of this service ({}); a tcp frontend needs a port of its own, and an sni port is shared by sni destinations only",
+                            other.index,
+                            other.req_mode.as_str()
                         ),
                     ));
                 }
@@ -445,32 +494,56 @@ impl Destination {
         self.ignore_authorization
     }
 
+    /// `servicePathExclude`, `serviceHeader`, `userAgent` and `outboundHostname`.
+    pub fn routing(&self) -> &RoutingRules {
+        &self.routing
+    }
+
     fn check(&self) -> Result<(), SpecError> {
         let name = |base: &str| indexed(base, self.index);
+        self.routing.check(
+            self.index,
+            self.req_mode == ReqMode::Http,
+            !self.service_path.is_empty(),
+            self.port.is_some(),
+        )?;
         match self.req_mode {
-            ReqMode::Tcp => {
+            ReqMode::Tcp | ReqMode::Sni => {
+                let mode = self.req_mode.as_str();
+                let routed_by = match self.req_mode {
+                    ReqMode::Sni => {
+                        "sni is routed by srcPort and the TLS server name (serviceDomain)"
+                    }
+                    _ => "TCP is routed by srcPort only",
+                };
                 if self.src_port.is_none() {
                     return Err(spec_error(
                         &name("srcPort"),
-                        "required with reqMode=tcp: the port of the TCP frontend",
+                        format!("required with reqMode={mode}: the port of the TCP frontend"),
                     ));
                 }
                 if !self.service_path.is_empty() {
                     return Err(spec_error(
                         &name("servicePath"),
-                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                        format!("not allowed with reqMode={mode} ({routed_by})"),
                     ));
                 }
-                if !self.service_domain.is_empty() {
+                if self.req_mode == ReqMode::Tcp && !self.service_domain.is_empty() {
                     return Err(spec_error(
                         &name("serviceDomain"),
-                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                        format!("not allowed with reqMode={mode} ({routed_by})"),
+                    ));
+                }
+                if self.req_mode == ReqMode::Sni && self.service_domain.is_empty() {
+                    return Err(spec_error(
+                        &name("serviceDomain"),
+                        "required with reqMode=sni: the TLS server names this destination takes",
                     ));
                 }
                 if self.path_type.is_some() {
                     return Err(spec_error(
                         &name("pathType"),
-                        "not allowed with reqMode=tcp (TCP is routed by srcPort only)",
+                        format!("not allowed with reqMode={mode} ({routed_by})"),
                     ));
                 }
                 let http_only_rules = [
@@ -484,7 +557,7 @@ impl Destination {
                 if let Some((base, _)) = http_only_rules.iter().find(|(_, set)| *set) {
                     return Err(spec_error(
                         &name(base),
-                        "not allowed with reqMode=tcp (an HTTP rule; TCP is forwarded as is)",
+                        format!("not allowed with reqMode={mode} (an HTTP rule; TCP is forwarded as is)"),
                     ));
                 }
             }
@@ -570,6 +643,9 @@ impl Destination {
     }
 }
 
+/// The condition of an sni destination's claims: its names are TLS server names, not hosts.
+const SNI_CLAIM: &str = "TLS passthrough (reqMode=sni)";
+
 /// One request pattern an HTTP destination claims: a path (with its path type), a domain, or
 /// both, on a frontend. Two services may not claim the same one: the second would never see a
 /// request.
@@ -581,6 +657,9 @@ pub struct RouteClaim {
     pub domain: Option<String>,
     /// The path type and path matched, if any.
     pub path: Option<(&'static str, String)>,
+    /// The request headers and user agents also required (`serviceHeader`, `userAgent`), in
+    /// canonical text; `None` when the rule has none.
+    pub condition: Option<String>,
 }
 
 impl std::fmt::Display for RouteClaim {
@@ -595,6 +674,9 @@ impl std::fmt::Display for RouteClaim {
         if let Some(port) = self.src_port {
             write!(formatter, " on port {port}")?;
         }
+        if let Some(condition) = &self.condition {
+            write!(formatter, " with {condition}")?;
+        }
         Ok(())
     }
 }
@@ -605,6 +687,17 @@ impl ServiceSpec {
     pub fn route_claims(&self, main_port: u16) -> Vec<RouteClaim> {
         let mut claims = Vec::new();
         for destination in &self.destinations {
+            if destination.req_mode == ReqMode::Sni {
+                // The TLS server names an sni port passes through: one claim per name.
+                let src_port = destination.src_port.map(Port::get);
+                claims.extend(destination.service_domain.iter().map(|domain| RouteClaim {
+                    src_port,
+                    domain: Some(domain.to_string()),
+                    path: None,
+                    condition: Some(SNI_CLAIM.to_string()),
+                }));
+                continue;
+            }
             if destination.req_mode != ReqMode::Http {
                 continue;
             }
@@ -635,12 +728,14 @@ impl ServiceSpec {
                     .map(|path| Some((path_type, path.as_str().to_string())))
                     .collect()
             };
+            let condition = destination.routing.condition_text();
             for domain in &domains {
                 for path in &paths {
                     claims.push(RouteClaim {
                         src_port,
                         domain: domain.clone(),
                         path: path.clone(),
+                        condition: condition.clone(),
                     });
                 }
             }

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::routing_rules::{parse_default_backend, RoutingRules};
 use super::values::{
     parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, DomainAlgo,
     HeaderLine, HeaderName, HttpMethod, PathType, Port, RedirectCode, ReqMode, ServiceColor,
@@ -78,6 +79,13 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("sslVerifyNone", Scope::Service),
     // Docker Flow Proxy compatibility.
     ("serviceDomainAlgo", Scope::Service),
+    // Routing rules (`routing_rules.rs`): exclusions, header and user-agent conditions, a fixed
+    // outbound host, the default backend.
+    ("servicePathExclude", Scope::Destination),
+    ("serviceHeader", Scope::Destination),
+    ("userAgent", Scope::Destination),
+    ("outboundHostname", Scope::DestinationDefault),
+    ("isDefaultBackend", Scope::Service),
 ];
 
 // Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
@@ -637,6 +645,8 @@ pub(crate) fn build_spec(
             .map(|v| parse_flag(&name("ignoreAuthorization"), v))
             .transpose()?
             .unwrap_or(false);
+        let routing =
+            RoutingRules::parse(|base| params.get(base).map(|v| (*v, name(base))), effective)?;
         destinations.push(Destination {
             index,
             service_path,
@@ -652,8 +662,10 @@ pub(crate) fn build_spec(
             denied_methods,
             deny_http,
             ignore_authorization,
+            routing,
         });
     }
+    let is_default_backend = parse_default_backend(service.get("isDefaultBackend").copied())?;
 
     ServiceSpec::checked(ServiceSpec {
         service_name,
@@ -668,6 +680,7 @@ pub(crate) fn build_spec(
         verify_client_ssl,
         ssl_verify_none,
         service_domain_algo,
+        is_default_backend,
     })
     .map(|spec| (spec, raw.ignored.clone()))
 }

@@ -12,13 +12,16 @@
 //!     { "Index": 0, "ServicePath": ["/demo"], "ServiceDomain": [], "PathType": null,
 //!       "Port": null, "SrcPort": null, "ReqMode": "http", "IgnoreAuthorization": false,
 //!       "HttpsOnly": false, "HttpsRedirectCode": null, "RedirectFromDomain": [],
-//!       "AllowedMethods": [], "DeniedMethods": [], "DenyHttp": false }
+//!       "AllowedMethods": [], "DeniedMethods": [], "DenyHttp": false,
+//!       "ServicePathExclude": [], "ServiceHeader": [], "UserAgent": [],
+//!       "OutboundHostname": null }
 //!   ],
 //!   "RedirectWhenHttpProto": false,
 //!   "AddReqHeader": [], "SetReqHeader": [], "DelReqHeader": [],
 //!   "AddResHeader": [], "SetResHeader": [], "DelResHeader": [],
 //!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ],
-//!   "ServiceDomainAlgo": null
+//!   "ServiceDomainAlgo": null,
+//!   "IsDefaultBackend": false
 //! }
 //! ```
 //!
@@ -35,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use super::query::indexed;
 use super::query::MAX_INDEX;
+use super::routing_rules::StoredRoutingRules;
 use super::values::{parse_list, spec_error, AclName, Domain, DomainAlgo, PathType, Port, ReqMode};
 use super::values::{AuthUser, PasswordHash, UserName};
 use super::values::{HeaderLine, HeaderName, HttpMethod, RedirectCode};
@@ -83,6 +87,8 @@ pub(super) struct StoredSpec {
     /// `hdr`, `hdr_beg`, `hdr_end` or `hdr_dom`; `null`: `--service-domain-algo`.
     #[serde(default)]
     service_domain_algo: Option<String>,
+    #[serde(default)]
+    is_default_backend: bool,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -124,6 +130,9 @@ pub(super) struct StoredDestination {
     denied_methods: Vec<String>,
     #[serde(default)]
     deny_http: bool,
+    /// `ServicePathExclude`, `ServiceHeader`, `UserAgent`, `OutboundHostname`.
+    #[serde(flatten)]
+    routing: StoredRoutingRules,
 }
 
 fn texts<T: ToString>(items: &[T]) -> Vec<String> {
@@ -160,6 +169,7 @@ impl From<ServiceSpec> for StoredSpec {
             acl_name: spec.acl_name.map(|a| a.as_str().to_string()),
             skip_check: spec.skip_check,
             service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
+            is_default_backend: spec.is_default_backend,
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -183,6 +193,7 @@ impl From<ServiceSpec> for StoredSpec {
                     denied_methods: texts(&d.denied_methods),
                     deny_http: d.deny_http,
                     ignore_authorization: d.ignore_authorization,
+                    routing: StoredRoutingRules::from(&d.routing),
                 })
                 .collect(),
             users: spec
@@ -305,6 +316,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                     HttpMethod::parse,
                 )?,
                 deny_http: dest.deny_http,
+                routing: dest.routing.read(index, effective)?,
             });
         }
         let headers = HeaderRules {
@@ -354,6 +366,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .as_deref()
                 .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
                 .transpose()?,
+            is_default_backend: stored.is_default_backend,
         })
     }
 }

@@ -1454,3 +1454,91 @@ fn docker_flow_older_names_are_read_as_the_new_ones() {
     ]);
     assert_eq!(bad.parameter, "serviceDomainMatchAll");
 }
+
+// TLS passthrough by SNI (reqMode=sni).
+
+#[test]
+fn sni_destinations_need_a_src_port_and_server_names_and_take_no_http_rules() {
+    let spec = parse(&[
+        ("serviceName", "vault"),
+        ("reqMode", "sni"),
+        ("srcPort", "9443"),
+        ("serviceDomain", "vault.example.com"),
+        ("port", "8200"),
+    ])
+    .expect("valid");
+    let destination = &spec.destinations()[0];
+    assert_eq!(destination.req_mode(), ReqMode::Sni);
+    assert_eq!(destination.req_mode().haproxy_mode(), "tcp");
+    let json = serde_json::to_string(&spec).expect("serializes");
+    assert!(json.contains("\"ReqMode\":\"sni\""), "{json}");
+    assert_eq!(
+        serde_json::from_str::<ServiceSpec>(&json).expect("reads back"),
+        spec
+    );
+
+    let sni = [("serviceName", "vault"), ("reqMode", "sni")];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut pairs = sni.to_vec();
+        pairs.extend_from_slice(extra);
+        rejected(&pairs)
+    };
+    assert_eq!(
+        with(&[("serviceDomain", "a.example.com")]).parameter,
+        "srcPort"
+    );
+    assert_eq!(with(&[("srcPort", "9443")]).parameter, "serviceDomain");
+    for (parameter, value) in [
+        ("servicePath", "/x"),
+        ("httpsOnly", "true"),
+        ("denyHttp", "true"),
+        ("serviceHeader", "X-A:1"),
+        ("userAgent", "curl"),
+        ("addReqHeader", "X-A 1"),
+        ("sslVerifyNone", "true"),
+        ("verifyClientSsl", "true"),
+    ] {
+        let error = with(&[
+            ("srcPort", "9443"),
+            ("serviceDomain", "a.example.com"),
+            (parameter, value),
+        ]);
+        assert_eq!(error.parameter, parameter, "{error}");
+    }
+    assert!(ReqMode::parse("reqMode", "SNI").is_err());
+}
+
+#[test]
+fn sni_destinations_of_one_service_may_share_a_port_with_each_other_only() {
+    let spec = parse(&[
+        ("serviceName", "vault"),
+        ("reqMode.1", "sni"),
+        ("srcPort.1", "9443"),
+        ("serviceDomain.1", "a.example.com"),
+        ("reqMode.2", "sni"),
+        ("srcPort.2", "9443"),
+        ("serviceDomain.2", "b.example.com"),
+    ])
+    .expect("valid");
+    let claims: Vec<String> = spec
+        .route_claims(80)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        claims,
+        [
+            "every path of a.example.com on port 9443 with TLS passthrough (reqMode=sni)",
+            "every path of b.example.com on port 9443 with TLS passthrough (reqMode=sni)",
+        ]
+    );
+    let error = rejected(&[
+        ("serviceName", "vault"),
+        ("reqMode.1", "sni"),
+        ("srcPort.1", "9443"),
+        ("serviceDomain.1", "a.example.com"),
+        ("servicePath.2", "/x"),
+        ("srcPort.2", "9443"),
+    ]);
+    assert_eq!(error.parameter, "srcPort.2");
+}

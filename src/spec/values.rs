@@ -81,7 +81,7 @@ fn describe(c: char) -> String {
 
 /// Checks `value` against a simple grammar: non-empty, at most `max` characters, the first
 /// character passing `first` and the others passing `rest`.
-fn check_chars(
+pub(crate) fn check_chars(
     parameter: &str,
     value: &str,
     max: usize,
@@ -510,7 +510,8 @@ impl fmt::Display for Port {
     }
 }
 
-/// Whether a destination is routed as HTTP (by path and domain) or as plain TCP (by port).
+/// Whether a destination is routed as HTTP (by path and domain), as plain TCP (by port) or as
+/// TLS passed through by the name the client asks for (SNI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum ReqMode {
     /// Routed by `acl`s in an HTTP frontend (the default).
@@ -518,6 +519,10 @@ pub enum ReqMode {
     Http,
     /// A TCP frontend on the destination's `srcPort` forwards everything to the service.
     Tcp,
+    /// A TCP frontend on the destination's `srcPort`, shared by every `sni` destination on that
+    /// port, reads the TLS ClientHello's server name and forwards the still-encrypted connection
+    /// to the destination claiming that name (`serviceDomain`); the instances terminate TLS.
+    Sni,
 }
 
 impl ReqMode {
@@ -526,18 +531,31 @@ impl ReqMode {
         match value {
             "http" => Ok(ReqMode::Http),
             "tcp" => Ok(ReqMode::Tcp),
+            "sni" => Ok(ReqMode::Sni),
             _ => Err(spec_error(
                 parameter,
-                format!("{} is not a request mode; use http or tcp", shown(value)),
+                format!(
+                    "{} is not a request mode; use http, tcp or sni",
+                    shown(value)
+                ),
             )),
         }
     }
 
-    /// The mode as HAProxy and the query name it.
+    /// The mode as the query names it.
     pub fn as_str(self) -> &'static str {
         match self {
             ReqMode::Http => "http",
             ReqMode::Tcp => "tcp",
+            ReqMode::Sni => "sni",
+        }
+    }
+
+    /// The `mode` of its HAProxy proxies: `sni` is passed through as TCP.
+    pub fn haproxy_mode(self) -> &'static str {
+        match self {
+            ReqMode::Http => "http",
+            ReqMode::Tcp | ReqMode::Sni => "tcp",
         }
     }
 }

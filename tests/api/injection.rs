@@ -541,16 +541,34 @@ fn destination(index: u16) -> BoxedStrategy<Vec<(String, String)>> {
                 .filter_map(|(base, value)| value.map(|v| (name(base), v)))
                 .collect::<Vec<_>>()
         });
-    let http = (http, destination_edge_rules()).prop_map(move |(mut pairs, edge)| {
-        let has_domain = pairs.iter().any(|(n, _)| n.starts_with("serviceDomain"));
-        pairs.extend(
-            edge.into_iter()
-                .filter(|(base, _)| base != "redirectFromDomain" || has_domain)
-                .map(|(base, value)| (name(&base), value)),
-        );
-        pairs
-    });
-    prop_oneof![8 => http, 1 => tcp].boxed()
+    let http = (http, destination_edge_rules(), destination_routing_rules()).prop_map(
+        move |(mut pairs, edge, routing)| {
+            let has_domain = pairs.iter().any(|(n, _)| n.starts_with("serviceDomain"));
+            pairs.extend(
+                edge.into_iter()
+                    .chain(routing)
+                    .filter(|(base, _)| base != "redirectFromDomain" || has_domain)
+                    .map(|(base, value)| (name(&base), value)),
+            );
+            pairs
+        },
+    );
+    // TLS passthrough by SNI: a srcPort (often one the other destinations share) and names.
+    let sni = (
+        prop_oneof![2 => one_of(&["9443"]), 1 => port_value()],
+        list(domain_item()),
+        proptest::option::weighted(0.3, port_value()),
+    )
+        .prop_map(move |(src_port, domains, port)| {
+            let mut pairs = vec![
+                (name("reqMode"), "sni".to_string()),
+                (name("srcPort"), src_port),
+                (name("serviceDomain"), domains),
+            ];
+            pairs.extend(port.map(|p| (name("port"), p)));
+            pairs
+        });
+    prop_oneof![8 => http, 1 => tcp, 1 => sni].boxed()
 }
 
 const FLAGS: &[&str] = &["true", "false", "1", "0"];
@@ -608,6 +626,57 @@ fn destination_edge_rules() -> BoxedStrategy<Vec<(String, String)>> {
                 .collect()
             },
         )
+        .boxed()
+}
+
+// Routing rules: servicePathExclude, serviceHeader, userAgent, outboundHostname (per
+// destination), isDefaultBackend (per service).
+
+/// A `serviceHeader` value or `userAgent` item: mostly plausible, sometimes anything.
+fn match_value() -> BoxedStrategy<String> {
+    prop_oneof![
+        12 => "[A-Za-z0-9._~!&*+/:;=?@-]{1,16}",
+        1 => any_value(),
+    ]
+    .boxed()
+}
+
+/// A `serviceHeader` item, `Name:value`.
+fn header_match() -> BoxedStrategy<String> {
+    (header_name(), match_value())
+        .prop_map(|(name, value)| format!("{name}:{value}"))
+        .boxed()
+}
+
+/// An `outboundHostname`: names HAProxy resolves here (so `haproxy -c` has nothing to warn
+/// about), IP literals, sometimes anything.
+fn outbound_host() -> BoxedStrategy<String> {
+    prop_oneof![
+        8 => one_of(&["localhost", "LocalHost", "127.0.0.1", "::1", "0:0:0:0:0:0:0:1"]),
+        1 => any_value(),
+    ]
+    .boxed()
+}
+
+/// The routing rules of one HTTP destination, by base name (only those set).
+fn destination_routing_rules() -> BoxedStrategy<Vec<(String, String)>> {
+    (
+        proptest::option::weighted(0.15, list(path_item())),
+        proptest::option::weighted(0.15, list(header_match())),
+        proptest::option::weighted(0.15, list(match_value())),
+        proptest::option::weighted(0.1, outbound_host()),
+    )
+        .prop_map(|(exclude, headers, agents, outbound)| {
+            [
+                ("servicePathExclude", exclude),
+                ("serviceHeader", headers),
+                ("userAgent", agents),
+                ("outboundHostname", outbound),
+            ]
+            .into_iter()
+            .filter_map(|(base, value)| value.map(|v| (base.to_string(), v)))
+            .collect()
+        })
         .boxed()
 }
 
@@ -714,23 +783,27 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
         proptest::option::weighted(0.2, one_of(&["true", "false", "1", "0"])),
         proptest::option::weighted(0.2, one_of(PATH_TYPES)),
         service_edge_rules(),
+        proptest::option::weighted(0.1, one_of(FLAGS)),
     )
-        .prop_map(|(service, color, acl, skip, path_type, edge)| {
-            let mut pairs = vec![("serviceName".to_string(), service)];
-            let optional = [
-                ("serviceColor", color),
-                ("aclName", acl),
-                ("skipCheck", skip),
-                ("pathType", path_type),
-            ];
-            pairs.extend(
-                optional
-                    .into_iter()
-                    .filter_map(|(name, value)| value.map(|v| (name.to_string(), v))),
-            );
-            pairs.extend(edge);
-            pairs
-        })
+        .prop_map(
+            |(service, color, acl, skip, path_type, edge, default_backend)| {
+                let mut pairs = vec![("serviceName".to_string(), service)];
+                let optional = [
+                    ("serviceColor", color),
+                    ("aclName", acl),
+                    ("skipCheck", skip),
+                    ("pathType", path_type),
+                    ("isDefaultBackend", default_backend),
+                ];
+                pairs.extend(
+                    optional
+                        .into_iter()
+                        .filter_map(|(name, value)| value.map(|v| (name.to_string(), v))),
+                );
+                pairs.extend(edge);
+                pairs
+            },
+        )
         .boxed()
 }
 
@@ -809,7 +882,7 @@ fn value_for(base: &str) -> BoxedStrategy<String> {
         "servicePath" => list(path_item()),
         "serviceDomain" => list(domain_item()),
         "port" | "srcPort" => port_value(),
-        "reqMode" => one_of(&["http", "tcp", "udp"]),
+        "reqMode" => one_of(&["http", "tcp", "sni", "udp"]),
         "httpsOnly"
         | "redirectWhenHttpProto"
         | "denyHttp"
@@ -820,6 +893,11 @@ fn value_for(base: &str) -> BoxedStrategy<String> {
         "addReqHeader" | "setReqHeader" | "addResHeader" | "setResHeader" => list(header_line()),
         "delReqHeader" | "delResHeader" => list(header_name()),
         "allowedMethods" | "deniedMethods" => methods(),
+        "servicePathExclude" => list(path_item()),
+        "serviceHeader" => list(header_match()),
+        "userAgent" => list(match_value()),
+        "outboundHostname" => outbound_host(),
+        "isDefaultBackend" => one_of(&["true", "false", "1", "0", "yes"]),
         "users" => prop_oneof![
             3 => list(clear_user()),
             1 => proptest::collection::vec(("[a-z]{1,8}", password_hash()), 1..3).prop_map(
@@ -862,6 +940,11 @@ const NAMES: &[&str] = &[
     "users",
     "usersPassEncrypted",
     "ignoreAuthorization",
+    "servicePathExclude",
+    "serviceHeader",
+    "userAgent",
+    "outboundHostname",
+    "isDefaultBackend",
 ];
 
 /// A parameter name: a known one with a destination suffix (good or bad), or anything.
@@ -1032,7 +1115,7 @@ fn stored_json() -> impl Strategy<Value = String> {
             proptest::option::weighted(0.2, prop_oneof![5 => one_of(PATH_TYPES), 1 => any_value()]),
             proptest::option::weighted(0.2, prop_oneof![5 => 1u32..65536, 1 => any::<u32>()]),
             proptest::option::weighted(0.1, prop_oneof![5 => 1u32..65536, 1 => any::<u32>()]),
-            proptest::option::weighted(0.1, one_of(&["http", "tcp", "udp", "HTTP"])),
+            proptest::option::weighted(0.1, one_of(&["http", "tcp", "sni", "udp", "HTTP"])),
             stored_edge_rules(),
         )
             .prop_map(move |(paths, domains, path_type, port, src_port, mode, edge)| {

@@ -26,6 +26,7 @@ mod registry_crash;
 mod restore;
 mod route_conflicts;
 mod routing;
+mod routing_rules;
 mod service_auth;
 mod skeleton;
 mod slow_registry;

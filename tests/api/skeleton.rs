@@ -297,6 +297,7 @@ impl Baseline {
         });
         let mut extra_http: std::collections::BTreeMap<u16, Section> = Default::default();
         let mut tcp = Vec::new();
+        let mut sni: std::collections::BTreeMap<u16, Section> = Default::default();
         let mut userlists = Vec::new();
         for (spec, instances) in services {
             if !spec.users().is_empty() {
@@ -318,6 +319,34 @@ impl Baseline {
             for destination in spec.destinations() {
                 sections.push(self.backend(spec, destination, instances));
                 let src_port = destination.src_port().map(|p| p.get());
+                if destination.req_mode() == ReqMode::Sni {
+                    let port = src_port.expect("an sni destination has a srcPort");
+                    let frontend = sni.entry(port).or_insert_with(|| Section {
+                        header: "frontend _".into(),
+                        lines: vec![
+                            "mode tcp".into(),
+                            "bind _".into(),
+                            "tcp-request inspect-delay 5s".into(),
+                            normalized("tcp-request content accept if { req_ssl_hello_type 1 }"),
+                        ],
+                    });
+                    let domains = destination.service_domain();
+                    for (wildcard, match_kind) in [(false, "str"), (true, "end")] {
+                        let names: Vec<&str> = domains
+                            .iter()
+                            .filter(|d| d.is_wildcard() == wildcard)
+                            .map(|d| d.host_pattern())
+                            .collect();
+                        if !names.is_empty() {
+                            frontend.lines.push(normalized(&format!(
+                                "acl _ req_ssl_sni -m {match_kind} -i {}",
+                                names.join(" ")
+                            )));
+                        }
+                    }
+                    frontend.lines.push("use_backend _ if _".into());
+                    continue;
+                }
                 if destination.req_mode() == ReqMode::Tcp {
                     tcp.push(Section {
                         header: "frontend _".into(),
@@ -361,6 +390,26 @@ impl Baseline {
                 }
             }
         }
+        // `isDefaultBackend`: the first such service by name gives the main (and HTTPS)
+        // frontend its `default_backend`, when it has an HTTP destination there.
+        let mut by_name: Vec<&(&ServiceSpec, &[Instance])> = services.iter().collect();
+        by_name.sort_by(|a, b| a.0.service_name().cmp(b.0.service_name()));
+        let default_service = by_name
+            .iter()
+            .filter(|(spec, _)| spec.is_default_backend())
+            .find(|(spec, _)| {
+                spec.destinations().iter().any(|d| {
+                    d.req_mode() == ReqMode::Http
+                        && d.src_port()
+                            .is_none_or(|port| port.get() == self.settings.http_port)
+                })
+            });
+        if default_service.is_some() {
+            sections[main].lines.push("default_backend _".into());
+            if let Some(https) = https {
+                sections[https].lines.push("default_backend _".into());
+            }
+        }
         // An HTTP srcPort on the stats port routes the stats page: no frontend of its own.
         if let (Some(stats), Some(position)) = (stats, stats_frontend) {
             if extra_http.contains_key(&stats.port) {
@@ -369,9 +418,10 @@ impl Baseline {
         }
         sections.extend(extra_http.into_values());
         sections.extend(userlists);
-        if !tcp.is_empty() {
+        if !tcp.is_empty() || !sni.is_empty() {
             sections.push(self.tcp_defaults.clone());
             sections.extend(tcp);
+            sections.extend(sni.into_values());
         }
         sorted(sections)
     }
@@ -394,6 +444,13 @@ impl Baseline {
             lines.push(format!("acl _ {fetch} {}", patterns.join(" ")));
             acls.push("path");
         }
+        let routing = destination.routing();
+        if !routing.path_exclude.is_empty() {
+            let fetch = destination.effective_path_type(spec).as_str();
+            let patterns: Vec<&str> = routing.path_exclude.iter().map(|p| p.as_str()).collect();
+            lines.push(format!("acl _ {fetch} {}", patterns.join(" ")));
+            acls.push("exclude");
+        }
         let domains = destination.service_domain();
         for (wildcard, match_kind) in [(false, "str"), (true, "end")] {
             let hosts: Vec<&str> = domains
@@ -410,6 +467,22 @@ impl Baseline {
         }
         if !domains.is_empty() {
             acls.push("domain");
+        }
+        for header in &routing.headers {
+            lines.push(format!(
+                "acl _ req.hdr({}) -m str {}",
+                header.name().as_str(),
+                header.value().as_str()
+            ));
+            acls.push("header");
+        }
+        if !routing.user_agents.is_empty() {
+            let agents: Vec<&str> = routing.user_agents.iter().map(|a| a.as_str()).collect();
+            lines.push(format!(
+                "acl _ req.hdr(User-Agent) -m sub -i {}",
+                agents.join(" ")
+            ));
+            acls.push("agent");
         }
         lines.push(format!("use_backend _ if{}", " _".repeat(acls.len())));
 
@@ -461,7 +534,19 @@ impl Baseline {
         destination: &Destination,
         instances: &[Instance],
     ) -> Section {
-        let mode = destination.req_mode().as_str();
+        let mode = destination.req_mode().haproxy_mode();
+        // `outboundHostname`: one server, the host on the destination's port.
+        let outbound: Vec<Instance> = destination
+            .routing()
+            .outbound_hostname
+            .iter()
+            .filter_map(|host| host.instance(destination.port()?.get()))
+            .collect();
+        let instances = if destination.routing().outbound_hostname.is_some() {
+            &outbound[..]
+        } else {
+            instances
+        };
         let distinct: BTreeSet<&Instance> = instances.iter().collect();
         let server = if spec.skip_check() {
             "server _ _"
