@@ -30,6 +30,7 @@ mod service_auth;
 mod skeleton;
 mod slow_registry;
 mod stats_page;
+mod subcommands;
 mod supervision;
 mod tls;
 mod tls_services;
