@@ -21,6 +21,7 @@ mod live_instances;
 mod migration;
 mod open_files;
 mod outages;
+mod packaging;
 mod proxy_client;
 mod registry_crash;
 mod restore;
