@@ -487,3 +487,116 @@ async fn call(
         Err(CliError::Status { url, status })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn without_a_subcommand_every_flag_runs_the_proxy_as_before() {
+        let cli = Cli::try_parse_from(["flow-proxy", "--http-port", "8081", "--insecure-api"])
+            .expect("the proxy's flags");
+        assert!(cli.command.is_none());
+        assert_eq!(cli.settings.http_port, 8081);
+        assert!(cli.settings.insecure_api);
+        let error = Cli::try_parse_from(["flow-proxy", "--http-port", "81", "render"])
+            .expect_err("the proxy's flags go after the subcommand");
+        assert!(error.to_string().contains("render"), "{error}");
+    }
+
+    #[test]
+    fn subcommands_take_the_proxys_flags_after_their_name() {
+        let cli = Cli::try_parse_from([
+            "flow-proxy",
+            "render",
+            "--spec-file",
+            "specs.json",
+            "--http-port",
+            "81",
+        ])
+        .expect("render with a setting");
+        let Some(Command::Render(args)) = cli.command else {
+            panic!("render");
+        };
+        assert_eq!(args.spec_file, PathBuf::from("specs.json"));
+        assert_eq!(args.settings.http_port, 81);
+        assert!(Cli::try_parse_from(["flow-proxy", "render"]).is_err());
+        assert!(Cli::try_parse_from(["flow-proxy", "reconfigure"]).is_err());
+    }
+
+    #[test]
+    fn reconfigure_parameters_are_name_value_pairs() {
+        let pairs = reconfigure_pairs(&["serviceName=go-demo".into(), "servicePath=/a=b".into()])
+            .expect("pairs");
+        assert_eq!(
+            pairs,
+            [
+                ("serviceName".to_string(), "go-demo".to_string()),
+                ("servicePath".to_string(), "/a=b".to_string())
+            ]
+        );
+        for bad in ["servicePath", "=x"] {
+            let error = reconfigure_pairs(&[bad.to_string()]).expect_err("refused");
+            assert!(error.to_string().contains(bad), "{error}");
+        }
+    }
+
+    #[test]
+    fn instances_are_address_and_port_checked_like_consuls() {
+        let instance = parse_instance("10.0.0.5:8080").expect("IPv4");
+        assert_eq!((instance.address(), instance.port()), ("10.0.0.5", 8080));
+        let instance = parse_instance("[::1]:80").expect("IPv6");
+        assert_eq!((instance.address(), instance.port()), ("::1", 80));
+        let instance = parse_instance("App.internal:80").expect("a host name");
+        assert_eq!(instance.address(), "app.internal");
+        for bad in [
+            "10.0.0.5",
+            "10.0.0.5:0",
+            "10.0.0.5:99999",
+            "bad host:80",
+            "a\nb:80",
+        ] {
+            assert!(parse_instance(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn masked_passwords_become_the_unusable_hash_and_real_ones_stay() {
+        let mut document = serde_json::json!({
+            "Users": [
+                {"Username": "alice", "PasswordHash": MASKED_PASSWORD},
+                {"Username": "bob", "PasswordHash": "$6$salt$hash"}
+            ]
+        });
+        assert!(unmask_passwords(&mut document));
+        assert_eq!(document["Users"][0]["PasswordHash"], UNUSABLE_PASSWORD_HASH);
+        assert_eq!(document["Users"][1]["PasswordHash"], "$6$salt$hash");
+        assert!(!unmask_passwords(&mut document));
+        crate::spec::PasswordHash::parse("Users", UNUSABLE_PASSWORD_HASH)
+            .expect("a hash flow-proxy accepts");
+    }
+
+    #[test]
+    fn the_client_finds_the_api_from_the_proxys_own_address() {
+        let client = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["flow-proxy", "services"].iter().chain(args))
+                .expect("services");
+            let Some(Command::Services(client)) = cli.command else {
+                panic!("services");
+            };
+            api_base(&client)
+        };
+        assert_eq!(client(&[]), "http://127.0.0.1:8080");
+        assert_eq!(
+            client(&["--api-address", "0.0.0.0:9000"]),
+            "http://127.0.0.1:9000"
+        );
+        assert_eq!(client(&["--api-address", "[::]:9000"]), "http://[::1]:9000");
+        assert_eq!(
+            client(&["--proxy-url", "http://proxy:8080/"]),
+            "http://proxy:8080"
+        );
+    }
+}

@@ -57,7 +57,10 @@ async fn cut_over(proxy: &ProxyProcess, registry_url: &str, green: SocketAddr) -
         .args(["--check-path", "/demo/"])
         .args(["--expect", "green"])
         .env("FLOW_PROXY_API", proxy.api(""))
-        .env("FLOW_PROXY_URL", format!("http://127.0.0.1:{}", proxy.http_port))
+        .env(
+            "FLOW_PROXY_URL",
+            format!("http://127.0.0.1:{}", proxy.http_port),
+        )
         .env("CONSUL_HTTP_ADDR", registry_url)
         .env_remove("API_TOKEN")
         .env_remove("CONSUL_HTTP_TOKEN")
@@ -87,7 +90,12 @@ async fn registered(proxy: &ProxyProcess, registry_url: &str, service: &str) -> 
         .as_array()
         .expect("a list")
         .iter()
-        .map(|entry| entry["Service"]["ID"].as_str().unwrap_or_default().to_string())
+        .map(|entry| {
+            entry["Service"]["ID"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect()
 }
 
@@ -116,7 +124,9 @@ async fn a_good_green_release_takes_the_traffic() {
         ["go-demo-blue-1"]
     );
     assert_eq!(
-        registered(&proxy, &registry_url, "go-demo-green").await.len(),
+        registered(&proxy, &registry_url, "go-demo-green")
+            .await
+            .len(),
         1
     );
 }
@@ -133,7 +143,11 @@ async fn a_green_release_failing_its_direct_test_never_gets_traffic() {
     assert_eq!(code, 1, "{log}");
     assert!(log.contains("fails its direct test"), "{log}");
 
-    assert_eq!(proxy.config().await, config_before, "the proxy was not touched");
+    assert_eq!(
+        proxy.config().await,
+        config_before,
+        "the proxy was not touched"
+    );
     let (status, body) = proxy.get_through_proxy("/demo/", None).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "blue /demo/"));
     assert!(registered(&proxy, &registry_url, "go-demo-green")

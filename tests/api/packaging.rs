@@ -34,8 +34,9 @@ fn flag_of_env(name: &str) -> Option<String> {
 fn assert_flow_proxy_accepts(what: &str, flags: &[String], env: &BTreeMap<String, String>) {
     let mut args = vec!["flow-proxy".to_string()];
     for (name, value) in env {
-        let flag = flag_of_env(name)
-            .unwrap_or_else(|| panic!("{what}: {name} is not an environment variable of flow-proxy"));
+        let flag = flag_of_env(name).unwrap_or_else(|| {
+            panic!("{what}: {name} is not an environment variable of flow-proxy")
+        });
         args.push(format!("--{flag}={value}"));
     }
     args.extend(flags.iter().cloned());
@@ -62,9 +63,7 @@ fn dockerfile_instructions() -> Vec<(String, String)> {
             continue;
         }
         current.push_str(line);
-        let (instruction, arguments) = current
-            .split_once(' ')
-            .unwrap_or((current.as_str(), ""));
+        let (instruction, arguments) = current.split_once(' ').unwrap_or((current.as_str(), ""));
         instructions.push((instruction.to_uppercase(), arguments.trim().to_string()));
         current.clear();
     }
@@ -97,14 +96,19 @@ fn cargo_build_command(text: &str, what: &str) -> String {
         .lines()
         .filter_map(|line| line.find("cargo build").map(|start| line[start..].trim()))
         .collect();
-    assert_eq!(commands.len(), 1, "{what}: one cargo build command: {commands:?}");
+    assert_eq!(
+        commands.len(),
+        1,
+        "{what}: one cargo build command: {commands:?}"
+    );
     commands[0].to_string()
 }
 
 #[test]
 fn the_image_builds_with_the_readmes_command_and_runs_flow_proxy_unprivileged() {
     let instructions = dockerfile_instructions();
-    let dockerfile_build = cargo_build_command(&repository_file("haproxy/Dockerfile"), "Dockerfile");
+    let dockerfile_build =
+        cargo_build_command(&repository_file("haproxy/Dockerfile"), "Dockerfile");
     assert!(
         dockerfile_build.starts_with("cargo build --release"),
         "{dockerfile_build}"
@@ -281,15 +285,25 @@ fn the_compose_demo_gives_flow_proxy_only_real_settings_and_wires_every_service(
             .get(name)
             .unwrap_or_else(|| panic!("the demo has a `{name}` service"))
     };
-    let image_of = |service: &Value| service.get("image").and_then(Value::as_str).map(str::to_string);
+    let image_of = |service: &Value| {
+        service
+            .get("image")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
 
     // Consul's official image, its HTTP API open to the other containers.
     let consul = named("consul");
     let consul_image = image_of(consul).expect("consul: an image");
-    assert!(consul_image.starts_with("hashicorp/consul:"), "{consul_image}");
+    assert!(
+        consul_image.starts_with("hashicorp/consul:"),
+        "{consul_image}"
+    );
     let consul_command = command(consul);
     assert!(
-        consul_command.windows(2).any(|pair| pair == ["-client", "0.0.0.0"]),
+        consul_command
+            .windows(2)
+            .any(|pair| pair == ["-client", "0.0.0.0"]),
         "consul listens beyond its loopback: {consul_command:?}"
     );
 
@@ -318,7 +332,10 @@ fn the_compose_demo_gives_flow_proxy_only_real_settings_and_wires_every_service(
             .flatten()
         {
             let dependency = dependency.as_str().expect("depends_on names");
-            assert!(services.contains_key(dependency), "{name} depends on unknown {dependency}");
+            assert!(
+                services.contains_key(dependency),
+                "{name} depends on unknown {dependency}"
+            );
         }
         published_hosts.extend(published_ports(service).into_iter().map(|(host, _)| host));
         let Some(build) = service.get("build") else {
@@ -336,7 +353,10 @@ fn the_compose_demo_gives_flow_proxy_only_real_settings_and_wires_every_service(
         env.extend(environment(service));
         assert_flow_proxy_accepts(name, &command(service), &env);
         let consul_address = env.get("CONSUL_ADDRESS").expect("CONSUL_ADDRESS");
-        assert_eq!(consul_address, "consul:8500", "{name} uses the demo's Consul");
+        assert_eq!(
+            consul_address, "consul:8500",
+            "{name} uses the demo's Consul"
+        );
         assert!(
             env.contains_key("API_TOKEN") || env.contains_key("API_TOKEN_FILE"),
             "{name}: the API is reachable from the host only with credentials"
@@ -364,7 +384,11 @@ fn the_compose_demo_gives_flow_proxy_only_real_settings_and_wires_every_service(
     let mut unique = published_hosts.clone();
     unique.sort_unstable();
     unique.dedup();
-    assert_eq!(unique.len(), published_hosts.len(), "host ports: {published_hosts:?}");
+    assert_eq!(
+        unique.len(),
+        published_hosts.len(),
+        "host ports: {published_hosts:?}"
+    );
 
     // The app: scalable (no host port), registered by Registrator under the colored names the
     // blue-green walk-through routes.

@@ -59,9 +59,15 @@ async fn render_prints_the_config_a_proxy_serves_for_the_specs_services_printed(
         spawn_backend("two").await,
         spawn_backend("blue").await,
     );
-    proxy.register_instance("go-demo", "go-demo.1", one.port).await;
-    proxy.register_instance("go-demo", "go-demo.2", two.port).await;
-    proxy.register_instance("shop-blue", "shop.1", blue.port).await;
+    proxy
+        .register_instance("go-demo", "go-demo.1", one.port)
+        .await;
+    proxy
+        .register_instance("go-demo", "go-demo.2", two.port)
+        .await;
+    proxy
+        .register_instance("shop-blue", "shop.1", blue.port)
+        .await;
     proxy
         .reconfigure_ok("serviceName=go-demo&servicePath=/demo,/api&servicePath.1=/v1&port.1=8080")
         .await;
