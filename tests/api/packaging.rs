@@ -6,11 +6,19 @@
 //! build command.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use flow_proxy::cli::Cli;
+use reqwest::StatusCode;
 use serde_yaml_ng::Value;
+
+use crate::fleet::eventually;
+use crate::helpers::free_port;
+use crate::proxy_client::ProxyClient;
 
 /// The API's port when `--api-address` is not given (flow-proxy's default, as Docker Flow
 /// Proxy's).
@@ -459,4 +467,139 @@ fn the_systemd_unit_gives_flow_proxy_only_real_settings_and_may_bind_80() {
         unit.contains("LoadCredential=api-token:") && flags.iter().any(|f| f == "%d/api-token"),
         "the API token comes from a systemd credential"
     );
+}
+
+// ---- flow-proxy as PID 1 -----------------------------------------------------------------------
+
+/// How long flow-proxy may take to answer its ping, to exit after SIGTERM, and old HAProxy
+/// processes to be reaped.
+const PID1_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `(state, parent pid)` of a process, from /proc/<pid>/stat.
+fn state_and_parent(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.to_string();
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+/// The children of `parent` as `(pid, state)`.
+fn children_of(parent: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let (state, ppid) = state_and_parent(pid)?;
+            (ppid == parent).then_some((pid, state))
+        })
+        .collect()
+}
+
+/// The PID a process has in its own PID namespace (the last field of `NSpid:`).
+fn pid_in_own_namespace(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn as_pid_1_flow_proxy_reaps_every_haproxy_it_replaced_and_stops_on_sigterm() {
+    // The container's situation: flow-proxy is PID 1 of its own PID namespace (needs root, as
+    // the test machines run; `unshare` is util-linux's).
+    let data_dir = tempfile::tempdir().expect("data directory");
+    let api_address = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let http_port = free_port();
+    let mut unshare = tokio::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child"])
+        .arg(env!("CARGO_BIN_EXE_flow-proxy"))
+        .args([
+            "--embedded-registry-address",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .args(["--api-address", &api_address.to_string()])
+        .args([
+            "--bind-host",
+            "127.0.0.1",
+            "--http-port",
+            &http_port.to_string(),
+        ])
+        .args(["--https-port", &free_port().to_string()])
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        // As the image sets it.
+        .args(["--stop-haproxy-on-exit", "true"])
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("unshare runs (root is needed for a new PID namespace)");
+    let unshare_pid = unshare.id().expect("unshare's pid");
+    let client = ProxyClient::new(api_address, http_port, data_dir.path().to_path_buf());
+    let mut flow_proxy = None;
+    eventually(
+        "flow-proxy runs as PID 1 and answers its ping",
+        PID1_TIMEOUT,
+        || {
+            let found = children_of(unshare_pid).first().map(|(pid, _)| *pid);
+            flow_proxy = found;
+            let ping = client
+                .http()
+                .get(client.api("/v1/docker-flow-proxy/ping"))
+                .send();
+            async move {
+                found.and_then(pid_in_own_namespace) == Some(1)
+                    && ping
+                        .await
+                        .is_ok_and(|answer| answer.status() == StatusCode::OK)
+            }
+        },
+    )
+    .await;
+    let flow_proxy = flow_proxy.expect("flow-proxy's pid");
+
+    // Every reconfigure reloads: a new HAProxy takes over and the old one exits.
+    let first_haproxy = client.haproxy_pid().await.expect("HAProxy serves");
+    for version in 1..=5 {
+        client
+            .reconfigure_ok(&format!("serviceName=go-demo&servicePath=/v{version}"))
+            .await;
+    }
+    let last_haproxy = client.haproxy_pid().await.expect("HAProxy serves");
+    assert_ne!(
+        first_haproxy, last_haproxy,
+        "the reconfigures reloaded HAProxy"
+    );
+    let live_haproxy = || {
+        children_of(flow_proxy)
+            .into_iter()
+            .filter(|(_, state)| state != "Z")
+            .count()
+    };
+    eventually(
+        "the replaced HAProxy processes are gone and none is a zombie",
+        PID1_TIMEOUT,
+        || {
+            let children = children_of(flow_proxy);
+            async move { children.len() == 1 && children.iter().all(|(_, state)| state != "Z") }
+        },
+    )
+    .await;
+    assert_eq!(live_haproxy(), 1);
+
+    // `docker stop` sends SIGTERM; PID 1 has no default action for it, only its own handler.
+    let pid = libc::pid_t::try_from(flow_proxy).expect("a pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is flow-proxy, started above.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(PID1_TIMEOUT, unshare.wait())
+        .await
+        .expect("flow-proxy as PID 1 exits on SIGTERM")
+        .expect("unshare's status");
+    assert!(status.success(), "{status}");
 }
