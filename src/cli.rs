@@ -25,6 +25,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
+use crate::certs::Certificate;
 use crate::registry::ConsulClient;
 use crate::render::{RenderError, Renderer, ServiceRoute};
 use crate::settings::Settings;
@@ -340,8 +341,8 @@ fn parse_instance(text: &str) -> Result<Instance, String> {
 // ---- check -------------------------------------------------------------------------------------
 
 /// Every problem `flow-proxy check` finds, one line each: templates that do not load, settings
-/// that would not start, stored specs that do not validate, and specs that do not render
-/// together (e.g. two wanting one port).
+/// that would not start, stored specs and certificates that do not validate, and specs that do
+/// not render together (e.g. two wanting one port).
 pub async fn check(settings: &Settings) -> Vec<String> {
     let mut problems = Vec::new();
     let renderer = match Renderer::new(settings.templates_dir.as_deref()) {
@@ -366,12 +367,14 @@ pub async fn check(settings: &Settings) -> Vec<String> {
             .as_ref()
             .map(|token| token.expose().to_string()),
     );
-    let prefix = format!("{}/services/", settings.kv_prefix.trim_end_matches('/'));
-    let entries = match registry.kv_list(&prefix).await {
+    let root = format!("{}/", settings.kv_prefix.trim_end_matches('/'));
+    let services_prefix = format!("{root}services/");
+    let certs_prefix = format!("{root}certs/");
+    let entries = match registry.kv_list(&root).await {
         Ok(entries) => entries,
         Err(error) => {
             problems.push(format!(
-                "consul {}: reading {prefix}: {error}",
+                "consul {}: reading {root}: {error}",
                 registry.primary_url()
             ));
             return problems;
@@ -379,7 +382,15 @@ pub async fn check(settings: &Settings) -> Vec<String> {
     };
     let mut specs = Vec::new();
     for entry in entries {
-        let stored_name = entry.key.strip_prefix(&prefix).unwrap_or(&entry.key);
+        if let Some(cert_name) = entry.key.strip_prefix(&certs_prefix) {
+            if let Err(error) = Certificate::parse(cert_name, &entry.value) {
+                problems.push(format!("stored certificate {}: {error}", entry.key));
+            }
+            continue;
+        }
+        let Some(stored_name) = entry.key.strip_prefix(&services_prefix) else {
+            continue;
+        };
         match serde_json::from_slice::<ServiceSpec>(&entry.value) {
             Ok(spec) if spec.service_name().as_str() == stored_name => specs.push(spec),
             Ok(spec) => problems.push(format!(

@@ -211,6 +211,12 @@ async fn check_names_every_problem_and_passes_a_sound_setup() {
             r#"{"ServiceName":"broken","ServiceDest":[{"Index":0,"ServicePath":["/a b"]}]}"#,
         )
         .await;
+    proxy
+        .put_kv(
+            "flow-proxy/certs/shop",
+            "-----BEGIN CERTIFICATE-----\nnot one\n",
+        )
+        .await;
     let templates = tempfile::tempdir().expect("an empty templates directory");
     let broken = flow_proxy(
         &[
@@ -224,7 +230,7 @@ async fn check_names_every_problem_and_passes_a_sound_setup() {
     .await;
     assert!(!broken.status.success(), "{}", broken.describe());
     let lines: Vec<&str> = broken.stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{}", broken.describe());
+    assert_eq!(lines.len(), 4, "{}", broken.describe());
     assert!(lines[0].starts_with("templates: "), "{}", broken.describe());
     assert!(
         lines[1].starts_with("settings: ") && lines[1].contains("--stats-pass"),
@@ -232,8 +238,13 @@ async fn check_names_every_problem_and_passes_a_sound_setup() {
         broken.describe()
     );
     assert!(
-        lines[2].starts_with("stored spec flow-proxy/services/broken: ")
-            && lines[2].contains("servicePath"),
+        lines[2].starts_with("stored certificate flow-proxy/certs/shop: "),
+        "{}",
+        broken.describe()
+    );
+    assert!(
+        lines[3].starts_with("stored spec flow-proxy/services/broken: ")
+            && lines[3].contains("servicePath"),
         "{}",
         broken.describe()
     );
