@@ -33,9 +33,9 @@
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
 //!   Consul-compatible registry used when no Consul address is given.
-//!
-//! - [`cli`]: the operator subcommands (`render`, `check`, and `services`/`reconfigure`/`remove`
-//!   as a client of a running proxy's API); without a subcommand the binary runs the proxy.
+//! - [`cli`]: the command line; the operator subcommands (`render`, `check`, and
+//!   `services`/`reconfigure`/`remove` as a client of a running proxy's API). Without a
+//!   subcommand the binary runs the proxy.
 //!
 //! [`FlowProxy::start`] wires them together; [`run`] is what the binary calls.
 
