@@ -33,11 +33,15 @@
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
 //!   Consul-compatible registry used when no Consul address is given.
+//! - [`cli`]: the command line; the operator subcommands (`render`, `check`, and
+//!   `services`/`reconfigure`/`remove` as a client of a running proxy's API). Without a
+//!   subcommand the binary runs the proxy.
 //!
 //! [`FlowProxy::start`] wires them together; [`run`] is what the binary calls.
 
 pub mod api;
 pub mod certs;
+pub mod cli;
 pub mod haproxy;
 pub mod limits;
 pub mod proxy;
@@ -123,7 +127,7 @@ impl FlowProxy {
     /// Starts everything; returns once HAProxy serves the restored routes and the API listens.
     pub async fn start(settings: Settings) -> Result<FlowProxy, StartError> {
         let (access, api_address) = api_access(&settings)?;
-        let (users, stats) = edge_auth(&settings)?;
+        let render_settings = render_settings(&settings)?;
         let client_ca = settings
             .ca_file
             .as_deref()
@@ -151,18 +155,6 @@ impl FlowProxy {
 
         let renderer = Renderer::new(settings.templates_dir.as_deref())?;
         let paths = HaproxyPaths::under(&data_dir);
-        let render_settings = RenderSettings {
-            bind_host: settings.bind_host,
-            http_port: settings.http_port,
-            // Relative to the data directory, where HAProxy runs: the same routes give the same
-            // haproxy.cfg on every machine, wherever its --data-dir is.
-            stats_socket: PathBuf::from(STATS_SOCKET_FILE),
-            errors_dir: PathBuf::from(ERRORS_DIR),
-            https_only: settings.https_only,
-            users,
-            stats,
-            service_domain_algo: settings.service_domain_algo,
-        };
         let on_exit = if settings.stop_haproxy_on_exit {
             OnExit::Stop
         } else {
@@ -259,6 +251,44 @@ impl FlowProxy {
             registry.shutdown().await;
         }
     }
+}
+
+/// Everything the templates need besides the services, from the settings (`--users` hashed,
+/// the stats page's credentials checked). `flow-proxy render` and `check` use it too, so they
+/// render exactly what a running proxy would.
+pub fn render_settings(settings: &Settings) -> Result<RenderSettings, StartError> {
+    let (users, stats) = edge_auth(settings)?;
+    Ok(RenderSettings {
+        bind_host: settings.bind_host,
+        http_port: settings.http_port,
+        // Relative to the data directory, where HAProxy runs: the same routes give the same
+        // haproxy.cfg on every machine, wherever its --data-dir is.
+        stats_socket: PathBuf::from(STATS_SOCKET_FILE),
+        errors_dir: PathBuf::from(ERRORS_DIR),
+        https_only: settings.https_only,
+        users,
+        stats,
+        service_domain_algo: settings.service_domain_algo,
+    })
+}
+
+/// Every reason these settings would not start, checked without binding or starting anything
+/// (for `flow-proxy check`): the API's credentials and address, `--users` and the stats page,
+/// `--ca-file`.
+pub fn settings_problems(settings: &Settings) -> Vec<StartError> {
+    let mut problems = Vec::new();
+    if let Err(error) = api_access(settings) {
+        problems.push(error);
+    }
+    if let Err(error) = render_settings(settings) {
+        problems.push(error);
+    }
+    if let Some(path) = settings.ca_file.as_deref() {
+        if let Err(error) = haproxy::ClientCa::read(path) {
+            problems.push(error.into());
+        }
+    }
+    problems
 }
 
 /// Runs flow-proxy until `shutdown` completes, after raising the open-files limit (see

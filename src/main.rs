@@ -1,18 +1,22 @@
-//! The `flow-proxy` binary: parse the settings, start logging, run until SIGINT or SIGTERM.
+//! The `flow-proxy` binary: parse the command line; without a subcommand start logging and run
+//! the proxy until SIGINT or SIGTERM, else run the operator subcommand (see [`flow_proxy::cli`]).
 
 use clap::Parser;
-use flow_proxy::settings::Settings;
+use flow_proxy::cli::Cli;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let settings = Settings::parse();
+    let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        return flow_proxy::cli::run(command).await;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match flow_proxy::run(settings, flow_proxy::shutdown_signal()).await {
+    match flow_proxy::run(cli.settings, flow_proxy::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "flow-proxy stopped");

@@ -2,6 +2,7 @@
 //! real HAProxy and sends real HTTP through it to real backend servers on 127.0.0.1.
 
 mod api_access;
+mod blue_green;
 mod chaos;
 mod consul_access;
 mod convergence;
@@ -21,6 +22,7 @@ mod live_instances;
 mod migration;
 mod open_files;
 mod outages;
+mod packaging;
 mod proxy_client;
 mod registry_crash;
 mod restore;
@@ -31,6 +33,7 @@ mod service_auth;
 mod skeleton;
 mod slow_registry;
 mod stats_page;
+mod subcommands;
 mod supervision;
 mod tls;
 mod tls_services;
