@@ -17,6 +17,7 @@
 //! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
 //! `srcPort` forwarding everything).
 
+pub mod custom_templates;
 mod docker_flow;
 mod query;
 mod stored;
@@ -29,6 +30,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use custom_templates::{BackendExtraLine, CustomTemplates, TemplatePath};
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
     parse_users, AclName, AuthUser, Domain, DomainAlgo, HeaderLine, HeaderName, HeaderValue,
@@ -88,6 +90,8 @@ pub struct ServiceSpec {
     ssl_verify_none: bool,
     /// `serviceDomainAlgo`: how exact domains match; `None`: `--service-domain-algo`.
     service_domain_algo: Option<DomainAlgo>,
+    /// `templateFePath`, `templateBePath`, `backendExtra`.
+    custom: CustomTemplates,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -195,6 +199,12 @@ impl ServiceSpec {
     /// The `aclName` given, if any.
     pub fn acl_name(&self) -> Option<&AclName> {
         self.acl_name.as_ref()
+    }
+
+    /// The custom fragments and raw backend lines (`templateFePath`, `templateBePath`,
+    /// `backendExtra`).
+    pub fn custom_templates(&self) -> &CustomTemplates {
+        &self.custom
     }
 
     /// Whether HAProxy should skip health checks on this service's servers.
@@ -307,6 +317,13 @@ impl ServiceSpec {
                     "needs an http destination: header rules do not apply to reqMode=tcp",
                 ));
             }
+        }
+        if no_http && spec.custom.template_fe_path.is_some() {
+            return Err(spec_error(
+                custom_templates::TEMPLATE_FE_PATH,
+                "needs an http destination: a reqMode=tcp destination has no frontend rule to \
+                 replace (its frontend is only `bind` and `default_backend`)",
+            ));
         }
         if spec.verify_client_ssl && spec.all_service_domains().is_empty() {
             return Err(spec_error(

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::custom_templates::CustomTemplates;
 use super::values::{
     parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, DomainAlgo,
     HeaderLine, HeaderName, HttpMethod, PathType, Port, RedirectCode, ReqMode, ServiceColor,
@@ -78,6 +79,10 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("sslVerifyNone", Scope::Service),
     // Docker Flow Proxy compatibility.
     ("serviceDomainAlgo", Scope::Service),
+    // Custom templates and raw backend lines (`custom_templates.rs`).
+    ("templateFePath", Scope::Service),
+    ("templateBePath", Scope::Service),
+    ("backendExtra", Scope::Service),
 ];
 
 // Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
@@ -585,6 +590,7 @@ pub(crate) fn build_spec(
         verify_client_ssl,
         ssl_verify_none,
         service_domain_algo,
+        custom: CustomTemplates::parse(|parameter| service.get(parameter).copied())?,
     })
     .map(|spec| (spec, raw.ignored.clone()))
 }

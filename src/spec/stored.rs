@@ -18,7 +18,8 @@
 //!   "AddReqHeader": [], "SetReqHeader": [], "DelReqHeader": [],
 //!   "AddResHeader": [], "SetResHeader": [], "DelResHeader": [],
 //!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ],
-//!   "ServiceDomainAlgo": null
+//!   "ServiceDomainAlgo": null,
+//!   "TemplateFePath": null, "TemplateBePath": null, "BackendExtra": []
 //! }
 //! ```
 //!
@@ -33,6 +34,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::custom_templates::StoredCustomTemplates;
 use super::query::indexed;
 use super::query::MAX_INDEX;
 use super::values::{parse_list, spec_error, AclName, Domain, DomainAlgo, PathType, Port, ReqMode};
@@ -83,6 +85,9 @@ pub(super) struct StoredSpec {
     /// `hdr`, `hdr_beg`, `hdr_end` or `hdr_dom`; `null`: `--service-domain-algo`.
     #[serde(default)]
     service_domain_algo: Option<String>,
+    /// `TemplateFePath`, `TemplateBePath`, `BackendExtra` (one item per line).
+    #[serde(flatten)]
+    custom: StoredCustomTemplates,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -160,6 +165,7 @@ impl From<ServiceSpec> for StoredSpec {
             acl_name: spec.acl_name.map(|a| a.as_str().to_string()),
             skip_check: spec.skip_check,
             service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
+            custom: StoredCustomTemplates::from(&spec.custom),
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -354,6 +360,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .as_deref()
                 .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
                 .transpose()?,
+            custom: stored.custom.checked()?,
         })
     }
 }
