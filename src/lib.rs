@@ -149,7 +149,8 @@ impl FlowProxy {
         );
         let registry_url = registry.primary_url().to_string();
 
-        let renderer = Renderer::new(settings.templates_dir.as_deref())?;
+        let renderer = Renderer::new(settings.templates_dir.as_deref())?
+            .allow_backend_extra(settings.allow_backend_extra);
         let paths = HaproxyPaths::under(&data_dir);
         let render_settings = RenderSettings {
             bind_host: settings.bind_host,
