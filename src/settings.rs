@@ -363,6 +363,20 @@ mod tests {
     }
 
     #[test]
+    fn backend_extra_is_refused_unless_the_operator_allows_it() {
+        assert!(!parse(&[]).allow_backend_extra);
+        assert!(parse(&["--allow-backend-extra"]).allow_backend_extra);
+        assert!(!parse(&["--allow-backend-extra=false"]).allow_backend_extra);
+        let command = <Settings as clap::CommandFactory>::command();
+        let env = command
+            .get_arguments()
+            .find(|argument| argument.get_long() == Some("allow-backend-extra"))
+            .and_then(|argument| argument.get_env())
+            .and_then(|name| name.to_str());
+        assert_eq!(env, Some("ALLOW_BACKEND_EXTRA"));
+    }
+
+    #[test]
     fn service_domain_algo_is_exact_by_default_and_refuses_other_matches() {
         use crate::spec::DomainAlgo;
         assert_eq!(parse(&[]).service_domain_algo, DomainAlgo::Hdr);

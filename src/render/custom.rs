@@ -129,3 +129,145 @@ fn read_fragment(path: &Path) -> Result<String, String> {
     }
     std::fs::read_to_string(path).map_err(|error| format!("cannot be read: {error}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute};
+    use crate::spec::Instance;
+
+    fn spec(extra: &[(&str, &str)]) -> ServiceSpec {
+        let pairs: Vec<(String, String)> = [("serviceName", "app"), ("servicePath", "/app")]
+            .iter()
+            .chain(extra)
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        ServiceSpec::from_query(&pairs).expect("accepted")
+    }
+
+    fn settings() -> RenderSettings {
+        RenderSettings {
+            bind_host: None,
+            http_port: 80,
+            stats_socket: PathBuf::from("haproxy.sock"),
+            errors_dir: PathBuf::from("errors"),
+            https_only: false,
+            users: Vec::new(),
+            stats: None,
+            service_domain_algo: Default::default(),
+        }
+    }
+
+    fn render(renderer: &Renderer, spec: &ServiceSpec) -> Result<String, RenderError> {
+        let instances = [Instance::new("10.0.0.1", 8080).expect("instance")];
+        renderer.render(
+            &settings(),
+            &[ServiceRoute {
+                spec,
+                instances: &instances,
+            }],
+        )
+    }
+
+    fn templates(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("templates directory");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        dir
+    }
+
+    #[test]
+    fn fragments_get_the_view_of_what_they_replace_and_are_reread_at_each_render() {
+        let dir = templates(&[
+            ("be.hbs", "backend {{name}} # of {{service}}\n{{#each servers}}    server {{name}} {{address}}\n{{/each}}\n\n"),
+            ("fe.hbs", "{{> rule-acls this}}\n    use_backend {{backend}} if {{path_acl.name}} # custom\n"),
+        ]);
+        let renderer = Renderer::new(Some(dir.path())).expect("renderer");
+        let spec = spec(&[("templateBePath", "be.hbs"), ("templateFePath", "fe.hbs")]);
+        renderer.custom_policy().check(&spec).expect("accepted");
+        let text = render(&renderer, &spec).expect("renders");
+        assert!(
+            text.contains("\nbackend app-be0 # of app\n    server 10.0.0.1_8080 10.0.0.1:8080\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "    acl path_app-be0 path_beg /app\n    use_backend app-be0 if path_app-be0 # custom\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("balance roundrobin"), "{text}");
+
+        std::fs::write(dir.path().join("be.hbs"), "backend {{name}} # edited\n").expect("edit");
+        let text = render(&renderer, &spec).expect("renders");
+        assert!(text.contains("backend app-be0 # edited\n"), "{text}");
+    }
+
+    #[test]
+    fn missing_escaping_or_broken_fragments_are_refused_naming_the_parameter() {
+        let outside = templates(&[("secret.hbs", "backend x\n")]);
+        let dir = templates(&[("bad-syntax.hbs", "{{#if}}\n")]);
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.hbs"),
+            dir.path().join("escape.hbs"),
+        )
+        .expect("symlink");
+        std::fs::create_dir(dir.path().join("sub")).expect("sub");
+        let renderer = Renderer::new(Some(dir.path())).expect("renderer");
+        let policy = renderer.custom_policy();
+        for (parameter, path, words) in [
+            ("templateBePath", "missing.hbs", "does not exist"),
+            ("templateBePath", "escape.hbs", "outside --templates-dir"),
+            ("templateFePath", "sub", "not a file"),
+            ("templateFePath", "bad-syntax.hbs", "not a valid template"),
+        ] {
+            let spec = spec(&[(parameter, path)]);
+            let error = policy.check(&spec).expect_err("refused");
+            assert_eq!(error.parameter, parameter);
+            assert!(error.message.contains(words), "{path}: {error}");
+            // The render refuses it too (a stored spec is rendered without the API's check).
+            let error = render(&renderer, &spec).expect_err("refused");
+            assert!(
+                matches!(&error, RenderError::Custom { service, parameter: p, .. } if service == "app" && p == &parameter),
+                "{error}"
+            );
+        }
+
+        let without_dir = Renderer::new(None).expect("renderer");
+        let spec = spec(&[("templateBePath", "be.hbs")]);
+        let error = without_dir
+            .custom_policy()
+            .check(&spec)
+            .expect_err("refused");
+        assert!(error.message.contains("--templates-dir"), "{error}");
+    }
+
+    #[test]
+    fn backend_extra_is_written_at_the_bottom_only_when_allowed() {
+        let spec = spec(&[(
+            "backendExtra",
+            "http-response set-header X-Extra yes\nretries 3",
+        )]);
+        let refusing = Renderer::new(None).expect("renderer");
+        let error = refusing.custom_policy().check(&spec).expect_err("refused");
+        assert_eq!(error.parameter, "backendExtra");
+        assert!(error.message.contains("--allow-backend-extra"), "{error}");
+        assert!(matches!(
+            render(&refusing, &spec),
+            Err(RenderError::Custom { .. })
+        ));
+
+        let allowing = Renderer::new(None)
+            .expect("renderer")
+            .allow_backend_extra(true);
+        allowing.custom_policy().check(&spec).expect("accepted");
+        let text = render(&allowing, &spec).expect("renders");
+        assert!(
+            text.contains(
+                "    server 10.0.0.1_8080 10.0.0.1:8080 check\n    http-response set-header X-Extra yes\n    retries 3\n"
+            ),
+            "{text}"
+        );
+    }
+}

@@ -336,3 +336,172 @@ impl StoredCustomTemplates {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ServiceSpec;
+
+    fn query(extra: &[(&str, &str)]) -> Result<ServiceSpec, SpecError> {
+        let pairs: Vec<(String, String)> = [("serviceName", "app"), ("servicePath", "/app")]
+            .iter()
+            .chain(extra)
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        ServiceSpec::from_query(&pairs)
+    }
+
+    fn refused(extra: &[(&str, &str)]) -> SpecError {
+        query(extra).expect_err("refused")
+    }
+
+    #[test]
+    fn template_paths_are_plain_relative_paths() {
+        for good in ["be.hbs", "app/fe.hbs", "a-b_c.1/x.tmpl", ".hidden.hbs"] {
+            let spec = query(&[("templateBePath", good)]).expect(good);
+            assert_eq!(
+                spec.custom_templates()
+                    .template_be_path
+                    .as_ref()
+                    .map(TemplatePath::as_str),
+                Some(good)
+            );
+        }
+        for (bad, words) in [
+            ("", "empty"),
+            ("/etc/passwd", "absolute"),
+            ("../be.hbs", "`..`"),
+            ("a/../../b", "`..`"),
+            ("./be.hbs", "`.`"),
+            ("a//b", "empty segment"),
+            ("a/", "empty segment"),
+            ("be hbs", "' '"),
+            ("be.hbs\n", "'\\n'"),
+            ("be\\hbs", "'\\\\'"),
+            ("{{be}}", "'{'"),
+            ("c:x", "':'"),
+        ] {
+            let error = refused(&[("templateFePath", bad)]);
+            assert_eq!(error.parameter, "templateFePath", "{bad:?}");
+            assert!(error.message.contains(words), "{bad:?}: {error}");
+        }
+        let long = "a".repeat(MAX_TEMPLATE_PATH_LEN + 1);
+        assert!(refused(&[("templateBePath", &long)])
+            .message
+            .contains("longer"));
+        assert!(refused(&[("templateBePath.1", "be.hbs")])
+            .message
+            .contains("whole service"));
+    }
+
+    #[test]
+    fn backend_extra_is_lines_each_starting_with_a_backend_keyword() {
+        let spec = query(&[(
+            "backendExtra",
+            " http-response set-header X-Extra yes\r\n\n\ttimeout server 5s \n",
+        )])
+        .expect("two lines");
+        let lines: Vec<&str> = spec
+            .custom_templates()
+            .backend_extra
+            .iter()
+            .map(BackendExtraLine::as_str)
+            .collect();
+        assert_eq!(
+            lines,
+            ["http-response set-header X-Extra yes", "timeout server 5s"]
+        );
+        query(&[(
+            "backendExtra",
+            "http-request set-header X-Name \"a b\" if { path_beg /x }",
+        )])
+        .expect("quotes and anonymous acls");
+
+        for (bad, words) in [
+            ("", "no line"),
+            ("\n \n", "no line"),
+            ("frontend evil", "backend keyword"),
+            ("backend other", "backend keyword"),
+            ("mode tcp", "backend keyword"),
+            ("errorfile 503 /etc/passwd", "backend keyword"),
+            ("external-check command /bin/sh", "backend keyword"),
+            ("timeout server 5s\nlisten evil", "backend keyword"),
+            ("option httpchk # comment", "'#'"),
+            ("http-request set-path \\x", "'\\\\'"),
+            ("http-response set-header X \"${API_TOKEN}\"", "'$'"),
+            ("http-response set-header X %[env(API_TOKEN)]", "env()"),
+            ("http-response set-header X {{service}}", "{{"),
+            ("http-request return status 200 file /etc/passwd", "`file`"),
+            ("http-request return status 200 lf-file \"/x\"", "`lf-file`"),
+            ("http-response set-header X \"open", "unterminated"),
+            ("http-response set-header X\u{7}", "printable"),
+            ("http-response set-header X é", "printable"),
+        ] {
+            let error = refused(&[("backendExtra", bad)]);
+            assert_eq!(error.parameter, "backendExtra", "{bad:?}");
+            assert!(error.message.contains(words), "{bad:?}: {error}");
+        }
+        let many = vec!["retries 3"; MAX_BACKEND_EXTRA_LINES + 1].join("\n");
+        assert!(refused(&[("backendExtra", &many)])
+            .message
+            .contains("lines"));
+        let long = format!("description {}", "a".repeat(MAX_BACKEND_EXTRA_LINE_LEN));
+        assert!(refused(&[("backendExtra", &long)])
+            .message
+            .contains("longer"));
+    }
+
+    #[test]
+    fn a_frontend_fragment_needs_an_http_destination() {
+        let pairs: Vec<(String, String)> = [
+            ("serviceName", "db"),
+            ("reqMode", "tcp"),
+            ("srcPort", "5432"),
+            ("templateFePath", "fe.hbs"),
+        ]
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+        let error = ServiceSpec::from_query(&pairs).expect_err("refused");
+        assert_eq!(error.parameter, "templateFePath");
+        assert!(error.message.contains("http destination"), "{error}");
+    }
+
+    #[test]
+    fn the_group_is_stored_and_read_back_with_the_same_checks() {
+        let spec = query(&[
+            ("templateFePath", "fe.hbs"),
+            ("templateBePath", "dir/be.hbs"),
+            ("backendExtra", "retries 3\noption redispatch"),
+        ])
+        .expect("accepted");
+        let json = serde_json::to_value(&spec).expect("stored form");
+        assert_eq!(json["TemplateFePath"], "fe.hbs");
+        assert_eq!(json["TemplateBePath"], "dir/be.hbs");
+        assert_eq!(
+            json["BackendExtra"],
+            serde_json::json!(["retries 3", "option redispatch"])
+        );
+        let back: ServiceSpec = serde_json::from_value(json.clone()).expect("read back");
+        assert_eq!(back, spec);
+
+        let plain = query(&[]).expect("accepted");
+        let plain_json = serde_json::to_value(&plain).expect("stored form");
+        assert_eq!(plain_json["TemplateFePath"], serde_json::Value::Null);
+        assert_eq!(plain_json["BackendExtra"], serde_json::json!([]));
+
+        for (field, value) in [
+            ("TemplateBePath", serde_json::json!("../x.hbs")),
+            ("BackendExtra", serde_json::json!(["frontend evil"])),
+            (
+                "BackendExtra",
+                serde_json::json!(["retries 3\nlisten evil"]),
+            ),
+        ] {
+            let mut edited = json.clone();
+            edited[field] = value;
+            let error = serde_json::from_value::<ServiceSpec>(edited).expect_err("refused");
+            assert!(error.to_string().contains("backend") || error.to_string().contains(".."));
+        }
+    }
+}
