@@ -12,8 +12,9 @@
 //!   (`--allow-backend-extra`) is the renderer's check too.
 //!
 //! Nothing here can leave its slot: a template path never reaches haproxy.cfg, and a backend
-//! line holds no newline, `#`, backslash, `$`, handlebars braces, or control character, so each
-//! stays one line of the service's own backend.
+//! line holds no newline, `#`, backslash, `$`, single quote, handlebars braces, control
+//! character, `%` inside double quotes or unterminated double quote, so each stays one line of
+//! the service's own backend, read by HAProxy word by word as written.
 
 use serde::{Deserialize, Serialize};
 
@@ -184,16 +185,24 @@ impl BackendExtraLine {
                     .to_string(),
             );
         }
-        let mut quote = None;
+        if line.contains('\'') {
+            return refuse("has a single quote: quote with double quotes".to_string());
+        }
+        let mut quoted = false;
         for c in line.chars() {
-            match (quote, c) {
-                (None, '"' | '\'') => quote = Some(c),
-                (Some(open), c) if c == open => quote = None,
+            match c {
+                '"' => quoted = !quoted,
+                '%' if quoted => {
+                    return refuse(
+                        "has `%` inside double quotes: write a `%[…]` expression unquoted"
+                            .to_string(),
+                    )
+                }
                 _ => {}
             }
         }
-        if quote.is_some() {
-            return refuse("has an unterminated quote".to_string());
+        if quoted {
+            return refuse("has an unterminated double quote".to_string());
         }
         let mut words = line.split(' ').filter(|word| !word.is_empty());
         let keyword = words.next().unwrap_or_default();
@@ -205,7 +214,7 @@ impl BackendExtraLine {
         }
         if let Some(word) = line
             .split(' ')
-            .find(|word| REFUSED_WORDS.contains(&word.trim_matches(|c| c == '"' || c == '\'')))
+            .find(|word| REFUSED_WORDS.contains(&word.trim_matches('"')))
         {
             return refuse(format!(
                 "has `{word}`: lines that make HAProxy read a file are not allowed"
@@ -434,6 +443,11 @@ mod tests {
             ("http-request return status 200 file /etc/passwd", "`file`"),
             ("http-request return status 200 lf-file \"/x\"", "`lf-file`"),
             ("http-response set-header X \"open", "unterminated"),
+            ("http-response set-header X 'a b'", "single quote"),
+            (
+                "http-response set-header X \"%[src]\"",
+                "inside double quotes",
+            ),
             ("http-response set-header X\u{7}", "printable"),
             ("http-response set-header X é", "printable"),
         ] {
