@@ -281,3 +281,44 @@ async fn backend_extra_is_refused_unless_allowed_and_bad_lines_never_reach_hapro
     let (status, body) = proxy.get_through_proxy("/app", None).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "app /app"));
 }
+
+#[tokio::test]
+async fn a_fragment_removed_from_disk_stops_changes_with_a_clear_error_until_it_is_back() {
+    let (proxy, templates, _backend) = proxy_with_templates(&[("be.hbs", HEADER_BACKEND)]).await;
+    proxy
+        .reconfigure_ok("serviceName=app&servicePath=/app&templateBePath=be.hbs")
+        .await;
+    let before = proxy.snapshot().await;
+    std::fs::remove_file(templates.path().join("be.hbs")).expect("remove template");
+
+    // Another service's change renders the whole config, `app`'s fragment included: refused
+    // as the proxy's problem (500), naming the service and the file; HAProxy keeps serving.
+    let other = spawn_backend("other").await;
+    proxy
+        .register_instance("other", "other-1", other.port)
+        .await;
+    let (status, body) = proxy
+        .reconfigure("serviceName=other&servicePath=/other")
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let message = body["Message"].as_str().expect("a message");
+    assert!(
+        message.contains("service `app`")
+            && message.contains("`templateBePath`")
+            && message.contains("be.hbs"),
+        "{message}"
+    );
+    proxy.assert_unchanged_since(&before).await;
+    let (status, header, _) = get_with_header(&proxy, "/app", "x-custom-backend").await;
+    assert_eq!(
+        (status, header.as_deref()),
+        (StatusCode::OK, Some("app-v1"))
+    );
+
+    std::fs::write(templates.path().join("be.hbs"), HEADER_BACKEND).expect("restore template");
+    proxy
+        .reconfigure_ok("serviceName=other&servicePath=/other")
+        .await;
+    let (status, body) = proxy.get_through_proxy("/other", None).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "other /other"));
+}
