@@ -62,6 +62,14 @@
 //!   (`url_beg`); on any other port it gets a frontend `stats` of its own. A TCP `srcPort` equal to
 //!   the stats port is a [`RenderError::PortConflict`].
 //!
+//! # Custom fragments and `backendExtra`
+//! A service's `templateFePath` fragment is written instead of each of its HTTP rules' acls and
+//! `use_backend` (at the rule's place in the order above; the acls of a rule with redirects
+//! stay with its redirects), its `templateBePath` fragment instead of each of its backends.
+//! Fragments are read from `--templates-dir` at each render and rendered with the view the
+//! shipped fragment gets (see the `custom` module). `backendExtra` lines end each of the
+//! service's backends, after its servers.
+//!
 //! # Ports
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a

@@ -6,6 +6,8 @@
 //!
 //! - [`values`]: the validated newtypes (service name, path, domain, port, …).
 //! - [`query`](ServiceSpec::from_query): the Docker Flow Proxy query parameters and their parsing.
+//! - [`custom_templates`]: `templateFePath`, `templateBePath` and `backendExtra`, the service's
+//!   custom fragments and raw backend lines.
 //! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
 //!   re-validates everything, because KV can be edited by anyone.
 //!
