@@ -22,7 +22,8 @@
 //!   restores the stored specs and certificates on start and then follows them and the routed
 //!   services' instances with blocking-query watches, so every proxy sharing a Consul converges
 //!   without calls between proxies.
-//! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`.
+//! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
+//!   (and a service's own fragments from `--templates-dir`, read at each render).
 //! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
 //!   and that every new listening port is free), atomic swaps of the live file, seamless reloads
 //!   (`-x`, `-sf`), the certificate files and crt-list it reads, and supervision of the HAProxy
@@ -153,7 +154,8 @@ impl FlowProxy {
         );
         let registry_url = registry.primary_url().to_string();
 
-        let renderer = Renderer::new(settings.templates_dir.as_deref())?;
+        let renderer = Renderer::new(settings.templates_dir.as_deref())?
+            .allow_backend_extra(settings.allow_backend_extra);
         let paths = HaproxyPaths::under(&data_dir);
         let on_exit = if settings.stop_haproxy_on_exit {
             OnExit::Stop

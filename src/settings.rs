@@ -175,7 +175,9 @@ pub struct Settings {
     #[arg(long, env = "SERVICE_DOMAIN_ALGO", default_value = "hdr")]
     pub service_domain_algo: DomainAlgo,
 
-    /// Directory with handlebars templates overriding the built-in ones (same file names).
+    /// Directory with handlebars templates: a file named like a built-in one (`haproxy.cfg.hbs`,
+    /// `http-frontend.hbs`, `backend.hbs`, `rule-acls.hbs`) replaces it, read at start; the
+    /// fragments `templateFePath`/`templateBePath` name are read from here at each render.
     #[arg(long, env = "TEMPLATES_DIR")]
     pub templates_dir: Option<PathBuf>,
 
@@ -204,6 +206,21 @@ pub struct Settings {
         default_missing_value = "true"
     )]
     pub stop_haproxy_on_exit: bool,
+
+    // Custom templates and raw backend lines.
+    /// Accept `backendExtra` (raw lines at the bottom of a service's backends, each starting
+    /// with a backend keyword). Anyone who may call the reconfigure API can then change how
+    /// HAProxy treats that service's traffic beyond flow-proxy's parameters: enable it only when
+    /// API callers are trusted like the operator.
+    #[arg(
+        long,
+        env = "ALLOW_BACKEND_EXTRA",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_backend_extra: bool,
 }
 
 /// A secret setting (token, passwords): its `Debug` never shows the value, so printing the
@@ -343,6 +360,20 @@ mod tests {
         for (flag, env) in flags {
             assert_eq!(env_of(flag).as_deref(), Some(env), "--{flag}");
         }
+    }
+
+    #[test]
+    fn backend_extra_is_refused_unless_the_operator_allows_it() {
+        assert!(!parse(&[]).allow_backend_extra);
+        assert!(parse(&["--allow-backend-extra"]).allow_backend_extra);
+        assert!(!parse(&["--allow-backend-extra=false"]).allow_backend_extra);
+        let command = <Settings as clap::CommandFactory>::command();
+        let env = command
+            .get_arguments()
+            .find(|argument| argument.get_long() == Some("allow-backend-extra"))
+            .and_then(|argument| argument.get_env())
+            .and_then(|name| name.to_str());
+        assert_eq!(env, Some("ALLOW_BACKEND_EXTRA"));
     }
 
     #[test]

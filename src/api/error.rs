@@ -84,6 +84,13 @@ impl ApiError {
             ApiErrorKind::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiErrorKind::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiErrorKind::Proxy(error) => match error {
+                // The request's own custom fragment or backendExtra failed; another service's
+                // is the proxy's problem (below).
+                ProxyError::Render(RenderError::Custom { service, .. })
+                    if self.service_name.as_deref() == Some(service.as_str()) =>
+                {
+                    StatusCode::BAD_REQUEST
+                }
                 ProxyError::RejectedRequest(_)
                 | ProxyError::Render(RenderError::PortConflict { .. }) => StatusCode::BAD_REQUEST,
                 ProxyError::UnknownService(_) | ProxyError::UnknownCertificate(_) => {

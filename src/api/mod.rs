@@ -169,6 +169,9 @@ async fn reconfigure(
         };
         return Err(ApiError::from(error).about(about));
     }
+    proxy
+        .check_custom_templates(&spec)
+        .map_err(|error| ApiError::from(error).about(about.clone()))?;
     let certificate = service_cert
         .map(|pem| {
             Certificate::parse(spec.service_name().as_str(), &pem).map_err(|error| SpecError {

@@ -49,8 +49,10 @@ use crate::certs::{CertInfo, Certificate};
 use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, RegistryError};
-use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings};
-use crate::spec::{Instance, ServiceName, ServiceSpec};
+use crate::render::{
+    CustomPolicy, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings,
+};
+use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
 
 use instances::{instances_for, InstanceWatches};
 use stored::{SpecStore, StoredSpecs};
@@ -192,6 +194,8 @@ pub struct Proxy {
     services: watch::Receiver<Arc<Vec<ServiceSpec>>>,
     haproxy: Haproxy,
     has_client_ca: bool,
+    /// What the renderer allows of custom fragments and `backendExtra`.
+    custom_policy: CustomPolicy,
 }
 
 /// What the core needs to run.
@@ -238,6 +242,7 @@ impl Proxy {
         let (published, services) = watch::channel(Arc::new(Vec::new()));
         let (published_certificates, certificates) = watch::channel(Arc::new(Vec::new()));
         let haproxy = parts.haproxy.clone();
+        let custom_policy = parts.renderer.custom_policy();
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
         // HAProxy already serves the last good file: a restore that renders it again is no reload.
         let applied_config = parts.haproxy.live_config().await.ok();
@@ -293,7 +298,14 @@ impl Proxy {
             services,
             haproxy,
             has_client_ca: parts.client_ca.is_some(),
+            custom_policy,
         }
+    }
+
+    /// Checks a spec's custom fragments (they exist inside `--templates-dir` and parse) and
+    /// that its `backendExtra` is allowed, before it is queued; the error names the parameter.
+    pub fn check_custom_templates(&self, spec: &ServiceSpec) -> Result<(), SpecError> {
+        self.custom_policy.check(spec)
     }
 
     /// Whether `--ca-file` was given (`verifyClientSsl` needs it).

@@ -80,6 +80,14 @@
 //!   (`url_beg`); on any other port it gets a frontend `stats` of its own. A TCP `srcPort` equal to
 //!   the stats port is a [`RenderError::PortConflict`].
 //!
+//! # Custom fragments and `backendExtra`
+//! A service's `templateFePath` fragment is written instead of each of its HTTP rules' acls and
+//! `use_backend` (at the rule's place in the order above; the acls of a rule with redirects
+//! stay with its redirects), its `templateBePath` fragment instead of each of its backends.
+//! Fragments are read from `--templates-dir` at each render and rendered with the view the
+//! shipped fragment gets (see the `custom` module). `backendExtra` lines end each of the
+//! service's backends, after its servers.
+//!
 //! # Ports
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a
@@ -97,6 +105,7 @@
 //! with wildcards, longest ending first, then by service name and destination index. A name no
 //! destination claims has no backend: HAProxy closes the connection.
 
+mod custom;
 mod view;
 
 #[cfg(test)]
@@ -108,6 +117,8 @@ use std::path::{Path, PathBuf};
 use handlebars::Handlebars;
 
 use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
+
+pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -159,6 +170,14 @@ pub enum RenderError {
         setting: &'static str,
         value: String,
         reason: String,
+    },
+    /// A service's custom fragment (`templateFePath`, `templateBePath`) could not be read or
+    /// rendered, or its `backendExtra` is not allowed.
+    #[error("service `{service}`, parameter `{parameter}`: {message}")]
+    Custom {
+        service: String,
+        parameter: &'static str,
+        message: String,
     },
 }
 
@@ -223,6 +242,8 @@ pub struct ServiceRoute<'a> {
 /// Holds the compiled templates, so a reconfigure only renders (templates are parsed once).
 pub struct Renderer {
     registry: Handlebars<'static>,
+    /// Where custom fragments come from and whether `backendExtra` is allowed.
+    custom: CustomPolicy,
 }
 
 impl std::fmt::Debug for Renderer {
@@ -232,21 +253,43 @@ impl std::fmt::Debug for Renderer {
 }
 
 impl Renderer {
-    /// Loads the templates from `templates_dir` (the same file names as the built-in ones:
-    /// `haproxy.cfg.hbs`, `http-frontend.hbs`, `backend.hbs`, `rule-acls.hbs`), or the built-in ones when `None`.
+    /// Loads the templates: each file of `templates_dir` named like a built-in one
+    /// (`haproxy.cfg.hbs`, `http-frontend.hbs`, `backend.hbs`, `rule-acls.hbs`) replaces it, the
+    /// others stay built in. Custom fragments (`templateFePath`, `templateBePath`) are read from
+    /// `templates_dir` at each render; without it they are refused. `backendExtra` is refused
+    /// until [`Renderer::allow_backend_extra`].
     pub fn new(templates_dir: Option<&Path>) -> Result<Renderer, RenderError> {
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);
         registry.register_escape_fn(handlebars::no_escape);
+        let templates_dir = templates_dir
+            .map(|dir| {
+                std::fs::canonicalize(dir).map_err(|error| RenderError::Template {
+                    name: dir.display().to_string(),
+                    message: error.to_string(),
+                })
+            })
+            .transpose()?;
         for (file, built_in) in TEMPLATES {
-            let text = match templates_dir {
+            let text = match &templates_dir {
                 None => (*built_in).to_string(),
                 Some(dir) => {
                     let path = dir.join(file);
-                    std::fs::read_to_string(&path).map_err(|error| RenderError::Template {
-                        name: path.display().to_string(),
-                        message: error.to_string(),
-                    })?
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => {
+                            tracing::info!(template = %path.display(), "using a template of --templates-dir");
+                            text
+                        }
+                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                            (*built_in).to_string()
+                        }
+                        Err(error) => {
+                            return Err(RenderError::Template {
+                                name: path.display().to_string(),
+                                message: error.to_string(),
+                            })
+                        }
+                    }
                 }
             };
             let parsed = if *file == MAIN_TEMPLATE {
@@ -260,7 +303,22 @@ impl Renderer {
                 message: error.to_string(),
             })?;
         }
-        Ok(Renderer { registry })
+        Ok(Renderer {
+            registry,
+            custom: CustomPolicy::new(templates_dir, false),
+        })
+    }
+
+    /// Accepts (`true`) or refuses `backendExtra` (`--allow-backend-extra`).
+    pub fn allow_backend_extra(mut self, allow: bool) -> Renderer {
+        self.custom.set_allow_backend_extra(allow);
+        self
+    }
+
+    /// What this renderer allows of custom fragments and `backendExtra`, for checking a request
+    /// before it is queued.
+    pub fn custom_policy(&self) -> CustomPolicy {
+        self.custom.clone()
     }
 
     /// Renders the complete haproxy.cfg for these services (in any order), without HTTPS.
@@ -280,7 +338,17 @@ impl Renderer {
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
     ) -> Result<String, RenderError> {
-        let view = view::build(settings, services, tls)?;
+        for route in services {
+            self.custom
+                .check_backend_extra(route.spec)
+                .map_err(|message| RenderError::Custom {
+                    service: route.spec.service_name().to_string(),
+                    parameter: crate::spec::custom_templates::BACKEND_EXTRA,
+                    message,
+                })?;
+        }
+        let mut view = view::build(settings, services, tls)?;
+        view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
         let mut text = self
             .registry
             .render(MAIN_TEMPLATE, &view)
@@ -290,6 +358,30 @@ impl Renderer {
             text.push('\n');
         }
         Ok(text)
+    }
+}
+
+impl Renderer {
+    /// Reads a custom fragment from disk and renders it with `data` (the view of the rule or
+    /// backend it replaces); its text without trailing blank lines.
+    fn render_fragment(
+        &self,
+        fragment: &view::CustomFragment,
+        data: &serde_json::Value,
+    ) -> Result<String, RenderError> {
+        let error = |message: String| RenderError::Custom {
+            service: fragment.service.clone(),
+            parameter: fragment.parameter,
+            message,
+        };
+        let text = self.custom.read(&fragment.path).map_err(error)?;
+        let rendered = self.registry.render_template(&text, data).map_err(|why| {
+            error(format!(
+                "`{}` does not render: {why}",
+                fragment.path.as_str()
+            ))
+        })?;
+        Ok(rendered.trim_end().to_string())
     }
 }
 

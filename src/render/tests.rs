@@ -510,9 +510,17 @@ fn templates_can_come_from_a_directory() {
     assert!(text.contains("balance leastconn"), "{text}");
     assert!(!text.contains("balance roundrobin"), "{text}");
 
+    // A file the directory does not have stays built in (only custom fragments may live there).
     std::fs::remove_file(dir.path().join("http-frontend.hbs")).unwrap();
-    let error = Renderer::new(Some(dir.path())).unwrap_err();
-    assert!(error.to_string().contains("http-frontend.hbs"), "{error}");
+    let renderer = Renderer::new(Some(dir.path())).unwrap();
+    let text = renderer
+        .render(&golden_settings(), &routes(&services))
+        .unwrap();
+    assert!(text.contains("balance leastconn"), "{text}");
+    assert!(text.contains("frontend http\n"), "{text}");
+
+    let error = Renderer::new(Some(&dir.path().join("missing"))).unwrap_err();
+    assert!(error.to_string().contains("missing"), "{error}");
 }
 
 #[test]

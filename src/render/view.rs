@@ -11,9 +11,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
+use crate::spec::custom_templates::{TEMPLATE_BE_PATH, TEMPLATE_FE_PATH};
 use crate::spec::{
     AuthUser, Destination, DomainAlgo, HeaderLine, HeaderName, Instance, PathType, ReqMode,
-    ServiceSpec,
+    ServiceSpec, TemplatePath,
 };
 
 /// The userlist of `--users`; a service's own is `users_<serviceName>`, so they never clash.
@@ -115,6 +116,14 @@ struct RuleView {
     /// The words after `if` of the `use_backend` line: every acl of the rule, the exclusion
     /// negated.
     condition: Vec<String>,
+    /// The service the rule routes to (for custom fragments).
+    service: String,
+    /// `templateFePath`: written instead of the rule's acls and `use_backend` (see
+    /// [`ConfigView::render_custom`]).
+    #[serde(skip)]
+    fragment: Option<CustomFragment>,
+    has_custom: bool,
+    custom: String,
 }
 
 /// One `http-request redirect <target> code <code> if <condition>` line.
@@ -171,6 +180,16 @@ struct BackendView {
     http_rules: Vec<BackendRuleView>,
     auth: Option<AuthView>,
     servers: Vec<ServerView>,
+    /// `backendExtra` lines, at the bottom of the backend.
+    extra: Vec<String>,
+    /// The service the backend belongs to (for custom fragments).
+    service: String,
+    /// `templateBePath`: written instead of the whole backend (see
+    /// [`ConfigView::render_custom`]).
+    #[serde(skip)]
+    fragment: Option<CustomFragment>,
+    has_custom: bool,
+    custom: String,
 }
 
 /// One rule line of a backend: `<direction> <action>[ <args>][ if|unless <condition>]`.
@@ -558,6 +577,10 @@ fn rule_view(
         from_domain_acl,
         routing_acls,
         condition: rule_acls,
+        service: spec.service_name().to_string(),
+        fragment: CustomFragment::of(spec, TEMPLATE_FE_PATH),
+        has_custom: false,
+        custom: String::new(),
     }
 }
 
@@ -753,6 +776,16 @@ fn backend_view(
         http_rules,
         auth: auth_view(settings, spec, destination),
         servers,
+        extra: spec
+            .custom_templates()
+            .backend_extra
+            .iter()
+            .map(|line| line.as_str().to_string())
+            .collect(),
+        service: spec.service_name().to_string(),
+        fragment: CustomFragment::of(spec, TEMPLATE_BE_PATH),
+        has_custom: false,
+        custom: String::new(),
     }
 }
 
@@ -1082,4 +1115,71 @@ pub(super) fn build(
         userlists,
         stats,
     })
+}
+
+// Custom fragments (`templateFePath`, `templateBePath`; see the `custom` module).
+
+/// A custom fragment a rule or backend is written with instead of the shipped one.
+#[derive(Debug, Clone)]
+pub(super) struct CustomFragment {
+    /// The service whose spec names it.
+    pub(super) service: String,
+    /// `templateFePath` or `templateBePath`.
+    pub(super) parameter: &'static str,
+    /// Relative to `--templates-dir`.
+    pub(super) path: TemplatePath,
+}
+
+impl CustomFragment {
+    /// The fragment `parameter` of `spec` names, if any.
+    fn of(spec: &ServiceSpec, parameter: &'static str) -> Option<CustomFragment> {
+        let custom = spec.custom_templates();
+        let path = if parameter == TEMPLATE_FE_PATH {
+            custom.template_fe_path.as_ref()
+        } else {
+            custom.template_be_path.as_ref()
+        };
+        path.map(|path| CustomFragment {
+            service: spec.service_name().to_string(),
+            parameter,
+            path: path.clone(),
+        })
+    }
+}
+
+impl ConfigView {
+    /// Renders every custom fragment with `render(fragment, view of the rule or backend)`, so
+    /// the templates write its text instead of the shipped rule or backend.
+    pub(super) fn render_custom(
+        &mut self,
+        mut render: impl FnMut(&CustomFragment, &serde_json::Value) -> Result<String, RenderError>,
+    ) -> Result<(), RenderError> {
+        let frontends = std::iter::once(&mut self.http)
+            .chain(self.https.iter_mut())
+            .chain(self.http_extra.iter_mut());
+        for frontend in frontends {
+            for rule in &mut frontend.rules {
+                if let Some(fragment) = rule.fragment.clone() {
+                    rule.custom = render(&fragment, &fragment_data(&*rule)?)?;
+                    rule.has_custom = true;
+                }
+            }
+        }
+        for backend in self
+            .http_backends
+            .iter_mut()
+            .chain(self.tcp_backends.iter_mut())
+        {
+            if let Some(fragment) = backend.fragment.clone() {
+                backend.custom = render(&fragment, &fragment_data(&*backend)?)?;
+                backend.has_custom = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The JSON a custom fragment is rendered with: the view the shipped fragment gets.
+fn fragment_data(item: &impl Serialize) -> Result<serde_json::Value, RenderError> {
+    serde_json::to_value(item).map_err(|error| RenderError::Render(error.to_string()))
 }

@@ -6,6 +6,8 @@
 //!
 //! - [`values`]: the validated newtypes (service name, path, domain, port, …).
 //! - [`query`](ServiceSpec::from_query): the Docker Flow Proxy query parameters and their parsing.
+//! - [`custom_templates`]: `templateFePath`, `templateBePath` and `backendExtra`, the service's
+//!   custom fragments and raw backend lines.
 //! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
 //!   re-validates everything, because KV can be edited by anyone.
 //!
@@ -17,6 +19,7 @@
 //! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
 //! `srcPort` forwarding everything).
 
+pub mod custom_templates;
 mod docker_flow;
 mod query;
 mod routing_rules;
@@ -30,6 +33,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use custom_templates::{BackendExtraLine, CustomTemplates, TemplatePath};
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
     parse_users, AclName, AuthUser, Domain, DomainAlgo, HeaderLine, HeaderName, HeaderValue,
@@ -92,6 +96,8 @@ pub struct ServiceSpec {
     service_domain_algo: Option<DomainAlgo>,
     /// `isDefaultBackend`: requests no rule of the main frontend matched go to this service.
     is_default_backend: bool,
+    /// `templateFePath`, `templateBePath`, `backendExtra`.
+    custom: CustomTemplates,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -201,6 +207,12 @@ impl ServiceSpec {
     /// The `aclName` given, if any.
     pub fn acl_name(&self) -> Option<&AclName> {
         self.acl_name.as_ref()
+    }
+
+    /// The custom fragments and raw backend lines (`templateFePath`, `templateBePath`,
+    /// `backendExtra`).
+    pub fn custom_templates(&self) -> &CustomTemplates {
+        &self.custom
     }
 
     /// Whether HAProxy should skip health checks on this service's servers.
@@ -335,6 +347,13 @@ impl ServiceSpec {
                 "sslVerifyNone",
                 "not allowed with reqMode=sni: the client's TLS passes through to the instances \
                  untouched, HAProxy opens no TLS of its own to them",
+            ));
+        }
+        if no_http && spec.custom.template_fe_path.is_some() {
+            return Err(spec_error(
+                custom_templates::TEMPLATE_FE_PATH,
+                "needs an http destination: a reqMode=tcp destination has no frontend rule to \
+                 replace (its frontend is only `bind` and `default_backend`)",
             ));
         }
         if spec.verify_client_ssl && spec.all_service_domains().is_empty() {

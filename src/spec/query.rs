@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::custom_templates::CustomTemplates;
 use super::routing_rules::{parse_default_backend, RoutingRules};
 use super::values::{
     parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, DomainAlgo,
@@ -86,6 +87,10 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("userAgent", Scope::Destination),
     ("outboundHostname", Scope::DestinationDefault),
     ("isDefaultBackend", Scope::Service),
+    // Custom templates and raw backend lines (`custom_templates.rs`).
+    ("templateFePath", Scope::Service),
+    ("templateBePath", Scope::Service),
+    ("backendExtra", Scope::Service),
 ];
 
 // Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
@@ -681,6 +686,7 @@ pub(crate) fn build_spec(
         ssl_verify_none,
         service_domain_algo,
         is_default_backend,
+        custom: CustomTemplates::parse(|parameter| service.get(parameter).copied())?,
     })
     .map(|spec| (spec, raw.ignored.clone()))
 }

@@ -21,7 +21,8 @@
 //!   "AddResHeader": [], "SetResHeader": [], "DelResHeader": [],
 //!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ],
 //!   "ServiceDomainAlgo": null,
-//!   "IsDefaultBackend": false
+//!   "IsDefaultBackend": false,
+//!   "TemplateFePath": null, "TemplateBePath": null, "BackendExtra": []
 //! }
 //! ```
 //!
@@ -36,6 +37,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::custom_templates::StoredCustomTemplates;
 use super::query::indexed;
 use super::query::MAX_INDEX;
 use super::routing_rules::StoredRoutingRules;
@@ -89,6 +91,9 @@ pub(super) struct StoredSpec {
     service_domain_algo: Option<String>,
     #[serde(default)]
     is_default_backend: bool,
+    /// `TemplateFePath`, `TemplateBePath`, `BackendExtra` (one item per line).
+    #[serde(flatten)]
+    custom: StoredCustomTemplates,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -170,6 +175,7 @@ impl From<ServiceSpec> for StoredSpec {
             skip_check: spec.skip_check,
             service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
             is_default_backend: spec.is_default_backend,
+            custom: StoredCustomTemplates::from(&spec.custom),
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -367,6 +373,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
                 .transpose()?,
             is_default_backend: stored.is_default_backend,
+            custom: stored.custom.checked()?,
         })
     }
 }

@@ -7,8 +7,11 @@
 //! that `haproxy -c` accepts without warnings (a `path_reg` pattern HAProxy's regex engine
 //! refuses is the one allowed refusal there: the API answers 400 with HAProxy's message).
 //!
-//! Every parameter is generated, the edge rules (redirects, header and method rules) and basic
-//! auth included, and each case is rendered under one of several profiles ([`profiles`]): plain
+//! Every parameter is generated, the edge rules (redirects, header and method rules), basic
+//! auth, custom fragments and `backendExtra` included (the renderer reads its `--templates-dir`
+//! fragments from a directory whose fragments write what the shipped templates do, and allows
+//! `backendExtra`, whose lines the skeleton expects in each backend of their service), and each
+//! case is rendered under one of several profiles ([`profiles`]): plain
 //! HTTP, with an HTTPS frontend (a crt-list of a real certificate), with `--https-only`,
 //! `--users` and the stats page on its own port, on the HTTPS port or on the main port. A
 //! further property checks that a clear password never reaches the config, the stored spec or
@@ -159,7 +162,13 @@ fn harness() -> &'static Harness {
         let errors = dir.path().join("errors");
         std::fs::create_dir(&errors).expect("errors directory");
         std::fs::write(errors.join("503.http"), ERROR_PAGE_503).expect("503 page");
-        let renderer = Renderer::new(None).expect("built-in templates");
+        let templates = dir.path().join("templates");
+        std::fs::create_dir(&templates).expect("templates directory");
+        std::fs::write(templates.join(SHIPPED_RULE), SHIPPED_RULE_TEXT).expect("fragment");
+        std::fs::write(templates.join(SHIPPED_BACKEND), SHIPPED_BACKEND_TEXT).expect("fragment");
+        let renderer = Renderer::new(Some(&templates))
+            .expect("built-in templates and the custom fragments")
+            .allow_backend_extra(true);
         let profiles = profiles(&renderer, dir.path(), &errors);
         Harness {
             renderer,
@@ -168,6 +177,30 @@ fn harness() -> &'static Harness {
             files: AtomicUsize::new(0),
         }
     })
+}
+
+/// Custom fragments under the harness's `--templates-dir` that write what the shipped
+/// templates write (`templateFePath`, `templateBePath`): a spec naming them must render the
+/// skeleton it would without them, so values reach a custom fragment as safely as a shipped one.
+const SHIPPED_RULE: &str = "shipped-rule.hbs";
+const SHIPPED_RULE_TEXT: &str = "\
+{{#unless redirects}}
+{{> rule-acls this}}
+{{/unless}}
+    use_backend {{backend}} if{{#if path_acl}} {{path_acl.name}}{{/if}}{{#if domain_acl}} {{domain_acl.name}}{{/if}}
+";
+const SHIPPED_BACKEND: &str = "shipped-backend.hbs";
+const SHIPPED_BACKEND_TEXT: &str = "{{> backend this}}\n";
+
+/// Whether `spec` names a fragment the harness's renderer must refuse (missing, or the other
+/// slot's, whose view lacks its values): the API answers 400 for it.
+fn names_a_refused_fragment(spec: &ServiceSpec) -> bool {
+    let custom = spec.custom_templates();
+    let wrong = |path: &Option<flow_proxy::spec::TemplatePath>, right: &str| {
+        path.as_ref().is_some_and(|path| path.as_str() != right)
+    };
+    wrong(&custom.template_fe_path, SHIPPED_RULE)
+        || wrong(&custom.template_be_path, SHIPPED_BACKEND)
 }
 
 /// A profile to render with, by any index.
@@ -254,6 +287,12 @@ fn check_specs(
         Err(RenderError::PortConflict { .. } | RenderError::DuplicateService(_)) => {
             return Ok(Outcome::Refused)
         }
+        // A fragment that does not exist or does not render: the API answers 400.
+        Err(RenderError::Custom { .. })
+            if specs.iter().any(|spec| names_a_refused_fragment(spec)) =>
+        {
+            return Ok(Outcome::Refused)
+        }
         Err(error) => {
             return Err(format!(
                 "{specs:?} do not render with profile {profile:?}: {error}"
@@ -273,7 +312,13 @@ fn check_specs(
     if haproxy() {
         let file = format!("case-{}.cfg", harness.files.fetch_add(1, Ordering::Relaxed));
         if let Err(output) = skeleton::haproxy_check(dir(harness), &file, &config) {
-            if !(specs.iter().any(|spec| uses_path_reg(spec)) && regex_refused(&output)) {
+            let regex = specs.iter().any(|spec| uses_path_reg(spec)) && regex_refused(&output);
+            // Raw lines HAProxy does not take: the API answers 400 with HAProxy's message (the
+            // skeleton above already showed each stayed one line of its own backend).
+            let backend_extra = specs
+                .iter()
+                .any(|spec| !spec.custom_templates().backend_extra.is_empty());
+            if !(regex || backend_extra) {
                 return Err(format!(
                     "haproxy -c refused accepted specs {specs:?} (profile {profile:?}):\n{output}\n--- config ---\n{config}"
                 ));
@@ -784,9 +829,10 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
         proptest::option::weighted(0.2, one_of(PATH_TYPES)),
         service_edge_rules(),
         proptest::option::weighted(0.1, one_of(FLAGS)),
+        custom_templates(),
     )
         .prop_map(
-            |(service, color, acl, skip, path_type, edge, default_backend)| {
+            |(service, color, acl, skip, path_type, edge, default_backend, custom)| {
                 let mut pairs = vec![("serviceName".to_string(), service)];
                 let optional = [
                     ("serviceColor", color),
@@ -801,9 +847,79 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
                         .filter_map(|(name, value)| value.map(|v| (name.to_string(), v))),
                 );
                 pairs.extend(edge);
+                pairs.extend(custom);
                 pairs
             },
         )
+        .boxed()
+}
+
+/// `templateFePath`, `templateBePath` (the harness's fragments, a missing one, one outside the
+/// directory, the other slot's) and `backendExtra` (lines of backend keywords with values).
+fn custom_templates() -> BoxedStrategy<Vec<(String, String)>> {
+    (
+        proptest::option::weighted(0.1, template_path(SHIPPED_RULE)),
+        proptest::option::weighted(0.1, template_path(SHIPPED_BACKEND)),
+        proptest::option::weighted(0.1, backend_extra()),
+    )
+        .prop_map(|(fe, be, extra)| {
+            [
+                ("templateFePath", fe),
+                ("templateBePath", be),
+                ("backendExtra", extra),
+            ]
+            .into_iter()
+            .filter_map(|(name, value)| value.map(|v| (name.to_string(), v)))
+            .collect()
+        })
+        .boxed()
+}
+
+/// A fragment path: mostly `right` (the harness's fragment for the slot), else the other
+/// slot's, a missing one, one outside the directory, or anything path-like.
+fn template_path(right: &'static str) -> BoxedStrategy<String> {
+    prop_oneof![
+        12 => Just(right.to_string()),
+        1 => one_of(&[
+            SHIPPED_RULE,
+            SHIPPED_BACKEND,
+            "missing.hbs",
+            "../shipped-rule.hbs",
+            "/etc/passwd",
+            "templates/shipped-rule.hbs",
+        ]),
+        1 => "[a-z./-]{1,20}",
+    ]
+    .boxed()
+}
+
+/// `backendExtra`: one to three lines, each a backend keyword (or not) with a few words.
+fn backend_extra() -> BoxedStrategy<String> {
+    let keyword = prop_oneof![
+        12 => one_of(&[
+            "http-response set-header X-Extra",
+            "http-request set-header X-Extra",
+            "http-response del-header",
+            "timeout server",
+            "retries",
+            "option",
+            "acl extra_acl",
+            "balance",
+            "http-request deny if",
+            "server extra",
+        ]),
+        1 => one_of(&["frontend", "backend", "listen", "global", "bind", "use_backend", "errorfile"]),
+    ];
+    let word = prop_oneof![
+        24 => "[a-zA-Z0-9_./:-]{1,12}",
+        1 => one_of(&["\"a b\"", "{ ssl_fc }", "%[src]", "5s", "3", "redispatch", "leastconn"]),
+        1 => nasty(),
+    ];
+    let line = (keyword, proptest::collection::vec(word, 0..4))
+        .prop_map(|(keyword, words)| format!("{keyword} {}", words.join(" ")));
+    let separator = one_of(&["\n", "\r\n", "\n\n  "]);
+    (proptest::collection::vec(line, 1..4), separator)
+        .prop_map(|(lines, separator)| lines.join(&separator))
         .boxed()
 }
 
@@ -898,6 +1014,9 @@ fn value_for(base: &str) -> BoxedStrategy<String> {
         "userAgent" => list(match_value()),
         "outboundHostname" => outbound_host(),
         "isDefaultBackend" => one_of(&["true", "false", "1", "0", "yes"]),
+        "templateFePath" => template_path(SHIPPED_RULE),
+        "templateBePath" => template_path(SHIPPED_BACKEND),
+        "backendExtra" => backend_extra(),
         "users" => prop_oneof![
             3 => list(clear_user()),
             1 => proptest::collection::vec(("[a-z]{1,8}", password_hash()), 1..3).prop_map(
@@ -945,6 +1064,9 @@ const NAMES: &[&str] = &[
     "userAgent",
     "outboundHostname",
     "isDefaultBackend",
+    "templateFePath",
+    "templateBePath",
+    "backendExtra",
 ];
 
 /// A parameter name: a known one with a destination suffix (good or bad), or anything.
@@ -1218,8 +1340,17 @@ fn stored_service_rules() -> BoxedStrategy<serde_json::Value> {
         (lines(), lines(), names()),
         (lines(), lines(), names()),
         proptest::option::weighted(0.15, proptest::collection::vec(user, 0..3)),
+        (
+            proptest::option::weighted(0.08, template_path(SHIPPED_RULE)),
+            proptest::option::weighted(0.08, template_path(SHIPPED_BACKEND)),
+            proptest::option::weighted(
+                0.1,
+                backend_extra()
+                    .prop_map(|lines| lines.split('\n').map(str::to_string).collect::<Vec<_>>()),
+            ),
+        ),
     )
-        .prop_map(|(proto, request, response, users)| {
+        .prop_map(|(proto, request, response, users, custom)| {
             let mut fields = serde_json::Map::new();
             let mut set = |key: &str, value: Option<serde_json::Value>| {
                 if let Some(value) = value {
@@ -1234,6 +1365,9 @@ fn stored_service_rules() -> BoxedStrategy<serde_json::Value> {
             set("SetResHeader", response.1.map(Into::into));
             set("DelResHeader", response.2.map(Into::into));
             set("Users", users.map(Into::into));
+            set("TemplateFePath", custom.0.map(Into::into));
+            set("TemplateBePath", custom.1.map(Into::into));
+            set("BackendExtra", custom.2.map(Into::into));
             serde_json::Value::Object(fields)
         })
         .boxed()

@@ -7,6 +7,7 @@ mod chaos;
 mod consul_access;
 mod convergence;
 mod crash;
+mod custom_templates;
 mod data_loss;
 mod dfp_callers;
 mod embedded_registry;

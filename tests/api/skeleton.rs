@@ -274,7 +274,8 @@ impl Baseline {
     /// (exact, wildcard), one `use_backend`, and its redirects with their acl; per TCP
     /// destination a frontend; per destination a backend with its auth lines and
     /// `http-request`/`http-response` rules and one server per distinct instance; per service
-    /// with `users` a userlist.
+    /// with `users` a userlist; a service's `backendExtra` lines in each of its backends (a custom
+    /// fragment must render what the shipped one does: the harness's fragments reproduce it).
     pub fn expected(&self, services: &[(&ServiceSpec, &[Instance])]) -> Vec<String> {
         let mut sections = self.global_and_http.clone();
         let is_frontend = |s: &Section| s.header == "frontend _";
@@ -616,6 +617,13 @@ impl Baseline {
             }
         }
         lines.extend(distinct.iter().map(|_| server.to_string()));
+        // `backendExtra`: the service's own lines, as given.
+        lines.extend(
+            spec.custom_templates()
+                .backend_extra
+                .iter()
+                .map(|line| line.as_str().to_string()),
+        );
         Section {
             header: "backend _".into(),
             lines: lines.iter().map(|line| normalized(line)).collect(),
