@@ -48,11 +48,11 @@ use tokio::task::JoinHandle;
 use crate::certs::{CertInfo, Certificate};
 use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
 use crate::registry::watch::WatchIndex;
-use crate::registry::{ConsulClient, RegistryError};
+use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings};
 use crate::spec::{Instance, ServiceName, ServiceSpec};
 
-use instances::InstanceWatches;
+use instances::{instance_query, InstanceWatches};
 use stored::{SpecStore, StoredSpecs};
 
 /// Most changes applied with one validation and one reload.
@@ -150,7 +150,7 @@ enum Change {
     Stored(StoredSpecs),
     /// The healthy instances of a Consul service, read by its instance watch.
     Instances {
-        consul_service: String,
+        consul_service: InstanceQuery,
         instances: Vec<Instance>,
     },
     /// Stop the core and its watches.
@@ -516,7 +516,7 @@ impl Core {
                     }
                     let instances = self
                         .registry
-                        .healthy_instances(&spec.consul_service_name())
+                        .healthy_instances(&instance_query(spec))
                         .await?;
                     let name = spec.service_name().clone();
                     let routed = Routed {
@@ -552,7 +552,7 @@ impl Core {
                     for routed in candidate.values_mut() {
                         routed.instances = self
                             .registry
-                            .healthy_instances(&routed.spec.consul_service_name())
+                            .healthy_instances(&instance_query(&routed.spec))
                             .await?;
                     }
                     force_reload = true;
@@ -563,7 +563,7 @@ impl Core {
                     instances,
                 } => {
                     for routed in candidate.values_mut() {
-                        if routed.spec.consul_service_name() == *consul_service {
+                        if instance_query(&routed.spec) == *consul_service {
                             routed.instances.clone_from(instances);
                         }
                     }
@@ -655,7 +655,7 @@ impl Core {
             }
             let instances = self
                 .registry
-                .healthy_instances(&spec.consul_service_name())
+                .healthy_instances(&instance_query(spec))
                 .await?;
             let routed = Routed {
                 spec: spec.clone(),
@@ -991,7 +991,7 @@ impl Core {
         let consul_services = self
             .state
             .values()
-            .map(|routed| routed.spec.consul_service_name())
+            .map(|routed| instance_query(&routed.spec))
             .collect();
         self.instance_watches.follow(consul_services);
     }

@@ -18,6 +18,7 @@
 //! `srcPort` forwarding everything).
 
 mod docker_flow;
+mod path_rewrite;
 mod query;
 mod stored;
 pub mod values;
@@ -30,6 +31,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
+pub use path_rewrite::{strip_prefix_rule, PathRewrite, SearchReplace, ServiceTag};
 pub use values::{
     parse_users, AclName, AuthUser, Domain, DomainAlgo, HeaderLine, HeaderName, HeaderValue,
     HttpMethod, PasswordHash, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName,
@@ -88,6 +90,8 @@ pub struct ServiceSpec {
     ssl_verify_none: bool,
     /// `serviceDomainAlgo`: how exact domains match; `None`: `--service-domain-algo`.
     service_domain_algo: Option<DomainAlgo>,
+    /// `serviceTag`: only instances carrying every one of these Consul tags are routed.
+    service_tag: Vec<ServiceTag>,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -146,6 +150,8 @@ pub struct Destination {
     deny_http: bool,
     /// `ignoreAuthorization`: no basic auth on this destination, even with `users`/`--users`.
     ignore_authorization: bool,
+    /// `stripPath.N`, `reqPathSearchReplace.N`: how the path is rewritten for the instances.
+    path_rewrite: PathRewrite,
 }
 
 impl ServiceSpec {
@@ -252,6 +258,11 @@ impl ServiceSpec {
         self.service_domain_algo
     }
 
+    /// The Consul tags an instance must carry to be routed (`serviceTag`); empty: every one.
+    pub fn service_tag(&self) -> &[ServiceTag] {
+        &self.service_tag
+    }
+
     /// The service's own basic-auth users (`users`); empty when it has none.
     pub fn users(&self) -> &[AuthUser] {
         &self.users
@@ -340,6 +351,12 @@ impl ServiceSpec {
         }
         for (position, destination) in spec.destinations.iter().enumerate() {
             destination.check()?;
+            destination.path_rewrite.check(
+                destination.index,
+                destination.req_mode,
+                destination.effective_path_type(&spec),
+                &destination.service_path,
+            )?;
             // Two destinations of one service cannot share a source port unless both are
             // HTTP (then they are simply two rule sets in the same extra frontend).
             let Some(port) = destination.src_port else {
@@ -443,6 +460,11 @@ impl Destination {
     /// Whether this destination is exempt from basic auth (`ignoreAuthorization=true`).
     pub fn ignore_authorization(&self) -> bool {
         self.ignore_authorization
+    }
+
+    /// How the path is rewritten before the request reaches an instance.
+    pub fn path_rewrite(&self) -> &PathRewrite {
+        &self.path_rewrite
     }
 
     fn check(&self) -> Result<(), SpecError> {

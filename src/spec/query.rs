@@ -27,6 +27,7 @@ use super::values::{
     ServiceName, ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS,
     MAX_PATHS_PER_DESTINATION,
 };
+use super::path_rewrite::{parse_service_tags, PathRewrite};
 use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
 /// Where a parameter may appear.
@@ -78,6 +79,12 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("sslVerifyNone", Scope::Service),
     // Docker Flow Proxy compatibility.
     ("serviceDomainAlgo", Scope::Service),
+    // Versioned services on a shared prefix (`path_rewrite.rs`): tagged instances, path rewrites.
+    ("serviceTag", Scope::Service),
+    ("stripPath", Scope::DestinationDefault),
+    ("reqPathSearchReplace", Scope::Destination),
+    ("reqPathSearch", Scope::Destination),
+    ("reqPathReplace", Scope::Destination),
 ];
 
 // Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
@@ -554,6 +561,7 @@ pub(crate) fn build_spec(
             .map(|v| parse_flag(&name("ignoreAuthorization"), v))
             .transpose()?
             .unwrap_or(false);
+        let path_rewrite = PathRewrite::parse(params, name)?;
         destinations.push(Destination {
             index,
             service_path,
@@ -569,8 +577,14 @@ pub(crate) fn build_spec(
             denied_methods,
             deny_http,
             ignore_authorization,
+            path_rewrite,
         });
     }
+    let service_tag = service
+        .get("serviceTag")
+        .map(|v| parse_service_tags("serviceTag", &items(v)))
+        .transpose()?
+        .unwrap_or_default();
 
     ServiceSpec::checked(ServiceSpec {
         service_name,
@@ -585,6 +599,7 @@ pub(crate) fn build_spec(
         verify_client_ssl,
         ssl_verify_none,
         service_domain_algo,
+        service_tag,
     })
     .map(|spec| (spec, raw.ignored.clone()))
 }

@@ -12,13 +12,15 @@
 //!     { "Index": 0, "ServicePath": ["/demo"], "ServiceDomain": [], "PathType": null,
 //!       "Port": null, "SrcPort": null, "ReqMode": "http", "IgnoreAuthorization": false,
 //!       "HttpsOnly": false, "HttpsRedirectCode": null, "RedirectFromDomain": [],
-//!       "AllowedMethods": [], "DeniedMethods": [], "DenyHttp": false }
+//!       "AllowedMethods": [], "DeniedMethods": [], "DenyHttp": false,
+//!       "StripPath": false, "ReqPathSearchReplace": [] }
 //!   ],
 //!   "RedirectWhenHttpProto": false,
 //!   "AddReqHeader": [], "SetReqHeader": [], "DelReqHeader": [],
 //!   "AddResHeader": [], "SetResHeader": [], "DelResHeader": [],
 //!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ],
-//!   "ServiceDomainAlgo": null
+//!   "ServiceDomainAlgo": null,
+//!   "ServiceTag": []
 //! }
 //! ```
 //!
@@ -34,6 +36,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::query::indexed;
+use super::path_rewrite::{parse_service_tags, PathRewrite};
 use super::query::MAX_INDEX;
 use super::values::{parse_list, spec_error, AclName, Domain, DomainAlgo, PathType, Port, ReqMode};
 use super::values::{AuthUser, PasswordHash, UserName};
@@ -83,6 +86,9 @@ pub(super) struct StoredSpec {
     /// `hdr`, `hdr_beg`, `hdr_end` or `hdr_dom`; `null`: `--service-domain-algo`.
     #[serde(default)]
     service_domain_algo: Option<String>,
+    /// `serviceTag`: the Consul tags an instance must carry.
+    #[serde(default)]
+    service_tag: Vec<String>,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -124,6 +130,11 @@ pub(super) struct StoredDestination {
     denied_methods: Vec<String>,
     #[serde(default)]
     deny_http: bool,
+    #[serde(default)]
+    strip_path: bool,
+    /// `search,replace` pairs, in order.
+    #[serde(default)]
+    req_path_search_replace: Vec<String>,
 }
 
 fn texts<T: ToString>(items: &[T]) -> Vec<String> {
@@ -160,6 +171,7 @@ impl From<ServiceSpec> for StoredSpec {
             acl_name: spec.acl_name.map(|a| a.as_str().to_string()),
             skip_check: spec.skip_check,
             service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
+            service_tag: texts(&spec.service_tag),
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -183,6 +195,8 @@ impl From<ServiceSpec> for StoredSpec {
                     denied_methods: texts(&d.denied_methods),
                     deny_http: d.deny_http,
                     ignore_authorization: d.ignore_authorization,
+                    strip_path: d.path_rewrite.strip_path(),
+                    req_path_search_replace: d.path_rewrite.stored_pairs(),
                 })
                 .collect(),
             users: spec
@@ -305,6 +319,11 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                     HttpMethod::parse,
                 )?,
                 deny_http: dest.deny_http,
+                path_rewrite: PathRewrite::from_stored(
+                    index,
+                    dest.strip_path,
+                    &dest.req_path_search_replace,
+                )?,
             });
         }
         let headers = HeaderRules {
@@ -354,6 +373,10 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .as_deref()
                 .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
                 .transpose()?,
+            service_tag: {
+                let tags: Vec<&str> = stored.service_tag.iter().map(String::as_str).collect();
+                parse_service_tags("serviceTag", &tags)?
+            },
         })
     }
 }
