@@ -315,3 +315,64 @@ async fn a_regex_haproxy_rejects_is_refused_with_its_own_message() {
     );
     assert_eq!(received(&proxy, "/legacy/x").await.1, "/x");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_answers_with_the_passing_instances_carrying_every_tag() {
+    use flow_proxy::registry::{ConsulClient, InstanceQuery};
+
+    let proxy = TestProxy::spawn().await;
+    let register = |id: &'static str, port: u16, tags: &'static [&'static str], check| {
+        let body = serde_json::json!({
+            "ID": id, "Name": "hello", "Port": port, "Address": "127.0.0.1", "Tags": tags,
+            "Check": check,
+        });
+        let request = proxy
+            .http()
+            .put(format!(
+                "http://{}/v1/agent/service/register",
+                proxy.registry_address()
+            ))
+            .json(&body);
+        async move {
+            let response = request.send().await.expect("registry answers");
+            assert_eq!(response.status(), StatusCode::OK, "register {id}");
+        }
+    };
+    register("both", 9001, &["rest", "v1"], serde_json::Value::Null).await;
+    // Consul compares tags without regard to case.
+    register("rest-upper", 9002, &["REST"], serde_json::Value::Null).await;
+    register("v1-only", 9003, &["v1"], serde_json::Value::Null).await;
+    // A TTL check starts critical: tagged, but not passing.
+    let critical = serde_json::json!({ "TTL": "60s" });
+    register("both-critical", 9004, &["rest", "v1"], critical).await;
+
+    let client = ConsulClient::new(&[proxy.registry_address()], None);
+    let ports = |query: InstanceQuery| {
+        let client = client.clone();
+        async move {
+            let mut ports: Vec<u16> = client
+                .healthy_instances(&query)
+                .await
+                .expect("the registry answers")
+                .iter()
+                .map(|instance| instance.port())
+                .collect();
+            ports.sort();
+            ports
+        }
+    };
+    let tags = |list: &[&str]| list.iter().map(|tag| tag.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        ports(InstanceQuery::new("hello", tags(&["rest", "v1"]))).await,
+        [9001]
+    );
+    assert_eq!(
+        ports(InstanceQuery::new("hello", tags(&["rest"]))).await,
+        [9001, 9002]
+    );
+    assert_eq!(
+        ports(InstanceQuery::untagged("hello")).await,
+        [9001, 9002, 9003]
+    );
+    assert!(ports(InstanceQuery::new("hello", tags(&["v2"]))).await.is_empty());
+}
