@@ -24,7 +24,9 @@ use crate::spec::ServiceSpec;
 pub(super) fn instance_query(spec: &ServiceSpec) -> InstanceQuery {
     InstanceQuery::new(
         spec.consul_service_name(),
-        spec.service_tag().iter().map(|tag| tag.as_str().to_string()),
+        spec.service_tag()
+            .iter()
+            .map(|tag| tag.as_str().to_string()),
     )
 }
 

@@ -569,7 +569,8 @@ mod tests {
         let client = ConsulClient::new(&[address], None);
         let instances = client
             .healthy_instances(&InstanceQuery::untagged("web"))
-            .await.expect("readable");
+            .await
+            .expect("readable");
         let served: Vec<(String, u16)> = instances
             .iter()
             .map(|instance| (instance.address().to_string(), instance.port()))

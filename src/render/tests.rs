@@ -1007,7 +1007,7 @@ fn path_rewrites_are_the_last_request_lines_of_the_backend_strip_first() {
             ("serviceName", "hello"),
             ("servicePath", "/hello/v1,/hello/v1/api"),
             ("stripPath", "true"),
-            ("reqPathSearchReplace", "/old/,/new/:v([0-9]),version-\\1"),
+            ("reqPathSearchReplace", "/old/,/new/:/v([0-9]),/version-\\1"),
             ("setReqHeader", "X-Version 1"),
         ]),
         vec![inst("127.0.0.1", 8081)],
@@ -1023,7 +1023,7 @@ fn path_rewrites_are_the_last_request_lines_of_the_backend_strip_first() {
     );
     let second = line_of(
         &text,
-        "http-request replace-path '^(.*?)(v([0-9]))(.*)$' '\\1version-\\3\\4'",
+        "http-request replace-path '^(.*?)(/v([0-9]))(.*)$' '\\1/version-\\3\\4'",
     );
     let header = line_of(&text, "http-request set-header X-Version \"1\"");
     assert!(header < strip && strip < first && first < second, "{text}");

@@ -601,15 +601,10 @@ fn path_rewrites(destination: &Destination) -> Vec<PathRewriteView> {
         let (regex, format) = strip_prefix_rule(destination.service_path());
         views.push(PathRewriteView { regex, format });
     }
-    views.extend(
-        rewrite
-            .search_replace()
-            .iter()
-            .map(|pair| PathRewriteView {
-                regex: pair.haproxy_regex(),
-                format: pair.haproxy_format(),
-            }),
-    );
+    views.extend(rewrite.search_replace().iter().map(|pair| PathRewriteView {
+        regex: pair.haproxy_regex(),
+        format: pair.haproxy_format(),
+    }));
     views
 }
 

@@ -18,8 +18,8 @@
 //! no whitespace and no `#`, and everything else is checked here: the search is a regex of a
 //! restricted syntax (balanced groups, known escapes, no `(?`/`(*` constructs or backreferences,
 //! at most [`MAX_SEARCH_GROUPS`] groups, so the wrapper's groups keep their numbers), and the
-//! replacement is path text with `\0`–`\N` backreferences (its `%` are doubled for HAProxy's
-//! log-format). A regex HAProxy's engine still refuses (`[z-a]`) is refused by `haproxy -c`.
+//! replacement is path text starting with `/` with `\0`–`\N` backreferences (its `%` are
+//! doubled for HAProxy's log-format), so every rewritten path still starts with `/`. A regex HAProxy's engine still refuses (`[z-a]`) is refused by `haproxy -c`.
 
 use std::collections::BTreeMap;
 
@@ -56,7 +56,10 @@ impl ServiceTag {
         if value.chars().count() > MAX_TAG_LEN {
             return Err(spec_error(
                 parameter,
-                format!("{} is too long: at most {MAX_TAG_LEN} characters", shown(value)),
+                format!(
+                    "{} is too long: at most {MAX_TAG_LEN} characters",
+                    shown(value)
+                ),
             ));
         }
         let allowed =
@@ -198,7 +201,10 @@ impl PathRewrite {
 
     /// The pairs as stored (`search,replace` each).
     pub(crate) fn stored_pairs(&self) -> Vec<String> {
-        self.search_replace.iter().map(SearchReplace::as_pair).collect()
+        self.search_replace
+            .iter()
+            .map(SearchReplace::as_pair)
+            .collect()
     }
 
     /// The rules between this group and the rest of destination `index`.
@@ -364,8 +370,7 @@ impl SearchReplace {
 /// quote, whitespace, `#`, `,` or `:` (the separators of the pairs), `<` or `>`.
 fn is_search_char(c: char) -> bool {
     c != ':'
-        && (is_path_char(c)
-            || matches!(c, '^' | '$' | '[' | ']' | '{' | '}' | '|' | '?' | '\\'))
+        && (is_path_char(c) || matches!(c, '^' | '$' | '[' | ']' | '{' | '}' | '|' | '?' | '\\'))
 }
 
 /// Characters a backslash may escape in a search.
@@ -482,8 +487,21 @@ fn check_escape(parameter: &str, search: &str, escaped: Option<char>) -> Result<
 }
 
 /// Checks a replacement: path characters (`:` and `%` included) and backreferences `\0`–`\N`
-/// to the search's `groups`; may be empty.
+/// to the search's `groups`, starting with `/`. A path starts with `/`, so text before the match
+/// does too; the replacement must as well, or a match at the start would leave a path without
+/// its `/` (an empty one, which the instance cannot read, or one that runs into the host of an
+/// absolute URI, as HTTP/2 requests carry).
 fn check_replace(parameter: &str, replace: &str, groups: usize) -> Result<(), SpecError> {
+    if !replace.starts_with('/') {
+        return Err(spec_error(
+            parameter,
+            format!(
+                "the replacement {} must start with `/`, so the rewritten path stays a path \
+                 (to remove a segment, put the `/` before it in both: `/v1/,/`)",
+                shown(replace)
+            ),
+        ));
+    }
     if replace.chars().count() > MAX_REWRITE_LEN {
         return Err(spec_error(
             parameter,
@@ -609,7 +627,17 @@ mod tests {
     #[test]
     fn bad_service_tags_are_refused_naming_the_parameter() {
         let base = [("serviceName", "hello"), ("servicePath", "/hello")];
-        for bad in ["", "a b", "rest&tag=x", "a#b", "rest,", "x,x", "é", "a%20b", "a+b"] {
+        for bad in [
+            "",
+            "a b",
+            "rest&tag=x",
+            "a#b",
+            "rest,",
+            "x,x",
+            "é",
+            "a%20b",
+            "a+b",
+        ] {
             let mut pairs = base.to_vec();
             pairs.push(("serviceTag", bad));
             refused(&pairs, "serviceTag");
@@ -690,7 +718,7 @@ mod tests {
         let spec = accepted(&[
             ("serviceName", "hello"),
             ("servicePath", "/hello"),
-            ("reqPathSearchReplace", "/hello/,/:v([0-9]+),version-\\1"),
+            ("reqPathSearchReplace", "/hello/,/:/v([0-9]+),/version-\\1"),
         ]);
         let [destination] = spec.destinations() else {
             panic!("one destination: {spec:?}")
@@ -701,11 +729,11 @@ mod tests {
             .iter()
             .map(|p| (p.search(), p.replace()))
             .collect();
-        assert_eq!(pairs, [("/hello/", "/"), ("v([0-9]+)", "version-\\1")]);
+        assert_eq!(pairs, [("/hello/", "/"), ("/v([0-9]+)", "/version-\\1")]);
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(
             json["ServiceDest"][0]["ReqPathSearchReplace"],
-            serde_json::json!(["/hello/,/", "v([0-9]+),version-\\1"])
+            serde_json::json!(["/hello/,/", "/v([0-9]+),/version-\\1"])
         );
         let back: ServiceSpec = serde_json::from_value(json).unwrap();
         assert_eq!(back, spec);
@@ -756,29 +784,29 @@ mod tests {
     #[test]
     fn searches_that_could_escape_their_word_or_change_the_wrapper_are_refused() {
         let bad_searches = [
-            "",               // empty
-            "a b",            // a space ends the word
-            "a'b",            // a quote ends the single-quoted word
-            "a\"b",           // quote
-            "a#b",            // a comment
-            "a\nb",           // a new line
-            "a\tb",           // tab
-            "a<b",            // named groups
-            "(?i)a",          // inline flags
-            "(?=a)b",         // lookaround
-            "(*UTF)a",        // verbs
-            "a)(b",           // unbalanced
-            "(a",             // never closed
-            "a)",             // no opening
-            "[a",             // class never closed
-            "a\\",            // lone backslash escapes the wrapper's `(`
-            "(a)\\1",         // a backreference would point into the wrapper
-            "\\Qa",           // quoting would swallow the wrapper
-            "\\x41",          // unknown escapes
-            "*a",             // nothing to repeat: `(*` once wrapped
-            "?a",             // `(?` once wrapped
+            "",                      // empty
+            "a b",                   // a space ends the word
+            "a'b",                   // a quote ends the single-quoted word
+            "a\"b",                  // quote
+            "a#b",                   // a comment
+            "a\nb",                  // a new line
+            "a\tb",                  // tab
+            "a<b",                   // named groups
+            "(?i)a",                 // inline flags
+            "(?=a)b",                // lookaround
+            "(*UTF)a",               // verbs
+            "a)(b",                  // unbalanced
+            "(a",                    // never closed
+            "a)",                    // no opening
+            "[a",                    // class never closed
+            "a\\",                   // lone backslash escapes the wrapper's `(`
+            "(a)\\1",                // a backreference would point into the wrapper
+            "\\Qa",                  // quoting would swallow the wrapper
+            "\\x41",                 // unknown escapes
+            "*a",                    // nothing to repeat: `(*` once wrapped
+            "?a",                    // `(?` once wrapped
             "(a)(b)(c)(d)(e)(f)(g)", // more groups than `\9` reaches
-            "é",              // not ASCII
+            "é",                     // not ASCII
         ];
         for search in bad_searches {
             let value = format!("{search},/");
@@ -796,7 +824,10 @@ mod tests {
 
     #[test]
     fn replacements_are_path_text_with_known_backreferences() {
-        for bad in ["a b", "a'b", "a#b", "\\2", "\\x", "\\", "a\"b", "{x}", "a$b", "[x]", "<"] {
+        for bad in [
+            "/a b", "/a'b", "/a#b", "/\\2", "/\\x", "/\\", "/a\"b", "/{x}", "/a$b", "/[x]", "/<",
+            "", "x", "\\1", "%2F",
+        ] {
             let value = format!("(x),{bad}");
             refused(
                 &[
@@ -826,11 +857,11 @@ mod tests {
             ],
             "reqPathSearchReplace",
         );
-        // Empty replacements delete the match, as in Docker Flow Proxy.
+        // A segment is removed with the slash before it in both.
         accepted(&[
             ("serviceName", "hello"),
             ("servicePath", "/hello"),
-            ("reqPathSearchReplace", "/hello,"),
+            ("reqPathSearchReplace", "/hello/,/"),
         ]);
     }
 
@@ -842,8 +873,8 @@ mod tests {
         let plain = pair("/hello/", "/");
         assert_eq!(plain.haproxy_regex(), "^(.*?)(/hello/)(.*)$");
         assert_eq!(plain.haproxy_format(), "\\1/\\3");
-        let classes = pair("[()|]\\.\\d(a|b)", "");
-        assert_eq!(classes.haproxy_format(), "\\1\\4");
+        let classes = pair("[()|]\\.\\d(a|b)", "/");
+        assert_eq!(classes.haproxy_format(), "\\1/\\4");
     }
 
     #[test]

@@ -21,13 +21,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::path_rewrite::{parse_service_tags, PathRewrite};
 use super::values::{
     parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, DomainAlgo,
     HeaderLine, HeaderName, HttpMethod, PathType, Port, RedirectCode, ReqMode, ServiceColor,
     ServiceName, ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS,
     MAX_PATHS_PER_DESTINATION,
 };
-use super::path_rewrite::{parse_service_tags, PathRewrite};
 use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
 
 /// Where a parameter may appear.

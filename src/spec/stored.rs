@@ -35,8 +35,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::query::indexed;
 use super::path_rewrite::{parse_service_tags, PathRewrite};
+use super::query::indexed;
 use super::query::MAX_INDEX;
 use super::values::{parse_list, spec_error, AclName, Domain, DomainAlgo, PathType, Port, ReqMode};
 use super::values::{AuthUser, PasswordHash, UserName};

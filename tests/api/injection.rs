@@ -7,8 +7,10 @@
 //! that `haproxy -c` accepts without warnings (a `path_reg` pattern HAProxy's regex engine
 //! refuses is the one allowed refusal there: the API answers 400 with HAProxy's message).
 //!
-//! Every parameter is generated, the edge rules (redirects, header and method rules) and basic
-//! auth included, and each case is rendered under one of several profiles ([`profiles`]): plain
+//! Every parameter is generated, the edge rules (redirects, header and method rules), basic
+//! auth, `serviceTag` and the path rewrites (`stripPath`, `reqPathSearchReplace`, whose regexes
+//! are written single-quoted; a regex HAProxy's engine refuses is allowed there as for
+//! `path_reg`) included, and each case is rendered under one of several profiles ([`profiles`]): plain
 //! HTTP, with an HTTPS frontend (a crt-list of a real certificate), with `--https-only`,
 //! `--users` and the stats page on its own port, on the HTTPS port or on the main port. A
 //! further property checks that a clear password never reaches the config, the stored spec or
@@ -284,9 +286,10 @@ fn check_specs(
 }
 
 fn uses_path_reg(spec: &ServiceSpec) -> bool {
-    spec.destinations()
-        .iter()
-        .any(|d| d.effective_path_type(spec) == PathType::PathReg && !d.service_path().is_empty())
+    spec.destinations().iter().any(|d| {
+        (d.effective_path_type(spec) == PathType::PathReg && !d.service_path().is_empty())
+            || !d.path_rewrite().search_replace().is_empty()
+    })
 }
 
 /// Whether HAProxy's only complaint is a regular expression that does not compile.
@@ -541,15 +544,22 @@ fn destination(index: u16) -> BoxedStrategy<Vec<(String, String)>> {
                 .filter_map(|(base, value)| value.map(|v| (name(base), v)))
                 .collect::<Vec<_>>()
         });
-    let http = (http, destination_edge_rules()).prop_map(move |(mut pairs, edge)| {
-        let has_domain = pairs.iter().any(|(n, _)| n.starts_with("serviceDomain"));
-        pairs.extend(
-            edge.into_iter()
-                .filter(|(base, _)| base != "redirectFromDomain" || has_domain)
-                .map(|(base, value)| (name(&base), value)),
-        );
-        pairs
-    });
+    let http = (http, destination_edge_rules(), destination_path_rewrites()).prop_map(
+        move |(mut pairs, edge, rewrites)| {
+            let has_domain = pairs.iter().any(|(n, _)| n.starts_with("serviceDomain"));
+            pairs.extend(
+                edge.into_iter()
+                    .filter(|(base, _)| base != "redirectFromDomain" || has_domain)
+                    .map(|(base, value)| (name(&base), value)),
+            );
+            pairs.extend(
+                rewrites
+                    .into_iter()
+                    .map(|(base, value)| (name(&base), value)),
+            );
+            pairs
+        },
+    );
     prop_oneof![8 => http, 1 => tcp].boxed()
 }
 
@@ -609,6 +619,76 @@ fn destination_edge_rules() -> BoxedStrategy<Vec<(String, String)>> {
             },
         )
         .boxed()
+}
+
+// Versioned services: serviceTag, stripPath, reqPathSearchReplace (`path_rewrite.rs`).
+
+/// A regex search: mostly plausible (groups, classes, escapes, anchors), sometimes with
+/// characters HAProxy's parser or the wrapper `^(.*?)(…)(.*)$` would read specially.
+fn search_item() -> BoxedStrategy<String> {
+    prop_oneof![
+        12 => "/[a-z0-9]{1,6}/?",
+        6 => "\\^?/[a-z]{1,4}(\\([a-z0-9|]{1,4}\\))?(\\[[a-z0-9^\\]-]{1,4}\\])?[*+?]?\\$?",
+        2 => "(\\\\[dDwWsSbB./()\\[\\]{}|^$*+?%]|[a-z/]){1,8}",
+        1 => "[a-z0-9/.()|\\[\\]{}^$*+?\\\\%!&;=@~_-]{1,12}",
+        1 => nasty(),
+    ]
+    .boxed()
+}
+
+/// A replacement: path text, sometimes with backreferences or anything nasty.
+fn replace_item() -> BoxedStrategy<String> {
+    prop_oneof![
+        12 => "(/[a-z0-9%:.-]{0,6}){1,3}",
+        2 => "/(/[a-z0-9%:.-]{0,6}|\\\\0){0,4}",
+        1 => nasty(),
+    ]
+    .boxed()
+}
+
+/// `search,replace:search2,replace2`.
+fn search_replace_value() -> BoxedStrategy<String> {
+    prop_oneof![
+        12 => proptest::collection::vec((search_item(), replace_item()), 1..3),
+        1 => proptest::collection::vec((search_item(), replace_item()), 15..18),
+    ]
+    .prop_map(|pairs| {
+        pairs
+            .into_iter()
+            .map(|(search, replace)| format!("{search},{replace}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    })
+    .boxed()
+}
+
+/// The path rewrites of one HTTP destination a user might add (by base name).
+fn destination_path_rewrites() -> BoxedStrategy<Vec<(String, String)>> {
+    (
+        proptest::option::weighted(0.08, one_of(FLAGS)),
+        proptest::option::weighted(0.1, search_replace_value()),
+        proptest::option::weighted(0.03, (search_item(), replace_item())),
+    )
+        .prop_map(|(strip, pairs, old_pair)| {
+            let mut fields = Vec::new();
+            fields.extend(strip.map(|v| ("stripPath".to_string(), v)));
+            fields.extend(pairs.map(|v| ("reqPathSearchReplace".to_string(), v)));
+            if let Some((search, replace)) = old_pair {
+                fields.push(("reqPathSearch".to_string(), search));
+                fields.push(("reqPathReplace".to_string(), replace));
+            }
+            fields
+        })
+        .boxed()
+}
+
+/// A `serviceTag` value: Consul tags, sometimes anything.
+fn service_tag_value() -> BoxedStrategy<String> {
+    prop_oneof![
+        8 => proptest::collection::vec("[a-zA-Z0-9_.:/@-]{1,10}", 1..4).prop_map(|t| t.join(",")),
+        1 => nasty(),
+    ]
+    .boxed()
 }
 
 /// A header name: mostly plausible, sometimes with characters HAProxy reads specially.
@@ -714,14 +794,16 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
         proptest::option::weighted(0.2, one_of(&["true", "false", "1", "0"])),
         proptest::option::weighted(0.2, one_of(PATH_TYPES)),
         service_edge_rules(),
+        proptest::option::weighted(0.15, service_tag_value()),
     )
-        .prop_map(|(service, color, acl, skip, path_type, edge)| {
+        .prop_map(|(service, color, acl, skip, path_type, edge, tag)| {
             let mut pairs = vec![("serviceName".to_string(), service)];
             let optional = [
                 ("serviceColor", color),
                 ("aclName", acl),
                 ("skipCheck", skip),
                 ("pathType", path_type),
+                ("serviceTag", tag),
             ];
             pairs.extend(
                 optional
@@ -820,6 +902,11 @@ fn value_for(base: &str) -> BoxedStrategy<String> {
         "addReqHeader" | "setReqHeader" | "addResHeader" | "setResHeader" => list(header_line()),
         "delReqHeader" | "delResHeader" => list(header_name()),
         "allowedMethods" | "deniedMethods" => methods(),
+        "serviceTag" => service_tag_value(),
+        "stripPath" => one_of(&["true", "false", "1", "0", "yes"]),
+        "reqPathSearchReplace" => search_replace_value(),
+        "reqPathSearch" => search_item(),
+        "reqPathReplace" => replace_item(),
         "users" => prop_oneof![
             3 => list(clear_user()),
             1 => proptest::collection::vec(("[a-z]{1,8}", password_hash()), 1..3).prop_map(
@@ -862,6 +949,11 @@ const NAMES: &[&str] = &[
     "users",
     "usersPassEncrypted",
     "ignoreAuthorization",
+    "serviceTag",
+    "stripPath",
+    "reqPathSearchReplace",
+    "reqPathSearch",
+    "reqPathReplace",
 ];
 
 /// A parameter name: a known one with a destination suffix (good or bad), or anything.
@@ -1098,10 +1190,14 @@ fn stored_edge_rules() -> BoxedStrategy<serde_json::Value> {
         proptest::option::weighted(0.1, stored_list(method_item())),
         proptest::option::weighted(0.1, any::<bool>()),
         proptest::option::weighted(0.1, any::<bool>()),
+        stored_path_rewrites(),
     )
         .prop_map(
-            |(https_only, code, from_domain, allowed, denied, deny_http, ignore_auth)| {
+            |(https_only, code, from_domain, allowed, denied, deny_http, ignore_auth, rewrites)| {
                 let mut fields = serde_json::Map::new();
+                if let serde_json::Value::Object(rewrites) = rewrites {
+                    fields.extend(rewrites);
+                }
                 let mut set = |key: &str, value: Option<serde_json::Value>| {
                     if let Some(value) = value {
                         fields.insert(key.to_string(), value);
@@ -1120,6 +1216,26 @@ fn stored_edge_rules() -> BoxedStrategy<serde_json::Value> {
         .boxed()
 }
 
+/// `StripPath` and `ReqPathSearchReplace` of a stored destination (only the fields set).
+fn stored_path_rewrites() -> BoxedStrategy<serde_json::Value> {
+    let pair = (search_item(), replace_item()).prop_map(|(s, r)| format!("{s},{r}"));
+    (
+        proptest::option::weighted(0.15, any::<bool>()),
+        proptest::option::weighted(0.2, stored_list(pair.boxed())),
+    )
+        .prop_map(|(strip, pairs)| {
+            let mut fields = serde_json::Map::new();
+            if let Some(strip) = strip {
+                fields.insert("StripPath".into(), strip.into());
+            }
+            if let Some(pairs) = pairs {
+                fields.insert("ReqPathSearchReplace".into(), pairs.into());
+            }
+            serde_json::Value::Object(fields)
+        })
+        .boxed()
+}
+
 /// The service-wide rules and users of a stored spec (only the fields set): a stored password
 /// must be a crypt hash, a clear one is refused.
 fn stored_service_rules() -> BoxedStrategy<serde_json::Value> {
@@ -1135,8 +1251,12 @@ fn stored_service_rules() -> BoxedStrategy<serde_json::Value> {
         (lines(), lines(), names()),
         (lines(), lines(), names()),
         proptest::option::weighted(0.15, proptest::collection::vec(user, 0..3)),
+        proptest::option::weighted(
+            0.1,
+            stored_list(prop_oneof![4 => "[a-zA-Z0-9_.:/@-]{1,10}", 1 => nasty()].boxed()),
+        ),
     )
-        .prop_map(|(proto, request, response, users)| {
+        .prop_map(|(proto, request, response, users, tags)| {
             let mut fields = serde_json::Map::new();
             let mut set = |key: &str, value: Option<serde_json::Value>| {
                 if let Some(value) = value {
@@ -1151,6 +1271,7 @@ fn stored_service_rules() -> BoxedStrategy<serde_json::Value> {
             set("SetResHeader", response.1.map(Into::into));
             set("DelResHeader", response.2.map(Into::into));
             set("Users", users.map(Into::into));
+            set("ServiceTag", tags.map(Into::into));
             serde_json::Value::Object(fields)
         })
         .boxed()
@@ -1275,7 +1396,17 @@ fn the_largest_accepted_spec_renders_a_config_haproxy_accepts() {
         pairs.push((name("serviceDomain"), domains.join(",")));
         if index % 2 == 1 {
             pairs.push((name("pathType"), "path_reg".to_string()));
+            // Not the unsuffixed destination's stripPath: a path_reg pattern has no prefix.
+            pairs.push((name("stripPath"), "false".to_string()));
+        } else {
+            pairs.push((name("stripPath"), "true".to_string()));
         }
+        // The most search/replace pairs, each as long as allowed, with the most groups.
+        let search = format!("/(a)(b)(c)(d)(e)(f){}", "x".repeat(237));
+        let replace = format!("/\\6{}", "r".repeat(253));
+        assert_eq!((search.len(), replace.len()), (256, 256));
+        let all_pairs = vec![format!("{search},{replace}"); 16].join(":");
+        pairs.push((name("reqPathSearchReplace"), all_pairs));
     }
     let spec = ServiceSpec::from_query(&pairs).expect("the largest spec is accepted");
     assert_eq!(spec.destinations().len(), 64);

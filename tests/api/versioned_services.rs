@@ -98,8 +98,12 @@ async fn two_versions_on_a_shared_prefix_each_receive_the_path_without_it() {
     let proxy = TestProxy::spawn().await;
     let v1 = path_backend("v1").await;
     let v2 = path_backend("v2").await;
-    proxy.register_instance("hello-v1", "hello-v1.1", v1.port).await;
-    proxy.register_instance("hello-v2", "hello-v2.1", v2.port).await;
+    proxy
+        .register_instance("hello-v1", "hello-v1.1", v1.port)
+        .await;
+    proxy
+        .register_instance("hello-v2", "hello-v2.1", v2.port)
+        .await;
     proxy
         .reconfigure_ok("serviceName=hello-v1&servicePath=/hello/v1&stripPath=true")
         .await;
@@ -112,8 +116,14 @@ async fn two_versions_on_a_shared_prefix_each_receive_the_path_without_it() {
         ("v1".into(), "/x?q=1".into()),
         "the prefix is gone, the query string kept"
     );
-    assert_eq!(received(&proxy, "/hello/v1").await, ("v1".into(), "/".into()));
-    assert_eq!(received(&proxy, "/hello/v1/").await, ("v1".into(), "/".into()));
+    assert_eq!(
+        received(&proxy, "/hello/v1").await,
+        ("v1".into(), "/".into())
+    );
+    assert_eq!(
+        received(&proxy, "/hello/v1/").await,
+        ("v1".into(), "/".into())
+    );
     assert_eq!(
         received(&proxy, "/hello/v2/users/7?page=2&sort=name").await,
         ("v2".into(), "/users/7?page=2&sort=name".into())
@@ -190,9 +200,7 @@ async fn several_tags_must_all_be_carried_and_two_routes_split_one_consul_servic
     // Two routes read the one Consul service `hello-blue` (`hello` in color `blue` is the same
     // Consul service): `/v1` takes the instances tagged rest and v1, `/v2` rest and v2.
     proxy
-        .reconfigure_ok(
-            "serviceName=hello-blue&servicePath=/v1&serviceTag=rest,v1&stripPath=true",
-        )
+        .reconfigure_ok("serviceName=hello-blue&servicePath=/v1&serviceTag=rest,v1&stripPath=true")
         .await;
     proxy
         .reconfigure_ok(
@@ -204,7 +212,14 @@ async fn several_tags_must_all_be_carried_and_two_routes_split_one_consul_servic
 
     // Tagging the v1 instance with v2 as well (Registrator re-registers it) brings it into `/v2`
     // through that route's own watch, and `/v1` stays as it was.
-    register_tagged(&proxy, "hello-blue", "hello.v1", v1.port, &["rest", "v1", "v2"]).await;
+    register_tagged(
+        &proxy,
+        "hello-blue",
+        "hello.v1",
+        v1.port,
+        &["rest", "v1", "v2"],
+    )
+    .await;
     eventually("the re-tagged instance answers on /v2", WATCH, || async {
         answering(&proxy, "/v2/x").await == names(&["v1", "v2"])
     })
@@ -216,8 +231,10 @@ async fn several_tags_must_all_be_carried_and_two_routes_split_one_consul_servic
 async fn a_search_replace_rewrite_shows_in_the_path_the_backend_got() {
     let proxy = TestProxy::spawn().await;
     let legacy = path_backend("legacy").await;
-    proxy.register_instance("legacy", "legacy.1", legacy.port).await;
-    // `/legacy/,/:/v([0-9]+)/,/version-\1/`, percent-encoded: the first pair removes the prefix
+    proxy
+        .register_instance("legacy", "legacy.1", legacy.port)
+        .await;
+    // `/legacy/,/:/v(\d+)/,/version-\1/`, percent-encoded: the first pair removes the prefix
     // (Docker Flow Proxy's usual use), the second renames a versioned segment with a group.
     proxy
         .reconfigure_ok(
@@ -233,9 +250,14 @@ async fn a_search_replace_rewrite_shows_in_the_path_the_backend_got() {
 
     // Docker Flow Proxy's older pair of parameters: one search and one replacement.
     proxy
-        .reconfigure_ok("serviceName=legacy&servicePath=/legacy&reqPathSearch=/legacy&reqPathReplace=/api")
+        .reconfigure_ok(
+            "serviceName=legacy&servicePath=/legacy&reqPathSearch=/legacy&reqPathReplace=/api",
+        )
         .await;
-    assert_eq!(received(&proxy, "/legacy/items?x=1").await.1, "/api/items?x=1");
+    assert_eq!(
+        received(&proxy, "/legacy/items?x=1").await.1,
+        "/api/items?x=1"
+    );
 
     // With stripPath, the pairs see the path without the prefix.
     proxy
@@ -250,7 +272,9 @@ async fn a_search_replace_rewrite_shows_in_the_path_the_backend_got() {
 async fn bad_values_are_refused_naming_the_parameter_and_change_nothing() {
     let proxy = TestProxy::spawn().await;
     let legacy = path_backend("legacy").await;
-    proxy.register_instance("legacy", "legacy.1", legacy.port).await;
+    proxy
+        .register_instance("legacy", "legacy.1", legacy.port)
+        .await;
     proxy
         .reconfigure_ok("serviceName=legacy&servicePath=/legacy&stripPath=true")
         .await;
@@ -265,8 +289,13 @@ async fn bad_values_are_refused_naming_the_parameter_and_change_nothing() {
         ("reqPathSearchReplace=/a',/b", "reqPathSearchReplace"),
         ("reqPathSearchReplace=/a%20b,/b", "reqPathSearchReplace"),
         ("reqPathSearchReplace=/a%23x,/b", "reqPathSearchReplace"),
-        ("reqPathSearchReplace=/a,/b%0Abackend%20x", "reqPathSearchReplace"),
+        (
+            "reqPathSearchReplace=/a,/b%0Abackend%20x",
+            "reqPathSearchReplace",
+        ),
         ("reqPathSearchReplace=(a,/b", "reqPathSearchReplace"),
+        // A replacement must start with `/`, so the rewritten path stays a path.
+        ("reqPathSearchReplace=/a,b", "reqPathSearchReplace"),
         ("reqPathSearchReplace=/a,%5C3", "reqPathSearchReplace"),
         ("reqPathSearchReplace=/a", "reqPathSearchReplace"),
         ("reqPathSearch=/a", "reqPathSearch"),
@@ -289,7 +318,9 @@ async fn bad_values_are_refused_naming_the_parameter_and_change_nothing() {
 async fn a_regex_haproxy_rejects_is_refused_with_its_own_message() {
     let proxy = TestProxy::spawn().await;
     let legacy = path_backend("legacy").await;
-    proxy.register_instance("legacy", "legacy.1", legacy.port).await;
+    proxy
+        .register_instance("legacy", "legacy.1", legacy.port)
+        .await;
     proxy
         .reconfigure_ok("serviceName=legacy&servicePath=/legacy&stripPath=true")
         .await;
@@ -374,5 +405,7 @@ async fn the_registry_answers_with_the_passing_instances_carrying_every_tag() {
         ports(InstanceQuery::untagged("hello")).await,
         [9001, 9002, 9003]
     );
-    assert!(ports(InstanceQuery::new("hello", tags(&["v2"]))).await.is_empty());
+    assert!(ports(InstanceQuery::new("hello", tags(&["v2"])))
+        .await
+        .is_empty());
 }
