@@ -519,6 +519,29 @@ mod tests {
     use super::*;
     use crate::registry::embedded::{EmbeddedRegistry, Fault};
 
+    #[test]
+    fn an_instance_query_asks_consul_for_every_tag_once_in_order() {
+        let query = InstanceQuery::new("web", ["v1", "rest", "rest"].map(String::from));
+        assert_eq!(
+            query.health_path(),
+            "/v1/health/service/web?passing&tag=rest&tag=v1"
+        );
+        assert_eq!(query.to_string(), "web (tagged rest, v1)");
+        assert_eq!(
+            query,
+            InstanceQuery::new("web", ["rest", "v1"].map(String::from)),
+            "the same tags are the same watch"
+        );
+        let untagged = InstanceQuery::untagged("web");
+        assert_eq!(untagged.health_path(), "/v1/health/service/web?passing");
+        assert_ne!(untagged, query);
+        let odd = InstanceQuery::new("web", ["a b&c".to_string()]);
+        assert_eq!(
+            odd.health_path(),
+            "/v1/health/service/web?passing&tag=a+b%26c"
+        );
+    }
+
     async fn registry() -> (EmbeddedRegistry, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry =
