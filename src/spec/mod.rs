@@ -6,6 +6,8 @@
 //!
 //! - [`values`]: the validated newtypes (service name, path, domain, port, …).
 //! - [`query`](ServiceSpec::from_query): the Docker Flow Proxy query parameters and their parsing.
+//! - `path_rewrite`: versioned services on a shared prefix: `serviceTag` (which instances are
+//!   routed) and the path rewrites `stripPath` and `reqPathSearchReplace`.
 //! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
 //!   re-validates everything, because KV can be edited by anyone.
 //!
