@@ -1,5 +1,6 @@
-//! Live instances: one blocking query on `/v1/health/service/<name>?passing` per routed Consul
-//! service, handing every changed list of healthy instances to the core. The core says which
+//! Live instances: one blocking query on `/v1/health/service/<name>?passing` (with `&tag=…` for a
+//! service routed with `serviceTag`) per distinct [`InstanceQuery`] of the routed services,
+//! handing every changed list of healthy instances to the core. The core says which
 //! services to follow after each change of the routed state; `--watch-instances=false` turns the
 //! watches off, and instances are then read only on reconfigure and reload.
 //!
@@ -18,11 +19,12 @@ use tokio::task::JoinHandle;
 
 use super::{submit_internal, Change, Pending};
 use crate::registry::watch::{Watch, WatchIndex};
-use crate::registry::{ConsulClient, RegistryError};
+use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::spec::{Instance, ServiceSpec};
 
-/// The healthy instances of `spec`'s Consul service, read now; none, without asking the
-/// registry, when every destination forwards to its `outboundHostname`.
+/// The healthy instances of `spec`'s Consul service (carrying its `serviceTag`s), read now;
+/// none, without asking the registry, when every destination forwards to its
+/// `outboundHostname`.
 pub(super) async fn instances_for(
     registry: &ConsulClient,
     spec: &ServiceSpec,
@@ -30,17 +32,27 @@ pub(super) async fn instances_for(
     if !spec.uses_registry() {
         return Ok(Vec::new());
     }
-    registry
-        .healthy_instances(&spec.consul_service_name())
-        .await
+    registry.healthy_instances(&instance_query(spec)).await
 }
 
-/// The running instance watches, one per Consul service name. Dropping it stops them.
+/// The instances `spec` routes to: its Consul service's passing instances carrying every tag of
+/// its `serviceTag`.
+pub(super) fn instance_query(spec: &ServiceSpec) -> InstanceQuery {
+    InstanceQuery::new(
+        spec.consul_service_name(),
+        spec.service_tag()
+            .iter()
+            .map(|tag| tag.as_str().to_string()),
+    )
+}
+
+/// The running instance watches, one per instance query (Consul service and tags). Dropping it
+/// stops them.
 pub(super) struct InstanceWatches {
     enabled: bool,
     registry: ConsulClient,
     core: WeakSender<Pending>,
-    running: BTreeMap<String, JoinHandle<()>>,
+    running: BTreeMap<InstanceQuery, JoinHandle<()>>,
     /// Most watches running at once.
     budget: usize,
     /// How many services were left unwatched by the last `follow`, to log changes only.
@@ -64,15 +76,15 @@ impl InstanceWatches {
         }
     }
 
-    /// Watches exactly these Consul services (the first ones by name, up to the budget): starts
-    /// the missing watches, stops the others.
-    pub fn follow(&mut self, mut services: BTreeSet<String>) {
+    /// Watches exactly these instance queries (the first ones by service name, up to the
+    /// budget): starts the missing watches, stops the others.
+    pub fn follow(&mut self, mut services: BTreeSet<InstanceQuery>) {
         if !self.enabled {
             return;
         }
         let unwatched = services.len().saturating_sub(self.budget);
         if unwatched > 0 {
-            let kept: BTreeSet<String> = services.into_iter().take(self.budget).collect();
+            let kept: BTreeSet<InstanceQuery> = services.into_iter().take(self.budget).collect();
             services = kept;
         }
         if unwatched != self.unwatched {
@@ -93,13 +105,13 @@ impl InstanceWatches {
             let keep = services.contains(service);
             if !keep {
                 task.abort();
-                tracing::debug!(service, "stopped watching instances");
+                tracing::debug!(%service, "stopped watching instances");
             }
             keep
         });
         for service in services {
             if !self.running.contains_key(&service) {
-                tracing::debug!(service, "watching instances");
+                tracing::debug!(%service, "watching instances");
                 let task = tokio::spawn(watch_instances(
                     self.registry.clone(),
                     service.clone(),
@@ -119,8 +131,12 @@ impl Drop for InstanceWatches {
     }
 }
 
-/// Follows one service's healthy instances until aborted or the core stops.
-async fn watch_instances(registry: ConsulClient, service: String, core: WeakSender<Pending>) {
+/// Follows one query's healthy instances until aborted or the core stops.
+async fn watch_instances(
+    registry: ConsulClient,
+    service: InstanceQuery,
+    core: WeakSender<Pending>,
+) {
     let mut watch = Watch::new(
         format!("the instances of `{service}`"),
         WatchIndex::default(),
@@ -138,7 +154,7 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
         }
         if handed_over.is_some() {
             tracing::info!(
-                service,
+                %service,
                 healthy = instances.len(),
                 "healthy instances changed in Consul"
             );

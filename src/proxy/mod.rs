@@ -48,13 +48,13 @@ use tokio::task::JoinHandle;
 use crate::certs::{CertInfo, Certificate};
 use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
 use crate::registry::watch::WatchIndex;
-use crate::registry::{ConsulClient, RegistryError};
+use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
     CustomPolicy, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings,
 };
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
 
-use instances::{instances_for, InstanceWatches};
+use instances::{instance_query, instances_for, InstanceWatches};
 use stored::{SpecStore, StoredSpecs};
 
 /// Most changes applied with one validation and one reload.
@@ -158,7 +158,7 @@ enum Change {
     Stored(StoredSpecs),
     /// The healthy instances of a Consul service, read by its instance watch.
     Instances {
-        consul_service: String,
+        consul_service: InstanceQuery,
         instances: Vec<Instance>,
     },
     /// Stop the core and its watches.
@@ -575,7 +575,7 @@ impl Core {
                     instances,
                 } => {
                     for routed in candidate.values_mut() {
-                        if routed.spec.consul_service_name() == *consul_service {
+                        if instance_query(&routed.spec) == *consul_service {
                             routed.instances.clone_from(instances);
                         }
                     }
@@ -1011,7 +1011,7 @@ impl Core {
             .state
             .values()
             .filter(|routed| routed.spec.uses_registry())
-            .map(|routed| routed.spec.consul_service_name())
+            .map(|routed| instance_query(&routed.spec))
             .collect();
         self.instance_watches.follow(consul_services);
     }

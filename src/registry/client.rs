@@ -52,6 +52,68 @@ pub enum RegistryError {
     Decode { request: String, message: String },
 }
 
+/// Which instances a routed service takes: the passing instances of one Consul service, only
+/// those carrying every one of `tags` (`serviceTag`) when tags are given, as Consul's repeated
+/// `?tag=` filters them. It is also the key of an instance watch, so two routed services reading
+/// the same Consul service with different tags each have their own watch.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceQuery {
+    service: String,
+    /// Sorted, unique: the same set of tags is the same query.
+    tags: Vec<String>,
+}
+
+impl InstanceQuery {
+    /// Every passing instance of `service` carrying all `tags` (none: every passing instance).
+    pub fn new(service: impl Into<String>, tags: impl IntoIterator<Item = String>) -> Self {
+        let mut tags: Vec<String> = tags.into_iter().collect();
+        tags.sort();
+        tags.dedup();
+        InstanceQuery {
+            service: service.into(),
+            tags,
+        }
+    }
+
+    /// Every passing instance of `service`.
+    pub fn untagged(service: impl Into<String>) -> Self {
+        InstanceQuery::new(service, Vec::new())
+    }
+
+    /// The Consul service.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The tags every instance must carry.
+    pub fn tags(&self) -> &[String] {
+        &self.tags
+    }
+
+    /// `/v1/health/service/<service>?passing[&tag=…]…`, the tags percent-encoded.
+    fn health_path(&self) -> String {
+        let tags: Vec<(&str, &str)> = self.tags.iter().map(|tag| ("tag", tag.as_str())).collect();
+        let mut path = format!("/v1/health/service/{}?passing", self.service);
+        if let Ok(query) = serde_urlencoded::to_string(&tags) {
+            if !query.is_empty() {
+                path.push('&');
+                path.push_str(&query);
+            }
+        }
+        path
+    }
+}
+
+impl std::fmt::Display for InstanceQuery {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.service)?;
+        if !self.tags.is_empty() {
+            write!(formatter, " (tagged {})", self.tags.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
 /// What a read returned, with the `X-Consul-Index` it carried (0 when the header was absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Indexed<T> {
@@ -162,9 +224,13 @@ impl ConsulClient {
         self.base_urls.first().map_or("", String::as_str)
     }
 
-    /// The healthy instances of a Consul service (`/v1/health/service/<name>?passing`).
-    pub async fn healthy_instances(&self, service: &str) -> Result<Vec<Instance>, RegistryError> {
-        Ok(self.watch_healthy_instances(service, None).await?.value)
+    /// The healthy instances of a Consul service (`/v1/health/service/<name>?passing`), only
+    /// those carrying the query's tags (`&tag=…`).
+    pub async fn healthy_instances(
+        &self,
+        query: &InstanceQuery,
+    ) -> Result<Vec<Instance>, RegistryError> {
+        Ok(self.watch_healthy_instances(query, None).await?.value)
     }
 
     /// Like [`ConsulClient::healthy_instances`], as a blocking query when `blocking` is given.
@@ -173,10 +239,11 @@ impl ConsulClient {
     /// Instances whose address or port could never be valid in haproxy.cfg are skipped with a warning.
     pub async fn watch_healthy_instances(
         &self,
-        service: &str,
+        query: &InstanceQuery,
         blocking: Option<Blocking>,
     ) -> Result<Indexed<Vec<Instance>>, RegistryError> {
-        let path = with_blocking(format!("/v1/health/service/{service}?passing"), blocking);
+        let service = query.service();
+        let path = with_blocking(query.health_path(), blocking);
         let response = self.get(&path, blocking).await?;
         let index = consul_index(&response);
         let entries: Vec<HealthEntryWire> = decode_json(&path, response).await?;
@@ -452,6 +519,29 @@ mod tests {
     use super::*;
     use crate::registry::embedded::{EmbeddedRegistry, Fault};
 
+    #[test]
+    fn an_instance_query_asks_consul_for_every_tag_once_in_order() {
+        let query = InstanceQuery::new("web", ["v1", "rest", "rest"].map(String::from));
+        assert_eq!(
+            query.health_path(),
+            "/v1/health/service/web?passing&tag=rest&tag=v1"
+        );
+        assert_eq!(query.to_string(), "web (tagged rest, v1)");
+        assert_eq!(
+            query,
+            InstanceQuery::new("web", ["rest", "v1"].map(String::from)),
+            "the same tags are the same watch"
+        );
+        let untagged = InstanceQuery::untagged("web");
+        assert_eq!(untagged.health_path(), "/v1/health/service/web?passing");
+        assert_ne!(untagged, query);
+        let odd = InstanceQuery::new("web", ["a b&c".to_string()]);
+        assert_eq!(
+            odd.health_path(),
+            "/v1/health/service/web?passing&tag=a+b%26c"
+        );
+    }
+
     async fn registry() -> (EmbeddedRegistry, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry =
@@ -500,7 +590,10 @@ mod tests {
         let address = listener.local_addr().expect("address").to_string();
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let client = ConsulClient::new(&[address], None);
-        let instances = client.healthy_instances("web").await.expect("readable");
+        let instances = client
+            .healthy_instances(&InstanceQuery::untagged("web"))
+            .await
+            .expect("readable");
         let served: Vec<(String, u16)> = instances
             .iter()
             .map(|instance| (instance.address().to_string(), instance.port()))

@@ -6,4 +6,4 @@ mod client;
 pub mod embedded;
 pub mod watch;
 
-pub use client::{Blocking, ConsulClient, Indexed, KvEntry, RegistryError};
+pub use client::{Blocking, ConsulClient, Indexed, InstanceQuery, KvEntry, RegistryError};

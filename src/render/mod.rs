@@ -66,6 +66,13 @@
 //! 403 as Docker Flow Proxy answered), then request header rules (add, set, del) and response
 //! header rules (add, set, del). Header values are written double-quoted.
 //!
+//! Path rewrites come last among a backend's `http-request` lines (after basic auth, the access
+//! rules and the header rules, none of which look at the path), as `http-request replace-path
+//! '<regex>' '<format>'` lines, single-quoted: first `stripPath` (one regex over the
+//! destination's paths, longest first), then each `reqPathSearchReplace` pair in order. The
+//! frontend's rules matched the path the client sent; the instance gets the rewritten one, with
+//! the query string kept.
+//!
 //! # Basic auth and the stats page
 //! - Userlists: `users` (`--users`), `users_<serviceName>` (a service's own `users`),
 //!   `stats_users` (the stats page's one user). They hold crypt(3) hashes only; `/config` shows

@@ -1250,3 +1250,52 @@ fn haproxy_accepts_sni_frontends_without_warnings() {
     let output = haproxy_check(None, &sni_services());
     assert!(!output.contains("WARNING"), "{output}");
 }
+
+// ---- Path rewrites: stripPath, reqPathSearchReplace -----------------------------------------
+
+#[test]
+fn path_rewrites_are_the_last_request_lines_of_the_backend_strip_first() {
+    let services = vec![(
+        spec(&[
+            ("serviceName", "hello"),
+            ("servicePath", "/hello/v1,/hello/v1/api"),
+            ("stripPath", "true"),
+            ("reqPathSearchReplace", "/old/,/new/:/v([0-9]),/version-\\1"),
+            ("setReqHeader", "X-Version 1"),
+        ]),
+        vec![inst("127.0.0.1", 8081)],
+    )];
+    let text = render(&golden_settings(), &services);
+    let strip = line_of(
+        &text,
+        "http-request replace-path '^(/hello/v1/api|/hello/v1)/?(.*)$' '/\\2'",
+    );
+    let first = line_of(
+        &text,
+        "http-request replace-path '^(.*?)(/old/)(.*)$' '\\1/new/\\3'",
+    );
+    let second = line_of(
+        &text,
+        "http-request replace-path '^(.*?)(/v([0-9]))(.*)$' '\\1/version-\\3\\4'",
+    );
+    let header = line_of(&text, "http-request set-header X-Version \"1\"");
+    assert!(header < strip && strip < first && first < second, "{text}");
+    haproxy_check(None, &services);
+}
+
+#[test]
+fn a_destination_without_rewrites_renders_no_replace_path_line() {
+    let services = vec![(
+        spec(&[
+            ("serviceName", "hello"),
+            ("servicePath.1", "/a"),
+            ("stripPath.1", "true"),
+            ("servicePath.2", "/b"),
+        ]),
+        vec![inst("127.0.0.1", 8081)],
+    )];
+    let text = render(&golden_settings(), &services);
+    assert_eq!(text.matches("replace-path").count(), 1, "{text}");
+    let backend_b = text.find("\nbackend hello-be2").expect("backend of /b");
+    assert!(!text[backend_b..].contains("replace-path"), "{text}");
+}

@@ -13,8 +13,8 @@ use serde::Serialize;
 use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
 use crate::spec::custom_templates::{TEMPLATE_BE_PATH, TEMPLATE_FE_PATH};
 use crate::spec::{
-    AuthUser, Destination, DomainAlgo, HeaderLine, HeaderName, Instance, PathType, ReqMode,
-    ServiceSpec, TemplatePath,
+    strip_prefix_rule, AuthUser, Destination, DomainAlgo, HeaderLine, HeaderName, Instance,
+    PathType, ReqMode, ServiceSpec, TemplatePath,
 };
 
 /// The userlist of `--users`; a service's own is `users_<serviceName>`, so they never clash.
@@ -179,6 +179,8 @@ struct BackendView {
     /// `http-request`/`http-response` rules of the destination, in the order HAProxy runs them.
     http_rules: Vec<BackendRuleView>,
     auth: Option<AuthView>,
+    /// `http-request replace-path` rules (`stripPath`, then `reqPathSearchReplace`), in order.
+    path_rewrites: Vec<PathRewriteView>,
     servers: Vec<ServerView>,
     /// `backendExtra` lines, at the bottom of the backend.
     extra: Vec<String>,
@@ -770,11 +772,16 @@ fn backend_view(
         ReqMode::Http => backend_rules(spec, destination),
         ReqMode::Tcp | ReqMode::Sni => Vec::new(),
     };
+    let path_rewrites = match destination.req_mode() {
+        ReqMode::Http => path_rewrites(destination),
+        ReqMode::Tcp | ReqMode::Sni => Vec::new(),
+    };
     BackendView {
         name: backend_name(spec, destination),
         mode: destination.req_mode().haproxy_mode(),
         http_rules,
         auth: auth_view(settings, spec, destination),
+        path_rewrites,
         servers,
         extra: spec
             .custom_templates()
@@ -787,6 +794,33 @@ fn backend_view(
         has_custom: false,
         custom: String::new(),
     }
+}
+
+// ---- Path rewrites: stripPath, reqPathSearchReplace -----------------------------------------
+
+/// One `http-request replace-path '<regex>' '<format>'` line. Both words are single-quoted in
+/// the template; the spec's checks keep quotes, whitespace and `#` out of them.
+#[derive(Debug, Serialize)]
+struct PathRewriteView {
+    regex: String,
+    format: String,
+}
+
+/// The path rewrites of an HTTP destination's backend, in the order HAProxy runs them: the
+/// `servicePath` prefix removed (`stripPath`), then each search/replace pair in order. They come
+/// after the access rules and header rules, which do not look at the path.
+fn path_rewrites(destination: &Destination) -> Vec<PathRewriteView> {
+    let rewrite = destination.path_rewrite();
+    let mut views = Vec::new();
+    if rewrite.strip_path() && !destination.service_path().is_empty() {
+        let (regex, format) = strip_prefix_rule(destination.service_path());
+        views.push(PathRewriteView { regex, format });
+    }
+    views.extend(rewrite.search_replace().iter().map(|pair| PathRewriteView {
+        regex: pair.haproxy_regex(),
+        format: pair.haproxy_format(),
+    }));
+    views
 }
 
 /// `bind` argument: `*:80`, `10.0.0.1:80` or `[::1]:80` (HAProxy 2.6 takes IPv6 in brackets).

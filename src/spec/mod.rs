@@ -8,6 +8,8 @@
 //! - [`query`](ServiceSpec::from_query): the Docker Flow Proxy query parameters and their parsing.
 //! - [`custom_templates`]: `templateFePath`, `templateBePath` and `backendExtra`, the service's
 //!   custom fragments and raw backend lines.
+//! - `path_rewrite`: versioned services on a shared prefix: `serviceTag` (which instances are
+//!   routed) and the path rewrites `stripPath` and `reqPathSearchReplace`.
 //! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
 //!   re-validates everything, because KV can be edited by anyone.
 //!
@@ -21,6 +23,7 @@
 
 pub mod custom_templates;
 mod docker_flow;
+mod path_rewrite;
 mod query;
 mod routing_rules;
 mod stored;
@@ -35,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use custom_templates::{BackendExtraLine, CustomTemplates, TemplatePath};
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
+pub use path_rewrite::{strip_prefix_rule, PathRewrite, SearchReplace, ServiceTag};
 pub use values::{
     parse_users, AclName, AuthUser, Domain, DomainAlgo, HeaderLine, HeaderName, HeaderValue,
     HttpMethod, PasswordHash, PathType, Port, RedirectCode, ReqMode, ServiceColor, ServiceName,
@@ -98,6 +102,8 @@ pub struct ServiceSpec {
     is_default_backend: bool,
     /// `templateFePath`, `templateBePath`, `backendExtra`.
     custom: CustomTemplates,
+    /// `serviceTag`: only instances carrying every one of these Consul tags are routed.
+    service_tag: Vec<ServiceTag>,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -158,6 +164,8 @@ pub struct Destination {
     ignore_authorization: bool,
     /// `servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`.
     routing: RoutingRules,
+    /// `stripPath.N`, `reqPathSearchReplace.N`: how the path is rewritten for the instances.
+    path_rewrite: PathRewrite,
 }
 
 impl ServiceSpec {
@@ -283,6 +291,11 @@ impl ServiceSpec {
             .any(|d| d.routing.outbound_hostname.is_none())
     }
 
+    /// The Consul tags an instance must carry to be routed (`serviceTag`); empty: every one.
+    pub fn service_tag(&self) -> &[ServiceTag] {
+        &self.service_tag
+    }
+
     /// The service's own basic-auth users (`users`); empty when it has none.
     pub fn users(&self) -> &[AuthUser] {
         &self.users
@@ -403,6 +416,12 @@ impl ServiceSpec {
         }
         for (position, destination) in spec.destinations.iter().enumerate() {
             destination.check()?;
+            destination.path_rewrite.check(
+                destination.index,
+                destination.req_mode,
+                destination.effective_path_type(&spec),
+                &destination.service_path,
+            )?;
             // Two destinations of one service cannot share a source port unless both are
             // HTTP (then they are simply two rule sets in the same extra frontend).
             let Some(port) = destination.src_port else {
@@ -516,6 +535,11 @@ impl Destination {
     /// `servicePathExclude`, `serviceHeader`, `userAgent` and `outboundHostname`.
     pub fn routing(&self) -> &RoutingRules {
         &self.routing
+    }
+
+    /// How the path is rewritten before the request reaches an instance.
+    pub fn path_rewrite(&self) -> &PathRewrite {
+        &self.path_rewrite
     }
 
     fn check(&self) -> Result<(), SpecError> {

@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::custom_templates::CustomTemplates;
+use super::path_rewrite::{parse_service_tags, PathRewrite};
 use super::routing_rules::{parse_default_backend, RoutingRules};
 use super::values::{
     parse_flag, parse_list, parse_users_keeping, shown, spec_error, AclName, Domain, DomainAlgo,
@@ -91,6 +92,12 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("templateFePath", Scope::Service),
     ("templateBePath", Scope::Service),
     ("backendExtra", Scope::Service),
+    // Versioned services on a shared prefix (`path_rewrite.rs`): tagged instances, path rewrites.
+    ("serviceTag", Scope::Service),
+    ("stripPath", Scope::DestinationDefault),
+    ("reqPathSearchReplace", Scope::Destination),
+    ("reqPathSearch", Scope::Destination),
+    ("reqPathReplace", Scope::Destination),
 ];
 
 // Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
@@ -652,6 +659,7 @@ pub(crate) fn build_spec(
             .unwrap_or(false);
         let routing =
             RoutingRules::parse(|base| params.get(base).map(|v| (*v, name(base))), effective)?;
+        let path_rewrite = PathRewrite::parse(params, name)?;
         destinations.push(Destination {
             index,
             service_path,
@@ -668,9 +676,15 @@ pub(crate) fn build_spec(
             deny_http,
             ignore_authorization,
             routing,
+            path_rewrite,
         });
     }
     let is_default_backend = parse_default_backend(service.get("isDefaultBackend").copied())?;
+    let service_tag = service
+        .get("serviceTag")
+        .map(|v| parse_service_tags("serviceTag", &items(v)))
+        .transpose()?
+        .unwrap_or_default();
 
     ServiceSpec::checked(ServiceSpec {
         service_name,
@@ -687,6 +701,7 @@ pub(crate) fn build_spec(
         service_domain_algo,
         is_default_backend,
         custom: CustomTemplates::parse(|parameter| service.get(parameter).copied())?,
+        service_tag,
     })
     .map(|spec| (spec, raw.ignored.clone()))
 }

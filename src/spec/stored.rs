@@ -14,7 +14,7 @@
 //!       "HttpsOnly": false, "HttpsRedirectCode": null, "RedirectFromDomain": [],
 //!       "AllowedMethods": [], "DeniedMethods": [], "DenyHttp": false,
 //!       "ServicePathExclude": [], "ServiceHeader": [], "UserAgent": [],
-//!       "OutboundHostname": null }
+//!       "OutboundHostname": null, "StripPath": false, "ReqPathSearchReplace": [] }
 //!   ],
 //!   "RedirectWhenHttpProto": false,
 //!   "AddReqHeader": [], "SetReqHeader": [], "DelReqHeader": [],
@@ -22,7 +22,8 @@
 //!   "Users": [ { "Username": "alice", "PasswordHash": "$6$…" } ],
 //!   "ServiceDomainAlgo": null,
 //!   "IsDefaultBackend": false,
-//!   "TemplateFePath": null, "TemplateBePath": null, "BackendExtra": []
+//!   "TemplateFePath": null, "TemplateBePath": null, "BackendExtra": [],
+//!   "ServiceTag": []
 //! }
 //! ```
 //!
@@ -38,6 +39,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::custom_templates::StoredCustomTemplates;
+use super::path_rewrite::{parse_service_tags, PathRewrite};
 use super::query::indexed;
 use super::query::MAX_INDEX;
 use super::routing_rules::StoredRoutingRules;
@@ -94,6 +96,9 @@ pub(super) struct StoredSpec {
     /// `TemplateFePath`, `TemplateBePath`, `BackendExtra` (one item per line).
     #[serde(flatten)]
     custom: StoredCustomTemplates,
+    /// `serviceTag`: the Consul tags an instance must carry.
+    #[serde(default)]
+    service_tag: Vec<String>,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -138,6 +143,11 @@ pub(super) struct StoredDestination {
     /// `ServicePathExclude`, `ServiceHeader`, `UserAgent`, `OutboundHostname`.
     #[serde(flatten)]
     routing: StoredRoutingRules,
+    #[serde(default)]
+    strip_path: bool,
+    /// `search,replace` pairs, in order.
+    #[serde(default)]
+    req_path_search_replace: Vec<String>,
 }
 
 fn texts<T: ToString>(items: &[T]) -> Vec<String> {
@@ -176,6 +186,7 @@ impl From<ServiceSpec> for StoredSpec {
             service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
             is_default_backend: spec.is_default_backend,
             custom: StoredCustomTemplates::from(&spec.custom),
+            service_tag: texts(&spec.service_tag),
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -200,6 +211,8 @@ impl From<ServiceSpec> for StoredSpec {
                     deny_http: d.deny_http,
                     ignore_authorization: d.ignore_authorization,
                     routing: StoredRoutingRules::from(&d.routing),
+                    strip_path: d.path_rewrite.strip_path(),
+                    req_path_search_replace: d.path_rewrite.stored_pairs(),
                 })
                 .collect(),
             users: spec
@@ -323,6 +336,11 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 )?,
                 deny_http: dest.deny_http,
                 routing: dest.routing.read(index, effective)?,
+                path_rewrite: PathRewrite::from_stored(
+                    index,
+                    dest.strip_path,
+                    &dest.req_path_search_replace,
+                )?,
             });
         }
         let headers = HeaderRules {
@@ -374,6 +392,10 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .transpose()?,
             is_default_backend: stored.is_default_backend,
             custom: stored.custom.checked()?,
+            service_tag: {
+                let tags: Vec<&str> = stored.service_tag.iter().map(String::as_str).collect();
+                parse_service_tags("serviceTag", &tags)?
+            },
         })
     }
 }

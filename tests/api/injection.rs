@@ -8,10 +8,12 @@
 //! refuses is the one allowed refusal there: the API answers 400 with HAProxy's message).
 //!
 //! Every parameter is generated, the edge rules (redirects, header and method rules), basic
-//! auth, custom fragments and `backendExtra` included (the renderer reads its `--templates-dir`
+//! auth, custom fragments and `backendExtra` (the renderer reads its `--templates-dir`
 //! fragments from a directory whose fragments write what the shipped templates do, and allows
-//! `backendExtra`, whose lines the skeleton expects in each backend of their service), and each
-//! case is rendered under one of several profiles ([`profiles`]): plain
+//! `backendExtra`, whose lines the skeleton expects in each backend of their service),
+//! `serviceTag` and the path rewrites (`stripPath`, `reqPathSearchReplace`, whose regexes are
+//! written single-quoted; a regex HAProxy's engine refuses is allowed there as for `path_reg`)
+//! included, and each case is rendered under one of several profiles ([`profiles`]): plain
 //! HTTP, with an HTTPS frontend (a crt-list of a real certificate), with `--https-only`,
 //! `--users` and the stats page on its own port, on the HTTPS port or on the main port. A
 //! further property checks that a clear password never reaches the config, the stored spec or
@@ -329,9 +331,10 @@ fn check_specs(
 }
 
 fn uses_path_reg(spec: &ServiceSpec) -> bool {
-    spec.destinations()
-        .iter()
-        .any(|d| d.effective_path_type(spec) == PathType::PathReg && !d.service_path().is_empty())
+    spec.destinations().iter().any(|d| {
+        (d.effective_path_type(spec) == PathType::PathReg && !d.service_path().is_empty())
+            || !d.path_rewrite().search_replace().is_empty()
+    })
 }
 
 /// Whether HAProxy's only complaint is a regular expression that does not compile.
@@ -586,8 +589,13 @@ fn destination(index: u16) -> BoxedStrategy<Vec<(String, String)>> {
                 .filter_map(|(base, value)| value.map(|v| (name(base), v)))
                 .collect::<Vec<_>>()
         });
-    let http = (http, destination_edge_rules(), destination_routing_rules()).prop_map(
-        move |(mut pairs, edge, routing)| {
+    let http = (
+        http,
+        destination_edge_rules(),
+        destination_routing_rules(),
+        destination_path_rewrites(),
+    )
+        .prop_map(move |(mut pairs, edge, routing, rewrites)| {
             let has_domain = pairs.iter().any(|(n, _)| n.starts_with("serviceDomain"));
             pairs.extend(
                 edge.into_iter()
@@ -595,9 +603,13 @@ fn destination(index: u16) -> BoxedStrategy<Vec<(String, String)>> {
                     .filter(|(base, _)| base != "redirectFromDomain" || has_domain)
                     .map(|(base, value)| (name(&base), value)),
             );
+            pairs.extend(
+                rewrites
+                    .into_iter()
+                    .map(|(base, value)| (name(&base), value)),
+            );
             pairs
-        },
-    );
+        });
     // TLS passthrough by SNI: a srcPort (often one the other destinations share) and names.
     let sni = (
         prop_oneof![2 => one_of(&["9443"]), 1 => port_value()],
@@ -685,6 +697,20 @@ fn match_value() -> BoxedStrategy<String> {
     ]
     .boxed()
 }
+// Versioned services: serviceTag, stripPath, reqPathSearchReplace (`path_rewrite.rs`).
+
+/// A regex search: mostly plausible (groups, classes, escapes, anchors), sometimes with
+/// characters HAProxy's parser or the wrapper `^(.*?)(…)(.*)$` would read specially.
+fn search_item() -> BoxedStrategy<String> {
+    prop_oneof![
+        12 => "/[a-z0-9]{1,6}/?",
+        6 => "\\^?/[a-z]{1,4}(\\([a-z0-9|]{1,4}\\))?(\\[[a-z0-9^\\]-]{1,4}\\])?[*+?]?\\$?",
+        2 => "(\\\\[dDwWsSbB./()\\[\\]{}|^$*+?%]|[a-z/]){1,8}",
+        1 => "[a-z0-9/.()|\\[\\]{}^$*+?\\\\%!&;=@~_-]{1,12}",
+        1 => nasty(),
+    ]
+    .boxed()
+}
 
 /// A `serviceHeader` item, `Name:value`.
 fn header_match() -> BoxedStrategy<String> {
@@ -699,6 +725,15 @@ fn outbound_host() -> BoxedStrategy<String> {
     prop_oneof![
         8 => one_of(&["localhost", "LocalHost", "127.0.0.1", "::1", "0:0:0:0:0:0:0:1"]),
         1 => any_value(),
+    ]
+    .boxed()
+}
+/// A replacement: path text, sometimes with backreferences or anything nasty.
+fn replace_item() -> BoxedStrategy<String> {
+    prop_oneof![
+        12 => "(/[a-z0-9%:.-]{0,6}){1,3}",
+        2 => "/(/[a-z0-9%:.-]{0,6}|\\\\0){0,4}",
+        1 => nasty(),
     ]
     .boxed()
 }
@@ -723,6 +758,50 @@ fn destination_routing_rules() -> BoxedStrategy<Vec<(String, String)>> {
             .collect()
         })
         .boxed()
+}
+/// `search,replace:search2,replace2`.
+fn search_replace_value() -> BoxedStrategy<String> {
+    prop_oneof![
+        12 => proptest::collection::vec((search_item(), replace_item()), 1..3),
+        1 => proptest::collection::vec((search_item(), replace_item()), 15..18),
+    ]
+    .prop_map(|pairs| {
+        pairs
+            .into_iter()
+            .map(|(search, replace)| format!("{search},{replace}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    })
+    .boxed()
+}
+
+/// The path rewrites of one HTTP destination a user might add (by base name).
+fn destination_path_rewrites() -> BoxedStrategy<Vec<(String, String)>> {
+    (
+        proptest::option::weighted(0.08, one_of(FLAGS)),
+        proptest::option::weighted(0.1, search_replace_value()),
+        proptest::option::weighted(0.03, (search_item(), replace_item())),
+    )
+        .prop_map(|(strip, pairs, old_pair)| {
+            let mut fields = Vec::new();
+            fields.extend(strip.map(|v| ("stripPath".to_string(), v)));
+            fields.extend(pairs.map(|v| ("reqPathSearchReplace".to_string(), v)));
+            if let Some((search, replace)) = old_pair {
+                fields.push(("reqPathSearch".to_string(), search));
+                fields.push(("reqPathReplace".to_string(), replace));
+            }
+            fields
+        })
+        .boxed()
+}
+
+/// A `serviceTag` value: Consul tags, sometimes anything.
+fn service_tag_value() -> BoxedStrategy<String> {
+    prop_oneof![
+        8 => proptest::collection::vec("[a-zA-Z0-9_.:/@-]{1,10}", 1..4).prop_map(|t| t.join(",")),
+        1 => nasty(),
+    ]
+    .boxed()
 }
 
 /// A header name: mostly plausible, sometimes with characters HAProxy reads specially.
@@ -830,9 +909,10 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
         service_edge_rules(),
         proptest::option::weighted(0.1, one_of(FLAGS)),
         custom_templates(),
+        proptest::option::weighted(0.15, service_tag_value()),
     )
         .prop_map(
-            |(service, color, acl, skip, path_type, edge, default_backend, custom)| {
+            |(service, color, acl, skip, path_type, edge, default_backend, custom, tag)| {
                 let mut pairs = vec![("serviceName".to_string(), service)];
                 let optional = [
                     ("serviceColor", color),
@@ -840,6 +920,7 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
                     ("skipCheck", skip),
                     ("pathType", path_type),
                     ("isDefaultBackend", default_backend),
+                    ("serviceTag", tag),
                 ];
                 pairs.extend(
                     optional
@@ -1017,6 +1098,11 @@ fn value_for(base: &str) -> BoxedStrategy<String> {
         "templateFePath" => template_path(SHIPPED_RULE),
         "templateBePath" => template_path(SHIPPED_BACKEND),
         "backendExtra" => backend_extra(),
+        "serviceTag" => service_tag_value(),
+        "stripPath" => one_of(&["true", "false", "1", "0", "yes"]),
+        "reqPathSearchReplace" => search_replace_value(),
+        "reqPathSearch" => search_item(),
+        "reqPathReplace" => replace_item(),
         "users" => prop_oneof![
             3 => list(clear_user()),
             1 => proptest::collection::vec(("[a-z]{1,8}", password_hash()), 1..3).prop_map(
@@ -1067,6 +1153,11 @@ const NAMES: &[&str] = &[
     "templateFePath",
     "templateBePath",
     "backendExtra",
+    "serviceTag",
+    "stripPath",
+    "reqPathSearchReplace",
+    "reqPathSearch",
+    "reqPathReplace",
 ];
 
 /// A parameter name: a known one with a destination suffix (good or bad), or anything.
@@ -1303,10 +1394,14 @@ fn stored_edge_rules() -> BoxedStrategy<serde_json::Value> {
         proptest::option::weighted(0.1, stored_list(method_item())),
         proptest::option::weighted(0.1, any::<bool>()),
         proptest::option::weighted(0.1, any::<bool>()),
+        stored_path_rewrites(),
     )
         .prop_map(
-            |(https_only, code, from_domain, allowed, denied, deny_http, ignore_auth)| {
+            |(https_only, code, from_domain, allowed, denied, deny_http, ignore_auth, rewrites)| {
                 let mut fields = serde_json::Map::new();
+                if let serde_json::Value::Object(rewrites) = rewrites {
+                    fields.extend(rewrites);
+                }
                 let mut set = |key: &str, value: Option<serde_json::Value>| {
                     if let Some(value) = value {
                         fields.insert(key.to_string(), value);
@@ -1322,6 +1417,26 @@ fn stored_edge_rules() -> BoxedStrategy<serde_json::Value> {
                 serde_json::Value::Object(fields)
             },
         )
+        .boxed()
+}
+
+/// `StripPath` and `ReqPathSearchReplace` of a stored destination (only the fields set).
+fn stored_path_rewrites() -> BoxedStrategy<serde_json::Value> {
+    let pair = (search_item(), replace_item()).prop_map(|(s, r)| format!("{s},{r}"));
+    (
+        proptest::option::weighted(0.15, any::<bool>()),
+        proptest::option::weighted(0.2, stored_list(pair.boxed())),
+    )
+        .prop_map(|(strip, pairs)| {
+            let mut fields = serde_json::Map::new();
+            if let Some(strip) = strip {
+                fields.insert("StripPath".into(), strip.into());
+            }
+            if let Some(pairs) = pairs {
+                fields.insert("ReqPathSearchReplace".into(), pairs.into());
+            }
+            serde_json::Value::Object(fields)
+        })
         .boxed()
 }
 
@@ -1349,8 +1464,12 @@ fn stored_service_rules() -> BoxedStrategy<serde_json::Value> {
                     .prop_map(|lines| lines.split('\n').map(str::to_string).collect::<Vec<_>>()),
             ),
         ),
+        proptest::option::weighted(
+            0.1,
+            stored_list(prop_oneof![4 => "[a-zA-Z0-9_.:/@-]{1,10}", 1 => nasty()].boxed()),
+        ),
     )
-        .prop_map(|(proto, request, response, users, custom)| {
+        .prop_map(|(proto, request, response, users, custom, tags)| {
             let mut fields = serde_json::Map::new();
             let mut set = |key: &str, value: Option<serde_json::Value>| {
                 if let Some(value) = value {
@@ -1368,6 +1487,7 @@ fn stored_service_rules() -> BoxedStrategy<serde_json::Value> {
             set("TemplateFePath", custom.0.map(Into::into));
             set("TemplateBePath", custom.1.map(Into::into));
             set("BackendExtra", custom.2.map(Into::into));
+            set("ServiceTag", tags.map(Into::into));
             serde_json::Value::Object(fields)
         })
         .boxed()
@@ -1492,7 +1612,17 @@ fn the_largest_accepted_spec_renders_a_config_haproxy_accepts() {
         pairs.push((name("serviceDomain"), domains.join(",")));
         if index % 2 == 1 {
             pairs.push((name("pathType"), "path_reg".to_string()));
+            // Not the unsuffixed destination's stripPath: a path_reg pattern has no prefix.
+            pairs.push((name("stripPath"), "false".to_string()));
+        } else {
+            pairs.push((name("stripPath"), "true".to_string()));
         }
+        // The most search/replace pairs, each as long as allowed, with the most groups.
+        let search = format!("/(a)(b)(c)(d)(e)(f){}", "x".repeat(237));
+        let replace = format!("/\\6{}", "r".repeat(253));
+        assert_eq!((search.len(), replace.len()), (256, 256));
+        let all_pairs = vec![format!("{search},{replace}"); 16].join(":");
+        pairs.push((name("reqPathSearchReplace"), all_pairs));
     }
     let spec = ServiceSpec::from_query(&pairs).expect("the largest spec is accepted");
     assert_eq!(spec.destinations().len(), 64);

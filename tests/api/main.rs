@@ -40,3 +40,4 @@ mod tls;
 mod tls_services;
 mod traffic_rules;
 mod validation;
+mod versioned_services;

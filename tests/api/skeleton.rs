@@ -5,10 +5,12 @@
 //! `_`, and the user's values (paths, domains, header names and values, methods, user names,
 //! password hashes) kept as they are. Lines are read the way HAProxy reads them: words split on
 //! spaces and tabs, `#` starts a comment, a double-quoted part belongs to its word (kept with its
-//! quotes, so `"a b"` is one word). A single quote or a backslash, a control character, an
-//! unterminated double quote, and a `$` or `%` inside double quotes (HAProxy expands
-//! environment variables and log-format there) make a line unreadable: flow-proxy never writes
-//! one. So a value that ended a word, a line or the section shows up as a skeleton that differs
+//! quotes, so `"a b"` is one word). A single-quoted part (HAProxy takes everything in it
+//! literally up to the next single quote) belongs to its word too, kept with its quotes; the
+//! path rewrites' regexes are written so. A backslash outside single quotes, a control
+//! character, an unterminated quote, a space, tab, `#` or double quote inside single quotes, and
+//! a `$` or `%` inside double quotes (HAProxy expands environment variables and log-format there)
+//! make a line unreadable: flow-proxy never writes one. So a value that ended a word, a line or the section shows up as a skeleton that differs
 //! from the one the spec asks for, whatever text it smuggled in.
 //!
 //! In conditions (the words after `if`/`unless`), acl names become `_`; anonymous acls
@@ -34,9 +36,21 @@ pub fn words(line: &str) -> Result<Vec<String>, String> {
     let mut words = Vec::new();
     let mut word: Option<String> = None;
     let mut quoted = false;
+    let mut single_quoted = false;
     for c in line.chars() {
         if c.is_control() && c != '\t' {
             return special(c, "a control character");
+        }
+        if single_quoted {
+            match c {
+                '\'' => single_quoted = false,
+                ' ' | '\t' | '#' | '"' => {
+                    return special(c, "which flow-proxy never writes inside single quotes")
+                }
+                _ => {}
+            }
+            word.get_or_insert_with(String::new).push(c);
+            continue;
         }
         if quoted {
             match c {
@@ -53,15 +67,19 @@ pub fn words(line: &str) -> Result<Vec<String>, String> {
         match c {
             '#' => break,
             ' ' | '\t' => words.extend(word.take()),
-            '\'' | '\\' => return special(c, "which HAProxy reads specially"),
+            '\\' => return special(c, "which HAProxy reads specially"),
             _ => {
                 quoted = c == '"';
+                single_quoted = c == '\'';
                 word.get_or_insert_with(String::new).push(c);
             }
         }
     }
     if quoted {
         return Err(format!("line {line:?} has an unterminated double quote"));
+    }
+    if single_quoted {
+        return Err(format!("line {line:?} has an unterminated single quote"));
     }
     words.extend(word);
     Ok(words)
@@ -615,6 +633,7 @@ impl Baseline {
                         .map(|name| format!("{direction} del-header {}", name.as_str())),
                 );
             }
+            lines.extend(path_rewrite_lines(destination));
         }
         lines.extend(distinct.iter().map(|_| server.to_string()));
         // `backendExtra`: the service's own lines, as given.
@@ -654,4 +673,90 @@ pub fn haproxy_check(dir: &std::path::Path, name: &str, config: &str) -> Result<
     } else {
         Err(text)
     }
+}
+
+// ---- Path rewrites: stripPath, reqPathSearchReplace -----------------------------------------
+
+/// The `replace-path` lines a destination asks for, built from the user's values as the README
+/// describes them: `stripPath` removes the longest matching `servicePath` (regex operators
+/// escaped) and one optional `/`; each search is wrapped as `^(.*?)(<search>)(.*)$` and its
+/// replacement gets the text before and after the match around it, its `\N` moved past the
+/// wrapper's two groups and its `%` doubled.
+fn path_rewrite_lines(destination: &Destination) -> Vec<String> {
+    let rewrite = destination.path_rewrite();
+    let mut lines = Vec::new();
+    if rewrite.strip_path() {
+        let mut paths: Vec<&str> = destination
+            .service_path()
+            .iter()
+            .map(|p| p.as_str())
+            .collect();
+        paths.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+        let escaped: Vec<String> = paths
+            .iter()
+            .map(|path| {
+                path.chars()
+                    .map(|c| {
+                        if "\\.()*+?[]{}|^$".contains(c) {
+                            format!("\\{c}")
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        lines.push(format!(
+            "http-request replace-path '^({})/?(.*)$' '/\\2'",
+            escaped.join("|")
+        ));
+    }
+    for pair in rewrite.search_replace() {
+        let groups = count_groups(pair.search());
+        let mut format = String::from("\\1");
+        let mut chars = pair.replace().chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    let group = chars.next().and_then(|d| d.to_digit(10)).unwrap_or(99);
+                    format.push_str(&format!("\\{}", group + 2));
+                }
+                '%' => format.push_str("%%"),
+                c => format.push(c),
+            }
+        }
+        format.push_str(&format!("\\{}", groups + 3));
+        lines.push(format!(
+            "http-request replace-path '^(.*?)({})(.*)$' '{format}'",
+            pair.search()
+        ));
+    }
+    lines
+}
+
+/// The capture groups of a search: each `(` that is neither escaped nor inside a class.
+fn count_groups(search: &str) -> usize {
+    let mut groups = 0;
+    let mut chars = search.chars().peekable();
+    let mut in_class = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '[' if !in_class => {
+                in_class = true;
+                if chars.peek() == Some(&'^') {
+                    chars.next();
+                }
+                if chars.peek() == Some(&']') {
+                    chars.next();
+                }
+            }
+            ']' if in_class => in_class = false,
+            '(' if !in_class => groups += 1,
+            _ => {}
+        }
+    }
+    groups
 }
