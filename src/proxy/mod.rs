@@ -37,6 +37,7 @@
 //! Consul has lost its data: the routes stay and their specs are written back.
 
 mod instances;
+pub mod proxy_settings;
 mod stored;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,10 +50,12 @@ use crate::certs::{CertInfo, Certificate};
 use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, RegistryError};
-use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings};
+use crate::render::{ProxyWide, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings};
+use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec};
 
 use instances::InstanceWatches;
+use proxy_settings::{EffectiveSetting, KvSettings};
 use stored::{SpecStore, StoredSpecs};
 
 /// Most changes applied with one validation and one reload.
@@ -186,6 +189,8 @@ pub struct Proxy {
     services: watch::Receiver<Arc<Vec<ServiceSpec>>>,
     haproxy: Haproxy,
     has_client_ca: bool,
+    /// The KV-backed proxy-wide settings in force, with their sources.
+    proxy_wide: watch::Receiver<Arc<Vec<EffectiveSetting>>>,
 }
 
 /// What the core needs to run.
@@ -212,6 +217,9 @@ pub struct ProxyParts {
     pub https: HttpsOptions,
     /// The CA of `--ca-file`, which `verifyClientSsl` services check client certificates with.
     pub client_ca: Option<ClientCa>,
+    /// The proxy-wide flags (`render_settings.proxy_wide` is what they make), which the
+    /// settings in Consul KV override key by key.
+    pub proxy_wide_flags: ProxyWideFlags,
 }
 
 /// How the HTTPS frontend listens, once a certificate is stored.
@@ -231,6 +239,14 @@ impl Proxy {
         let (changes, queue) = mpsc::channel(CHANNEL_CAPACITY);
         let (published, services) = watch::channel(Arc::new(Vec::new()));
         let (published_certificates, certificates) = watch::channel(Arc::new(Vec::new()));
+        let flag_settings = parts.render_settings.proxy_wide.clone();
+        let (published_proxy_wide, proxy_wide) =
+            watch::channel(Arc::new(proxy_settings::effective(
+                &parts.proxy_wide_flags,
+                &flag_settings,
+                &KvSettings::default(),
+                &parts.kv_prefix,
+            )));
         let haproxy = parts.haproxy.clone();
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
         // HAProxy already serves the last good file: a restore that renders it again is no reload.
@@ -257,6 +273,14 @@ impl Proxy {
             ),
             stored_watch: None,
             max_services: parts.max_services,
+            proxy_wide: ProxyWideState {
+                flags: parts.proxy_wide_flags,
+                from_flags: flag_settings,
+                kv: KvSettings::default(),
+                refused_kv: None,
+                kv_prefix: parts.kv_prefix.clone(),
+                published: published_proxy_wide,
+            },
         };
         let mut index = WatchIndex::default();
         let import_pending = match stored::first_read(&store, &mut index).await {
@@ -287,7 +311,14 @@ impl Proxy {
             services,
             haproxy,
             has_client_ca: parts.client_ca.is_some(),
+            proxy_wide,
         }
+    }
+
+    /// The proxy-wide settings that Consul KV can override (`maxconn`, the timeouts), as
+    /// HAProxy runs them now, each with where it came from and its KV key.
+    pub fn proxy_wide_settings(&self) -> Arc<Vec<EffectiveSetting>> {
+        Arc::clone(&self.proxy_wide.borrow())
     }
 
     /// Whether `--ca-file` was given (`verifyClientSsl` needs it).
@@ -414,6 +445,20 @@ struct Core {
     instance_watches: InstanceWatches,
     stored_watch: Option<JoinHandle<()>>,
     max_services: usize,
+    proxy_wide: ProxyWideState,
+}
+
+/// The proxy-wide settings: the flags, and the settings in Consul KV over them.
+struct ProxyWideState {
+    flags: ProxyWideFlags,
+    /// What the flags make (defaults where unset).
+    from_flags: ProxyWide,
+    /// The KV settings HAProxy runs with now.
+    kv: KvSettings,
+    /// KV settings whose configuration HAProxy refused, not tried again until they change.
+    refused_kv: Option<KvSettings>,
+    kv_prefix: String,
+    published: watch::Sender<Arc<Vec<EffectiveSetting>>>,
 }
 
 impl Drop for Core {
@@ -647,6 +692,7 @@ impl Core {
             );
             return Ok(());
         }
+        self.follow_kv_settings(&snapshot.settings).await?;
         let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
         let mut updates: Vec<(ServiceName, Option<Routed>)> = Vec::new();
         for (name, spec) in &snapshot.specs {
@@ -789,6 +835,70 @@ impl Core {
         Ok((wanted != self.certs).then_some(wanted))
     }
 
+    /// Applies the proxy-wide settings of a read of Consul KV when they differ from the ones in
+    /// force: validate, reload, publish. Settings HAProxy refuses (e.g. a `maxconn` the open-files
+    /// limit cannot hold) are logged and left out until they change; the previous ones stay.
+    /// Only a passing failure (see [`is_transient`]) is returned, so the watch retries.
+    async fn follow_kv_settings(&mut self, kv: &KvSettings) -> Result<(), ProxyError> {
+        if *kv == self.proxy_wide.kv || self.proxy_wide.refused_kv.as_ref() == Some(kv) {
+            return Ok(());
+        }
+        let candidate = RenderSettings {
+            proxy_wide: kv.over(&self.proxy_wide.from_flags),
+            ..self.render_settings.clone()
+        };
+        match self.apply_settings(candidate).await {
+            Ok(()) => {
+                self.proxy_wide.kv = kv.clone();
+                self.proxy_wide.refused_kv = None;
+                let effective = proxy_settings::effective(
+                    &self.proxy_wide.flags,
+                    &self.proxy_wide.from_flags,
+                    kv,
+                    &self.proxy_wide.kv_prefix,
+                );
+                tracing::info!(
+                    maxconn = self.render_settings.proxy_wide.maxconn,
+                    overrides = ?kv,
+                    "proxy-wide settings from Consul KV applied"
+                );
+                self.proxy_wide.published.send_replace(Arc::new(effective));
+                Ok(())
+            }
+            Err(error) if is_transient(&error) => Err(error),
+            Err(error) => {
+                tracing::error!(%error, overrides = ?kv, "ignoring proxy-wide settings in Consul KV that HAProxy does not accept; the previous ones stay");
+                self.proxy_wide.refused_kv = Some(kv.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Renders the routed state with `settings`, validates it and reloads HAProxy; on success
+    /// `settings` are the ones in force. On failure nothing changed (the live file is put back).
+    async fn apply_settings(&mut self, settings: RenderSettings) -> Result<(), ProxyError> {
+        let config = self
+            .render_with(&settings, &self.state, &self.certs)
+            .await?;
+        if self.applied_config.as_deref() != Some(config.as_str()) {
+            self.haproxy
+                .preflight(&config)
+                .await
+                .map_err(ProxyError::Haproxy)?;
+            self.haproxy
+                .validate(&config)
+                .await
+                .map_err(|error| rejected(error, false))?;
+            if let Err(error) = self.haproxy.apply().await {
+                self.put_back_live_config().await;
+                return Err(ProxyError::Haproxy(error));
+            }
+            self.applied_config = Some(config);
+        }
+        self.render_settings = settings;
+        Ok(())
+    }
+
     /// Refuses a reconfigure that would pass `--max-services`, or that claims a request pattern
     /// another service routes (a color switch of the same service is no conflict).
     fn admit(&self, candidate: &RoutingState, spec: &ServiceSpec) -> Result<(), ProxyError> {
@@ -823,6 +933,16 @@ impl Core {
         state: &RoutingState,
         certs: &Certificates,
     ) -> Result<String, ProxyError> {
+        self.render_with(&self.render_settings, state, certs).await
+    }
+
+    /// [`Core::render`] with other settings than the ones in force (a candidate's).
+    async fn render_with(
+        &self,
+        settings: &RenderSettings,
+        state: &RoutingState,
+        certs: &Certificates,
+    ) -> Result<String, ProxyError> {
         let routes: Vec<ServiceRoute<'_>> = state
             .values()
             .map(|routed| ServiceRoute {
@@ -844,7 +964,7 @@ impl Core {
             });
         Ok(self
             .renderer
-            .render_with_tls(&self.render_settings, &routes, tls.as_ref())?)
+            .render_with_tls(settings, &routes, tls.as_ref())?)
     }
 
     /// Stores the candidate's specs of `names` (deleting those it does not route). If one fails,

@@ -68,6 +68,7 @@
 //! `srcPort` (their rules share the frontend), and an HTTP `srcPort` equal to `http_port` puts
 //! the rules in the main frontend.
 
+mod proxy_wide;
 mod view;
 
 #[cfg(test)]
@@ -79,6 +80,8 @@ use std::path::{Path, PathBuf};
 use handlebars::Handlebars;
 
 use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
+
+pub use proxy_wide::{default_timeout, ProxyWide, DEFAULT_MAXCONN};
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -155,6 +158,9 @@ pub struct RenderSettings {
     /// `--service-domain-algo`: how exact domains match for services without
     /// `serviceDomainAlgo` of their own.
     pub service_domain_algo: DomainAlgo,
+    /// `maxconn`, timeouts, connection mode, extra lines, header captures and the request log
+    /// (flags, overridden by Consul KV where set).
+    pub proxy_wide: ProxyWide,
 }
 
 /// HAProxy's stats page behind basic auth (`--stats-user`, `--stats-pass`, `--stats-uri`,

@@ -46,6 +46,8 @@ pub(super) struct ConfigView {
     userlists: Vec<UserlistView>,
     /// HAProxy's stats page, when both stats credentials are set.
     stats: Option<StatsView>,
+    /// `maxconn`, timeouts, connection mode, request log, extra `global` lines.
+    proxy_wide: super::proxy_wide::ProxyWideView,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,6 +60,9 @@ struct FrontendView {
     /// with it go to the stats backend before any service rule.
     stats_uri: Option<String>,
     rules: Vec<RuleView>,
+    /// Proxy-wide lines of the main frontends (header captures, `--extra-frontend`), after
+    /// `bind`; empty in the other frontends.
+    main_lines: Vec<String>,
 }
 
 /// A `userlist` section: user names with crypt(3) hashes, never clear passwords.
@@ -768,6 +773,7 @@ pub(super) fn build(
             forwarded_proto: None,
             stats_uri: stats_route(port),
             rules: rule_views(&rules, FrontendKind::ExtraHttp { port }),
+            main_lines: Vec::new(),
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
@@ -782,6 +788,7 @@ pub(super) fn build(
                 https_only_all: settings.https_only,
             },
         ),
+        main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
     };
     let https = match tls {
         Some(tls) => {
@@ -800,6 +807,7 @@ pub(super) fn build(
                 forwarded_proto: Some("https"),
                 stats_uri: stats_route(tls.https_port),
                 rules: rule_views(&main_rules, FrontendKind::Https),
+                main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
             })
         }
         None => None,
@@ -845,5 +853,6 @@ pub(super) fn build(
         tcp_backends,
         userlists,
         stats,
+        proxy_wide: super::proxy_wide::view(&settings.proxy_wide),
     })
 }

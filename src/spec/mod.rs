@@ -18,6 +18,7 @@
 //! `srcPort` forwarding everything).
 
 mod docker_flow;
+pub mod proxy_wide;
 mod query;
 mod stored;
 pub mod values;
@@ -36,6 +37,9 @@ pub use values::{
     ServicePath, UserName,
 };
 
+pub use proxy_wide::{
+    CapturedHeader, ConfigLine, ConnectionMode, HaproxyTime, ProxyWideError, TimeUnit, TimeoutName,
+};
 use query::indexed;
 pub use query::IgnoredParameter;
 use values::{shown, spec_error, MAX_DOMAIN_LABEL_LEN, MAX_DOMAIN_LEN};
