@@ -22,6 +22,7 @@ mod migration;
 mod open_files;
 mod outages;
 mod proxy_client;
+mod proxy_wide;
 mod registry_crash;
 mod restore;
 mod route_conflicts;
