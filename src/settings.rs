@@ -452,6 +452,18 @@ mod tests {
             ("https-only", "HTTPS_ONLY"),
             ("enable-h2", "ENABLE_H2"),
             ("service-domain-algo", "SERVICE_DOMAIN_ALGO"),
+            ("timeout-connect", "TIMEOUT_CONNECT"),
+            ("timeout-client", "TIMEOUT_CLIENT"),
+            ("timeout-server", "TIMEOUT_SERVER"),
+            ("timeout-queue", "TIMEOUT_QUEUE"),
+            ("timeout-tunnel", "TIMEOUT_TUNNEL"),
+            ("timeout-http-request", "TIMEOUT_HTTP_REQUEST"),
+            ("timeout-http-keep-alive", "TIMEOUT_HTTP_KEEP_ALIVE"),
+            ("connection-mode", "CONNECTION_MODE"),
+            ("extra-global", "EXTRA_GLOBAL"),
+            ("extra-frontend", "EXTRA_FRONTEND"),
+            ("capture-request-header", "CAPTURE_REQUEST_HEADER"),
+            ("access-log", "DEBUG"),
         ];
         // `--ca-file` comes with client certificates; checked once it exists.
         if command
@@ -477,5 +489,59 @@ mod tests {
             Settings::try_parse_from(["flow-proxy", "--service-domain-algo", "req.ssl_sni"])
                 .expect_err("not a domain match");
         assert!(error.to_string().contains("hdr_dom"), "{error}");
+    }
+
+    #[test]
+    fn proxy_wide_flags_keep_haproxy_cfgs_values_unless_given() {
+        use crate::render::ProxyWide;
+        use crate::spec::TimeoutName;
+        assert_eq!(parse(&[]).proxy_wide.proxy_wide(), ProxyWide::default());
+        let settings = parse(&[
+            "--timeout-server",
+            "20",
+            "--timeout-queue=500ms",
+            "--maxconn",
+            "2000",
+            "--connection-mode",
+            "http-server-close",
+            "--extra-global",
+            "tune.bufsize 32768,tune.maxrewrite 1024",
+            "--extra-global",
+            "nbthread 2",
+            "--capture-request-header",
+            "Host:15,X-Forwarded-For:20",
+            "--access-log",
+        ])
+        .proxy_wide
+        .proxy_wide();
+        assert_eq!(settings.timeouts[&TimeoutName::Server].to_string(), "20s");
+        assert_eq!(settings.timeouts[&TimeoutName::Queue].to_string(), "500ms");
+        assert_eq!(settings.timeouts[&TimeoutName::Connect].to_string(), "5s");
+        assert_eq!(settings.maxconn, 2000);
+        assert_eq!(settings.connection_mode.as_str(), "http-server-close");
+        let lines: Vec<&str> = settings.extra_global.iter().map(|l| l.as_str()).collect();
+        assert_eq!(
+            lines,
+            ["tune.bufsize 32768", "tune.maxrewrite 1024", "nbthread 2"]
+        );
+        assert_eq!(settings.capture_request_headers.len(), 2);
+        assert!(settings.access_log);
+    }
+
+    #[test]
+    fn bad_proxy_wide_flags_are_refused_naming_the_flag() {
+        for args in [
+            ["--timeout-client", "1 minute"],
+            ["--timeout-tunnel", "0"],
+            ["--maxconn", "10000001"],
+            ["--connection-mode", "http-tunnel"],
+            ["--extra-frontend", "backend sneaky"],
+            ["--capture-request-header", "Host:0"],
+            ["--access-log", "maybe"],
+        ] {
+            let error = Settings::try_parse_from(std::iter::once("flow-proxy").chain(args))
+                .expect_err("refused");
+            assert!(error.to_string().contains(args[0]), "{args:?}: {error}");
+        }
     }
 }

@@ -158,3 +158,101 @@ pub(super) fn effective(
     }
     settings
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: &str, modify_index: u64) -> KvEntry {
+        KvEntry {
+            key: format!("flow-proxy/settings/{key}"),
+            value: value.as_bytes().to_vec(),
+            modify_index,
+        }
+    }
+
+    fn read(entries: &[(&str, &str)]) -> (KvSettings, BTreeSet<(String, u64)>) {
+        let mut settings = KvSettings::default();
+        let mut reported = BTreeSet::new();
+        for (index, (key, value)) in entries.iter().enumerate() {
+            settings.read_entry(key, &entry(key, value, index as u64 + 1), &mut reported);
+        }
+        (settings, reported)
+    }
+
+    #[test]
+    fn kv_values_are_read_key_by_key_and_bad_ones_are_reported_and_left_out() {
+        let (settings, reported) = read(&[
+            ("maxconn", "2000\n"),
+            ("timeouts/server", "30s"),
+            ("timeouts/connect", "5000"),
+            ("timeouts/nap", "1s"),
+            ("colour", "blue"),
+        ]);
+        assert_eq!(settings.maxconn, Some(2000));
+        assert_eq!(
+            settings.timeouts.keys().copied().collect::<Vec<_>>(),
+            [TimeoutName::Server]
+        );
+        let keys: Vec<&str> = reported.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "flow-proxy/settings/colour",
+                "flow-proxy/settings/timeouts/connect",
+                "flow-proxy/settings/timeouts/nap"
+            ]
+        );
+    }
+
+    #[test]
+    fn kv_settings_override_the_flags_key_by_key_and_say_where_each_came_from() {
+        let flags = ProxyWideFlags {
+            maxconn: Some(500),
+            timeout_client: Some("30".parse().unwrap()),
+            ..ProxyWideFlags::default()
+        };
+        let from_flags = flags.proxy_wide();
+        let (kv, _) = read(&[("timeouts/client", "45s"), ("timeouts/queue", "2s")]);
+        let in_force = kv.over(&from_flags);
+        assert_eq!(in_force.maxconn, 500);
+        assert_eq!(in_force.timeouts[&TimeoutName::Client].to_string(), "45s");
+        assert_eq!(in_force.timeouts[&TimeoutName::Queue].to_string(), "2s");
+        assert_eq!(in_force.timeouts[&TimeoutName::Server].to_string(), "60s");
+
+        let shown = effective(&flags, &from_flags, &kv, "flow-proxy/");
+        let find = |name: &str| {
+            shown
+                .iter()
+                .find(|setting| setting.name == name)
+                .cloned()
+                .unwrap()
+        };
+        let maxconn = find("maxconn");
+        assert_eq!(
+            (maxconn.value.as_deref(), maxconn.source),
+            (Some("500"), SettingSource::Flag)
+        );
+        assert_eq!(maxconn.key, "flow-proxy/settings/maxconn");
+        let client = find("timeout client");
+        assert_eq!(
+            (client.value.as_deref(), client.source),
+            (Some("45s"), SettingSource::ConsulKv)
+        );
+        let server = find("timeout server");
+        assert_eq!(
+            (server.value.as_deref(), server.source),
+            (Some("60s"), SettingSource::Default)
+        );
+        let unset = effective(&flags, &from_flags, &KvSettings::default(), "flow-proxy");
+        let queue = unset
+            .iter()
+            .find(|setting| setting.name == "timeout queue")
+            .unwrap();
+        assert_eq!(
+            (queue.value.as_deref(), queue.source),
+            (None, SettingSource::Default)
+        );
+        assert_eq!(queue.key, "flow-proxy/settings/timeouts/queue");
+    }
+}

@@ -136,3 +136,158 @@ pub(super) fn main_frontend_lines(settings: &ProxyWide) -> Vec<String> {
 fn lines(lines: &[ConfigLine]) -> Vec<String> {
     lines.iter().map(|line| line.as_str().to_string()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    use super::*;
+    use crate::render::{RenderSettings, Renderer, ServiceRoute, ERROR_PAGE_503};
+    use crate::spec::{Instance, ServiceSpec};
+
+    fn settings(proxy_wide: ProxyWide, errors_dir: PathBuf) -> RenderSettings {
+        RenderSettings {
+            bind_host: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+            http_port: 8080,
+            stats_socket: PathBuf::from("admin.sock"),
+            errors_dir,
+            https_only: false,
+            users: Vec::new(),
+            stats: None,
+            service_domain_algo: Default::default(),
+            proxy_wide,
+        }
+    }
+
+    fn everything() -> ProxyWide {
+        let mut proxy_wide = ProxyWide {
+            maxconn: 1234,
+            connection_mode: ConnectionMode::HttpServerClose,
+            extra_global: vec!["tune.bufsize 32768".parse().unwrap()],
+            extra_frontend: vec!["http-response set-header X-Served-By flow-proxy"
+                .parse()
+                .unwrap()],
+            capture_request_headers: vec!["X-Request-Id:36".parse().unwrap()],
+            access_log: true,
+            ..ProxyWide::default()
+        };
+        proxy_wide
+            .timeouts
+            .insert(TimeoutName::Server, HaproxyTime::parse("2500ms").unwrap());
+        proxy_wide
+            .timeouts
+            .insert(TimeoutName::Queue, HaproxyTime::parse("30s").unwrap());
+        proxy_wide
+    }
+
+    fn render(proxy_wide: ProxyWide, errors_dir: PathBuf) -> String {
+        let http: Vec<(String, String)> = vec![
+            ("serviceName".into(), "web".into()),
+            ("servicePath".into(), "/web".into()),
+        ];
+        let tcp: Vec<(String, String)> = vec![
+            ("serviceName".into(), "db".into()),
+            ("reqMode".into(), "tcp".into()),
+            ("srcPort".into(), "5432".into()),
+        ];
+        let web = ServiceSpec::from_query(&http).unwrap();
+        let db = ServiceSpec::from_query(&tcp).unwrap();
+        let instances = vec![Instance::new("127.0.0.1", 9000).unwrap()];
+        Renderer::new(None)
+            .unwrap()
+            .render(
+                &settings(proxy_wide, errors_dir),
+                &[
+                    ServiceRoute {
+                        spec: &web,
+                        instances: &instances,
+                    },
+                    ServiceRoute {
+                        spec: &db,
+                        instances: &instances,
+                    },
+                ],
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_render_what_haproxy_cfg_always_had() {
+        let config = render(ProxyWide::default(), PathBuf::from("errors"));
+        for line in [
+            "    maxconn 4096\n",
+            "    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    timeout http-request 10s\n    timeout http-keep-alive 10s\n    timeout tunnel 1h\n",
+        ] {
+            assert!(config.contains(line), "{line:?} in:\n{config}");
+        }
+        for absent in ["timeout queue", "option http-", "log ", "capture "] {
+            assert!(!config.contains(absent), "{absent:?} in:\n{config}");
+        }
+    }
+
+    #[test]
+    fn every_proxy_wide_setting_lands_in_its_section_and_haproxy_accepts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let errors = dir.path().join("errors");
+        std::fs::create_dir(&errors).unwrap();
+        std::fs::write(errors.join("503.http"), ERROR_PAGE_503).unwrap();
+        let config = render(everything(), errors);
+        let section = |header: &str| -> String {
+            let start = config
+                .find(&format!("\n{header}\n"))
+                .unwrap_or_else(|| panic!("{header} in:\n{config}"));
+            let rest = &config[start + 1..];
+            let end = rest[1..].find("\n\n").map_or(rest.len(), |end| end + 1);
+            rest[..end].to_string()
+        };
+        let global = section("global");
+        assert!(global.contains("    maxconn 1234\n"), "{global}");
+        assert!(
+            global.contains("    log stdout format raw local0\n"),
+            "{global}"
+        );
+        assert!(global.ends_with("    tune.bufsize 32768"), "{global}");
+        let http_defaults = section("defaults http_defaults");
+        for line in [
+            "timeout server 2500ms",
+            "timeout queue 30s",
+            "option http-server-close",
+            "log global",
+            "option httplog",
+        ] {
+            assert!(http_defaults.contains(line), "{line}: {http_defaults}");
+        }
+        let tcp_defaults = section("defaults tcp_defaults");
+        for line in [
+            "timeout server 2500ms",
+            "timeout queue 30s",
+            "option tcplog",
+        ] {
+            assert!(tcp_defaults.contains(line), "{line}: {tcp_defaults}");
+        }
+        assert!(!tcp_defaults.contains("timeout tunnel"), "{tcp_defaults}");
+        let http = section("frontend http");
+        assert!(
+            http.contains(
+                "    bind 127.0.0.1:8080\n    capture request header X-Request-Id len 36\n    http-response set-header X-Served-By flow-proxy\n"
+            ),
+            "{http}"
+        );
+        let tcp = section("frontend tcp_5432");
+        assert!(!tcp.contains("capture"), "{tcp}");
+
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(&file, &config).unwrap();
+        let output = Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&file)
+            .current_dir(dir.path())
+            .output()
+            .expect("haproxy runs");
+        let printed = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{printed}\n{config}");
+        assert!(!printed.contains("[WARNING]"), "{printed}\n{config}");
+    }
+}

@@ -399,3 +399,148 @@ impl FromStr for CapturedHeader {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn time_values_keep_their_unit_and_bare_numbers_are_seconds_only_for_flags() {
+        assert_eq!(HaproxyTime::parse("500ms").unwrap().to_string(), "500ms");
+        assert_eq!(HaproxyTime::parse("1h").unwrap().as_millis(), 3_600_000);
+        assert_eq!(HaproxyTime::parse("1500us").unwrap().as_millis(), 2);
+        assert_eq!("20".parse::<HaproxyTime>().unwrap().to_string(), "20s");
+        assert_eq!("24d".parse::<HaproxyTime>().unwrap().to_string(), "24d");
+        let bare = HaproxyTime::parse("20").unwrap_err().to_string();
+        assert!(bare.contains("unit"), "{bare}");
+    }
+
+    #[test]
+    fn time_values_haproxy_would_refuse_or_misread_are_refused() {
+        for value in [
+            "",
+            "0",
+            "0s",
+            "25d",
+            "2147484s",
+            "-1s",
+            "+5s",
+            "5 s",
+            "5S",
+            "5sec",
+            "1.5s",
+            "s",
+            "5s\n",
+            "5s#",
+            "99999999999999s",
+        ] {
+            assert!(
+                value.parse::<HaproxyTime>().is_err() && HaproxyTime::parse(value).is_err(),
+                "{value:?} must be refused"
+            );
+        }
+        assert!(HaproxyTime::parse("2147483647ms").is_ok());
+        assert!(HaproxyTime::parse("2147483648ms").is_err());
+    }
+
+    #[test]
+    fn connection_modes_are_haproxy_2s_and_the_gone_ones_say_what_to_use() {
+        assert_eq!(
+            "http-server-close".parse::<ConnectionMode>().unwrap(),
+            ConnectionMode::HttpServerClose
+        );
+        assert_eq!(
+            "httpclose".parse::<ConnectionMode>().unwrap().as_str(),
+            "httpclose"
+        );
+        let gone = "forceclose".parse::<ConnectionMode>().unwrap_err();
+        assert!(gone.to_string().contains("use httpclose"), "{gone}");
+        let gone = "http-tunnel".parse::<ConnectionMode>().unwrap_err();
+        assert!(gone.to_string().contains("http-keep-alive"), "{gone}");
+        assert!("keep-alive".parse::<ConnectionMode>().is_err());
+    }
+
+    #[test]
+    fn maxconn_is_a_plain_positive_number_within_bounds() {
+        assert_eq!(parse_maxconn("4096"), Ok(4096));
+        assert_eq!(parse_maxconn("10000000"), Ok(MAX_MAXCONN));
+        for value in ["0", "", "+5", "-5", "10000001", "1e3", "5 ", "4096\nglobal"] {
+            assert!(parse_maxconn(value).is_err(), "{value:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn extra_lines_are_one_line_each_and_never_open_a_section() {
+        let line: ConfigLine = "  tune.bufsize 32768 ".parse().unwrap();
+        assert_eq!(line.as_str(), "tune.bufsize 32768");
+        for value in [
+            "",
+            "   ",
+            "tune.bufsize 1\nbackend evil",
+            "a\rb",
+            "x\0",
+            "backend evil",
+            "frontend   f",
+            "listen x",
+            "global",
+        ] {
+            assert!(
+                value.parse::<ConfigLine>().is_err(),
+                "{value:?} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn captured_headers_are_dfps_name_and_length() {
+        let header: CapturedHeader = "X-Request-Id:36".parse().unwrap();
+        assert_eq!((header.name(), header.length()), ("X-Request-Id", 36));
+        for value in [
+            "Host",
+            "Host:",
+            ":15",
+            "Host:0",
+            "Host:+5",
+            "Host:65537",
+            "Ho st:15",
+            "Host#:15",
+            "Host%[src]:15",
+            "Host:15:16",
+            "Hos\nt:15",
+        ] {
+            let error = value.parse::<CapturedHeader>().unwrap_err().to_string();
+            assert!(error.contains("Name:length"), "{value:?}: {error}");
+        }
+    }
+
+    proptest! {
+        /// Whatever is accepted is written as one plain word: no space, quote, `#`, brace or
+        /// control character can reach haproxy.cfg through a time, a maxconn or a capture.
+        #[test]
+        fn accepted_values_are_single_plain_words(value in "\\PC{0,24}") {
+            let plain = |text: &str| {
+                !text.is_empty()
+                    && text
+                        .chars()
+                        .all(|c| c.is_ascii_graphic() && !"\"'#{}\\$%".contains(c))
+            };
+            if let Ok(time) = value.parse::<HaproxyTime>() {
+                prop_assert!(plain(&time.to_string()));
+            }
+            if let Ok(time) = HaproxyTime::parse(&value) {
+                prop_assert!(plain(&time.to_string()));
+            }
+            if let Ok(maxconn) = parse_maxconn(&value) {
+                prop_assert!(plain(&maxconn.to_string()));
+            }
+            if let Ok(header) = value.parse::<CapturedHeader>() {
+                prop_assert!(plain(header.name()));
+            }
+            if let Ok(line) = value.parse::<ConfigLine>() {
+                prop_assert!(!line.as_str().chars().any(char::is_control));
+            }
+        }
+    }
+}
