@@ -276,7 +276,7 @@ impl Proxy {
             proxy_wide: ProxyWideState {
                 flags: parts.proxy_wide_flags,
                 from_flags: flag_settings,
-                kv: KvSettings::default(),
+                kv: None,
                 refused_kv: None,
                 kv_prefix: parts.kv_prefix.clone(),
                 published: published_proxy_wide,
@@ -453,8 +453,10 @@ struct ProxyWideState {
     flags: ProxyWideFlags,
     /// What the flags make (defaults where unset).
     from_flags: ProxyWide,
-    /// The KV settings HAProxy runs with now.
-    kv: KvSettings,
+    /// The KV settings HAProxy runs with now; `None` until the first read of the stored state,
+    /// whose settings are then applied whatever they are (so the flags of this start reach
+    /// HAProxy even when it kept serving a file rendered with other ones and nothing is routed).
+    kv: Option<KvSettings>,
     /// KV settings whose configuration HAProxy refused, not tried again until they change.
     refused_kv: Option<KvSettings>,
     kv_prefix: String,
@@ -675,10 +677,9 @@ impl Core {
         Ok(outcomes)
     }
 
-    /// Brings the routed state in line with a version of the stored specs: routes the new and
-    /// changed specs, drops the services no longer stored. Services HAProxy does not accept are
-    /// skipped with an error (the others apply); a registry failure is returned, so the watch
-    /// retries.
+    /// Brings the routed state, then the proxy-wide settings, in line with a version of the
+    /// stored state (see [`Core::apply_stored_routes`] and [`Core::follow_kv_settings`]). The
+    /// settings come second, so settings HAProxy refuses never hold a route back.
     async fn apply_stored(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         if snapshot.after_reset {
             // Consul's indexes started over: the floor from before means nothing any more.
@@ -692,7 +693,16 @@ impl Core {
             );
             return Ok(());
         }
-        self.follow_kv_settings(&snapshot.settings).await?;
+        let settings = snapshot.settings.clone();
+        self.apply_stored_routes(snapshot).await?;
+        self.follow_kv_settings(&settings).await
+    }
+
+    /// Brings the routed state in line with a version of the stored specs: routes the new and
+    /// changed specs, drops the services no longer stored. Services HAProxy does not accept are
+    /// skipped with an error (the others apply); a registry failure is returned, so the watch
+    /// retries.
+    async fn apply_stored_routes(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
         let mut updates: Vec<(ServiceName, Option<Routed>)> = Vec::new();
         for (name, spec) in &snapshot.specs {
@@ -836,11 +846,14 @@ impl Core {
     }
 
     /// Applies the proxy-wide settings of a read of Consul KV when they differ from the ones in
-    /// force: validate, reload, publish. Settings HAProxy refuses (e.g. a `maxconn` the open-files
+    /// force (always the first time): render, and when the configuration changes validate and
+    /// reload; then publish. Settings HAProxy refuses (e.g. a `maxconn` the open-files
     /// limit cannot hold) are logged and left out until they change; the previous ones stay.
     /// Only a passing failure (see [`is_transient`]) is returned, so the watch retries.
     async fn follow_kv_settings(&mut self, kv: &KvSettings) -> Result<(), ProxyError> {
-        if *kv == self.proxy_wide.kv || self.proxy_wide.refused_kv.as_ref() == Some(kv) {
+        if self.proxy_wide.kv.as_ref() == Some(kv)
+            || self.proxy_wide.refused_kv.as_ref() == Some(kv)
+        {
             return Ok(());
         }
         let candidate = RenderSettings {
@@ -849,7 +862,7 @@ impl Core {
         };
         match self.apply_settings(candidate).await {
             Ok(()) => {
-                self.proxy_wide.kv = kv.clone();
+                self.proxy_wide.kv = Some(kv.clone());
                 self.proxy_wide.refused_kv = None;
                 let effective = proxy_settings::effective(
                     &self.proxy_wide.flags,

@@ -532,3 +532,54 @@ async fn access_log_shows_every_request_on_stdout_with_the_captured_headers() {
         "captured headers in the line: {logged}"
     );
 }
+
+#[tokio::test]
+async fn a_maxconn_haproxy_cannot_start_with_is_logged_and_the_serving_process_stays() {
+    let registry = SharedRegistry::start().await;
+    let backend = spawn_backend("demo").await;
+    registry
+        .register_instance("demo", "demo.1", backend.port)
+        .await;
+    let proxy = ProxyProcess::start(&registry.address(), &[]).await;
+    proxy
+        .reconfigure_ok("serviceName=demo&servicePath=/demo")
+        .await;
+    let serving = proxy.haproxy_pid().await;
+
+    // Valid as a number, but HAProxy needs two open files per connection: it cannot start.
+    registry
+        .put_kv(&format!("{KV_PREFIX}/settings/maxconn"), "10000000")
+        .await;
+    eventually("the refusal is logged", Duration::from_secs(10), || async {
+        proxy
+            .log()
+            .contains("ignoring proxy-wide settings in Consul KV that HAProxy does not accept")
+    })
+    .await;
+    assert_eq!(
+        proxy.haproxy_pid().await,
+        serving,
+        "the serving HAProxy stays"
+    );
+    assert_eq!(haproxy_maxconn(&proxy).await, Some(4096));
+    assert_eq!(
+        proxy.get_through_proxy("/demo/x", None).await,
+        (StatusCode::OK, "demo /demo/x".to_string())
+    );
+    assert_eq!(
+        shown_setting(&proxy, "maxconn").await,
+        (Value::from("4096"), "default".to_string())
+    );
+
+    // Routing changes still apply, and a maxconn HAProxy can run with replaces the refused one.
+    proxy
+        .reconfigure_ok("serviceName=other&servicePath=/other")
+        .await;
+    registry
+        .put_kv(&format!("{KV_PREFIX}/settings/maxconn"), "900")
+        .await;
+    eventually("maxconn 900 applies", Duration::from_secs(5), || {
+        runs_maxconn(&proxy, 900, "consul-kv")
+    })
+    .await;
+}
