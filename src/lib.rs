@@ -17,11 +17,14 @@
 //! - [`spec`]: service specs and instances as typed, validated values; query parsing. Nothing
 //!   reaches haproxy.cfg without passing through these types.
 //! - [`spec`]'s `docker_flow`: Docker Flow Proxy's old KV layout → specs, for the one-time import.
+//! - [`spec`]'s `proxy_wide`: the proxy-wide values (HAProxy time values, connection mode,
+//!   `maxconn`, extra config lines, captured headers) as checked types.
 //! - [`proxy`]: the core; owns the routing state and the certificates and applies each change in
 //!   order (resolve → render → validate → persist → reload → answer) from one bounded queue;
-//!   restores the stored specs and certificates on start and then follows them and the routed
-//!   services' instances with blocking-query watches, so every proxy sharing a Consul converges
-//!   without calls between proxies.
+//!   restores the stored specs and certificates on start and then follows them, the proxy-wide
+//!   settings kept in KV (`<kv-prefix>/settings/`) and the routed services' instances with
+//!   blocking-query watches, so every proxy sharing a Consul converges without calls between
+//!   proxies.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`.
 //! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
 //!   and that every new listening port is free), atomic swaps of the live file, seamless reloads

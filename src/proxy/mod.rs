@@ -35,6 +35,11 @@
 //! is retried instead).
 //! If Consul's KV index goes backwards and the prefix comes back empty while services are routed,
 //! Consul has lost its data: the routes stay and their specs are written back.
+//!
+//! The same watch brings the proxy-wide settings kept in KV (`maxconn`, timeouts; see
+//! [`proxy_settings`]): after the routes of a read are applied, settings that changed are
+//! rendered, validated and applied with one reload; settings HAProxy refuses are logged and left
+//! out until they change.
 
 mod instances;
 pub mod proxy_settings;

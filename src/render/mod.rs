@@ -62,6 +62,14 @@
 //!   (`url_beg`); on any other port it gets a frontend `stats` of its own. A TCP `srcPort` equal to
 //!   the stats port is a [`RenderError::PortConflict`].
 //!
+//! # Proxy-wide settings
+//! `maxconn`, the request log (`log stdout format raw local0`) and `--extra-global` lines in
+//! `global`; the timeouts, `option <connection mode>` (unless `http-keep-alive`, HAProxy's own
+//! default) and `log global` + `option httplog` in the HTTP `defaults`; the timeouts that apply to
+//! TCP (connect, client, server, queue) and `option tcplog` in the TCP `defaults`; header
+//! captures then `--extra-frontend` lines right after `bind` in the main frontends (`http`,
+//! `https`), never in `srcPort` or TCP frontends. See [`ProxyWide`].
+//!
 //! # Ports
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a
@@ -81,7 +89,7 @@ use handlebars::Handlebars;
 
 use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
-pub use proxy_wide::{default_timeout, ProxyWide, DEFAULT_MAXCONN};
+pub use proxy_wide::ProxyWide;
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
