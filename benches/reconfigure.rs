@@ -55,6 +55,7 @@ fn bench_render() {
         users: Vec::new(),
         stats: None,
         service_domain_algo: Default::default(),
+        proxy_wide: Default::default(),
     };
     for count in [10, 100, 1_000, 10_000] {
         let specs: Vec<ServiceSpec> = (0..count).map(spec).collect();

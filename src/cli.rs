@@ -172,7 +172,9 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Check(args) => {
             let problems = check(&args.settings).await;
             for problem in &problems {
-                println!("{problem}");
+                // One line per problem, however many lines the underlying error has.
+                let words: Vec<&str> = problem.split_whitespace().collect();
+                println!("{}", words.join(" "));
             }
             if !problems.is_empty() {
                 return ExitCode::FAILURE;

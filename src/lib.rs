@@ -17,11 +17,14 @@
 //! - [`spec`]: service specs and instances as typed, validated values; query parsing. Nothing
 //!   reaches haproxy.cfg without passing through these types.
 //! - [`spec`]'s `docker_flow`: Docker Flow Proxy's old KV layout → specs, for the one-time import.
+//! - [`spec`]'s `proxy_wide`: the proxy-wide values (HAProxy time values, connection mode,
+//!   `maxconn`, extra config lines, captured headers) as checked types.
 //! - [`proxy`]: the core; owns the routing state and the certificates and applies each change in
 //!   order (resolve → render → validate → persist → reload → answer) from one bounded queue;
-//!   restores the stored specs and certificates on start and then follows them and the routed
-//!   services' instances with blocking-query watches, so every proxy sharing a Consul converges
-//!   without calls between proxies.
+//!   restores the stored specs and certificates on start and then follows them, the proxy-wide
+//!   settings kept in KV (`<kv-prefix>/settings/`) and the routed services' instances with
+//!   blocking-query watches, so every proxy sharing a Consul converges without calls between
+//!   proxies.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
 //!   (and a service's own fragments from `--templates-dir`, read at each render).
 //! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
@@ -102,6 +105,12 @@ pub enum StartError {
     /// `--users` or the stats page's settings are unusable (the message never shows a password).
     #[error("{0}")]
     EdgeAuth(#[from] SpecError),
+    /// `haproxy -c` refuses the configuration `--extra-global` or `--extra-frontend` make.
+    #[error(
+        "HAProxy refuses the configuration --extra-global/--extra-frontend (EXTRA_GLOBAL, \
+         EXTRA_FRONTEND) produce; fix or remove the line it names:\n{0}"
+    )]
+    ExtraLines(String),
     /// Only one of `--stats-user` and `--stats-pass` is set.
     #[error("the stats page needs both --stats-user and --stats-pass (or neither, to stay off)")]
     StatsCredentials,
@@ -157,6 +166,13 @@ impl FlowProxy {
         let renderer = Renderer::new(settings.templates_dir.as_deref())?
             .allow_backend_extra(settings.allow_backend_extra);
         let paths = HaproxyPaths::under(&data_dir);
+        check_extra_lines(
+            &settings.haproxy_binary,
+            &paths,
+            &renderer,
+            &render_settings,
+        )
+        .await?;
         let on_exit = if settings.stop_haproxy_on_exit {
             OnExit::Stop
         } else {
@@ -186,6 +202,7 @@ impl FlowProxy {
             },
             max_instance_watches: limits::instance_watch_budget(embedded_registry.is_some()),
             client_ca,
+            proxy_wide_flags: settings.proxy_wide.clone(),
         })
         .await;
 
@@ -271,6 +288,7 @@ pub fn render_settings(settings: &Settings) -> Result<RenderSettings, StartError
         users,
         stats,
         service_domain_algo: settings.service_domain_algo,
+        proxy_wide: settings.proxy_wide.proxy_wide(),
     })
 }
 
@@ -421,6 +439,27 @@ async fn prepare_data_dir(data_dir: &Path) -> Result<PathBuf, StartError> {
             source,
         })?;
     Ok(data_dir)
+}
+
+/// Checks the operator's `--extra-global` and `--extra-frontend` lines with `haproxy -c` (on the
+/// empty configuration, which has every section they go into) before anything runs, so a line
+/// HAProxy refuses stops flow-proxy with HAProxy's message instead of every later change.
+async fn check_extra_lines(
+    binary: &Path,
+    paths: &HaproxyPaths,
+    renderer: &Renderer,
+    render_settings: &RenderSettings,
+) -> Result<(), StartError> {
+    let proxy_wide = &render_settings.proxy_wide;
+    if proxy_wide.extra_global.is_empty() && proxy_wide.extra_frontend.is_empty() {
+        return Ok(());
+    }
+    let empty = renderer.render(render_settings, &[])?;
+    match haproxy::check_config(binary, paths, &empty).await {
+        Ok(()) => Ok(()),
+        Err(HaproxyError::Rejected(message)) => Err(StartError::ExtraLines(message)),
+        Err(other) => Err(StartError::Haproxy(other)),
+    }
 }
 
 /// Starts HAProxy with the last good haproxy.cfg when one is on disk (so a restarted flow-proxy

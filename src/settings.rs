@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::spec::DomainAlgo;
+use crate::render::ProxyWide;
+use crate::spec::proxy_wide::parse_maxconn;
+use crate::spec::{
+    CapturedHeader, ConfigLine, ConnectionMode, DomainAlgo, HaproxyTime, TimeoutName,
+};
 
 /// The whole configuration of one flow-proxy process.
 #[derive(Debug, Clone, Parser)]
@@ -221,6 +225,121 @@ pub struct Settings {
         default_missing_value = "true"
     )]
     pub allow_backend_extra: bool,
+    /// `maxconn`, timeouts, connection mode, extra lines, header captures, request log.
+    #[command(flatten)]
+    pub proxy_wide: ProxyWideFlags,
+}
+
+/// The proxy-wide HAProxy settings, with Docker Flow Proxy's environment variables. Unset flags
+/// keep the values haproxy.cfg always had. `maxconn` and the timeouts can be overridden at run
+/// time in Consul KV (`<kv-prefix>/settings/maxconn`, `<kv-prefix>/settings/timeouts/<name>`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ProxyWideFlags {
+    /// `timeout connect` of every service. A bare number is seconds (as in Docker Flow Proxy);
+    /// HAProxy units are accepted (`500ms`, `30s`, `5m`, `1h`). Default: 5s.
+    #[arg(long, env = "TIMEOUT_CONNECT")]
+    pub timeout_connect: Option<HaproxyTime>,
+
+    /// `timeout client` (seconds, or with a unit). Default: 60s.
+    #[arg(long, env = "TIMEOUT_CLIENT")]
+    pub timeout_client: Option<HaproxyTime>,
+
+    /// `timeout server`: how long a service may take to answer before the client gets a 504
+    /// (seconds, or with a unit). Default: 60s.
+    #[arg(long, env = "TIMEOUT_SERVER")]
+    pub timeout_server: Option<HaproxyTime>,
+
+    /// `timeout queue` (seconds, or with a unit). Default: HAProxy's (the connect timeout).
+    #[arg(long, env = "TIMEOUT_QUEUE")]
+    pub timeout_queue: Option<HaproxyTime>,
+
+    /// `timeout tunnel`, for WebSocket and other upgraded connections (seconds, or with a unit).
+    /// Default: 1h.
+    #[arg(long, env = "TIMEOUT_TUNNEL")]
+    pub timeout_tunnel: Option<HaproxyTime>,
+
+    /// `timeout http-request` (seconds, or with a unit). Default: 10s.
+    #[arg(long, env = "TIMEOUT_HTTP_REQUEST")]
+    pub timeout_http_request: Option<HaproxyTime>,
+
+    /// `timeout http-keep-alive` (seconds, or with a unit). Default: 10s.
+    #[arg(long, env = "TIMEOUT_HTTP_KEEP_ALIVE")]
+    pub timeout_http_keep_alive: Option<HaproxyTime>,
+
+    /// How HAProxy handles HTTP connections: `http-keep-alive` (the default),
+    /// `http-server-close` or `httpclose`.
+    #[arg(long, env = "CONNECTION_MODE")]
+    pub connection_mode: Option<ConnectionMode>,
+
+    /// HAProxy's process-wide `maxconn` (1 to 10000000; HAProxy needs about two open files per
+    /// connection). Default: 4096.
+    #[arg(long, env = "MAXCONN", value_parser = parse_maxconn)]
+    pub maxconn: Option<u32>,
+
+    /// Lines added to HAProxy's `global` section, comma separated (as in Docker Flow Proxy; a
+    /// line cannot hold a comma); the flag may be repeated. Checked with `haproxy -c` at start:
+    /// a line HAProxy refuses stops flow-proxy with HAProxy's message.
+    #[arg(long, env = "EXTRA_GLOBAL", value_delimiter = ',')]
+    pub extra_global: Vec<ConfigLine>,
+
+    /// Lines added to the main frontends (HTTP, and HTTPS once a certificate is stored), after
+    /// `bind`, comma separated like --extra-global; checked the same way.
+    #[arg(long, env = "EXTRA_FRONTEND", value_delimiter = ',')]
+    pub extra_frontend: Vec<ConfigLine>,
+
+    /// Request headers to capture in the request log, `Name:length,…` (e.g.
+    /// `Host:15,X-Request-Id:36`): `capture request header <Name> len <length>`.
+    #[arg(long, env = "CAPTURE_REQUEST_HEADER", value_delimiter = ',')]
+    pub capture_request_header: Vec<CapturedHeader>,
+
+    /// HAProxy's request log (`option httplog`, `option tcplog`) on flow-proxy's standard
+    /// output, one line per request, so `docker logs` shows every request.
+    #[arg(
+        long,
+        env = "DEBUG",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub access_log: bool,
+}
+
+impl ProxyWideFlags {
+    /// The timeout flag of `name`, when given.
+    pub fn timeout(&self, name: TimeoutName) -> Option<HaproxyTime> {
+        match name {
+            TimeoutName::Connect => self.timeout_connect,
+            TimeoutName::Client => self.timeout_client,
+            TimeoutName::Server => self.timeout_server,
+            TimeoutName::Queue => self.timeout_queue,
+            TimeoutName::Tunnel => self.timeout_tunnel,
+            TimeoutName::HttpRequest => self.timeout_http_request,
+            TimeoutName::HttpKeepAlive => self.timeout_http_keep_alive,
+        }
+    }
+
+    /// The proxy-wide settings these flags ask for (defaults where unset).
+    pub fn proxy_wide(&self) -> ProxyWide {
+        let mut settings = ProxyWide::default();
+        for name in TimeoutName::ALL {
+            if let Some(time) = self.timeout(name) {
+                settings.timeouts.insert(name, time);
+            }
+        }
+        if let Some(maxconn) = self.maxconn {
+            settings.maxconn = maxconn;
+        }
+        if let Some(mode) = self.connection_mode {
+            settings.connection_mode = mode;
+        }
+        settings.extra_global = self.extra_global.clone();
+        settings.extra_frontend = self.extra_frontend.clone();
+        settings.capture_request_headers = self.capture_request_header.clone();
+        settings.access_log = self.access_log;
+        settings
+    }
 }
 
 /// A secret setting (token, passwords): its `Debug` never shows the value, so printing the
@@ -349,6 +468,18 @@ mod tests {
             ("https-only", "HTTPS_ONLY"),
             ("enable-h2", "ENABLE_H2"),
             ("service-domain-algo", "SERVICE_DOMAIN_ALGO"),
+            ("timeout-connect", "TIMEOUT_CONNECT"),
+            ("timeout-client", "TIMEOUT_CLIENT"),
+            ("timeout-server", "TIMEOUT_SERVER"),
+            ("timeout-queue", "TIMEOUT_QUEUE"),
+            ("timeout-tunnel", "TIMEOUT_TUNNEL"),
+            ("timeout-http-request", "TIMEOUT_HTTP_REQUEST"),
+            ("timeout-http-keep-alive", "TIMEOUT_HTTP_KEEP_ALIVE"),
+            ("connection-mode", "CONNECTION_MODE"),
+            ("extra-global", "EXTRA_GLOBAL"),
+            ("extra-frontend", "EXTRA_FRONTEND"),
+            ("capture-request-header", "CAPTURE_REQUEST_HEADER"),
+            ("access-log", "DEBUG"),
         ];
         // `--ca-file` comes with client certificates; checked once it exists.
         if command
@@ -388,5 +519,59 @@ mod tests {
             Settings::try_parse_from(["flow-proxy", "--service-domain-algo", "req.ssl_sni"])
                 .expect_err("not a domain match");
         assert!(error.to_string().contains("hdr_dom"), "{error}");
+    }
+
+    #[test]
+    fn proxy_wide_flags_keep_haproxy_cfgs_values_unless_given() {
+        use crate::render::ProxyWide;
+        use crate::spec::TimeoutName;
+        assert_eq!(parse(&[]).proxy_wide.proxy_wide(), ProxyWide::default());
+        let settings = parse(&[
+            "--timeout-server",
+            "20",
+            "--timeout-queue=500ms",
+            "--maxconn",
+            "2000",
+            "--connection-mode",
+            "http-server-close",
+            "--extra-global",
+            "tune.bufsize 32768,tune.maxrewrite 1024",
+            "--extra-global",
+            "nbthread 2",
+            "--capture-request-header",
+            "Host:15,X-Forwarded-For:20",
+            "--access-log",
+        ])
+        .proxy_wide
+        .proxy_wide();
+        assert_eq!(settings.timeouts[&TimeoutName::Server].to_string(), "20s");
+        assert_eq!(settings.timeouts[&TimeoutName::Queue].to_string(), "500ms");
+        assert_eq!(settings.timeouts[&TimeoutName::Connect].to_string(), "5s");
+        assert_eq!(settings.maxconn, 2000);
+        assert_eq!(settings.connection_mode.as_str(), "http-server-close");
+        let lines: Vec<&str> = settings.extra_global.iter().map(|l| l.as_str()).collect();
+        assert_eq!(
+            lines,
+            ["tune.bufsize 32768", "tune.maxrewrite 1024", "nbthread 2"]
+        );
+        assert_eq!(settings.capture_request_headers.len(), 2);
+        assert!(settings.access_log);
+    }
+
+    #[test]
+    fn bad_proxy_wide_flags_are_refused_naming_the_flag() {
+        for args in [
+            ["--timeout-client", "1 minute"],
+            ["--timeout-tunnel", "0"],
+            ["--maxconn", "10000001"],
+            ["--connection-mode", "http-tunnel"],
+            ["--extra-frontend", "backend sneaky"],
+            ["--capture-request-header", "Host:0"],
+            ["--access-log", "maybe"],
+        ] {
+            let error = Settings::try_parse_from(std::iter::once("flow-proxy").chain(args))
+                .expect_err("refused");
+            assert!(error.to_string().contains(args[0]), "{args:?}: {error}");
+        }
     }
 }

@@ -204,7 +204,7 @@ fn endpoint(path: &str) -> &str {
 
 /// Endpoints that only read.
 fn reads_only(endpoint: &str) -> bool {
-    matches!(endpoint, "config" | "services" | "certs")
+    matches!(endpoint, "config" | "services" | "certs" | "settings")
 }
 
 /// Whether `host` (a `Host` header: name or address, optional port) names this machine's

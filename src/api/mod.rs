@@ -30,7 +30,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Builds the API router around a running proxy core, with `access` deciding who may call it.
 pub fn router(proxy: Proxy, access: ApiAccess) -> Router {
-    let endpoints: [(&str, MethodRouter<Proxy>); 8] = [
+    let endpoints: [(&str, MethodRouter<Proxy>); 9] = [
         ("cert", put(put_cert).delete(delete_cert)),
         ("certs", get(certs)),
         ("reconfigure", get(reconfigure).put(reconfigure)),
@@ -39,6 +39,7 @@ pub fn router(proxy: Proxy, access: ApiAccess) -> Router {
         ("config", get(config)),
         ("services", get(services)),
         ("ping", get(ping)),
+        ("settings", get(settings)),
     ];
     let mut router = Router::new();
     for (name, handler) in endpoints {
@@ -323,4 +324,10 @@ async fn certs(State(proxy): State<Proxy>) -> Json<Map<String, Value>> {
 
 async fn ping() -> Json<Map<String, Value>> {
     Json(answer("OK", String::new(), None))
+}
+
+/// The proxy-wide settings Consul KV can override (`maxconn`, the timeouts), as HAProxy runs
+/// them: value, source (`default`, `flag`, `consul-kv`) and the KV key that overrides it.
+async fn settings(State(proxy): State<Proxy>) -> Json<Value> {
+    Json(serde_json::json!({ "settings": *proxy.proxy_wide_settings() }))
 }

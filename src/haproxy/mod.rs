@@ -261,6 +261,16 @@ impl Haproxy {
     }
 }
 
+/// Runs `haproxy -c` on `config` written as the candidate file of `paths`, before any HAProxy
+/// runs (flow-proxy's start-time check of the operator's extra lines).
+pub async fn check_config(
+    binary: &Path,
+    paths: &HaproxyPaths,
+    config: &str,
+) -> Result<(), HaproxyError> {
+    validate_file(binary, &paths.candidate, config).await
+}
+
 async fn validate_file(binary: &Path, candidate: &Path, config: &str) -> Result<(), HaproxyError> {
     tokio::fs::write(candidate, config)
         .await
@@ -352,7 +362,9 @@ fn spawn(
     }
     command
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        // flow-proxy's standard output: where `--access-log` (`log stdout`) sends the request
+        // log, so `docker logs` shows it. HAProxy writes nothing there otherwise.
+        .stdout(Stdio::inherit())
         // HAProxy ignores SIGPIPE, so a process left running keeps serving after flow-proxy
         // (the reader of this pipe) is gone.
         .stderr(Stdio::piped())

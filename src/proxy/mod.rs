@@ -35,8 +35,14 @@
 //! is retried instead).
 //! If Consul's KV index goes backwards and the prefix comes back empty while services are routed,
 //! Consul has lost its data: the routes stay and their specs are written back.
+//!
+//! The same watch brings the proxy-wide settings kept in KV (`maxconn`, timeouts; see
+//! [`proxy_settings`]): after the routes of a read are applied, settings that changed are
+//! rendered, validated and applied with one reload; settings HAProxy refuses are logged and left
+//! out until they change.
 
 mod instances;
+pub mod proxy_settings;
 mod stored;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,11 +56,13 @@ use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyErro
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    CustomPolicy, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings,
+    CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings,
 };
+use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
 
 use instances::{instance_query, instances_for, InstanceWatches};
+use proxy_settings::{EffectiveSetting, KvSettings};
 use stored::{SpecStore, StoredSpecs};
 
 /// Most changes applied with one validation and one reload.
@@ -196,6 +204,8 @@ pub struct Proxy {
     has_client_ca: bool,
     /// What the renderer allows of custom fragments and `backendExtra`.
     custom_policy: CustomPolicy,
+    /// The KV-backed proxy-wide settings in force, with their sources.
+    proxy_wide: watch::Receiver<Arc<Vec<EffectiveSetting>>>,
 }
 
 /// What the core needs to run.
@@ -222,6 +232,9 @@ pub struct ProxyParts {
     pub https: HttpsOptions,
     /// The CA of `--ca-file`, which `verifyClientSsl` services check client certificates with.
     pub client_ca: Option<ClientCa>,
+    /// The proxy-wide flags (`render_settings.proxy_wide` is what they make), which the
+    /// settings in Consul KV override key by key.
+    pub proxy_wide_flags: ProxyWideFlags,
 }
 
 /// How the HTTPS frontend listens, once a certificate is stored.
@@ -241,6 +254,14 @@ impl Proxy {
         let (changes, queue) = mpsc::channel(CHANNEL_CAPACITY);
         let (published, services) = watch::channel(Arc::new(Vec::new()));
         let (published_certificates, certificates) = watch::channel(Arc::new(Vec::new()));
+        let flag_settings = parts.render_settings.proxy_wide.clone();
+        let (published_proxy_wide, proxy_wide) =
+            watch::channel(Arc::new(proxy_settings::effective(
+                &parts.proxy_wide_flags,
+                &flag_settings,
+                &KvSettings::default(),
+                &parts.kv_prefix,
+            )));
         let haproxy = parts.haproxy.clone();
         let custom_policy = parts.renderer.custom_policy();
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
@@ -268,6 +289,14 @@ impl Proxy {
             ),
             stored_watch: None,
             max_services: parts.max_services,
+            proxy_wide: ProxyWideState {
+                flags: parts.proxy_wide_flags,
+                from_flags: flag_settings,
+                kv: None,
+                refused_kv: None,
+                kv_prefix: parts.kv_prefix.clone(),
+                published: published_proxy_wide,
+            },
         };
         let mut index = WatchIndex::default();
         let import_pending = match stored::first_read(&store, &mut index).await {
@@ -299,6 +328,7 @@ impl Proxy {
             haproxy,
             has_client_ca: parts.client_ca.is_some(),
             custom_policy,
+            proxy_wide,
         }
     }
 
@@ -306,6 +336,12 @@ impl Proxy {
     /// that its `backendExtra` is allowed, before it is queued; the error names the parameter.
     pub fn check_custom_templates(&self, spec: &ServiceSpec) -> Result<(), SpecError> {
         self.custom_policy.check(spec)
+    }
+
+    /// The proxy-wide settings that Consul KV can override (`maxconn`, the timeouts), as
+    /// HAProxy runs them now, each with where it came from and its KV key.
+    pub fn proxy_wide_settings(&self) -> Arc<Vec<EffectiveSetting>> {
+        Arc::clone(&self.proxy_wide.borrow())
     }
 
     /// Whether `--ca-file` was given (`verifyClientSsl` needs it).
@@ -432,6 +468,22 @@ struct Core {
     instance_watches: InstanceWatches,
     stored_watch: Option<JoinHandle<()>>,
     max_services: usize,
+    proxy_wide: ProxyWideState,
+}
+
+/// The proxy-wide settings: the flags, and the settings in Consul KV over them.
+struct ProxyWideState {
+    flags: ProxyWideFlags,
+    /// What the flags make (defaults where unset).
+    from_flags: ProxyWide,
+    /// The KV settings HAProxy runs with now; `None` until the first read of the stored state,
+    /// whose settings are then applied whatever they are (so the flags of this start reach
+    /// HAProxy even when it kept serving a file rendered with other ones and nothing is routed).
+    kv: Option<KvSettings>,
+    /// KV settings whose configuration HAProxy refused, not tried again until they change.
+    refused_kv: Option<KvSettings>,
+    kv_prefix: String,
+    published: watch::Sender<Arc<Vec<EffectiveSetting>>>,
 }
 
 impl Drop for Core {
@@ -642,10 +694,9 @@ impl Core {
         Ok(outcomes)
     }
 
-    /// Brings the routed state in line with a version of the stored specs: routes the new and
-    /// changed specs, drops the services no longer stored. Services HAProxy does not accept are
-    /// skipped with an error (the others apply); a registry failure is returned, so the watch
-    /// retries.
+    /// Brings the routed state, then the proxy-wide settings, in line with a version of the
+    /// stored state (see [`Core::apply_stored_routes`] and [`Core::follow_kv_settings`]). The
+    /// settings come second, so settings HAProxy refuses never hold a route back.
     async fn apply_stored(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         if snapshot.after_reset {
             // Consul's indexes started over: the floor from before means nothing any more.
@@ -659,6 +710,16 @@ impl Core {
             );
             return Ok(());
         }
+        let settings = snapshot.settings.clone();
+        self.apply_stored_routes(snapshot).await?;
+        self.follow_kv_settings(&settings).await
+    }
+
+    /// Brings the routed state in line with a version of the stored specs: routes the new and
+    /// changed specs, drops the services no longer stored. Services HAProxy does not accept are
+    /// skipped with an error (the others apply); a registry failure is returned, so the watch
+    /// retries.
+    async fn apply_stored_routes(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
         let mut updates: Vec<(ServiceName, Option<Routed>)> = Vec::new();
         for (name, spec) in &snapshot.specs {
@@ -798,6 +859,73 @@ impl Core {
         Ok((wanted != self.certs).then_some(wanted))
     }
 
+    /// Applies the proxy-wide settings of a read of Consul KV when they differ from the ones in
+    /// force (always the first time): render, and when the configuration changes validate and
+    /// reload; then publish. Settings HAProxy refuses (e.g. a `maxconn` the open-files
+    /// limit cannot hold) are logged and left out until they change; the previous ones stay.
+    /// Only a passing failure (see [`is_transient`]) is returned, so the watch retries.
+    async fn follow_kv_settings(&mut self, kv: &KvSettings) -> Result<(), ProxyError> {
+        if self.proxy_wide.kv.as_ref() == Some(kv)
+            || self.proxy_wide.refused_kv.as_ref() == Some(kv)
+        {
+            return Ok(());
+        }
+        let candidate = RenderSettings {
+            proxy_wide: kv.over(&self.proxy_wide.from_flags),
+            ..self.render_settings.clone()
+        };
+        match self.apply_settings(candidate).await {
+            Ok(()) => {
+                self.proxy_wide.kv = Some(kv.clone());
+                self.proxy_wide.refused_kv = None;
+                let effective = proxy_settings::effective(
+                    &self.proxy_wide.flags,
+                    &self.proxy_wide.from_flags,
+                    kv,
+                    &self.proxy_wide.kv_prefix,
+                );
+                tracing::info!(
+                    maxconn = self.render_settings.proxy_wide.maxconn,
+                    overrides = ?kv,
+                    "proxy-wide settings from Consul KV applied"
+                );
+                self.proxy_wide.published.send_replace(Arc::new(effective));
+                Ok(())
+            }
+            Err(error) if is_transient(&error) => Err(error),
+            Err(error) => {
+                tracing::error!(%error, overrides = ?kv, "ignoring proxy-wide settings in Consul KV that HAProxy does not accept; the previous ones stay");
+                self.proxy_wide.refused_kv = Some(kv.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Renders the routed state with `settings`, validates it and reloads HAProxy; on success
+    /// `settings` are the ones in force. On failure nothing changed (the live file is put back).
+    async fn apply_settings(&mut self, settings: RenderSettings) -> Result<(), ProxyError> {
+        let config = self
+            .render_with(&settings, &self.state, &self.certs)
+            .await?;
+        if self.applied_config.as_deref() != Some(config.as_str()) {
+            self.haproxy
+                .preflight(&config)
+                .await
+                .map_err(ProxyError::Haproxy)?;
+            self.haproxy
+                .validate(&config)
+                .await
+                .map_err(|error| rejected(error, false))?;
+            if let Err(error) = self.haproxy.apply().await {
+                self.put_back_live_config().await;
+                return Err(ProxyError::Haproxy(error));
+            }
+            self.applied_config = Some(config);
+        }
+        self.render_settings = settings;
+        Ok(())
+    }
+
     /// Refuses a reconfigure that would pass `--max-services`, or that claims a request pattern
     /// another service routes (a color switch of the same service is no conflict).
     fn admit(&self, candidate: &RoutingState, spec: &ServiceSpec) -> Result<(), ProxyError> {
@@ -842,6 +970,16 @@ impl Core {
         state: &RoutingState,
         certs: &Certificates,
     ) -> Result<String, ProxyError> {
+        self.render_with(&self.render_settings, state, certs).await
+    }
+
+    /// [`Core::render`] with other settings than the ones in force (a candidate's).
+    async fn render_with(
+        &self,
+        settings: &RenderSettings,
+        state: &RoutingState,
+        certs: &Certificates,
+    ) -> Result<String, ProxyError> {
         let routes: Vec<ServiceRoute<'_>> = state
             .values()
             .map(|routed| ServiceRoute {
@@ -863,7 +1001,7 @@ impl Core {
             });
         Ok(self
             .renderer
-            .render_with_tls(&self.render_settings, &routes, tls.as_ref())?)
+            .render_with_tls(settings, &routes, tls.as_ref())?)
     }
 
     /// Stores the candidate's specs of `names` (deleting those it does not route). If one fails,

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tokio::sync::mpsc::WeakSender;
 
+use super::proxy_settings::{KvSettings, SETTINGS_FOLDER};
 use super::{submit_internal, Change, Pending, ProxyError};
 use crate::certs::Certificate;
 use crate::registry::watch::{Watch, WatchIndex};
@@ -34,6 +35,8 @@ pub(super) struct StoredSpecs {
     pub index: u64,
     /// The read follows an index that went backwards (e.g. Consul lost or restored its data).
     pub after_reset: bool,
+    /// The proxy-wide settings under `<kv-prefix>/settings/` that validate.
+    pub settings: KvSettings,
 }
 
 /// Reads and writes the specs under `<kv-prefix>/services/`.
@@ -49,6 +52,8 @@ pub(super) struct SpecStore {
     /// Written once Docker Flow Proxy's layout was imported, so it is never imported again
     /// (not even after every imported service was removed).
     import_marker: String,
+    /// `<kv-prefix>/settings/`: the proxy-wide settings (see [`super::proxy_settings`]).
+    settings_prefix: String,
 }
 
 impl SpecStore {
@@ -60,6 +65,7 @@ impl SpecStore {
             prefix: format!("{kv_prefix}/services/"),
             certs_prefix: format!("{kv_prefix}/certs/"),
             import_marker: format!("{kv_prefix}/imported/docker-flow"),
+            settings_prefix: format!("{kv_prefix}/{SETTINGS_FOLDER}"),
         }
     }
 
@@ -166,8 +172,13 @@ impl SpecStore {
             unreadable_certs: BTreeSet::new(),
             index,
             after_reset,
+            settings: KvSettings::default(),
         };
         for entry in entries {
+            if let Some(relative) = entry.key.strip_prefix(&self.settings_prefix) {
+                snapshot.settings.read_entry(relative, &entry, reported);
+                continue;
+            }
             if let Some(cert_name) = entry.key.strip_prefix(&self.certs_prefix) {
                 match Certificate::parse(cert_name, &entry.value) {
                     Ok(certificate) => {

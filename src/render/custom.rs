@@ -155,6 +155,7 @@ mod tests {
             users: Vec::new(),
             stats: None,
             service_domain_algo: Default::default(),
+            proxy_wide: Default::default(),
         }
     }
 

@@ -95,6 +95,14 @@
 //! shipped fragment gets (see the `custom` module). `backendExtra` lines end each of the
 //! service's backends, after its servers.
 //!
+//! # Proxy-wide settings
+//! `maxconn`, the request log (`log stdout format raw local0`) and `--extra-global` lines in
+//! `global`; the timeouts, `option <connection mode>` (unless `http-keep-alive`, HAProxy's own
+//! default) and `log global` + `option httplog` in the HTTP `defaults`; the timeouts that apply to
+//! TCP (connect, client, server, queue) and `option tcplog` in the TCP `defaults`; header
+//! captures then `--extra-frontend` lines right after `bind` in the main frontends (`http`,
+//! `https`), never in `srcPort` or TCP frontends. See [`ProxyWide`].
+//!
 //! # Ports
 //! A TCP `srcPort` belongs to one destination only; it may not be `http_port` nor an HTTP
 //! destination's `srcPort` ([`RenderError::PortConflict`]). HTTP destinations may share a
@@ -113,6 +121,7 @@
 //! destination claims has no backend: HAProxy closes the connection.
 
 mod custom;
+mod proxy_wide;
 mod view;
 
 #[cfg(test)]
@@ -126,6 +135,7 @@ use handlebars::Handlebars;
 use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
+pub use proxy_wide::ProxyWide;
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -210,6 +220,9 @@ pub struct RenderSettings {
     /// `--service-domain-algo`: how exact domains match for services without
     /// `serviceDomainAlgo` of their own.
     pub service_domain_algo: DomainAlgo,
+    /// `maxconn`, timeouts, connection mode, extra lines, header captures and the request log
+    /// (flags, overridden by Consul KV where set).
+    pub proxy_wide: ProxyWide,
 }
 
 /// HAProxy's stats page behind basic auth (`--stats-user`, `--stats-pass`, `--stats-uri`,

@@ -35,6 +35,7 @@ fn golden_settings() -> RenderSettings {
         users: Vec::new(),
         stats: None,
         service_domain_algo: Default::default(),
+        proxy_wide: Default::default(),
     }
 }
 
@@ -166,6 +167,7 @@ fn haproxy_check_with(
         users: Vec::new(),
         stats: None,
         service_domain_algo: Default::default(),
+        proxy_wide: Default::default(),
     };
     edit(&mut settings);
     let config = dir.path().join("haproxy.cfg");

@@ -51,6 +51,8 @@ pub(super) struct ConfigView {
     userlists: Vec<UserlistView>,
     /// HAProxy's stats page, when both stats credentials are set.
     stats: Option<StatsView>,
+    /// `maxconn`, timeouts, connection mode, request log, extra `global` lines.
+    proxy_wide: super::proxy_wide::ProxyWideView,
 }
 
 #[derive(Debug, Serialize)]
@@ -66,6 +68,9 @@ struct FrontendView {
     /// `default_backend`: the backend of the `isDefaultBackend` service, for requests no rule
     /// matched (main HTTP and HTTPS frontends only).
     default_backend: Option<String>,
+    /// Proxy-wide lines of the main frontends (header captures, `--extra-frontend`), after
+    /// `bind`; empty in the other frontends.
+    main_lines: Vec<String>,
 }
 
 /// A `userlist` section: user names with crypt(3) hashes, never clear passwords.
@@ -1055,6 +1060,7 @@ pub(super) fn build(
             stats_uri: stats_route(port),
             rules: rule_views(&rules, FrontendKind::ExtraHttp { port }),
             default_backend: None,
+            main_lines: Vec::new(),
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
@@ -1071,6 +1077,7 @@ pub(super) fn build(
             },
         ),
         default_backend: default_backend.clone(),
+        main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
     };
     let https = match tls {
         Some(tls) => {
@@ -1090,6 +1097,7 @@ pub(super) fn build(
                 stats_uri: stats_route(tls.https_port),
                 rules: rule_views(&main_rules, FrontendKind::Https),
                 default_backend: default_backend.clone(),
+                main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
             })
         }
         None => None,
@@ -1148,6 +1156,7 @@ pub(super) fn build(
         tcp_backends,
         userlists,
         stats,
+        proxy_wide: super::proxy_wide::view(&settings.proxy_wide),
     })
 }
 

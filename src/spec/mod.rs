@@ -24,6 +24,7 @@
 pub mod custom_templates;
 mod docker_flow;
 mod path_rewrite;
+pub mod proxy_wide;
 mod query;
 mod routing_rules;
 mod stored;
@@ -45,6 +46,9 @@ pub use values::{
     ServicePath, UserName,
 };
 
+pub use proxy_wide::{
+    CapturedHeader, ConfigLine, ConnectionMode, HaproxyTime, ProxyWideError, TimeUnit, TimeoutName,
+};
 use query::indexed;
 pub use query::IgnoredParameter;
 pub use routing_rules::{HeaderMatch, MatchValue, OutboundHost, RoutingRules};

@@ -78,6 +78,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         // Tests start many proxies: each one's HAProxy goes with it.
         stop_haproxy_on_exit: true,
         allow_backend_extra: false,
+        proxy_wide: Default::default(),
     }
 }
 

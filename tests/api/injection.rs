@@ -15,7 +15,8 @@
 //! written single-quoted; a regex HAProxy's engine refuses is allowed there as for `path_reg`)
 //! included, and each case is rendered under one of several profiles ([`profiles`]): plain
 //! HTTP, with an HTTPS frontend (a crt-list of a real certificate), with `--https-only`,
-//! `--users` and the stats page on its own port, on the HTTPS port or on the main port. A
+//! `--users` and the stats page on its own port, on the HTTPS port or on the main port, with
+//! every proxy-wide setting (`--timeout-*`, `--maxconn`, `--extra-*`, captures, access log). A
 //! further property checks that a clear password never reaches the config, the stored spec or
 //! the answer: only its SHA-512 crypt hash does.
 //!
@@ -93,7 +94,8 @@ fn write_crt_list(dir: &Path) -> std::path::PathBuf {
 
 /// The profiles every generated spec may be rendered with: plain HTTP; with TLS; with
 /// `--https-only`, `--users` and the stats page on its own port; everything with the stats page
-/// on the HTTPS port; `--users` and the stats page on the main port.
+/// on the HTTPS port; `--users` and the stats page on the main port; with TLS and every
+/// proxy-wide setting (timeouts, maxconn, connection mode, extra lines, captures, request log).
 fn profiles(renderer: &Renderer, dir: &Path, errors: &Path) -> Vec<Profile> {
     let plain = skeleton::settings(errors);
     let users = parse_users(
@@ -150,11 +152,46 @@ fn profiles(renderer: &Renderer, dir: &Path, errors: &Path) -> Vec<Profile> {
             RenderSettings {
                 users,
                 stats: Some(stats(skeleton::HTTP_PORT, "/haproxy-stats")),
-                ..plain
+                ..plain.clone()
             },
             None,
         ),
+        profile(
+            "tls, every proxy-wide setting",
+            RenderSettings {
+                proxy_wide: every_proxy_wide_setting(),
+                ..plain
+            },
+            Some(tls(true)),
+        ),
     ]
+}
+
+/// The proxy-wide flags all set (timeouts, maxconn, connection mode, extra lines, header
+/// captures, the request log), as `--timeout-*`, `--maxconn`, … or Consul KV would set them.
+fn every_proxy_wide_setting() -> flow_proxy::render::ProxyWide {
+    use flow_proxy::spec::{ConnectionMode, HaproxyTime, TimeoutName};
+    let mut proxy_wide = flow_proxy::render::ProxyWide {
+        maxconn: 2000,
+        connection_mode: ConnectionMode::HttpServerClose,
+        extra_global: vec!["tune.bufsize 32768".parse().expect("a line")],
+        extra_frontend: vec!["http-response set-header X-Served-By flow-proxy"
+            .parse()
+            .expect("a line")],
+        capture_request_headers: vec!["X-Request-Id:36".parse().expect("a capture")],
+        access_log: true,
+        ..Default::default()
+    };
+    for (name, time) in [
+        (TimeoutName::Server, "2500ms"),
+        (TimeoutName::Queue, "30s"),
+        (TimeoutName::Tunnel, "2h"),
+    ] {
+        proxy_wide
+            .timeouts
+            .insert(name, HaproxyTime::parse(time).expect("a time"));
+    }
+    proxy_wide
 }
 
 fn harness() -> &'static Harness {

@@ -25,6 +25,7 @@ mod open_files;
 mod outages;
 mod packaging;
 mod proxy_client;
+mod proxy_wide;
 mod registry_crash;
 mod restore;
 mod route_conflicts;

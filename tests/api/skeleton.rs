@@ -209,6 +209,7 @@ pub fn settings(errors_dir: &std::path::Path) -> RenderSettings {
         users: Vec::new(),
         stats: None,
         service_domain_algo: Default::default(),
+        proxy_wide: Default::default(),
     }
 }
 
