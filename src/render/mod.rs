@@ -48,6 +48,11 @@
 //! 403 as Docker Flow Proxy answered), then request header rules (add, set, del) and response
 //! header rules (add, set, del). Header values are written double-quoted.
 //!
+//! # Inside a backend
+//! `mode`, `balance`, the backend tuning block (timeouts, `connectionMode`, compression, the
+//! stickiness cookie, health checks: its order is in `backend.rs`), basic auth, the edge rules
+//! above, then the servers.
+//!
 //! # Basic auth and the stats page
 //! - Userlists: `users` (`--users`), `users_<serviceName>` (a service's own `users`),
 //!   `stats_users` (the stats page's one user). They hold crypt(3) hashes only; `/config` shows
@@ -68,6 +73,7 @@
 //! `srcPort` (their rules share the frontend), and an HTTP `srcPort` equal to `http_port` puts
 //! the rules in the main frontend.
 
+mod backend;
 mod view;
 
 #[cfg(test)]

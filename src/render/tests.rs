@@ -349,7 +349,7 @@ fn a_service_without_instances_still_gets_its_backend() {
     let start = text.find("backend empty-be0\n").expect("backend present");
     let section = &text[start..];
     let section = &section[..section.find("\n\n").unwrap_or(section.len())];
-    assert!(!section.contains("server"), "{section}");
+    assert!(!section.contains("\n    server "), "{section}");
 }
 
 #[test]
@@ -496,7 +496,7 @@ fn templates_can_come_from_a_directory() {
     let dir = tempfile::tempdir().unwrap();
     for (file, text) in TEMPLATES {
         let text = if *file == "backend.hbs" {
-            text.replace("balance roundrobin", "balance leastconn")
+            text.replace("balance {{tuning.balance}}", "balance leastconn")
         } else {
             text.to_string()
         };
@@ -844,10 +844,10 @@ fn edge_rules_come_before_every_use_backend_and_headers_are_quoted_in_the_backen
         "{frontend}"
     );
     assert!(text.contains(
-        "backend shop-be0\n    mode http\n    balance roundrobin\n    http-request deny deny_status 405 unless { method GET HEAD }\n    http-request deny deny_status 403 if !{ ssl_fc }\n    http-request add-header X-Via \"flow-proxy edge\"\n    http-request del-header X-Internal\n    http-response set-header Strict-Transport-Security \"max-age=31536000\"\n    http-response del-header Server\n"
+        "backend shop-be0\n    mode http\n    balance roundrobin\n    option redispatch 1\n    default-server inter 2s fall 3 rise 2 observe layer4 error-limit 3 on-error mark-down\n    http-request deny deny_status 405 unless { method GET HEAD }\n    http-request deny deny_status 403 if !{ ssl_fc }\n    http-request add-header X-Via \"flow-proxy edge\"\n    http-request del-header X-Internal\n    http-response set-header Strict-Transport-Security \"max-age=31536000\"\n    http-response del-header Server\n"
     ), "{text}");
     assert!(text.contains("http-request deny deny_status 405 if { method DELETE TRACE }\n"));
-    assert!(text.contains("backend plain-be0\n    mode http\n    balance roundrobin\n    server"));
+    assert!(text.contains("backend plain-be0\n    mode http\n    balance roundrobin\n    option redispatch 1\n    default-server inter 2s fall 3 rise 2 observe layer4 error-limit 3 on-error mark-down\n    server"));
 }
 
 #[test]
@@ -996,4 +996,85 @@ fn exactly_matched_domains_come_before_domains_matched_by_another_algo() {
         position("use_backend b-www-be0") < position("use_backend a-whole-domain-be0"),
         "www.example.com would otherwise go to the hdr_dom rule: {text}"
     );
+}
+
+// ---- backend tuning (render/backend.rs) ------------------------------------------------------
+
+/// The text of backend `name` in `text`.
+fn backend_section<'t>(text: &'t str, name: &str) -> &'t str {
+    text.split(&format!("\nbackend {name}\n"))
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .map(str::trim_end)
+        .unwrap_or_else(|| panic!("no backend {name} in:\n{text}"))
+}
+
+fn tuned_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+    vec![
+        (
+            spec(&[
+                ("serviceName", "shop"),
+                ("servicePath", "/shop"),
+                ("balance", "leastconn"),
+                ("timeoutServer", "1s"),
+                ("timeoutTunnel", "30m"),
+                ("connectionMode", "httpclose"),
+                ("compressionAlgo", "gzip"),
+                ("compressionType", "text/plain,text/html"),
+                ("sessionType", "sticky-server"),
+                ("checkPath", "/health"),
+                ("checkInterval", "500ms"),
+                ("maxFails", "4"),
+                ("observe", "layer7"),
+            ]),
+            vec![inst("10.0.0.1", 8080), inst("10.0.0.2", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "db"),
+                ("reqMode", "tcp"),
+                ("srcPort", "5432"),
+                ("balance", "source"),
+                ("timeoutClient", "2m"),
+                ("maxFails", "0"),
+            ]),
+            vec![inst("10.0.0.3", 5432)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "raw"),
+                ("servicePath", "/raw"),
+                ("skipCheck", "true"),
+            ]),
+            vec![inst("10.0.0.4", 80)],
+        ),
+    ]
+}
+
+#[test]
+fn backend_tuning_renders_in_one_block_in_the_documented_order() {
+    let text = render(&golden_settings(), &tuned_services());
+    assert_eq!(
+        backend_section(&text, "shop-be0"),
+        "    mode http\n    balance leastconn\n    timeout server 1s\n    timeout tunnel 30m\n    option httpclose\n    compression algo gzip\n    compression type text/plain text/html\n    cookie shop insert indirect nocache\n    option httpchk\n    http-check send meth GET uri /health\n    option redispatch 1\n    default-server inter 500ms fall 3 rise 2 observe layer7 error-limit 4 on-error mark-down\n    server 10.0.0.1_8080 10.0.0.1:8080 check cookie 10.0.0.1_8080\n    server 10.0.0.2_8080 10.0.0.2:8080 check cookie 10.0.0.2_8080"
+    );
+    assert_eq!(
+        backend_section(&text, "db-be0"),
+        "    mode tcp\n    balance source\n    option redispatch 1\n    default-server inter 2s fall 3 rise 2\n    server 10.0.0.3_5432 10.0.0.3:5432 check"
+    );
+    assert!(
+        text.contains("frontend tcp_5432\n    mode tcp\n    bind *:5432\n    timeout client 2m\n    default_backend db-be0\n"),
+        "{text}"
+    );
+    // skipCheck: no check, no health lines at all.
+    assert_eq!(
+        backend_section(&text, "raw-be0"),
+        "    mode http\n    balance roundrobin\n    server 10.0.0.4_80 10.0.0.4:80"
+    );
+}
+
+#[test]
+fn haproxy_accepts_tuned_backends_without_warnings() {
+    let output = haproxy_check(None, &tuned_services());
+    assert!(!output.contains("WARNING"), "{output}");
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::backend::{server_cookie, tcp_timeout_client, tuning_view, BackendTuningView};
 use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
 use crate::spec::{
     AuthUser, Destination, DomainAlgo, HeaderLine, HeaderName, Instance, PathType, ReqMode,
@@ -149,6 +150,8 @@ struct TcpFrontendView {
     name: String,
     bind: String,
     backend: String,
+    /// `timeoutClient` of the service (backend tuning).
+    timeout_client: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -159,6 +162,8 @@ struct BackendView {
     http_rules: Vec<BackendRuleView>,
     auth: Option<AuthView>,
     servers: Vec<ServerView>,
+    /// Balance, timeouts, connection mode, compression, stickiness, health (`backend.rs`).
+    tuning: BackendTuningView,
 }
 
 /// One rule line of a backend: `<direction> <action>[ <args>][ if|unless <condition>]`.
@@ -184,6 +189,8 @@ struct ServerView {
     check: bool,
     /// `sslVerifyNone`: connect to the instance over TLS without verifying its certificate.
     ssl_verify_none: bool,
+    /// `sessionType=sticky-server`: the cookie value that pins a client to this server.
+    cookie: Option<String>,
 }
 
 /// The backend of one destination: `<serviceName>-be<index>`. Unique, because the index is the
@@ -553,8 +560,10 @@ fn backend_view(
             } else {
                 format!("{}:{port}", instance.address())
             };
+            let name = format!("{}_{}", instance.address(), instance.port());
             ServerView {
-                name: format!("{}_{}", instance.address(), instance.port()),
+                cookie: server_cookie(spec, destination, &name),
+                name,
                 address,
                 check: !spec.skip_check(),
                 ssl_verify_none: spec.ssl_verify_none(),
@@ -571,6 +580,7 @@ fn backend_view(
         http_rules,
         auth: auth_view(settings, spec, destination),
         servers,
+        tuning: tuning_view(spec, destination),
     }
 }
 
@@ -692,6 +702,7 @@ pub(super) fn build(
                         name: format!("tcp_{port}"),
                         bind: bind_address(settings, port),
                         backend: backend.name.clone(),
+                        timeout_client: tcp_timeout_client(spec),
                     });
                     tcp_backends.push(backend);
                 }

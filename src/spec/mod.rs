@@ -6,6 +6,8 @@
 //!
 //! - [`values`]: the validated newtypes (service name, path, domain, port, …).
 //! - [`query`](ServiceSpec::from_query): the Docker Flow Proxy query parameters and their parsing.
+//! - `backend_tuning`: `balance`, the timeouts, `connectionMode`, compression, `sessionType`
+//!   and the health settings (`checkPath`, `checkInterval`, `maxFails`, `observe`) of a service.
 //! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
 //!   re-validates everything, because KV can be edited by anyone.
 //!
@@ -17,6 +19,7 @@
 //! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
 //! `srcPort` forwarding everything).
 
+mod backend_tuning;
 mod docker_flow;
 mod query;
 mod stored;
@@ -29,6 +32,10 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use backend_tuning::{
+    BackendTuning, Balance, ConnectionMode, Observe, Timeout, DEFAULT_CHECK_INTERVAL,
+    DEFAULT_MAX_FAILS,
+};
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use values::{
     parse_users, AclName, AuthUser, Domain, DomainAlgo, HeaderLine, HeaderName, HeaderValue,
@@ -88,6 +95,8 @@ pub struct ServiceSpec {
     ssl_verify_none: bool,
     /// `serviceDomainAlgo`: how exact domains match; `None`: `--service-domain-algo`.
     service_domain_algo: Option<DomainAlgo>,
+    /// Backend tuning: balance, timeouts, connection mode, compression, stickiness, health.
+    backend_tuning: BackendTuning,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -252,6 +261,12 @@ impl ServiceSpec {
         self.service_domain_algo
     }
 
+    /// The backend tuning (`balance`, timeouts, `connectionMode`, compression, `sessionType`,
+    /// health checks).
+    pub fn backend_tuning(&self) -> &BackendTuning {
+        &self.backend_tuning
+    }
+
     /// The service's own basic-auth users (`users`); empty when it has none.
     pub fn users(&self) -> &[AuthUser] {
         &self.users
@@ -338,6 +353,9 @@ impl ServiceSpec {
                 ));
             }
         }
+        let has_tcp = spec.destinations.iter().any(|d| d.req_mode == ReqMode::Tcp);
+        spec.backend_tuning
+            .check(!no_http, has_tcp, spec.skip_check)?;
         for (position, destination) in spec.destinations.iter().enumerate() {
             destination.check()?;
             // Two destinations of one service cannot share a source port unless both are

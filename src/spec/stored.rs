@@ -33,6 +33,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::backend_tuning::StoredBackendTuning;
 use super::query::indexed;
 use super::query::MAX_INDEX;
 use super::values::{parse_list, spec_error, AclName, Domain, DomainAlgo, PathType, Port, ReqMode};
@@ -41,7 +42,8 @@ use super::values::{HeaderLine, HeaderName, HttpMethod, RedirectCode};
 use super::values::{ServiceColor, ServiceName, ServicePath};
 use super::values::{MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION};
 use super::{
-    Destination, HeaderRules, ServiceSpec, SpecError, MASKED_PASSWORD, MAX_DESTINATIONS_PER_SERVICE,
+    BackendTuning, Destination, HeaderRules, ServiceSpec, SpecError, MASKED_PASSWORD,
+    MAX_DESTINATIONS_PER_SERVICE,
 };
 
 /// The stored form of a spec: plain values, validated on the way in.
@@ -83,6 +85,9 @@ pub(super) struct StoredSpec {
     /// `hdr`, `hdr_beg`, `hdr_end` or `hdr_dom`; `null`: `--service-domain-algo`.
     #[serde(default)]
     service_domain_algo: Option<String>,
+    /// `Balance`, `TimeoutServer`, …, `Observe`: see `backend_tuning.rs`.
+    #[serde(flatten)]
+    backend_tuning: StoredBackendTuning,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -160,6 +165,7 @@ impl From<ServiceSpec> for StoredSpec {
             acl_name: spec.acl_name.map(|a| a.as_str().to_string()),
             skip_check: spec.skip_check,
             service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
+            backend_tuning: StoredBackendTuning::from(&spec.backend_tuning),
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -354,6 +360,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .as_deref()
                 .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
                 .transpose()?,
+            backend_tuning: BackendTuning::try_from(&stored.backend_tuning)?,
         })
     }
 }
