@@ -95,8 +95,9 @@ pub struct ServiceSpec {
     ssl_verify_none: bool,
     /// `serviceDomainAlgo`: how exact domains match; `None`: `--service-domain-algo`.
     service_domain_algo: Option<DomainAlgo>,
-    /// Backend tuning: balance, timeouts, connection mode, compression, stickiness, health.
-    backend_tuning: BackendTuning,
+    /// Backend tuning: balance, timeouts, connection mode, compression, stickiness, health
+    /// (boxed: most specs leave it at its defaults, and a spec travels through queues).
+    backend_tuning: Box<BackendTuning>,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,

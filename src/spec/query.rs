@@ -478,7 +478,7 @@ pub(crate) fn build_spec(
         set_res: header_lines("setResHeader")?,
         del_res: header_names("delResHeader")?,
     };
-    let backend_tuning = BackendTuning::parse(|name| service.get(name).copied())?;
+    let backend_tuning = Box::new(BackendTuning::parse(|name| service.get(name).copied())?);
 
     let mut destinations = Vec::new();
     for (&index, params) in &raw.destinations {

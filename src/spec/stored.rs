@@ -165,7 +165,7 @@ impl From<ServiceSpec> for StoredSpec {
             acl_name: spec.acl_name.map(|a| a.as_str().to_string()),
             skip_check: spec.skip_check,
             service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
-            backend_tuning: StoredBackendTuning::from(&spec.backend_tuning),
+            backend_tuning: StoredBackendTuning::from(spec.backend_tuning.as_ref()),
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -360,7 +360,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .as_deref()
                 .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
                 .transpose()?,
-            backend_tuning: BackendTuning::try_from(&stored.backend_tuning)?,
+            backend_tuning: Box::new(BackendTuning::try_from(&stored.backend_tuning)?),
         })
     }
 }
