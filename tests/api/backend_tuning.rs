@@ -258,6 +258,7 @@ async fn least_connections_with_passive_health_takes_a_failing_instance_out_betw
         failures <= 3,
         "clients saw {failures} failures (maxFails=3)"
     );
+    println!("observe=layer7 maxFails=3: clients saw {failures} failures before a was out");
     assert_eq!(
         passing_in_registry(&proxy, "shop").await,
         2,
@@ -423,17 +424,19 @@ async fn check_path_takes_an_instance_out_while_its_health_fails_and_back_when_i
 
     // a still serves /web, but its /health fails: HAProxy's check takes it out.
     a.set_healthy(false);
-    eventually("a leaves rotation", Duration::from_secs(10), || {
+    let out = eventually("a leaves rotation", Duration::from_secs(10), || {
         only(&proxy, "/web", "b", 10)
     })
     .await;
+    println!("checkInterval=300ms: a out of rotation after {out:?}");
     assert_eq!(passing_in_registry(&proxy, "web").await, 2);
 
     a.set_healthy(true);
-    eventually("a comes back", Duration::from_secs(10), || {
+    let back = eventually("a comes back", Duration::from_secs(10), || {
         all_answer(&proxy, "/web", &["a", "b"], 10)
     })
     .await;
+    println!("checkInterval=300ms: a back in rotation after {back:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -633,18 +636,10 @@ async fn connection_mode_http_server_close_opens_a_connection_to_the_instance_pe
     assert_eq!(used.load(Ordering::SeqCst), 5, "one connection per request");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeout_client_closes_an_idle_tcp_client() {
-    let proxy = TestProxy::spawn().await;
-    let instance = Instance::spawn("db").await;
-    register(&proxy, "db", &[&instance]).await;
-    let src_port = free_port();
-    proxy
-        .reconfigure_ok(&format!(
-            "serviceName=db&reqMode=tcp&srcPort={src_port}&timeoutClient=1s"
-        ))
-        .await;
-    let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, src_port))
+/// Opens a TCP connection to `port` through the proxy, sends nothing, and asserts that HAProxy
+/// closes it after about one second (the default would hold it for 60 s).
+async fn assert_idle_tcp_client_closed_after_a_second(port: u16) {
+    let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
         .await
         .expect("the tcp frontend listens");
     let started = Instant::now();
@@ -658,6 +653,36 @@ async fn timeout_client_closes_an_idle_tcp_client() {
         idle >= Duration::from_millis(800) && idle < Duration::from_secs(5),
         "closed after {idle:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_client_closes_an_idle_tcp_client() {
+    let proxy = TestProxy::spawn().await;
+    let instance = Instance::spawn("db").await;
+    register(&proxy, "db", &[&instance]).await;
+    let src_port = free_port();
+    proxy
+        .reconfigure_ok(&format!(
+            "serviceName=db&reqMode=tcp&srcPort={src_port}&timeoutClient=1s"
+        ))
+        .await;
+    assert_idle_tcp_client_closed_after_a_second(src_port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_tunnel_closes_an_idle_tcp_connection() {
+    // In TCP mode the tunnel timeout replaces the client and server timeouts once the
+    // connection to the instance is made.
+    let proxy = TestProxy::spawn().await;
+    let instance = Instance::spawn("cache").await;
+    register(&proxy, "cache", &[&instance]).await;
+    let src_port = free_port();
+    proxy
+        .reconfigure_ok(&format!(
+            "serviceName=cache&reqMode=tcp&srcPort={src_port}&timeoutTunnel=1s"
+        ))
+        .await;
+    assert_idle_tcp_client_closed_after_a_second(src_port).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
