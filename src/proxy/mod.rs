@@ -155,7 +155,7 @@ type Certificates = BTreeMap<ServiceName, Certificate>;
 enum Change {
     /// Route a service; with a certificate (`serviceCert`), store it under the service's name in
     /// the same step (both or neither).
-    Reconfigure(ServiceSpec, Option<Box<Certificate>>),
+    Reconfigure(Box<ServiceSpec>, Option<Box<Certificate>>),
     Remove(ServiceName),
     /// Store (or replace) a certificate and serve it.
     PutCert(Certificate),
@@ -351,7 +351,7 @@ impl Proxy {
 
     /// Routes a service as `spec` describes (adds it or replaces its previous spec).
     pub async fn reconfigure(&self, spec: ServiceSpec) -> Result<ServiceSpec, ProxyError> {
-        self.submit(Change::Reconfigure(spec, None))
+        self.submit(Change::Reconfigure(Box::new(spec), None))
             .await?
             .ok_or(ProxyError::Stopped)
     }
@@ -363,7 +363,7 @@ impl Proxy {
         spec: ServiceSpec,
         certificate: Certificate,
     ) -> Result<ServiceSpec, ProxyError> {
-        self.submit(Change::Reconfigure(spec, Some(Box::new(certificate))))
+        self.submit(Change::Reconfigure(Box::new(spec), Some(Box::new(certificate))))
             .await?
             .ok_or(ProxyError::Stopped)
     }
@@ -578,6 +578,7 @@ impl Core {
         for change in changes {
             match change {
                 Change::Reconfigure(spec, certificate) => {
+                    let spec: &ServiceSpec = spec;
                     self.admit(&candidate, spec)?;
                     if let Some(certificate) = certificate {
                         let certificate = Certificate::clone(certificate);

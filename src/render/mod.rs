@@ -72,6 +72,10 @@
 //! destination's paths, longest first), then each `reqPathSearchReplace` pair in order. The
 //! frontend's rules matched the path the client sent; the instance gets the rewritten one, with
 //! the query string kept.
+//! # Inside a backend
+//! `mode`, `balance`, the backend tuning block (timeouts, `connectionMode`, compression, the
+//! stickiness cookie, health checks: its order is in `backend.rs`), basic auth, the edge rules
+//! above, then the servers.
 //!
 //! # Basic auth and the stats page
 //! - Userlists: `users` (`--users`), `users_<serviceName>` (a service's own `users`),
@@ -120,6 +124,7 @@
 //! with wildcards, longest ending first, then by service name and destination index. A name no
 //! destination claims has no backend: HAProxy closes the connection.
 
+mod backend;
 mod custom;
 mod proxy_wide;
 mod view;

@@ -351,7 +351,7 @@ fn a_service_without_instances_still_gets_its_backend() {
     let start = text.find("backend empty-be0\n").expect("backend present");
     let section = &text[start..];
     let section = &section[..section.find("\n\n").unwrap_or(section.len())];
-    assert!(!section.contains("server"), "{section}");
+    assert!(!section.contains("\n    server "), "{section}");
 }
 
 #[test]
@@ -498,7 +498,7 @@ fn templates_can_come_from_a_directory() {
     let dir = tempfile::tempdir().unwrap();
     for (file, text) in TEMPLATES {
         let text = if *file == "backend.hbs" {
-            text.replace("balance roundrobin", "balance leastconn")
+            text.replace("balance {{tuning.balance}}", "balance leastconn")
         } else {
             text.to_string()
         };
@@ -854,10 +854,10 @@ fn edge_rules_come_before_every_use_backend_and_headers_are_quoted_in_the_backen
         "{frontend}"
     );
     assert!(text.contains(
-        "backend shop-be0\n    mode http\n    balance roundrobin\n    http-request deny deny_status 405 unless { method GET HEAD }\n    http-request deny deny_status 403 if !{ ssl_fc }\n    http-request add-header X-Via \"flow-proxy edge\"\n    http-request del-header X-Internal\n    http-response set-header Strict-Transport-Security \"max-age=31536000\"\n    http-response del-header Server\n"
+        "backend shop-be0\n    mode http\n    balance roundrobin\n    option redispatch 1\n    default-server inter 2s fall 3 rise 2 observe layer4 error-limit 3 on-error mark-down\n    http-request deny deny_status 405 unless { method GET HEAD }\n    http-request deny deny_status 403 if !{ ssl_fc }\n    http-request add-header X-Via \"flow-proxy edge\"\n    http-request del-header X-Internal\n    http-response set-header Strict-Transport-Security \"max-age=31536000\"\n    http-response del-header Server\n"
     ), "{text}");
     assert!(text.contains("http-request deny deny_status 405 if { method DELETE TRACE }\n"));
-    assert!(text.contains("backend plain-be0\n    mode http\n    balance roundrobin\n    server"));
+    assert!(text.contains("backend plain-be0\n    mode http\n    balance roundrobin\n    option redispatch 1\n    default-server inter 2s fall 3 rise 2 observe layer4 error-limit 3 on-error mark-down\n    server"));
 }
 
 #[test]
@@ -1062,6 +1062,58 @@ fn routing_rule_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
                 ("outboundHostname", "LocalHost"),
             ]),
             vec![inst("10.0.0.6", 3000)],
+        ),
+    ]
+}
+// ---- backend tuning (render/backend.rs) ------------------------------------------------------
+
+/// The text of backend `name` in `text`.
+fn backend_section<'t>(text: &'t str, name: &str) -> &'t str {
+    text.split(&format!("\nbackend {name}\n"))
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .map(str::trim_end)
+        .unwrap_or_else(|| panic!("no backend {name} in:\n{text}"))
+}
+
+fn tuned_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+    vec![
+        (
+            spec(&[
+                ("serviceName", "shop"),
+                ("servicePath", "/shop"),
+                ("balance", "leastconn"),
+                ("timeoutServer", "1s"),
+                ("timeoutTunnel", "30m"),
+                ("connectionMode", "httpclose"),
+                ("compressionAlgo", "gzip"),
+                ("compressionType", "text/plain,text/html"),
+                ("sessionType", "sticky-server"),
+                ("checkPath", "/health"),
+                ("checkInterval", "500ms"),
+                ("maxFails", "4"),
+                ("observe", "layer7"),
+            ]),
+            vec![inst("10.0.0.1", 8080), inst("10.0.0.2", 8080)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "db"),
+                ("reqMode", "tcp"),
+                ("srcPort", "5432"),
+                ("balance", "source"),
+                ("timeoutClient", "2m"),
+                ("maxFails", "0"),
+            ]),
+            vec![inst("10.0.0.3", 5432)],
+        ),
+        (
+            spec(&[
+                ("serviceName", "raw"),
+                ("servicePath", "/raw"),
+                ("skipCheck", "true"),
+            ]),
+            vec![inst("10.0.0.4", 80)],
         ),
     ]
 }
@@ -1300,4 +1352,32 @@ fn a_destination_without_rewrites_renders_no_replace_path_line() {
     assert_eq!(text.matches("replace-path").count(), 1, "{text}");
     let backend_b = text.find("\nbackend hello-be2").expect("backend of /b");
     assert!(!text[backend_b..].contains("replace-path"), "{text}");
+}
+
+#[test]
+fn backend_tuning_renders_in_one_block_in_the_documented_order() {
+    let text = render(&golden_settings(), &tuned_services());
+    assert_eq!(
+        backend_section(&text, "shop-be0"),
+        "    mode http\n    balance leastconn\n    timeout server 1s\n    timeout tunnel 30m\n    option httpclose\n    compression algo gzip\n    compression type text/plain text/html\n    cookie shop insert indirect nocache\n    option httpchk\n    http-check send meth GET uri /health\n    option redispatch 1\n    default-server inter 500ms fall 3 rise 2 observe layer7 error-limit 4 on-error mark-down\n    server 10.0.0.1_8080 10.0.0.1:8080 check cookie 10.0.0.1_8080\n    server 10.0.0.2_8080 10.0.0.2:8080 check cookie 10.0.0.2_8080"
+    );
+    assert_eq!(
+        backend_section(&text, "db-be0"),
+        "    mode tcp\n    balance source\n    option redispatch 1\n    default-server inter 2s fall 3 rise 2\n    server 10.0.0.3_5432 10.0.0.3:5432 check"
+    );
+    assert!(
+        text.contains("frontend tcp_5432\n    mode tcp\n    bind *:5432\n    timeout client 2m\n    default_backend db-be0\n"),
+        "{text}"
+    );
+    // skipCheck: no check, no health lines at all.
+    assert_eq!(
+        backend_section(&text, "raw-be0"),
+        "    mode http\n    balance roundrobin\n    server 10.0.0.4_80 10.0.0.4:80"
+    );
+}
+
+#[test]
+fn haproxy_accepts_tuned_backends_without_warnings() {
+    let output = haproxy_check(None, &tuned_services());
+    assert!(!output.contains("WARNING"), "{output}");
 }

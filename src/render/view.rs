@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::backend::{server_cookie, tcp_timeout_client, tuning_view, BackendTuningView};
 use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
 use crate::spec::custom_templates::{TEMPLATE_BE_PATH, TEMPLATE_FE_PATH};
 use crate::spec::{
@@ -175,6 +176,8 @@ struct TcpFrontendView {
     name: String,
     bind: String,
     backend: String,
+    /// `timeoutClient` of the service (backend tuning).
+    timeout_client: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,6 +200,8 @@ struct BackendView {
     fragment: Option<CustomFragment>,
     has_custom: bool,
     custom: String,
+    /// Balance, timeouts, connection mode, compression, stickiness, health (`backend.rs`).
+    tuning: BackendTuningView,
 }
 
 /// One rule line of a backend: `<direction> <action>[ <args>][ if|unless <condition>]`.
@@ -222,6 +227,8 @@ struct ServerView {
     check: bool,
     /// `sslVerifyNone`: connect to the instance over TLS without verifying its certificate.
     ssl_verify_none: bool,
+    /// `sessionType=sticky-server`: the cookie value that pins a client to this server.
+    cookie: Option<String>,
 }
 
 // Routing rules (`servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`,
@@ -765,8 +772,10 @@ fn backend_view(
             } else {
                 format!("{}:{port}", instance.address())
             };
+            let name = format!("{}_{}", instance.address(), instance.port());
             ServerView {
-                name: format!("{}_{}", instance.address(), instance.port()),
+                cookie: server_cookie(spec, destination, &name),
+                name,
                 address,
                 check: !spec.skip_check(),
                 ssl_verify_none: spec.ssl_verify_none(),
@@ -798,6 +807,7 @@ fn backend_view(
         fragment: CustomFragment::of(spec, TEMPLATE_BE_PATH),
         has_custom: false,
         custom: String::new(),
+        tuning: tuning_view(spec, destination),
     }
 }
 
@@ -983,6 +993,7 @@ pub(super) fn build(
                         name: format!("tcp_{port}"),
                         bind: bind_address(settings, port),
                         backend: backend.name.clone(),
+                        timeout_client: tcp_timeout_client(spec),
                     });
                     tcp_backends.push(backend);
                 }

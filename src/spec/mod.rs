@@ -10,6 +10,8 @@
 //!   custom fragments and raw backend lines.
 //! - `path_rewrite`: versioned services on a shared prefix: `serviceTag` (which instances are
 //!   routed) and the path rewrites `stripPath` and `reqPathSearchReplace`.
+//! - `backend_tuning`: `balance`, the timeouts, `connectionMode`, compression, `sessionType`
+//!   and the health settings (`checkPath`, `checkInterval`, `maxFails`, `observe`) of a service.
 //! - `stored`: the JSON shape kept in Consul KV and echoed in answers; reading it back
 //!   re-validates everything, because KV can be edited by anyone.
 //!
@@ -21,6 +23,7 @@
 //! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
 //! `srcPort` forwarding everything).
 
+mod backend_tuning;
 pub mod custom_templates;
 mod docker_flow;
 mod path_rewrite;
@@ -37,6 +40,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use backend_tuning::{
+    BackendTuning, Balance, Observe, Timeout, DEFAULT_CHECK_INTERVAL, DEFAULT_MAX_FAILS,
+};
 pub use custom_templates::{BackendExtraLine, CustomTemplates, TemplatePath};
 pub use docker_flow::{services_from_docker_flow, DockerFlowService, DOCKER_FLOW_PREFIX};
 pub use path_rewrite::{strip_prefix_rule, PathRewrite, SearchReplace, ServiceTag};
@@ -108,6 +114,9 @@ pub struct ServiceSpec {
     custom: CustomTemplates,
     /// `serviceTag`: only instances carrying every one of these Consul tags are routed.
     service_tag: Vec<ServiceTag>,
+    /// Backend tuning: balance, timeouts, connection mode, compression, stickiness, health
+    /// (boxed: most specs leave it at its defaults, and a spec travels through queues).
+    backend_tuning: Box<BackendTuning>,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -299,6 +308,11 @@ impl ServiceSpec {
     pub fn service_tag(&self) -> &[ServiceTag] {
         &self.service_tag
     }
+    /// The backend tuning (`balance`, timeouts, `connectionMode`, compression, `sessionType`,
+    /// health checks).
+    pub fn backend_tuning(&self) -> &BackendTuning {
+        &self.backend_tuning
+    }
 
     /// The service's own basic-auth users (`users`); empty when it has none.
     pub fn users(&self) -> &[AuthUser] {
@@ -416,6 +430,23 @@ impl ServiceSpec {
                 "isDefaultBackend",
                 "needs an http destination without srcPort: the default backend takes the \
                  requests of the main HTTP (and HTTPS) frontend that no rule matched",
+            ));
+        }
+        // sni destinations are TCP backends too (balanced without reading HTTP), but their
+        // frontend is shared by every sni service of the port, so only reqMode=tcp takes
+        // `timeoutClient`.
+        let has_tcp_backend = spec
+            .destinations
+            .iter()
+            .any(|d| d.req_mode != ReqMode::Http);
+        spec.backend_tuning
+            .check(!no_http, has_tcp_backend, spec.skip_check)?;
+        let has_tcp_frontend = spec.destinations.iter().any(|d| d.req_mode == ReqMode::Tcp);
+        if spec.backend_tuning.timeout_client.is_some() && !has_tcp_frontend {
+            return Err(spec_error(
+                "timeoutClient",
+                "applies to reqMode=tcp destinations only: an HTTP frontend, and an sni frontend, \
+                 is shared by every service on its port",
             ));
         }
         for (position, destination) in spec.destinations.iter().enumerate() {

@@ -30,7 +30,9 @@ use super::values::{
     ServiceName, ServicePath, MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS,
     MAX_PATHS_PER_DESTINATION,
 };
-use super::{Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE};
+use super::{
+    BackendTuning, Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE,
+};
 
 /// Where a parameter may appear.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +100,20 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("reqPathSearchReplace", Scope::Destination),
     ("reqPathSearch", Scope::Destination),
     ("reqPathReplace", Scope::Destination),
+    // Backend tuning (`backend_tuning.rs`): balance, timeouts, connection mode, compression,
+    // stickiness, health checks.
+    ("balance", Scope::Service),
+    ("timeoutServer", Scope::Service),
+    ("timeoutTunnel", Scope::Service),
+    ("timeoutClient", Scope::Service),
+    ("connectionMode", Scope::Service),
+    ("compressionAlgo", Scope::Service),
+    ("compressionType", Scope::Service),
+    ("sessionType", Scope::Service),
+    ("checkPath", Scope::Service),
+    ("checkInterval", Scope::Service),
+    ("maxFails", Scope::Service),
+    ("observe", Scope::Service),
 ];
 
 // Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
@@ -565,6 +581,7 @@ pub(crate) fn build_spec(
         set_res: header_lines("setResHeader")?,
         del_res: header_names("delResHeader")?,
     };
+    let backend_tuning = Box::new(BackendTuning::parse(|name| service.get(name).copied())?);
 
     let mut destinations = Vec::new();
     for (&index, params) in &raw.destinations {
@@ -702,6 +719,7 @@ pub(crate) fn build_spec(
         is_default_backend,
         custom: CustomTemplates::parse(|parameter| service.get(parameter).copied())?,
         service_tag,
+        backend_tuning,
     })
     .map(|spec| (spec, raw.ignored.clone()))
 }

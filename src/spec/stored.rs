@@ -38,6 +38,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::backend_tuning::StoredBackendTuning;
 use super::custom_templates::StoredCustomTemplates;
 use super::path_rewrite::{parse_service_tags, PathRewrite};
 use super::query::indexed;
@@ -49,7 +50,8 @@ use super::values::{HeaderLine, HeaderName, HttpMethod, RedirectCode};
 use super::values::{ServiceColor, ServiceName, ServicePath};
 use super::values::{MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION};
 use super::{
-    Destination, HeaderRules, ServiceSpec, SpecError, MASKED_PASSWORD, MAX_DESTINATIONS_PER_SERVICE,
+    BackendTuning, Destination, HeaderRules, ServiceSpec, SpecError, MASKED_PASSWORD,
+    MAX_DESTINATIONS_PER_SERVICE,
 };
 
 /// The stored form of a spec: plain values, validated on the way in.
@@ -99,6 +101,9 @@ pub(super) struct StoredSpec {
     /// `serviceTag`: the Consul tags an instance must carry.
     #[serde(default)]
     service_tag: Vec<String>,
+    /// `Balance`, `TimeoutServer`, …, `Observe`: see `backend_tuning.rs`.
+    #[serde(flatten)]
+    backend_tuning: StoredBackendTuning,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -187,6 +192,7 @@ impl From<ServiceSpec> for StoredSpec {
             is_default_backend: spec.is_default_backend,
             custom: StoredCustomTemplates::from(&spec.custom),
             service_tag: texts(&spec.service_tag),
+            backend_tuning: StoredBackendTuning::from(spec.backend_tuning.as_ref()),
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -396,6 +402,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 let tags: Vec<&str> = stored.service_tag.iter().map(String::as_str).collect();
                 parse_service_tags("serviceTag", &tags)?
             },
+            backend_tuning: Box::new(BackendTuning::try_from(&stored.backend_tuning)?),
         })
     }
 }

@@ -1327,8 +1327,8 @@ fn unknown_parameters_name_the_closest_known_one() {
             "{written}: {error}"
         );
     }
-    let error = rejected(&[("serviceName", "go-demo"), ("timeoutTunnel", "5")]);
-    assert_eq!(error.parameter, "timeoutTunnel");
+    let error = rejected(&[("serviceName", "go-demo"), ("xForwardedProto", "5")]);
+    assert_eq!(error.parameter, "xForwardedProto");
     assert!(!error.message.contains("did you mean"), "{error}");
 }
 
@@ -1541,4 +1541,223 @@ fn sni_destinations_of_one_service_may_share_a_port_with_each_other_only() {
         ("srcPort.2", "9443"),
     ]);
     assert_eq!(error.parameter, "srcPort.2");
+}
+// ---- backend tuning (backend_tuning.rs) ------------------------------------------------------
+
+#[test]
+fn backend_tuning_values_are_read_and_normalised() {
+    let spec = accepted(&[
+        ("serviceName", "shop"),
+        ("servicePath", "/shop"),
+        ("balance", "url_param userid"),
+        ("timeoutServer", "60"),
+        ("timeoutTunnel", "1h"),
+        ("connectionMode", "http-server-close"),
+        ("compressionAlgo", "gzip,deflate"),
+        ("compressionType", "text/html text/plain"),
+        ("sessionType", "sticky-server"),
+        ("checkPath", "/health?deep=1"),
+        ("checkInterval", "500ms"),
+        ("maxFails", "5"),
+        ("observe", "layer7"),
+    ]);
+    let tuning = spec.backend_tuning();
+    assert_eq!(
+        tuning.balance.as_ref().map(|b| b.as_config()).as_deref(),
+        Some("url_param userid")
+    );
+    assert_eq!(
+        tuning.timeout_server.as_ref().map(|t| t.as_str()),
+        Some("60s")
+    );
+    assert_eq!(
+        tuning.timeout_tunnel.as_ref().map(|t| t.as_str()),
+        Some("1h")
+    );
+    assert_eq!(
+        tuning.connection_mode,
+        Some(ConnectionMode::HttpServerClose)
+    );
+    assert_eq!(tuning.compression_algo, vec!["gzip", "deflate"]);
+    assert_eq!(tuning.compression_type, vec!["text/html", "text/plain"]);
+    assert!(tuning.sticky_server);
+    assert_eq!(tuning.check_path.as_deref(), Some("/health?deep=1"));
+    assert_eq!(tuning.effective_check_interval(), "500ms");
+    assert_eq!(tuning.effective_max_fails(), 5);
+    assert_eq!(tuning.effective_observe(), Observe::Layer7);
+
+    let json = serde_json::to_value(&spec).unwrap();
+    assert_eq!(json["Balance"], "url_param userid");
+    assert_eq!(json["TimeoutServer"], "60s");
+    assert_eq!(json["CompressionType"], "text/html,text/plain");
+    assert_eq!(json["SessionType"], "sticky-server");
+    assert_eq!(json["MaxFails"], 5);
+    let back: ServiceSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(back, spec);
+
+    let defaults = accepted(&[("serviceName", "shop"), ("servicePath", "/shop")]);
+    let tuning = defaults.backend_tuning();
+    assert_eq!(tuning, &BackendTuning::default());
+    assert_eq!(tuning.effective_max_fails(), DEFAULT_MAX_FAILS);
+    assert_eq!(tuning.effective_check_interval(), DEFAULT_CHECK_INTERVAL);
+    assert_eq!(tuning.effective_observe(), Observe::Layer4);
+}
+
+#[test]
+fn every_balance_algorithm_flow_proxy_accepts() {
+    for algorithm in [
+        "roundrobin",
+        "static-rr",
+        "leastconn",
+        "first",
+        "source",
+        "random",
+        "random(2)",
+        "uri",
+        "url_param session_id",
+        "hdr(X-User)",
+    ] {
+        let spec = accepted(&[
+            ("serviceName", "svc"),
+            ("servicePath", "/a"),
+            ("balance", algorithm),
+        ]);
+        let written = spec
+            .backend_tuning()
+            .balance
+            .as_ref()
+            .map(|b| b.as_config());
+        assert_eq!(written.as_deref(), Some(algorithm));
+    }
+}
+
+#[test]
+fn bad_backend_tuning_values_are_refused_naming_the_parameter() {
+    let base = [("serviceName", "svc"), ("servicePath", "/a")];
+    let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        base.iter().chain(extra).copied().collect()
+    };
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "balance",
+            "roundrobin\n    server evil 1.2.3.4:80",
+            "not an algorithm",
+        ),
+        ("balance", "url_param a b", "url_param takes one"),
+        ("balance", "hdr(X User)", "hdr(<name>)"),
+        ("balance", "hdr(X-User", "not an algorithm"),
+        ("balance", "random(0)", "random(<draws>)"),
+        ("balance", "rdp-cookie", "not an algorithm"),
+        ("balance", "", "not an algorithm"),
+        ("timeoutServer", "0", "not a time"),
+        ("timeoutServer", "1s 2s", "not a time"),
+        ("timeoutServer", "25d", "not a time"),
+        ("timeoutServer", "10us", "not a time"),
+        ("timeoutTunnel", "-1", "not a time"),
+        ("checkInterval", "fast", "not a time"),
+        ("connectionMode", "forceclose", "is gone since HAProxy 2.0"),
+        ("connectionMode", "keep-alive", "is not one of http-keep-alive"),
+        ("compressionAlgo", "brotli", "not an algorithm"),
+        ("compressionAlgo", "gzip,gzip", "listed twice"),
+        ("compressionType", "text/*", "not a MIME type"),
+        ("sessionType", "sticky", "not a session type"),
+        ("checkPath", "health", "not a path"),
+        ("checkPath", "/health#x", "not a path"),
+        ("checkPath", "/he alth", "not a path"),
+        ("maxFails", "101", "from 0"),
+        ("maxFails", "03", "from 0"),
+        ("observe", "layer5", "not a kind of failure"),
+    ];
+    for (parameter, value, needle) in cases {
+        let mut pairs = with(&[]);
+        pairs.push((parameter, value));
+        if *parameter == "compressionType" {
+            pairs.push(("compressionAlgo", "gzip"));
+        }
+        refused_with(&pairs, parameter, &[needle]);
+    }
+}
+
+#[test]
+fn backend_tuning_rules_between_values() {
+    let tcp = [
+        ("serviceName", "db"),
+        ("reqMode", "tcp"),
+        ("srcPort", "5432"),
+    ];
+    let with = |base: &[(&'static str, &'static str)], extra: (&'static str, &'static str)| {
+        let mut pairs: Vec<(&str, &str)> = base.to_vec();
+        pairs.push(extra);
+        pairs
+    };
+    refused_with(&with(&tcp, ("balance", "uri")), "balance", &["reqMode=tcp"]);
+    refused_with(
+        &with(&tcp, ("connectionMode", "httpclose")),
+        "connectionMode",
+        &["needs an http destination"],
+    );
+    refused_with(
+        &with(&tcp, ("sessionType", "sticky-server")),
+        "sessionType",
+        &["http"],
+    );
+    refused_with(
+        &with(&tcp, ("checkPath", "/health")),
+        "checkPath",
+        &["http"],
+    );
+    refused_with(&with(&tcp, ("observe", "layer7")), "observe", &["http"]);
+    accepted(&with(&tcp, ("timeoutClient", "5s")));
+    accepted(&with(&tcp, ("balance", "leastconn")));
+
+    let http = [("serviceName", "web"), ("servicePath", "/web")];
+    refused_with(
+        &with(&http, ("timeoutClient", "5s")),
+        "timeoutClient",
+        &["reqMode=tcp destinations only"],
+    );
+    refused_with(
+        &with(&http, ("compressionType", "text/html")),
+        "compressionType",
+        &["needs compressionAlgo"],
+    );
+    let skipped = [
+        ("serviceName", "web"),
+        ("servicePath", "/web"),
+        ("skipCheck", "true"),
+    ];
+    for parameter in ["checkPath", "checkInterval", "maxFails", "observe"] {
+        let value = match parameter {
+            "checkPath" => "/health",
+            "checkInterval" => "1s",
+            "maxFails" => "2",
+            _ => "layer4",
+        };
+        refused_with(
+            &with(&skipped, (parameter, value)),
+            parameter,
+            &["skipCheck=true"],
+        );
+    }
+}
+
+#[test]
+fn stored_backend_tuning_is_validated_on_read() {
+    let json = serde_json::json!({
+        "ServiceName": "svc",
+        "ServiceDest": [{"Index": 0, "ServicePath": ["/a"]}],
+        "Balance": "roundrobin\n    server x 1.2.3.4:1",
+    });
+    let error = serde_json::from_value::<ServiceSpec>(json)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("balance"), "{error}");
+    let json = serde_json::json!({
+        "ServiceName": "svc",
+        "ServiceDest": [{"Index": 0, "ServicePath": ["/a"]}],
+        "TimeoutServer": "5s",
+        "MaxFails": 0,
+    });
+    let spec: ServiceSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(spec.backend_tuning().effective_max_fails(), 0);
 }

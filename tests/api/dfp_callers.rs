@@ -112,11 +112,11 @@ async fn a_mistyped_parameter_is_refused_with_the_closest_name_and_changes_nothi
         );
     }
     let (status, answer) = proxy
-        .reconfigure("serviceName=go-demo&servicePath=/demo&timeoutTunnel=3600s")
+        .reconfigure("serviceName=go-demo&servicePath=/demo&xForwardedProto=true")
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     let message = answer["Message"].as_str().unwrap_or_default();
-    assert!(message.contains("`timeoutTunnel`"), "{message}");
+    assert!(message.contains("`xForwardedProto`"), "{message}");
     assert!(
         !message.contains("did you mean"),
         "nothing is close: {message}"

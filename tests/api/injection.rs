@@ -947,9 +947,10 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
         proptest::option::weighted(0.1, one_of(FLAGS)),
         custom_templates(),
         proptest::option::weighted(0.15, service_tag_value()),
+        backend_tuning_parameters(),
     )
         .prop_map(
-            |(service, color, acl, skip, path_type, edge, default_backend, custom, tag)| {
+            |(service, color, acl, skip, path_type, edge, default_backend, custom, tag, tuning)| {
                 let mut pairs = vec![("serviceName".to_string(), service)];
                 let optional = [
                     ("serviceColor", color),
@@ -966,6 +967,7 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
                 );
                 pairs.extend(edge);
                 pairs.extend(custom);
+                pairs.extend(tuning);
                 pairs
             },
         )
@@ -1151,9 +1153,73 @@ fn value_for(base: &str) -> BoxedStrategy<String> {
             ),
         ]
         .boxed(),
-        _ => any_value(),
+        _ => match backend_tuning_value(base) {
+            Some(suited) => suited,
+            None => any_value(),
+        },
     };
     prop_oneof![5 => suited, 1 => any_value()].boxed()
+}
+
+/// A value suited to backend tuning parameter `base` (a few of them refused on purpose).
+fn backend_tuning_value(base: &str) -> Option<BoxedStrategy<String>> {
+    let time = "[1-9][0-9]{0,5}(ms|s|m|h|d|us)?";
+    let suited = match base {
+        "balance" => prop_oneof![
+            3 => one_of(&[
+                "roundrobin", "static-rr", "leastconn", "first", "source", "random",
+                "random(3)", "uri", "rdp-cookie",
+            ]),
+            1 => "url_param [a-zA-Z0-9_.-]{1,12}",
+            1 => "hdr\\([a-zA-Z0-9_-]{1,12}\\)",
+        ]
+        .boxed(),
+        "timeoutServer" | "timeoutTunnel" | "timeoutClient" | "checkInterval" => time.boxed(),
+        "connectionMode" => one_of(&[
+            "http-keep-alive",
+            "http-server-close",
+            "httpclose",
+            "forceclose",
+        ]),
+        "compressionAlgo" => one_of(&["gzip", "deflate", "gzip,deflate", "raw-deflate identity"]),
+        "compressionType" => {
+            "[a-z]{1,8}/[a-z0-9.+-]{1,10}([, ][a-z]{1,8}/[a-z0-9.+-]{1,10}){0,2}".boxed()
+        }
+        "sessionType" => one_of(&["sticky-server", "sticky"]),
+        "checkPath" => "/[a-zA-Z0-9/._~!&()*+;=:@%?-]{0,20}".boxed(),
+        "maxFails" => "[0-9]{1,3}".boxed(),
+        "observe" => one_of(&["layer4", "layer7"]),
+        _ => return None,
+    };
+    Some(suited)
+}
+
+/// Backend tuning parameters a user might add, each now and then, with suited values.
+fn backend_tuning_parameters() -> BoxedStrategy<Vec<(String, String)>> {
+    const TUNING: [&str; 12] = [
+        "balance",
+        "timeoutServer",
+        "timeoutTunnel",
+        "timeoutClient",
+        "connectionMode",
+        "compressionAlgo",
+        "compressionType",
+        "sessionType",
+        "checkPath",
+        "checkInterval",
+        "maxFails",
+        "observe",
+    ];
+    TUNING
+        .iter()
+        .map(|name| {
+            let value = backend_tuning_value(name).unwrap_or_else(any_value);
+            proptest::option::weighted(0.08, value)
+                .prop_map(move |value| value.map(|v| (name.to_string(), v)))
+        })
+        .collect::<Vec<_>>()
+        .prop_map(|pairs| pairs.into_iter().flatten().collect())
+        .boxed()
 }
 
 const NAMES: &[&str] = &[
@@ -1195,6 +1261,19 @@ const NAMES: &[&str] = &[
     "reqPathSearchReplace",
     "reqPathSearch",
     "reqPathReplace",
+    // Backend tuning.
+    "balance",
+    "timeoutServer",
+    "timeoutTunnel",
+    "timeoutClient",
+    "connectionMode",
+    "compressionAlgo",
+    "compressionType",
+    "sessionType",
+    "checkPath",
+    "checkInterval",
+    "maxFails",
+    "observe",
 ];
 
 /// A parameter name: a known one with a destination suffix (good or bad), or anything.

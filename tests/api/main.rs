@@ -2,6 +2,7 @@
 //! real HAProxy and sends real HTTP through it to real backend servers on 127.0.0.1.
 
 mod api_access;
+mod backend_tuning;
 mod blue_green;
 mod chaos;
 mod consul_access;

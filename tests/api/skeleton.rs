@@ -133,7 +133,12 @@ fn skeleton_line(words: &[String]) -> String {
             let made_up = match first {
                 "frontend" | "backend" | "defaults" | "userlist" | "acl" | "bind"
                 | "default_backend" | "use_backend" => position == 1,
-                "server" => position == 1 || position == 2,
+                // The server's name, address and stickiness cookie value.
+                "server" => {
+                    position == 1
+                        || position == 2
+                        || (position > 2 && words[position - 1] == "cookie")
+                }
                 _ => false,
             };
             if made_up {
@@ -368,13 +373,14 @@ impl Baseline {
                     continue;
                 }
                 if destination.req_mode() == ReqMode::Tcp {
+                    let mut lines = vec!["mode tcp".to_string(), "bind _".to_string()];
+                    if let Some(timeout) = &spec.backend_tuning().timeout_client {
+                        lines.push(format!("timeout client {}", timeout.as_str()));
+                    }
+                    lines.push("default_backend _".into());
                     tcp.push(Section {
                         header: "frontend _".into(),
-                        lines: vec![
-                            "mode tcp".into(),
-                            "bind _".into(),
-                            "default_backend _".into(),
-                        ],
+                        lines: lines.iter().map(|line| normalized(line)).collect(),
                     });
                     continue;
                 }
@@ -568,12 +574,22 @@ impl Baseline {
             instances
         };
         let distinct: BTreeSet<&Instance> = instances.iter().collect();
-        let server = if spec.skip_check() {
-            "server _ _"
+        let http = destination.req_mode() == ReqMode::Http;
+        let tuning = spec.backend_tuning();
+        let mut server = if spec.skip_check() {
+            "server _ _".to_string()
         } else {
-            "server _ _ check"
+            "server _ _ check".to_string()
         };
-        let mut lines = vec![format!("mode {mode}"), "balance roundrobin".to_string()];
+        if http && tuning.sticky_server {
+            server.push_str(" cookie _");
+        }
+        let balance = tuning
+            .balance
+            .as_ref()
+            .map_or_else(|| "roundrobin".to_string(), |b| b.as_config());
+        let mut lines = vec![format!("mode {mode}"), format!("balance {balance}")];
+        lines.extend(backend_tuning_lines(spec, http));
         if destination.req_mode() == ReqMode::Http {
             let users = !spec.users().is_empty() || !self.settings.users.is_empty();
             if users && !destination.ignore_authorization() {
@@ -644,11 +660,69 @@ impl Baseline {
                 .iter()
                 .map(|line| line.as_str().to_string()),
         );
+        lines.extend(distinct.iter().map(|_| server.clone()));
         Section {
             header: "backend _".into(),
             lines: lines.iter().map(|line| normalized(line)).collect(),
         }
     }
+}
+
+/// The backend tuning lines of `spec` (after `balance`), as `src/render/backend.rs` documents
+/// them: timeouts, connection mode, compression and the stickiness cookie (HTTP), then the
+/// health lines unless `skipCheck`.
+fn backend_tuning_lines(spec: &ServiceSpec, http: bool) -> Vec<String> {
+    let tuning = spec.backend_tuning();
+    let mut lines = Vec::new();
+    if let Some(timeout) = &tuning.timeout_server {
+        lines.push(format!("timeout server {}", timeout.as_str()));
+    }
+    if let Some(timeout) = &tuning.timeout_tunnel {
+        lines.push(format!("timeout tunnel {}", timeout.as_str()));
+    }
+    if http {
+        if let Some(mode) = tuning.connection_mode {
+            lines.push(format!("option {}", mode.as_str()));
+        }
+        if !tuning.compression_algo.is_empty() {
+            lines.push(format!(
+                "compression algo {}",
+                tuning.compression_algo.join(" ")
+            ));
+        }
+        if !tuning.compression_type.is_empty() {
+            lines.push(format!(
+                "compression type {}",
+                tuning.compression_type.join(" ")
+            ));
+        }
+        if tuning.sticky_server {
+            lines.push(format!(
+                "cookie {} insert indirect nocache",
+                spec.service_name().as_str()
+            ));
+        }
+    }
+    if !spec.skip_check() {
+        if let (true, Some(path)) = (http, &tuning.check_path) {
+            lines.push("option httpchk".to_string());
+            lines.push(format!("http-check send meth GET uri {path}"));
+        }
+        lines.push("option redispatch 1".to_string());
+        let mut default_server = format!(
+            "default-server inter {} fall 3 rise 2",
+            tuning.effective_check_interval()
+        );
+        if tuning.effective_max_fails() > 0 {
+            default_server.push_str(&format!(
+                " observe {} error-limit {} on-error mark-down",
+                tuning.effective_observe().as_str(),
+                tuning.effective_max_fails()
+            ));
+        }
+        lines.push(default_server);
+    }
+    lines
 }
 
 /// Runs `haproxy -c` on `config` written in `dir`; `Ok` when HAProxy accepts it without
