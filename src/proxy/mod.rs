@@ -363,9 +363,12 @@ impl Proxy {
         spec: ServiceSpec,
         certificate: Certificate,
     ) -> Result<ServiceSpec, ProxyError> {
-        self.submit(Change::Reconfigure(Box::new(spec), Some(Box::new(certificate))))
-            .await?
-            .ok_or(ProxyError::Stopped)
+        self.submit(Change::Reconfigure(
+            Box::new(spec),
+            Some(Box::new(certificate)),
+        ))
+        .await?
+        .ok_or(ProxyError::Stopped)
     }
 
     /// Stops routing a service and deletes its stored spec; returns the spec it had. `None`:

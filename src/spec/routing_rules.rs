@@ -51,6 +51,15 @@ pub struct MatchValue(String);
 impl MatchValue {
     /// Validates `value` given as `parameter`.
     pub fn parse(parameter: &str, value: &str) -> Result<MatchValue, SpecError> {
+        if value.starts_with('-') {
+            return Err(spec_error(
+                parameter,
+                format!(
+                    "{} starts with `-`, which HAProxy would read as an acl option",
+                    shown(value)
+                ),
+            ));
+        }
         check_chars(
             parameter,
             value,

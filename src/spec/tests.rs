@@ -1656,7 +1656,11 @@ fn bad_backend_tuning_values_are_refused_naming_the_parameter() {
         ("timeoutTunnel", "-1", "not a time"),
         ("checkInterval", "fast", "not a time"),
         ("connectionMode", "forceclose", "is gone since HAProxy 2.0"),
-        ("connectionMode", "keep-alive", "is not one of http-keep-alive"),
+        (
+            "connectionMode",
+            "keep-alive",
+            "is not one of http-keep-alive",
+        ),
         ("compressionAlgo", "brotli", "not an algorithm"),
         ("compressionAlgo", "gzip,gzip", "listed twice"),
         ("compressionType", "text/*", "not a MIME type"),

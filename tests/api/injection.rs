@@ -226,7 +226,7 @@ const SHIPPED_RULE_TEXT: &str = "\
 {{#unless redirects}}
 {{> rule-acls this}}
 {{/unless}}
-    use_backend {{backend}} if{{#if path_acl}} {{path_acl.name}}{{/if}}{{#if domain_acl}} {{domain_acl.name}}{{/if}}
+    use_backend {{backend}} if{{#each condition}} {{this}}{{/each}}
 ";
 const SHIPPED_BACKEND: &str = "shipped-backend.hbs";
 const SHIPPED_BACKEND_TEXT: &str = "{{> backend this}}\n";
@@ -778,10 +778,10 @@ fn replace_item() -> BoxedStrategy<String> {
 /// The routing rules of one HTTP destination, by base name (only those set).
 fn destination_routing_rules() -> BoxedStrategy<Vec<(String, String)>> {
     (
-        proptest::option::weighted(0.15, list(path_item())),
-        proptest::option::weighted(0.15, list(header_match())),
-        proptest::option::weighted(0.15, list(match_value())),
-        proptest::option::weighted(0.1, outbound_host()),
+        proptest::option::weighted(0.05, list(path_item())),
+        proptest::option::weighted(0.05, list(header_match())),
+        proptest::option::weighted(0.05, list(match_value())),
+        proptest::option::weighted(0.05, outbound_host()),
     )
         .prop_map(|(exclude, headers, agents, outbound)| {
             [
@@ -815,9 +815,9 @@ fn search_replace_value() -> BoxedStrategy<String> {
 /// The path rewrites of one HTTP destination a user might add (by base name).
 fn destination_path_rewrites() -> BoxedStrategy<Vec<(String, String)>> {
     (
-        proptest::option::weighted(0.08, one_of(FLAGS)),
-        proptest::option::weighted(0.1, search_replace_value()),
-        proptest::option::weighted(0.03, (search_item(), replace_item())),
+        proptest::option::weighted(0.05, one_of(FLAGS)),
+        proptest::option::weighted(0.05, search_replace_value()),
+        proptest::option::weighted(0.02, (search_item(), replace_item())),
     )
         .prop_map(|(strip, pairs, old_pair)| {
             let mut fields = Vec::new();
@@ -944,9 +944,9 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
         proptest::option::weighted(0.2, one_of(&["true", "false", "1", "0"])),
         proptest::option::weighted(0.2, one_of(PATH_TYPES)),
         service_edge_rules(),
-        proptest::option::weighted(0.1, one_of(FLAGS)),
+        proptest::option::weighted(0.05, one_of(FLAGS)),
         custom_templates(),
-        proptest::option::weighted(0.15, service_tag_value()),
+        proptest::option::weighted(0.08, service_tag_value()),
         backend_tuning_parameters(),
     )
         .prop_map(
@@ -978,9 +978,9 @@ fn service_parameters() -> BoxedStrategy<Vec<(String, String)>> {
 /// directory, the other slot's) and `backendExtra` (lines of backend keywords with values).
 fn custom_templates() -> BoxedStrategy<Vec<(String, String)>> {
     (
-        proptest::option::weighted(0.1, template_path(SHIPPED_RULE)),
-        proptest::option::weighted(0.1, template_path(SHIPPED_BACKEND)),
-        proptest::option::weighted(0.1, backend_extra()),
+        proptest::option::weighted(0.05, template_path(SHIPPED_RULE)),
+        proptest::option::weighted(0.05, template_path(SHIPPED_BACKEND)),
+        proptest::option::weighted(0.05, backend_extra()),
     )
         .prop_map(|(fe, be, extra)| {
             [
@@ -1057,7 +1057,7 @@ enum Mutation {
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
-        7 => Just(Mutation::None),
+        10 => Just(Mutation::None),
         2 => (any::<proptest::sample::Index>(), any_value()).prop_map(|(i, v)| Mutation::Replace(i, v)),
         2 => (any::<proptest::sample::Index>(), nasty()).prop_map(|(i, v)| Mutation::Append(i, v)),
         1 => (name(), any_value()).prop_map(Mutation::Add),
@@ -1214,7 +1214,7 @@ fn backend_tuning_parameters() -> BoxedStrategy<Vec<(String, String)>> {
         .iter()
         .map(|name| {
             let value = backend_tuning_value(name).unwrap_or_else(any_value);
-            proptest::option::weighted(0.08, value)
+            proptest::option::weighted(0.025, value)
                 .prop_map(move |value| value.map(|v| (name.to_string(), v)))
         })
         .collect::<Vec<_>>()

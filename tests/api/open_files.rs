@@ -240,35 +240,15 @@ async fn store_spec(client: &reqwest::Client, registry: &str, service: &str) {
 /// The hard limit the degraded-mode tests give flow-proxy (and so its HAProxy).
 const HARD_LIMIT: u64 = 256;
 
-/// The built-in templates with `maxconn 50` instead of 4096: HAProxy inherits flow-proxy's
-/// limit and needs about two descriptors per connection (8,220 for `maxconn 4096`), so this is
-/// what lets it start under [`HARD_LIMIT`].
-fn small_maxconn_templates() -> tempfile::TempDir {
-    let templates = tempfile::TempDir::new().expect("a templates directory");
-    let built_in = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
-    for entry in std::fs::read_dir(&built_in).expect("the built-in templates") {
-        let path = entry.expect("a template").path();
-        let template = std::fs::read_to_string(&path).expect("a template's text");
-        let template = template.replace("maxconn 4096", "maxconn 50");
-        let name = path.file_name().expect("a template's file name");
-        std::fs::write(templates.path().join(name), template).expect("write the template");
-    }
-    templates
-}
-
-/// Starts flow-proxy under a hard open-files limit of [`HARD_LIMIT`] against `registry`.
-async fn start_under_hard_limit(
-    registry: &crate::fleet::SharedRegistry,
-    templates: &tempfile::TempDir,
-) -> ProxyProcess {
+/// Starts flow-proxy under a hard open-files limit of [`HARD_LIMIT`] against `registry`, with
+/// `--maxconn 50`: HAProxy inherits flow-proxy's limit and needs about two descriptors per
+/// connection (8,220 for the default `maxconn 4096`), so this is what lets it start.
+async fn start_under_hard_limit(registry: &crate::fleet::SharedRegistry) -> ProxyProcess {
     let proxy = ProxyProcess::start_with(
         &registry.address(),
         ProxyOptions {
             open_files_limit: (Some(HARD_LIMIT), Some(HARD_LIMIT)),
-            extra_args: vec![
-                "--templates-dir".into(),
-                templates.path().display().to_string(),
-            ],
+            extra_args: vec!["--maxconn".into(), "50".into()],
             ..ProxyOptions::default()
         },
     )
@@ -296,8 +276,7 @@ async fn routed_names(proxy: &ProxyProcess) -> Vec<String> {
 async fn more_services_than_the_hard_limit_allows_leave_the_api_working_and_say_so() {
     const TOO_MANY: usize = 400;
     let registry = crate::fleet::SharedRegistry::start().await;
-    let templates = small_maxconn_templates();
-    let proxy = start_under_hard_limit(&registry, &templates).await;
+    let proxy = start_under_hard_limit(&registry).await;
     let client = http_client();
     let url = registry.url();
     futures::stream::iter(0..TOO_MANY)
@@ -375,8 +354,7 @@ async fn more_services_than_the_hard_limit_allows_leave_the_api_working_and_say_
 async fn api_connections_beyond_the_hard_limit_get_a_clear_503_and_the_api_recovers() {
     const CONNECTIONS: usize = 300;
     let registry = crate::fleet::SharedRegistry::start().await;
-    let templates = small_maxconn_templates();
-    let proxy = start_under_hard_limit(&registry, &templates).await;
+    let proxy = start_under_hard_limit(&registry).await;
     let steady = spawn_backend("steady").await;
     registry
         .register_instance("steady", "steady-1", steady.port)

@@ -652,7 +652,7 @@ impl Baseline {
             }
             lines.extend(path_rewrite_lines(destination));
         }
-        lines.extend(distinct.iter().map(|_| server.to_string()));
+        lines.extend(distinct.iter().map(|_| server.clone()));
         // `backendExtra`: the service's own lines, as given.
         lines.extend(
             spec.custom_templates()
@@ -660,7 +660,6 @@ impl Baseline {
                 .iter()
                 .map(|line| line.as_str().to_string()),
         );
-        lines.extend(distinct.iter().map(|_| server.clone()));
         Section {
             header: "backend _".into(),
             lines: lines.iter().map(|line| normalized(line)).collect(),
