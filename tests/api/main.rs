@@ -5,6 +5,7 @@ mod api_access;
 mod blue_green;
 mod chaos;
 mod consul_access;
+mod consul_tools;
 mod convergence;
 mod crash;
 mod data_loss;
