@@ -6,6 +6,7 @@ mod backend_tuning;
 mod blue_green;
 mod chaos;
 mod consul_access;
+mod consul_tools;
 mod convergence;
 mod crash;
 mod custom_templates;

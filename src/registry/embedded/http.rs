@@ -23,6 +23,8 @@ use super::register::{self, RegisterError};
 use super::store::{Check, KvEntry, Service, State as RegistryState, Store, PASSING};
 use super::Fault;
 
+mod tools;
+
 /// Consul's default `kv_max_value_size`.
 pub(crate) const KV_MAX_VALUE_SIZE: usize = 524_288;
 /// Bound on agent request bodies (Consul has none; this keeps memory bounded).
@@ -362,6 +364,8 @@ enum Route {
     CatalogService(String),
     HealthService(String),
     Kv(String),
+    /// What the Consul tools read (`tools.rs`).
+    Tools(tools::ToolRoute),
 }
 
 impl Route {
@@ -374,7 +378,9 @@ impl Route {
             "/v1/agent/service/register" => Route::AgentRegister,
             "/v1/catalog/services" => Route::CatalogServices,
             _ => {
-                if let Some(key) = rest("/v1/kv/") {
+                if let Some(route) = tools::ToolRoute::find(path) {
+                    Route::Tools(route)
+                } else if let Some(key) = rest("/v1/kv/") {
                     Route::Kv(key)
                 } else if let Some(name) = rest("/v1/catalog/service/") {
                     Route::CatalogService(name)
@@ -441,7 +447,9 @@ async fn handle(app: &App, request: Request) -> Result<Response, ApiError> {
         return Ok(redirect(&escape_path(&cleaned), request.uri().query()));
     }
     // Go's mux redirects a subtree root without its slash to the subtree.
-    if ["/v1/kv", "/v1/catalog/service", "/v1/health/service"].contains(&path.as_str()) {
+    if ["/v1/kv", "/v1/catalog/service", "/v1/health/service"].contains(&path.as_str())
+        || tools::ToolRoute::SUBTREE_ROOTS.contains(&path.as_str())
+    {
         return Ok(redirect(&format!("{path}/"), request.uri().query()));
     }
     let route = Route::find(&path).ok_or(ApiError::NoRoute)?;
@@ -541,6 +549,7 @@ async fn handle(app: &App, request: Request) -> Result<Response, ApiError> {
             service_read(app, &params, fault, &name, Kind::Catalog).await
         }
         Route::HealthService(name) => service_read(app, &params, fault, &name, Kind::Health).await,
+        Route::Tools(route) => tools::handle(app, &params, fault, route).await,
         Route::Kv(key) => {
             params.check_dc()?;
             no_leader(fault)?;

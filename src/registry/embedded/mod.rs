@@ -1,11 +1,13 @@
 //! The embedded Consul-compatible registry: the server side of the Consul HTTP API subset that
-//! flow-proxy and Registrator use (agent, catalog, health, KV, blocking queries), persisted under
-//! the data directory. It is the dev default and the test fixture; production uses real Consul.
+//! flow-proxy and Registrator use (agent, catalog, health, KV, blocking queries) and that the
+//! Consul tools read (`consul members`/`info`/`catalog`/`kv`/`watch`, consul-template), persisted
+//! under the data directory. It is the dev default and the test fixture; production uses real Consul.
 //!
 //! Layout:
 //! - [`store`]: the state and its indexes; a write is logged durably before it is visible.
 //! - [`persist`]: the snapshot (`<data_dir>/registry/state.json`) and the change log beside it.
-//! - [`http`]: routing, handlers, headers and Consul's error answers.
+//! - [`http`]: routing, handlers, headers and Consul's error answers; `http/tools.rs` holds the
+//!   endpoints only the Consul tools read (agent self/members, catalog nodes, health by state).
 //! - [`register`]: decoding and validating agent service registrations.
 //! - [`blocking`]: `?index`/`?wait` parsing and the blocking-query loop.
 //! - [`checks`]: the HTTP/TCP/TTL check runner and the critical-service reaper.
