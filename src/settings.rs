@@ -204,6 +204,20 @@ pub struct Settings {
         default_missing_value = "true"
     )]
     pub stop_haproxy_on_exit: bool,
+
+    /// How log lines are written on stdout: `text` (for people) or `json` (one JSON object per
+    /// line, each field a key; each change has one line with target `flow_proxy::change`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The format of the log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A secret setting (token, passwords): its `Debug` never shows the value, so printing the

@@ -202,9 +202,9 @@ fn endpoint(path: &str) -> &str {
         .trim_start_matches('/')
 }
 
-/// Endpoints that only read.
+/// Endpoints that only read (`""` is the status page, `GET /`).
 fn reads_only(endpoint: &str) -> bool {
-    matches!(endpoint, "config" | "services" | "certs")
+    matches!(endpoint, "config" | "services" | "certs" | "metrics" | "")
 }
 
 /// Whether `host` (a `Host` header: name or address, optional port) names this machine's

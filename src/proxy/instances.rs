@@ -17,6 +17,7 @@ use tokio::sync::mpsc::WeakSender;
 use tokio::task::JoinHandle;
 
 use super::{submit_internal, Change, Pending};
+use crate::observe::{Observer, WatchKind};
 use crate::registry::watch::{Watch, WatchIndex};
 use crate::registry::{ConsulClient, RegistryError};
 use crate::spec::{Instance, ServiceSpec};
@@ -45,6 +46,7 @@ pub(super) struct InstanceWatches {
     budget: usize,
     /// How many services were left unwatched by the last `follow`, to log changes only.
     unwatched: usize,
+    observer: Observer,
 }
 
 impl InstanceWatches {
@@ -53,6 +55,7 @@ impl InstanceWatches {
         budget: usize,
         registry: ConsulClient,
         core: WeakSender<Pending>,
+        observer: Observer,
     ) -> Self {
         InstanceWatches {
             enabled,
@@ -61,6 +64,7 @@ impl InstanceWatches {
             running: BTreeMap::new(),
             budget,
             unwatched: 0,
+            observer,
         }
     }
 
@@ -104,6 +108,7 @@ impl InstanceWatches {
                     self.registry.clone(),
                     service.clone(),
                     self.core.clone(),
+                    self.observer.clone(),
                 ));
                 self.running.insert(service, task);
             }
@@ -120,16 +125,23 @@ impl Drop for InstanceWatches {
 }
 
 /// Follows one service's healthy instances until aborted or the core stops.
-async fn watch_instances(registry: ConsulClient, service: String, core: WeakSender<Pending>) {
+async fn watch_instances(
+    registry: ConsulClient,
+    service: String,
+    core: WeakSender<Pending>,
+    observer: Observer,
+) {
     let mut watch = Watch::new(
         format!("the instances of `{service}`"),
         WatchIndex::default(),
-    );
+    )
+    .observed(observer.clone(), WatchKind::Instances);
     let mut handed_over = None;
     loop {
         let update = watch
             .next(|blocking| registry.watch_healthy_instances(&service, blocking))
             .await;
+        let read_at = std::time::Instant::now();
         let mut instances = update.value;
         instances.sort();
         instances.dedup();
@@ -150,6 +162,7 @@ async fn watch_instances(registry: ConsulClient, service: String, core: WeakSend
         match submit_internal(&core, change).await {
             None => return,
             Some(Ok(_)) => {
+                observer.record_watch_lag(WatchKind::Instances, read_at.elapsed());
                 handed_over = Some(instances);
                 watch.taken();
             }
