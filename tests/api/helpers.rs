@@ -77,6 +77,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         change_timeout: 20,
         // Tests start many proxies: each one's HAProxy goes with it.
         stop_haproxy_on_exit: true,
+        log_format: flow_proxy::settings::LogFormat::Text,
     }
 }
 

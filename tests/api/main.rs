@@ -19,6 +19,7 @@ mod helpers;
 mod https;
 mod injection;
 mod live_instances;
+mod metrics;
 mod migration;
 mod open_files;
 mod outages;
