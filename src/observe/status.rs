@@ -63,7 +63,9 @@ struct StatusView {
     generated: String,
     last_reload: Option<ReloadView>,
     last_error: Option<ErrorView>,
+    service_count: usize,
     services: Vec<ServiceView>,
+    certificate_count: usize,
     certificates: Vec<CertificateView>,
     changes: Vec<ChangeView>,
 }
@@ -199,8 +201,8 @@ impl StatusView {
                     instances,
                 }
             })
-            .collect();
-        let certificates = status
+            .collect::<Vec<ServiceView>>();
+        let certificates: Vec<CertificateView> = status
             .certificates
             .iter()
             .map(|info| CertificateView {
@@ -237,7 +239,9 @@ impl StatusView {
                 subject: error.subject.clone(),
                 message: error.message.clone(),
             }),
+            service_count: services.len(),
             services,
+            certificate_count: certificates.len(),
             certificates,
             changes,
         }

@@ -600,16 +600,39 @@ impl Core {
             }
             Err(error) => ChangeOutcome::Failed(error.to_string()),
         };
-        let before = concerned(before);
+        let before_set = concerned(before);
         let after = if result.is_ok() {
             concerned(&self.state)
         } else {
-            before.clone()
+            before_set.clone()
+        };
+        let service = match change {
+            // The routed services fed by that Consul service, rather than its Consul name.
+            Change::Instances { consul_service, .. } => {
+                if result.is_ok() && before_set == after {
+                    // The watch read what is already routed: no change to report.
+                    return;
+                }
+                let routed: Vec<&str> = before
+                    .values()
+                    .chain(self.state.values())
+                    .filter(|routed| routed.spec.consul_service_name() == *consul_service)
+                    .map(|routed| routed.spec.service_name().as_str())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                Some(if routed.is_empty() {
+                    consul_service.clone()
+                } else {
+                    routed.join(",")
+                })
+            }
+            _ => service,
         };
         self.observer.record_change(ChangeRecord {
             kind,
             service,
-            before,
+            before: before_set,
             after,
             validate: self.timings.validate,
             reload: self.timings.reload,

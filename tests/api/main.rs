@@ -16,6 +16,7 @@ mod fleet_smoke;
 mod front;
 mod haproxy_faults;
 mod helpers;
+mod json_logs;
 mod https;
 mod injection;
 mod live_instances;
