@@ -35,6 +35,7 @@ mod service_auth;
 mod skeleton;
 mod slow_registry;
 mod stats_page;
+mod status_page;
 mod subcommands;
 mod supervision;
 mod tls;
