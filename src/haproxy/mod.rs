@@ -254,7 +254,9 @@ impl Haproxy {
             .filter_map(Result::ok)
             .filter_map(|process| process.cmdline().ok())
             .filter(|arguments| {
-                arguments.windows(2).any(|pair| pair[0] == "-f" && pair[1] == config)
+                arguments
+                    .windows(2)
+                    .any(|pair| pair[0] == "-f" && pair[1] == config)
             })
             .count()
     }

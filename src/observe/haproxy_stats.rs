@@ -96,7 +96,10 @@ pub fn backends_by_service(services: &[RoutedService]) -> BTreeMap<String, Strin
     for service in services {
         let name = service.spec.service_name().as_str();
         for destination in service.spec.destinations() {
-            backends.insert(format!("{name}-be{}", destination.index()), name.to_string());
+            backends.insert(
+                format!("{name}-be{}", destination.index()),
+                name.to_string(),
+            );
         }
     }
     backends
@@ -168,7 +171,9 @@ pub fn register(registry: &mut Registry, rows: &[StatRow], services: &[RoutedSer
                 server: row.server.clone(),
             };
             let count = |family: &Family<ServerLabels, Counter>, field: &str| {
-                family.get_or_create(&labels).inc_by(row.number(field).unwrap_or(0));
+                family
+                    .get_or_create(&labels)
+                    .inc_by(row.number(field).unwrap_or(0));
             };
             count(&server_sessions, "stot");
             count(&server_check_failures, "chkfail");
@@ -192,7 +197,9 @@ pub fn register(registry: &mut Registry, rows: &[StatRow], services: &[RoutedSer
                 backend: row.proxy.clone(),
             };
             let count = |family: &Family<BackendLabels, Counter>, field: &str| {
-                family.get_or_create(&labels).inc_by(row.number(field).unwrap_or(0));
+                family
+                    .get_or_create(&labels)
+                    .inc_by(row.number(field).unwrap_or(0));
             };
             count(&backend_sessions, "stot");
             count(&backend_bytes_in, "bin");

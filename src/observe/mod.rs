@@ -437,7 +437,10 @@ impl Observer {
     pub fn record_reload(&self, duration: Duration, error: Option<String>) {
         let metrics = &self.0.metrics;
         let result = if error.is_some() { "failed" } else { "ok" };
-        metrics.reloads.get_or_create(&ResultLabels { result }).inc();
+        metrics
+            .reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
         metrics.reload_duration.observe(duration.as_secs_f64());
         let at = SystemTime::now();
         let mut status = self.status();

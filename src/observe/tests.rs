@@ -21,7 +21,9 @@ fn spec(query: &str) -> ServiceSpec {
 
 fn shop() -> RoutedService {
     RoutedService {
-        spec: spec("serviceName=shop&servicePath=/shop&serviceDomain=shop.example.test&serviceColor=blue"),
+        spec: spec(
+            "serviceName=shop&servicePath=/shop&serviceDomain=shop.example.test&serviceColor=blue",
+        ),
         instances: vec![
             Instance::new("10.0.0.1", 8080).expect("instance"),
             Instance::new("10.0.0.2", 8080).expect("instance"),
@@ -38,7 +40,10 @@ fn show_stat_is_read_by_its_header() {
     let rows = rows();
     assert_eq!(rows.len(), 5);
     let down = &rows[2];
-    assert_eq!((down.proxy.as_str(), down.server.as_str()), ("shop-be0", "10.0.0.2_8080"));
+    assert_eq!(
+        (down.proxy.as_str(), down.server.as_str()),
+        ("shop-be0", "10.0.0.2_8080")
+    );
     assert!(down.is_server());
     assert_eq!(down.field("status"), Some("DOWN"));
     assert_eq!(down.field("chkfail"), Some("3"));
@@ -64,7 +69,10 @@ fn haproxy_counters_are_exported_for_routed_backends_only_and_labelled_with_the_
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
-    assert!(!text.contains("http-in") && !text.contains("backend=\"stats\""), "{text}");
+    assert!(
+        !text.contains("http-in") && !text.contains("backend=\"stats\""),
+        "{text}"
+    );
     assert!(text.ends_with("# EOF\n"));
 }
 
@@ -72,7 +80,10 @@ fn haproxy_counters_are_exported_for_routed_backends_only_and_labelled_with_the_
 fn without_the_stats_socket_the_metrics_say_so() {
     let text = Observer::new().metrics_text(0, None).expect("encodes");
     assert!(text.contains("flow_proxy_haproxy_stats_up 0"), "{text}");
-    assert!(!text.contains("flow_proxy_haproxy_backend_sessions"), "{text}");
+    assert!(
+        !text.contains("flow_proxy_haproxy_backend_sessions"),
+        "{text}"
+    );
 }
 
 fn change(outcome: ChangeOutcome) -> ChangeRecord {
@@ -113,7 +124,10 @@ fn changes_are_counted_by_kind_and_outcome_and_the_last_error_is_kept() {
     }
     let status = observer.status();
     let error = status.last_error.as_ref().expect("kept");
-    assert_eq!((error.subject.as_str(), error.message.as_str()), ("shop", "no"));
+    assert_eq!(
+        (error.subject.as_str(), error.message.as_str()),
+        ("shop", "no")
+    );
     assert_eq!(status.recent.len(), 3);
 }
 
@@ -141,12 +155,21 @@ fn the_status_page_shows_health_from_haproxy_and_escapes_every_value() {
     observer.record_error("shop", "<script>alert(1)</script> & \"quoted\"".into());
     let page = StatusPage::new().expect("template compiles");
     let html = page.render(&observer, Some(&rows())).expect("renders");
-    assert!(html.contains("10.0.0.1:8080 <span class=\"ok\">UP</span>"), "{html}");
-    assert!(html.contains("10.0.0.2:8080 <span class=\"bad\">DOWN</span>"), "{html}");
+    assert!(
+        html.contains("10.0.0.1:8080 <span class=\"ok\">UP</span>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("10.0.0.2:8080 <span class=\"bad\">DOWN</span>"),
+        "{html}"
+    );
     assert!(html.contains("<td>blue</td>"), "{html}");
     assert!(html.contains("42.0 ms"), "{html}");
     assert!(!html.contains("<script>"), "{html}");
-    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;quoted&quot;"), "{html}");
+    assert!(
+        html.contains("&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;quoted&quot;"),
+        "{html}"
+    );
 
     let unknown = page.render(&observer, None).expect("renders");
     assert!(unknown.contains("stats socket did not answer"), "{unknown}");

@@ -47,10 +47,10 @@ use tokio::task::JoinHandle;
 
 use crate::certs::{CertInfo, Certificate};
 use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
+use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet, RoutedService};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, RegistryError};
 use crate::render::{RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings};
-use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet, RoutedService};
 use crate::spec::{Instance, ServiceName, ServiceSpec};
 
 use instances::{instances_for, InstanceWatches};
@@ -660,7 +660,8 @@ impl Core {
                     .unwrap_or_default()
             };
             let (old, new) = (set_of(before), set_of(&self.state));
-            let spec_changed = before.get(name).map(|r| &r.spec) != self.state.get(name).map(|r| &r.spec);
+            let spec_changed =
+                before.get(name).map(|r| &r.spec) != self.state.get(name).map(|r| &r.spec);
             if old == new && !spec_changed {
                 continue;
             }
@@ -694,7 +695,11 @@ impl Core {
     }
 
     /// `haproxy -c` on `config`, timed and counted.
-    async fn validate_timed(&mut self, config: &str, caused_by_request: bool) -> Result<(), ProxyError> {
+    async fn validate_timed(
+        &mut self,
+        config: &str,
+        caused_by_request: bool,
+    ) -> Result<(), ProxyError> {
         let started = std::time::Instant::now();
         let result = self.haproxy.validate(config).await;
         let took = started.elapsed();

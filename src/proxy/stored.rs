@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::mpsc::WeakSender;
 
 use super::{submit_internal, Change, Pending, ProxyError};
-use crate::observe::{Observer, WatchKind};
 use crate::certs::Certificate;
+use crate::observe::{Observer, WatchKind};
 use crate::registry::watch::{Watch, WatchIndex};
 use crate::registry::{Blocking, ConsulClient, Indexed, KvEntry, RegistryError};
 use crate::spec::{services_from_docker_flow, ServiceName, ServiceSpec, DOCKER_FLOW_PREFIX};

@@ -55,7 +55,9 @@ async fn each_change_is_one_json_line_with_what_changed_its_timings_and_outcome(
         "the start line is JSON too:\n{log}"
     );
     assert!(
-        every.iter().all(|line| line["level"].is_string() && line["timestamp"].is_string()),
+        every
+            .iter()
+            .all(|line| line["level"].is_string() && line["timestamp"].is_string()),
         "{log}"
     );
     let lines = change_lines(&log, "web", "reconfigure");
@@ -69,22 +71,34 @@ async fn each_change_is_one_json_line_with_what_changed_its_timings_and_outcome(
         format!("127.0.0.1:{}", first.port),
         "{line}"
     );
-    assert!(line["validate_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{line}");
-    assert!(line["reload_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{line}");
+    assert!(
+        line["validate_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{line}"
+    );
+    assert!(
+        line["reload_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{line}"
+    );
 
     // A new instance seen by the watch: one line naming it.
     let second = spawn_backend("web-2").await;
-    registry.register_instance("web", "web.2", second.port).await;
+    registry
+        .register_instance("web", "web.2", second.port)
+        .await;
     let added = format!("127.0.0.1:{}", second.port);
-    eventually("the instance change is logged", Duration::from_secs(10), || {
-        let log = proxy.log();
-        let added = added.clone();
-        async move {
-            change_lines(&log, "web", "instances")
-                .iter()
-                .any(|line| line["instances_added"] == added && line["outcome"] == "reloaded")
-        }
-    })
+    eventually(
+        "the instance change is logged",
+        Duration::from_secs(10),
+        || {
+            let log = proxy.log();
+            let added = added.clone();
+            async move {
+                change_lines(&log, "web", "instances")
+                    .iter()
+                    .any(|line| line["instances_added"] == added && line["outcome"] == "reloaded")
+            }
+        },
+    )
     .await;
 
     // A change HAProxy refuses: its line says so, with HAProxy's reason.

@@ -45,8 +45,7 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 }
 
 fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
-    sample(text, name, labels)
-        .unwrap_or_else(|| panic!("no sample {name} {labels:?} in:\n{text}"))
+    sample(text, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?} in:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +60,10 @@ async fn changes_reloads_and_haproxy_counters_by_service_are_exported() {
         .await;
     for _ in 0..5 {
         let (status, body) = proxy.get_through_proxy("/demo/hello", None).await;
-        assert_eq!((status, body.as_str()), (StatusCode::OK, "demo /demo/hello"));
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "demo /demo/hello")
+        );
     }
     // A pattern HAProxy's regex engine refuses: rejected by `haproxy -c`, nothing changes.
     let (status, body) = proxy
@@ -86,9 +88,24 @@ async fn changes_reloads_and_haproxy_counters_by_service_are_exported() {
         ),
         1.0
     );
-    assert_eq!(value(&text, "flow_proxy_validation_failures_total", &[]), 1.0);
-    assert!(value(&text, "flow_proxy_haproxy_reloads_total", &[r#"result="ok""#]) >= 1.0);
-    assert!(value(&text, "flow_proxy_haproxy_reload_duration_seconds_count", &[]) >= 1.0);
+    assert_eq!(
+        value(&text, "flow_proxy_validation_failures_total", &[]),
+        1.0
+    );
+    assert!(
+        value(
+            &text,
+            "flow_proxy_haproxy_reloads_total",
+            &[r#"result="ok""#]
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &text,
+            "flow_proxy_haproxy_reload_duration_seconds_count",
+            &[]
+        ) >= 1.0
+    );
     assert_eq!(value(&text, "flow_proxy_services", &[]), 1.0);
     assert_eq!(value(&text, "flow_proxy_destinations", &[]), 1.0);
     assert_eq!(value(&text, "flow_proxy_instances", &[]), 1.0);

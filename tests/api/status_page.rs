@@ -111,7 +111,9 @@ async fn a_person_sees_services_instances_health_certificates_and_the_last_reloa
         )
         .await;
     let backend = spawn_backend("docs").await;
-    proxy.register_instance("docs", "docs.1", backend.port).await;
+    proxy
+        .register_instance("docs", "docs.1", backend.port)
+        .await;
     proxy
         .reconfigure_ok("serviceName=docs&servicePath=/docs")
         .await;
@@ -151,7 +153,12 @@ async fn a_person_sees_services_instances_health_certificates_and_the_last_reloa
 
     let scratch = tempfile::tempdir().expect("tempdir");
     let url = proxy.api("/");
-    let dom = headless(&url, &scratch.path().join("profile"), &["--dump-dom".into()]).await;
+    let dom = headless(
+        &url,
+        &scratch.path().join("profile"),
+        &["--dump-dom".into()],
+    )
+    .await;
     let text = visible_text(&dom);
     for seen in [
         "flow-proxy status",
@@ -173,7 +180,10 @@ async fn a_person_sees_services_instances_health_certificates_and_the_last_reloa
     ] {
         assert!(text.contains(seen), "the page shows `{seen}`:\n{text}");
     }
-    assert!(!dom.contains("PRIVATE KEY") && !dom.contains("<script"), "{dom}");
+    assert!(
+        !dom.contains("PRIVATE KEY") && !dom.contains("<script"),
+        "{dom}"
+    );
 
     let screenshot = scratch.path().join("status.png");
     headless(
@@ -183,7 +193,10 @@ async fn a_person_sees_services_instances_health_certificates_and_the_last_reloa
     )
     .await;
     let png = std::fs::read(&screenshot).expect("Chromium wrote the screenshot");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real screenshot"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
