@@ -319,7 +319,7 @@ impl Metrics {
         );
         registry.register(
             "registry_errors",
-            "Failed queries to Consul (or the embedded registry) by the watches",
+            "Failed queries to Consul (or the embedded registry): by the watches, and by changes that failed on the registry",
             self.registry_errors.clone(),
         );
         registry.register(

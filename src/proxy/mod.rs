@@ -598,7 +598,12 @@ impl Core {
             Err(error @ (ProxyError::RejectedRequest(_) | ProxyError::Rejected(_))) => {
                 ChangeOutcome::Rejected(error.to_string())
             }
-            Err(error) => ChangeOutcome::Failed(error.to_string()),
+            Err(error) => {
+                if matches!(error, ProxyError::Registry(_)) {
+                    self.observer.record_registry_error();
+                }
+                ChangeOutcome::Failed(error.to_string())
+            }
         };
         let before_set = concerned(before);
         let after = if result.is_ok() {

@@ -230,3 +230,38 @@ async fn metrics_follow_the_read_endpoints_access_rules() {
         assert!(!text.contains("metrics-token"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_errors_are_counted_while_consul_is_down() {
+    let mut registry = crate::fleet::SharedRegistry::start().await;
+    let address = registry.address();
+    let proxy = TestProxy::spawn_with(|settings| settings.consul_address = vec![address]).await;
+    let text = scrape(&proxy).await;
+    assert_eq!(value(&text, "flow_proxy_registry_errors_total", &[]), 0.0);
+    registry.stop().await;
+    crate::fleet::eventually(
+        "the watches' failed queries are counted",
+        std::time::Duration::from_secs(10),
+        || async {
+            sample(
+                &scrape(&proxy).await,
+                "flow_proxy_registry_errors_total",
+                &[],
+            )
+            .is_some_and(|errors| errors >= 1.0)
+        },
+    )
+    .await;
+    // A change that needs the registry fails, and is counted as failed.
+    let (status, body) = proxy.reconfigure("serviceName=web&servicePath=/web").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let text = scrape(&proxy).await;
+    assert_eq!(
+        value(
+            &text,
+            "flow_proxy_changes_total",
+            &[r#"kind="reconfigure""#, r#"outcome="failed""#]
+        ),
+        1.0
+    );
+}
