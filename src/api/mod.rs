@@ -352,7 +352,7 @@ async fn metrics(State(proxy): State<Proxy>) -> Result<impl IntoResponse, ApiErr
 /// The status page.
 async fn status_page(State(proxy): State<Proxy>) -> Result<impl IntoResponse, ApiError> {
     let stats = haproxy_stats(&proxy).await;
-    let page = observe::status::StatusPage::new()
+    let page = observe::status::StatusPage::shared()
         .and_then(|page| page.render(proxy.observer(), stats.as_deref()))
         .map_err(|error| ApiErrorKind::Internal(error.to_string()))?;
     Ok((

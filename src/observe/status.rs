@@ -43,6 +43,16 @@ impl StatusPage {
         Ok(StatusPage { registry })
     }
 
+    /// The page compiled once for the whole process (the template is built in).
+    pub fn shared() -> Result<&'static StatusPage, StatusPageError> {
+        static PAGE: std::sync::OnceLock<StatusPage> = std::sync::OnceLock::new();
+        if let Some(page) = PAGE.get() {
+            return Ok(page);
+        }
+        let page = StatusPage::new()?;
+        Ok(PAGE.get_or_init(|| page))
+    }
+
     /// The page for what `observer` holds now, with instance health from `stats` (`None`: the
     /// stats socket did not answer).
     pub fn render(
