@@ -37,6 +37,9 @@
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
 //!   Consul-compatible registry used when no Consul address is given.
+//! - [`observe`]: what flow-proxy has done (each change's outcome, reloads, watches, registry
+//!   errors) in one place, read by `GET /metrics`, the structured change log lines and the status
+//!   page `GET /`; HAProxy's per-service counters re-exported from `show stat`.
 //! - [`cli`]: the command line; the operator subcommands (`render`, `check`, and
 //!   `services`/`reconfigure`/`remove` as a client of a running proxy's API). Without a
 //!   subcommand the binary runs the proxy.
@@ -48,6 +51,7 @@ pub mod certs;
 pub mod cli;
 pub mod haproxy;
 pub mod limits;
+pub mod observe;
 pub mod proxy;
 pub mod registry;
 pub mod render;
@@ -203,6 +207,7 @@ impl FlowProxy {
             max_instance_watches: limits::instance_watch_budget(embedded_registry.is_some()),
             client_ca,
             proxy_wide_flags: settings.proxy_wide.clone(),
+            observer: observe::Observer::new(),
         })
         .await;
 

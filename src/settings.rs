@@ -228,6 +228,11 @@ pub struct Settings {
     /// `maxconn`, timeouts, connection mode, extra lines, header captures, request log.
     #[command(flatten)]
     pub proxy_wide: ProxyWideFlags,
+
+    /// How log lines are written on stdout: `text` (for people) or `json` (one JSON object per
+    /// line, each field a key; each change has one line with target `flow_proxy::change`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 /// The proxy-wide HAProxy settings, with Docker Flow Proxy's environment variables. Unset flags
@@ -340,6 +345,15 @@ impl ProxyWideFlags {
         settings.access_log = self.access_log;
         settings
     }
+}
+
+/// The format of the log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A secret setting (token, passwords): its `Debug` never shows the value, so printing the

@@ -202,9 +202,12 @@ fn endpoint(path: &str) -> &str {
         .trim_start_matches('/')
 }
 
-/// Endpoints that only read.
+/// Endpoints that only read (`""` is the status page, `GET /`).
 fn reads_only(endpoint: &str) -> bool {
-    matches!(endpoint, "config" | "services" | "certs" | "settings")
+    matches!(
+        endpoint,
+        "config" | "services" | "certs" | "settings" | "metrics" | ""
+    )
 }
 
 /// Whether `host` (a `Host` header: name or address, optional port) names this machine's

@@ -46,6 +46,9 @@ pub enum ApiErrorKind {
     /// The method is not one this endpoint accepts.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// A read endpoint could not produce its answer (metrics encoding, the status page).
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// A failed API call: the cause, and the service it was about when known.
@@ -83,6 +86,7 @@ impl ApiError {
             ApiErrorKind::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ApiErrorKind::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiErrorKind::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiErrorKind::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiErrorKind::Proxy(error) => match error {
                 // The request's own custom fragment or backendExtra failed; another service's
                 // is the proxy's problem (below).

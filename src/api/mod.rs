@@ -20,6 +20,7 @@ pub use access::{AccessError, ApiAccess};
 pub use error::{ApiError, ApiErrorKind};
 
 use crate::certs::Certificate;
+use crate::observe;
 use crate::proxy::Proxy;
 use crate::spec::{self, IgnoredParameter, ServiceName, ServiceSpec, SpecError};
 
@@ -41,7 +42,9 @@ pub fn router(proxy: Proxy, access: ApiAccess) -> Router {
         ("ping", get(ping)),
         ("settings", get(settings)),
     ];
-    let mut router = Router::new();
+    let mut router = Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics));
     for (name, handler) in endpoints {
         router = router
             .route(&format!("/v1/docker-flow-proxy/{name}"), handler.clone())
@@ -320,6 +323,49 @@ async fn certs(State(proxy): State<Proxy>) -> Json<Map<String, Value>> {
         serde_json::to_value(proxy.certificates().as_ref()).unwrap_or_default(),
     );
     Json(body)
+}
+
+/// HAProxy's `show stat`, or `None` (logged) when the stats socket does not answer.
+async fn haproxy_stats(proxy: &Proxy) -> Option<Vec<observe::haproxy_stats::StatRow>> {
+    match observe::haproxy_stats::read(proxy.haproxy().stats_socket()).await {
+        Ok(rows) => Some(rows),
+        Err(error) => {
+            tracing::warn!(%error, "reading HAProxy's counters failed");
+            None
+        }
+    }
+}
+
+/// Prometheus' text exposition (OpenMetrics) of flow-proxy's metrics and HAProxy's counters.
+async fn metrics(State(proxy): State<Proxy>) -> Result<impl IntoResponse, ApiError> {
+    let stats = haproxy_stats(&proxy).await;
+    let processes = proxy.haproxy().process_count();
+    let text = proxy
+        .observer()
+        .metrics_text(processes, stats.as_deref())
+        .map_err(|_| ApiErrorKind::Internal("encoding the metrics failed".into()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    ))
+}
+
+/// The status page.
+async fn status_page(State(proxy): State<Proxy>) -> Result<impl IntoResponse, ApiError> {
+    let stats = haproxy_stats(&proxy).await;
+    let page = observe::status::StatusPage::shared()
+        .and_then(|page| page.render(proxy.observer(), stats.as_deref()))
+        .map_err(|error| ApiErrorKind::Internal(error.to_string()))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        page,
+    ))
 }
 
 async fn ping() -> Json<Map<String, Value>> {

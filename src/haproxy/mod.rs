@@ -238,6 +238,29 @@ impl Haproxy {
             .map_err(io_error(format!("moving {} into place", staging.display())))
     }
 
+    /// The stats socket (the Runtime API).
+    pub fn stats_socket(&self) -> &Path {
+        &self.paths.stats_socket
+    }
+
+    /// How many HAProxy processes run this proxy's live configuration now (more than one while
+    /// an old process finishes its connections after a reload).
+    pub fn process_count(&self) -> usize {
+        let config = self.paths.config.as_os_str().to_string_lossy().into_owned();
+        let Ok(processes) = procfs::process::all_processes() else {
+            return 0;
+        };
+        processes
+            .filter_map(Result::ok)
+            .filter_map(|process| process.cmdline().ok())
+            .filter(|arguments| {
+                arguments
+                    .windows(2)
+                    .any(|pair| pair[0] == "-f" && pair[1] == config)
+            })
+            .count()
+    }
+
     /// The live configuration text.
     pub async fn live_config(&self) -> Result<String, HaproxyError> {
         tokio::fs::read_to_string(&self.paths.config)

@@ -18,6 +18,7 @@ use tokio::sync::mpsc::WeakSender;
 use tokio::task::JoinHandle;
 
 use super::{submit_internal, Change, Pending};
+use crate::observe::{Observer, WatchKind};
 use crate::registry::watch::{Watch, WatchIndex};
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::spec::{Instance, ServiceSpec};
@@ -57,6 +58,7 @@ pub(super) struct InstanceWatches {
     budget: usize,
     /// How many services were left unwatched by the last `follow`, to log changes only.
     unwatched: usize,
+    observer: Observer,
 }
 
 impl InstanceWatches {
@@ -65,6 +67,7 @@ impl InstanceWatches {
         budget: usize,
         registry: ConsulClient,
         core: WeakSender<Pending>,
+        observer: Observer,
     ) -> Self {
         InstanceWatches {
             enabled,
@@ -73,6 +76,7 @@ impl InstanceWatches {
             running: BTreeMap::new(),
             budget,
             unwatched: 0,
+            observer,
         }
     }
 
@@ -116,6 +120,7 @@ impl InstanceWatches {
                     self.registry.clone(),
                     service.clone(),
                     self.core.clone(),
+                    self.observer.clone(),
                 ));
                 self.running.insert(service, task);
             }
@@ -136,16 +141,19 @@ async fn watch_instances(
     registry: ConsulClient,
     service: InstanceQuery,
     core: WeakSender<Pending>,
+    observer: Observer,
 ) {
     let mut watch = Watch::new(
         format!("the instances of `{service}`"),
         WatchIndex::default(),
-    );
+    )
+    .observed(observer.clone(), WatchKind::Instances);
     let mut handed_over = None;
     loop {
         let update = watch
             .next(|blocking| registry.watch_healthy_instances(&service, blocking))
             .await;
+        let read_at = std::time::Instant::now();
         let mut instances = update.value;
         instances.sort();
         instances.dedup();
@@ -166,6 +174,7 @@ async fn watch_instances(
         match submit_internal(&core, change).await {
             None => return,
             Some(Ok(_)) => {
+                observer.record_watch_lag(WatchKind::Instances, read_at.elapsed());
                 handed_over = Some(instances);
                 watch.taken();
             }

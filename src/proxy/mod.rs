@@ -53,6 +53,7 @@ use tokio::task::JoinHandle;
 
 use crate::certs::{CertInfo, Certificate};
 use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
+use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet, RoutedService};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
@@ -206,6 +207,7 @@ pub struct Proxy {
     custom_policy: CustomPolicy,
     /// The KV-backed proxy-wide settings in force, with their sources.
     proxy_wide: watch::Receiver<Arc<Vec<EffectiveSetting>>>,
+    observer: Observer,
 }
 
 /// What the core needs to run.
@@ -235,6 +237,8 @@ pub struct ProxyParts {
     /// The proxy-wide flags (`render_settings.proxy_wide` is what they make), which the
     /// settings in Consul KV override key by key.
     pub proxy_wide_flags: ProxyWideFlags,
+    /// Where each change's outcome, the reloads and the routed state are recorded.
+    pub observer: Observer,
 }
 
 /// How the HTTPS frontend listens, once a certificate is stored.
@@ -286,6 +290,7 @@ impl Proxy {
                 parts.max_instance_watches,
                 parts.registry,
                 changes.downgrade(),
+                parts.observer.clone(),
             ),
             stored_watch: None,
             max_services: parts.max_services,
@@ -297,6 +302,8 @@ impl Proxy {
                 kv_prefix: parts.kv_prefix.clone(),
                 published: published_proxy_wide,
             },
+            observer: parts.observer.clone(),
+            timings: StepTimings::default(),
         };
         let mut index = WatchIndex::default();
         let import_pending = match stored::first_read(&store, &mut index).await {
@@ -317,6 +324,7 @@ impl Proxy {
             index,
             import_pending,
             changes.downgrade(),
+            parts.observer.clone(),
         )));
         tokio::spawn(core.run(queue));
         Proxy {
@@ -329,6 +337,7 @@ impl Proxy {
             has_client_ca: parts.client_ca.is_some(),
             custom_policy,
             proxy_wide,
+            observer: parts.observer,
         }
     }
 
@@ -342,6 +351,16 @@ impl Proxy {
     /// HAProxy runs them now, each with where it came from and its KV key.
     pub fn proxy_wide_settings(&self) -> Arc<Vec<EffectiveSetting>> {
         Arc::clone(&self.proxy_wide.borrow())
+    }
+
+    /// The record of what this proxy has done (metrics, status page).
+    pub fn observer(&self) -> &Observer {
+        &self.observer
+    }
+
+    /// The running HAProxy (its stats socket and processes, for metrics).
+    pub fn haproxy(&self) -> &Haproxy {
+        &self.haproxy
     }
 
     /// Whether `--ca-file` was given (`verifyClientSsl` needs it).
@@ -472,6 +491,9 @@ struct Core {
     stored_watch: Option<JoinHandle<()>>,
     max_services: usize,
     proxy_wide: ProxyWideState,
+    observer: Observer,
+    /// How long the validation and reload of the change being applied took.
+    timings: StepTimings,
 }
 
 /// The proxy-wide settings: the flags, and the settings in Consul KV over them.
@@ -487,6 +509,13 @@ struct ProxyWideState {
     refused_kv: Option<KvSettings>,
     kv_prefix: String,
     published: watch::Sender<Arc<Vec<EffectiveSetting>>>,
+}
+
+/// The timed steps of one application of changes.
+#[derive(Debug, Clone, Copy, Default)]
+struct StepTimings {
+    validate: Option<std::time::Duration>,
+    reload: Option<std::time::Duration>,
 }
 
 impl Drop for Core {
@@ -517,9 +546,13 @@ impl Core {
                 match pending.change {
                     Change::Stop => stop = Some(pending.reply),
                     Change::Stored(snapshot) => {
-                        let _ = pending
-                            .reply
-                            .send(self.apply_stored(snapshot).await.map(|()| None));
+                        let before = self.state.clone();
+                        let started = std::time::Instant::now();
+                        let applied_before = self.applied_config.clone();
+                        self.timings = StepTimings::default();
+                        let result = self.apply_stored(snapshot).await;
+                        self.observe_stored(&before, started, &applied_before, &result);
+                        let _ = pending.reply.send(result.map(|()| None));
                     }
                     change => routine.push(Pending {
                         change,
@@ -542,9 +575,16 @@ impl Core {
     async fn apply_batch(&mut self, batch: Vec<Pending>) {
         if batch.len() > 1 {
             let changes: Vec<&Change> = batch.iter().map(|pending| &pending.change).collect();
+            let before = self.state.clone();
+            let started = std::time::Instant::now();
+            let applied_before = self.applied_config.clone();
             match self.apply_changes(&changes).await {
                 Ok(outcomes) => {
                     tracing::info!(changes = batch.len(), "applied a batch with one reload");
+                    let reloaded = self.applied_config != applied_before;
+                    for pending in &batch {
+                        self.observe_change(&pending.change, &before, started, Ok(reloaded));
+                    }
                     for (pending, outcome) in batch.into_iter().zip(outcomes) {
                         let _ = pending.reply.send(Ok(outcome));
                     }
@@ -558,12 +598,198 @@ impl Core {
             }
         }
         for pending in batch {
+            let before = self.state.clone();
+            let started = std::time::Instant::now();
+            let applied_before = self.applied_config.clone();
             let result = self
                 .apply_changes(&[&pending.change])
                 .await
                 .map(|mut outcomes| outcomes.pop().flatten());
+            let observed = match &result {
+                Ok(_) => Ok(self.applied_config != applied_before
+                    || matches!(pending.change, Change::Reload)),
+                Err(error) => Err(error),
+            };
+            self.observe_change(&pending.change, &before, started, observed);
             let _ = pending.reply.send(result);
         }
+    }
+
+    /// Records a change's outcome: `Ok(reloaded)` when it applied, with what changed in the
+    /// routes and instances of the services it concerns between `before` and now.
+    fn observe_change(
+        &self,
+        change: &Change,
+        before: &RoutingState,
+        started: std::time::Instant,
+        result: Result<bool, &ProxyError>,
+    ) {
+        let (kind, service) = match change {
+            Change::Reconfigure(spec, _) => (
+                ChangeKind::Reconfigure,
+                Some(spec.service_name().to_string()),
+            ),
+            Change::Remove(name) => (ChangeKind::Remove, Some(name.to_string())),
+            Change::PutCert(certificate) => {
+                (ChangeKind::PutCert, Some(certificate.name().to_string()))
+            }
+            Change::DeleteCert(name) => (ChangeKind::DeleteCert, Some(name.to_string())),
+            Change::Reload => (ChangeKind::Reload, None),
+            Change::Instances { consul_service, .. } => {
+                (ChangeKind::Instances, Some(consul_service.to_string()))
+            }
+            Change::Stored(_) | Change::Stop => return,
+        };
+        // The routed services the change concerns: the named one, or those fed by the Consul
+        // service whose instances changed.
+        let concerned = |state: &RoutingState| -> RouteSet {
+            let mut set = RouteSet::default();
+            for routed in state.values() {
+                let matches = match change {
+                    Change::Instances { consul_service, .. } => {
+                        instance_query(&routed.spec) == *consul_service
+                    }
+                    _ => Some(routed.spec.service_name().as_str()) == service.as_deref(),
+                };
+                if matches {
+                    let routes = RouteSet::of(&routed.spec, &routed.instances);
+                    set.routes.extend(routes.routes);
+                    set.instances.extend(routes.instances);
+                }
+            }
+            set
+        };
+        let outcome = match result {
+            Ok(true) => ChangeOutcome::Reloaded,
+            Ok(false) => ChangeOutcome::WithoutReload,
+            Err(error @ (ProxyError::RejectedRequest(_) | ProxyError::Rejected(_))) => {
+                ChangeOutcome::Rejected(error.to_string())
+            }
+            Err(error) => {
+                if matches!(error, ProxyError::Registry(_)) {
+                    self.observer.record_registry_error();
+                }
+                ChangeOutcome::Failed(error.to_string())
+            }
+        };
+        let before_set = concerned(before);
+        let after = if result.is_ok() {
+            concerned(&self.state)
+        } else {
+            before_set.clone()
+        };
+        let service = match change {
+            // The routed services fed by that Consul service, rather than its Consul name.
+            Change::Instances { consul_service, .. } => {
+                if result.is_ok() && before_set == after {
+                    // The watch read what is already routed: no change to report.
+                    return;
+                }
+                let routed: Vec<&str> = before
+                    .values()
+                    .chain(self.state.values())
+                    .filter(|routed| instance_query(&routed.spec) == *consul_service)
+                    .map(|routed| routed.spec.service_name().as_str())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                Some(if routed.is_empty() {
+                    consul_service.to_string()
+                } else {
+                    routed.join(",")
+                })
+            }
+            _ => service,
+        };
+        self.observer.record_change(ChangeRecord {
+            kind,
+            service,
+            before: before_set,
+            after,
+            validate: self.timings.validate,
+            reload: self.timings.reload,
+            total: started.elapsed(),
+            outcome,
+        });
+    }
+
+    /// Records what a version of the stored specs changed: a line per service whose routes or
+    /// instances it changed, or the error when it did not apply.
+    fn observe_stored(
+        &self,
+        before: &RoutingState,
+        started: std::time::Instant,
+        applied_before: &Option<String>,
+        result: &Result<(), ProxyError>,
+    ) {
+        let reloaded = self.applied_config != *applied_before;
+        let names: BTreeSet<&ServiceName> = before.keys().chain(self.state.keys()).collect();
+        for name in names {
+            let set_of = |state: &RoutingState| {
+                state
+                    .get(name)
+                    .map(|routed| RouteSet::of(&routed.spec, &routed.instances))
+                    .unwrap_or_default()
+            };
+            let (old, new) = (set_of(before), set_of(&self.state));
+            let spec_changed =
+                before.get(name).map(|r| &r.spec) != self.state.get(name).map(|r| &r.spec);
+            if old == new && !spec_changed {
+                continue;
+            }
+            self.observer.record_change(ChangeRecord {
+                kind: ChangeKind::Stored,
+                service: Some(name.to_string()),
+                before: old,
+                after: new,
+                validate: self.timings.validate,
+                reload: self.timings.reload,
+                total: started.elapsed(),
+                outcome: if reloaded {
+                    ChangeOutcome::Reloaded
+                } else {
+                    ChangeOutcome::WithoutReload
+                },
+            });
+        }
+        if let Err(error) = result {
+            self.observer.record_change(ChangeRecord {
+                kind: ChangeKind::Stored,
+                service: None,
+                before: RouteSet::default(),
+                after: RouteSet::default(),
+                validate: self.timings.validate,
+                reload: self.timings.reload,
+                total: started.elapsed(),
+                outcome: ChangeOutcome::Failed(error.to_string()),
+            });
+        }
+    }
+
+    /// `haproxy -c` on `config`, timed and counted.
+    async fn validate_timed(
+        &mut self,
+        config: &str,
+        caused_by_request: bool,
+    ) -> Result<(), ProxyError> {
+        let started = std::time::Instant::now();
+        let result = self.haproxy.validate(config).await;
+        let took = started.elapsed();
+        self.timings.validate = Some(took);
+        let rejected_by_haproxy = matches!(result, Err(HaproxyError::Rejected(_)));
+        self.observer.record_validation(took, !rejected_by_haproxy);
+        result.map_err(|error| rejected(error, caused_by_request))
+    }
+
+    /// Swaps the validated candidate in and reloads HAProxy, timed and counted.
+    async fn apply_timed(&mut self) -> Result<(), HaproxyError> {
+        let started = std::time::Instant::now();
+        let result = self.haproxy.apply().await;
+        let took = started.elapsed();
+        self.timings.reload = Some(took);
+        self.observer
+            .record_reload(took, result.as_ref().err().map(ToString::to_string));
+        result
     }
 
     /// Applies `changes` in order as one step (see the module doc for the order of operations).
@@ -572,6 +798,7 @@ impl Core {
         &mut self,
         changes: &[&Change],
     ) -> Result<Vec<Option<ServiceSpec>>, ProxyError> {
+        self.timings = StepTimings::default();
         let mut candidate = self.state.clone();
         let mut candidate_certs = self.certs.clone();
         let mut outcomes = Vec::with_capacity(changes.len());
@@ -662,10 +889,7 @@ impl Core {
             .preflight(&config)
             .await
             .map_err(ProxyError::Haproxy)?;
-        self.haproxy
-            .validate(&config)
-            .await
-            .map_err(|error| rejected(error, caused_by_request))?;
+        self.validate_timed(&config, caused_by_request).await?;
         let persisted = self.persist_all(&candidate, requested).await?;
         let persisted_certs = match self.persist_certs(&candidate_certs, requested_certs).await {
             Ok(persisted_certs) => persisted_certs,
@@ -674,7 +898,7 @@ impl Core {
                 return Err(error);
             }
         };
-        if let Err(error) = self.haproxy.apply().await {
+        if let Err(error) = self.apply_timed().await {
             self.put_back_live_config().await;
             self.put_back_stored_specs(&persisted).await;
             self.put_back_stored_certs(&persisted_certs).await;
@@ -784,6 +1008,9 @@ impl Core {
             }
             if updates.len() == 1 {
                 tracing::error!(%error, "skipping a stored change HAProxy does not accept");
+                if let Some((name, _)) = updates.first() {
+                    self.observer.record_error(name.as_str(), error.to_string());
+                }
                 return Ok(());
             }
             tracing::error!(%error, "the stored changes together do not apply; applying them one by one");
@@ -799,6 +1026,7 @@ impl Core {
                         return Err(error);
                     }
                     tracing::error!(service = %name, %error, "skipping a stored change HAProxy does not accept");
+                    self.observer.record_error(name.as_str(), error.to_string());
                 }
             }
         }
@@ -820,11 +1048,8 @@ impl Core {
                 .preflight(&config)
                 .await
                 .map_err(ProxyError::Haproxy)?;
-            self.haproxy
-                .validate(&config)
-                .await
-                .map_err(|error| rejected(error, false))?;
-            if let Err(error) = self.haproxy.apply().await {
+            self.validate_timed(&config, false).await?;
+            if let Err(error) = self.apply_timed().await {
                 self.put_back_live_config().await;
                 return Err(ProxyError::Haproxy(error));
             }
@@ -1103,8 +1328,10 @@ impl Core {
     async fn commit_certs(&mut self, certs: Certificates) {
         if certs != self.certs {
             self.certs = certs;
-            let infos = self.certs.values().map(|c| c.info().clone()).collect();
-            self.published_certificates.send_replace(Arc::new(infos));
+            let infos: Vec<CertInfo> = self.certs.values().map(|c| c.info().clone()).collect();
+            self.published_certificates
+                .send_replace(Arc::new(Vec::clone(&infos)));
+            self.observer.publish_certificates(infos);
         }
         let certificates: Vec<&Certificate> = self.certs.values().collect();
         let client_auth = self.client_auth(&self.state, &certificates);
@@ -1149,6 +1376,15 @@ impl Core {
             .map(|routed| routed.spec.clone())
             .collect();
         self.published.send_replace(Arc::new(specs));
+        self.observer.publish_services(
+            self.state
+                .values()
+                .map(|routed| RoutedService {
+                    spec: routed.spec.clone(),
+                    instances: routed.instances.clone(),
+                })
+                .collect(),
+        );
         let consul_services = self
             .state
             .values()

@@ -11,6 +11,7 @@ use tokio::sync::mpsc::WeakSender;
 use super::proxy_settings::{KvSettings, SETTINGS_FOLDER};
 use super::{submit_internal, Change, Pending, ProxyError};
 use crate::certs::Certificate;
+use crate::observe::{Observer, WatchKind};
 use crate::registry::watch::{Watch, WatchIndex};
 use crate::registry::{Blocking, ConsulClient, Indexed, KvEntry, RegistryError};
 use crate::spec::{services_from_docker_flow, ServiceName, ServiceSpec, DOCKER_FLOW_PREFIX};
@@ -298,11 +299,14 @@ pub(super) async fn watch_stored_specs(
     index: WatchIndex,
     mut import_pending: bool,
     core: WeakSender<Pending>,
+    observer: Observer,
 ) {
-    let mut watch = Watch::new("the stored specs".into(), index);
+    let mut watch = Watch::new("the stored specs".into(), index)
+        .observed(observer.clone(), WatchKind::StoredSpecs);
     let mut reported = BTreeSet::new();
     loop {
         let update = watch.next(|blocking| store.read(blocking)).await;
+        let read_at = std::time::Instant::now();
         if std::mem::take(&mut import_pending) && store.holds_no_spec(&update.value) {
             match import_docker_flow(&store).await {
                 Ok(0) => {}
@@ -325,7 +329,10 @@ pub(super) async fn watch_stored_specs(
         );
         match submit_internal(&core, Change::Stored(snapshot)).await {
             None => return,
-            Some(Ok(_)) => watch.taken(),
+            Some(Ok(_)) => {
+                observer.record_watch_lag(WatchKind::StoredSpecs, read_at.elapsed());
+                watch.taken();
+            }
             Some(Err(error)) => watch.retry_later(error).await,
         }
     }

@@ -10,6 +10,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{Blocking, Indexed, RegistryError};
+use crate::observe::{Observer, WatchKind};
 
 /// First and longest pause between two failed queries of a watch.
 pub const WATCH_BACKOFF: (Duration, Duration) =
@@ -162,6 +163,8 @@ pub struct Watch {
     rate_limit: RateLimit,
     failing: bool,
     after_reset: bool,
+    /// Where its errors and restarts are counted.
+    observer: Option<(Observer, WatchKind)>,
 }
 
 impl Watch {
@@ -174,6 +177,19 @@ impl Watch {
             rate_limit: RateLimit::new(WATCH_MIN_INTERVAL),
             failing: false,
             after_reset: false,
+            observer: None,
+        }
+    }
+
+    /// Counts this watch's registry errors and restarts in `observer`, as a watch of `kind`.
+    pub fn observed(mut self, observer: Observer, kind: WatchKind) -> Watch {
+        self.observer = Some((observer, kind));
+        self
+    }
+
+    fn count_restart(&self) {
+        if let Some((observer, kind)) = &self.observer {
+            observer.record_watch_restart(*kind);
         }
     }
 
@@ -189,6 +205,9 @@ impl Watch {
             let answer = match read(self.index.next_query()).await {
                 Ok(answer) => answer,
                 Err(error) => {
+                    if let Some((observer, _)) = &self.observer {
+                        observer.record_registry_error();
+                    }
                     self.index.after_error();
                     let pause = self.backoff.next_pause();
                     if self.failing {
@@ -215,6 +234,7 @@ impl Watch {
                         self.subject
                     );
                     self.after_reset = true;
+                    self.count_restart();
                     continue;
                 }
                 IndexStep::Fresh | IndexStep::Forward => {
@@ -245,6 +265,7 @@ impl Watch {
 
     /// The next query reads everything at once (e.g. after the owner wrote to the resource).
     pub fn read_again(&mut self) {
+        self.count_restart();
         self.index = WatchIndex::default();
     }
 }

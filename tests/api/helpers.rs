@@ -79,6 +79,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         stop_haproxy_on_exit: true,
         allow_backend_extra: false,
         proxy_wide: Default::default(),
+        log_format: flow_proxy::settings::LogFormat::Text,
     }
 }
 

@@ -1,0 +1,283 @@
+//! HAProxy's own per-backend and per-server counters, named by service: `show stat` read from
+//! the stats socket at each scrape, parsed by its CSV header, and re-exported on `/metrics` with
+//! `service`, `backend` and `server` labels. Only the routed services' backends are exported
+//! (`<serviceName>-be<index>`); their servers are the instances (`<address>_<port>`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::RoutedService;
+
+/// One row of `show stat`: a frontend, backend or server, with its fields by CSV column name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatRow {
+    /// The proxy (`pxname`): a frontend or backend name.
+    pub proxy: String,
+    /// `FRONTEND`, `BACKEND`, or the server's name (`svname`).
+    pub server: String,
+    fields: BTreeMap<String, String>,
+}
+
+impl StatRow {
+    /// A field by its `show stat` column name (`scur`, `stot`, `hrsp_2xx`, `status`, …); empty
+    /// fields are `None`.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .get(name)
+            .map(String::as_str)
+            .filter(|value| !value.is_empty())
+    }
+
+    fn number(&self, name: &str) -> Option<u64> {
+        self.field(name).and_then(|value| value.parse().ok())
+    }
+
+    /// Whether this is a server row (not the backend's or a frontend's own).
+    pub fn is_server(&self) -> bool {
+        self.server != "BACKEND" && self.server != "FRONTEND"
+    }
+}
+
+/// `show stat` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// The stats socket did not answer.
+    #[error("HAProxy's stats socket: {0}")]
+    Socket(#[from] std::io::Error),
+    /// The answer is not the CSV `show stat` gives.
+    #[error("HAProxy's show stat answer: {0}")]
+    Csv(#[from] csv::Error),
+}
+
+/// Reads `show stat` from the stats socket.
+pub async fn read(stats_socket: &Path) -> Result<Vec<StatRow>, StatsError> {
+    let answer = crate::haproxy::runtime_command(stats_socket, "show stat").await?;
+    Ok(parse(&answer)?)
+}
+
+/// Parses `show stat`'s CSV: a header line starting with `# ` naming the columns, then a row per
+/// frontend, backend and server.
+pub fn parse(answer: &str) -> Result<Vec<StatRow>, csv::Error> {
+    let text = answer.strip_prefix("# ").unwrap_or(answer);
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = reader.headers()?.iter().map(str::to_string).collect();
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record?;
+        let fields: BTreeMap<String, String> = header
+            .iter()
+            .zip(record.iter())
+            .filter(|(name, _)| !name.is_empty())
+            .map(|(name, value)| (name.clone(), value.to_string()))
+            .collect();
+        let (Some(proxy), Some(server)) = (fields.get("pxname"), fields.get("svname")) else {
+            continue;
+        };
+        rows.push(StatRow {
+            proxy: proxy.clone(),
+            server: server.clone(),
+            fields,
+        });
+    }
+    Ok(rows)
+}
+
+/// The service each routed backend belongs to, by backend name.
+pub fn backends_by_service(services: &[RoutedService]) -> BTreeMap<String, String> {
+    let mut backends = BTreeMap::new();
+    for service in services {
+        let name = service.spec.service_name().as_str();
+        for destination in service.spec.destinations() {
+            backends.insert(
+                format!("{name}-be{}", destination.index()),
+                name.to_string(),
+            );
+        }
+    }
+    backends
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabels {
+    service: String,
+    backend: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendCodeLabels {
+    service: String,
+    backend: String,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServerLabels {
+    service: String,
+    backend: String,
+    server: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServerCodeLabels {
+    service: String,
+    backend: String,
+    server: String,
+    code: &'static str,
+}
+
+/// HTTP response classes `show stat` counts.
+const CODES: [(&str, &str); 6] = [
+    ("hrsp_1xx", "1xx"),
+    ("hrsp_2xx", "2xx"),
+    ("hrsp_3xx", "3xx"),
+    ("hrsp_4xx", "4xx"),
+    ("hrsp_5xx", "5xx"),
+    ("hrsp_other", "other"),
+];
+
+/// Registers the counters of the routed services' backends and servers, read from `rows`.
+/// Counters restart from zero when HAProxy reloads (a new process), which Prometheus' `rate()`
+/// handles as a counter reset.
+pub fn register(registry: &mut Registry, rows: &[StatRow], services: &[RoutedService]) {
+    let backends = backends_by_service(services);
+    let backend_sessions: Family<BackendLabels, Counter> = Family::default();
+    let backend_current: Family<BackendLabels, Gauge> = Family::default();
+    let backend_bytes_in: Family<BackendLabels, Counter> = Family::default();
+    let backend_bytes_out: Family<BackendLabels, Counter> = Family::default();
+    let backend_responses: Family<BackendCodeLabels, Counter> = Family::default();
+    let backend_up: Family<BackendLabels, Gauge> = Family::default();
+    let server_sessions: Family<ServerLabels, Counter> = Family::default();
+    let server_current: Family<ServerLabels, Gauge> = Family::default();
+    let server_responses: Family<ServerCodeLabels, Counter> = Family::default();
+    let server_up: Family<ServerLabels, Gauge> = Family::default();
+    let server_check_failures: Family<ServerLabels, Counter> = Family::default();
+    for row in rows {
+        let Some(service) = backends.get(&row.proxy) else {
+            continue;
+        };
+        let up = i64::from(row.field("status").is_some_and(|s| s.starts_with("UP")));
+        if row.is_server() {
+            let labels = ServerLabels {
+                service: service.clone(),
+                backend: row.proxy.clone(),
+                server: row.server.clone(),
+            };
+            let count = |family: &Family<ServerLabels, Counter>, field: &str| {
+                family
+                    .get_or_create(&labels)
+                    .inc_by(row.number(field).unwrap_or(0));
+            };
+            count(&server_sessions, "stot");
+            count(&server_check_failures, "chkfail");
+            server_current
+                .get_or_create(&labels)
+                .set(gauge(row.number("scur")));
+            server_up.get_or_create(&labels).set(up);
+            for (field, code) in CODES {
+                server_responses
+                    .get_or_create(&ServerCodeLabels {
+                        service: service.clone(),
+                        backend: row.proxy.clone(),
+                        server: row.server.clone(),
+                        code,
+                    })
+                    .inc_by(row.number(field).unwrap_or(0));
+            }
+        } else if row.server == "BACKEND" {
+            let labels = BackendLabels {
+                service: service.clone(),
+                backend: row.proxy.clone(),
+            };
+            let count = |family: &Family<BackendLabels, Counter>, field: &str| {
+                family
+                    .get_or_create(&labels)
+                    .inc_by(row.number(field).unwrap_or(0));
+            };
+            count(&backend_sessions, "stot");
+            count(&backend_bytes_in, "bin");
+            count(&backend_bytes_out, "bout");
+            backend_current
+                .get_or_create(&labels)
+                .set(gauge(row.number("scur")));
+            backend_up.get_or_create(&labels).set(up);
+            for (field, code) in CODES {
+                backend_responses
+                    .get_or_create(&BackendCodeLabels {
+                        service: service.clone(),
+                        backend: row.proxy.clone(),
+                        code,
+                    })
+                    .inc_by(row.number(field).unwrap_or(0));
+            }
+        }
+    }
+    registry.register(
+        "haproxy_backend_sessions",
+        "Sessions (connections) each routed backend took, from HAProxy's show stat",
+        backend_sessions,
+    );
+    registry.register(
+        "haproxy_backend_current_sessions",
+        "Sessions each routed backend holds now",
+        backend_current,
+    );
+    registry.register_with_unit(
+        "haproxy_backend_received",
+        "Bytes each routed backend received from clients",
+        Unit::Bytes,
+        backend_bytes_in,
+    );
+    registry.register_with_unit(
+        "haproxy_backend_sent",
+        "Bytes each routed backend sent to clients",
+        Unit::Bytes,
+        backend_bytes_out,
+    );
+    registry.register(
+        "haproxy_backend_http_responses",
+        "HTTP responses of each routed backend, by class",
+        backend_responses,
+    );
+    registry.register(
+        "haproxy_backend_up",
+        "Whether HAProxy counts the backend UP (at least one server usable)",
+        backend_up,
+    );
+    registry.register(
+        "haproxy_server_sessions",
+        "Sessions each instance took",
+        server_sessions,
+    );
+    registry.register(
+        "haproxy_server_current_sessions",
+        "Sessions each instance holds now",
+        server_current,
+    );
+    registry.register(
+        "haproxy_server_http_responses",
+        "HTTP responses of each instance, by class",
+        server_responses,
+    );
+    registry.register(
+        "haproxy_server_up",
+        "Whether HAProxy counts the instance UP (its health check passes, or it has none)",
+        server_up,
+    );
+    registry.register(
+        "haproxy_server_check_failures",
+        "Failed health checks of each instance",
+        server_check_failures,
+    );
+}
+
+fn gauge(value: Option<u64>) -> i64 {
+    value.map_or(0, |value| i64::try_from(value).unwrap_or(i64::MAX))
+}
