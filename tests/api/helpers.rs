@@ -284,3 +284,46 @@ pub async fn proxy_routing_demo() -> (TestProxy, Backend) {
         .await;
     (proxy, backend)
 }
+
+/// The token [`answers_under_the_read_rules`] sets.
+pub const READ_RULES_TOKEN: &str = "read-rules-token";
+
+/// Asks read-only endpoint `path` of two proxies with an API token, one without and one with
+/// `--open-read-endpoints`: anonymous requests must get 401, then 200; requests with the token
+/// 200 both times. Returns the answers given with the token, for the caller to look into.
+pub async fn answers_under_the_read_rules(path: &str) -> Vec<reqwest::Response> {
+    let mut answers = Vec::new();
+    for open_reads in [false, true] {
+        let proxy = TestProxy::spawn_with(|settings| {
+            settings.api_token = Some(flow_proxy::settings::Secret::new(READ_RULES_TOKEN));
+            settings.open_read_endpoints = open_reads;
+        })
+        .await;
+        let anonymous = proxy
+            .http()
+            .get(proxy.api(path))
+            .send()
+            .await
+            .expect("answers");
+        let expected = if open_reads {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(
+            anonymous.status(),
+            expected,
+            "{path}, open_reads={open_reads}"
+        );
+        let with_token = proxy
+            .http()
+            .get(proxy.api(path))
+            .bearer_auth(READ_RULES_TOKEN)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(with_token.status(), StatusCode::OK, "{path} with the token");
+        answers.push(with_token);
+    }
+    answers
+}

@@ -2,10 +2,11 @@
 //! HAProxy: changes by kind and outcome, reloads, validation failures, what is routed, HAProxy's
 //! processes, HAProxy's own counters named by service, certificates' expiry; and who may read it.
 
-use flow_proxy::settings::Secret;
 use reqwest::StatusCode;
 
-use crate::helpers::{spawn_backend, TestProxy};
+use crate::helpers::{
+    answers_under_the_read_rules, proxy_routing_demo, spawn_backend, TestProxy, READ_RULES_TOKEN,
+};
 use crate::tls::put_cert;
 
 /// The metrics text, asserting a 200 in the OpenMetrics content type.
@@ -50,14 +51,7 @@ fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_reloads_and_haproxy_counters_by_service_are_exported() {
-    let proxy = TestProxy::spawn().await;
-    let backend = spawn_backend("demo").await;
-    proxy
-        .register_instance("go-demo", "go-demo.1", backend.port)
-        .await;
-    proxy
-        .reconfigure_ok("serviceName=go-demo&servicePath=/demo")
-        .await;
+    let (proxy, backend) = proxy_routing_demo().await;
     for _ in 0..5 {
         let (status, body) = proxy.get_through_proxy("/demo/hello", None).await;
         assert_eq!(
@@ -199,35 +193,10 @@ async fn certificates_are_exported_with_their_expiry_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_the_read_endpoints_access_rules() {
-    for open_reads in [false, true] {
-        let proxy = TestProxy::spawn_with(|settings| {
-            settings.api_token = Some(Secret::new("metrics-token"));
-            settings.open_read_endpoints = open_reads;
-        })
-        .await;
-        let anonymous = proxy
-            .http()
-            .get(proxy.api("/metrics"))
-            .send()
-            .await
-            .expect("answers");
-        let expected = if open_reads {
-            StatusCode::OK
-        } else {
-            StatusCode::UNAUTHORIZED
-        };
-        assert_eq!(anonymous.status(), expected, "open_reads={open_reads}");
-        let with_token = proxy
-            .http()
-            .get(proxy.api("/metrics"))
-            .bearer_auth("metrics-token")
-            .send()
-            .await
-            .expect("answers");
-        assert_eq!(with_token.status(), StatusCode::OK);
-        let text = with_token.text().await.expect("text");
+    for answer in answers_under_the_read_rules("/metrics").await {
+        let text = answer.text().await.expect("text");
         assert!(text.contains("flow_proxy_services"), "{text}");
-        assert!(!text.contains("metrics-token"), "{text}");
+        assert!(!text.contains(READ_RULES_TOKEN), "{text}");
     }
 }
 

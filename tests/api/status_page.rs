@@ -6,11 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flow_proxy::settings::Secret;
 use reqwest::StatusCode;
 
 use crate::fleet::eventually;
-use crate::helpers::{free_port, spawn_backend, TestProxy};
+use crate::helpers::{
+    answers_under_the_read_rules, free_port, spawn_backend, TestProxy, READ_RULES_TOKEN,
+};
 use crate::tls::put_cert;
 
 /// How long Chromium may take to load and dump the page.
@@ -201,32 +202,7 @@ async fn a_person_sees_services_instances_health_certificates_and_the_last_reloa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_follows_the_read_endpoints_access_rules() {
-    for open_reads in [false, true] {
-        let proxy = TestProxy::spawn_with(|settings| {
-            settings.api_token = Some(Secret::new("page-token"));
-            settings.open_read_endpoints = open_reads;
-        })
-        .await;
-        let anonymous = proxy
-            .http()
-            .get(proxy.api("/"))
-            .send()
-            .await
-            .expect("answers");
-        let expected = if open_reads {
-            StatusCode::OK
-        } else {
-            StatusCode::UNAUTHORIZED
-        };
-        assert_eq!(anonymous.status(), expected, "open_reads={open_reads}");
-        let page = proxy
-            .http()
-            .get(proxy.api("/"))
-            .bearer_auth("page-token")
-            .send()
-            .await
-            .expect("answers");
-        assert_eq!(page.status(), StatusCode::OK);
+    for page in answers_under_the_read_rules("/").await {
         assert!(page
             .headers()
             .get("content-type")
@@ -234,6 +210,6 @@ async fn the_status_page_follows_the_read_endpoints_access_rules() {
             .is_some_and(|value| value.starts_with("text/html")));
         let body = page.text().await.expect("page");
         assert!(body.contains("No service is routed."), "{body}");
-        assert!(!body.contains("page-token"), "{body}");
+        assert!(!body.contains(READ_RULES_TOKEN), "{body}");
     }
 }

@@ -10,7 +10,7 @@ use flow_proxy::settings::Secret;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_backend, TestProxy};
+use crate::helpers::{proxy_routing_demo, spawn_backend, TestProxy};
 
 /// How long one subcommand may take.
 const SUBCOMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -191,14 +191,7 @@ async fn render_replaces_masked_passwords_with_a_hash_no_password_matches() {
 
 #[tokio::test]
 async fn check_names_every_problem_and_passes_a_sound_setup() {
-    let proxy = TestProxy::spawn().await;
-    let backend = spawn_backend("demo").await;
-    proxy
-        .register_instance("go-demo", "go-demo.1", backend.port)
-        .await;
-    proxy
-        .reconfigure_ok("serviceName=go-demo&servicePath=/demo")
-        .await;
+    let (proxy, _backend) = proxy_routing_demo().await;
     let registry = proxy.registry_address();
 
     let sound = flow_proxy(&["check", "--consul-address", &registry], &[]).await;
