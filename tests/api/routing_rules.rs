@@ -6,7 +6,7 @@
 use reqwest::StatusCode;
 
 use crate::helpers::{free_port, proxy_routing_demo, spawn_backend, Backend, TestProxy};
-use crate::tls::{client_config, https_request, tls_connect, TestCa};
+use crate::tls::{client_config, https_request, spawn_tls_backend, tls_connect, TestCa};
 
 /// A proxy with one instance registered per name (each a backend answering `<name> <path>`).
 async fn proxy_with(names: &[&'static str]) -> (TestProxy, Vec<Backend>) {
@@ -271,72 +271,6 @@ async fn bad_routing_values_get_400_naming_the_parameter_and_change_nothing() {
         );
     }
     proxy.assert_unchanged_since(&before).await;
-}
-
-/// A backend serving TLS on 127.0.0.1:`port`; stops when dropped.
-struct TlsBackend {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TlsBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A backend that terminates TLS itself with `pem` (certificate then key, from the test CA) and
-/// answers `<name> <path>` to one request per connection.
-async fn spawn_tls_backend(name: &'static str, pem: &str) -> TlsBackend {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .expect("certificate PEM");
-    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("key PEM");
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_no_client_auth()
-    .with_single_cert(certificates, key)
-    .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("bind backend");
-    let port = listener.local_addr().expect("address").port();
-    let task = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(read) => request.extend_from_slice(&buffer[..read]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&request).into_owned();
-                let path = text.split(' ').nth(1).unwrap_or("?").to_string();
-                let body = format!("{name} {path}");
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    TlsBackend { port, task }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

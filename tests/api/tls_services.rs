@@ -2,7 +2,6 @@
 //! for one service (`verifyClientSsl` with `--ca-file`), and instances that speak TLS
 //! (`sslVerifyNone`). Every request here is a real TLS handshake with HAProxy.
 
-use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,9 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{spawn_backend, TestProxy};
-use crate::tls::{http_request, https_request, put_cert, tls_connect, TestCa};
+use crate::tls::{
+    http_request, https_request, put_cert, spawn_tls_backend, tls_connect, TestCa, TlsBackend,
+};
 
 fn https_port(proxy: &TestProxy) -> u16 {
     proxy.settings().https_port
@@ -344,63 +345,23 @@ async fn verify_client_ssl_requires_a_client_certificate_signed_by_the_ca_file()
 
 /// A backend that speaks TLS only (a self-signed rcgen certificate): it answers
 /// `<name> <path>` to each request, and closes a connection that does not start with a handshake.
-async fn spawn_tls_backend(name: &'static str) -> (u16, tokio::task::JoinHandle<()>) {
+async fn spawn_self_signed_tls_backend(name: &'static str) -> TlsBackend {
     let key = rcgen::KeyPair::generate().expect("key");
     let certificate = rcgen::CertificateParams::new(vec!["backend.internal".to_string()])
         .expect("params")
         .self_signed(&key)
         .expect("self-signed");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![certificate.der().clone()],
-        PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key DER"),
-    )
-    .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("bind backend");
-    let port = listener.local_addr().expect("address").port();
-    let task = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(read) => request.extend_from_slice(&buffer[..read]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&request).into_owned();
-                let path = text.split(' ').nth(1).unwrap_or("?").to_string();
-                let body = format!("{name} {path}");
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    (port, task)
+    let pem = format!("{}{}", certificate.pem(), key.serialize_pem());
+    spawn_tls_backend(name, &pem).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_verify_none_reaches_instances_that_speak_tls_only() {
-    let (port, backend) = spawn_tls_backend("tls-app").await;
+    let backend = spawn_self_signed_tls_backend("tls-app").await;
     let proxy = TestProxy::spawn().await;
-    proxy.register_instance("tls-app", "tls-app-1", port).await;
+    proxy
+        .register_instance("tls-app", "tls-app-1", backend.port)
+        .await;
 
     // Without sslVerifyNone HAProxy speaks plain HTTP to it and gets no answer.
     proxy
@@ -418,5 +379,4 @@ async fn ssl_verify_none_reaches_instances_that_speak_tls_only() {
     );
     let stored = proxy.stored_spec("tls-app").await.expect("stored");
     assert_eq!(stored["SslVerifyNone"], true, "{stored}");
-    backend.abort();
 }
