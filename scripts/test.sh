@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-haproxy.sh
 scripts/install-chromium.sh
+scripts/install-pebble.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --lib --test api

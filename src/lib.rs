@@ -294,6 +294,8 @@ pub fn render_settings(settings: &Settings) -> Result<RenderSettings, StartError
         stats,
         service_domain_algo: settings.service_domain_algo,
         proxy_wide: settings.proxy_wide.proxy_wide(),
+        // Set by `FlowProxy::start` once the challenge responder listens.
+        acme_challenge: None,
     })
 }
 

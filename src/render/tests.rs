@@ -36,6 +36,7 @@ fn golden_settings() -> RenderSettings {
         stats: None,
         service_domain_algo: Default::default(),
         proxy_wide: Default::default(),
+        acme_challenge: None,
     }
 }
 
@@ -168,6 +169,7 @@ fn haproxy_check_with(
         stats: None,
         service_domain_algo: Default::default(),
         proxy_wide: Default::default(),
+        acme_challenge: None,
     };
     edit(&mut settings);
     let config = dir.path().join("haproxy.cfg");
