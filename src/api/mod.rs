@@ -322,6 +322,11 @@ async fn certs(State(proxy): State<Proxy>) -> Json<Map<String, Value>> {
         "Certs".into(),
         serde_json::to_value(proxy.certificates().as_ref()).unwrap_or_default(),
     );
+    // ACME: each managed domain's certificate name, last attempt and outcome, next retry.
+    body.insert(
+        "Acme".into(),
+        serde_json::to_value(proxy.acme_board().snapshot()).unwrap_or_default(),
+    );
     Json(body)
 }
 
