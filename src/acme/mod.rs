@@ -73,6 +73,20 @@ pub struct AcmeFlags {
     pub acme_check_interval: u64,
 }
 
+impl Default for AcmeFlags {
+    /// The flags' defaults: ACME off.
+    fn default() -> Self {
+        AcmeFlags {
+            acme_directory: "production".into(),
+            acme_email: None,
+            acme_accept_terms: false,
+            acme_all_domains: false,
+            acme_ca_file: None,
+            acme_check_interval: 60,
+        }
+    }
+}
+
 impl AcmeFlags {
     /// Whether ACME runs: the terms must be accepted.
     pub fn enabled(&self) -> bool {
