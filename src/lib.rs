@@ -174,6 +174,7 @@ impl FlowProxy {
         let registry_url = registry.primary_url().to_string();
         let mut render_settings = render_settings;
         let acme_responder = if settings.acme.enabled() {
+            settings.acme.check()?;
             let responder =
                 acme::ChallengeResponder::start(registry.clone(), &settings.kv_prefix).await?;
             render_settings.acme_challenge = Some(responder.address());
@@ -344,6 +345,9 @@ pub fn settings_problems(settings: &Settings) -> Vec<StartError> {
         if let Err(error) = haproxy::ClientCa::read(path) {
             problems.push(error.into());
         }
+    }
+    if let Err(error) = settings.acme.check() {
+        problems.push(error.into());
     }
     problems
 }

@@ -29,13 +29,20 @@ use crate::spec::acme::acme_domains;
 
 /// The certificate store name of a domain's ACME certificate.
 pub fn certificate_name(domain: &str) -> String {
-    format!("acme.{domain}")
+    format!("{CERTIFICATE_PREFIX}{domain}")
 }
+
+/// The names of the certificates ACME stores begin with this.
+pub const CERTIFICATE_PREFIX: &str = "acme.";
 
 /// How long a lease lets one proxy order a domain before another may try.
 const LEASE: Duration = Duration::from_secs(10 * 60);
 /// Longest delay between two attempts for a failing domain.
 const MAX_BACKOFF: Duration = Duration::from_secs(6 * 60 * 60);
+/// The first retry of a failed domain waits this many check intervals (5 minutes by default),
+/// then twice as long each time: at most four failed validations of a domain in any hour,
+/// under Let's Encrypt's limit of five.
+const RETRY_INTERVALS: u32 = 5;
 /// How long the ACME server gets to validate and issue.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -275,7 +282,7 @@ impl Orderer {
     }
 
     fn failed(&self, domain: &str, message: &str) {
-        let base = self.flags.check_interval();
+        let base = self.flags.check_interval() * RETRY_INTERVALS;
         self.board.update(domain, |status| {
             status.failures = status.failures.saturating_add(1);
             let delay = backoff(base, status.failures);
@@ -420,12 +427,12 @@ impl Orderer {
                             message: error.to_string(),
                         }
                     })?;
-                let der = BASE64.decode(stored.key_pkcs8.as_bytes()).map_err(|error| {
-                    AcmeError::StoredAccount {
+                let der = BASE64
+                    .decode(stored.key_pkcs8.as_bytes())
+                    .map_err(|error| AcmeError::StoredAccount {
                         key: key.clone(),
                         message: error.to_string(),
-                    }
-                })?;
+                    })?;
                 return self.register(der, false).await;
             }
             let (_, generated) = Key::generate_pkcs8()?;
@@ -486,6 +493,24 @@ struct Lease {
     holder: String,
     /// Seconds since the epoch.
     until: i64,
+}
+
+/// What `GET /certs` adds to a certificate: whether ACME manages it (its name is
+/// `acme.<domain>`), and then when it is renewed and this proxy's last attempt and its outcome.
+pub fn certificate_fields(
+    info: &CertInfo,
+    statuses: &[AcmeDomainStatus],
+) -> Vec<(&'static str, serde_json::Value)> {
+    let managed = info.name.starts_with(CERTIFICATE_PREFIX);
+    let mut fields = vec![("ManagedByAcme", serde_json::Value::Bool(managed))];
+    if managed {
+        fields.push(("RenewAfter", rfc3339(renewal_time(info)).into()));
+        if let Some(status) = statuses.iter().find(|status| status.cert_name == info.name) {
+            fields.push(("LastAttempt", status.last_attempt.clone().into()));
+            fields.push(("LastOutcome", status.last_outcome.clone().into()));
+        }
+    }
+    fields
 }
 
 /// Whether `domain` needs a certificate: none served covers it, or the one that does has

@@ -19,7 +19,9 @@ mod responder;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use manager::{AcmeBoard, AcmeDomainStatus, AcmeManager};
+pub use manager::{
+    certificate_fields, AcmeBoard, AcmeDomainStatus, AcmeManager, CERTIFICATE_PREFIX,
+};
 pub use responder::ChallengeResponder;
 
 /// Let's Encrypt's production directory, the default of `--acme-directory`.
@@ -102,6 +104,27 @@ impl AcmeFlags {
         }
     }
 
+    /// Checks `--acme-email` (a plain `local@domain`, nothing the ACME server could read as
+    /// more than one contact).
+    pub fn check(&self) -> Result<(), AcmeError> {
+        if let Some(email) = &self.acme_email {
+            let plain = email.split_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty()
+                    && domain.contains('.')
+                    && !domain.starts_with('.')
+                    && !domain.ends_with('.')
+                    && email.len() <= 254
+            }) && email
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '-' | '_' | '+'))
+                && email.matches('@').count() == 1;
+            if !plain {
+                return Err(AcmeError::Email(email.clone()));
+            }
+        }
+        Ok(())
+    }
+
     /// How often the ordering loop looks, at least one second.
     pub fn check_interval(&self) -> Duration {
         Duration::from_secs(self.acme_check_interval.max(1))
@@ -135,4 +158,36 @@ pub enum AcmeError {
     /// The challenge responder could not listen.
     #[error("the ACME challenge responder cannot listen on loopback: {0}")]
     Bind(std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_is_one_word_away_and_the_email_must_be_plain() {
+        let mut flags = AcmeFlags::default();
+        assert!(!flags.enabled());
+        assert_eq!(flags.directory_url(), LETS_ENCRYPT_PRODUCTION);
+        flags.acme_directory = "staging".into();
+        assert_eq!(flags.directory_url(), LETS_ENCRYPT_STAGING);
+        flags.acme_directory = "https://localhost:14000/dir".into();
+        assert_eq!(flags.directory_url(), "https://localhost:14000/dir");
+        for good in ["ops@example.com", "ops+certs@mail.example.org"] {
+            flags.acme_email = Some(good.into());
+            assert!(flags.check().is_ok(), "{good}");
+        }
+        for bad in [
+            "ops",
+            "ops@localhost",
+            "a@b@example.com",
+            "ops@example.com,x@y.z",
+            "o ps@example.com",
+            "@example.com",
+        ] {
+            flags.acme_email = Some(bad.into());
+            let error = flags.check().expect_err(bad).to_string();
+            assert!(error.contains("--acme-email"), "{error}");
+        }
+    }
 }

@@ -1406,15 +1406,26 @@ fn acme_challenges_pass_every_redirect_and_go_to_flow_proxy_before_every_service
     let allow = line_of(&text, "http-request allow if flow_proxy_acme_challenge");
     let redirect = text
         .lines()
-        .position(|line| line.trim().starts_with("http-request redirect scheme https"))
+        .position(|line| {
+            line.trim()
+                .starts_with("http-request redirect scheme https")
+        })
         .expect("the HTTPS redirect");
-    let to_acme = line_of(&text, "use_backend flow_proxy_acme if flow_proxy_acme_challenge");
+    let to_acme = line_of(
+        &text,
+        "use_backend flow_proxy_acme if flow_proxy_acme_challenge",
+    );
     let to_shop = text
         .lines()
         .position(|line| line.trim().starts_with("use_backend shop-be"))
         .expect("the shop rule");
     assert!(allow < redirect && to_acme < to_shop, "{text}");
-    assert!(text.contains("backend flow_proxy_acme\n    mode http\n    server flow-proxy 127.0.0.1:40123\n"), "{text}");
+    assert!(
+        text.contains(
+            "backend flow_proxy_acme\n    mode http\n    server flow-proxy 127.0.0.1:40123\n"
+        ),
+        "{text}"
+    );
     // Without ACME, none of it.
     settings.acme_challenge = None;
     assert!(!render(&settings, &services).contains("acme"));

@@ -52,71 +52,98 @@ impl Pebble {
         let dir = tempfile::tempdir().expect("pebble directory");
         let ca = TestCa::new();
         let bundle = ca.bundle(&["localhost"]);
-        let split = bundle.find("-----BEGIN PRIVATE KEY").expect("key in bundle");
+        let split = bundle
+            .find("-----BEGIN PRIVATE KEY")
+            .expect("key in bundle");
         write(dir.path(), "cert.pem", &bundle[..split]);
         write(dir.path(), "key.pem", &bundle[split..]);
         let ca_pem = pem::encode(&pem::Pem::new("CERTIFICATE", ca.root.to_vec()));
         let ca_file = dir.path().join("ca.pem");
         write(dir.path(), "ca.pem", &ca_pem);
 
-        let dns_port = free_port();
-        let dns_management_port = free_port();
-        let dns = Command::new("pebble-challtestsrv")
-            .args([
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-                "-dns01",
-                &format!("127.0.0.1:{dns_port}"),
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                &format!("127.0.0.1:{dns_management_port}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("pebble-challtestsrv starts");
-        wait_for_port(dns_management_port).await;
+        // A port picked free may be taken before Pebble binds it: then start again on others.
+        let mut attempt = 0;
+        let (dns, pebble, dns_management_port, listen_port, management_port) = loop {
+            attempt += 1;
+            let (mut dns, mut pebble, ports, dns_management_port, listen_port, management_port) = {
+                let dns_port = free_port();
+                let dns_management_port = free_port();
+                let dns = Command::new("pebble-challtestsrv")
+                    .args([
+                        "-defaultIPv4",
+                        "127.0.0.1",
+                        "-defaultIPv6",
+                        "",
+                        "-dns01",
+                        &format!("127.0.0.1:{dns_port}"),
+                        "-http01",
+                        "",
+                        "-https01",
+                        "",
+                        "-tlsalpn01",
+                        "",
+                        "-management",
+                        &format!("127.0.0.1:{dns_management_port}"),
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("pebble-challtestsrv starts");
 
-        let listen_port = free_port();
-        let management_port = free_port();
-        let config = serde_json::json!({
-            "pebble": {
-                "listenAddress": format!("127.0.0.1:{listen_port}"),
-                "managementListenAddress": format!("127.0.0.1:{management_port}"),
-                "certificate": dir.path().join("cert.pem"),
-                "privateKey": dir.path().join("key.pem"),
-                "httpPort": http_port,
-                "tlsPort": free_port(),
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
-                "certificateValidityPeriod": validity_seconds,
+                let listen_port = free_port();
+                let management_port = free_port();
+                let config = serde_json::json!({
+                    "pebble": {
+                        "listenAddress": format!("127.0.0.1:{listen_port}"),
+                        "managementListenAddress": format!("127.0.0.1:{management_port}"),
+                        "certificate": dir.path().join("cert.pem"),
+                        "privateKey": dir.path().join("key.pem"),
+                        "httpPort": http_port,
+                        "tlsPort": free_port(),
+                        "ocspResponderURL": "",
+                        "externalAccountBindingRequired": false,
+                        "certificateValidityPeriod": validity_seconds,
+                    }
+                });
+                write(dir.path(), "pebble.json", &config.to_string());
+                let pebble = Command::new("pebble")
+                    .arg("-config")
+                    .arg(dir.path().join("pebble.json"))
+                    .arg("-dnsserver")
+                    .arg(format!("127.0.0.1:{dns_port}"))
+                    // No random sleeps before validating, no refused nonces: the test stays quick.
+                    .env("PEBBLE_VA_NOSLEEP", "1")
+                    .env("PEBBLE_WFE_NONCEREJECT", "0")
+                    .env("PEBBLE_AUTHZREUSE", "0")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("pebble starts");
+                (
+                    dns,
+                    pebble,
+                    [dns_management_port, listen_port, management_port],
+                    dns_management_port,
+                    listen_port,
+                    management_port,
+                )
+            };
+            if listening(&mut [&mut dns, &mut pebble], &ports).await {
+                break (
+                    dns,
+                    pebble,
+                    dns_management_port,
+                    listen_port,
+                    management_port,
+                );
             }
-        });
-        write(dir.path(), "pebble.json", &config.to_string());
-        let pebble = Command::new("pebble")
-            .arg("-config")
-            .arg(dir.path().join("pebble.json"))
-            .arg("-dnsserver")
-            .arg(format!("127.0.0.1:{dns_port}"))
-            // No random sleeps before validating, no refused nonces: the test stays quick.
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("pebble starts");
-        wait_for_port(listen_port).await;
-        wait_for_port(management_port).await;
+            assert!(
+                attempt < 3,
+                "pebble or pebble-challtestsrv did not start (3 attempts)"
+            );
+        };
         Pebble {
             _pebble: pebble,
             _dns: dns,
@@ -173,22 +200,36 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).expect("write pebble file");
 }
 
-async fn wait_for_port(port: u16) {
-    eventually(
-        &format!("something listens on 127.0.0.1:{port}"),
-        Duration::from_secs(20),
-        || async move {
-            tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+/// Whether every one of `ports` is listened on within 20 s, while none of `children` exited.
+async fn listening(children: &mut [&mut Child], ports: &[u16]) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for &port in ports {
+        loop {
+            if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
                 .await
                 .is_ok()
-        },
-    )
-    .await;
+            {
+                break;
+            }
+            let exited = children
+                .iter_mut()
+                .any(|child| !matches!(child.try_wait(), Ok(None)));
+            if exited || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    true
 }
 
 /// The fingerprint of the certificate HAProxy's HTTPS port serves for `sni`, when a client
 /// trusting only `root` accepts it.
-async fn trusted_fingerprint(https_port: u16, sni: &str, root: &CertificateDer<'static>) -> Option<String> {
+async fn trusted_fingerprint(
+    https_port: u16,
+    sni: &str,
+    root: &CertificateDer<'static>,
+) -> Option<String> {
     let stream = tls_connect(https_port, sni, client_config(root, &[b"http/1.1"]))
         .await
         .ok()?;
@@ -239,9 +280,13 @@ async fn a_lets_encrypt_domain_gets_a_certificate_a_client_trusting_pebble_accep
         pebble.flags(settings);
     })
     .await;
-    proxy.register_instance("shop", "shop-1", backend.port).await;
     proxy
-        .reconfigure_ok("serviceName=shop&servicePath=/&serviceDomain=shop.acme.test&letsEncrypt=true")
+        .register_instance("shop", "shop-1", backend.port)
+        .await;
+    proxy
+        .reconfigure_ok(
+            "serviceName=shop&servicePath=/&serviceDomain=shop.acme.test&letsEncrypt=true",
+        )
         .await;
 
     let root = pebble.root().await;
@@ -251,7 +296,11 @@ async fn a_lets_encrypt_domain_gets_a_certificate_a_client_trusting_pebble_accep
         Duration::from_secs(60),
         || {
             let root = root.clone();
-            async move { trusted_fingerprint(https_port, "shop.acme.test", &root).await.is_some() }
+            async move {
+                trusted_fingerprint(https_port, "shop.acme.test", &root)
+                    .await
+                    .is_some()
+            }
         },
     )
     .await;
@@ -259,6 +308,15 @@ async fn a_lets_encrypt_domain_gets_a_certificate_a_client_trusting_pebble_accep
     assert_eq!((answer.status, answer.body.as_str()), (200, "shop /cart"));
 
     // /certs: the certificate under its ACME name, and the domain's last attempt succeeded.
+    eventually(
+        "/certs lists the ACME certificate and its last attempt",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = proxy.api_get("/v1/docker-flow-proxy/certs").await;
+            body["Certs"][0]["LastOutcome"] == "ok"
+        },
+    )
+    .await;
     let (_, body) = proxy.api_get("/v1/docker-flow-proxy/certs").await;
     let names: Vec<&str> = body["Certs"]
         .as_array()
@@ -267,9 +325,17 @@ async fn a_lets_encrypt_domain_gets_a_certificate_a_client_trusting_pebble_accep
         .filter_map(|cert| cert["Name"].as_str())
         .collect();
     assert_eq!(names, ["acme.shop.acme.test"], "{body}");
-    let status = acme_status(&proxy, "shop.acme.test").await.expect("ACME status");
+    let cert = &body["Certs"][0];
+    assert_eq!(cert["ManagedByAcme"], true, "{cert}");
+    assert!(
+        cert["NotAfter"].is_string() && cert["RenewAfter"].is_string(),
+        "{cert}"
+    );
+    assert!(cert["LastAttempt"].is_string(), "{cert}");
+    let status = acme_status(&proxy, "shop.acme.test")
+        .await
+        .expect("ACME status");
     assert_eq!(status["LastOutcome"], "ok", "{status}");
-    assert!(status["LastAttempt"].is_string(), "{status}");
 
     // The account key is kept in KV, never shown.
     let account: Value = reqwest::get(format!(
@@ -296,9 +362,13 @@ async fn a_short_lived_certificate_is_renewed_before_it_expires_without_a_call()
         pebble.flags(settings);
     })
     .await;
-    proxy.register_instance("blog", "blog-1", backend.port).await;
     proxy
-        .reconfigure_ok("serviceName=blog&servicePath=/&serviceDomain=blog.acme.test&letsEncrypt=true")
+        .register_instance("blog", "blog-1", backend.port)
+        .await;
+    proxy
+        .reconfigure_ok(
+            "serviceName=blog&servicePath=/&serviceDomain=blog.acme.test&letsEncrypt=true",
+        )
         .await;
     let root = pebble.root().await;
     let https_port = proxy.settings().https_port;
@@ -333,30 +403,46 @@ async fn a_domain_whose_challenge_fails_is_reported_and_retried_while_others_get
     .await;
     proxy.register_instance("app", "app-1", backend.port).await;
     proxy
-        .reconfigure_ok("serviceName=broken&servicePath=/&serviceDomain=broken.acme.test&letsEncrypt=true")
+        .reconfigure_ok(
+            "serviceName=broken&servicePath=/&serviceDomain=broken.acme.test&letsEncrypt=true",
+        )
         .await;
     proxy
-        .reconfigure_ok("serviceName=app&servicePath=/&serviceDomain=good.acme.test&letsEncrypt=true")
+        .reconfigure_ok(
+            "serviceName=app&servicePath=/&serviceDomain=good.acme.test&letsEncrypt=true",
+        )
         .await;
 
     let root = pebble.root().await;
     let https_port = proxy.settings().https_port;
-    eventually("good.acme.test gets its certificate", Duration::from_secs(60), || {
-        let root = root.clone();
-        async move { trusted_fingerprint(https_port, "good.acme.test", &root).await.is_some() }
-    })
+    eventually(
+        "good.acme.test gets its certificate",
+        Duration::from_secs(60),
+        || {
+            let root = root.clone();
+            async move {
+                trusted_fingerprint(https_port, "good.acme.test", &root)
+                    .await
+                    .is_some()
+            }
+        },
+    )
     .await;
     eventually(
         "broken.acme.test is reported failing, and retried",
         Duration::from_secs(60),
         || async {
-            acme_status(&proxy, "broken.acme.test").await.is_some_and(|status| {
-                status["LastOutcome"]
-                    .as_str()
-                    .is_some_and(|outcome| outcome.starts_with("error"))
-                    && status["Failures"].as_u64().is_some_and(|failures| failures >= 2)
-                    && status["NextAttempt"].is_string()
-            })
+            acme_status(&proxy, "broken.acme.test")
+                .await
+                .is_some_and(|status| {
+                    status["LastOutcome"]
+                        .as_str()
+                        .is_some_and(|outcome| outcome.starts_with("error"))
+                        && status["Failures"]
+                            .as_u64()
+                            .is_some_and(|failures| failures >= 2)
+                        && status["NextAttempt"].is_string()
+                })
         },
     )
     .await;
@@ -385,9 +471,13 @@ async fn two_proxies_sharing_the_registry_order_a_domain_once_and_both_serve_it(
     })
     .await;
     let second = TestProxy::spawn_with(fleet_flags).await;
-    registry.register_instance("shop", "shop-1", backend.port).await;
+    registry
+        .register_instance("shop", "shop-1", backend.port)
+        .await;
     first
-        .reconfigure_ok("serviceName=shop&servicePath=/&serviceDomain=shop.acme.test&letsEncrypt=true")
+        .reconfigure_ok(
+            "serviceName=shop&servicePath=/&serviceDomain=shop.acme.test&letsEncrypt=true",
+        )
         .await;
 
     let root = pebble.root().await;
@@ -395,7 +485,10 @@ async fn two_proxies_sharing_the_registry_order_a_domain_once_and_both_serve_it(
     for proxy in [&first, &second] {
         served.push(wait_for_trusted(proxy.settings().https_port, "shop.acme.test", &root).await);
     }
-    assert_eq!(served[0], served[1], "both serve the one certificate ordered");
+    assert_eq!(
+        served[0], served[1],
+        "both serve the one certificate ordered"
+    );
     // Nobody orders it again: the same certificate stays, and one account exists.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for proxy in [&first, &second] {
@@ -404,4 +497,41 @@ async fn two_proxies_sharing_the_registry_order_a_domain_once_and_both_serve_it(
     }
     let keys = registry.kv_keys("flow-proxy/certs/").await;
     assert_eq!(keys, ["flow-proxy/certs/acme.shop.acme.test"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_acme_all_domains_every_exact_domain_gets_a_certificate_and_none_without_terms() {
+    let http_port = free_port();
+    let pebble = Pebble::start(http_port, 3600).await;
+    let backend = spawn_backend("docs").await;
+    let proxy = TestProxy::spawn_with(|settings| {
+        settings.http_port = http_port;
+        pebble.flags(settings);
+        settings.acme.acme_all_domains = true;
+    })
+    .await;
+    proxy
+        .register_instance("docs", "docs-1", backend.port)
+        .await;
+    proxy
+        .reconfigure_ok("serviceName=docs&servicePath=/&serviceDomain=docs.acme.test")
+        .await;
+    let root = pebble.root().await;
+    wait_for_trusted(proxy.settings().https_port, "docs.acme.test", &root).await;
+
+    // Without --acme-accept-terms nothing is ordered and no challenge route exists.
+    let off = TestProxy::spawn_with(|settings| {
+        pebble.flags(settings);
+        settings.acme.acme_accept_terms = false;
+    })
+    .await;
+    off.register_instance("docs", "docs-1", backend.port).await;
+    off.reconfigure_ok(
+        "serviceName=docs&servicePath=/&serviceDomain=docs.acme.test&letsEncrypt=true",
+    )
+    .await;
+    assert!(!off.config().await.contains("flow_proxy_acme"));
+    let (_, body) = off.api_get("/v1/docker-flow-proxy/certs").await;
+    assert_eq!(body["Certs"], serde_json::json!([]), "{body}");
+    assert_eq!(body["Acme"], serde_json::json!([]), "{body}");
 }
