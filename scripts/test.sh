@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: installs HAProxy if missing, then format, lint and tests.
+# The whole test suite, as CI runs it: installs HAProxy (and Pebble, for the ACME tests) if
+# missing, then format, lint and tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-haproxy.sh

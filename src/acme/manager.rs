@@ -262,6 +262,7 @@ impl Orderer {
                 message: format!("no certificate within {}s", ORDER_TIMEOUT.as_secs()),
             }),
         };
+        self.proxy.observer().record_acme_order(result.is_ok());
         match result {
             Ok(()) => {
                 tracing::info!(domain, "ACME certificate issued and stored");

@@ -446,6 +446,23 @@ async fn a_domain_whose_challenge_fails_is_reported_and_retried_while_others_get
         },
     )
     .await;
+    let metrics = proxy
+        .http()
+        .get(proxy.api("/metrics"))
+        .send()
+        .await
+        .expect("the API answers")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("flow_proxy_acme_orders_total{result=\"error\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("flow_proxy_acme_orders_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
     // Routing changes still go through while it fails.
     proxy
         .reconfigure_ok("serviceName=app&servicePath=/&serviceDomain=good.acme.test&letsEncrypt=true&reqMode=http")
