@@ -242,13 +242,16 @@ impl Orderer {
             status.last_attempt = Some(rfc3339(now_unix()));
         });
         match self.take_lease(domain).await {
-            Ok(None) => {
-                self.board.update(domain, |status| {
-                    status.last_outcome = Some("ordered by another proxy".into());
-                });
+            Ok(LeaseState::HeldElsewhere { outcome }) => {
+                let shown = match outcome {
+                    Some(outcome) => format!("ordered by another proxy: {outcome}"),
+                    None => "ordered by another proxy".into(),
+                };
+                self.board
+                    .update(domain, |status| status.last_outcome = Some(shown));
                 return;
             }
-            Ok(Some(_)) => {}
+            Ok(LeaseState::Taken) => {}
             Err(error) => {
                 self.failed(domain, &error.to_string());
                 return;
@@ -274,16 +277,22 @@ impl Orderer {
                 });
                 // The lease stays until it expires: every proxy's certificate watch has the
                 // new certificate by then, so nobody orders it again.
+                let until = now_unix() + i64::try_from(LEASE.as_secs()).unwrap_or(600);
+                self.hold_lease(domain, until, "ok").await;
             }
             Err(error) => {
-                self.failed(domain, &error.to_string());
-                self.release_lease(domain).await;
+                let message = format!("error: {error}");
+                // The fleet waits out this proxy's backoff: the lease is held until the retry.
+                let retry_at = self.failed(domain, &error.to_string());
+                self.hold_lease(domain, retry_at, &message).await;
             }
         }
     }
 
-    fn failed(&self, domain: &str, message: &str) {
+    /// Records a failure of `domain` and schedules its retry; returns when that is due.
+    fn failed(&self, domain: &str, message: &str) -> i64 {
         let base = self.flags.check_interval() * RETRY_INTERVALS;
+        let mut retry_at = 0;
         self.board.update(domain, |status| {
             status.failures = status.failures.saturating_add(1);
             let delay = backoff(base, status.failures);
@@ -298,7 +307,9 @@ impl Orderer {
             status.last_outcome = Some(format!("error: {message}"));
             status.next_attempt = Some(rfc3339(next));
             status.next_attempt_unix = next;
+            retry_at = next;
         });
+        retry_at
     }
 
     /// Orders, validates, finalizes and stores a certificate for `domain`.
@@ -370,16 +381,21 @@ impl Orderer {
             .map_err(|error| AcmeError::Store(error.to_string()))
     }
 
-    /// The lease on `domain` for this proxy, or `None` while another proxy holds it.
-    async fn take_lease(&self, domain: &str) -> Result<Option<()>, AcmeError> {
+    /// Takes the lease on `domain` for this proxy (check-and-set), unless another proxy holds
+    /// it and it has not expired.
+    async fn take_lease(&self, domain: &str) -> Result<LeaseState, AcmeError> {
         let key = self.lease_key(domain);
         let read = self.registry.kv_get(&key).await?;
         let now = now_unix();
         let index = match read.value {
             Some(entry) => {
                 let held: Option<Lease> = serde_json::from_slice(&entry.value).ok();
-                if held.is_some_and(|lease| lease.holder != self.holder && lease.until > now) {
-                    return Ok(None);
+                if let Some(lease) = held {
+                    if lease.holder != self.holder && lease.until > now {
+                        return Ok(LeaseState::HeldElsewhere {
+                            outcome: lease.outcome,
+                        });
+                    }
                 }
                 entry.modify_index
             }
@@ -388,17 +404,44 @@ impl Orderer {
         let lease = Lease {
             holder: self.holder.clone(),
             until: now + i64::try_from(LEASE.as_secs()).unwrap_or(600),
+            outcome: None,
         };
         let value = serde_json::to_vec(&lease).unwrap_or_default();
         if self.registry.kv_put_cas(&key, value, index).await? {
-            Ok(Some(()))
+            Ok(LeaseState::Taken)
         } else {
-            Ok(None)
+            Ok(LeaseState::HeldElsewhere { outcome: None })
         }
     }
 
-    async fn release_lease(&self, domain: &str) {
-        self.delete_key(&self.lease_key(domain)).await;
+    /// Keeps this proxy's lease on `domain` until `until`, with the outcome the other proxies
+    /// show (nothing when another proxy took it meanwhile).
+    async fn hold_lease(&self, domain: &str, until: i64, outcome: &str) {
+        let key = self.lease_key(domain);
+        let Ok(read) = self.registry.kv_get(&key).await else {
+            return;
+        };
+        let Some(entry) = read.value else {
+            return;
+        };
+        let ours = serde_json::from_slice::<Lease>(&entry.value)
+            .is_ok_and(|lease| lease.holder == self.holder);
+        if !ours {
+            return;
+        }
+        let lease = Lease {
+            holder: self.holder.clone(),
+            until,
+            outcome: Some(outcome.to_string()),
+        };
+        let value = serde_json::to_vec(&lease).unwrap_or_default();
+        if let Err(error) = self
+            .registry
+            .kv_put_cas(&key, value, entry.modify_index)
+            .await
+        {
+            tracing::warn!(domain, %error, "keeping the ACME lease failed");
+        }
     }
 
     fn lease_key(&self, domain: &str) -> String {
@@ -488,12 +531,23 @@ struct StoredAccount {
     key_pkcs8: String,
 }
 
+/// What [`Orderer::take_lease`] found.
+enum LeaseState {
+    /// This proxy orders now.
+    Taken,
+    /// Another proxy orders (or waits to retry); its last outcome, if any.
+    HeldElsewhere { outcome: Option<String> },
+}
+
 /// A lease on ordering one domain.
 #[derive(Serialize, Deserialize)]
 struct Lease {
     holder: String,
     /// Seconds since the epoch.
     until: i64,
+    /// The holder's last outcome (`ok`, `error: …`), shown by the other proxies.
+    #[serde(default)]
+    outcome: Option<String>,
 }
 
 /// What `GET /certs` adds to a certificate: whether ACME manages it (its name is

@@ -260,6 +260,23 @@ async fn wait_for_trusted(https_port: u16, sni: &str, root: &CertificateDer<'sta
     }
 }
 
+/// How many certificates `proxy` ordered successfully (`flow_proxy_acme_orders_total`).
+async fn issued_orders(proxy: &TestProxy) -> u64 {
+    let metrics = proxy
+        .http()
+        .get(proxy.api("/metrics"))
+        .send()
+        .await
+        .expect("the API answers")
+        .text()
+        .await
+        .expect("metrics text");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("flow_proxy_acme_orders_total{result=\"ok\"} "))
+        .map_or(0, |count| count.trim().parse().expect("a count"))
+}
+
 async fn acme_status(proxy: &TestProxy, domain: &str) -> Option<Value> {
     let (status, body) = proxy.api_get("/v1/docker-flow-proxy/certs").await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -512,6 +529,11 @@ async fn two_proxies_sharing_the_registry_order_a_domain_once_and_both_serve_it(
         let now = trusted_fingerprint(proxy.settings().https_port, "shop.acme.test", &root).await;
         assert_eq!(now.as_deref(), Some(served[0].as_str()));
     }
+    let mut orders = 0;
+    for proxy in [&first, &second] {
+        orders += issued_orders(proxy).await;
+    }
+    assert_eq!(orders, 1, "the fleet ordered the certificate once");
     let keys = registry.kv_keys("flow-proxy/certs/").await;
     assert_eq!(keys, ["flow-proxy/certs/acme.shop.acme.test"]);
 }
