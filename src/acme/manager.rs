@@ -257,7 +257,13 @@ impl Orderer {
                 return;
             }
         }
-        let outcome = tokio::time::timeout(ORDER_TIMEOUT, self.order(account, domain)).await;
+        let mut tokens = Vec::new();
+        let outcome =
+            tokio::time::timeout(ORDER_TIMEOUT, self.order(account, domain, &mut tokens)).await;
+        // The challenges are answered or given up (also on a timeout): their keys go.
+        for key in tokens {
+            self.delete_key(&key).await;
+        }
         let result = match outcome {
             Ok(result) => result,
             Err(_) => Err(AcmeError::Validation {
@@ -312,11 +318,16 @@ impl Orderer {
         retry_at
     }
 
-    /// Orders, validates, finalizes and stores a certificate for `domain`.
-    async fn order(&self, account: &Account, domain: &str) -> Result<(), AcmeError> {
+    /// Orders, validates, finalizes and stores a certificate for `domain`; the KV keys of the
+    /// challenges it publishes are added to `tokens`.
+    async fn order(
+        &self,
+        account: &Account,
+        domain: &str,
+        tokens: &mut Vec<String>,
+    ) -> Result<(), AcmeError> {
         let identifiers = [Identifier::Dns(domain.to_string())];
         let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
-        let mut tokens = Vec::new();
         let mut authorizations = order.authorizations();
         let mut result = Ok(());
         while let Some(authorization) = authorizations.next().await {
@@ -341,17 +352,14 @@ impl Orderer {
             }
             let key_authorization = challenge.key_authorization().as_str().to_string();
             let key = format!("{}{token}", challenges_prefix(&self.kv_prefix));
+            tokens.push(key.clone());
             self.registry
                 .kv_put_cas(&key, key_authorization.into_bytes(), 0)
                 .await?;
-            tokens.push(key);
             challenge.set_ready().await?;
         }
         if result.is_ok() {
             result = self.finish(&mut order, domain).await;
-        }
-        for key in tokens {
-            self.delete_key(&key).await;
         }
         result
     }

@@ -534,6 +534,23 @@ async fn two_proxies_sharing_the_registry_order_a_domain_once_and_both_serve_it(
         orders += issued_orders(proxy).await;
     }
     assert_eq!(orders, 1, "the fleet ordered the certificate once");
+    // One account: its key was written once (create-only), never replaced.
+    let account: Value = reqwest::get(format!("{}/v1/kv/flow-proxy/acme/account", registry.url()))
+        .await
+        .expect("the registry answers")
+        .json()
+        .await
+        .expect("a KV entry");
+    assert!(account[0]["CreateIndex"].is_u64(), "{account}");
+    assert_eq!(
+        account[0]["CreateIndex"], account[0]["ModifyIndex"],
+        "{account}"
+    );
+    // The challenge answered, its token is gone from KV.
+    assert_eq!(
+        registry.kv_keys("flow-proxy/acme/challenges/").await,
+        Vec::<String>::new()
+    );
     let keys = registry.kv_keys("flow-proxy/certs/").await;
     assert_eq!(keys, ["flow-proxy/certs/acme.shop.acme.test"]);
 }
