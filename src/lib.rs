@@ -40,6 +40,9 @@
 //! - [`observe`]: what flow-proxy has done (each change's outcome, reloads, watches, registry
 //!   errors) in one place, read by `GET /metrics`, the structured change log lines and the status
 //!   page `GET /`; HAProxy's per-service counters re-exported from `show stat`.
+//! - [`acme`]: certificates that get and renew themselves (ACME, HTTP-01 answered through
+//!   HAProxy): the account and the challenges in KV, one proxy of the fleet ordering a domain at
+//!   a time under a KV lease, the certificates put into the certificate store.
 //! - [`cli`]: the command line; the operator subcommands (`render`, `check`, and
 //!   `services`/`reconfigure`/`remove` as a client of a running proxy's API). Without a
 //!   subcommand the binary runs the proxy.

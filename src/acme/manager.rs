@@ -582,7 +582,9 @@ pub fn needs_certificate(certificates: &[CertInfo], domain: &str, now: i64) -> b
     let managed = certificate_name(domain);
     let covering: Vec<&CertInfo> = certificates
         .iter()
-        .filter(|info| info.name == managed || info.dns_names.iter().any(|name| name == domain))
+        .filter(|info| {
+            info.name == managed || info.dns_names.iter().any(|name| covers(name, domain))
+        })
         .collect();
     !covering.iter().any(|info| {
         if info.name == managed {
@@ -591,6 +593,17 @@ pub fn needs_certificate(certificates: &[CertInfo], domain: &str, now: i64) -> b
             now < info.not_after_unix
         }
     })
+}
+
+/// Whether a certificate name (`shop.example.com`, or a wildcard `*.example.com`) covers
+/// `domain`, as a TLS client checks it (a wildcard stands for exactly one label).
+fn covers(name: &str, domain: &str) -> bool {
+    match name.strip_prefix("*.") {
+        Some(parent) => domain
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+        None => name == domain,
+    }
 }
 
 /// Two thirds into the certificate's lifetime.
@@ -649,6 +662,11 @@ mod tests {
         assert!(!needs_certificate(&uploaded, "shop.example.com", 899));
         assert!(needs_certificate(&uploaded, "shop.example.com", 900));
         assert!(needs_certificate(&uploaded, "other.example.com", 10));
+        // A wildcard covers one label, not the parent nor deeper names.
+        let wildcard = [info("wild", "*.example.com", 0, 900)];
+        assert!(!needs_certificate(&wildcard, "shop.example.com", 10));
+        assert!(needs_certificate(&wildcard, "example.com", 10));
+        assert!(needs_certificate(&wildcard, "a.shop.example.com", 10));
     }
 
     #[test]
