@@ -56,6 +56,7 @@ fn bench_render() {
         stats: None,
         service_domain_algo: Default::default(),
         proxy_wide: Default::default(),
+        acme_challenge: None,
     };
     for count in [10, 100, 1_000, 10_000] {
         let specs: Vec<ServiceSpec> = (0..count).map(spec).collect();

@@ -69,6 +69,9 @@ pub struct CertInfo {
     /// End of validity, seconds since the epoch.
     #[serde(skip)]
     pub not_after_unix: i64,
+    /// Start of validity, seconds since the epoch (ACME renews at two thirds of the lifetime).
+    #[serde(skip)]
+    pub not_before_unix: i64,
     /// Whether it had expired when it was read.
     pub expired: bool,
     /// SHA-256 of the leaf certificate (DER), hex.
@@ -220,6 +223,7 @@ fn describe(name: &str, certificates: &[pem::Pem]) -> Result<CertInfo, CertError
             dns_names,
             not_after: not_after_text,
             not_after_unix: not_after.timestamp(),
+            not_before_unix: certificate.validity().not_before.timestamp(),
             expired: not_after.timestamp() < now_unix(),
             fingerprint: hex(&Sha256::digest(block.contents())),
         });

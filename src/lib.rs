@@ -40,12 +40,16 @@
 //! - [`observe`]: what flow-proxy has done (each change's outcome, reloads, watches, registry
 //!   errors) in one place, read by `GET /metrics`, the structured change log lines and the status
 //!   page `GET /`; HAProxy's per-service counters re-exported from `show stat`.
+//! - [`acme`]: certificates that get and renew themselves (ACME, HTTP-01 answered through
+//!   HAProxy): the account and the challenges in KV, one proxy of the fleet ordering a domain at
+//!   a time under a KV lease, the certificates put into the certificate store.
 //! - [`cli`]: the command line; the operator subcommands (`render`, `check`, and
 //!   `services`/`reconfigure`/`remove` as a client of a running proxy's API). Without a
 //!   subcommand the binary runs the proxy.
 //!
 //! [`FlowProxy::start`] wires them together; [`run`] is what the binary calls.
 
+pub mod acme;
 pub mod api;
 pub mod certs;
 pub mod cli;
@@ -118,6 +122,9 @@ pub enum StartError {
     /// Only one of `--stats-user` and `--stats-pass` is set.
     #[error("the stats page needs both --stats-user and --stats-pass (or neither, to stay off)")]
     StatsCredentials,
+    /// ACME could not start.
+    #[error(transparent)]
+    Acme(#[from] acme::AcmeError),
     /// The API address could not be bound.
     #[error("API cannot listen on {address}: {source}")]
     ApiBind {
@@ -135,6 +142,8 @@ pub struct FlowProxy {
     haproxy: Haproxy,
     api_shutdown: oneshot::Sender<()>,
     api_task: JoinHandle<std::io::Result<()>>,
+    /// The ACME challenge responder and ordering loop, when `--acme-accept-terms` is given.
+    acme: Option<(acme::ChallengeResponder, acme::AcmeManager)>,
 }
 
 impl FlowProxy {
@@ -166,6 +175,17 @@ impl FlowProxy {
                 .map(|token| token.expose().to_string()),
         );
         let registry_url = registry.primary_url().to_string();
+        let mut render_settings = render_settings;
+        let acme_responder = if settings.acme.enabled() {
+            settings.acme.check()?;
+            let responder =
+                acme::ChallengeResponder::start(registry.clone(), &settings.kv_prefix).await?;
+            render_settings.acme_challenge = Some(responder.address());
+            tracing::info!(directory = settings.acme.directory_url(), responder = %responder.address(), "ACME on");
+            Some(responder)
+        } else {
+            None
+        };
 
         let renderer = Renderer::new(settings.templates_dir.as_deref())?
             .allow_backend_extra(settings.allow_backend_extra);
@@ -192,7 +212,7 @@ impl FlowProxy {
         .await?;
 
         let proxy = Proxy::start(ProxyParts {
-            registry,
+            registry: registry.clone(),
             renderer,
             render_settings,
             haproxy: haproxy.clone(),
@@ -210,6 +230,15 @@ impl FlowProxy {
             observer: observe::Observer::new(),
         })
         .await;
+        let acme = acme_responder.map(|responder| {
+            let manager = acme::AcmeManager::start(
+                settings.acme.clone(),
+                registry,
+                proxy.clone(),
+                &settings.kv_prefix,
+            );
+            (responder, manager)
+        });
 
         let listener = tokio::net::TcpListener::bind(api_address)
             .await
@@ -246,6 +275,7 @@ impl FlowProxy {
             haproxy,
             api_shutdown,
             api_task,
+            acme,
         })
     }
 
@@ -268,6 +298,10 @@ impl FlowProxy {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "API server failed"),
             Err(error) => tracing::error!(%error, "API task failed"),
+        }
+        if let Some((responder, manager)) = self.acme {
+            manager.stop().await;
+            responder.stop().await;
         }
         self.proxy.stop().await;
         self.haproxy.exit().await;
@@ -294,6 +328,8 @@ pub fn render_settings(settings: &Settings) -> Result<RenderSettings, StartError
         stats,
         service_domain_algo: settings.service_domain_algo,
         proxy_wide: settings.proxy_wide.proxy_wide(),
+        // Set by `FlowProxy::start` once the challenge responder listens.
+        acme_challenge: None,
     })
 }
 
@@ -312,6 +348,9 @@ pub fn settings_problems(settings: &Settings) -> Vec<StartError> {
         if let Err(error) = haproxy::ClientCa::read(path) {
             problems.push(error.into());
         }
+    }
+    if let Err(error) = settings.acme.check() {
+        problems.push(error.into());
     }
     problems
 }

@@ -233,6 +233,10 @@ pub struct Settings {
     /// line, each field a key; each change has one line with target `flow_proxy::change`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// ACME certificates (see the `acme` module).
+    #[command(flatten)]
+    pub acme: crate::acme::AcmeFlags,
 }
 
 /// The proxy-wide HAProxy settings, with Docker Flow Proxy's environment variables. Unset flags

@@ -318,9 +318,25 @@ async fn delete_cert(
 
 async fn certs(State(proxy): State<Proxy>) -> Json<Map<String, Value>> {
     let mut body = answer("OK", String::new(), None);
+    let acme = proxy.acme_board().snapshot();
+    let certs: Vec<Value> = proxy
+        .certificates()
+        .iter()
+        .map(|info| {
+            let mut cert = serde_json::to_value(info).unwrap_or_default();
+            if let Value::Object(fields) = &mut cert {
+                for (name, value) in crate::acme::certificate_fields(info, &acme) {
+                    fields.insert(name.into(), value);
+                }
+            }
+            cert
+        })
+        .collect();
+    body.insert("Certs".into(), Value::Array(certs));
+    // ACME: each managed domain's certificate name, last attempt and outcome, next retry.
     body.insert(
-        "Certs".into(),
-        serde_json::to_value(proxy.certificates().as_ref()).unwrap_or_default(),
+        "Acme".into(),
+        serde_json::to_value(acme).unwrap_or_default(),
     );
     Json(body)
 }

@@ -239,6 +239,8 @@ struct Metrics {
     watch_restarts: Family<WatchLabels, Counter>,
     watch_lag: Family<WatchLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// ACME certificate orders, by result (`ok`, `error`).
+    acme_orders: Family<ResultLabels, Counter>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -263,6 +265,7 @@ impl Metrics {
             watch_restarts: Family::default(),
             watch_lag: Family::default(),
             certificate_expiry: Family::default(),
+            acme_orders: Family::default(),
         }
     }
 
@@ -338,6 +341,11 @@ impl Metrics {
             "End of validity of each stored certificate, seconds since the epoch",
             Unit::Seconds,
             self.certificate_expiry.clone(),
+        );
+        registry.register(
+            "acme_orders",
+            "ACME certificate orders this proxy made (issuance and renewal), by result",
+            self.acme_orders.clone(),
         );
     }
 }
@@ -503,6 +511,16 @@ impl Observer {
         metrics.destinations.set(gauge_value(destinations));
         metrics.instances.set(gauge_value(instances));
         self.status().services = services;
+    }
+
+    /// Counts one ACME order (issuance or renewal) by its result.
+    pub fn record_acme_order(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.0
+            .metrics
+            .acme_orders
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// The certificates served now.

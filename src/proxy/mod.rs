@@ -208,6 +208,8 @@ pub struct Proxy {
     /// The KV-backed proxy-wide settings in force, with their sources.
     proxy_wide: watch::Receiver<Arc<Vec<EffectiveSetting>>>,
     observer: Observer,
+    /// The ACME status of each managed domain (empty while ACME is off).
+    acme_board: crate::acme::AcmeBoard,
 }
 
 /// What the core needs to run.
@@ -338,7 +340,13 @@ impl Proxy {
             custom_policy,
             proxy_wide,
             observer: parts.observer,
+            acme_board: crate::acme::AcmeBoard::default(),
         }
+    }
+
+    /// The ACME status of each managed domain, for `GET /certs`.
+    pub fn acme_board(&self) -> &crate::acme::AcmeBoard {
+        &self.acme_board
     }
 
     /// Checks a spec's custom fragments (they exist inside `--templates-dir` and parse) and

@@ -156,6 +156,7 @@ mod tests {
             stats: None,
             service_domain_algo: Default::default(),
             proxy_wide: Default::default(),
+            acme_challenge: None,
         }
     }
 

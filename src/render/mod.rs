@@ -228,6 +228,9 @@ pub struct RenderSettings {
     /// `maxconn`, timeouts, connection mode, extra lines, header captures and the request log
     /// (flags, overridden by Consul KV where set).
     pub proxy_wide: ProxyWide,
+    /// flow-proxy's ACME challenge responder, when ACME is on: the main HTTP frontend sends
+    /// `/.well-known/acme-challenge/…` there ahead of every other rule.
+    pub acme_challenge: Option<std::net::SocketAddr>,
 }
 
 /// HAProxy's stats page behind basic auth (`--stats-user`, `--stats-pass`, `--stats-uri`,

@@ -157,6 +157,7 @@ mod tests {
             stats: None,
             service_domain_algo: Default::default(),
             proxy_wide,
+            acme_challenge: None,
         }
     }
 

@@ -36,6 +36,7 @@ fn golden_settings() -> RenderSettings {
         stats: None,
         service_domain_algo: Default::default(),
         proxy_wide: Default::default(),
+        acme_challenge: None,
     }
 }
 
@@ -168,6 +169,7 @@ fn haproxy_check_with(
         stats: None,
         service_domain_algo: Default::default(),
         proxy_wide: Default::default(),
+        acme_challenge: None,
     };
     edit(&mut settings);
     let config = dir.path().join("haproxy.cfg");
@@ -1380,4 +1382,61 @@ fn backend_tuning_renders_in_one_block_in_the_documented_order() {
 fn haproxy_accepts_tuned_backends_without_warnings() {
     let output = haproxy_check(None, &tuned_services());
     assert!(!output.contains("WARNING"), "{output}");
+}
+
+// ACME HTTP-01: the challenge backend.
+
+#[test]
+fn acme_challenges_pass_every_redirect_and_go_to_flow_proxy_before_every_service() {
+    let responder: std::net::SocketAddr = "127.0.0.1:40123".parse().unwrap();
+    let mut settings = golden_settings();
+    settings.https_only = true;
+    settings.users = Vec::new();
+    settings.acme_challenge = Some(responder);
+    let services = vec![(
+        spec(&[
+            ("serviceName", "shop"),
+            ("servicePath", "/"),
+            ("serviceDomain", "shop.example.com"),
+            ("letsEncrypt", "true"),
+        ]),
+        vec![inst("10.0.1.4", 3000)],
+    )];
+    let text = render(&settings, &services);
+    let allow = line_of(&text, "http-request allow if flow_proxy_acme_challenge");
+    let redirect = text
+        .lines()
+        .position(|line| {
+            line.trim()
+                .starts_with("http-request redirect scheme https")
+        })
+        .expect("the HTTPS redirect");
+    let to_acme = line_of(
+        &text,
+        "use_backend flow_proxy_acme if flow_proxy_acme_challenge",
+    );
+    let to_shop = text
+        .lines()
+        .position(|line| line.trim().starts_with("use_backend shop-be"))
+        .expect("the shop rule");
+    assert!(allow < redirect && to_acme < to_shop, "{text}");
+    assert!(
+        text.contains(
+            "backend flow_proxy_acme\n    mode http\n    server flow-proxy 127.0.0.1:40123\n"
+        ),
+        "{text}"
+    );
+    // Without ACME, none of it.
+    settings.acme_challenge = None;
+    assert!(!render(&settings, &services).contains("acme"));
+}
+
+#[test]
+fn haproxy_accepts_the_acme_challenge_backend_without_warnings() {
+    let output = haproxy_check_with(None, &edge_services(), |settings| {
+        settings.https_only = true;
+        settings.acme_challenge = Some("127.0.0.1:40123".parse().unwrap());
+    });
+    assert!(!output.contains("[WARNING]"), "{output}");
+    assert!(!output.contains("[ALERT]"), "{output}");
 }

@@ -54,6 +54,8 @@ pub(super) struct ConfigView {
     stats: Option<StatsView>,
     /// `maxconn`, timeouts, connection mode, request log, extra `global` lines.
     proxy_wide: super::proxy_wide::ProxyWideView,
+    /// The backend answering ACME HTTP-01 challenges, when ACME is on.
+    acme_challenge: Option<AcmeChallengeView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,6 +74,9 @@ struct FrontendView {
     /// Proxy-wide lines of the main frontends (header captures, `--extra-frontend`), after
     /// `bind`; empty in the other frontends.
     main_lines: Vec<String>,
+    /// The ACME challenge backend, on the main HTTP frontend when ACME is on: its requests pass
+    /// every other `http-request` rule (redirects, auth) and go there ahead of every service.
+    acme_challenge: Option<&'static str>,
 }
 
 /// A `userlist` section: user names with crypt(3) hashes, never clear passwords.
@@ -1072,6 +1077,7 @@ pub(super) fn build(
             rules: rule_views(&rules, FrontendKind::ExtraHttp { port }),
             default_backend: None,
             main_lines: Vec::new(),
+            acme_challenge: None,
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
@@ -1089,6 +1095,7 @@ pub(super) fn build(
         ),
         default_backend: default_backend.clone(),
         main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
+        acme_challenge: settings.acme_challenge.map(|_| ACME_CHALLENGE_BACKEND),
     };
     let https = match tls {
         Some(tls) => {
@@ -1109,6 +1116,7 @@ pub(super) fn build(
                 rules: rule_views(&main_rules, FrontendKind::Https),
                 default_backend: default_backend.clone(),
                 main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
+                acme_challenge: None,
             })
         }
         None => None,
@@ -1168,7 +1176,28 @@ pub(super) fn build(
         userlists,
         stats,
         proxy_wide: super::proxy_wide::view(&settings.proxy_wide),
+        acme_challenge: settings.acme_challenge.map(acme_challenge_view),
     })
+}
+
+// ACME HTTP-01 (the `acme` module answers; see `RenderSettings::acme_challenge`).
+
+/// The backend of ACME challenges: no service backend is named this (theirs end in `-be…`).
+const ACME_CHALLENGE_BACKEND: &str = "flow_proxy_acme";
+
+/// The ACME challenge backend: one server, flow-proxy's own challenge responder on loopback.
+#[derive(Debug, Serialize)]
+struct AcmeChallengeView {
+    name: &'static str,
+    server: String,
+}
+
+fn acme_challenge_view(responder: std::net::SocketAddr) -> AcmeChallengeView {
+    AcmeChallengeView {
+        name: ACME_CHALLENGE_BACKEND,
+        // `SocketAddr`'s own text: `127.0.0.1:8081` or `[::1]:8081`, both read by HAProxy.
+        server: responder.to_string(),
+    }
 }
 
 // Custom fragments (`templateFePath`, `templateBePath`; see the `custom` module).

@@ -23,6 +23,7 @@
 //! and/or `serviceDomain`, optionally on its own `srcPort`) or TCP (`reqMode=tcp`, a frontend on
 //! `srcPort` forwarding everything).
 
+pub mod acme;
 mod backend_tuning;
 pub mod custom_templates;
 mod docker_flow;
@@ -117,6 +118,8 @@ pub struct ServiceSpec {
     /// Backend tuning: balance, timeouts, connection mode, compression, stickiness, health
     /// (boxed: most specs leave it at its defaults, and a spec travels through queues).
     backend_tuning: Box<BackendTuning>,
+    /// `letsEncrypt`: certificates for the exact `serviceDomain`s are ordered over ACME.
+    lets_encrypt: bool,
 }
 
 /// The header rules of a service (`addReqHeader`, `setReqHeader`, `delReqHeader`,
@@ -271,6 +274,12 @@ impl ServiceSpec {
         self.ssl_verify_none
     }
 
+    /// Whether certificates for the service's exact domains are ordered over ACME
+    /// (`letsEncrypt`).
+    pub fn lets_encrypt(&self) -> bool {
+        self.lets_encrypt
+    }
+
     /// The service's `serviceDomain`s over every destination, in destination order, unique.
     pub fn all_service_domains(&self) -> Vec<&Domain> {
         let mut domains: Vec<&Domain> = Vec::new();
@@ -387,6 +396,7 @@ impl ServiceSpec {
                  replace (its frontend is only `bind` and `default_backend`)",
             ));
         }
+        acme::check_lets_encrypt(&spec)?;
         if spec.verify_client_ssl && spec.all_service_domains().is_empty() {
             return Err(spec_error(
                 "verifyClientSsl",

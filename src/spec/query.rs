@@ -114,6 +114,8 @@ const PARAMETERS: &[(&str, Scope)] = &[
     ("checkInterval", Scope::Service),
     ("maxFails", Scope::Service),
     ("observe", Scope::Service),
+    // ACME certificates (`acme.rs`).
+    ("letsEncrypt", Scope::Service),
 ];
 
 // Docker Flow Proxy compatibility: parameters its clients send that mean nothing here, each
@@ -720,6 +722,7 @@ pub(crate) fn build_spec(
         custom: CustomTemplates::parse(|parameter| service.get(parameter).copied())?,
         service_tag,
         backend_tuning,
+        lets_encrypt: super::acme::parse_lets_encrypt(service.get("letsEncrypt").copied())?,
     })
     .map(|spec| (spec, raw.ignored.clone()))
 }

@@ -104,6 +104,9 @@ pub(super) struct StoredSpec {
     /// `Balance`, `TimeoutServer`, …, `Observe`: see `backend_tuning.rs`.
     #[serde(flatten)]
     backend_tuning: StoredBackendTuning,
+    /// `letsEncrypt`.
+    #[serde(default)]
+    lets_encrypt: bool,
 }
 
 /// The stored form of one basic-auth user: the name and the crypt(3) hash of the password.
@@ -193,6 +196,7 @@ impl From<ServiceSpec> for StoredSpec {
             custom: StoredCustomTemplates::from(&spec.custom),
             service_tag: texts(&spec.service_tag),
             backend_tuning: StoredBackendTuning::from(spec.backend_tuning.as_ref()),
+            lets_encrypt: spec.lets_encrypt,
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
                 .destinations
@@ -403,6 +407,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 parse_service_tags("serviceTag", &tags)?
             },
             backend_tuning: Box::new(BackendTuning::try_from(&stored.backend_tuning)?),
+            lets_encrypt: stored.lets_encrypt,
         })
     }
 }

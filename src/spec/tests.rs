@@ -1765,3 +1765,53 @@ fn stored_backend_tuning_is_validated_on_read() {
     let spec: ServiceSpec = serde_json::from_value(json).unwrap();
     assert_eq!(spec.backend_tuning().effective_max_fails(), 0);
 }
+
+// ACME (`acme.rs`): letsEncrypt.
+
+#[test]
+fn lets_encrypt_is_read_stored_and_needs_an_exact_domain() {
+    let spec = accepted(&[
+        ("serviceName", "shop"),
+        ("serviceDomain", "shop.example.com,*.shop.example.com"),
+        ("letsEncrypt", "true"),
+    ]);
+    assert!(spec.lets_encrypt());
+    let exact: Vec<&str> = acme::acme_domains(&spec)
+        .iter()
+        .map(|domain| domain.host_pattern())
+        .collect();
+    assert_eq!(exact, ["shop.example.com"]);
+    let stored = serde_json::to_string(&spec).unwrap();
+    assert!(stored.contains("\"LetsEncrypt\":true"), "{stored}");
+    assert_eq!(serde_json::from_str::<ServiceSpec>(&stored).unwrap(), spec);
+    let plain = accepted(&[("serviceName", "plain"), ("servicePath", "/")]);
+    assert!(!plain.lets_encrypt());
+
+    refused_with(
+        &[
+            ("serviceName", "s"),
+            ("servicePath", "/"),
+            ("letsEncrypt", "true"),
+        ],
+        "letsEncrypt",
+        &["serviceDomain", "wildcard"],
+    );
+    refused_with(
+        &[
+            ("serviceName", "s"),
+            ("serviceDomain", "*.example.com"),
+            ("letsEncrypt", "true"),
+        ],
+        "letsEncrypt",
+        &["serviceDomain", "wildcard"],
+    );
+    refused_with(
+        &[
+            ("serviceName", "s"),
+            ("serviceDomain", "a.example.com"),
+            ("letsEncrypt", "yes\n"),
+        ],
+        "letsEncrypt",
+        &[],
+    );
+}

@@ -80,6 +80,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
         allow_backend_extra: false,
         proxy_wide: Default::default(),
         log_format: flow_proxy::settings::LogFormat::Text,
+        acme: Default::default(),
     }
 }
 

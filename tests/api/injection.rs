@@ -160,6 +160,11 @@ fn profiles(renderer: &Renderer, dir: &Path, errors: &Path) -> Vec<Profile> {
             "tls, every proxy-wide setting",
             RenderSettings {
                 proxy_wide: every_proxy_wide_setting(),
+                // ACME on: the challenge backend and its rules in the main frontend.
+                acme_challenge: Some(std::net::SocketAddr::from((
+                    std::net::Ipv4Addr::LOCALHOST,
+                    40123,
+                ))),
                 ..plain
             },
             Some(tls(true)),
@@ -1123,7 +1128,8 @@ fn value_for(base: &str) -> BoxedStrategy<String> {
         | "redirectWhenHttpProto"
         | "denyHttp"
         | "ignoreAuthorization"
-        | "usersPassEncrypted" => one_of(&["true", "false", "1", "0", "yes"]),
+        | "usersPassEncrypted"
+        | "letsEncrypt" => one_of(&["true", "false", "1", "0", "yes"]),
         "httpsRedirectCode" => one_of(&["301", "302", "303", "307", "308", "300", "200", "3O1"]),
         "redirectFromDomain" => list(domain_item()),
         "addReqHeader" | "setReqHeader" | "addResHeader" | "setResHeader" => list(header_line()),
@@ -1274,6 +1280,8 @@ const NAMES: &[&str] = &[
     "checkInterval",
     "maxFails",
     "observe",
+    // ACME.
+    "letsEncrypt",
 ];
 
 /// A parameter name: a known one with a destination suffix (good or bad), or anything.

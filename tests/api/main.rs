@@ -1,6 +1,7 @@
 //! flow-proxy's integration tests: one binary, one module per user story. Every test drives a
 //! real HAProxy and sends real HTTP through it to real backend servers on 127.0.0.1.
 
+mod acme;
 mod api_access;
 mod backend_tuning;
 mod blue_green;

@@ -215,6 +215,7 @@ pub fn settings(errors_dir: &std::path::Path) -> RenderSettings {
         stats: None,
         service_domain_algo: Default::default(),
         proxy_wide: Default::default(),
+        acme_challenge: None,
     }
 }
 
