@@ -131,8 +131,12 @@ fn parse_bind_item(item: &str) -> Vec<SocketAddr> {
     }
 }
 
-/// `comm (pid N)` of a process with a socket listening on `port`, read from `/proc` (which
-/// shows another user's processes only to root).
+/// Most holders one refusal names.
+const MAX_HOLDERS_NAMED: usize = 3;
+
+/// `comm (pid N)` of the processes with a socket listening on `port`, read from `/proc` (which
+/// shows another user's processes only to root). Several may hold it: a program and its
+/// children, or a child caught between fork and exec, which holds its parent's sockets.
 fn holder_of(port: u16) -> Option<String> {
     let mut entries = procfs::net::tcp().unwrap_or_default();
     entries.extend(procfs::net::tcp6().unwrap_or_default());
@@ -149,6 +153,7 @@ fn holder_of(port: u16) -> Option<String> {
         return None;
     }
     let processes = procfs::process::all_processes().ok()?;
+    let mut holders = Vec::new();
     for process in processes.flatten() {
         let Ok(fds) = process.fd() else {
             continue;
@@ -161,10 +166,16 @@ fn holder_of(port: u16) -> Option<String> {
                 .stat()
                 .map(|stat| stat.comm)
                 .unwrap_or_else(|_| "a process".to_string());
-            return Some(format!("{name} (pid {})", process.pid));
+            holders.push(format!("{name} (pid {})", process.pid));
+            if holders.len() == MAX_HOLDERS_NAMED {
+                break;
+            }
         }
     }
-    Some("another program".to_string())
+    if holders.is_empty() {
+        return Some("another program".to_string());
+    }
+    Some(holders.join(", "))
 }
 
 #[cfg(test)]
