@@ -39,6 +39,11 @@ pub const CERTIFICATE_PREFIX: &str = "acme.";
 const LEASE: Duration = Duration::from_secs(10 * 60);
 /// Longest delay between two attempts for a failing domain.
 const MAX_BACKOFF: Duration = Duration::from_secs(6 * 60 * 60);
+
+/// The least wait after the ACME server said a rate limit was reached (`rateLimited`, or HTTP
+/// 429): Let's Encrypt's limits are counted per hour or per week, so retrying sooner only
+/// fails again and counts against the account.
+const RATE_LIMITED_BACKOFF: Duration = Duration::from_secs(60 * 60);
 /// The first retry of a failed domain waits this many check intervals (5 minutes by default),
 /// then twice as long each time: at most four failed validations of a domain in any hour,
 /// under Let's Encrypt's limit of five.
@@ -183,8 +188,14 @@ impl Orderer {
                     Ok(found) => account = Some(found),
                     Err(error) => {
                         tracing::error!(%error, "ACME account unavailable; no certificate is ordered");
+                        // Creating an account has rate limits of its own.
+                        let floor = if error.is_rate_limited() {
+                            RATE_LIMITED_BACKOFF
+                        } else {
+                            Duration::ZERO
+                        };
                         for domain in &due {
-                            self.failed(domain, &error.to_string());
+                            self.failed(domain, &error.to_string(), floor);
                         }
                         continue;
                     }
@@ -253,7 +264,7 @@ impl Orderer {
             }
             Ok(LeaseState::Taken) => {}
             Err(error) => {
-                self.failed(domain, &error.to_string());
+                self.failed(domain, &error.to_string(), Duration::ZERO);
                 return;
             }
         }
@@ -289,19 +300,25 @@ impl Orderer {
             Err(error) => {
                 let message = format!("error: {error}");
                 // The fleet waits out this proxy's backoff: the lease is held until the retry.
-                let retry_at = self.failed(domain, &error.to_string());
+                let floor = if error.is_rate_limited() {
+                    RATE_LIMITED_BACKOFF
+                } else {
+                    Duration::ZERO
+                };
+                let retry_at = self.failed(domain, &error.to_string(), floor);
                 self.hold_lease(domain, retry_at, &message).await;
             }
         }
     }
 
-    /// Records a failure of `domain` and schedules its retry; returns when that is due.
-    fn failed(&self, domain: &str, message: &str) -> i64 {
+    /// Records a failure of `domain` and schedules its retry, no sooner than `floor`; returns
+    /// when that is due.
+    fn failed(&self, domain: &str, message: &str, floor: Duration) -> i64 {
         let base = self.flags.check_interval() * RETRY_INTERVALS;
         let mut retry_at = 0;
         self.board.update(domain, |status| {
             status.failures = status.failures.saturating_add(1);
-            let delay = backoff(base, status.failures);
+            let delay = backoff(base, status.failures).max(floor);
             let next = now_unix() + i64::try_from(delay.as_secs()).unwrap_or(i64::MAX / 2);
             tracing::warn!(
                 domain,

@@ -160,9 +160,48 @@ pub enum AcmeError {
     Bind(std::io::Error),
 }
 
+impl AcmeError {
+    /// Whether the ACME server refused because a rate limit was reached (problem type
+    /// `urn:ietf:params:acme:error:rateLimited`, or HTTP 429).
+    pub fn is_rate_limited(&self) -> bool {
+        match self {
+            AcmeError::Protocol(instant_acme::Error::Api(problem)) => {
+                problem.status == Some(429)
+                    || problem
+                        .r#type
+                        .as_deref()
+                        .is_some_and(|kind| kind.ends_with(":rateLimited"))
+            }
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_limit_is_told_from_other_refusals() {
+        let problem = |kind: &str, status: u16| {
+            AcmeError::Protocol(instant_acme::Error::Api(
+                serde_json::from_value(serde_json::json!({
+                    "type": kind,
+                    "detail": "too many certificates already issued",
+                    "status": status,
+                }))
+                .expect("a problem document"),
+            ))
+        };
+        assert!(problem("urn:ietf:params:acme:error:rateLimited", 429).is_rate_limited());
+        assert!(problem("urn:ietf:params:acme:error:rateLimited", 400).is_rate_limited());
+        assert!(!problem("urn:ietf:params:acme:error:unauthorized", 403).is_rate_limited());
+        let validation = AcmeError::Validation {
+            domain: "shop.test".into(),
+            message: "refused".into(),
+        };
+        assert!(!validation.is_rate_limited());
+    }
 
     #[test]
     fn staging_is_one_word_away_and_the_email_must_be_plain() {
