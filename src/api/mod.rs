@@ -178,6 +178,7 @@ async fn reconfigure(
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     let certificate = service_cert
         .map(|pem| {
+            not_an_acme_name("serviceCert", spec.service_name().as_str())?;
             Certificate::parse(spec.service_name().as_str(), &pem).map_err(|error| SpecError {
                 parameter: "serviceCert".into(),
                 message: error.to_string(),
@@ -261,6 +262,22 @@ async fn services(State(proxy): State<Proxy>) -> Json<Vec<Value>> {
     )
 }
 
+/// Refuses to store a certificate under `name` when the name is one ACME's certificates take
+/// (`acme.<domain>`): an upload must never replace or shadow a certificate ACME renews.
+fn not_an_acme_name(parameter: &str, name: &str) -> Result<(), SpecError> {
+    if name.starts_with(crate::acme::CERTIFICATE_PREFIX) {
+        return Err(SpecError {
+            parameter: parameter.into(),
+            message: format!(
+                "certificates named `{}…` are the ones flow-proxy gets from ACME; store this one \
+                 under another name",
+                crate::acme::CERTIFICATE_PREFIX
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The `certName` of a certificate call; Docker Flow Proxy's `distribute` is accepted (every
 /// proxy sharing the Consul serves a stored certificate anyway), anything else is refused.
 fn cert_name(query: Option<String>) -> Result<String, ApiError> {
@@ -294,6 +311,7 @@ async fn put_cert(
     body: Bytes,
 ) -> Result<Json<Map<String, Value>>, ApiError> {
     let name = cert_name(query)?;
+    not_an_acme_name("certName", &name)?;
     let certificate = Certificate::parse(&name, &body)?;
     let info = certificate.info().clone();
     proxy.put_cert(certificate).await?;

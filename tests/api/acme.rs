@@ -16,7 +16,9 @@ use tokio::process::{Child, Command};
 
 use crate::fleet::{eventually, SharedRegistry};
 use crate::helpers::{free_port, spawn_backend, TestProxy};
-use crate::tls::{client_config, https_request, tls_connect, TestCa};
+use crate::tls::{
+    client_config, https_request, put_cert, reconfigure_with_body, tls_connect, TestCa,
+};
 
 /// Pebble and its DNS server on loopback, validating HTTP-01 on `http_port`.
 struct Pebble {
@@ -590,4 +592,35 @@ async fn with_acme_all_domains_every_exact_domain_gets_a_certificate_and_none_wi
     let (_, body) = off.api_get("/v1/docker-flow-proxy/certs").await;
     assert_eq!(body["Certs"], serde_json::json!([]), "{body}");
     assert_eq!(body["Acme"], serde_json::json!([]), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_may_not_take_the_names_of_acme_certificates() {
+    let proxy = TestProxy::spawn().await;
+    let ca = TestCa::new();
+    let pem = ca.bundle(&["shop.example.com"]);
+    let (status, body) = put_cert(&proxy, "acme.shop.example.com", &pem).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["Message"]
+            .as_str()
+            .is_some_and(|m| m.contains("certName")),
+        "{body}"
+    );
+    let backend = spawn_backend("shop").await;
+    proxy
+        .register_instance("acme.shop", "acme.shop-1", backend.port)
+        .await;
+    let (status, body) =
+        reconfigure_with_body(&proxy, "serviceName=acme.shop&servicePath=/shop", &pem).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["Message"]
+            .as_str()
+            .is_some_and(|m| m.contains("serviceCert")),
+        "{body}"
+    );
+    let (status, listed) = proxy.api_get("/v1/docker-flow-proxy/certs").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["Certs"], serde_json::json!([]), "{listed}");
 }

@@ -86,6 +86,23 @@ pub async fn put_cert(proxy: &TestProxy, name: &str, pem: &str) -> (StatusCode, 
     (status, response.json().await.expect("JSON answer"))
 }
 
+/// `PUT /reconfigure?<query>` with `body` (a `serviceCert` bundle).
+pub async fn reconfigure_with_body(
+    proxy: &TestProxy,
+    query: &str,
+    body: &str,
+) -> (StatusCode, Value) {
+    let response = proxy
+        .http()
+        .put(proxy.api(&format!("/v1/docker-flow-proxy/reconfigure?{query}")))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the API answers");
+    let status = response.status();
+    (status, response.json().await.expect("JSON answer"))
+}
+
 /// An HTTP/1.1 answer read off the wire: status, headers (names lowercased) and body.
 #[derive(Debug)]
 pub struct RawAnswer {

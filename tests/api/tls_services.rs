@@ -9,12 +9,12 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{spawn_backend, TestProxy};
 use crate::tls::{
-    http_request, https_request, put_cert, spawn_tls_backend, tls_connect, TestCa, TlsBackend,
+    http_request, https_request, put_cert, reconfigure_with_body, spawn_tls_backend, tls_connect,
+    TestCa, TlsBackend,
 };
 
 fn https_port(proxy: &TestProxy) -> u16 {
@@ -31,19 +31,6 @@ async fn listed_cert_names(proxy: &TestProxy) -> Vec<String> {
         .iter()
         .filter_map(|cert| cert["Name"].as_str().map(str::to_string))
         .collect()
-}
-
-/// `PUT /reconfigure?<query>` with `body`.
-async fn reconfigure_with_body(proxy: &TestProxy, query: &str, body: &str) -> (StatusCode, Value) {
-    let response = proxy
-        .http()
-        .put(proxy.api(&format!("/v1/docker-flow-proxy/reconfigure?{query}")))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("the API answers");
-    let status = response.status();
-    (status, response.json().await.expect("JSON answer"))
 }
 
 /// A rustls client trusting `root` and presenting `identity` (a PEM bundle: certificate, key).
