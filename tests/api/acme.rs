@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 
 use crate::fleet::{eventually, SharedRegistry};
-use crate::helpers::{free_port, spawn_backend, TestProxy};
+use crate::helpers::{free_port, spawn_backend, Backend, TestProxy};
 use crate::tls::{
     client_config, https_request, put_cert, reconfigure_with_body, tls_connect, TestCa,
 };
@@ -289,24 +289,34 @@ async fn acme_status(proxy: &TestProxy, domain: &str) -> Option<Value> {
         .cloned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lets_encrypt_domain_gets_a_certificate_a_client_trusting_pebble_accepts() {
+/// Pebble issuing certificates valid `validity` seconds, and a proxy with ACME on routing service
+/// `name` (one instance) on `/` of `<name>.acme.test` with `letsEncrypt=true`.
+async fn pebble_and_proxy_routing(
+    name: &'static str,
+    validity: u64,
+) -> (Pebble, TestProxy, Backend) {
     let http_port = free_port();
-    let pebble = Pebble::start(http_port, 3600).await;
-    let backend = spawn_backend("shop").await;
+    let pebble = Pebble::start(http_port, validity).await;
+    let backend = spawn_backend(name).await;
     let proxy = TestProxy::spawn_with(|settings| {
         settings.http_port = http_port;
         pebble.flags(settings);
     })
     .await;
     proxy
-        .register_instance("shop", "shop-1", backend.port)
+        .register_instance(name, &format!("{name}-1"), backend.port)
         .await;
     proxy
-        .reconfigure_ok(
-            "serviceName=shop&servicePath=/&serviceDomain=shop.acme.test&letsEncrypt=true",
-        )
+        .reconfigure_ok(&format!(
+            "serviceName={name}&servicePath=/&serviceDomain={name}.acme.test&letsEncrypt=true"
+        ))
         .await;
+    (pebble, proxy, backend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lets_encrypt_domain_gets_a_certificate_a_client_trusting_pebble_accepts() {
+    let (pebble, proxy, _backend) = pebble_and_proxy_routing("shop", 3600).await;
 
     let root = pebble.root().await;
     let https_port = proxy.settings().https_port;
@@ -372,23 +382,8 @@ async fn a_lets_encrypt_domain_gets_a_certificate_a_client_trusting_pebble_accep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_lived_certificate_is_renewed_before_it_expires_without_a_call() {
-    let http_port = free_port();
     // Renewal is due two thirds in: after 10 of these 15 seconds.
-    let pebble = Pebble::start(http_port, 15).await;
-    let backend = spawn_backend("blog").await;
-    let proxy = TestProxy::spawn_with(|settings| {
-        settings.http_port = http_port;
-        pebble.flags(settings);
-    })
-    .await;
-    proxy
-        .register_instance("blog", "blog-1", backend.port)
-        .await;
-    proxy
-        .reconfigure_ok(
-            "serviceName=blog&servicePath=/&serviceDomain=blog.acme.test&letsEncrypt=true",
-        )
-        .await;
+    let (pebble, proxy, _backend) = pebble_and_proxy_routing("blog", 15).await;
     let root = pebble.root().await;
     let https_port = proxy.settings().https_port;
     let first = wait_for_trusted(https_port, "blog.acme.test", &root).await;
