@@ -280,6 +280,12 @@ pub struct ProxyWideFlags {
     #[arg(long, env = "CONNECTION_MODE")]
     pub connection_mode: Option<ConnectionMode>,
 
+    /// How long an HAProxy process replaced by a reload may keep serving its open connections
+    /// (WebSockets, long downloads) before it is stopped: `hard-stop-after` (seconds, or with a
+    /// unit). Default: 30s.
+    #[arg(long, env = "HARD_STOP_AFTER")]
+    pub hard_stop_after: Option<HaproxyTime>,
+
     /// HAProxy's process-wide `maxconn` (1 to 10000000; HAProxy needs about two open files per
     /// connection). Default: 4096.
     #[arg(long, env = "MAXCONN", value_parser = parse_maxconn)]
@@ -339,6 +345,9 @@ impl ProxyWideFlags {
         }
         if let Some(maxconn) = self.maxconn {
             settings.maxconn = maxconn;
+        }
+        if let Some(time) = self.hard_stop_after {
+            settings.hard_stop_after = time;
         }
         if let Some(mode) = self.connection_mode {
             settings.connection_mode = mode;

@@ -31,10 +31,16 @@ pub struct ProxyWide {
     pub capture_request_headers: Vec<CapturedHeader>,
     /// HAProxy's request log to its standard output (flow-proxy's, which it inherits).
     pub access_log: bool,
+    /// `hard-stop-after` in `global`: how long an old process may keep serving its open
+    /// connections after a reload before it is stopped.
+    pub hard_stop_after: HaproxyTime,
 }
 
 /// The `maxconn` flow-proxy always wrote.
 pub const DEFAULT_MAXCONN: u32 = 4096;
+
+/// The `hard-stop-after` flow-proxy always wrote.
+pub const DEFAULT_HARD_STOP_AFTER: HaproxyTime = HaproxyTime::whole_seconds(30);
 
 /// The timeouts flow-proxy always wrote, as (name, amount, unit).
 const DEFAULT_TIMEOUTS: [(TimeoutName, u64, TimeUnit); 6] = [
@@ -67,6 +73,7 @@ impl Default for ProxyWide {
             extra_frontend: Vec::new(),
             capture_request_headers: Vec::new(),
             access_log: false,
+            hard_stop_after: DEFAULT_HARD_STOP_AFTER,
         }
     }
 }
@@ -75,6 +82,7 @@ impl Default for ProxyWide {
 #[derive(Debug, Serialize)]
 pub(super) struct ProxyWideView {
     maxconn: u32,
+    hard_stop_after: String,
     access_log: bool,
     extra_global: Vec<String>,
     /// `timeout <name> <value>` lines of the HTTP defaults, in a fixed order.
@@ -107,6 +115,7 @@ pub(super) fn view(settings: &ProxyWide) -> ProxyWideView {
     };
     ProxyWideView {
         maxconn: settings.maxconn,
+        hard_stop_after: settings.hard_stop_after.to_string(),
         access_log: settings.access_log,
         extra_global: lines(&settings.extra_global),
         http_timeouts: timeouts(false),

@@ -97,6 +97,15 @@ impl HaproxyTime {
         Ok(HaproxyTime { amount, unit })
     }
 
+    /// `amount` whole seconds, for the defaults written in the code: `amount` must be 1 to
+    /// 2,147,483 (what [`HaproxyTime::new`] accepts in seconds).
+    pub(crate) const fn whole_seconds(amount: u64) -> HaproxyTime {
+        HaproxyTime {
+            amount,
+            unit: TimeUnit::Seconds,
+        }
+    }
+
     /// Parses an HAProxy time value with its unit (`500ms`, `30s`, `1h`).
     pub fn parse(value: &str) -> Result<HaproxyTime, ProxyWideError> {
         Self::parse_with_bare_unit(value, None)

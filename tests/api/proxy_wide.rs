@@ -583,3 +583,60 @@ async fn a_maxconn_haproxy_cannot_start_with_is_logged_and_the_serving_process_s
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_stop_after_ends_the_connections_an_old_process_keeps_after_a_reload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let proxy = TestProxy::spawn_with(|settings| {
+        settings.proxy_wide.hard_stop_after = Some(HaproxyTime::parse("1s").expect("a time"));
+    })
+    .await;
+    // An instance that echoes every byte, for as long as the client stays.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the echo instance");
+    let echo_port = echo.local_addr().expect("address").port();
+    let echo_task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 64];
+                while let Ok(read) = stream.read(&mut buffer).await {
+                    if read == 0 || stream.write_all(&buffer[..read]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    proxy.register_instance("db", "db-1", echo_port).await;
+    let src_port = free_port();
+    proxy
+        .reconfigure_ok(&format!("serviceName=db&reqMode=tcp&srcPort={src_port}"))
+        .await;
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", src_port))
+        .await
+        .expect("the tcp frontend accepts");
+    client.write_all(b"ping").await.expect("send");
+    let mut answer = [0u8; 4];
+    client.read_exact(&mut answer).await.expect("echoed");
+    assert_eq!(&answer, b"ping");
+
+    // A change that needs a reload: the process holding the connection becomes the old one.
+    proxy
+        .reconfigure_ok("serviceName=other&servicePath=/other")
+        .await;
+    let reloaded = std::time::Instant::now();
+    let mut rest = [0u8; 4];
+    let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut rest))
+        .await
+        .expect("the old process ends the connection within --hard-stop-after (1s), not 30s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        reloaded.elapsed() < Duration::from_secs(6),
+        "closed after {:?}",
+        reloaded.elapsed()
+    );
+    assert!(proxy.config().await.contains("hard-stop-after 1s"));
+    echo_task.abort();
+}
