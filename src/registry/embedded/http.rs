@@ -1056,6 +1056,27 @@ struct HealthServiceView {
     modify_index: u64,
 }
 
+impl HealthServiceView {
+    /// `svc` as Consul's `NodeService` shows it, in health and catalog node answers.
+    fn new(svc: &Service) -> Self {
+        HealthServiceView {
+            id: svc.id.clone(),
+            service: svc.name.clone(),
+            tags: svc.tags.clone(),
+            address: svc.address.clone(),
+            tagged_addresses: service_tagged_addresses(svc),
+            meta: svc.meta.clone(),
+            port: svc.port,
+            weights: svc.weights.clone(),
+            enable_tag_override: svc.enable_tag_override,
+            proxy: PROXY,
+            connect: Empty {},
+            create_index: svc.create_index,
+            modify_index: svc.modify_index,
+        }
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct CheckView {
@@ -1138,21 +1159,7 @@ impl HealthView {
                 create_index: node.index,
                 modify_index: node.index,
             },
-            service: HealthServiceView {
-                id: svc.id.clone(),
-                service: svc.name.clone(),
-                tags: svc.tags.clone(),
-                address: svc.address.clone(),
-                tagged_addresses: service_tagged_addresses(svc),
-                meta: svc.meta.clone(),
-                port: svc.port,
-                weights: svc.weights.clone(),
-                enable_tag_override: svc.enable_tag_override,
-                proxy: PROXY,
-                connect: Empty {},
-                create_index: svc.create_index,
-                modify_index: svc.modify_index,
-            },
+            service: HealthServiceView::new(svc),
             checks,
         }
     }

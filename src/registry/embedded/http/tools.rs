@@ -13,12 +13,11 @@ use std::collections::BTreeMap;
 use axum::response::Response;
 use serde::Serialize;
 
-use super::super::store::{CheckKind, Service, State as RegistryState};
+use super::super::store::{CheckKind, State as RegistryState};
 use super::super::Fault;
 use super::{
-    json, no_leader, node_meta, node_meta_matches, service_tagged_addresses, tagged_node_addresses,
-    ApiError, App, CheckView, Empty, HealthNodeView, Meta, NodeView, Params, ProxyView, DATACENTER,
-    LEADER, NODE_ADDRESS, PROXY,
+    json, no_leader, node_meta, node_meta_matches, tagged_node_addresses, ApiError, App, CheckView,
+    HealthNodeView, HealthServiceView, Meta, NodeView, Params, DATACENTER, LEADER, NODE_ADDRESS,
 };
 
 /// The Consul version whose HTTP API the registry imitates (reported as `Config.Version` and in
@@ -395,53 +394,13 @@ async fn catalog_nodes(
     json(&nodes, params, read_meta(index, consistency))
 }
 
-/// A service of a node as `/v1/catalog/node/<node>` shows it (`Meta` is `null` when none was
-/// registered, as in Consul's `NodeService`).
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct NodeServiceView {
-    #[serde(rename = "ID")]
-    id: String,
-    service: String,
-    tags: Vec<String>,
-    address: String,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    tagged_addresses: BTreeMap<String, super::super::store::TaggedAddress>,
-    meta: Option<BTreeMap<String, String>>,
-    port: i64,
-    weights: super::super::store::Weights,
-    enable_tag_override: bool,
-    proxy: ProxyView,
-    connect: Empty,
-    create_index: u64,
-    modify_index: u64,
-}
-
-impl NodeServiceView {
-    fn new(svc: &Service) -> Self {
-        NodeServiceView {
-            id: svc.id.clone(),
-            service: svc.name.clone(),
-            tags: svc.tags.clone(),
-            address: svc.address.clone(),
-            tagged_addresses: service_tagged_addresses(svc),
-            meta: svc.meta.clone(),
-            port: svc.port,
-            weights: svc.weights.clone(),
-            enable_tag_override: svc.enable_tag_override,
-            proxy: PROXY,
-            connect: Empty {},
-            create_index: svc.create_index,
-            modify_index: svc.modify_index,
-        }
-    }
-}
-
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct NodeServicesView {
     node: HealthNodeView,
-    services: BTreeMap<String, NodeServiceView>,
+    /// Each service as Consul's `NodeService` shows it (`Meta` is `null` when none was
+    /// registered), the same shape `/v1/health/service` gives.
+    services: BTreeMap<String, HealthServiceView>,
 }
 
 /// `/v1/catalog/node/<node>`: the node and its services keyed by ID; `null` for another node.
@@ -467,7 +426,7 @@ async fn catalog_node(
                 services: s
                     .services
                     .values()
-                    .map(|svc| (svc.id.clone(), NodeServiceView::new(svc)))
+                    .map(|svc| (svc.id.clone(), HealthServiceView::new(svc)))
                     .collect(),
             });
             (catalog_index(s), body)
