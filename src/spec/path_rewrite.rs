@@ -579,19 +579,8 @@ fn regex_literal(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::tests::{accepted, parse};
     use crate::spec::ServiceSpec;
-
-    fn parse(pairs: &[(&str, &str)]) -> Result<ServiceSpec, SpecError> {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        ServiceSpec::from_query(&pairs)
-    }
-
-    fn accepted(pairs: &[(&str, &str)]) -> ServiceSpec {
-        parse(pairs).unwrap_or_else(|error| panic!("{pairs:?} refused: {error}"))
-    }
 
     /// The error for `pairs`, which must name `parameter`.
     fn refused(pairs: &[(&str, &str)], parameter: &str) -> String {

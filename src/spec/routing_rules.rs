@@ -388,22 +388,8 @@ impl StoredRoutingRules {
 
 #[cfg(test)]
 mod tests {
-    use crate::spec::{ServiceSpec, SpecError};
-
-    fn parse(pairs: &[(&str, &str)]) -> Result<ServiceSpec, SpecError> {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        ServiceSpec::from_query(&pairs)
-    }
-
-    fn refused(pairs: &[(&str, &str)]) -> SpecError {
-        match parse(pairs) {
-            Ok(spec) => panic!("accepted: {spec:?}"),
-            Err(error) => error,
-        }
-    }
+    use crate::spec::tests::{parse, rejected as refused};
+    use crate::spec::ServiceSpec;
 
     #[test]
     fn the_routing_rules_are_read_per_destination_and_round_trip() {

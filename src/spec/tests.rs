@@ -9,11 +9,13 @@ fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn parse(pairs: &[(&str, &str)]) -> Result<ServiceSpec, SpecError> {
+/// Parses `pairs` as a reconfigure query (shared by the parameter groups' own tests).
+pub(super) fn parse(pairs: &[(&str, &str)]) -> Result<ServiceSpec, SpecError> {
     ServiceSpec::from_query(&q(pairs))
 }
 
-fn rejected(pairs: &[(&str, &str)]) -> SpecError {
+/// Asserts the query is refused; its error.
+pub(super) fn rejected(pairs: &[(&str, &str)]) -> SpecError {
     match parse(pairs) {
         Ok(spec) => panic!("{pairs:?} was accepted as {spec:?}"),
         Err(error) => error,
@@ -485,7 +487,7 @@ fn domain_of_length(length: usize) -> String {
 }
 
 /// Asserts the query is accepted.
-fn accepted(pairs: &[(&str, &str)]) -> ServiceSpec {
+pub(super) fn accepted(pairs: &[(&str, &str)]) -> ServiceSpec {
     parse(pairs).unwrap_or_else(|error| panic!("{pairs:?} was refused: {error}"))
 }
 
