@@ -275,7 +275,14 @@ pub async fn spawn_backend(name: &str) -> Backend {
 /// A proxy already routing `/demo` of service `go-demo` to one instance, so that "nothing
 /// changed" can be observed.
 pub async fn proxy_routing_demo() -> (TestProxy, Backend) {
-    let proxy = TestProxy::spawn().await;
+    proxy_routing_demo_with(|_| {}).await
+}
+
+/// [`proxy_routing_demo`], after `customise` has changed the settings.
+pub async fn proxy_routing_demo_with(
+    customise: impl FnOnce(&mut Settings),
+) -> (TestProxy, Backend) {
+    let proxy = TestProxy::spawn_with(customise).await;
     let backend = spawn_backend("demo").await;
     proxy
         .register_instance("go-demo", "go-demo.1", backend.port)

@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::fleet::{eventually, ProxyOptions, ProxyProcess, SharedRegistry, KV_PREFIX};
-use crate::helpers::{free_port, spawn_backend, TestProxy};
+use crate::helpers::{free_port, proxy_routing_demo_with, spawn_backend, TestProxy};
 use crate::proxy_client::ProxyClient;
 
 /// How long the slow backend takes to answer.
@@ -182,17 +182,10 @@ async fn maxconn_in_kv_is_read_at_start() {
 
 #[tokio::test]
 async fn connection_mode_flag_closes_the_client_connection_after_each_response() {
-    let proxy = TestProxy::spawn_with(|settings| {
+    let (proxy, _backend) = proxy_routing_demo_with(|settings| {
         settings.proxy_wide.connection_mode = Some(ConnectionMode::HttpClose);
     })
     .await;
-    let backend = spawn_backend("demo").await;
-    proxy
-        .register_instance("demo", "demo.1", backend.port)
-        .await;
-    proxy
-        .reconfigure_ok("serviceName=demo&servicePath=/demo")
-        .await;
     let response = proxy
         .http()
         .get(format!(
@@ -214,7 +207,7 @@ async fn connection_mode_flag_closes_the_client_connection_after_each_response()
 
 #[tokio::test]
 async fn extra_frontend_lines_apply_to_every_request() {
-    let proxy = TestProxy::spawn_with(|settings| {
+    let (proxy, _backend) = proxy_routing_demo_with(|settings| {
         settings.proxy_wide.extra_frontend = vec![
             "http-response set-header X-Served-By flow-proxy"
                 .parse()
@@ -225,13 +218,6 @@ async fn extra_frontend_lines_apply_to_every_request() {
         ];
     })
     .await;
-    let backend = spawn_backend("demo").await;
-    proxy
-        .register_instance("demo", "demo.1", backend.port)
-        .await;
-    proxy
-        .reconfigure_ok("serviceName=demo&servicePath=/demo")
-        .await;
     let response = proxy
         .http()
         .get(format!(
