@@ -85,6 +85,21 @@ impl ProxyClient {
         assert_eq!(status, StatusCode::OK, "reconfigure?{query}: {body}");
     }
 
+    /// Asserts that each `<base>&<extra>` reconfigure of `cases` (`extra`, `parameter`) is
+    /// refused with 400 and a message naming `` `parameter` ``.
+    pub async fn assert_each_refused(&self, base: &str, cases: &[(&str, &str)]) {
+        for (extra, parameter) in cases {
+            let query = format!("{base}&{extra}");
+            let (status, answer) = self.reconfigure(&query).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {answer}");
+            let message = answer["Message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(&format!("`{parameter}`")),
+                "{query}: the answer names `{parameter}`: {message}"
+            );
+        }
+    }
+
     /// Calls `/v1/docker-flow-proxy/remove?<query>`.
     pub async fn remove(&self, query: &str) -> (StatusCode, Value) {
         self.api_get(&format!("/v1/docker-flow-proxy/remove?{query}"))

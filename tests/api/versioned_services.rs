@@ -300,16 +300,9 @@ async fn bad_values_are_refused_naming_the_parameter_and_change_nothing() {
         ("reqPathSearchReplace=/a", "reqPathSearchReplace"),
         ("reqPathSearch=/a", "reqPathSearch"),
     ];
-    for (extra, parameter) in cases {
-        let query = format!("serviceName=legacy&servicePath=/legacy&{extra}");
-        let (status, answer) = proxy.reconfigure(&query).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {answer}");
-        let message = answer["Message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains(&format!("`{parameter}`")),
-            "{query}: the answer names {parameter}: {message}"
-        );
-    }
+    proxy
+        .assert_each_refused("serviceName=legacy&servicePath=/legacy", &cases)
+        .await;
     proxy.assert_unchanged_since(&before).await;
     assert_eq!(received(&proxy, "/legacy/x").await.1, "/x");
 }
