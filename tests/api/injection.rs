@@ -1314,13 +1314,25 @@ fn any_profile() -> impl Strategy<Value = usize> {
 }
 
 fn config() -> Config {
-    Config {
+    let mut config = Config {
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
             "tests/corpus/proptest-seeds.txt",
         ))),
         ..Config::default()
+    };
+    // The suite's own run draws the same cases every time, so its tally (and the floor of
+    // inputs that reach the renderer) does not depend on luck; a longer run
+    // (`PROPTEST_CASES=…`) or `PROPTEST_RNG_SEED=…` draws new ones.
+    if std::env::var_os("PROPTEST_CASES").is_none()
+        && std::env::var_os("PROPTEST_RNG_SEED").is_none()
+    {
+        config.rng_seed = proptest::test_runner::RngSeed::Fixed(SUITE_SEED);
     }
+    config
 }
+
+/// The seed of the suite's own run (see [`config`]).
+const SUITE_SEED: u64 = 20_261_122;
 
 // ---- Properties -------------------------------------------------------------------------
 
