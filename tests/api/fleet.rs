@@ -41,7 +41,8 @@ pub const KV_PREFIX: &str = "flow-proxy";
 /// How often [`eventually`] and the readiness loops look again.
 const POLL: Duration = Duration::from_millis(20);
 
-/// How long a started flow-proxy may take to answer its ping.
+/// How long a started flow-proxy may take to answer its ping (unless
+/// [`ProxyOptions::ready_timeout`] says otherwise).
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a flow-proxy may take to exit after SIGTERM before it is killed.
@@ -360,6 +361,9 @@ pub struct ProxyOptions {
     /// The open-files limit (`RLIMIT_NOFILE`) the process starts with, `(soft, hard)`; `None`
     /// in either place keeps the test process's value.
     pub open_files_limit: (Option<u64>, Option<u64>),
+    /// How long it may take to answer its ping (default 20 s); it answers only once it has
+    /// restored every stored spec, which takes longer with thousands of them (the benches).
+    pub ready_timeout: Option<Duration>,
 }
 
 /// The real `flow-proxy` binary running as a child process, with its own HAProxy.
@@ -419,7 +423,8 @@ impl ProxyProcess {
                 &log_path,
             );
             let client = ProxyClient::new(api_address, http_port, data_dir.clone());
-            let why = match wait_ready(&mut child, pid, &client).await {
+            let ready_timeout = options.ready_timeout.unwrap_or(READY_TIMEOUT);
+            let why = match wait_ready(&mut child, pid, &client, ready_timeout).await {
                 Ok(()) => {
                     return ProxyProcess {
                         child,
@@ -587,13 +592,14 @@ impl Drop for ProxyProcess {
 }
 
 /// Waits until the API `client` calls answers its ping with 200. Fails early, with the reason,
-/// when the process exits; kills it when it does not answer within 20 s.
+/// when the process exits; kills it when it does not answer within `timeout`.
 async fn wait_ready(
     child: &mut tokio::process::Child,
     pid: u32,
     client: &ProxyClient,
+    timeout: Duration,
 ) -> Result<(), String> {
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let ping = client.api("/v1/docker-flow-proxy/ping");
     loop {
         if let Some(status) = child.try_wait().expect("flow-proxy's status") {
@@ -613,7 +619,7 @@ async fn wait_ready(
             kill_group(pid);
             child.wait().await.expect("reap flow-proxy");
             return Err(format!(
-                "did not answer its ping within {READY_TIMEOUT:?} (killed)"
+                "did not answer its ping within {timeout:?} (killed)"
             ));
         }
         tokio::time::sleep(POLL).await;

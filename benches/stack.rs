@@ -1,0 +1,1325 @@
+//! The stack benchmark of issue 10 (scenarios A–H): each scenario starts the real stack on
+//! loopback (the embedded Consul-compatible registry, the `flow-proxy` binary as a child process
+//! pointed at it with `--consul-address`, its HAProxy, backends that answer `<name> <path>`) and
+//! measures what a user or an operator sees from outside: API answers, requests through
+//! HAProxy, `/metrics` (reloads), the registry's side of the connection, /proc (memory, CPU,
+//! sockets, HAProxy processes). Nothing inside flow-proxy is read, so the figures measure
+//! whatever the product does today.
+//!
+//! - A. `/reconfigure` latency with 1, 1,000 and 10,000 services routed: a new plain service, a
+//!   changed service (a new path) and a change that needs a reload (`timeoutServer`).
+//! - B. An instance registered → the first request it serves through HAProxy; reloads.
+//! - C. A blue-green switch → all traffic on the new color; reloads.
+//! - D. Failed requests while 100 changes are applied, with a `Connection: close` client and with
+//!   a keep-alive client.
+//! - E. 1,000 concurrent reconfigures of distinct services; reloads; HAProxy processes left.
+//! - F. Restore: 1,000 and 10,000 stored specs → every route served (measured while setting A up).
+//! - G. flow-proxy's resident memory and CPU at 10,000 services idle and during E.
+//! - H. Connections and requests flow-proxy makes to the registry, idle and per instance change
+//!   (through a counting relay in front of the registry).
+//!
+//! Run: `cargo bench --bench stack` (the issue's sizes, release). `STACK_SCALE=small` runs a
+//! tenth of the sizes; `STACK_ONLY=BC` runs some scenarios only. In debug, for a quick check:
+//! `STACK_SCALE=small cargo test --bench stack`. Without `--bench` or `STACK_SCALE` (as in
+//! `cargo test --benches`) it measures nothing.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio::time::Instant;
+
+// The integration tests' harness: ProxyProcess (the flow-proxy binary as a child process),
+// SharedRegistry (the embedded registry in this process), backends, the API client.
+#[allow(dead_code)]
+#[path = "../tests/api/fleet.rs"]
+mod fleet;
+#[allow(dead_code)]
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
+#[allow(dead_code)]
+#[path = "../tests/api/proxy_client.rs"]
+mod proxy_client;
+
+#[path = "stack/load.rs"]
+mod load;
+#[path = "stack/relay.rs"]
+mod relay;
+#[path = "stack/report.rs"]
+mod report;
+
+use fleet::{ProxyOptions, ProxyProcess, SharedRegistry, KV_PREFIX};
+use helpers::{spawn_backend, Backend};
+use load::{get_once, served, ClientKind, Load};
+use proxy_client::ProxyClient;
+use relay::CountingRelay;
+use report::{cpu_time, megabytes, resident_bytes, seconds, Latencies, Met, Table};
+
+/// The sizes and counts of one run.
+struct Scale {
+    name: &'static str,
+    /// A: services routed before the measurements (F is measured for all but the first).
+    a_sizes: [usize; 3],
+    /// A: at most this many samples per kind of change and size…
+    a_samples: usize,
+    /// …and no new sample once this has passed (after at least [`MIN_SAMPLES`]).
+    a_budget: Duration,
+    b_samples: usize,
+    c_samples: usize,
+    d_changes: usize,
+    e_burst: usize,
+    h_services: usize,
+    h_changes: usize,
+    /// G: how long "idle" is watched.
+    idle_window: Duration,
+}
+
+const FULL: Scale = Scale {
+    name: "full",
+    a_sizes: [1, 1_000, 10_000],
+    a_samples: 50,
+    a_budget: Duration::from_secs(20),
+    b_samples: 50,
+    c_samples: 20,
+    d_changes: 100,
+    e_burst: 1_000,
+    h_services: 1_000,
+    h_changes: 20,
+    idle_window: Duration::from_secs(10),
+};
+
+const SMALL: Scale = Scale {
+    name: "small",
+    a_sizes: [1, 100, 1_000],
+    a_samples: 10,
+    a_budget: Duration::from_secs(8),
+    b_samples: 10,
+    c_samples: 6,
+    d_changes: 20,
+    e_burst: 100,
+    h_services: 100,
+    h_changes: 5,
+    idle_window: Duration::from_secs(5),
+};
+
+/// Each kind of change in A is sampled at least this often, whatever the budget.
+const MIN_SAMPLES: usize = 3;
+
+/// How long one wait for a route, an instance or a color may take before it counts as failed.
+const CHANGE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// How long a restore of stored specs may take before the scenario gives up.
+const RESTORE_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The pause between two polls through HAProxy while waiting for a change: the resolution of
+/// B's and C's figures, and what keeps the poller from taking a whole core.
+const POLL_PAUSE: Duration = Duration::from_millis(1);
+
+/// D: concurrent clients of each kind.
+const LOAD_CLIENTS: usize = 4;
+
+/// H: how long "idle" is watched: longer than a blocking query's wait (flow-proxy asks for
+/// 60 s; Consul adds up to 1/16 of it as jitter), so every watch shows up in the count.
+const H_IDLE_WINDOW: Duration = Duration::from_secs(75);
+
+/// E: how long one reconfigure of the burst may keep being refused as busy.
+const BURST_DEADLINE: Duration = Duration::from_secs(120);
+
+/// E: HAProxy's `hard-stop-after`, short so that the run sees the old processes go.
+const HARD_STOP_AFTER: Duration = Duration::from_secs(2);
+
+/// "1 service", "N services".
+fn services(count: usize) -> String {
+    if count == 1 {
+        "1 service".into()
+    } else {
+        format!("{count} services")
+    }
+}
+
+/// The name of the `index`th seeded service: fixed width, so no service's path is a prefix of
+/// another's.
+fn service_name(index: usize) -> String {
+    format!("s{index:05}")
+}
+
+// ---- the stack ---------------------------------------------------------------------------------
+
+/// One scenario's stack: the registry, optionally a counting relay in front of it, a backend
+/// every seeded service has one instance on, and the flow-proxy process.
+struct Stack {
+    registry: SharedRegistry,
+    relay: Option<CountingRelay>,
+    backend: Backend,
+    proxy: ProxyProcess,
+    /// When the flow-proxy process was started.
+    started: Instant,
+    /// The seeded services' current paths, by index.
+    paths: Vec<String>,
+}
+
+#[derive(Default)]
+struct StackOptions {
+    /// Services stored in KV (and with one instance each) before flow-proxy starts.
+    services: usize,
+    /// Put a counting relay between flow-proxy and the registry.
+    relay: bool,
+    extra_args: Vec<String>,
+}
+
+impl Stack {
+    async fn start(options: StackOptions) -> Stack {
+        let registry = SharedRegistry::start().await;
+        let backend = spawn_backend("bench").await;
+        let paths = seed(&registry, options.services, backend.port).await;
+        let relay = if options.relay {
+            let upstream: SocketAddr = registry.address().parse().expect("an address");
+            Some(CountingRelay::start(upstream).await)
+        } else {
+            None
+        };
+        let address = relay
+            .as_ref()
+            .map_or_else(|| registry.address(), CountingRelay::address);
+        // Room for A's new services beyond 10,000.
+        let mut extra_args = vec!["--max-services".to_string(), "30000".to_string()];
+        extra_args.extend(options.extra_args);
+        let started = Instant::now();
+        let proxy = ProxyProcess::start_with(
+            &address,
+            ProxyOptions {
+                extra_args,
+                // It answers its ping once every stored spec is restored.
+                ready_timeout: Some(RESTORE_DEADLINE),
+                ..ProxyOptions::default()
+            },
+        )
+        .await;
+        Stack {
+            registry,
+            relay,
+            backend,
+            proxy,
+            started,
+            paths,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.proxy.http_port
+    }
+
+    /// Waits until a sample of the seeded routes (the first, the last and about 200 between)
+    /// answers 200; returns the time since the process started, `None` past the deadline.
+    async fn wait_restored(&self) -> Option<Duration> {
+        let count = self.paths.len();
+        if count == 0 {
+            return Some(self.started.elapsed());
+        }
+        let step = (count / 200).max(1);
+        let mut sample: Vec<usize> = (0..count).step_by(step).collect();
+        sample.push(count - 1);
+        for index in sample {
+            let deadline = self.started + RESTORE_DEADLINE;
+            while !served(self.port(), &self.paths[index]).await {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(POLL_PAUSE * 10).await;
+            }
+        }
+        Some(self.started.elapsed())
+    }
+
+    /// How many seeded routes answer 200 now (each asked once).
+    async fn routes_served(&self) -> usize {
+        let port = self.port();
+        futures::stream::iter(self.paths.clone())
+            .map(|path| async move { served(port, &path).await })
+            .buffer_unordered(16)
+            .filter(|ok| futures::future::ready(*ok))
+            .count()
+            .await
+    }
+
+    async fn stop(mut self) {
+        self.proxy.stop().await;
+    }
+}
+
+/// Stores `count` specs in KV the way flow-proxy stores a reconfigured service, each with one
+/// instance on `port` in the catalog; returns their paths.
+async fn seed(registry: &SharedRegistry, count: usize, port: u16) -> Vec<String> {
+    futures::stream::iter(0..count)
+        .for_each_concurrent(16, |index| async move {
+            let name = service_name(index);
+            let spec = json!({
+                "ServiceName": name,
+                "ServiceDest": [{"Index": 0, "ServicePath": [format!("/{name}")]}]
+            });
+            registry
+                .put_kv(&format!("{KV_PREFIX}/services/{name}"), spec.to_string())
+                .await;
+            registry
+                .register_instance(&name, &format!("{name}-1"), port)
+                .await;
+        })
+        .await;
+    (0..count)
+        .map(|index| format!("/{}", service_name(index)))
+        .collect()
+}
+
+/// HAProxy reloads so far, from `/metrics` (`flow_proxy_haproxy_reloads_total`, all results);
+/// `None` when the metric is not there.
+async fn reloads(proxy: &ProxyClient) -> Option<u64> {
+    let text = proxy
+        .http()
+        .get(proxy.api("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let values: Vec<u64> = text
+        .lines()
+        .filter(|line| line.starts_with("flow_proxy_haproxy_reloads_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|value| value as u64)
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Counts reloads from a starting point.
+struct ReloadCounter(Option<u64>);
+
+impl ReloadCounter {
+    async fn start(proxy: &ProxyClient) -> ReloadCounter {
+        ReloadCounter(reloads(proxy).await)
+    }
+
+    async fn since(&self, proxy: &ProxyClient) -> Option<u64> {
+        Some(reloads(proxy).await?.saturating_sub(self.0?))
+    }
+}
+
+fn reload_figure(count: Option<u64>) -> String {
+    count.map_or_else(|| "n/a (no reload metric)".to_string(), |n| n.to_string())
+}
+
+/// `GET /v1/docker-flow-proxy/reconfigure?<query>`: how long until answered, and the error
+/// (status and body) when it was not a 200.
+async fn timed_reconfigure(proxy: &ProxyClient, query: &str) -> (Duration, Result<(), String>) {
+    let started = Instant::now();
+    let outcome = match proxy
+        .http()
+        .get(proxy.api(&format!("/v1/docker-flow-proxy/reconfigure?{query}")))
+        .send()
+        .await
+    {
+        Ok(response) if response.status() == StatusCode::OK => {
+            // The answer is complete once its body is read.
+            let _ = response.bytes().await;
+            Ok(())
+        }
+        Ok(response) => Err(format!(
+            "{}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        )),
+        Err(error) => Err(error.to_string()),
+    };
+    (started.elapsed(), outcome)
+}
+
+async fn reconfigure_ok(proxy: &ProxyClient, query: &str) {
+    let (_, outcome) = timed_reconfigure(proxy, query).await;
+    if let Err(why) = outcome {
+        panic!("reconfigure?{query}: {why}");
+    }
+}
+
+/// Polls `path` until it answers 200 (at most [`CHANGE_DEADLINE`]).
+async fn wait_served(port: u16, path: &str) {
+    let deadline = Instant::now() + CHANGE_DEADLINE;
+    while !served(port, path).await {
+        assert!(Instant::now() < deadline, "{path} is never served");
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+}
+
+/// Polls `path` until `run` answers in a row come from backend `name`; returns the time from
+/// `since` to the first answer of that run (`None` past [`CHANGE_DEADLINE`]).
+async fn wait_all_from(
+    port: u16,
+    path: &str,
+    name: &str,
+    run: usize,
+    since: Instant,
+) -> Option<Duration> {
+    let deadline = since + CHANGE_DEADLINE;
+    let mut first_of_run: Option<Duration> = None;
+    let mut in_a_row = 0;
+    while Instant::now() < deadline {
+        let at = since.elapsed();
+        match get_once(port, path).await {
+            Ok(answer) if answer.status == StatusCode::OK && answer.backend() == name => {
+                first_of_run.get_or_insert(at);
+                in_a_row += 1;
+                if in_a_row >= run {
+                    return first_of_run;
+                }
+                continue;
+            }
+            _ => {
+                first_of_run = None;
+                in_a_row = 0;
+            }
+        }
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+    None
+}
+
+/// Polls `path` until backend `name` answers once; the time from `since` (`None` past
+/// [`CHANGE_DEADLINE`]).
+async fn wait_first_from(port: u16, path: &str, name: &str, since: Instant) -> Option<Duration> {
+    let deadline = since + CHANGE_DEADLINE;
+    while Instant::now() < deadline {
+        if let Ok(answer) = get_once(port, path).await {
+            if answer.status == StatusCode::OK && answer.backend() == name {
+                return Some(since.elapsed());
+            }
+        }
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+    None
+}
+
+/// One scale event on `service` (routed at `path`, with instances on backend `base`): a new
+/// instance on a new backend `label` is registered; returns the time from the registry's
+/// answer until HAProxy serves a request from it; then it is deregistered and gone again.
+async fn scale_up_and_down(
+    stack: &Stack,
+    service: &str,
+    path: &str,
+    base: &str,
+    label: &str,
+) -> Option<Duration> {
+    let backend = spawn_backend(label).await;
+    let id = format!("{service}-{label}");
+    stack
+        .registry
+        .register_instance(service, &id, backend.port)
+        .await;
+    let registered = Instant::now();
+    let served_after = wait_first_from(stack.port(), path, label, registered).await;
+    stack.registry.deregister_instance(&id).await;
+    // Round robin over the remaining instances: 8 answers in a row from the base backend
+    // mean the new one is out.
+    let gone = wait_all_from(stack.port(), path, base, 8, Instant::now()).await;
+    assert!(
+        gone.is_some(),
+        "{id} is still served after its deregistration"
+    );
+    served_after
+}
+
+/// Takes samples of `measure(k)` for k = 0, 1, …: at most `max`, and none after `budget` once
+/// [`MIN_SAMPLES`] are taken.
+async fn sampled<F, Fut>(max: usize, budget: Duration, mut measure: F) -> Vec<Duration>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Duration>,
+{
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < max && (samples.len() < MIN_SAMPLES || started.elapsed() < budget) {
+        samples.push(measure(samples.len()).await);
+    }
+    samples
+}
+
+/// flow-proxy's CPU use over `window` while nothing happens, as a share of one core.
+async fn idle_cpu(pid: u32, window: Duration) -> Option<f64> {
+    let before = cpu_time(pid)?;
+    // Measuring idleness is waiting: nothing to poll for.
+    tokio::time::sleep(window).await;
+    let after = cpu_time(pid)?;
+    Some((after - before).as_secs_f64() / window.as_secs_f64())
+}
+
+// ---- the scenarios -----------------------------------------------------------------------------
+
+/// A (with F and G's idle figures on the way): for each size, a stack restored from that many
+/// stored specs, then three kinds of reconfigure timed from call to answer.
+async fn scenario_a(scale: &'static Scale, table: Table) {
+    let largest = scale.a_sizes[scale.a_sizes.len() - 1];
+    for size in scale.a_sizes {
+        let mut stack = Stack::start(StackOptions {
+            services: size,
+            ..StackOptions::default()
+        })
+        .await;
+        let restored = stack.wait_restored().await;
+        if size > 1 {
+            let (target, met) = if size == 10_000 {
+                (
+                    "≤ 3 s",
+                    restored.map_or(Met::No, |t| Met::from(t.as_secs_f64() <= 3.0)),
+                )
+            } else {
+                ("", Met::NoTarget)
+            };
+            table.push(
+                "F",
+                format!("restore {size} stored specs: process start → sampled routes served"),
+                restored.map_or_else(|| "not within 300 s".to_string(), seconds),
+                target,
+                met,
+            );
+            let routes = stack.routes_served().await;
+            table.push(
+                "F",
+                format!("routes served after the restore, {size} services"),
+                format!("{routes}/{size}"),
+                "all",
+                Met::from(routes == size),
+            );
+        }
+        let Some(_) = restored else {
+            panic!("{size} stored specs were not restored within {RESTORE_DEADLINE:?}");
+        };
+        if size == largest {
+            // Let the restore's aftermath (watches starting, an old HAProxy leaving) pass.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pid = stack.proxy.pid();
+            let rss = resident_bytes(pid);
+            let cpu = idle_cpu(pid, scale.idle_window).await;
+            let (target, met) = if size == 10_000 {
+                (
+                    "≤ 50 MB",
+                    rss.map_or(Met::No, |rss| Met::from(rss <= 50_000_000)),
+                )
+            } else {
+                ("", Met::NoTarget)
+            };
+            table.push(
+                "G",
+                format!("flow-proxy RSS, {size} services, idle"),
+                rss.map_or_else(|| "n/a".into(), megabytes),
+                target,
+                met,
+            );
+            table.info(
+                "G",
+                format!(
+                    "flow-proxy CPU, {size} services, idle over {} s",
+                    scale.idle_window.as_secs()
+                ),
+                cpu.map_or_else(
+                    || "n/a".into(),
+                    |share| format!("{:.1}% of a core", share * 100.0),
+                ),
+            );
+        }
+        measure_reconfigures(scale, &table, &mut stack, size).await;
+        stack.stop().await;
+    }
+}
+
+/// A at one size: a new plain service, a changed service, a change that needs a reload.
+async fn measure_reconfigures(scale: &Scale, table: &Table, stack: &mut Stack, size: usize) {
+    let paths = std::sync::Mutex::new(std::mem::take(&mut stack.paths));
+    let proxy: &ProxyClient = &stack.proxy;
+    let port = stack.port();
+    let not_live = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let check = |outcome: Result<(), String>, query: &str| {
+        if let Err(why) = outcome {
+            eprintln!("reconfigure?{query} failed: {why}");
+            failed.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+
+    // A new plain service (its instance registered first, as a deployment does).
+    let reloads = ReloadCounter::start(proxy).await;
+    let samples = sampled(scale.a_samples, scale.a_budget, |k| {
+        let name = format!("a{k:05}");
+        let (registry, backend_port) = (&stack.registry, stack.backend.port);
+        let (not_live, check) = (&not_live, &check);
+        async move {
+            registry
+                .register_instance(&name, &format!("{name}-1"), backend_port)
+                .await;
+            let query = format!("serviceName={name}&servicePath=/{name}");
+            let (took, outcome) = timed_reconfigure(proxy, &query).await;
+            check(outcome, &query);
+            if !served(port, &format!("/{name}")).await {
+                not_live.fetch_add(1, Ordering::Relaxed);
+            }
+            took
+        }
+    })
+    .await;
+    push_a(
+        table,
+        size,
+        "new plain service",
+        Latencies::new(samples),
+        Some((Duration::from_millis(5), "5 ms")),
+        reloads.since(proxy).await,
+        not_live.swap(0, Ordering::Relaxed),
+    );
+
+    // A changed service: an existing one moves to a new path.
+    let reloads = ReloadCounter::start(proxy).await;
+    let samples = sampled(scale.a_samples, scale.a_budget, |k| {
+        let index = k % size;
+        let path = format!("/c{k:05}");
+        let (not_live, check, paths) = (&not_live, &check, &paths);
+        async move {
+            let query = format!("serviceName={}&servicePath={path}", service_name(index));
+            let (took, outcome) = timed_reconfigure(proxy, &query).await;
+            check(outcome, &query);
+            if !served(port, &path).await {
+                not_live.fetch_add(1, Ordering::Relaxed);
+            }
+            paths.lock().expect("not poisoned")[index] = path;
+            took
+        }
+    })
+    .await;
+    push_a(
+        table,
+        size,
+        "changed service (new path)",
+        Latencies::new(samples),
+        None,
+        reloads.since(proxy).await,
+        not_live.swap(0, Ordering::Relaxed),
+    );
+
+    // A change that needs new config text: the service's `timeout server`.
+    let reloads = ReloadCounter::start(proxy).await;
+    let samples = sampled(scale.a_samples, scale.a_budget, |k| {
+        let index = (size - 1) - k % size;
+        let path = paths.lock().expect("not poisoned")[index].clone();
+        let (not_live, check) = (&not_live, &check);
+        async move {
+            let query = format!(
+                "serviceName={}&servicePath={path}&timeoutServer={}",
+                service_name(index),
+                31 + k
+            );
+            let (took, outcome) = timed_reconfigure(proxy, &query).await;
+            check(outcome, &query);
+            if !served(port, &path).await {
+                not_live.fetch_add(1, Ordering::Relaxed);
+            }
+            took
+        }
+    })
+    .await;
+    let limit = match size {
+        1 => Some((Duration::from_millis(50), "50 ms")),
+        10_000 => Some((Duration::from_secs(1), "1 s")),
+        _ => None,
+    };
+    push_a(
+        table,
+        size,
+        "change that needs a reload (timeoutServer)",
+        Latencies::new(samples),
+        limit,
+        reloads.since(proxy).await,
+        not_live.load(Ordering::Relaxed),
+    );
+    stack.paths = paths.into_inner().expect("not poisoned");
+    let failed = failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        table.push(
+            "A",
+            format!("reconfigures not answered 200, {size} services"),
+            failed.to_string(),
+            "0",
+            Met::No,
+        );
+    }
+}
+
+fn push_a(
+    table: &Table,
+    size: usize,
+    kind: &str,
+    latencies: Latencies,
+    p50_limit: Option<(Duration, &str)>,
+    reloads: Option<u64>,
+    not_live: usize,
+) {
+    let (target, met) = match p50_limit {
+        Some((limit, text)) => (format!("p50 ≤ {text}"), latencies.p50_within(limit)),
+        None => (String::new(), Met::NoTarget),
+    };
+    let mut figure = format!(
+        "{}; reloads {}",
+        latencies.describe(),
+        reload_figure(reloads)
+    );
+    if not_live > 0 {
+        figure.push_str(&format!("; {not_live} answered before the route served"));
+    }
+    table.push(
+        "A",
+        format!("reconfigure, {kind}, {} routed", services(size)),
+        figure,
+        target,
+        met,
+    );
+}
+
+/// B: instances registered in the registry → served through HAProxy.
+async fn scenario_b(scale: &'static Scale, table: Table) {
+    let stack = Stack::start(StackOptions::default()).await;
+    stack
+        .registry
+        .register_instance("scale", "scale-base", stack.backend.port)
+        .await;
+    reconfigure_ok(&stack.proxy, "serviceName=scale&servicePath=/scale").await;
+    wait_served(stack.port(), "/scale").await;
+    let reloads = ReloadCounter::start(&stack.proxy).await;
+    let mut samples = Vec::new();
+    let mut missed = 0;
+    for k in 0..scale.b_samples {
+        match scale_up_and_down(&stack, "scale", "/scale", "bench", &format!("new{k}")).await {
+            Some(took) => samples.push(took),
+            None => missed += 1,
+        }
+    }
+    let reloads = reloads.since(&stack.proxy).await;
+    let latencies = Latencies::new(samples);
+    let mut figure = latencies.describe();
+    if missed > 0 {
+        figure.push_str(&format!("; {missed} never served within 15 s"));
+    }
+    table.push(
+        "B",
+        "instance registered → first request served by it",
+        figure,
+        "p50 ≤ 10 ms",
+        latencies.p50_within(Duration::from_millis(10)),
+    );
+    table.push(
+        "B",
+        format!(
+            "reloads during {n} instances registered and {n} deregistered",
+            n = scale.b_samples
+        ),
+        reload_figure(reloads),
+        "0",
+        Met::from(reloads == Some(0)),
+    );
+    stack.stop().await;
+}
+
+/// C: blue-green switches → all traffic on the new color.
+async fn scenario_c(scale: &'static Scale, table: Table) {
+    let stack = Stack::start(StackOptions::default()).await;
+    let blue = spawn_backend("blue").await;
+    let green = spawn_backend("green").await;
+    stack
+        .registry
+        .register_instance("bg-blue", "bg-blue-1", blue.port)
+        .await;
+    stack
+        .registry
+        .register_instance("bg-green", "bg-green-1", green.port)
+        .await;
+    reconfigure_ok(
+        &stack.proxy,
+        "serviceName=bg&servicePath=/bg&serviceColor=blue",
+    )
+    .await;
+    let on_blue = wait_all_from(stack.port(), "/bg", "blue", 5, Instant::now()).await;
+    assert!(on_blue.is_some(), "bg is never served by blue");
+    let reloads = ReloadCounter::start(&stack.proxy).await;
+    let mut switched = Vec::new();
+    let mut answered = Vec::new();
+    let mut missed = 0;
+    for k in 0..scale.c_samples {
+        let color = if k % 2 == 0 { "green" } else { "blue" };
+        let called = Instant::now();
+        reconfigure_ok(
+            &stack.proxy,
+            &format!("serviceName=bg&servicePath=/bg&serviceColor={color}"),
+        )
+        .await;
+        answered.push(called.elapsed());
+        match wait_all_from(stack.port(), "/bg", color, 10, called).await {
+            Some(took) => switched.push(took),
+            None => missed += 1,
+        }
+    }
+    let reloads = reloads.since(&stack.proxy).await;
+    let latencies = Latencies::new(switched);
+    let mut figure = latencies.describe();
+    if missed > 0 {
+        figure.push_str(&format!("; {missed} never switched within 15 s"));
+    }
+    table.push(
+        "C",
+        "serviceColor switch: call → every request on the new color (10 in a row)",
+        figure,
+        "p50 ≤ 10 ms",
+        latencies.p50_within(Duration::from_millis(10)),
+    );
+    table.info(
+        "C",
+        "serviceColor switch: call → answer",
+        Latencies::new(answered).describe(),
+    );
+    table.push(
+        "C",
+        format!("reloads during {} switches", scale.c_samples),
+        reload_figure(reloads),
+        "0",
+        Met::from(reloads == Some(0)),
+    );
+    stack.stop().await;
+}
+
+/// D: requests failed while changes are applied, one client kind at a time.
+async fn scenario_d(scale: &'static Scale, table: Table) {
+    let stack = Stack::start(StackOptions::default()).await;
+    stack
+        .registry
+        .register_instance("load", "load-1", stack.backend.port)
+        .await;
+    reconfigure_ok(&stack.proxy, "serviceName=load&servicePath=/load").await;
+    wait_served(stack.port(), "/load").await;
+    for (phase, kind, label) in [
+        (0, ClientKind::Close, "`Connection: close` client"),
+        (1, ClientKind::KeepAlive, "keep-alive client"),
+    ] {
+        let load = Load::start(kind, stack.port(), "/load", LOAD_CLIENTS);
+        // Let the clients reach their pace before the first change.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let reloads = ReloadCounter::start(&stack.proxy).await;
+        let mut change_failures = 0;
+        for k in 0..scale.d_changes {
+            // Half new plain services, half a change of the loaded service's own backend.
+            let query = if k % 2 == 0 {
+                format!("serviceName=d{phase}{k:04}&servicePath=/d{phase}{k:04}")
+            } else {
+                format!(
+                    "serviceName=load&servicePath=/load&timeoutServer={}",
+                    30 + k
+                )
+            };
+            if let (_, Err(why)) = timed_reconfigure(&stack.proxy, &query).await {
+                eprintln!("reconfigure?{query} failed: {why}");
+                change_failures += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let report = load.finish().await;
+        let reloads = reloads.since(&stack.proxy).await;
+        let mut figure = format!(
+            "{} socket errors + {} non-2xx of {} requests ({:.0}/s, {LOAD_CLIENTS} clients, {} \
+             reconnects); reloads {}",
+            report.socket_errors,
+            report.non_2xx,
+            report.requests,
+            report.rate(),
+            report.reconnects,
+            reload_figure(reloads)
+        );
+        if change_failures > 0 {
+            figure.push_str(&format!("; {change_failures} changes not answered 200"));
+        }
+        if !report.examples.is_empty() {
+            figure.push_str(&format!("; e.g. {}", report.examples.join(" / ")));
+        }
+        table.push(
+            "D",
+            format!(
+                "{label}: failed requests during {} changes",
+                scale.d_changes
+            ),
+            figure,
+            "0 and 0",
+            Met::from(report.socket_errors == 0 && report.non_2xx == 0),
+        );
+    }
+    stack.stop().await;
+}
+
+/// The backend of [`spawn_slow_backend`]; it stops when dropped.
+struct SlowBackend {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SlowBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A backend whose `/hold/slow` answers only after two minutes (so a request to it keeps an
+/// HAProxy process busy) and whose other paths answer at once; counts the slow requests that
+/// arrived.
+async fn spawn_slow_backend() -> (SlowBackend, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind the slow backend");
+    let port = listener.local_addr().expect("backend address").port();
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let counter = arrived.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let counter = counter.clone();
+        async move {
+            if uri.path().ends_with("/slow") {
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            }
+            format!("hold {}", uri.path())
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (SlowBackend { port, task }, arrived)
+}
+
+/// A request through HAProxy that waits for its answer as long as the task runs.
+async fn held_request(port: u16, path: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return;
+    };
+    let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut sink = Vec::new();
+    let _ = stream.read_to_end(&mut sink).await;
+}
+
+/// A reconfigure as a well-behaved client sends it: a `503` (flow-proxy's queue of changes is
+/// full) is sent again after its `Retry-After` (at most 1 s), until [`BURST_DEADLINE`]; each
+/// such answer is counted in `busy`.
+async fn reconfigure_retrying_when_busy(
+    proxy: &ProxyClient,
+    query: &str,
+    busy: &AtomicUsize,
+) -> Result<(), String> {
+    let deadline = Instant::now() + BURST_DEADLINE;
+    loop {
+        let response = proxy
+            .http()
+            .get(proxy.api(&format!("/v1/docker-flow-proxy/reconfigure?{query}")))
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
+        let status = response.status();
+        if status == StatusCode::OK {
+            let _ = response.bytes().await;
+            return Ok(());
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok())
+            .map_or(Duration::from_secs(1), |secs| {
+                Duration::from_secs(secs).min(Duration::from_secs(1))
+            });
+        let body = response.text().await.unwrap_or_default();
+        if status != StatusCode::SERVICE_UNAVAILABLE || Instant::now() + retry_after > deadline {
+            return Err(format!("{status}: {body}"));
+        }
+        busy.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(retry_after).await;
+    }
+}
+
+/// E (with G's figures during it): a burst of concurrent reconfigures of distinct services,
+/// while two requests held open keep the HAProxy process that serves them busy.
+async fn scenario_e(scale: &'static Scale, table: Table) {
+    let hard_stop = format!("{}s", HARD_STOP_AFTER.as_secs());
+    let stack = Stack::start(StackOptions {
+        extra_args: vec!["--hard-stop-after".into(), hard_stop],
+        ..StackOptions::default()
+    })
+    .await;
+    let proxy: &ProxyClient = &stack.proxy;
+    let (slow, arrived) = spawn_slow_backend().await;
+    stack
+        .registry
+        .register_instance("hold", "hold-1", slow.port)
+        .await;
+    reconfigure_ok(proxy, "serviceName=hold&servicePath=/hold").await;
+    wait_served(stack.port(), "/hold/quick").await;
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(held_request(stack.port(), "/hold/slow".into())))
+        .collect();
+    let deadline = Instant::now() + CHANGE_DEADLINE;
+    while arrived.load(Ordering::Relaxed) < 2 {
+        assert!(Instant::now() < deadline, "the held requests never arrive");
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+
+    let pid = stack.proxy.pid();
+    let peak = Arc::new(AtomicU64::new(resident_bytes(pid).unwrap_or(0)));
+    let most_processes = Arc::new(AtomicUsize::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, most_processes, sampling) =
+            (peak.clone(), most_processes.clone(), sampling.clone());
+        let data_dir = proxy.data_dir().to_path_buf();
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                if let Some(rss) = resident_bytes(pid) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                let processes = fleet::haproxy_processes(&data_dir).len();
+                most_processes.fetch_max(processes, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let reloads = ReloadCounter::start(proxy).await;
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let busy = AtomicUsize::new(0);
+    let outcomes = futures::future::join_all((0..scale.e_burst).map(|index| {
+        let busy = &busy;
+        async move {
+            let query = format!("serviceName=e{index:05}&servicePath=/e{index:05}");
+            reconfigure_retrying_when_busy(proxy, &query, busy).await
+        }
+    }))
+    .await;
+    let took = started.elapsed();
+    let cpu = cpu_before
+        .zip(cpu_time(pid))
+        .map(|(before, after)| after - before);
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.await;
+    let reloads = reloads.since(proxy).await;
+    let processes_after = fleet::haproxy_processes(proxy.data_dir()).len();
+    let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+
+    let mut figure = format!(
+        "{}; {} answers 503 busy, retried after their Retry-After",
+        seconds(took),
+        busy.load(Ordering::Relaxed)
+    );
+    if let Some(first) = failures.first() {
+        figure.push_str(&format!(
+            "; {} not answered 200, e.g. {first}",
+            failures.len()
+        ));
+    }
+    table.push(
+        "E",
+        format!(
+            "{} concurrent reconfigures of distinct services → all answered 200",
+            scale.e_burst
+        ),
+        figure,
+        "≤ 5 s, all 200",
+        Met::from(took <= Duration::from_secs(5) && failures.is_empty()),
+    );
+    table.push(
+        "E",
+        "reloads during the burst",
+        reload_figure(reloads),
+        "≤ 20",
+        Met::from(reloads.is_some_and(|n| n <= 20)),
+    );
+    let services = proxy.services().await;
+    let routed = services.as_array().map_or(0, Vec::len);
+    table.push(
+        "E",
+        "services listed by /services after the burst",
+        format!("{routed}/{}", scale.e_burst + 1),
+        "all",
+        Met::from(routed == scale.e_burst + 1),
+    );
+    table.info(
+        "G",
+        format!(
+            "flow-proxy peak RSS during E ({} reconfigures)",
+            scale.e_burst
+        ),
+        megabytes(peak.load(Ordering::Relaxed)),
+    );
+    table.info(
+        "G",
+        "flow-proxy CPU during E",
+        cpu.map_or_else(
+            || "n/a".into(),
+            |cpu| {
+                format!(
+                    "{} ({:.0}% of a core over {})",
+                    seconds(cpu),
+                    cpu.as_secs_f64() / took.as_secs_f64() * 100.0,
+                    seconds(took)
+                )
+            },
+        ),
+    );
+    table.info(
+        "G",
+        format!(
+            "HAProxy processes alive during E, at most (2 requests held open; \
+             --hard-stop-after {} s)",
+            HARD_STOP_AFTER.as_secs()
+        ),
+        most_processes.load(Ordering::Relaxed).to_string(),
+    );
+    table.info(
+        "G",
+        "HAProxy processes alive right after E",
+        processes_after.to_string(),
+    );
+    // Measured from the last answer: every old process has had its hard-stop-after, plus a
+    // second for it to exit and be reaped.
+    tokio::time::sleep(HARD_STOP_AFTER + Duration::from_secs(1)).await;
+    let processes_later = fleet::haproxy_processes(proxy.data_dir()).len();
+    table.push(
+        "G",
+        format!(
+            "HAProxy processes alive {} s after E (--hard-stop-after {} s)",
+            HARD_STOP_AFTER.as_secs() + 1,
+            HARD_STOP_AFTER.as_secs()
+        ),
+        processes_later.to_string(),
+        "1 (the serving one)",
+        Met::from(processes_later == 1),
+    );
+    for request in held {
+        request.abort();
+    }
+    drop(slow);
+    stack.stop().await;
+}
+
+/// H: what flow-proxy asks of the registry, through a counting relay.
+async fn scenario_h(scale: &'static Scale, table: Table) {
+    let services = scale.h_services;
+    let stack = Stack::start(StackOptions {
+        services,
+        relay: true,
+        ..StackOptions::default()
+    })
+    .await;
+    let restored = stack.wait_restored().await;
+    assert!(
+        restored.is_some(),
+        "the {services} services are never served"
+    );
+    let relay = stack.relay.as_ref().expect("started with a relay");
+    let pid = stack.proxy.pid();
+    // Let the restore's own reads finish.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = relay.requests();
+    let connections = report::connections_to(pid, relay.port());
+    tokio::time::sleep(H_IDLE_WINDOW).await;
+    let idle_requests = relay.requests() - before;
+    let per_minute = idle_requests as f64 * 60.0 / H_IDLE_WINDOW.as_secs_f64();
+    table.push(
+        "H",
+        format!("connections flow-proxy holds to the registry, idle, {services} services"),
+        format!(
+            "{} (the relay carries {})",
+            connections.map_or_else(|| "n/a".into(), |n| n.to_string()),
+            relay.open_connections()
+        ),
+        "≤ 5",
+        Met::from(connections.is_some_and(|n| n <= 5)),
+    );
+    table.push(
+        "H",
+        format!("requests to the registry while idle, {services} services"),
+        format!(
+            "{idle_requests} in {} s ({per_minute:.0}/min)",
+            H_IDLE_WINDOW.as_secs()
+        ),
+        "O(changes): ≤ 10/min",
+        Met::from(per_minute <= 10.0),
+    );
+
+    let before = relay.requests();
+    let mut most_connections = 0;
+    let mut missed = 0;
+    for k in 0..scale.h_changes {
+        let index = (k * 7919) % services;
+        let (name, path) = (service_name(index), stack.paths[index].clone());
+        if scale_up_and_down(&stack, &name, &path, "bench", &format!("h{k}"))
+            .await
+            .is_none()
+        {
+            missed += 1;
+        }
+        most_connections =
+            most_connections.max(report::connections_to(pid, relay.port()).unwrap_or(0));
+    }
+    let changes = 2 * scale.h_changes;
+    let requests = relay.requests() - before;
+    let per_change = requests as f64 / changes as f64;
+    let mut figure = format!(
+        "{per_change:.1} ({requests} for {changes} changes; up to {most_connections} \
+         connections meanwhile)"
+    );
+    if missed > 0 {
+        figure.push_str(&format!("; {missed} instances never served within 15 s"));
+    }
+    if relay.unfollowed_connections() > 0 {
+        figure.push_str(&format!(
+            "; {} connections not followed (chunked bodies): undercounted",
+            relay.unfollowed_connections()
+        ));
+    }
+    table.push(
+        "H",
+        format!("requests to the registry per instance change, {services} services"),
+        figure,
+        "O(changes): ≤ 10 per change",
+        Met::from(per_change <= 10.0 && missed == 0),
+    );
+    table.info(
+        "H",
+        "connections the relay accepted over the whole run",
+        relay.accepted_connections().to_string(),
+    );
+    stack.stop().await;
+}
+
+// ---- running it ----------------------------------------------------------------------------------
+
+/// Runs one scenario as its own task, bounded by `budget`: a scenario that fails or overruns
+/// gets a row saying so, and the others still run.
+async fn isolated<Fut>(table: &Table, name: &str, budget: Duration, scenario: Fut)
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let started = Instant::now();
+    eprintln!("---- scenario {name} ----");
+    let mut task = tokio::spawn(scenario);
+    let outcome = match tokio::time::timeout(budget, &mut task).await {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) if error.is_panic() => {
+            let panic = error.into_panic();
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Some(format!(
+                "failed: {}",
+                message.lines().next().unwrap_or_default()
+            ))
+        }
+        Ok(Err(error)) => Some(format!("failed: {error}")),
+        Err(_) => {
+            task.abort();
+            let _ = task.await;
+            Some(format!(
+                "stopped after its budget of {} s",
+                budget.as_secs()
+            ))
+        }
+    };
+    if let Some(outcome) = outcome {
+        table.push(name, "scenario did not finish", outcome, "", Met::No);
+    }
+    eprintln!("---- scenario {name}: {} ----", seconds(started.elapsed()));
+}
+
+fn machine() -> String {
+    let haproxy = std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "haproxy not found".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    format!("{cores} cores; {haproxy}; {profile} build")
+}
+
+fn main() {
+    let under_bench = std::env::args().any(|arg| arg == "--bench");
+    let scale = match std::env::var("STACK_SCALE").ok().as_deref() {
+        None if !under_bench => {
+            eprintln!(
+                "stack: nothing measured (run `cargo bench --bench stack`, or \
+                 `STACK_SCALE=small cargo test --bench stack` for a quick check)"
+            );
+            return;
+        }
+        None | Some("full") => &FULL,
+        Some("small") => &SMALL,
+        Some(other) => {
+            eprintln!("STACK_SCALE must be `small` or `full`, not `{other}`");
+            std::process::exit(2);
+        }
+    };
+    let only = std::env::var("STACK_ONLY").unwrap_or_else(|_| "ABCDEH".into());
+    let wanted = |letter: char| only.to_ascii_uppercase().contains(letter);
+    // Up to 10,000 watches of today's flow-proxy end in this process's registry.
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("could not raise the open-files limit: {error}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let table = Table::default();
+    let started = std::time::Instant::now();
+    runtime.block_on(async {
+        let minutes = |n: u64| Duration::from_secs(60 * n);
+        if wanted('A') || wanted('F') || wanted('G') {
+            isolated(&table, "A", minutes(10), scenario_a(scale, table.clone())).await;
+        }
+        if wanted('B') {
+            isolated(&table, "B", minutes(3), scenario_b(scale, table.clone())).await;
+        }
+        if wanted('C') {
+            isolated(&table, "C", minutes(3), scenario_c(scale, table.clone())).await;
+        }
+        if wanted('D') {
+            isolated(&table, "D", minutes(4), scenario_d(scale, table.clone())).await;
+        }
+        if wanted('E') || wanted('G') {
+            isolated(&table, "E", minutes(4), scenario_e(scale, table.clone())).await;
+        }
+        if wanted('H') {
+            isolated(&table, "H", minutes(4), scenario_h(scale, table.clone())).await;
+        }
+    });
+    println!(
+        "\nflow-proxy stack benchmark, scale {} ({}), {}",
+        scale.name,
+        machine(),
+        seconds(started.elapsed())
+    );
+    println!("\n{}", table.markdown());
+}
