@@ -161,6 +161,8 @@ struct Stack {
     started: Instant,
     /// The seeded services' current paths, by index.
     paths: Vec<String>,
+    /// How long storing the specs and registering their instances took.
+    seeding: Duration,
 }
 
 #[derive(Default)]
@@ -176,7 +178,9 @@ impl Stack {
     async fn start(options: StackOptions) -> Stack {
         let registry = SharedRegistry::start().await;
         let backend = spawn_backend("bench").await;
+        let seeding_started = Instant::now();
         let paths = seed(&registry, options.services, backend.port).await;
+        let seeding = seeding_started.elapsed();
         let relay = if options.relay {
             let upstream: SocketAddr = registry.address().parse().expect("an address");
             Some(CountingRelay::start(upstream).await)
@@ -207,6 +211,7 @@ impl Stack {
             proxy,
             started,
             paths,
+            seeding,
         }
     }
 
@@ -469,6 +474,11 @@ async fn scenario_a(scale: &'static Scale, table: Table) {
         .await;
         let restored = stack.wait_restored().await;
         if size > 1 {
+            table.info(
+                "F",
+                format!("setup: {size} specs stored in KV and {size} instances registered"),
+                seconds(stack.seeding),
+            );
             let (target, met) = if size == 10_000 {
                 (
                     "≤ 3 s",
@@ -639,7 +649,63 @@ async fn measure_reconfigures(scale: &Scale, table: &Table, stack: &mut Stack, s
         Latencies::new(samples),
         limit,
         reloads.since(proxy).await,
-        not_live.load(Ordering::Relaxed),
+        not_live.swap(0, Ordering::Relaxed),
+    );
+
+    // An instance-only change: a service gets a new instance, and the deployment calls
+    // reconfigure with the spec the service already has (the instance watch may have applied
+    // the instance first, as it would in production).
+    let reloads = ReloadCounter::start(proxy).await;
+    let mut extra_backends = Vec::new();
+    let mut instances_of: std::collections::HashMap<usize, usize> = Default::default();
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while samples.len() < scale.a_samples
+        && (samples.len() < MIN_SAMPLES || started.elapsed() < scale.a_budget)
+    {
+        let k = samples.len();
+        let index = (k * 7) % size;
+        let path = paths.lock().expect("not poisoned")[index].clone();
+        let label = format!("i{k}");
+        let backend = spawn_backend(&label).await;
+        let name = service_name(index);
+        stack
+            .registry
+            .register_instance(&name, &format!("{name}-{label}"), backend.port)
+            .await;
+        extra_backends.push(backend);
+        let query = format!("serviceName={name}&servicePath={path}");
+        let (took, outcome) = timed_reconfigure(proxy, &query).await;
+        check(outcome, &query);
+        // Round robin: within one request per instance (and one more), the new one answers.
+        let instances = {
+            let count = instances_of.entry(index).or_insert(1);
+            *count += 1;
+            *count
+        };
+        let mut answered = false;
+        for _ in 0..=instances {
+            if get_once(port, &path)
+                .await
+                .is_ok_and(|answer| answer.backend() == label)
+            {
+                answered = true;
+                break;
+            }
+        }
+        if !answered {
+            not_live.fetch_add(1, Ordering::Relaxed);
+        }
+        samples.push(took);
+    }
+    push_a(
+        table,
+        size,
+        "instance-only change (same spec, a new instance registered just before)",
+        Latencies::new(samples),
+        Some((Duration::from_millis(5), "5 ms")),
+        reloads.since(proxy).await,
+        not_live.swap(0, Ordering::Relaxed),
     );
     stack.paths = paths.into_inner().expect("not poisoned");
     let failed = failed.load(Ordering::Relaxed);
