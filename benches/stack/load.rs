@@ -147,7 +147,7 @@ impl LoadReport {
         };
         if let Some(failure) = failure {
             if self.examples.len() < KEPT_ERRORS {
-                self.examples.push(failure);
+                self.examples.push(failure.chars().take(120).collect());
             }
         }
     }

@@ -97,14 +97,16 @@ impl Table {
         let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         let mut text = String::from("| scenario | measure | figure | target | met? |\n");
         text.push_str("|---|---|---|---|---|\n");
+        // A figure may quote an error answer: nothing in it may break the table.
+        let cell = |value: &str| value.replace('|', "\\|").replace(['\n', '\r'], " ");
         for row in rows.iter() {
             let _ = writeln!(
                 text,
                 "| {} | {} | {} | {} | {} |",
-                row.scenario,
-                row.measure,
-                row.figure,
-                row.target,
+                cell(&row.scenario),
+                cell(&row.measure),
+                cell(&row.figure),
+                cell(&row.target),
                 row.met.label()
             );
         }
