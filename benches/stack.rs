@@ -219,26 +219,27 @@ impl Stack {
         self.proxy.http_port
     }
 
-    /// Waits until a sample of the seeded routes (the first, the last and about 200 between)
-    /// answers 200; returns the time since the process started, `None` past the deadline.
+    /// Waits until a sample of the seeded routes (the last, then the first and about 200
+    /// between, 16 polled at a time) answers 200; returns the time from the process start to the
+    /// last of them being served, `None` past the deadline.
     async fn wait_restored(&self) -> Option<Duration> {
         let count = self.paths.len();
         if count == 0 {
             return Some(self.started.elapsed());
         }
+        let (port, started) = (self.port(), self.started);
+        // The last one alone first: nothing is polled hard while HAProxy is not up yet.
+        let last = poll_until_served(port, &self.paths[count - 1], started).await?;
         let step = (count / 200).max(1);
-        let mut sample: Vec<usize> = (0..count).step_by(step).collect();
-        sample.push(count - 1);
-        for index in sample {
-            let deadline = self.started + RESTORE_DEADLINE;
-            while !served(self.port(), &self.paths[index]).await {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-                tokio::time::sleep(POLL_PAUSE * 10).await;
-            }
-        }
-        Some(self.started.elapsed())
+        let sample: Vec<String> = self.paths.iter().step_by(step).cloned().collect();
+        let times: Vec<Option<Duration>> = futures::stream::iter(sample)
+            .map(|path| async move { poll_until_served(port, &path, started).await })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        times
+            .into_iter()
+            .try_fold(last, |latest, time| Some(latest.max(time?)))
     }
 
     /// How many seeded routes answer 200 now (each asked once).
@@ -375,6 +376,21 @@ async fn reconfigure_ok(proxy: &ProxyClient, query: &str) {
     let (_, outcome) = timed_reconfigure(proxy, query).await;
     if let Err(why) = outcome {
         panic!("reconfigure?{query}: {why}");
+    }
+}
+
+/// Polls `path` every 10 ms until it answers 200; the time from `since` to that answer (`None`
+/// past [`RESTORE_DEADLINE`] from `since`).
+async fn poll_until_served(port: u16, path: &str, since: Instant) -> Option<Duration> {
+    let deadline = since + RESTORE_DEADLINE;
+    loop {
+        if served(port, path).await {
+            return Some(since.elapsed());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
