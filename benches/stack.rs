@@ -19,7 +19,8 @@
 //!   (through a counting relay in front of the registry).
 //!
 //! Run: `cargo bench --bench stack` (the sizes, release). `STACK_SCALE=small` runs a
-//! tenth of the sizes; `STACK_ONLY=BC` runs some scenarios only. In debug, for a quick check:
+//! tenth of the sizes; `STACK_ONLY=BC` runs some scenarios only; `STACK_A_SIZES=10000` runs A
+//! (with F and G's idle figures) at the sizes given. In debug, for a quick check:
 //! `STACK_SCALE=small cargo test --bench stack`. Without `--bench` or `STACK_SCALE` (as in
 //! `cargo test --benches`) it measures nothing.
 
@@ -64,7 +65,7 @@ use report::{cpu_time, megabytes, resident_bytes, seconds, Latencies, Met, Table
 struct Scale {
     name: &'static str,
     /// A: services routed before the measurements (F is measured for all but the first).
-    a_sizes: [usize; 3],
+    a_sizes: &'static [usize],
     /// A: at most this many samples per kind of change and size…
     a_samples: usize,
     /// …and no new sample once this has passed (after at least [`MIN_SAMPLES`]).
@@ -81,7 +82,7 @@ struct Scale {
 
 const FULL: Scale = Scale {
     name: "full",
-    a_sizes: [1, 1_000, 10_000],
+    a_sizes: &[1, 1_000, 10_000],
     a_samples: 50,
     a_budget: Duration::from_secs(20),
     b_samples: 50,
@@ -95,7 +96,7 @@ const FULL: Scale = Scale {
 
 const SMALL: Scale = Scale {
     name: "small",
-    a_sizes: [1, 100, 1_000],
+    a_sizes: &[1, 100, 1_000],
     a_samples: 10,
     a_budget: Duration::from_secs(8),
     b_samples: 10,
@@ -181,6 +182,13 @@ impl Stack {
         let seeding_started = Instant::now();
         let paths = seed(&registry, options.services, backend.port).await;
         let seeding = seeding_started.elapsed();
+        if options.services > 0 {
+            eprintln!(
+                "stored {n} specs and registered {n} instances in {}",
+                seconds(seeding),
+                n = options.services
+            );
+        }
         let relay = if options.relay {
             let upstream: SocketAddr = registry.address().parse().expect("an address");
             Some(CountingRelay::start(upstream).await)
@@ -204,6 +212,11 @@ impl Stack {
             },
         )
         .await;
+        eprintln!(
+            "flow-proxy (pid {}) answered its ping {} after its start",
+            proxy.pid(),
+            seconds(started.elapsed())
+        );
         Stack {
             registry,
             relay,
@@ -509,8 +522,8 @@ async fn idle_cpu(pid: u32, window: Duration) -> Option<f64> {
 /// A (with F and G's idle figures on the way): for each size, a stack restored from that many
 /// stored specs, then three kinds of reconfigure timed from call to answer.
 async fn scenario_a(scale: &'static Scale, table: Table) {
-    let largest = scale.a_sizes[scale.a_sizes.len() - 1];
-    for size in scale.a_sizes {
+    let largest = scale.a_sizes.iter().copied().max().unwrap_or(0);
+    for &size in scale.a_sizes {
         let mut stack = Stack::start(StackOptions {
             services: size,
             ..StackOptions::default()
@@ -1413,6 +1426,26 @@ fn main() {
             eprintln!("STACK_SCALE must be `small` or `full`, not `{other}`");
             std::process::exit(2);
         }
+    };
+    // `STACK_A_SIZES=10000`: A (and F, G) at these sizes only, e.g. to check one size.
+    let scale: &'static Scale = match std::env::var("STACK_A_SIZES") {
+        Ok(list) => {
+            let sizes: Vec<usize> = list
+                .split(',')
+                .map(|size| {
+                    size.trim()
+                        .parse()
+                        .expect("STACK_A_SIZES: numbers, comma-separated")
+                })
+                .filter(|size| *size > 0)
+                .collect();
+            assert!(!sizes.is_empty(), "STACK_A_SIZES names no size");
+            Box::leak(Box::new(Scale {
+                a_sizes: Box::leak(sizes.into_boxed_slice()),
+                ..*scale
+            }))
+        }
+        Err(_) => scale,
     };
     let only = std::env::var("STACK_ONLY").unwrap_or_else(|_| "ABCDEH".into());
     let wanted = |letter: char| only.to_ascii_uppercase().contains(letter);
