@@ -587,12 +587,13 @@ async fn scenario_d(scale: &'static Scale, table: Table) {
         let report = load.finish().await;
         let reloads = reloads.since(&stack.proxy).await;
         let mut figure = format!(
-            "{} socket errors + {} non-2xx of {} requests ({:.0}/s, {clients} clients, {} \
+            "{} socket errors + {} non-2xx of {} requests ({:.0}/s, {} at once, {} \
              reconnects); reloads {}",
             report.socket_errors,
             report.non_2xx,
             report.requests,
             report.rate(),
+            clients,
             report.reconnects,
             reload_figure(reloads)
         );

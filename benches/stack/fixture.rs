@@ -62,16 +62,20 @@ pub struct Stack {
     pub seeding: Duration,
 }
 
+/// What a [`Stack`] starts with.
 #[derive(Default)]
 pub struct StackOptions {
     /// Services stored in KV (and with one instance each) before flow-proxy starts.
     pub services: usize,
     /// Put a counting relay between flow-proxy and the registry.
     pub relay: bool,
+    /// More flags for flow-proxy.
     pub extra_args: Vec<String>,
 }
 
 impl Stack {
+    /// Starts the registry and the backend, seeds them, then starts flow-proxy; returns once
+    /// flow-proxy answers its ping (it has restored what was seeded).
     pub async fn start(options: StackOptions) -> Stack {
         let registry = SharedRegistry::start().await;
         let backend = spawn_backend("bench").await;
@@ -124,6 +128,7 @@ impl Stack {
         }
     }
 
+    /// HAProxy's HTTP port.
     pub fn port(&self) -> u16 {
         self.proxy.http_port
     }
@@ -162,6 +167,7 @@ impl Stack {
             .await
     }
 
+    /// Stops flow-proxy with SIGTERM (and checks that its HAProxy went with it).
     pub async fn stop(mut self) {
         self.proxy.stop().await;
     }
