@@ -1067,8 +1067,15 @@ mod tests {
             .register_service(service("checked"), vec![ttl_check("c1")], false, 3)
             .is_some());
         assert_eq!(indexes(&state), (3, 3), "instance and check in one write");
-        assert_eq!(state.update_check("c1", PASSING, "ok".into(), 4), Some(true));
-        assert_eq!(indexes(&state), (3, 4), "a status change is a check write only");
+        assert_eq!(
+            state.update_check("c1", PASSING, "ok".into(), 4),
+            Some(true)
+        );
+        assert_eq!(
+            indexes(&state),
+            (3, 4),
+            "a status change is a check write only"
+        );
         assert_eq!(
             state.update_check("c1", PASSING, "still ok".into(), 5),
             Some(false)
