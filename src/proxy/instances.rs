@@ -46,6 +46,10 @@ use crate::spec::{Instance, ServiceSpec};
 /// to Consul stay at five or fewer (see [`crate::registry::IDLE_CONNECTIONS_PER_ADDRESS`]).
 pub const READS_IN_FLIGHT: usize = 2;
 
+/// Check-write indexes remembered above the catalog's index; past it the oldest are forgotten
+/// (at worst a catalog move they would have explained costs a sweep).
+const REMEMBERED_CHECK_WRITES: usize = 1_024;
+
 /// The healthy instances of `spec`'s Consul service (carrying its `serviceTag`s), read now;
 /// none, without asking the registry, when every destination forwards to its
 /// `outboundHostname`.
@@ -134,6 +138,9 @@ impl Drop for InstanceWatches {
         }
     }
 }
+
+/// One query's read: its passing instances with the service's own index, or why it failed.
+type InstanceRead = (InstanceQuery, Result<Indexed<Vec<Instance>>, RegistryError>);
 
 /// Every check by node and check ID.
 type CheckSnapshot = BTreeMap<(String, String), HealthCheck>;
@@ -471,14 +478,14 @@ impl Follower {
         }
         let catalog_index = self.catalog_index;
         self.check_writes.retain(|index| *index > catalog_index);
+        while self.check_writes.len() > REMEMBERED_CHECK_WRITES {
+            self.check_writes.pop_first();
+        }
         self.hand_over(results, round.woke_at).await
     }
 
     /// Reads `queries` (those still followed), [`READS_IN_FLIGHT`] at a time.
-    async fn read(
-        &self,
-        queries: BTreeSet<InstanceQuery>,
-    ) -> Vec<(InstanceQuery, Result<Indexed<Vec<Instance>>, RegistryError>)> {
+    async fn read(&self, queries: BTreeSet<InstanceQuery>) -> Vec<InstanceRead> {
         let mut pending = queries
             .into_iter()
             .filter(|query| self.followed.contains_key(query));
@@ -504,11 +511,7 @@ impl Follower {
     /// Hands every list that differs from what the core holds to the core, all at once (the
     /// core applies those waiting together in one step); failed reads and hand-overs are
     /// retried after a pause. `false` once the core has stopped.
-    async fn hand_over(
-        &mut self,
-        results: Vec<(InstanceQuery, Result<Indexed<Vec<Instance>>, RegistryError>)>,
-        woke_at: Option<Instant>,
-    ) -> bool {
+    async fn hand_over(&mut self, results: Vec<InstanceRead>, woke_at: Option<Instant>) -> bool {
         let mut failed_reads = Vec::new();
         let mut submits = JoinSet::new();
         for (query, result) in results {

@@ -175,6 +175,7 @@ async fn a_thousand_routed_services_cost_a_few_connections_and_requests_per_chan
 
     // Idle: a few connections, whatever the number of routed services.
     let mut requests = quiet_instance_requests(&registry).await;
+    let restored = requests;
     let idle_connections = connections_to(proxy.pid(), registry_port(&registry));
     assert!(
         idle_connections <= IDLE_CONNECTIONS,
@@ -265,7 +266,8 @@ async fn a_thousand_routed_services_cost_a_few_connections_and_requests_per_chan
         "after the reads, flow-proxy holds {connections} connections to the registry"
     );
     println!(
-        "registry load with {SERVICES} routed services: {idle_connections} connections idle \
+        "registry load with {SERVICES} routed services: {restored} requests from start to idle, \
+         {idle_connections} connections idle \
          ({connections} after the changes); requests per instance change with a check: \
          {checked_registered} to register (and pass its check), {checked_deregistered} to \
          deregister; without a check: {plain_registered} to register, {plain_deregistered} to \
