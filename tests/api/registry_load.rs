@@ -224,6 +224,20 @@ async fn a_thousand_routed_services_cost_a_few_connections_and_requests_per_chan
         );
     }
 
+    // An instance with a check of a service nobody routes: nothing routed is read.
+    let elsewhere = spawn_backend("elsewhere").await;
+    registry
+        .register_instance_with_ttl_check("unrouted", "unrouted-1", elsewhere.port)
+        .await;
+    let after = quiet_instance_requests(&registry).await;
+    let unrouted_registered = after - requests;
+    requests = after;
+    assert!(
+        unrouted_registered <= REQUESTS_PER_CHECKED_CHANGE,
+        "registering an instance with a check of an unrouted service cost \
+         {unrouted_registered} registry requests"
+    );
+
     // An instance without a check comes and goes: every routed service is read once.
     let plain_two = spawn_backend("plain-two").await;
     registry
@@ -270,7 +284,7 @@ async fn a_thousand_routed_services_cost_a_few_connections_and_requests_per_chan
          {idle_connections} connections idle \
          ({connections} after the changes); requests per instance change with a check: \
          {checked_registered} to register (and pass its check), {checked_deregistered} to \
-         deregister; without a check: {plain_registered} to register, {plain_deregistered} to \
-         deregister"
+         deregister, {unrouted_registered} for an unrouted service; without a check: \
+         {plain_registered} to register, {plain_deregistered} to deregister"
     );
 }
