@@ -16,14 +16,17 @@
 //!
 //! An instance registered or deregistered without checks, under tags its service already has
 //! (Registrator's default), moves the catalog's index without changing either answer. So every
-//! move of the catalog's index must be attributed: it is when the checks table was written at
-//! that very index (the instance came or went with its checks, in one write), or when a service
-//! read in the same round reports that index as its own `X-Consul-Index` (Consul's per-service
-//! index). A move that nothing explains, a node check that changed, and the first answers and
-//! those after an index went backwards make the follower read every routed query ("a sweep"),
-//! handing over only the lists that changed. What remains unseen: a write without checks
-//! followed, before the catalog watch wakes, by an explained write of another service; the next
-//! unexplained move or reload reads it.
+//! move of the catalog's index must be attributed. It is explained when the checks table was
+//! written at that very index (the instance came or went with its checks, in one write; one read
+//! of the checks settles it when the checks detector has not woken yet). Otherwise the follower
+//! lists every node's instances (`/v1/catalog/nodes`, then `/v1/catalog/node/<node>` for each)
+//! and compares them with the previous listings: the services with an instance added, changed
+//! or removed are the ones read. When there are about as many nodes as routed queries, when a
+//! listing fails or when there is no earlier listing, it reads every routed query instead ("a
+//! sweep"), as it does on a node check's change, on the detectors' first answers and after an
+//! index went backwards; either way it hands over only the lists that changed. What remains
+//! unseen until the next listing: an instance without checks written in the same moment as an
+//! explained write of another service, both before the catalog detector wakes.
 //!
 //! A service whose every destination has an `outboundHostname` forwards to fixed hosts: its
 //! instances are neither read nor followed ([`instances_for`]).
@@ -39,7 +42,9 @@ use tokio::time::Instant;
 use super::{submit_internal, Change, Pending};
 use crate::observe::{Observer, WatchKind};
 use crate::registry::watch::{Backoff, Update, Watch, WatchIndex, WATCH_BACKOFF};
-use crate::registry::{ConsulClient, HealthCheck, Indexed, InstanceQuery, RegistryError};
+use crate::registry::{
+    ConsulClient, HealthCheck, Indexed, InstanceQuery, NodeInstance, RegistryError,
+};
 use crate::spec::{Instance, ServiceSpec};
 
 /// Instance reads in flight at once; with the two detectors and the KV watch, the connections
@@ -148,6 +153,9 @@ type CheckSnapshot = BTreeMap<(String, String), HealthCheck>;
 /// Every Consul service with the union of its instances' tags.
 type ServiceTags = BTreeMap<String, BTreeSet<String>>;
 
+/// Every node's instances, by node name and instance ID.
+type NodeSnapshot = BTreeMap<String, BTreeMap<String, NodeInstance>>;
+
 /// What one of the detectors read.
 enum Detected {
     Checks(Update<Vec<HealthCheck>>),
@@ -218,16 +226,44 @@ fn diff_catalog(before: &ServiceTags, after: &ServiceTags) -> BTreeSet<String> {
     changed
 }
 
-/// Whether each catalog index in `moves` is explained: the checks table was written at that
-/// index, or a service read reports it as its own index.
-fn all_explained(
-    moves: &BTreeSet<u64>,
-    check_writes: &BTreeSet<u64>,
-    service_indexes: &BTreeSet<u64>,
-) -> bool {
-    moves
-        .iter()
-        .all(|index| check_writes.contains(index) || service_indexes.contains(index))
+/// Whether each catalog index in `moves` is explained by a write to the checks table at that
+/// very index: the instance came or went with its checks, in one write.
+fn all_explained(moves: &BTreeSet<u64>, check_writes: &BTreeSet<u64>) -> bool {
+    moves.iter().all(|index| check_writes.contains(index))
+}
+
+/// The services with an instance added, changed or removed between two node listings.
+fn diff_nodes(before: &NodeSnapshot, after: &NodeSnapshot) -> BTreeSet<String> {
+    let flatten = |snapshot: &NodeSnapshot| -> BTreeMap<(String, String), NodeInstance> {
+        snapshot
+            .iter()
+            .flat_map(|(node, instances)| {
+                instances
+                    .iter()
+                    .map(move |(id, instance)| ((node.clone(), id.clone()), instance.clone()))
+            })
+            .collect()
+    };
+    let (before, after) = (flatten(before), flatten(after));
+    let mut changed = BTreeSet::new();
+    for (key, instance) in &after {
+        match before.get(key) {
+            Some(old) if old == instance => {}
+            Some(old) => {
+                changed.insert(old.service.clone());
+                changed.insert(instance.service.clone());
+            }
+            None => {
+                changed.insert(instance.service.clone());
+            }
+        }
+    }
+    for (key, instance) in &before {
+        if !after.contains_key(key) {
+            changed.insert(instance.service.clone());
+        }
+    }
+    changed
 }
 
 /// What one wake of the follower must read.
@@ -276,6 +312,8 @@ struct Follower {
     check_writes: BTreeSet<u64>,
     catalog: Option<ServiceTags>,
     catalog_index: u64,
+    /// The last node listings, to tell which services an unexplained catalog move concerns.
+    nodes: Option<NodeSnapshot>,
     followed: Arc<Followed>,
     /// Per followed query, the instances the core holds (`None`: unknown).
     known: BTreeMap<InstanceQuery, Option<Vec<Instance>>>,
@@ -296,6 +334,7 @@ impl Follower {
             check_writes: BTreeSet::new(),
             catalog: None,
             catalog_index: 0,
+            nodes: None,
             followed: Arc::new(Followed::new()),
             known: BTreeMap::new(),
             retry: BTreeSet::new(),
@@ -413,15 +452,8 @@ impl Follower {
     /// Reads what `round` names (all routed queries for a sweep or an unexplained catalog move)
     /// and hands the changed lists to the core. `false` once the core has stopped.
     async fn resolve(&mut self, mut round: Round) -> bool {
-        let unexplained = |follower: &Follower, round: &Round| {
-            !all_explained(
-                &round.catalog_moves,
-                &follower.check_writes,
-                &BTreeSet::new(),
-            )
-        };
         if !round.sweep
-            && unexplained(self, &round)
+            && !all_explained(&round.catalog_moves, &self.check_writes)
             && round
                 .catalog_moves
                 .last()
@@ -446,42 +478,80 @@ impl Follower {
                 }
             }
         }
-        let mut reads = round.queries.clone();
-        reads.extend(
-            self.followed
-                .keys()
-                .filter(|query| round.services.contains(query.service()))
-                .cloned(),
-        );
-        let mut results = self.read(reads.clone()).await;
-        if !round.sweep {
-            let service_indexes: BTreeSet<u64> = results
-                .iter()
-                .filter_map(|(_, result)| result.as_ref().ok().map(|read| read.index))
-                .collect();
-            if !all_explained(&round.catalog_moves, &self.check_writes, &service_indexes) {
-                tracing::debug!(
-                    moves = ?round.catalog_moves,
-                    "an instance came, went or changed without checks: reading every routed service"
-                );
-                round.sweep = true;
+        // The node listings are read before any instance, so that whatever changes after them
+        // shows in the next listing or moves the catalog again.
+        if round.sweep {
+            self.nodes = self.list_nodes().await;
+        } else if !all_explained(&round.catalog_moves, &self.check_writes) {
+            match self.changed_on_nodes().await {
+                Some(changed) => round.services.extend(changed),
+                None => {
+                    tracing::debug!(
+                        moves = ?round.catalog_moves,
+                        "an instance came, went or changed without checks: reading every routed service"
+                    );
+                    round.sweep = true;
+                }
             }
         }
-        if round.sweep {
-            let rest: BTreeSet<InstanceQuery> = self
-                .followed
-                .keys()
-                .filter(|query| !reads.contains(*query))
-                .cloned()
-                .collect();
-            results.extend(self.read(rest).await);
-        }
+        let reads: BTreeSet<InstanceQuery> = if round.sweep {
+            self.followed.keys().cloned().collect()
+        } else {
+            let mut reads = round.queries.clone();
+            reads.extend(
+                self.followed
+                    .keys()
+                    .filter(|query| round.services.contains(query.service()))
+                    .cloned(),
+            );
+            reads
+        };
+        let results = self.read(reads).await;
         let catalog_index = self.catalog_index;
         self.check_writes.retain(|index| *index > catalog_index);
         while self.check_writes.len() > REMEMBERED_CHECK_WRITES {
             self.check_writes.pop_first();
         }
         self.hand_over(results, round.woke_at).await
+    }
+
+    /// Every instance of every node, when listing them costs fewer requests than reading every
+    /// routed query; `None` otherwise or when a listing fails.
+    async fn list_nodes(&self) -> Option<NodeSnapshot> {
+        let names = match self.registry.node_names().await {
+            Ok(names) => names,
+            Err(error) => {
+                self.observer.record_registry_error();
+                tracing::warn!(%error, "listing the nodes failed");
+                return None;
+            }
+        };
+        if names.len() + 1 >= self.followed.len() {
+            return None;
+        }
+        let mut snapshot = NodeSnapshot::new();
+        for node in names {
+            match self.registry.node_instances(&node).await {
+                Ok(instances) => {
+                    snapshot.insert(node, instances);
+                }
+                Err(error) => {
+                    self.observer.record_registry_error();
+                    tracing::warn!(%error, node, "listing the instances of a node failed");
+                    return None;
+                }
+            }
+        }
+        Some(snapshot)
+    }
+
+    /// The services with an instance registered, changed or deregistered since the last node
+    /// listings; `None` when they cannot tell (no earlier listing, or listing fails or costs
+    /// more than reading every routed query).
+    async fn changed_on_nodes(&mut self) -> Option<BTreeSet<String>> {
+        let listed = self.list_nodes().await;
+        let before = std::mem::replace(&mut self.nodes, listed);
+        Some(diff_nodes(&before?, self.nodes.as_ref()?))
     }
 
     /// Reads `queries` (those still followed), [`READS_IN_FLIGHT`] at a time.
@@ -729,34 +799,65 @@ mod tests {
     }
 
     #[test]
-    fn a_catalog_move_is_explained_by_a_check_write_or_a_service_index_at_that_index() {
+    fn a_catalog_move_is_explained_only_by_a_check_write_at_that_index() {
         let moves = BTreeSet::from([30]);
-        assert!(all_explained(
-            &moves,
-            &BTreeSet::from([29, 30]),
-            &BTreeSet::new()
-        ));
-        assert!(all_explained(
-            &moves,
-            &BTreeSet::new(),
-            &BTreeSet::from([12, 30])
-        ));
+        assert!(all_explained(&moves, &BTreeSet::from([29, 30])));
         assert!(
-            !all_explained(&moves, &BTreeSet::from([29]), &BTreeSet::from([31])),
-            "a write at 29 and a service written at 31 say nothing of 30"
+            !all_explained(&moves, &BTreeSet::from([29, 31])),
+            "writes at 29 and 31 say nothing of 30"
         );
         assert!(
-            !all_explained(
-                &BTreeSet::from([28, 30]),
-                &BTreeSet::from([30]),
-                &BTreeSet::new()
-            ),
+            !all_explained(&BTreeSet::from([28, 30]), &BTreeSet::from([30])),
             "every move of the round must be explained"
         );
-        assert!(all_explained(
-            &BTreeSet::new(),
-            &BTreeSet::new(),
-            &BTreeSet::new()
-        ));
+        assert!(all_explained(&BTreeSet::new(), &BTreeSet::new()));
+    }
+
+    fn instance(service: &str, port: i64, index: u64) -> NodeInstance {
+        NodeInstance {
+            service: service.into(),
+            tags: Some(Vec::new()),
+            address: "127.0.0.1".into(),
+            port,
+            modify_index: index,
+        }
+    }
+
+    #[test]
+    fn node_listings_name_the_services_whose_instances_came_went_or_changed() {
+        let node = |instances: &[(&str, NodeInstance)]| -> BTreeMap<String, NodeInstance> {
+            instances
+                .iter()
+                .map(|(id, instance)| (id.to_string(), instance.clone()))
+                .collect()
+        };
+        let before = NodeSnapshot::from([
+            (
+                "n1".to_string(),
+                node(&[
+                    ("web-1", instance("web", 8080, 5)),
+                    ("api-1", instance("api", 9000, 6)),
+                    ("db-1", instance("db", 5432, 7)),
+                ]),
+            ),
+            (
+                "n2".to_string(),
+                node(&[("gone-1", instance("gone", 80, 8))]),
+            ),
+        ]);
+        let after = NodeSnapshot::from([(
+            "n1".to_string(),
+            node(&[
+                ("web-1", instance("web", 8080, 5)),
+                ("web-2", instance("web", 8081, 9)),
+                ("api-1", instance("api", 9001, 10)),
+            ]),
+        )]);
+        assert_eq!(
+            diff_nodes(&before, &after),
+            names(&["api", "db", "gone", "web"]),
+            "web added an instance, api moved, db's left, node n2 left with gone's"
+        );
+        assert!(diff_nodes(&after, &after).is_empty());
     }
 }

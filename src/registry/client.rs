@@ -185,6 +185,40 @@ struct HealthCheckWire {
     modify_index: u64,
 }
 
+/// One instance as `/v1/catalog/node/<node>` lists it: what decides whether its service's
+/// health answer may have changed when it is registered, changed or deregistered.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NodeInstance {
+    /// The Consul service.
+    pub service: String,
+    /// Its tags.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    /// Its own address (empty: the node's).
+    #[serde(default)]
+    pub address: String,
+    /// Its port.
+    #[serde(default)]
+    pub port: i64,
+    /// The index of the instance's last write.
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NodeNameWire {
+    node: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NodeServicesWire {
+    #[serde(default)]
+    services: Option<BTreeMap<String, NodeInstance>>,
+}
+
 /// One KV entry, as `GET /v1/kv/<prefix>?recurse` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvEntry {
@@ -358,6 +392,28 @@ impl ConsulClient {
             .map(|(name, tags)| (name, tags.unwrap_or_default().into_iter().collect()))
             .collect();
         Ok(Indexed { value, index })
+    }
+
+    /// The names of the datacenter's nodes (`/v1/catalog/nodes`).
+    pub async fn node_names(&self) -> Result<Vec<String>, RegistryError> {
+        let path = "/v1/catalog/nodes";
+        let response = self.get(path, None).await?;
+        let nodes: Vec<NodeNameWire> = decode_json(path, response).await?;
+        Ok(nodes.into_iter().map(|node| node.node).collect())
+    }
+
+    /// Every instance registered on `node`, by instance ID (`/v1/catalog/node/<node>`; none when
+    /// the node is gone).
+    pub async fn node_instances(
+        &self,
+        node: &str,
+    ) -> Result<BTreeMap<String, NodeInstance>, RegistryError> {
+        let path = format!("/v1/catalog/node/{}", path_segment(node));
+        let response = self.get(&path, None).await?;
+        let listing: Option<NodeServicesWire> = decode_json(&path, response).await?;
+        Ok(listing
+            .and_then(|listing| listing.services)
+            .unwrap_or_default())
     }
 
     /// Every KV entry whose key starts with `prefix` (none when the prefix is empty in Consul).
@@ -559,6 +615,19 @@ fn with_causes(error: &dyn std::error::Error) -> String {
         cause = inner.source();
     }
     text
+}
+
+/// `text` as one URL path segment: every byte but the unreserved ones percent-encoded.
+fn path_segment(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 fn path_without_query(path: &str) -> &str {
