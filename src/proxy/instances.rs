@@ -526,7 +526,9 @@ impl Follower {
                 return None;
             }
         };
-        if names.len() + 1 >= self.followed.len() {
+        // No node at all (e.g. a token without `node:read`, whose listing Consul filters to
+        // nothing) would make every later listing look unchanged.
+        if names.is_empty() || names.len() + 1 >= self.followed.len() {
             return None;
         }
         let mut snapshot = NodeSnapshot::new();
