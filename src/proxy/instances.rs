@@ -16,17 +16,17 @@
 //!
 //! An instance registered or deregistered without checks, under tags its service already has
 //! (Registrator's default), moves the catalog's index without changing either answer. So every
-//! move of the catalog's index must be attributed. It is explained when the checks table was
-//! written at that very index (the instance came or went with its checks, in one write; one read
-//! of the checks settles it when the checks detector has not woken yet). Otherwise the follower
-//! lists every node's instances (`/v1/catalog/nodes`, then `/v1/catalog/node/<node>` for each)
-//! and compares them with the previous listings: the services with an instance added, changed
-//! or removed are the ones read. When there are about as many nodes as routed queries, when a
-//! listing fails or when there is no earlier listing, it reads every routed query instead ("a
-//! sweep"), as it does on a node check's change, on the detectors' first answers and after an
-//! index went backwards; either way it hands over only the lists that changed. What remains
-//! unseen until the next listing: an instance without checks written in the same moment as an
-//! explained write of another service, both before the catalog detector wakes.
+//! move of the catalog's index must be attributed. It is explained when every index it spans is
+//! a write to the checks table the checks' diff has seen (an instance that came or went with its
+//! checks, in one write; a check's status): no other write can hide there. One read of the checks
+//! settles it when the checks detector has not woken yet. Otherwise the follower lists every
+//! node's instances (`/v1/catalog/nodes`, then `/v1/catalog/node/<node>` for each) before
+//! reading anything, and compares them with the previous listings: the services with an
+//! instance added, changed or removed are the ones read. When there are about as many nodes as
+//! routed queries, when a listing fails or when there is no earlier listing, it reads every
+//! routed query instead ("a sweep"), as it does on a node check's change, on the detectors'
+//! first answers and after an index went backwards; either way it hands over only the lists
+//! that changed.
 //!
 //! A service whose every destination has an `outboundHostname` forwards to fixed hosts: its
 //! instances are neither read nor followed ([`instances_for`]).
@@ -226,10 +226,16 @@ fn diff_catalog(before: &ServiceTags, after: &ServiceTags) -> BTreeSet<String> {
     changed
 }
 
-/// Whether each catalog index in `moves` is explained by a write to the checks table at that
-/// very index: the instance came or went with its checks, in one write.
-fn all_explained(moves: &BTreeSet<u64>, check_writes: &BTreeSet<u64>) -> bool {
-    moves.iter().all(|index| check_writes.contains(index))
+/// Whether a move of the catalog's index from `from` to `to` is explained: every index in
+/// between, `to` included, is a write to the checks table that the checks' diff has seen (an
+/// instance that came or went with its checks, in one write; a check's status), so no other
+/// write can hide there. A range longer than the indexes remembered is not explained.
+fn all_explained(moved: Option<(u64, u64)>, check_writes: &BTreeSet<u64>) -> bool {
+    let Some((from, to)) = moved else {
+        return true;
+    };
+    to.saturating_sub(from) <= REMEMBERED_CHECK_WRITES as u64
+        && (from.saturating_add(1)..=to).all(|index| check_writes.contains(&index))
 }
 
 /// The services with an instance added, changed or removed between two node listings.
@@ -275,8 +281,8 @@ struct Round {
     queries: BTreeSet<InstanceQuery>,
     /// Read every routed query.
     sweep: bool,
-    /// The catalog indexes reached in this round, each to be explained.
-    catalog_moves: BTreeSet<u64>,
+    /// The catalog's index before this round and the last one it reached, when it moved.
+    catalog_moved: Option<(u64, u64)>,
     /// When the first event of the round arrived, for the watch lag.
     woke_at: Option<Instant>,
 }
@@ -286,7 +292,7 @@ impl Round {
         self.services.is_empty()
             && self.queries.is_empty()
             && !self.sweep
-            && self.catalog_moves.is_empty()
+            && self.catalog_moved.is_none()
     }
 }
 
@@ -439,7 +445,10 @@ impl Follower {
                 match &self.catalog {
                     Some(before) if !update.after_reset => {
                         round.services.extend(diff_catalog(before, &update.value));
-                        round.catalog_moves.insert(update.index);
+                        let from = round
+                            .catalog_moved
+                            .map_or(self.catalog_index, |(from, _)| from);
+                        round.catalog_moved = Some((from, update.index));
                     }
                     _ => round.sweep = true,
                 }
@@ -453,11 +462,10 @@ impl Follower {
     /// and hands the changed lists to the core. `false` once the core has stopped.
     async fn resolve(&mut self, mut round: Round) -> bool {
         if !round.sweep
-            && !all_explained(&round.catalog_moves, &self.check_writes)
+            && !all_explained(round.catalog_moved, &self.check_writes)
             && round
-                .catalog_moves
-                .last()
-                .is_some_and(|moved_to| self.checks_index < *moved_to)
+                .catalog_moved
+                .is_some_and(|(_, moved_to)| self.checks_index < moved_to)
         {
             // The checks detector may not have woken yet for the write that moved the catalog:
             // one read of the checks tells whether that write touched any.
@@ -482,12 +490,12 @@ impl Follower {
         // shows in the next listing or moves the catalog again.
         if round.sweep {
             self.nodes = self.list_nodes().await;
-        } else if !all_explained(&round.catalog_moves, &self.check_writes) {
+        } else if !all_explained(round.catalog_moved, &self.check_writes) {
             match self.changed_on_nodes().await {
                 Some(changed) => round.services.extend(changed),
                 None => {
                     tracing::debug!(
-                        moves = ?round.catalog_moves,
+                        moved = ?round.catalog_moved,
                         "an instance came, went or changed without checks: reading every routed service"
                     );
                     round.sweep = true;
@@ -801,18 +809,25 @@ mod tests {
     }
 
     #[test]
-    fn a_catalog_move_is_explained_only_by_a_check_write_at_that_index() {
-        let moves = BTreeSet::from([30]);
-        assert!(all_explained(&moves, &BTreeSet::from([29, 30])));
+    fn a_catalog_move_is_explained_only_when_every_index_it_spans_is_a_seen_check_write() {
+        assert!(all_explained(Some((28, 30)), &BTreeSet::from([29, 30])));
         assert!(
-            !all_explained(&moves, &BTreeSet::from([29, 31])),
+            !all_explained(Some((28, 30)), &BTreeSet::from([30])),
+            "29 could be an instance written without checks"
+        );
+        assert!(
+            !all_explained(Some((29, 30)), &BTreeSet::from([29, 31])),
             "writes at 29 and 31 say nothing of 30"
         );
         assert!(
-            !all_explained(&BTreeSet::from([28, 30]), &BTreeSet::from([30])),
-            "every move of the round must be explained"
+            all_explained(None, &BTreeSet::new()),
+            "the catalog did not move"
         );
-        assert!(all_explained(&BTreeSet::new(), &BTreeSet::new()));
+        let many: BTreeSet<u64> = (1..=5_000).collect();
+        assert!(
+            !all_explained(Some((0, 5_000)), &many),
+            "longer than the indexes remembered"
+        );
     }
 
     fn instance(service: &str, port: i64, index: u64) -> NodeInstance {

@@ -23,11 +23,11 @@ const CONCURRENT_WRITES: usize = 8;
 /// The most connections flow-proxy may hold to the registry when idle (the target).
 const IDLE_CONNECTIONS: usize = 5;
 
-/// Registry requests one instance change may cost: the two detectors' answers, one catch-up
-/// read of the checks, the node listings (two with one node), the service's reads (a
-/// registration with a check and its passing are two writes), with room to spare; nothing that
-/// grows with the routed services.
-const REQUESTS_PER_CHANGE: u64 = 12;
+/// Registry requests one instance change may cost, counted per write (a registration with a
+/// check and its passing are two): the two detectors' answers, one catch-up read of the checks,
+/// the node listings (two with one node), a read of the service per round; about 10 at most,
+/// with room to spare. Nothing in it grows with the routed services.
+const REQUESTS_PER_CHANGE: u64 = 16;
 
 /// How long one instance change may take to reach HAProxy.
 const LIVE: Duration = Duration::from_secs(10);
