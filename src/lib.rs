@@ -22,9 +22,10 @@
 //! - [`proxy`]: the core; owns the routing state and the certificates and applies each change in
 //!   order (resolve → render → validate → persist → reload → answer) from one bounded queue;
 //!   restores the stored specs and certificates on start and then follows them, the proxy-wide
-//!   settings kept in KV (`<kv-prefix>/settings/`) and the routed services' instances with
-//!   blocking-query watches, so every proxy sharing a Consul converges without calls between
-//!   proxies.
+//!   settings kept in KV (`<kv-prefix>/settings/`) and the routed services' instances (two
+//!   blocking queries that detect changes to checks and to the catalog, then reads of only the
+//!   services that changed), so every proxy sharing a Consul converges without calls between
+//!   proxies, over a few connections to Consul however many services it routes.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
 //!   (and a service's own fragments from `--templates-dir`, read at each render).
 //! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
@@ -32,8 +33,8 @@
 //!   (`-x`, `-sf`), the certificate files and crt-list it reads, and supervision of the HAProxy
 //!   processes (a dead or hung one is replaced from
 //!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
-//! - [`limits`]: the open-files limit, raised to the hard limit at start (each routed service
-//!   holds a socket for its instance watch).
+//! - [`limits`]: the open-files limit, raised to the hard limit at start, and the API's answer
+//!   when it is reached anyway.
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
 //!   Consul-compatible registry used when no Consul address is given.
@@ -224,7 +225,6 @@ impl FlowProxy {
                 port: settings.https_port,
                 enable_h2: settings.enable_h2,
             },
-            max_instance_watches: limits::instance_watch_budget(embedded_registry.is_some()),
             client_ca,
             proxy_wide_flags: settings.proxy_wide.clone(),
             observer: observe::Observer::new(),
@@ -361,7 +361,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
-    limits::raise_and_log(settings.consul_address.is_empty());
+    limits::raise_and_log();
     let flow_proxy = FlowProxy::start(settings).await?;
     shutdown.await;
     tracing::info!("shutting down");

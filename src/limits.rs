@@ -1,25 +1,22 @@
 //! The open-files limit flow-proxy runs under: raised at start, and lived with when reached.
 //!
-//! Every routed service holds a socket for its instance watch (a blocking query kept open to
-//! Consul), and with the embedded registry the registry holds the other end in the same process.
-//! Under the common default soft limit of 1,024 open files that caps flow-proxy at a few hundred
-//! routed services, after which the API and the registry cannot accept connections. So at start
-//! flow-proxy raises its soft limit to the hard limit, as Go's runtime does for every Go program
-//! (Consul's and Docker Flow Proxy's included); on macOS [`rlimit`] also caps it at
+//! flow-proxy's own descriptors no longer grow with the routed services: the instances of every
+//! routed service are followed over a handful of connections to Consul (see
+//! [`crate::proxy`]'s instance follower), so idle it holds a few dozen descriptors whether it
+//! routes one service or thousands. What still grows with load is the API's concurrent callers
+//! and, with the embedded registry, Registrator's and other clients' connections to it. So at
+//! start flow-proxy raises its soft limit to the hard limit, as Go's runtime does for every Go
+//! program (Consul's and Docker Flow Proxy's included); on macOS [`rlimit`] also caps it at
 //! `kern.maxfilesperproc`, which the kernel enforces anyway.
 //!
 //! The hard limit itself is the operator's (`ulimit -Hn`, `LimitNOFILE=` in systemd, `--ulimit
-//! nofile=` in Docker). flow-proxy runs at most [`instance_watch_budget`] instance watches, so
-//! that routing more services than the limit allows does not take the descriptors the API, the
-//! KV watch and `haproxy -c` need: the services past the budget (by name) are not watched, with
-//! an error in the log, and their instances are read on reconfigure and reload only. When the
-//! limit is reached anyway (e.g. by a flood of API connections), accepting fails with `EMFILE`.
-//! The API listens through an [`ApiListener`], which keeps one descriptor in reserve to answer
-//! such a connection with a 503 that says so instead of leaving the caller waiting; the embedded
-//! registry logs the error and tries again a second later (it neither stops nor spins). Changes
-//! that do get through answer with the error that names the cause ("Too many open files"), and
-//! HAProxy keeps serving its last good configuration. Everything recovers by itself once
-//! descriptors are freed.
+//! nofile=` in Docker). When the limit is reached anyway (e.g. by a flood of API connections),
+//! accepting fails with `EMFILE`. The API listens through an [`ApiListener`], which keeps one
+//! descriptor in reserve to answer such a connection with a 503 that says so instead of leaving
+//! the caller waiting; the embedded registry logs the error and tries again a second later (it
+//! neither stops nor spins). Changes that do get through answer with the error that names the
+//! cause ("Too many open files"), and HAProxy keeps serving its last good configuration.
+//! Everything recovers by itself once descriptors are freed.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -27,18 +24,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Descriptors flow-proxy needs besides its instance watches: the API and registry listeners,
-/// the HAProxy children's pipes, `haproxy -c` runs, the KV watch, concurrent API requests and
-/// the registry's state file, with room to spare (measured: about 30 when idle).
-pub const BASE_OPEN_FILES: u64 = 128;
-
-/// Descriptors one routed service costs with an external Consul: its instance watch's socket.
-pub const OPEN_FILES_PER_SERVICE: u64 = 1;
-
-/// Descriptors one routed service costs with the embedded registry: the instance watch's socket
-/// and the registry's end of it.
-pub const OPEN_FILES_PER_SERVICE_EMBEDDED: u64 = 2;
 
 /// The soft open-files limit before and after [`raise_open_files_limit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,13 +34,6 @@ pub struct OpenFilesLimit {
     pub now: u64,
     /// The hard limit (the most the soft limit can be raised to).
     pub hard: u64,
-}
-
-impl OpenFilesLimit {
-    /// About how many services can be routed under the current limit (see [`services_allowed`]).
-    pub fn services_allowed(&self, embedded_registry: bool) -> u64 {
-        services_allowed(self.now, embedded_registry)
-    }
 }
 
 /// The open-files limit could not be read or raised.
@@ -84,49 +62,16 @@ pub fn raise_open_files_limit() -> Result<OpenFilesLimit, LimitError> {
     Ok(OpenFilesLimit { before, now, hard })
 }
 
-/// About how many routed services `limit` open files allow, each instance watch costing one
-/// descriptor (two with the embedded registry) after [`BASE_OPEN_FILES`] for everything else.
-pub fn services_allowed(limit: u64, embedded_registry: bool) -> u64 {
-    let per_service = if embedded_registry {
-        OPEN_FILES_PER_SERVICE_EMBEDDED
-    } else {
-        OPEN_FILES_PER_SERVICE
-    };
-    limit.saturating_sub(BASE_OPEN_FILES) / per_service
-}
-
-/// How many instance watches the current soft limit leaves room for ([`services_allowed`]);
-/// unbounded when the limit cannot be read.
-pub fn instance_watch_budget(embedded_registry: bool) -> usize {
-    match rlimit::Resource::NOFILE.get() {
-        Ok((soft, _)) => {
-            usize::try_from(services_allowed(soft, embedded_registry)).unwrap_or(usize::MAX)
-        }
-        Err(_) => usize::MAX,
-    }
-}
-
-/// Raises the limit (see [`raise_open_files_limit`]) and logs the outcome: what it was, what it
-/// is, and about how many routed services it allows. A failure is logged and start goes on.
-pub fn raise_and_log(embedded_registry: bool) {
+/// Raises the limit (see [`raise_open_files_limit`]) and logs the outcome: what it was and what
+/// it is. A failure is logged and start goes on.
+pub fn raise_and_log() {
     match raise_open_files_limit() {
-        Ok(limit) => {
-            let services = limit.services_allowed(embedded_registry);
-            if limit.now > limit.before {
-                tracing::info!(
-                    "open files limit raised from {} to {} (enough for about {services} routed \
-                     services)",
-                    limit.before,
-                    limit.now
-                );
-            } else {
-                tracing::info!(
-                    "open files limit is {} (the hard limit; enough for about {services} routed \
-                     services)",
-                    limit.now
-                );
-            }
-        }
+        Ok(limit) if limit.now > limit.before => tracing::info!(
+            "open files limit raised from {} to {}",
+            limit.before,
+            limit.now
+        ),
+        Ok(limit) => tracing::info!("open files limit is {} (the hard limit)", limit.now),
         Err(error) => tracing::warn!(%error, "the open files limit stays as it is"),
     }
 }
@@ -289,13 +234,6 @@ async fn answer_out_of_descriptors(mut stream: TcpStream, limit: &str) -> TcpStr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_embedded_registry_halves_the_services_a_limit_allows() {
-        assert_eq!(services_allowed(1024, false), 1024 - BASE_OPEN_FILES);
-        assert_eq!(services_allowed(1024, true), (1024 - BASE_OPEN_FILES) / 2);
-        assert_eq!(services_allowed(100, true), 0);
-    }
 
     #[test]
     fn raising_ends_at_the_hard_limit() {

@@ -209,7 +209,8 @@ struct CertificateLabels {
 pub enum WatchKind {
     /// The KV watch of the stored specs.
     StoredSpecs,
-    /// The instance watch of a routed service.
+    /// The instance follower: its change detectors (every check, the catalog's services) and
+    /// its reads of the services that changed.
     Instances,
 }
 

@@ -226,8 +226,6 @@ pub struct ProxyParts {
     pub kv_prefix: String,
     /// Whether to follow the routed services' instances with blocking queries.
     pub watch_instances: bool,
-    /// Most instance watches running at once (each holds a socket; see [`crate::limits`]).
-    pub max_instance_watches: usize,
     /// The most services routed at once (`--max-services`).
     pub max_services: usize,
     /// How long an API call waits for its change to be applied (`--change-timeout`).
@@ -289,7 +287,6 @@ impl Proxy {
             applied_config,
             instance_watches: InstanceWatches::new(
                 parts.watch_instances,
-                parts.max_instance_watches,
                 parts.registry,
                 changes.downgrade(),
                 parts.observer.clone(),
@@ -1393,13 +1390,20 @@ impl Core {
                 })
                 .collect(),
         );
-        let consul_services = self
+        let mut followed = instances::Followed::new();
+        for routed in self
             .state
             .values()
             .filter(|routed| routed.spec.uses_registry())
-            .map(|routed| instance_query(&routed.spec))
-            .collect();
-        self.instance_watches.follow(consul_services);
+        {
+            let held = followed
+                .entry(instance_query(&routed.spec))
+                .or_insert_with(|| Some(routed.instances.clone()));
+            if held.as_ref() != Some(&routed.instances) {
+                *held = None;
+            }
+        }
+        self.instance_watches.follow(followed);
     }
 }
 

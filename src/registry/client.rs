@@ -1,7 +1,11 @@
-//! flow-proxy's Consul client: healthy instances of a service and the KV documents that hold the
-//! specs. It relies only on the Consul HTTP API subset in `shared/consul-api.md`, so the same code
-//! talks to a real Consul cluster and to the embedded registry.
+//! flow-proxy's Consul client: healthy instances of a service, the two change detectors the
+//! instance follower blocks on (every check's state, the catalog's service names and tags), and
+//! the KV documents that hold the specs. It relies only on the Consul HTTP API subset in
+//! `shared/consul-api.md`, so the same code talks to a real Consul cluster and to the embedded
+//! registry. All requests share one connection pool that keeps at most
+//! [`IDLE_CONNECTIONS_PER_ADDRESS`] idle connections to each address.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,6 +23,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Extra time a blocking query gets on top of its `wait` and Consul's `wait/16` jitter.
 const BLOCKING_GRACE: Duration = Duration::from_secs(5);
+
+/// Idle connections the pool keeps open to one Consul address, besides those in use (the
+/// blocking queries each hold one): enough for the instance reads in flight to reuse theirs.
+pub const IDLE_CONNECTIONS_PER_ADDRESS: usize = 2;
 
 /// A registry call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +62,9 @@ pub enum RegistryError {
 
 /// Which instances a routed service takes: the passing instances of one Consul service, only
 /// those carrying every one of `tags` (`serviceTag`) when tags are given, as Consul's repeated
-/// `?tag=` filters them. It is also the key of an instance watch, so two routed services reading
-/// the same Consul service with different tags each have their own watch.
+/// `?tag=` filters them. It is also what the instance follower reads when the service may have
+/// changed, so two routed services reading the same Consul service with different tags each get
+/// their own read.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct InstanceQuery {
     service: String,
@@ -143,6 +152,73 @@ impl Blocking {
     }
 }
 
+/// One health check as `/v1/health/state/any` lists it: what the instance follower compares
+/// between two answers to know which services' instances may have changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The node the check runs on.
+    pub node: String,
+    /// The check's ID (unique on its node).
+    pub check_id: String,
+    /// The instance it checks; empty for a node check (e.g. `serfHealth`).
+    pub service_id: String,
+    /// The Consul service of that instance; empty for a node check.
+    pub service_name: String,
+    /// `passing`, `warning` or `critical`.
+    pub status: String,
+    /// The index of the check's last write.
+    pub modify_index: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthCheckWire {
+    node: String,
+    #[serde(rename = "CheckID")]
+    check_id: String,
+    #[serde(rename = "ServiceID", default)]
+    service_id: String,
+    #[serde(default)]
+    service_name: String,
+    status: String,
+    #[serde(default)]
+    modify_index: u64,
+}
+
+/// One instance as `/v1/catalog/node/<node>` lists it: what decides whether its service's
+/// health answer may have changed when it is registered, changed or deregistered.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NodeInstance {
+    /// The Consul service.
+    pub service: String,
+    /// Its tags.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    /// Its own address (empty: the node's).
+    #[serde(default)]
+    pub address: String,
+    /// Its port.
+    #[serde(default)]
+    pub port: i64,
+    /// The index of the instance's last write.
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NodeNameWire {
+    node: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NodeServicesWire {
+    #[serde(default)]
+    services: Option<BTreeMap<String, NodeInstance>>,
+}
+
 /// One KV entry, as `GET /v1/kv/<prefix>?recurse` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvEntry {
@@ -212,6 +288,7 @@ impl ConsulClient {
         ConsulClient {
             http: reqwest::Client::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
+                .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_ADDRESS)
                 .build()
                 .unwrap_or_default(),
             base_urls,
@@ -272,6 +349,71 @@ impl ConsulClient {
             value: instances,
             index,
         })
+    }
+
+    /// Every health check of the datacenter (`/v1/health/state/any`), as a blocking query when
+    /// `blocking` is given. Its index is Consul's checks-table index: it moves when a check is
+    /// added, changes (status, output, service tags) or is removed.
+    pub async fn watch_checks(
+        &self,
+        blocking: Option<Blocking>,
+    ) -> Result<Indexed<Vec<HealthCheck>>, RegistryError> {
+        let path = with_blocking("/v1/health/state/any".to_string(), blocking);
+        let response = self.get(&path, blocking).await?;
+        let index = consul_index(&response);
+        let checks: Vec<HealthCheckWire> = decode_json(&path, response).await?;
+        let value = checks
+            .into_iter()
+            .map(|check| HealthCheck {
+                node: check.node,
+                check_id: check.check_id,
+                service_id: check.service_id,
+                service_name: check.service_name,
+                status: check.status,
+                modify_index: check.modify_index,
+            })
+            .collect();
+        Ok(Indexed { value, index })
+    }
+
+    /// Every Consul service with the union of its instances' tags (`/v1/catalog/services`), as a
+    /// blocking query when `blocking` is given. Its index is Consul's services-table index: it
+    /// moves when any instance is registered, changed or deregistered.
+    pub async fn watch_service_tags(
+        &self,
+        blocking: Option<Blocking>,
+    ) -> Result<Indexed<BTreeMap<String, BTreeSet<String>>>, RegistryError> {
+        let path = with_blocking("/v1/catalog/services".to_string(), blocking);
+        let response = self.get(&path, blocking).await?;
+        let index = consul_index(&response);
+        let services: BTreeMap<String, Option<Vec<String>>> = decode_json(&path, response).await?;
+        let value = services
+            .into_iter()
+            .map(|(name, tags)| (name, tags.unwrap_or_default().into_iter().collect()))
+            .collect();
+        Ok(Indexed { value, index })
+    }
+
+    /// The names of the datacenter's nodes (`/v1/catalog/nodes`).
+    pub async fn node_names(&self) -> Result<Vec<String>, RegistryError> {
+        let path = "/v1/catalog/nodes";
+        let response = self.get(path, None).await?;
+        let nodes: Vec<NodeNameWire> = decode_json(path, response).await?;
+        Ok(nodes.into_iter().map(|node| node.node).collect())
+    }
+
+    /// Every instance registered on `node`, by instance ID (`/v1/catalog/node/<node>`; none when
+    /// the node is gone).
+    pub async fn node_instances(
+        &self,
+        node: &str,
+    ) -> Result<BTreeMap<String, NodeInstance>, RegistryError> {
+        let path = format!("/v1/catalog/node/{}", path_segment(node));
+        let response = self.get(&path, None).await?;
+        let listing: Option<NodeServicesWire> = decode_json(&path, response).await?;
+        Ok(listing
+            .and_then(|listing| listing.services)
+            .unwrap_or_default())
     }
 
     /// Every KV entry whose key starts with `prefix` (none when the prefix is empty in Consul).
@@ -451,7 +593,10 @@ impl KvEntryWire {
 
 fn with_blocking(path: String, blocking: Option<Blocking>) -> String {
     match blocking {
-        Some(blocking) => format!("{path}&{}", blocking.query()),
+        Some(blocking) => {
+            let separator = if path.contains('?') { '&' } else { '?' };
+            format!("{path}{separator}{}", blocking.query())
+        }
         None => path,
     }
 }
@@ -470,6 +615,19 @@ fn with_causes(error: &dyn std::error::Error) -> String {
         cause = inner.source();
     }
     text
+}
+
+/// `text` as one URL path segment: every byte but the unreserved ones percent-encoded.
+fn path_segment(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 fn path_without_query(path: &str) -> &str {

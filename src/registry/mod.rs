@@ -1,9 +1,12 @@
-//! The registry: flow-proxy's Consul client (healthy instances, KV, blocking queries), the rules
-//! its watch loops follow, and the embedded Consul-compatible server used when no Consul address
-//! is given.
+//! The registry: flow-proxy's Consul client (healthy instances, the checks and catalog change
+//! detectors, KV, blocking queries), the rules its watch loops follow, and the embedded
+//! Consul-compatible server used when no Consul address is given.
 
 mod client;
 pub mod embedded;
 pub mod watch;
 
-pub use client::{Blocking, ConsulClient, Indexed, InstanceQuery, KvEntry, RegistryError};
+pub use client::{
+    Blocking, ConsulClient, HealthCheck, Indexed, InstanceQuery, KvEntry, NodeInstance,
+    RegistryError, IDLE_CONNECTIONS_PER_ADDRESS,
+};

@@ -178,6 +178,14 @@ impl SharedRegistry {
         }
     }
 
+    /// How many requests each path (without its query) got since the registry last started.
+    pub fn request_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.running
+            .as_ref()
+            .expect("request_counts(): the registry is running")
+            .request_counts()
+    }
+
     /// Makes every following request fail as Consul does in that situation (`None` heals):
     /// [`Fault::NoLeader`] → `500 No cluster leader` on KV, catalog and health;
     /// [`Fault::PermissionDenied`] → `403 Permission denied` on KV and agent writes.

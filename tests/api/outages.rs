@@ -27,8 +27,9 @@ const LIVE: Duration = Duration::from_secs(1);
 /// How long a watch may take to notice an outage and log it (a few of its first, short pauses).
 const NOTICE: Duration = Duration::from_secs(5);
 
-/// The warning the instance watch of `web` logs when a query to Consul fails.
-const WATCH_FAILED: &str = "watching the instances of `web` failed";
+/// The warning the instance follower's catalog detector logs when a query to Consul fails (the
+/// instances of `web` are followed through it).
+const WATCH_FAILED: &str = "watching the catalog of services failed";
 
 /// Whether the backend called `name` answers any of six requests for `path`.
 async fn answers(proxy: &ProxyProcess, path: &str, name: &str) -> bool {

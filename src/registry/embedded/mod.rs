@@ -22,6 +22,7 @@ mod persist;
 mod register;
 mod store;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -66,6 +67,24 @@ pub struct EmbeddedRegistry {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     reaper: JoinHandle<()>,
+    requests: RequestCounts,
+}
+
+/// How many requests each path (without its query) was sent since start: what it costs its
+/// clients to follow it, e.g. per instance change.
+#[derive(Debug, Clone, Default)]
+struct RequestCounts(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl RequestCounts {
+    fn count(&self, path: &str) {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match counts.get_mut(path) {
+            Some(count) => *count += 1,
+            None => {
+                counts.insert(path.to_string(), 1);
+            }
+        }
+    }
 }
 
 impl EmbeddedRegistry {
@@ -95,7 +114,14 @@ impl EmbeddedRegistry {
         });
 
         let mut server_stop = stopped.clone();
-        let router = http::router(app.clone());
+        let requests = RequestCounts::default();
+        let counted = requests.clone();
+        let router = http::router(app.clone()).layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                counted.count(request.uri().path());
+                next.run(request)
+            },
+        ));
         let server = tokio::spawn(async move {
             let graceful = async move {
                 let _ = server_stop.wait_for(|stop| *stop).await;
@@ -121,7 +147,17 @@ impl EmbeddedRegistry {
             stop,
             server,
             reaper,
+            requests,
         })
+    }
+
+    /// How many requests each path (without its query) was sent since start.
+    pub fn request_counts(&self) -> BTreeMap<String, u64> {
+        self.requests
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The address it actually listens on.

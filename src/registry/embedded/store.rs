@@ -178,6 +178,11 @@ pub(crate) struct State {
     pub service_indexes: BTreeMap<String, u64>,
     /// Index at which the last service name disappeared (used for unknown services).
     pub extinction_index: u64,
+    /// Index of the last change to any check (added, changed or removed): Consul's checks-table
+    /// index, which `/v1/health/state/<state>` reports. Absent from states written before it
+    /// existed (0 then: the node's creation counts).
+    #[serde(default)]
+    pub checks_index: u64,
     /// What the write in progress touched, with the values before it. Never persisted.
     #[serde(skip)]
     touched: Touched,
@@ -200,6 +205,8 @@ struct Counters {
     kv_index: u64,
     services_index: u64,
     extinction_index: u64,
+    #[serde(default)]
+    checks_index: u64,
 }
 
 /// One line of the change log: the counters after a write and the new value of every entry it
@@ -275,6 +282,7 @@ impl State {
             services_index: 0,
             service_indexes: BTreeMap::new(),
             extinction_index: 0,
+            checks_index: 0,
             touched: Touched::default(),
         }
     }
@@ -285,6 +293,7 @@ impl State {
             kv_index: self.kv_index,
             services_index: self.services_index,
             extinction_index: self.extinction_index,
+            checks_index: self.checks_index,
         }
     }
 
@@ -293,6 +302,7 @@ impl State {
         self.kv_index = counters.kv_index;
         self.services_index = counters.services_index;
         self.extinction_index = counters.extinction_index;
+        self.checks_index = counters.checks_index;
     }
 
     /// The log record of the write just made: counters and the touched entries' new values.
@@ -449,9 +459,17 @@ impl State {
             .max(1)
     }
 
-    /// Index for `/v1/catalog/services`.
+    /// Index for `/v1/catalog/services`: moves when an instance is registered, changed or
+    /// deregistered, not when only a check changes.
     pub fn services_table_index(&self) -> u64 {
         self.services_index.max(self.node_index).max(1)
+    }
+
+    /// Index for `/v1/health/state/<state>`: moves when a check is added, changes or is removed
+    /// (the node's `serfHealth` dates from the node's creation), not when only an instance
+    /// without checks changes.
+    pub fn checks_table_index(&self) -> u64 {
+        self.checks_index.max(self.node_index).max(1)
     }
 
     /// Instances of a service name, sorted by ID.
@@ -497,23 +515,26 @@ impl State {
         replace_checks: bool,
         index: u64,
     ) -> Option<RegisterOutcome> {
-        let mut changed = false;
         let previous = self.services.get(&service.id).cloned();
-        match &previous {
+        let service_changed = match &previous {
             Some(old) => {
                 service.create_index = old.create_index;
                 service.modify_index = old.modify_index;
                 if *old != service {
                     service.modify_index = index;
-                    changed = true;
+                    true
+                } else {
+                    false
                 }
             }
             None => {
                 service.create_index = index;
                 service.modify_index = index;
-                changed = true;
+                true
             }
-        }
+        };
+        // Whether any check of the instance was added, changed or removed.
+        let mut checks_changed = false;
 
         let mut outcome = RegisterOutcome::default();
         let new_ids: BTreeSet<String> = checks.iter().map(|c| c.check_id.clone()).collect();
@@ -527,7 +548,7 @@ impl State {
                 remember(&mut self.touched.checks, &self.checks, &id);
                 self.checks.remove(&id);
                 outcome.removed.push(id);
-                changed = true;
+                checks_changed = true;
             }
         }
         // Existing checks of this instance follow the service's name and tags.
@@ -542,7 +563,7 @@ impl State {
                 check.service_name = service.name.clone();
                 check.service_tags = service.tags.clone();
                 check.modify_index = index;
-                changed = true;
+                checks_changed = true;
             }
         }
         for new in checks {
@@ -588,16 +609,23 @@ impl State {
                     .push((check.check_id.clone(), check.definition.clone()));
             }
             self.checks.insert(check.check_id.clone(), check);
-            changed = true;
+            checks_changed = true;
         }
-        if !changed {
+        if !service_changed && !checks_changed {
             return None;
+        }
+        if checks_changed {
+            self.checks_index = index;
         }
         let name = service.name.clone();
         remember(&mut self.touched.services, &self.services, &service.id);
         self.services.insert(service.id.clone(), service);
         self.touch_service(&name, index);
-        self.services_index = index;
+        if service_changed {
+            // Like Consul, which skips writing an instance that did not change: only the checks
+            // table moves then.
+            self.services_index = index;
+        }
         if let Some(old) = previous {
             if old.name != name {
                 self.forget_name_if_extinct(&old.name, index);
@@ -618,6 +646,9 @@ impl State {
         for id in &removed {
             remember(&mut self.touched.checks, &self.checks, id);
             self.checks.remove(id);
+        }
+        if !removed.is_empty() {
+            self.checks_index = index;
         }
         self.services_index = index;
         self.touch_service(&service.name, index);
@@ -645,6 +676,7 @@ impl State {
         check.modify_index = index;
         check.critical_since = (status == CRITICAL).then(Instant::now);
         let name = check.service_name.clone();
+        self.checks_index = index;
         self.touch_service(&name, index);
         Some(true)
     }
@@ -1005,6 +1037,76 @@ mod tests {
             create_index: 0,
             modify_index: 0,
         }
+    }
+
+    fn ttl_check(id: &str) -> NewCheck {
+        NewCheck {
+            check_id: id.into(),
+            name: id.into(),
+            notes: String::new(),
+            initial_status: CRITICAL.into(),
+            definition: CheckDefinition {
+                kind: CheckKind::Ttl,
+                interval_ms: 0,
+                timeout_ms: 0,
+                ttl_ms: 60_000,
+                deregister_after_ms: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn checks_and_services_tables_have_their_own_index_as_in_consul() {
+        let mut state = State::fresh();
+        let indexes = |s: &State| (s.services_table_index(), s.checks_table_index());
+        assert!(state
+            .register_service(service("plain"), vec![], false, 2)
+            .is_some());
+        assert_eq!(indexes(&state), (2, 1), "no check was written");
+        assert!(state
+            .register_service(service("checked"), vec![ttl_check("c1")], false, 3)
+            .is_some());
+        assert_eq!(indexes(&state), (3, 3), "instance and check in one write");
+        assert_eq!(
+            state.update_check("c1", PASSING, "ok".into(), 4),
+            Some(true)
+        );
+        assert_eq!(
+            indexes(&state),
+            (3, 4),
+            "a status change is a check write only"
+        );
+        assert_eq!(
+            state.update_check("c1", PASSING, "still ok".into(), 5),
+            Some(false)
+        );
+        assert_eq!(indexes(&state), (3, 4), "output alone moves nothing");
+        assert!(
+            state
+                .register_service(service("checked"), vec![ttl_check("c1")], false, 5)
+                .is_none(),
+            "an identical registration writes nothing"
+        );
+        let mut second_check = ttl_check("c2");
+        second_check.initial_status = PASSING.into();
+        assert!(state
+            .register_service(
+                service("checked"),
+                vec![ttl_check("c1"), second_check],
+                false,
+                6
+            )
+            .is_some());
+        assert_eq!(
+            indexes(&state),
+            (3, 6),
+            "a check added to an unchanged instance leaves the services table"
+        );
+        assert_eq!(state.service_index("checked"), 6);
+        assert!(state.deregister_service("plain", 7).is_some());
+        assert_eq!(indexes(&state), (7, 6), "no check went with it");
+        assert!(state.deregister_service("checked", 8).is_some());
+        assert_eq!(indexes(&state), (8, 8), "its checks went with it");
     }
 
     #[test]

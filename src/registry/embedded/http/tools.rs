@@ -446,7 +446,9 @@ fn all_checks(node: &NodeView, state: &RegistryState) -> Vec<CheckView> {
 }
 
 /// `/v1/health/state/<state>`: checks in `passing`, `warning` or `critical`, or every check for
-/// `any`. Like Consul, a state that is none of these matches no check (`200 []`).
+/// `any`. Like Consul, a state that is none of these matches no check (`200 []`). It blocks on
+/// the checks-table index, as Consul's does: a check added, changed or removed wakes it; an
+/// instance without checks coming or going does not.
 async fn health_state(
     app: &App,
     params: &Params,
@@ -472,7 +474,8 @@ async fn health_state(
             } else {
                 Vec::new()
             };
-            (catalog_index(s), checks)
+            // Consul's checks-table index: it wakes on check changes only.
+            (s.checks_table_index(), checks)
         })
         .await;
     json(&checks, params, read_meta(index, consistency))
