@@ -43,6 +43,7 @@
 
 mod instances;
 pub mod proxy_settings;
+mod slots;
 mod stored;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,12 +53,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::certs::{CertInfo, Certificate};
-use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
+use crate::haproxy::{
+    certificate_for, slot_changes, ClientAuth, ClientCa, Haproxy, HaproxyError, SlotChange,
+};
 use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet, RoutedService};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings,
+    CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServerSlots, ServiceRoute,
+    SlotsByService, TlsSettings,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -145,6 +149,40 @@ pub enum ProxyError {
 struct Routed {
     spec: ServiceSpec,
     instances: Vec<Instance>,
+    /// Which instance sits in which server slot of its backends (see [`slots`]).
+    slots: ServerSlots,
+}
+
+impl Routed {
+    /// `spec` routed to `instances`, keeping the instances of `previous` (the service as it was
+    /// routed, if it was) in their slots; a service not routed yet takes the slots the applied
+    /// configuration gives it, if any (a restarted flow-proxy keeps HAProxy's slots).
+    fn new(
+        spec: ServiceSpec,
+        instances: Vec<Instance>,
+        previous: Option<&Routed>,
+        applied_config: Option<&str>,
+    ) -> Routed {
+        let read_back = previous
+            .is_none()
+            .then(|| {
+                applied_config.and_then(|config| ServerSlots::read_back(config, &spec, &instances))
+            })
+            .flatten();
+        let previous = previous.map(|routed| &routed.slots).or(read_back.as_ref());
+        let slots = slots::reassign(previous, &instances);
+        Routed {
+            spec,
+            instances,
+            slots,
+        }
+    }
+
+    /// Routes the service to `instances` now, each instance already routed keeping its slot.
+    fn set_instances(&mut self, instances: Vec<Instance>) {
+        self.slots = slots::reassign(Some(&self.slots), &instances);
+        self.instances = instances;
+    }
 }
 
 /// The complete desired routing state, ordered by service name.
@@ -524,6 +562,8 @@ struct ProxyWideState {
 struct StepTimings {
     validate: Option<std::time::Duration>,
     reload: Option<std::time::Duration>,
+    /// Servers changed over the Runtime API, without a reload.
+    runtime: Option<std::time::Duration>,
 }
 
 impl Drop for Core {
@@ -589,7 +629,7 @@ impl Core {
             match self.apply_changes(&changes).await {
                 Ok(outcomes) => {
                     tracing::info!(changes = batch.len(), "applied a batch with one reload");
-                    let reloaded = self.applied_config != applied_before;
+                    let reloaded = self.reloaded_since(&applied_before);
                     for pending in &batch {
                         self.observe_change(&pending.change, &before, started, Ok(reloaded));
                     }
@@ -614,7 +654,7 @@ impl Core {
                 .await
                 .map(|mut outcomes| outcomes.pop().flatten());
             let observed = match &result {
-                Ok(_) => Ok(self.applied_config != applied_before
+                Ok(_) => Ok(self.reloaded_since(&applied_before)
                     || matches!(pending.change, Change::Reload)),
                 Err(error) => Err(error),
             };
@@ -730,7 +770,7 @@ impl Core {
         applied_before: &Option<String>,
         result: &Result<(), ProxyError>,
     ) {
-        let reloaded = self.applied_config != *applied_before;
+        let reloaded = self.reloaded_since(applied_before);
         let names: BTreeSet<&ServiceName> = before.keys().chain(self.state.keys()).collect();
         for name in names {
             let set_of = |state: &RoutingState| {
@@ -772,6 +812,65 @@ impl Core {
                 outcome: ChangeOutcome::Failed(error.to_string()),
             });
         }
+    }
+
+    /// Whether HAProxy was reloaded since the applied configuration was `applied_before` (in
+    /// this application of changes): a new configuration applied over the Runtime API alone is
+    /// no reload.
+    fn reloaded_since(&self, applied_before: &Option<String>) -> bool {
+        self.timings.reload.is_some()
+            || (self.applied_config != *applied_before && self.timings.runtime.is_none())
+    }
+
+    /// The slot changes that bring the serving HAProxy from the applied configuration to
+    /// `config` over the Runtime API, when they are all that differs (see [`slot_changes`]);
+    /// `None`: only a reload applies `config`.
+    fn runtime_changes(&self, config: &str) -> Option<Vec<SlotChange>> {
+        let applied = self.applied_config.as_deref()?;
+        slot_changes(applied, config).filter(|changes| !changes.is_empty())
+    }
+
+    /// Makes `config` the applied configuration by `changes` over the Runtime API (the live file
+    /// rewritten first, no `haproxy -c`, no reload). If HAProxy does not take them (e.g. it is
+    /// being replaced), validates `config` and reloads instead; if that fails too, the previous
+    /// live file is put back and the error returned.
+    async fn apply_slots_or_reload(
+        &mut self,
+        config: String,
+        changes: &[SlotChange],
+        caused_by_request: bool,
+    ) -> Result<(), ProxyError> {
+        let started = std::time::Instant::now();
+        match self.haproxy.apply_slot_changes(&config, changes).await {
+            Ok(()) => {
+                let took = started.elapsed();
+                self.timings.runtime = Some(took);
+                tracing::info!(
+                    slots = changes.len(),
+                    took_us = took.as_micros(),
+                    "servers changed over the Runtime API, without reload"
+                );
+                self.applied_config = Some(config);
+                return Ok(());
+            }
+            Err(error) => {
+                tracing::warn!(%error, "HAProxy did not take the server changes at runtime; reloading instead")
+            }
+        }
+        let reloaded = async {
+            self.haproxy
+                .preflight(&config)
+                .await
+                .map_err(ProxyError::Haproxy)?;
+            self.validate_timed(&config, caused_by_request).await?;
+            self.apply_timed().await.map_err(ProxyError::Haproxy)
+        };
+        if let Err(error) = reloaded.await {
+            self.put_back_live_config().await;
+            return Err(error);
+        }
+        self.applied_config = Some(config);
+        Ok(())
     }
 
     /// `haproxy -c` on `config`, timed and counted.
@@ -825,10 +924,12 @@ impl Core {
                     }
                     let instances = instances_for(&self.registry, spec).await?;
                     let name = spec.service_name().clone();
-                    let routed = Routed {
-                        spec: spec.clone(),
+                    let routed = Routed::new(
+                        spec.clone(),
                         instances,
-                    };
+                        candidate.get(&name),
+                        self.applied_config.as_deref(),
+                    );
                     candidate.insert(name.clone(), routed);
                     requested.insert(name);
                     outcomes.push(Some(spec.clone()));
@@ -856,7 +957,8 @@ impl Core {
                 }
                 Change::Reload => {
                     for routed in candidate.values_mut() {
-                        routed.instances = instances_for(&self.registry, &routed.spec).await?;
+                        let instances = instances_for(&self.registry, &routed.spec).await?;
+                        routed.set_instances(instances);
                     }
                     force_reload = true;
                     outcomes.push(None);
@@ -867,7 +969,7 @@ impl Core {
                 } => {
                     for routed in candidate.values_mut() {
                         if instance_query(&routed.spec) == *consul_service {
-                            routed.instances.clone_from(instances);
+                            routed.set_instances(instances.clone());
                         }
                     }
                     outcomes.push(None);
@@ -893,6 +995,23 @@ impl Core {
                 Change::Reconfigure(..) | Change::PutCert(_) | Change::DeleteCert(_)
             )
         });
+        let runtime = self
+            .runtime_changes(&config)
+            .filter(|_| !force_reload && requested_certs.is_empty());
+        if let Some(changes) = runtime {
+            // Only which instances the servers hold changed: no validation, no reload.
+            let persisted = self.persist_all(&candidate, requested).await?;
+            if let Err(error) = self
+                .apply_slots_or_reload(config, &changes, caused_by_request)
+                .await
+            {
+                self.put_back_stored_specs(&persisted).await;
+                return Err(error);
+            }
+            self.commit(candidate);
+            self.commit_certs(candidate_certs).await;
+            return Ok(outcomes);
+        }
         self.haproxy
             .preflight(&config)
             .await
@@ -963,10 +1082,12 @@ impl Core {
                 continue;
             }
             let instances = instances_for(&self.registry, spec).await?;
-            let routed = Routed {
-                spec: spec.clone(),
+            let routed = Routed::new(
+                spec.clone(),
                 instances,
-            };
+                self.state.get(name),
+                self.applied_config.as_deref(),
+            );
             updates.push((name.clone(), Some(routed)));
         }
         let gone: Vec<ServiceName> = self
@@ -1051,7 +1172,12 @@ impl Core {
         certs: Certificates,
     ) -> Result<(), ProxyError> {
         let config = self.render(&candidate, &certs).await?;
-        if self.applied_config.as_deref() != Some(config.as_str()) {
+        let runtime = self
+            .runtime_changes(&config)
+            .filter(|_| certs == self.certs);
+        if let Some(changes) = runtime {
+            self.apply_slots_or_reload(config, &changes, false).await?;
+        } else if self.applied_config.as_deref() != Some(config.as_str()) {
             self.haproxy
                 .preflight(&config)
                 .await
@@ -1224,6 +1350,10 @@ impl Core {
                 instances: &routed.instances,
             })
             .collect();
+        let slots: SlotsByService<'_> = state
+            .iter()
+            .map(|(name, routed)| (name, &routed.slots))
+            .collect();
         let certificates: Vec<&Certificate> = certs.values().collect();
         let client_auth = self.client_auth(state, &certificates);
         let tls = self
@@ -1238,7 +1368,7 @@ impl Core {
             });
         Ok(self
             .renderer
-            .render_with_tls(settings, &routes, tls.as_ref())?)
+            .render_slotted(settings, &routes, tls.as_ref(), &slots)?)
     }
 
     /// Stores the candidate's specs of `names` (deleting those it does not route). If one fails,

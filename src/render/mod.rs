@@ -127,6 +127,7 @@
 mod backend;
 mod custom;
 mod proxy_wide;
+mod servers;
 mod view;
 
 #[cfg(test)]
@@ -141,6 +142,12 @@ use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
 pub use proxy_wide::ProxyWide;
+pub use servers::{capacity_for, slot_name, ServerSlots, SPARE_ADDRESS};
+
+/// The server slots the caller assigned to each service (see the `servers` module); a service
+/// without an entry gets its instances packed in order.
+pub type SlotsByService<'a> =
+    std::collections::BTreeMap<&'a crate::spec::ServiceName, &'a ServerSlots>;
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -270,6 +277,9 @@ pub struct ServiceRoute<'a> {
 /// Holds the compiled templates, so a reconfigure only renders (templates are parsed once).
 pub struct Renderer {
     registry: Handlebars<'static>,
+    /// `backend.hbs` comes from `--templates-dir`: backends list their instances only, no
+    /// spare slots (see the `servers` module).
+    custom_backend_partial: bool,
     /// Where custom fragments come from and whether `backendExtra` is allowed.
     custom: CustomPolicy,
 }
@@ -290,6 +300,7 @@ impl Renderer {
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);
         registry.register_escape_fn(handlebars::no_escape);
+        let mut custom_backend_partial = false;
         let templates_dir = templates_dir
             .map(|dir| {
                 std::fs::canonicalize(dir).map_err(|error| RenderError::Template {
@@ -306,6 +317,7 @@ impl Renderer {
                     match std::fs::read_to_string(&path) {
                         Ok(text) => {
                             tracing::info!(template = %path.display(), "using a template of --templates-dir");
+                            custom_backend_partial |= *file == "backend.hbs";
                             text
                         }
                         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -333,6 +345,7 @@ impl Renderer {
         }
         Ok(Renderer {
             registry,
+            custom_backend_partial,
             custom: CustomPolicy::new(templates_dir, false),
         })
     }
@@ -366,6 +379,18 @@ impl Renderer {
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
     ) -> Result<String, RenderError> {
+        self.render_slotted(settings, services, tls, &SlotsByService::new())
+    }
+
+    /// [`Renderer::render_with_tls`] with the services' server slots as the caller assigned
+    /// them (the proxy core keeps each instance in its slot; see the `servers` module).
+    pub fn render_slotted(
+        &self,
+        settings: &RenderSettings,
+        services: &[ServiceRoute<'_>],
+        tls: Option<&TlsSettings>,
+        slots: &SlotsByService<'_>,
+    ) -> Result<String, RenderError> {
         for route in services {
             self.custom
                 .check_backend_extra(route.spec)
@@ -375,7 +400,10 @@ impl Renderer {
                     message,
                 })?;
         }
-        let mut view = view::build(settings, services, tls)?;
+        let mut view = view::build(settings, services, tls, slots)?;
+        if self.custom_backend_partial {
+            view.drop_spare_servers();
+        }
         view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
         let mut text = self
             .registry
