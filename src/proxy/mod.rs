@@ -24,7 +24,13 @@
 //! 6. **commit** the candidate as the current state and answer the callers.
 //!
 //! A change whose configuration is byte-identical to the running one does not reload HAProxy
-//! (except an explicit reload).
+//! (except an explicit reload). A change whose configuration differs from the running one only in
+//! which instances the server slots hold (an instance registered or deregistered, a color switch,
+//! a reconfigure that changes only instances; see [`slots`]) is not validated nor reloaded: after
+//! the persist step, the live file is rewritten (atomic rename) and the serving process gets the
+//! slot changes over the Runtime API (`set server … addr … port …`, `enable health`,
+//! `set server … state ready|maint`), so a later reload or a replaced HAProxy serves the same
+//! instances. If HAProxy does not take a command, the same file is validated and reloaded.
 //!
 //! The stored specs are the shared truth between proxies: on start the core restores them, and
 //! afterwards it follows them, so a change made through another proxy reaches this one without any

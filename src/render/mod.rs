@@ -14,8 +14,16 @@
 //!   HAProxy answers 503 with the clean error page).
 //! - Acls: `path_<backend>`, `domain_<backend>`, `sni_<backend>`, `exclude_<backend>`, `header_<backend>_<n>`,
 //!   `agent_<backend>`.
-//! - Servers: `<address>_<registered port>`, sorted by (address, port); the name stays the same
-//!   when a `port` override changes, so runtime-API state follows the instance.
+//! - Servers: slots `s1`, `s2`, … (see the `servers` module): a backend fed by instances has
+//!   `capacity_for` its instances (the next power of two at or above twice their number, at
+//!   least 2) server lines, the spare ones `server s<n> 127.0.0.1:1 [check] disabled`. Which
+//!   instance sits in which slot is the caller's choice ([`Renderer::render_slotted`]; the core
+//!   keeps an instance in its slot while it lives, so an instance change is a change of slot
+//!   contents that the Runtime API applies); otherwise the instances fill the first slots sorted
+//!   by (address, port). With `sessionType=sticky-server` the cookie value is the slot name. A
+//!   service's `templateBePath` fragment and a `backend.hbs` of `--templates-dir` get the
+//!   occupied slots only (they may not write `disabled`). An `outboundHostname` destination has
+//!   one server `<host>_<port>`, no slots.
 //!
 //! # Order of rules in an HTTP frontend
 //! HAProxy takes the first `use_backend` that matches, so rules are sorted, most specific first:
