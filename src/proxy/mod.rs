@@ -67,7 +67,7 @@ use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
     CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServerSlots, ServiceRoute,
-    SlotsByService, TlsSettings,
+    SlotLines, SlotsByService, TlsSettings,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -162,18 +162,17 @@ struct Routed {
 impl Routed {
     /// `spec` routed to `instances`, keeping the instances of `previous` (the service as it was
     /// routed, if it was) in their slots; a service not routed yet takes the slots the applied
-    /// configuration gives it, if any (a restarted flow-proxy keeps HAProxy's slots).
+    /// configuration (`applied`, read once per change) gives it, if any: a restarted flow-proxy
+    /// keeps HAProxy's slots.
     fn new(
         spec: ServiceSpec,
         instances: Vec<Instance>,
         previous: Option<&Routed>,
-        applied_config: Option<&str>,
+        applied: &SlotLines<'_>,
     ) -> Routed {
         let read_back = previous
             .is_none()
-            .then(|| {
-                applied_config.and_then(|config| ServerSlots::read_back(config, &spec, &instances))
-            })
+            .then(|| ServerSlots::read_back(applied, &spec, &instances))
             .flatten();
         let previous = previous.map(|routed| &routed.slots).or(read_back.as_ref());
         let slots = slots::reassign(previous, &instances);
@@ -918,6 +917,8 @@ impl Core {
         let mut requested = BTreeSet::new();
         let mut requested_certs = BTreeSet::new();
         let mut force_reload = false;
+        // The slots of the applied configuration, read once, for services not routed yet.
+        let mut applied_slots: Option<SlotLines<'_>> = None;
         for change in changes {
             match change {
                 Change::Reconfigure(spec, certificate) => {
@@ -930,12 +931,11 @@ impl Core {
                     }
                     let instances = instances_for(&self.registry, spec).await?;
                     let name = spec.service_name().clone();
-                    let routed = Routed::new(
-                        spec.clone(),
-                        instances,
-                        candidate.get(&name),
-                        self.applied_config.as_deref(),
-                    );
+                    let applied = applied_slots.get_or_insert_with(|| {
+                        SlotLines::of(self.applied_config.as_deref().unwrap_or_default())
+                    });
+                    let routed =
+                        Routed::new(spec.clone(), instances, candidate.get(&name), applied);
                     candidate.insert(name.clone(), routed);
                     requested.insert(name);
                     outcomes.push(Some(spec.clone()));
@@ -1083,17 +1083,16 @@ impl Core {
     async fn apply_stored_routes(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
         let mut updates: Vec<(ServiceName, Option<Routed>)> = Vec::new();
+        let mut applied_slots: Option<SlotLines<'_>> = None;
         for (name, spec) in &snapshot.specs {
             if self.state.get(name).map(|routed| &routed.spec) == Some(spec) {
                 continue;
             }
             let instances = instances_for(&self.registry, spec).await?;
-            let routed = Routed::new(
-                spec.clone(),
-                instances,
-                self.state.get(name),
-                self.applied_config.as_deref(),
-            );
+            let applied = applied_slots.get_or_insert_with(|| {
+                SlotLines::of(self.applied_config.as_deref().unwrap_or_default())
+            });
+            let routed = Routed::new(spec.clone(), instances, self.state.get(name), applied);
             updates.push((name.clone(), Some(routed)));
         }
         let gone: Vec<ServiceName> = self

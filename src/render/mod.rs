@@ -150,7 +150,7 @@ use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
 pub use proxy_wide::ProxyWide;
-pub use servers::{capacity_for, slot_name, ServerSlots, SPARE_ADDRESS};
+pub use servers::{capacity_for, slot_name, ServerSlots, SlotLines, SPARE_ADDRESS};
 
 /// The server slots the caller assigned to each service (see the `servers` module); a service
 /// without an entry gets its instances packed in order.

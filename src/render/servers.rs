@@ -77,12 +77,12 @@ impl ServerSlots {
         self.slots.iter().flatten()
     }
 
-    /// The slots `spec`'s backends have in `config` (a haproxy.cfg rendered before, e.g. the
-    /// live file a restarted flow-proxy finds HAProxy serving), each slot holding the one of
-    /// `instances` its server line names, or spare. Instances the file does not name are left
-    /// out for the caller to place. `None` when the file has no slots for the service.
+    /// The slots `spec`'s backends have in a rendered file (`slots`, e.g. of the live file a
+    /// restarted flow-proxy finds HAProxy serving), each slot holding the one of `instances` its
+    /// server line names, or spare. Instances the file does not name are left out for the
+    /// caller to place. `None` when the file has no slots for the service.
     pub fn read_back(
-        config: &str,
+        slots: &SlotLines<'_>,
         spec: &ServiceSpec,
         instances: &[Instance],
     ) -> Option<ServerSlots> {
@@ -90,32 +90,84 @@ impl ServerSlots {
             .destinations()
             .iter()
             .find(|destination| destination.routing().outbound_hostname.is_none())?;
-        let header = format!("backend {}", super::view::backend_name(spec, destination));
-        let mut lines = config.lines().skip_while(|line| line.trim_end() != header);
-        lines.next()?;
+        let lines = slots
+            .backends
+            .get(super::view::backend_name(spec, destination).as_str())?;
         let mut placed: Vec<&Instance> = Vec::new();
-        let mut slots = Vec::new();
-        for line in lines.take_while(|line| line.starts_with(' ')) {
-            let mut words = line.split_whitespace();
-            if words.next() != Some("server") {
-                continue;
-            }
-            if words.next()? != slot_name(slots.len()) {
-                return None;
-            }
-            let address = words.next()?;
-            let disabled = words.any(|word| word == "disabled");
-            let instance = instances.iter().find(|instance| {
-                !disabled
-                    && !placed.contains(instance)
-                    && server_address(destination, instance) == address
+        let mut read = Vec::with_capacity(lines.len());
+        for line in lines {
+            let instance = line.address.and_then(|address| {
+                instances.iter().find(|instance| {
+                    !placed.contains(instance) && server_address(destination, instance) == address
+                })
             });
             if let Some(instance) = instance {
                 placed.push(instance);
             }
-            slots.push(instance.cloned());
+            read.push(instance.cloned());
         }
-        (!slots.is_empty()).then_some(ServerSlots { slots })
+        Some(ServerSlots { slots: read })
+    }
+}
+
+/// The server slots of every backend of a rendered haproxy.cfg, read once (see
+/// [`ServerSlots::read_back`]).
+#[derive(Debug, Default)]
+pub struct SlotLines<'a> {
+    backends: std::collections::HashMap<&'a str, Vec<SlotLine<'a>>>,
+}
+
+/// One `server s<n> …` line: the address it sends to, `None` for a spare (`disabled`) slot.
+#[derive(Debug)]
+struct SlotLine<'a> {
+    address: Option<&'a str>,
+}
+
+impl<'a> SlotLines<'a> {
+    /// Reads the slot lines of each backend of `config`; a backend whose servers are not the
+    /// slots `s1`, `s2`, … in order is left out.
+    pub fn of(config: &'a str) -> SlotLines<'a> {
+        let mut backends = std::collections::HashMap::new();
+        let mut current: Option<(&str, Vec<SlotLine<'a>>, bool)> = None;
+        let mut finish = |current: Option<(&'a str, Vec<SlotLine<'a>>, bool)>| {
+            if let Some((name, lines, true)) = current {
+                if !lines.is_empty() {
+                    backends.insert(name, lines);
+                }
+            }
+        };
+        for line in config.lines() {
+            if let Some(name) = line.strip_prefix("backend ") {
+                finish(current.take());
+                current = Some((name.trim(), Vec::new(), true));
+                continue;
+            }
+            if !line.starts_with(' ') && !line.is_empty() {
+                finish(current.take());
+                continue;
+            }
+            let Some((_, lines, in_order)) = current.as_mut() else {
+                continue;
+            };
+            let mut words = line.split_whitespace();
+            if words.next() != Some("server") {
+                continue;
+            }
+            let (Some(name), Some(address)) = (words.next(), words.next()) else {
+                *in_order = false;
+                continue;
+            };
+            if name != slot_name(lines.len()) {
+                *in_order = false;
+                continue;
+            }
+            let disabled = words.any(|word| word == "disabled");
+            lines.push(SlotLine {
+                address: (!disabled).then_some(address),
+            });
+        }
+        finish(current);
+        SlotLines { backends }
     }
 }
 
@@ -219,14 +271,18 @@ mod tests {
         .expect("valid spec");
         let config = "backend web-be0\n    mode http\n    server s1 127.0.0.1:1 check disabled\n    server s2 10.0.0.1:2 check\n    server s3 10.0.0.1:9 check\n    server s4 10.0.0.1:1 check\n\nbackend zzz-be0\n";
         // 10.0.0.1:9 is gone, 10.0.0.1:3 is new: left for the caller to place.
-        let read = ServerSlots::read_back(config, &spec, &[instance(1), instance(2), instance(3)])
+        let slots = SlotLines::of(config);
+        let read = ServerSlots::read_back(&slots, &spec, &[instance(1), instance(2), instance(3)])
             .expect("slots in the file");
         assert_eq!(
             read.slots(),
             &[None, Some(instance(2)), None, Some(instance(1))]
         );
+        let other = SlotLines::of("backend other-be0\n    server s1 10.0.0.1:1\n");
+        assert_eq!(ServerSlots::read_back(&other, &spec, &[instance(1)]), None);
+        let outbound = SlotLines::of("backend web-be0\n    server example.com_80 10.0.0.1:1\n");
         assert_eq!(
-            ServerSlots::read_back("backend other-be0\n", &spec, &[instance(1)]),
+            ServerSlots::read_back(&outbound, &spec, &[instance(1)]),
             None
         );
     }
