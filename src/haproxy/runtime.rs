@@ -289,6 +289,27 @@ mod tests {
     }
 
     #[test]
+    fn haproxy_answers_are_told_apart_from_its_refusals() {
+        let addr = "set server web-be0/s2 addr 10.0.0.2 port 80";
+        assert!(succeeded(
+            addr,
+            "IP changed from '127.0.0.1' to '10.0.0.2', port changed from '1' to '80' by 'stats socket command'\n"
+        ));
+        assert!(succeeded(
+            addr,
+            "no need to change the addr, port changed from '1' to '80' by 'stats socket command'\n"
+        ));
+        assert!(!succeeded(addr, "No such backend.\n"));
+        let state = "set server web-be0/s2 state ready";
+        assert!(succeeded(state, "\n"));
+        assert!(!succeeded(state, "No such server.\n"));
+        assert!(!succeeded(
+            "enable health web-be0/s2",
+            "Health checks are not configured on this server, cannot enable.\n"
+        ));
+    }
+
+    #[test]
     fn the_same_file_needs_no_change() {
         let config = backend(&["s1 10.0.0.1:80 check"]);
         assert_eq!(slot_changes(&config, &config), Some(Vec::new()));
