@@ -36,7 +36,10 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use certificates::{certificate_for, CaFileError, ClientAuth, ClientCa, CERTS_DIR};
 pub use ports::{bind_addresses, PortError};
-pub use runtime::{command as runtime_command, serving_pid, COMMAND_TIMEOUT};
+pub use runtime::{
+    command as runtime_command, serving_pid, slot_changes, RuntimeError, SlotChange,
+    COMMAND_TIMEOUT,
+};
 
 /// How long a new HAProxy process may take to serve before the start counts as failed.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,7 +1,9 @@
 //! HAProxy's own per-backend and per-server counters, named by service: `show stat` read from
 //! the stats socket at each scrape, parsed by its CSV header, and re-exported on `/metrics` with
 //! `service`, `backend` and `server` labels. Only the routed services' backends are exported
-//! (`<serviceName>-be<index>`); their servers are the instances (`<address>_<port>`).
+//! (`<serviceName>-be<index>`); their servers are the instances, labelled `<address>_<port>`
+//! (the address HAProxy sends to: a server slot `s<n>` is named by the instance it holds now,
+//! and a slot in maintenance, spare or emptied, holds none and is left out).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -105,6 +107,27 @@ pub fn backends_by_service(services: &[RoutedService]) -> BTreeMap<String, Strin
     backends
 }
 
+/// The instance a server row stands for, `<address>_<port>`: a server slot (`s<n>`) by the
+/// address it sends to (`addr`), `None` while it is in maintenance (no instance in it); any
+/// other server by its name.
+pub(super) fn instance_name(row: &StatRow) -> Option<String> {
+    let is_slot = row
+        .server
+        .strip_prefix('s')
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
+    if !is_slot {
+        return Some(row.server.clone());
+    }
+    if row
+        .field("status")
+        .is_some_and(|status| status.starts_with("MAINT"))
+    {
+        return None;
+    }
+    let address: std::net::SocketAddr = row.field("addr")?.parse().ok()?;
+    Some(format!("{}_{}", address.ip(), address.port()))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BackendLabels {
     service: String,
@@ -165,10 +188,13 @@ pub fn register(registry: &mut Registry, rows: &[StatRow], services: &[RoutedSer
         };
         let up = i64::from(row.field("status").is_some_and(|s| s.starts_with("UP")));
         if row.is_server() {
+            let Some(server) = instance_name(row) else {
+                continue;
+            };
             let labels = ServerLabels {
                 service: service.clone(),
                 backend: row.proxy.clone(),
-                server: row.server.clone(),
+                server: server.clone(),
             };
             let count = |family: &Family<ServerLabels, Counter>, field: &str| {
                 family
@@ -186,7 +212,7 @@ pub fn register(registry: &mut Registry, rows: &[StatRow], services: &[RoutedSer
                     .get_or_create(&ServerCodeLabels {
                         service: service.clone(),
                         backend: row.proxy.clone(),
-                        server: row.server.clone(),
+                        server: server.clone(),
                         code,
                     })
                     .inc_by(row.number(field).unwrap_or(0));

@@ -66,7 +66,8 @@ impl ChangeKind {
 pub enum ChangeOutcome {
     /// Applied; HAProxy was reloaded.
     Reloaded,
-    /// Applied; the configuration HAProxy runs did not change, so no reload was needed.
+    /// Applied without a reload: the configuration HAProxy runs did not change, or only which
+    /// instances its server slots hold did (applied over the Runtime API).
     WithoutReload,
     /// `haproxy -c` rejected the configuration; nothing changed.
     Rejected(String),
@@ -296,7 +297,7 @@ impl Metrics {
         );
         registry.register(
             "changes_without_reload",
-            "Changes applied without a reload: the configuration HAProxy runs stayed the same",
+            "Changes applied without a reload: the configuration HAProxy runs stayed the same, or only the instances its server slots hold changed (Runtime API)",
             self.changes_without_reload.clone(),
         );
         registry.register(

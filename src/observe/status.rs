@@ -144,16 +144,17 @@ fn milliseconds(duration: Duration) -> String {
 impl StatusView {
     fn of(observer: &Observer, stats: Option<&[StatRow]>) -> StatusView {
         let status = observer.status();
-        // HAProxy's status of each server, by (backend, server name).
-        let health: BTreeMap<(&str, &str), &str> = stats
+        // HAProxy's status of each instance, by (backend, `<address>_<port>` it sends to).
+        let health: BTreeMap<(&str, String), &str> = stats
             .unwrap_or_default()
             .iter()
             .filter(|row| row.is_server())
-            .map(|row| {
-                (
-                    (row.proxy.as_str(), row.server.as_str()),
+            .filter_map(|row| {
+                let server = super::haproxy_stats::instance_name(row)?;
+                Some((
+                    (row.proxy.as_str(), server),
                     row.field("status").unwrap_or("unknown"),
-                )
+                ))
             })
             .collect();
         let services = status
@@ -174,14 +175,16 @@ impl StatusView {
                     .instances
                     .iter()
                     .map(|instance| {
-                        let server = format!("{}_{}", instance.address(), instance.port());
-                        // The worst status among the destinations' backends that hold it.
+                        // The worst status among the destinations' backends that hold it (on
+                        // the destination's `port` when it has one).
                         let statuses: Vec<&str> = spec
                             .destinations()
                             .iter()
                             .filter_map(|d| {
                                 let backend = format!("{name}-be{}", d.index());
-                                health.get(&(backend.as_str(), server.as_str())).copied()
+                                let port = d.port().map_or(instance.port(), |port| port.get());
+                                let server = format!("{}_{port}", instance.address());
+                                health.get(&(backend.as_str(), server)).copied()
                             })
                             .collect();
                         let health = if stats.is_none() {

@@ -7,12 +7,13 @@ use crate::spec::ServiceSpec;
 
 /// `show stat` as HAProxy 2.6 answers it, cut to the columns flow-proxy reads (the parser goes
 /// by the header, so the other columns do not matter).
-const SHOW_STAT: &str = "# pxname,svname,scur,stot,bin,bout,chkfail,status,hrsp_1xx,hrsp_2xx,hrsp_3xx,hrsp_4xx,hrsp_5xx,hrsp_other,check_status,\n\
-http-in,FRONTEND,0,9,900,1800,,OPEN,0,7,0,2,0,0,,\n\
-shop-be0,10.0.0.1_8080,1,4,400,800,0,UP,0,4,0,0,0,0,L4OK,\n\
-shop-be0,10.0.0.2_8080,0,0,0,0,3,DOWN,0,0,0,0,0,0,L4CON,\n\
-shop-be0,BACKEND,1,4,400,800,,UP,0,4,0,0,0,0,,\n\
-stats,BACKEND,0,0,0,0,,UP,0,0,0,0,0,0,,\n";
+const SHOW_STAT: &str = "# pxname,svname,scur,stot,bin,bout,chkfail,status,hrsp_1xx,hrsp_2xx,hrsp_3xx,hrsp_4xx,hrsp_5xx,hrsp_other,check_status,addr,\n\
+http-in,FRONTEND,0,9,900,1800,,OPEN,0,7,0,2,0,0,,,\n\
+shop-be0,s1,1,4,400,800,0,UP,0,4,0,0,0,0,L4OK,10.0.0.1:8080,\n\
+shop-be0,s2,0,0,0,0,3,DOWN,0,0,0,0,0,0,L4CON,10.0.0.2:8080,\n\
+shop-be0,s3,0,0,0,0,0,MAINT,0,0,0,0,0,0,,127.0.0.1:1,\n\
+shop-be0,BACKEND,1,4,400,800,,UP,0,4,0,0,0,0,,,\n\
+stats,BACKEND,0,0,0,0,,UP,0,0,0,0,0,0,,,\n";
 
 fn spec(query: &str) -> ServiceSpec {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).expect("query");
@@ -38,17 +39,17 @@ fn rows() -> Vec<StatRow> {
 #[test]
 fn show_stat_is_read_by_its_header() {
     let rows = rows();
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 6);
     let down = &rows[2];
     assert_eq!(
         (down.proxy.as_str(), down.server.as_str()),
-        ("shop-be0", "10.0.0.2_8080")
+        ("shop-be0", "s2")
     );
     assert!(down.is_server());
     assert_eq!(down.field("status"), Some("DOWN"));
     assert_eq!(down.field("chkfail"), Some("3"));
     assert_eq!(rows[0].field("chkfail"), None, "empty fields are absent");
-    assert!(!rows[3].is_server());
+    assert!(!rows[4].is_server());
 }
 
 #[test]
@@ -72,6 +73,10 @@ fn haproxy_counters_are_exported_for_routed_backends_only_and_labelled_with_the_
     assert!(
         !text.contains("http-in") && !text.contains("backend=\"stats\""),
         "{text}"
+    );
+    assert!(
+        !text.contains("server=\"s3\"") && !text.contains("127.0.0.1_1"),
+        "a spare slot is no instance: {text}"
     );
     assert!(text.ends_with("# EOF\n"));
 }

@@ -24,7 +24,13 @@
 //! 6. **commit** the candidate as the current state and answer the callers.
 //!
 //! A change whose configuration is byte-identical to the running one does not reload HAProxy
-//! (except an explicit reload).
+//! (except an explicit reload). A change whose configuration differs from the running one only in
+//! which instances the server slots hold (an instance registered or deregistered, a color switch,
+//! a reconfigure that changes only instances; see [`slots`]) is not validated nor reloaded: after
+//! the persist step, the live file is rewritten (atomic rename) and the serving process gets the
+//! slot changes over the Runtime API (`set server … addr … port …`, `enable health`,
+//! `set server … state ready|maint`), so a later reload or a replaced HAProxy serves the same
+//! instances. If HAProxy does not take a command, the same file is validated and reloaded.
 //!
 //! The stored specs are the shared truth between proxies: on start the core restores them, and
 //! afterwards it follows them, so a change made through another proxy reaches this one without any
@@ -43,6 +49,7 @@
 
 mod instances;
 pub mod proxy_settings;
+mod slots;
 mod stored;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,12 +59,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::certs::{CertInfo, Certificate};
-use crate::haproxy::{certificate_for, ClientAuth, ClientCa, Haproxy, HaproxyError};
+use crate::haproxy::{
+    certificate_for, slot_changes, ClientAuth, ClientCa, Haproxy, HaproxyError, SlotChange,
+};
 use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet, RoutedService};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings,
+    CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServerSlots, ServiceRoute,
+    SlotLines, SlotsByService, TlsSettings,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -145,6 +155,39 @@ pub enum ProxyError {
 struct Routed {
     spec: ServiceSpec,
     instances: Vec<Instance>,
+    /// Which instance sits in which server slot of its backends (see [`slots`]).
+    slots: ServerSlots,
+}
+
+impl Routed {
+    /// `spec` routed to `instances`, keeping the instances of `previous` (the service as it was
+    /// routed, if it was) in their slots; a service not routed yet takes the slots the applied
+    /// configuration (`applied`, read once per change) gives it, if any: a restarted flow-proxy
+    /// keeps HAProxy's slots.
+    fn new(
+        spec: ServiceSpec,
+        instances: Vec<Instance>,
+        previous: Option<&Routed>,
+        applied: &SlotLines<'_>,
+    ) -> Routed {
+        let read_back = previous
+            .is_none()
+            .then(|| ServerSlots::read_back(applied, &spec, &instances))
+            .flatten();
+        let previous = previous.map(|routed| &routed.slots).or(read_back.as_ref());
+        let slots = slots::reassign(previous, &instances);
+        Routed {
+            spec,
+            instances,
+            slots,
+        }
+    }
+
+    /// Routes the service to `instances` now, each instance already routed keeping its slot.
+    fn set_instances(&mut self, instances: Vec<Instance>) {
+        self.slots = slots::reassign(Some(&self.slots), &instances);
+        self.instances = instances;
+    }
 }
 
 /// The complete desired routing state, ordered by service name.
@@ -521,6 +564,8 @@ struct ProxyWideState {
 struct StepTimings {
     validate: Option<std::time::Duration>,
     reload: Option<std::time::Duration>,
+    /// Servers changed over the Runtime API, without a reload.
+    runtime: Option<std::time::Duration>,
 }
 
 impl Drop for Core {
@@ -586,7 +631,7 @@ impl Core {
             match self.apply_changes(&changes).await {
                 Ok(outcomes) => {
                     tracing::info!(changes = batch.len(), "applied a batch with one reload");
-                    let reloaded = self.applied_config != applied_before;
+                    let reloaded = self.reloaded_since(&applied_before);
                     for pending in &batch {
                         self.observe_change(&pending.change, &before, started, Ok(reloaded));
                     }
@@ -611,7 +656,7 @@ impl Core {
                 .await
                 .map(|mut outcomes| outcomes.pop().flatten());
             let observed = match &result {
-                Ok(_) => Ok(self.applied_config != applied_before
+                Ok(_) => Ok(self.reloaded_since(&applied_before)
                     || matches!(pending.change, Change::Reload)),
                 Err(error) => Err(error),
             };
@@ -727,7 +772,7 @@ impl Core {
         applied_before: &Option<String>,
         result: &Result<(), ProxyError>,
     ) {
-        let reloaded = self.applied_config != *applied_before;
+        let reloaded = self.reloaded_since(applied_before);
         let names: BTreeSet<&ServiceName> = before.keys().chain(self.state.keys()).collect();
         for name in names {
             let set_of = |state: &RoutingState| {
@@ -771,6 +816,65 @@ impl Core {
         }
     }
 
+    /// Whether HAProxy was reloaded since the applied configuration was `applied_before` (in
+    /// this application of changes): a new configuration applied over the Runtime API alone is
+    /// no reload.
+    fn reloaded_since(&self, applied_before: &Option<String>) -> bool {
+        self.timings.reload.is_some()
+            || (self.applied_config != *applied_before && self.timings.runtime.is_none())
+    }
+
+    /// The slot changes that bring the serving HAProxy from the applied configuration to
+    /// `config` over the Runtime API, when they are all that differs (see [`slot_changes`]);
+    /// `None`: only a reload applies `config`.
+    fn runtime_changes(&self, config: &str) -> Option<Vec<SlotChange>> {
+        let applied = self.applied_config.as_deref()?;
+        slot_changes(applied, config).filter(|changes| !changes.is_empty())
+    }
+
+    /// Makes `config` the applied configuration by `changes` over the Runtime API (the live file
+    /// rewritten first, no `haproxy -c`, no reload). If HAProxy does not take them (e.g. it is
+    /// being replaced), validates `config` and reloads instead; if that fails too, the previous
+    /// live file is put back and the error returned.
+    async fn apply_slots_or_reload(
+        &mut self,
+        config: String,
+        changes: &[SlotChange],
+        caused_by_request: bool,
+    ) -> Result<(), ProxyError> {
+        let started = std::time::Instant::now();
+        match self.haproxy.apply_slot_changes(&config, changes).await {
+            Ok(()) => {
+                let took = started.elapsed();
+                self.timings.runtime = Some(took);
+                tracing::info!(
+                    slots = changes.len(),
+                    took_us = took.as_micros(),
+                    "servers changed over the Runtime API, without reload"
+                );
+                self.applied_config = Some(config);
+                return Ok(());
+            }
+            Err(error) => {
+                tracing::warn!(%error, "HAProxy did not take the server changes at runtime; reloading instead")
+            }
+        }
+        let reloaded = async {
+            self.haproxy
+                .preflight(&config)
+                .await
+                .map_err(ProxyError::Haproxy)?;
+            self.validate_timed(&config, caused_by_request).await?;
+            self.apply_timed().await.map_err(ProxyError::Haproxy)
+        };
+        if let Err(error) = reloaded.await {
+            self.put_back_live_config().await;
+            return Err(error);
+        }
+        self.applied_config = Some(config);
+        Ok(())
+    }
+
     /// `haproxy -c` on `config`, timed and counted.
     async fn validate_timed(
         &mut self,
@@ -810,6 +914,8 @@ impl Core {
         let mut requested = BTreeSet::new();
         let mut requested_certs = BTreeSet::new();
         let mut force_reload = false;
+        // The slots of the applied configuration, read once, for services not routed yet.
+        let mut applied_slots: Option<SlotLines<'_>> = None;
         for change in changes {
             match change {
                 Change::Reconfigure(spec, certificate) => {
@@ -822,10 +928,11 @@ impl Core {
                     }
                     let instances = instances_for(&self.registry, spec).await?;
                     let name = spec.service_name().clone();
-                    let routed = Routed {
-                        spec: spec.clone(),
-                        instances,
-                    };
+                    let applied = applied_slots.get_or_insert_with(|| {
+                        SlotLines::of(self.applied_config.as_deref().unwrap_or_default())
+                    });
+                    let routed =
+                        Routed::new(spec.clone(), instances, candidate.get(&name), applied);
                     candidate.insert(name.clone(), routed);
                     requested.insert(name);
                     outcomes.push(Some(spec.clone()));
@@ -853,7 +960,8 @@ impl Core {
                 }
                 Change::Reload => {
                     for routed in candidate.values_mut() {
-                        routed.instances = instances_for(&self.registry, &routed.spec).await?;
+                        let instances = instances_for(&self.registry, &routed.spec).await?;
+                        routed.set_instances(instances);
                     }
                     force_reload = true;
                     outcomes.push(None);
@@ -864,7 +972,7 @@ impl Core {
                 } => {
                     for routed in candidate.values_mut() {
                         if instance_query(&routed.spec) == *consul_service {
-                            routed.instances.clone_from(instances);
+                            routed.set_instances(instances.clone());
                         }
                     }
                     outcomes.push(None);
@@ -890,6 +998,23 @@ impl Core {
                 Change::Reconfigure(..) | Change::PutCert(_) | Change::DeleteCert(_)
             )
         });
+        let runtime = self
+            .runtime_changes(&config)
+            .filter(|_| !force_reload && requested_certs.is_empty());
+        if let Some(changes) = runtime {
+            // Only which instances the servers hold changed: no validation, no reload.
+            let persisted = self.persist_all(&candidate, requested).await?;
+            if let Err(error) = self
+                .apply_slots_or_reload(config, &changes, caused_by_request)
+                .await
+            {
+                self.put_back_stored_specs(&persisted).await;
+                return Err(error);
+            }
+            self.commit(candidate);
+            self.commit_certs(candidate_certs).await;
+            return Ok(outcomes);
+        }
         self.haproxy
             .preflight(&config)
             .await
@@ -955,15 +1080,16 @@ impl Core {
     async fn apply_stored_routes(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
         let mut updates: Vec<(ServiceName, Option<Routed>)> = Vec::new();
+        let mut applied_slots: Option<SlotLines<'_>> = None;
         for (name, spec) in &snapshot.specs {
             if self.state.get(name).map(|routed| &routed.spec) == Some(spec) {
                 continue;
             }
             let instances = instances_for(&self.registry, spec).await?;
-            let routed = Routed {
-                spec: spec.clone(),
-                instances,
-            };
+            let applied = applied_slots.get_or_insert_with(|| {
+                SlotLines::of(self.applied_config.as_deref().unwrap_or_default())
+            });
+            let routed = Routed::new(spec.clone(), instances, self.state.get(name), applied);
             updates.push((name.clone(), Some(routed)));
         }
         let gone: Vec<ServiceName> = self
@@ -1048,7 +1174,12 @@ impl Core {
         certs: Certificates,
     ) -> Result<(), ProxyError> {
         let config = self.render(&candidate, &certs).await?;
-        if self.applied_config.as_deref() != Some(config.as_str()) {
+        let runtime = self
+            .runtime_changes(&config)
+            .filter(|_| certs == self.certs);
+        if let Some(changes) = runtime {
+            self.apply_slots_or_reload(config, &changes, false).await?;
+        } else if self.applied_config.as_deref() != Some(config.as_str()) {
             self.haproxy
                 .preflight(&config)
                 .await
@@ -1221,6 +1352,10 @@ impl Core {
                 instances: &routed.instances,
             })
             .collect();
+        let slots: SlotsByService<'_> = state
+            .iter()
+            .map(|(name, routed)| (name, &routed.slots))
+            .collect();
         let certificates: Vec<&Certificate> = certs.values().collect();
         let client_auth = self.client_auth(state, &certificates);
         let tls = self
@@ -1235,7 +1370,7 @@ impl Core {
             });
         Ok(self
             .renderer
-            .render_with_tls(settings, &routes, tls.as_ref())?)
+            .render_slotted(settings, &routes, tls.as_ref(), &slots)?)
     }
 
     /// Stores the candidate's specs of `names` (deleting those it does not route). If one fails,

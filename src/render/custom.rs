@@ -190,7 +190,7 @@ mod tests {
         renderer.custom_policy().check(&spec).expect("accepted");
         let text = render(&renderer, &spec).expect("renders");
         assert!(
-            text.contains("\nbackend app-be0 # of app\n    server 10.0.0.1_8080 10.0.0.1:8080\n"),
+            text.contains("\nbackend app-be0 # of app\n    server s1 10.0.0.1:8080\n"),
             "{text}"
         );
         assert!(
@@ -267,7 +267,7 @@ mod tests {
         let text = render(&allowing, &spec).expect("renders");
         assert!(
             text.contains(
-                "    server 10.0.0.1_8080 10.0.0.1:8080 check\n    http-response set-header X-Extra yes\n    retries 3\n"
+                "    server s1 10.0.0.1:8080 check\n    server s2 127.0.0.1:1 check disabled\n    http-response set-header X-Extra yes\n    retries 3\n"
             ),
             "{text}"
         );

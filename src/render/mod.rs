@@ -14,8 +14,16 @@
 //!   HAProxy answers 503 with the clean error page).
 //! - Acls: `path_<backend>`, `domain_<backend>`, `sni_<backend>`, `exclude_<backend>`, `header_<backend>_<n>`,
 //!   `agent_<backend>`.
-//! - Servers: `<address>_<registered port>`, sorted by (address, port); the name stays the same
-//!   when a `port` override changes, so runtime-API state follows the instance.
+//! - Servers: slots `s1`, `s2`, … (see the `servers` module): a backend fed by instances has
+//!   `capacity_for` its instances (the next power of two at or above twice their number, at
+//!   least 2) server lines, the spare ones `server s<n> 127.0.0.1:1 [check] disabled`. Which
+//!   instance sits in which slot is the caller's choice ([`Renderer::render_slotted`]; the core
+//!   keeps an instance in its slot while it lives, so an instance change is a change of slot
+//!   contents that the Runtime API applies); otherwise the instances fill the first slots sorted
+//!   by (address, port). With `sessionType=sticky-server` the cookie value is the slot name. A
+//!   service's `templateBePath` fragment and a `backend.hbs` of `--templates-dir` get the
+//!   occupied slots only (they may not write `disabled`). An `outboundHostname` destination has
+//!   one server `<host>_<port>`, no slots.
 //!
 //! # Order of rules in an HTTP frontend
 //! HAProxy takes the first `use_backend` that matches, so rules are sorted, most specific first:
@@ -127,6 +135,7 @@
 mod backend;
 mod custom;
 mod proxy_wide;
+mod servers;
 mod view;
 
 #[cfg(test)]
@@ -141,6 +150,12 @@ use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
 pub use proxy_wide::ProxyWide;
+pub use servers::{capacity_for, slot_name, ServerSlots, SlotLines, SPARE_ADDRESS};
+
+/// The server slots the caller assigned to each service (see the `servers` module); a service
+/// without an entry gets its instances packed in order.
+pub type SlotsByService<'a> =
+    std::collections::BTreeMap<&'a crate::spec::ServiceName, &'a ServerSlots>;
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
@@ -270,6 +285,9 @@ pub struct ServiceRoute<'a> {
 /// Holds the compiled templates, so a reconfigure only renders (templates are parsed once).
 pub struct Renderer {
     registry: Handlebars<'static>,
+    /// `backend.hbs` comes from `--templates-dir`: backends list their instances only, no
+    /// spare slots (see the `servers` module).
+    custom_backend_partial: bool,
     /// Where custom fragments come from and whether `backendExtra` is allowed.
     custom: CustomPolicy,
 }
@@ -290,6 +308,7 @@ impl Renderer {
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);
         registry.register_escape_fn(handlebars::no_escape);
+        let mut custom_backend_partial = false;
         let templates_dir = templates_dir
             .map(|dir| {
                 std::fs::canonicalize(dir).map_err(|error| RenderError::Template {
@@ -306,6 +325,7 @@ impl Renderer {
                     match std::fs::read_to_string(&path) {
                         Ok(text) => {
                             tracing::info!(template = %path.display(), "using a template of --templates-dir");
+                            custom_backend_partial |= *file == "backend.hbs";
                             text
                         }
                         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -333,6 +353,7 @@ impl Renderer {
         }
         Ok(Renderer {
             registry,
+            custom_backend_partial,
             custom: CustomPolicy::new(templates_dir, false),
         })
     }
@@ -366,6 +387,18 @@ impl Renderer {
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
     ) -> Result<String, RenderError> {
+        self.render_slotted(settings, services, tls, &SlotsByService::new())
+    }
+
+    /// [`Renderer::render_with_tls`] with the services' server slots as the caller assigned
+    /// them (the proxy core keeps each instance in its slot; see the `servers` module).
+    pub fn render_slotted(
+        &self,
+        settings: &RenderSettings,
+        services: &[ServiceRoute<'_>],
+        tls: Option<&TlsSettings>,
+        slots: &SlotsByService<'_>,
+    ) -> Result<String, RenderError> {
         for route in services {
             self.custom
                 .check_backend_extra(route.spec)
@@ -375,7 +408,10 @@ impl Renderer {
                     message,
                 })?;
         }
-        let mut view = view::build(settings, services, tls)?;
+        let mut view = view::build(settings, services, tls, slots)?;
+        if self.custom_backend_partial {
+            view.drop_spare_servers();
+        }
         view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
         let mut text = self
             .registry

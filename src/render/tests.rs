@@ -327,24 +327,31 @@ fn domains_match_the_host_without_port_case_insensitively() {
 fn servers_use_the_port_override_brackets_for_ipv6_and_checks_unless_skipped() {
     let text = render(&golden_settings(), &rich_services());
     assert!(
-        text.contains("    server 10.0.0.1_31001 10.0.0.1:31001 check\n"),
+        text.contains("    server s1 10.0.0.1:31001 check\n"),
         "{text}"
     );
     assert!(
-        text.contains("    server fd00::5_8080 [fd00::5]:8080 check\n"),
+        text.contains("    server s2 [fd00::5]:8080 check\n"),
         "{text}"
     );
     assert!(
-        text.contains("    server 10.0.1.1_3000 10.0.1.1:5433 check\n"),
+        text.contains("    server s1 10.0.1.1:5433 check\n"),
         "{text}"
     );
     assert!(
-        text.contains("    server 10.0.0.9_8080 10.0.0.9:8080\n"),
+        text.contains("    server s1 10.0.0.9:8080\n    server s2 127.0.0.1:1 disabled\n"),
         "{text}"
     );
-    let first = text.find("server 10.0.0.1_31001").unwrap();
-    let second = text.find("server 10.0.0.2_31000").unwrap();
-    assert!(first < second, "servers sorted by address");
+    let first = text.find("server s1 10.0.0.1:31001").unwrap();
+    let second = text.find("server s2 10.0.0.2:31000").unwrap();
+    assert!(
+        first < second,
+        "servers sorted by address into the first slots"
+    );
+    assert!(
+        text.contains("    server s2 10.0.0.2:31000 check\n    server s3 127.0.0.1:1 check disabled\n    server s4 127.0.0.1:1 check disabled\n"),
+        "two instances get four slots, the spare ones disabled:\n{text}"
+    );
 }
 
 #[test]
@@ -353,7 +360,18 @@ fn a_service_without_instances_still_gets_its_backend() {
     let start = text.find("backend empty-be0\n").expect("backend present");
     let section = &text[start..];
     let section = &section[..section.find("\n\n").unwrap_or(section.len())];
-    assert!(!section.contains("\n    server "), "{section}");
+    let servers: Vec<&str> = section
+        .lines()
+        .filter(|line| line.trim_start().starts_with("server "))
+        .collect();
+    assert_eq!(
+        servers,
+        [
+            "    server s1 127.0.0.1:1 check disabled",
+            "    server s2 127.0.0.1:1 check disabled"
+        ],
+        "only spare slots, none taking traffic:\n{section}"
+    );
 }
 
 #[test]
@@ -919,7 +937,7 @@ fn tls_per_service_renders_tls_servers_and_the_client_certificate_rule() {
     let renderer = Renderer::new(None).unwrap();
     let config = renderer.render(&golden_settings(), &routes).unwrap();
     assert!(
-        config.contains("server 10.0.0.7_8443 10.0.0.7:8443 check ssl verify none\n"),
+        config.contains("server s1 10.0.0.7:8443 check ssl verify none\n"),
         "{config}"
     );
     assert!(
@@ -1243,7 +1261,7 @@ fn sni_destinations_share_one_frontend_per_port_exact_names_before_wildcards() {
     assert_eq!(text.matches("\nfrontend sni_").count(), 1, "{text}");
     let backend = section(&text, "backend alpha-be0");
     line_of(backend, "mode tcp");
-    line_of(backend, "server 10.0.0.1_8443 10.0.0.1:443 check");
+    line_of(backend, "server s1 10.0.0.1:443 check");
     assert!(text.contains("\ndefaults tcp_defaults\n"), "{text}");
 }
 
@@ -1361,11 +1379,11 @@ fn backend_tuning_renders_in_one_block_in_the_documented_order() {
     let text = render(&golden_settings(), &tuned_services());
     assert_eq!(
         backend_section(&text, "shop-be0"),
-        "    mode http\n    balance leastconn\n    timeout server 1s\n    timeout tunnel 30m\n    option httpclose\n    compression algo gzip\n    compression type text/plain text/html\n    cookie shop insert indirect nocache\n    option httpchk\n    http-check send meth GET uri /health\n    option redispatch 1\n    default-server inter 500ms fall 3 rise 2 observe layer7 error-limit 4 on-error mark-down\n    server 10.0.0.1_8080 10.0.0.1:8080 check cookie 10.0.0.1_8080\n    server 10.0.0.2_8080 10.0.0.2:8080 check cookie 10.0.0.2_8080"
+        "    mode http\n    balance leastconn\n    timeout server 1s\n    timeout tunnel 30m\n    option httpclose\n    compression algo gzip\n    compression type text/plain text/html\n    cookie shop insert indirect nocache\n    option httpchk\n    http-check send meth GET uri /health\n    option redispatch 1\n    default-server inter 500ms fall 3 rise 2 observe layer7 error-limit 4 on-error mark-down\n    server s1 10.0.0.1:8080 check cookie s1\n    server s2 10.0.0.2:8080 check cookie s2\n    server s3 127.0.0.1:1 check disabled cookie s3\n    server s4 127.0.0.1:1 check disabled cookie s4"
     );
     assert_eq!(
         backend_section(&text, "db-be0"),
-        "    mode tcp\n    balance source\n    option redispatch 1\n    default-server inter 2s fall 3 rise 2\n    server 10.0.0.3_5432 10.0.0.3:5432 check"
+        "    mode tcp\n    balance source\n    option redispatch 1\n    default-server inter 2s fall 3 rise 2\n    server s1 10.0.0.3:5432 check\n    server s2 127.0.0.1:1 check disabled"
     );
     assert!(
         text.contains("frontend tcp_5432\n    mode tcp\n    bind *:5432\n    timeout client 2m\n    default_backend db-be0\n"),
@@ -1374,7 +1392,7 @@ fn backend_tuning_renders_in_one_block_in_the_documented_order() {
     // skipCheck: no check, no health lines at all.
     assert_eq!(
         backend_section(&text, "raw-be0"),
-        "    mode http\n    balance roundrobin\n    server 10.0.0.4_80 10.0.0.4:80"
+        "    mode http\n    balance roundrobin\n    server s1 10.0.0.4:80\n    server s2 127.0.0.1:1 disabled"
     );
 }
 

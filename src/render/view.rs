@@ -5,13 +5,16 @@
 //! the ordering rules.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
 
-use super::backend::{server_cookie, tcp_timeout_client, tuning_view, BackendTuningView};
-use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
+use super::backend::{tcp_timeout_client, tuning_view, BackendTuningView};
+use super::servers::{server_views, ServerSlots, ServerView};
+use super::{
+    RenderError, RenderSettings, ServiceRoute, SlotsByService, StatsSettings, TlsSettings,
+};
 use crate::spec::custom_templates::{TEMPLATE_BE_PATH, TEMPLATE_FE_PATH};
 use crate::spec::{
     strip_prefix_rule, AuthUser, Destination, DomainAlgo, HeaderLine, HeaderName, Instance,
@@ -225,17 +228,6 @@ struct BackendRuleView {
     condition: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct ServerView {
-    name: String,
-    address: String,
-    check: bool,
-    /// `sslVerifyNone`: connect to the instance over TLS without verifying its certificate.
-    ssl_verify_none: bool,
-    /// `sessionType=sticky-server`: the cookie value that pins a client to this server.
-    cookie: Option<String>,
-}
-
 // Routing rules (`servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`,
 // `isDefaultBackend`).
 
@@ -385,7 +377,7 @@ fn sni_rule(spec: &ServiceSpec, destination: &Destination, backend: &str) -> Sni
 
 /// The backend of one destination: `<serviceName>-be<index>`. Unique, because the index is the
 /// only trailing run of digits after the last `-be`.
-fn backend_name(spec: &ServiceSpec, destination: &Destination) -> String {
+pub(super) fn backend_name(spec: &ServiceSpec, destination: &Destination) -> String {
     format!("{}-be{}", spec.service_name(), destination.index())
 }
 
@@ -758,35 +750,15 @@ fn backend_view(
     settings: &RenderSettings,
     spec: &ServiceSpec,
     destination: &Destination,
-    instances: &[Instance],
+    slots: &ServerSlots,
 ) -> BackendView {
     let outbound = outbound_instance(destination);
-    let instances = match &outbound {
-        Some(outbound) => std::slice::from_ref(outbound),
-        None => instances,
-    };
-    let unique: BTreeSet<&Instance> = instances.iter().collect();
-    let servers = unique
-        .into_iter()
-        .map(|instance| {
-            let port = destination
-                .port()
-                .map_or(instance.port(), |override_port| override_port.get());
-            let address = if instance.is_ipv6() {
-                format!("[{}]:{port}", instance.address())
-            } else {
-                format!("{}:{port}", instance.address())
-            };
-            let name = format!("{}_{}", instance.address(), instance.port());
-            ServerView {
-                cookie: server_cookie(spec, destination, &name),
-                name,
-                address,
-                check: !spec.skip_check(),
-                ssl_verify_none: spec.ssl_verify_none(),
-            }
-        })
-        .collect();
+    let fragment = CustomFragment::of(spec, TEMPLATE_BE_PATH);
+    let mut servers = server_views(spec, destination, slots, outbound.as_ref());
+    if fragment.is_some() {
+        // A service's own backend fragment may not write `disabled`: it gets the instances only.
+        servers.retain(|server| !server.is_spare());
+    }
     let http_rules = match destination.req_mode() {
         ReqMode::Http => backend_rules(spec, destination),
         ReqMode::Tcp | ReqMode::Sni => Vec::new(),
@@ -809,7 +781,7 @@ fn backend_view(
             .map(|line| line.as_str().to_string())
             .collect(),
         service: spec.service_name().to_string(),
-        fragment: CustomFragment::of(spec, TEMPLATE_BE_PATH),
+        fragment,
         has_custom: false,
         custom: String::new(),
         tuning: tuning_view(spec, destination),
@@ -916,6 +888,7 @@ pub(super) fn build(
     settings: &RenderSettings,
     services: &[ServiceRoute<'_>],
     tls: Option<&TlsSettings>,
+    slots: &SlotsByService<'_>,
 ) -> Result<ConfigView, RenderError> {
     let stats_socket = config_path("stats_socket", &settings.stats_socket)?;
     let error_503 = config_path("errors_dir", &settings.errors_dir.join("503.http"))?;
@@ -957,9 +930,18 @@ pub(super) fn build(
 
     for route in &sorted {
         let spec = route.spec;
+        // The slots the caller assigned, else the instances packed in order.
+        let packed;
+        let route_slots = match slots.get(spec.service_name()) {
+            Some(assigned) => *assigned,
+            None => {
+                packed = ServerSlots::packed(route.instances);
+                &packed
+            }
+        };
         for destination in spec.destinations() {
             let src_port = destination.src_port().map(|p| p.get());
-            let backend = backend_view(settings, spec, destination, route.instances);
+            let backend = backend_view(settings, spec, destination, route_slots);
             match (destination.req_mode(), src_port) {
                 (ReqMode::Sni, Some(port)) => {
                     let me = owner(spec, destination);
@@ -1231,6 +1213,15 @@ impl CustomFragment {
 }
 
 impl ConfigView {
+    /// Leaves the spare server slots out of every backend, for a `backend.hbs` of
+    /// `--templates-dir` that may not write `disabled` (a spare slot written without it would
+    /// take traffic): its backends list the instances only.
+    pub(super) fn drop_spare_servers(&mut self) {
+        for backend in self.http_backends.iter_mut().chain(&mut self.tcp_backends) {
+            backend.servers.retain(|server| !server.is_spare());
+        }
+    }
+
     /// Renders every custom fragment with `render(fragment, view of the rule or backend)`, so
     /// the templates write its text instead of the shipped rule or backend.
     pub(super) fn render_custom(

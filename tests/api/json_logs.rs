@@ -80,7 +80,8 @@ async fn each_change_is_one_json_line_with_what_changed_its_timings_and_outcome(
         "{line}"
     );
 
-    // A new instance seen by the watch: one line naming it.
+    // A new instance seen by the watch: one line naming it, applied to the server slots over
+    // the Runtime API (no reload).
     let second = spawn_backend("web-2").await;
     registry
         .register_instance("web", "web.2", second.port)
@@ -93,9 +94,9 @@ async fn each_change_is_one_json_line_with_what_changed_its_timings_and_outcome(
             let log = proxy.log();
             let added = added.clone();
             async move {
-                change_lines(&log, "web", "instances")
-                    .iter()
-                    .any(|line| line["instances_added"] == added && line["outcome"] == "reloaded")
+                change_lines(&log, "web", "instances").iter().any(|line| {
+                    line["instances_added"] == added && line["outcome"] == "applied_without_reload"
+                })
             }
         },
     )

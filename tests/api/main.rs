@@ -37,6 +37,7 @@ mod restore;
 mod route_conflicts;
 mod routing;
 mod routing_rules;
+mod runtime_instances;
 mod service_auth;
 mod skeleton;
 mod slow_registry;

@@ -140,11 +140,13 @@ async fn changes_reloads_and_haproxy_counters_by_service_are_exported() {
     // Only routed services' backends, never the refused one.
     assert!(!text.contains(r#"service="broken""#), "{text}");
 
-    // A second instance shows up in the counts once the watch has routed it.
+    // A second instance shows up in the counts once the watch has routed it: a change of the
+    // server slots, made without a reload, and HAProxy's counters name it.
     let second = spawn_backend("demo2").await;
     proxy
         .register_instance("go-demo", "go-demo.2", second.port)
         .await;
+    let second_server = format!(r#"server="127.0.0.1_{}""#, second.port);
     crate::fleet::eventually(
         "the second instance is counted",
         std::time::Duration::from_secs(10),
@@ -154,9 +156,14 @@ async fn changes_reloads_and_haproxy_counters_by_service_are_exported() {
                 && sample(
                     &text,
                     "flow_proxy_changes_total",
-                    &[r#"kind="instances""#, r#"outcome="reloaded""#],
+                    &[r#"kind="instances""#, r#"outcome="applied_without_reload""#],
                 )
                 .is_some_and(|count| count >= 1.0)
+                && sample(
+                    &text,
+                    "flow_proxy_haproxy_server_up",
+                    &[service, &second_server],
+                ) == Some(1.0)
         },
     )
     .await;

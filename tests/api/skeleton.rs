@@ -298,7 +298,8 @@ impl Baseline {
     /// one) or its `srcPort`'s frontend, an acl line for its paths, one per kind of domain
     /// (exact, wildcard), one `use_backend`, and its redirects with their acl; per TCP
     /// destination a frontend; per destination a backend with its auth lines and
-    /// `http-request`/`http-response` rules and one server per distinct instance; per service
+    /// `http-request`/`http-response` rules and one server per distinct instance (then spare
+    /// server slots up to `capacity_for` the instances, unless it has a `templateBePath`); per service
     /// with `users` a userlist; a service's `backendExtra` lines in each of its backends (a custom
     /// fragment must render what the shipped one does: the harness's fragments reproduce it).
     pub fn expected(&self, services: &[(&ServiceSpec, &[Instance])]) -> Vec<String> {
@@ -582,8 +583,11 @@ impl Baseline {
         } else {
             "server _ _ check".to_string()
         };
+        // A spare server slot: `disabled` after the health words.
+        let mut spare_server = format!("{server} disabled");
         if http && tuning.sticky_server {
             server.push_str(" cookie _");
+            spare_server.push_str(" cookie _");
         }
         let balance = tuning
             .balance
@@ -654,6 +658,14 @@ impl Baseline {
             lines.extend(path_rewrite_lines(destination));
         }
         lines.extend(distinct.iter().map(|_| server.clone()));
+        // Backends fed by instances have spare slots up to their capacity, unless a service's
+        // own backend fragment writes them (it gets the instances only).
+        if destination.routing().outbound_hostname.is_none()
+            && spec.custom_templates().template_be_path.is_none()
+        {
+            let spares = flow_proxy::render::capacity_for(distinct.len()) - distinct.len();
+            lines.extend((0..spares).map(|_| spare_server.clone()));
+        }
         // `backendExtra`: the service's own lines, as given.
         lines.extend(
             spec.custom_templates()
