@@ -32,6 +32,7 @@ mod packaging;
 mod proxy_client;
 mod proxy_wide;
 mod registry_crash;
+mod reload_path;
 mod restore;
 mod route_conflicts;
 mod routing;
