@@ -802,6 +802,19 @@ impl Core {
             .map_err(|error| rejected(error, caused_by_request))
     }
 
+    /// Reads the first of the keys a change is to write, so that a Consul that is down or has no
+    /// leader refuses the change before HAProxy is touched: a KV write that fails once the new
+    /// process serves costs a second reload, and the refused configuration is served meanwhile.
+    async fn kv_answers(
+        &self,
+        mut names: impl Iterator<Item = &ServiceName>,
+    ) -> Result<(), ProxyError> {
+        if let Some(name) = names.next() {
+            self.store.holds(name).await?;
+        }
+        Ok(())
+    }
+
     /// Makes the started candidate the live file; if that fails, goes back to the previous one.
     async fn promote_candidate(&mut self) -> Result<(), ProxyError> {
         if let Err(error) = self.haproxy.promote().await {
@@ -926,6 +939,8 @@ impl Core {
             .preflight(&config)
             .await
             .map_err(ProxyError::Haproxy)?;
+        self.kv_answers(requested.iter().chain(&requested_certs))
+            .await?;
         self.start_candidate_timed(&config, caused_by_request)
             .await?;
         let persisted = match self.persist_all(&candidate, requested).await {
