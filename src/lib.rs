@@ -2,7 +2,8 @@
 //!
 //! CI or a deployment script calls `/v1/docker-flow-proxy/reconfigure?serviceName=…&servicePath=…`;
 //! flow-proxy reads the service's healthy instances from Consul, renders a complete haproxy.cfg,
-//! validates it with `haproxy -c`, reloads HAProxy without dropping a connection, and stores the
+//! has a new HAProxy process take over on it (validation and reload in one parse: a config
+//! HAProxy refuses never stops the serving process) without dropping a connection, and stores the
 //! spec in Consul KV so that any proxy restores every route by itself. HAProxy is the data plane;
 //! flow-proxy never proxies traffic itself.
 //!
@@ -20,7 +21,8 @@
 //! - [`spec`]'s `proxy_wide`: the proxy-wide values (HAProxy time values, connection mode,
 //!   `maxconn`, extra config lines, captured headers) as checked types.
 //! - [`proxy`]: the core; owns the routing state and the certificates and applies each change in
-//!   order (resolve → render → validate → persist → reload → answer) from one bounded queue;
+//!   order (resolve → render → start the new HAProxy on it → persist → promote → answer) from one
+//!   bounded queue;
 //!   restores the stored specs and certificates on start and then follows them, the proxy-wide
 //!   settings kept in KV (`<kv-prefix>/settings/`) and the routed services' instances (two
 //!   blocking queries that detect changes to checks and to the catalog, then reads of only the
@@ -28,9 +30,10 @@
 //!   proxies, over a few connections to Consul however many services it routes.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
 //!   (and a service's own fragments from `--templates-dir`, read at each render).
-//! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
-//!   and that every new listening port is free), atomic swaps of the live file, seamless reloads
-//!   (`-x`, `-sf`), the certificate files and crt-list it reads, and supervision of the HAProxy
+//! - [`haproxy`]: validation and seamless reload in one parse, a new process started on the
+//!   candidate with `-x`/`-sf` (after checking that the serving process answers and that every
+//!   new listening port is free; `haproxy -c` only where nothing serves yet), atomic swaps of the
+//!   live file once a change is stored, the certificate files and crt-list it reads, and supervision of the HAProxy
 //!   processes (a dead or hung one is replaced from
 //!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
 //! - [`limits`]: the open-files limit, raised to the hard limit at start, and the API's answer

@@ -3,12 +3,20 @@
 //! flow-proxy runs HAProxy in the foreground as its own child, never daemonised, so every process
 //! is reaped by the task that waits on it (no zombies, also when flow-proxy is PID 1).
 //!
-//! - [`Haproxy::validate`] writes the candidate to `haproxy.cfg.candidate` and runs `haproxy -c`;
-//!   the live `haproxy.cfg` is untouched, so a rejected config changes nothing.
-//! - [`Haproxy::apply`] renames an accepted candidate over `haproxy.cfg` (atomic on one file
-//!   system) and reloads: a new process started with `-x <stats socket>` takes the listening
-//!   sockets over from the old one and `-sf <old pid>` soft-stops it, so no connection is refused.
-//!   The call returns once the new process answers on the stats socket, i.e. serves the new config.
+//! - A change is parsed once, by the process that is to serve it: [`Haproxy::start_candidate`]
+//!   writes the candidate to `haproxy.cfg.candidate` and starts a new process on it with
+//!   `-x <stats socket>` (it takes the listening sockets over from the serving one) and
+//!   `-sf <old pid>` (it soft-stops the old one once it has them), so no connection is refused.
+//!   HAProxy parses the whole configuration before it touches the serving process: a candidate
+//!   it refuses exits with the same lines `haproxy -c` prints ([`HaproxyError::Rejected`]) and
+//!   the old process never noticed. The call returns once the new process serves (see
+//!   [`readiness`]). The live `haproxy.cfg` is still the previous configuration:
+//!   [`Haproxy::promote`] renames the candidate over it (atomic on one file system) once the
+//!   change is stored, or [`Haproxy::reload_live`] goes back to it when the change must not stay.
+//! - [`Haproxy::validate`] (`haproxy -c` on the candidate file) is for where nothing serves yet:
+//!   the first start, `flow-proxy check`, the operator's extra lines at start. [`Haproxy::apply`]
+//!   promotes a validated candidate and reloads (two parses; kept for callers that validate
+//!   first).
 //! - [`Haproxy::preflight`] runs before a change is validated: the serving process must answer
 //!   on its stats socket, and every address the candidate binds that the running config does not
 //!   must be free (see [`ports`]); otherwise the change is refused before anything is touched.
@@ -23,6 +31,7 @@
 
 mod certificates;
 mod ports;
+mod readiness;
 mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -41,8 +50,6 @@ pub use runtime::{
     COMMAND_TIMEOUT,
 };
 
-/// How long a new HAProxy process may take to serve before the start counts as failed.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `haproxy -c` may take (about 0.6 s for 10,000 services) before it is killed.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a caller waits for the supervisor's answer (it may be restarting HAProxy).
@@ -59,7 +66,8 @@ pub const HUNG_AFTER: u32 = 3;
 /// Something went wrong with HAProxy.
 #[derive(Debug, thiserror::Error)]
 pub enum HaproxyError {
-    /// `haproxy -c` rejected the candidate; the text holds HAProxy's own lines.
+    /// HAProxy refused the candidate (`haproxy -c`, or the new process started on it); the text
+    /// holds HAProxy's own lines.
     #[error("HAProxy rejected the configuration:\n{0}")]
     Rejected(String),
     /// A process could not be started, or a file not written.
@@ -110,7 +118,7 @@ pub const STATS_SOCKET_FILE: &str = "haproxy.sock";
 pub struct HaproxyPaths {
     /// The live configuration, only ever replaced by a validated candidate.
     pub config: PathBuf,
-    /// Where candidates are written for `haproxy -c`.
+    /// Where candidates are written, for `haproxy -c` or for a new process to start on.
     pub candidate: PathBuf,
     /// The admin stats socket (also used by `-x` to pass listening sockets on).
     pub stats_socket: PathBuf,
@@ -137,7 +145,12 @@ pub struct Haproxy {
 }
 
 enum SupervisorCommand {
+    /// Start a new process on the live file.
     Reload(oneshot::Sender<Result<(), HaproxyError>>),
+    /// Start a new process on the candidate file; answer how long it took to serve.
+    StartCandidate(oneshot::Sender<Result<Duration, HaproxyError>>),
+    /// Rename the candidate over the live file: the serving process runs it.
+    Promote(oneshot::Sender<Result<(), HaproxyError>>),
     /// Does the serving process answer?
     Probe(oneshot::Sender<Result<(), HaproxyError>>),
     /// Stop supervising: soft-stop the process, or leave it running.
@@ -164,7 +177,8 @@ impl Haproxy {
                 "taking over from the HAProxy an earlier flow-proxy left serving"
             );
         }
-        let first = spawn_and_wait_ready(&binary, &paths, leftover_pid, on_exit).await?;
+        let (first, _) =
+            spawn_and_wait_ready(&binary, &paths, ConfigFile::Live, leftover_pid, on_exit).await?;
         let (supervisor, commands) = mpsc::channel(16);
         let supervisor_task = Supervisor {
             binary: binary.clone(),
@@ -206,11 +220,40 @@ impl Haproxy {
         self.ask_supervisor(SupervisorCommand::Reload).await
     }
 
+    /// Writes `config` as the candidate file and starts a new HAProxy process on it that takes
+    /// over from the serving one; returns how long the new process took to serve.
+    ///
+    /// If HAProxy refuses the configuration ([`HaproxyError::Rejected`], with its own lines) or
+    /// the new process fails to start, the old process keeps serving and nothing changed but the
+    /// candidate file. On success the live file still holds the previous configuration: call
+    /// [`Haproxy::promote`] to keep the new one, or [`Haproxy::reload_live`] to go back.
+    pub async fn start_candidate(&self, config: &str) -> Result<Duration, HaproxyError> {
+        tokio::fs::write(&self.paths.candidate, config)
+            .await
+            .map_err(io_error(format!(
+                "writing {}",
+                self.paths.candidate.display()
+            )))?;
+        self.ask_supervisor(SupervisorCommand::StartCandidate).await
+    }
+
+    /// Renames the candidate a started process serves over the live file, so restarts (by the
+    /// supervisor or by the next flow-proxy) start from it.
+    pub async fn promote(&self) -> Result<(), HaproxyError> {
+        self.ask_supervisor(SupervisorCommand::Promote).await
+    }
+
+    /// Reloads HAProxy from the live file: puts the previous configuration back after a started
+    /// candidate that must not stay (e.g. its change could not be stored).
+    pub async fn reload_live(&self) -> Result<(), HaproxyError> {
+        self.ask_supervisor(SupervisorCommand::Reload).await
+    }
+
     /// Sends a command to the supervisor and waits (bounded) for its answer.
-    async fn ask_supervisor(
+    async fn ask_supervisor<T>(
         &self,
-        command: impl FnOnce(oneshot::Sender<Result<(), HaproxyError>>) -> SupervisorCommand,
-    ) -> Result<(), HaproxyError> {
+        command: impl FnOnce(oneshot::Sender<Result<T, HaproxyError>>) -> SupervisorCommand,
+    ) -> Result<T, HaproxyError> {
         let (reply, answer) = oneshot::channel();
         let exchange = async {
             self.supervisor
@@ -246,10 +289,12 @@ impl Haproxy {
         &self.paths.stats_socket
     }
 
-    /// How many HAProxy processes run this proxy's live configuration now (more than one while
-    /// an old process finishes its connections after a reload).
+    /// How many HAProxy processes serve this proxy now, started on its live file or on a
+    /// candidate (more than one while an old process finishes its connections after a reload);
+    /// `haproxy -c` checks do not count.
     pub fn process_count(&self) -> usize {
-        let config = self.paths.config.as_os_str().to_string_lossy().into_owned();
+        let files = [&self.paths.config, &self.paths.candidate]
+            .map(|file| file.as_os_str().to_string_lossy().into_owned());
         let Ok(processes) = procfs::process::all_processes() else {
             return 0;
         };
@@ -259,7 +304,8 @@ impl Haproxy {
             .filter(|arguments| {
                 arguments
                     .windows(2)
-                    .any(|pair| pair[0] == "-f" && pair[1] == config)
+                    .any(|pair| pair[0] == "-f" && files.contains(&pair[1]))
+                    && !arguments.iter().any(|argument| argument == "-c")
             })
             .count()
     }
@@ -321,17 +367,7 @@ async fn validate_file(binary: &Path, candidate: &Path, config: &str) -> Result<
     }
     let mut printed = String::from_utf8_lossy(&output.stdout).into_owned();
     printed.push_str(&String::from_utf8_lossy(&output.stderr));
-    // HAProxy's verdict is in its ALERT lines; the NOTICE lines around them are noise.
-    let alerts: Vec<&str> = printed
-        .lines()
-        .filter(|line| line.contains("[ALERT]"))
-        .collect();
-    let message = if alerts.is_empty() {
-        printed.trim().to_string()
-    } else {
-        alerts.join("\n")
-    };
-    Err(HaproxyError::Rejected(message))
+    Err(HaproxyError::Rejected(readiness::verdict(&printed)))
 }
 
 /// An HAProxy command run from the directory of `config_file`, so that the relative paths in
@@ -355,15 +391,44 @@ async fn promote(paths: &HaproxyPaths) -> Result<(), HaproxyError> {
         )))
 }
 
+/// The configuration file a process is started on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConfigFile {
+    /// `haproxy.cfg`, the last good configuration.
+    Live,
+    /// `haproxy.cfg.candidate`, a change not yet promoted.
+    Candidate,
+}
+
+impl ConfigFile {
+    fn path(self, paths: &HaproxyPaths) -> &Path {
+        match self {
+            ConfigFile::Live => &paths.config,
+            ConfigFile::Candidate => &paths.candidate,
+        }
+    }
+}
+
+/// Most lines of a process's output kept for its error message.
+const OUTPUT_LINES: usize = 1000;
+
 /// One HAProxy process we started, with the lines it printed to stderr.
 struct Process {
     child: Child,
     pid: u32,
+    /// The file it was started on.
+    config: ConfigFile,
     output: Arc<Mutex<Vec<String>>>,
+    /// The task reading its stderr, until it is awaited once the process exited.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Process {
-    fn output(&self) -> String {
+    /// What it printed (the first [`OUTPUT_LINES`] lines); once it exited, all of that.
+    async fn output(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            readiness::output_read(reader).await;
+        }
         self.output
             .lock()
             .map(|lines| lines.join("\n"))
@@ -374,11 +439,13 @@ impl Process {
 fn spawn(
     binary: &Path,
     paths: &HaproxyPaths,
+    config: ConfigFile,
     previous_pid: Option<u32>,
     on_exit: OnExit,
 ) -> Result<Process, HaproxyError> {
-    let mut command = haproxy_command(binary, &paths.config);
-    command.arg("-f").arg(&paths.config);
+    let file = config.path(paths);
+    let mut command = haproxy_command(binary, file);
+    command.arg("-f").arg(file);
     if let Some(pid) = previous_pid {
         command
             .arg("-x")
@@ -402,7 +469,7 @@ fn spawn(
         .id()
         .ok_or_else(|| HaproxyError::Start("the new process exited at once".into()))?;
     let output = Arc::new(Mutex::new(Vec::new()));
-    if let Some(stderr) = child.stderr.take() {
+    let reader = child.stderr.take().map(|stderr| {
         let sink = Arc::clone(&output);
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
@@ -416,51 +483,39 @@ fn spawn(
                     tracing::warn!(pid, "haproxy: {line}");
                 }
                 if let Ok(mut kept) = sink.lock() {
-                    if kept.len() < 100 {
+                    if kept.len() < OUTPUT_LINES {
                         kept.push(line);
                     }
                 }
             }
-        });
-    }
-    Ok(Process { child, pid, output })
+        })
+    });
+    Ok(Process {
+        child,
+        pid,
+        config,
+        output,
+        reader,
+    })
 }
 
-/// Starts a process and waits until it owns the stats socket, i.e. has loaded its config and
-/// bound (or taken over) every listener.
+/// Starts a process on `config` and waits until it answers on the stats socket, i.e. has loaded
+/// its config and bound (or taken over) every listener; returns it with how long that took.
 async fn spawn_and_wait_ready(
     binary: &Path,
     paths: &HaproxyPaths,
+    config: ConfigFile,
     previous_pid: Option<u32>,
     on_exit: OnExit,
-) -> Result<Process, HaproxyError> {
-    let mut process = spawn(binary, paths, previous_pid, on_exit)?;
-    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-    let mut pause = Duration::from_millis(2);
-    loop {
-        if serving_pid(&paths.stats_socket).await == Some(process.pid) {
-            tracing::info!(pid = process.pid, "haproxy serves the new configuration");
-            return Ok(process);
-        }
-        if let Ok(Some(status)) = process.child.try_wait() {
-            // Give the stderr reader a moment to collect the last lines.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            return Err(HaproxyError::Start(format!(
-                "{status}: {}",
-                process.output()
-            )));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let _ = process.child.start_kill();
-            let _ = process.child.wait().await;
-            return Err(HaproxyError::Start(format!(
-                "not serving after {READY_TIMEOUT:?}: {}",
-                process.output()
-            )));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
+) -> Result<(Process, Duration), HaproxyError> {
+    let mut process = spawn(binary, paths, config, previous_pid, on_exit)?;
+    let took = readiness::wait_until_serving(&mut process, &paths.stats_socket).await?;
+    tracing::info!(
+        pid = process.pid,
+        ?took,
+        "haproxy serves the new configuration"
+    );
+    Ok((process, took))
 }
 
 /// Waits for an old process in the background, so it is reaped once it has finished its work.
@@ -512,7 +567,15 @@ impl Supervisor {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(SupervisorCommand::Reload(reply)) => {
-                        let result = self.reload().await;
+                        let result = self.reload(ConfigFile::Live).await;
+                        let _ = reply.send(result.map(|_| ()));
+                    }
+                    Some(SupervisorCommand::StartCandidate(reply)) => {
+                        let result = self.reload(ConfigFile::Candidate).await;
+                        let _ = reply.send(result);
+                    }
+                    Some(SupervisorCommand::Promote(reply)) => {
+                        let result = self.promote().await;
                         let _ = reply.send(result);
                     }
                     Some(SupervisorCommand::Probe(reply)) => {
@@ -570,27 +633,26 @@ impl Supervisor {
         Err(HaproxyError::NotAnswering { detail })
     }
 
-    /// Starts a new process on the live file that takes the listeners over from the serving
-    /// one, once the serving one answers (a hung one would hold the new one up).
-    async fn reload(&mut self) -> Result<(), HaproxyError> {
+    /// Starts a new process on `config` that takes the listeners over from the serving one, once
+    /// the serving one answers (a hung one would hold the new one up); returns how long the new
+    /// one took to serve.
+    async fn reload(&mut self, config: ConfigFile) -> Result<Duration, HaproxyError> {
         if let Ok(Some(status)) = self.current.child.try_wait() {
             // Died before the supervisor noticed: nobody holds the listeners to hand over, and
             // `-x` would fail. The new configuration starts on its own (if it fails, the dead
-            // process is replaced from the put-back file as usual).
+            // process is replaced from the live file as usual).
             tracing::error!(
                 pid = self.current.pid,
                 %status,
                 "haproxy died; starting the new configuration in a fresh process"
             );
-            let next = spawn_and_wait_ready(&self.binary, &self.paths, None, self.on_exit).await?;
-            self.current = next;
-            self.unanswered_probes = 0;
-            return Ok(());
+            return self.start_fresh(config).await;
         }
         self.probe().await?;
-        let next = match spawn_and_wait_ready(
+        let (next, took) = match spawn_and_wait_ready(
             &self.binary,
             &self.paths,
+            config,
             Some(self.current.pid),
             self.on_exit,
         )
@@ -598,25 +660,46 @@ impl Supervisor {
         {
             Ok(next) => next,
             // The serving process died while the new one asked it for its sockets.
-            Err(error) => match self.current.child.try_wait() {
+            Err(error @ HaproxyError::Start(_)) => match self.current.child.try_wait() {
                 Ok(Some(status)) => {
                     tracing::error!(
                         pid = self.current.pid,
                         %status,
                         "haproxy died during the reload; starting the new configuration in a fresh process"
                     );
-                    let next =
-                        spawn_and_wait_ready(&self.binary, &self.paths, None, self.on_exit).await?;
-                    self.current = next;
-                    self.unanswered_probes = 0;
-                    return Ok(());
+                    return self.start_fresh(config).await;
                 }
                 _ => return Err(error),
             },
+            Err(error) => return Err(error),
         };
         let old = std::mem::replace(&mut self.current, next);
         reap(old);
-        Ok(())
+        Ok(took)
+    }
+
+    /// Starts `config` in a new process that binds the listeners itself (nothing serves).
+    async fn start_fresh(&mut self, config: ConfigFile) -> Result<Duration, HaproxyError> {
+        let (next, took) =
+            spawn_and_wait_ready(&self.binary, &self.paths, config, None, self.on_exit).await?;
+        self.current = next;
+        self.unanswered_probes = 0;
+        Ok(took)
+    }
+
+    /// Renames the candidate over the live file. If the process started on the candidate is no
+    /// longer the serving one (it died and was replaced from the previous live file meanwhile),
+    /// the promoted file is reloaded, so HAProxy serves what the caller is told it serves.
+    async fn promote(&mut self) -> Result<(), HaproxyError> {
+        promote(&self.paths).await?;
+        if self.current.config == ConfigFile::Candidate {
+            return Ok(());
+        }
+        tracing::warn!(
+            pid = self.current.pid,
+            "the process started on the candidate was replaced before it was promoted; reloading"
+        );
+        self.reload(ConfigFile::Live).await.map(|_| ())
     }
 
     /// Starts a new process from the last good file after the serving one died or was killed,
@@ -624,8 +707,16 @@ impl Supervisor {
     /// so the new one binds them itself.
     async fn replace(&mut self) {
         loop {
-            match spawn_and_wait_ready(&self.binary, &self.paths, None, self.on_exit).await {
-                Ok(next) => {
+            match spawn_and_wait_ready(
+                &self.binary,
+                &self.paths,
+                ConfigFile::Live,
+                None,
+                self.on_exit,
+            )
+            .await
+            {
+                Ok((next, _)) => {
                     self.current = next;
                     self.unanswered_probes = 0;
                     return;

@@ -11,17 +11,20 @@
 //! 1. **resolve**: read the healthy instances of the services it touches from the registry.
 //!    Registry unreachable → the caller gets the error, nothing changed.
 //! 2. **render** the complete configuration of the candidate state (never a patch of the old file).
-//! 3. **validate**: the serving HAProxy must answer and every address the candidate binds anew
+//! 3. **preflight**: the serving HAProxy must answer and every address the candidate binds anew
 //!    must be free (flow-proxy binds it and lets go: a port held by another program is refused
-//!    before a reload could pause every listener); then `haproxy -c` checks it as a candidate file. Rejected → the caller gets HAProxy's
-//!    own lines; the live file, the running HAProxy and the stored specs are untouched.
-//! 4. **persist** the spec in Consul KV (`<kv-prefix>/services/<serviceName>`) with check-and-set,
-//!    or delete it. Failure or a lost race retried too often → the caller gets the error; the live
-//!    file and HAProxy are untouched.
-//! 5. **apply**: swap the candidate in as the live file and reload HAProxy; the call returns once
-//!    the new process serves. Failure (e.g. the new process does not start) → the previous live
-//!    file and the previous KV value are put back; the old HAProxy process never stopped serving.
-//! 6. **commit** the candidate as the current state and answer the callers.
+//!    before a reload could pause every listener).
+//! 4. **validate and reload in one parse**: a new HAProxy process starts on the candidate file and
+//!    takes the listeners over from the serving one (see [`Haproxy::start_candidate`]). Rejected
+//!    → the caller gets HAProxy's own lines (those `haproxy -c` prints); a failed start → the
+//!    error; either way the old process never stopped serving and the live file and the stored
+//!    specs are untouched.
+//! 5. **persist** the spec in Consul KV (`<kv-prefix>/services/<serviceName>`) with check-and-set,
+//!    or delete it. Failure or a lost race retried too often → HAProxy is reloaded from the live
+//!    file (the previous configuration) and the caller gets the error: HAProxy serves, and KV
+//!    holds, what they did before.
+//! 6. **promote** the candidate to the live file (what a restart starts from), **commit** it as
+//!    the current state and answer the callers.
 //!
 //! A change whose configuration is byte-identical to the running one does not reload HAProxy
 //! (except an explicit reload). A change whose configuration differs from the running one only in
@@ -37,7 +40,7 @@
 //! call between proxies. A version of the stored specs older than this proxy's own last write is
 //! ignored (a newer one follows). A stored spec that does not validate is logged and left as it is
 //! routed; a stored service HAProxy does not accept is skipped with an error, the others apply
-//! (a stored change that fails for a passing reason, e.g. no file descriptor for `haproxy -c`,
+//! (a stored change that fails for a passing reason, e.g. no file descriptor for a new HAProxy,
 //! is retried instead).
 //! If Consul's KV index goes backwards and the prefix comes back empty while services are routed,
 //! Consul has lost its data: the routes stay and their specs are written back.
@@ -97,10 +100,10 @@ pub enum ProxyError {
     /// The templates could not produce a configuration (e.g. two services want one port).
     #[error(transparent)]
     Render(#[from] RenderError),
-    /// `haproxy -c` rejected the configuration a reconfigure request would produce.
+    /// HAProxy rejected the configuration a reconfigure request would produce.
     #[error("HAProxy rejected the configuration this request produces:\n{0}")]
     RejectedRequest(String),
-    /// `haproxy -c` rejected a configuration flow-proxy produced on its own (reload, restore).
+    /// HAProxy rejected a configuration flow-proxy produced on its own (reload, restore).
     #[error("HAProxy rejected the configuration:\n{0}")]
     Rejected(String),
     /// HAProxy could not be reloaded; the previous process keeps serving.
@@ -859,46 +862,92 @@ impl Core {
                 tracing::warn!(%error, "HAProxy did not take the server changes at runtime; reloading instead")
             }
         }
+        // The live file already holds `config`: start it as a candidate (the validation) and
+        // keep it; if HAProxy refuses it, the previous configuration goes back in the live file.
         let reloaded = async {
             self.haproxy
                 .preflight(&config)
                 .await
                 .map_err(ProxyError::Haproxy)?;
-            self.validate_timed(&config, caused_by_request).await?;
-            self.apply_timed().await.map_err(ProxyError::Haproxy)
+            self.start_candidate_timed(&config, caused_by_request)
+                .await?;
+            self.promote_candidate().await
         };
         if let Err(error) = reloaded.await {
-            self.put_back_live_config().await;
+            if let Some(previous) = self.applied_config.clone() {
+                if let Err(put_back) = self.haproxy.restore_live_config(&previous).await {
+                    tracing::error!(error = %put_back, "putting the previous live file back failed");
+                }
+            }
             return Err(error);
         }
         self.applied_config = Some(config);
         Ok(())
     }
 
-    /// `haproxy -c` on `config`, timed and counted.
-    async fn validate_timed(
+    /// Validates and reloads in one parse: starts a new HAProxy process on `config` (see
+    /// [`Haproxy::start_candidate`]), timed and counted. The validation is that start, so both
+    /// timings are the time until HAProxy refused the candidate or served it. Afterwards the
+    /// change is stored, then [`Core::promote_candidate`] or [`Core::take_back_candidate`].
+    async fn start_candidate_timed(
         &mut self,
         config: &str,
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
         let started = std::time::Instant::now();
-        let result = self.haproxy.validate(config).await;
+        let result = self.haproxy.start_candidate(config).await;
         let took = started.elapsed();
         self.timings.validate = Some(took);
         let rejected_by_haproxy = matches!(result, Err(HaproxyError::Rejected(_)));
         self.observer.record_validation(took, !rejected_by_haproxy);
-        result.map_err(|error| rejected(error, caused_by_request))
+        if !rejected_by_haproxy {
+            self.timings.reload = Some(took);
+            self.observer
+                .record_reload(took, result.as_ref().err().map(ToString::to_string));
+        }
+        result
+            .map(|_| ())
+            .map_err(|error| rejected(error, caused_by_request))
     }
 
-    /// Swaps the validated candidate in and reloads HAProxy, timed and counted.
-    async fn apply_timed(&mut self) -> Result<(), HaproxyError> {
+    /// Reads the first of the keys a change is to write, so that a Consul that is down or has no
+    /// leader refuses the change before HAProxy is touched: a KV write that fails once the new
+    /// process serves costs a second reload, and the refused configuration is served meanwhile.
+    async fn kv_answers(
+        &self,
+        mut names: impl Iterator<Item = &ServiceName>,
+    ) -> Result<(), ProxyError> {
+        if let Some(name) = names.next() {
+            self.store.holds(name).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the started candidate the live file; if that fails, goes back to the previous one.
+    async fn promote_candidate(&mut self) -> Result<(), ProxyError> {
+        if let Err(error) = self.haproxy.promote().await {
+            self.take_back_candidate().await;
+            return Err(ProxyError::Haproxy(error));
+        }
+        Ok(())
+    }
+
+    /// Reloads HAProxy from the live file, i.e. the configuration before the started candidate,
+    /// whose change could not be stored: HAProxy serves again what the state says.
+    async fn take_back_candidate(&mut self) {
         let started = std::time::Instant::now();
-        let result = self.haproxy.apply().await;
+        let result = self.haproxy.reload_live().await;
         let took = started.elapsed();
-        self.timings.reload = Some(took);
         self.observer
             .record_reload(took, result.as_ref().err().map(ToString::to_string));
-        result
+        match result {
+            Ok(()) => tracing::info!(?took, "HAProxy serves the previous configuration again"),
+            Err(error) => tracing::error!(
+                %error,
+                "putting the previous configuration back failed; HAProxy serves a change that \
+                 was not stored until the next change"
+            ),
+        }
     }
 
     /// Applies `changes` in order as one step (see the module doc for the order of operations).
@@ -1019,20 +1068,29 @@ impl Core {
             .preflight(&config)
             .await
             .map_err(ProxyError::Haproxy)?;
-        self.validate_timed(&config, caused_by_request).await?;
-        let persisted = self.persist_all(&candidate, requested).await?;
+        self.kv_answers(requested.iter().chain(&requested_certs))
+            .await?;
+        self.start_candidate_timed(&config, caused_by_request)
+            .await?;
+        let persisted = match self.persist_all(&candidate, requested).await {
+            Ok(persisted) => persisted,
+            Err(error) => {
+                self.take_back_candidate().await;
+                return Err(error);
+            }
+        };
         let persisted_certs = match self.persist_certs(&candidate_certs, requested_certs).await {
             Ok(persisted_certs) => persisted_certs,
             Err(error) => {
+                self.take_back_candidate().await;
                 self.put_back_stored_specs(&persisted).await;
                 return Err(error);
             }
         };
-        if let Err(error) = self.apply_timed().await {
-            self.put_back_live_config().await;
+        if let Err(error) = self.promote_candidate().await {
             self.put_back_stored_specs(&persisted).await;
             self.put_back_stored_certs(&persisted_certs).await;
-            return Err(ProxyError::Haproxy(error));
+            return Err(error);
         }
         self.applied_config = Some(config);
         for name in &persisted_certs {
@@ -1184,11 +1242,8 @@ impl Core {
                 .preflight(&config)
                 .await
                 .map_err(ProxyError::Haproxy)?;
-            self.validate_timed(&config, false).await?;
-            if let Err(error) = self.apply_timed().await {
-                self.put_back_live_config().await;
-                return Err(ProxyError::Haproxy(error));
-            }
+            self.start_candidate_timed(&config, false).await?;
+            self.promote_candidate().await?;
             self.applied_config = Some(config);
         }
         self.commit(candidate);
@@ -1278,13 +1333,10 @@ impl Core {
                 .await
                 .map_err(ProxyError::Haproxy)?;
             self.haproxy
-                .validate(&config)
+                .start_candidate(&config)
                 .await
                 .map_err(|error| rejected(error, false))?;
-            if let Err(error) = self.haproxy.apply().await {
-                self.put_back_live_config().await;
-                return Err(ProxyError::Haproxy(error));
-            }
+            self.promote_candidate().await?;
             self.applied_config = Some(config);
         }
         self.render_settings = settings;
@@ -1482,19 +1534,6 @@ impl Core {
         match written {
             Ok(live_list) => self.haproxy.prune_certificates(live_list.as_deref()).await,
             Err(error) => tracing::warn!(%error, "checking the certificate files failed"),
-        }
-    }
-
-    /// Writes the current state's configuration back as the live file after a failed reload,
-    /// so the file matches the HAProxy process that kept serving.
-    async fn put_back_live_config(&self) {
-        match self.render(&self.state, &self.certs).await {
-            Ok(config) => {
-                if let Err(error) = self.haproxy.restore_live_config(&config).await {
-                    tracing::error!(%error, "putting back the previous haproxy.cfg failed");
-                }
-            }
-            Err(error) => tracing::error!(%error, "rendering the previous state failed"),
         }
     }
 

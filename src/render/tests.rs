@@ -1458,3 +1458,22 @@ fn haproxy_accepts_the_acme_challenge_backend_without_warnings() {
     assert!(!output.contains("[WARNING]"), "{output}");
     assert!(!output.contains("[ALERT]"), "{output}");
 }
+
+#[test]
+fn the_http_client_loads_no_ca_store_unless_the_operator_asks_for_it() {
+    let mut settings = golden_settings();
+    let ours = "httpclient.ssl.verify none";
+    assert!(
+        render(&settings, &[])
+            .lines()
+            .any(|line| line.trim() == ours),
+        "every process skips the system CA store"
+    );
+    // The operator's own line comes later in `global`, and HAProxy keeps the last one.
+    settings.proxy_wide.extra_global = vec!["httpclient.ssl.verify required".parse().unwrap()];
+    let text = render(&settings, &[]);
+    assert!(
+        line_of(&text, ours) < line_of(&text, "httpclient.ssl.verify required"),
+        "{text}"
+    );
+}

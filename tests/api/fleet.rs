@@ -789,14 +789,16 @@ fn kill_group(group: u32) {
 }
 
 /// The HAProxy processes serving from `data_dir` (their command line has `-f <data
-/// dir>/haproxy.cfg`; `haproxy -c` runs on candidates do not count), zombies excluded, from
-/// /proc (so always empty off Linux): what `pgrep -f <data dir>/haproxy.cfg` finds.
+/// dir>/haproxy.cfg`, or `-f <data dir>/haproxy.cfg.candidate` for one started on a change
+/// before it was promoted; `haproxy -c` runs do not count), zombies excluded, from /proc (so
+/// always empty off Linux).
 pub fn haproxy_processes(data_dir: &Path) -> Vec<u32> {
-    let config = data_dir
-        .canonicalize()
-        .expect("the data directory exists")
-        .join("haproxy.cfg");
-    let config = config.as_os_str().as_encoded_bytes();
+    let data_dir = data_dir.canonicalize().expect("the data directory exists");
+    let files = [
+        data_dir.join("haproxy.cfg"),
+        data_dir.join("haproxy.cfg.candidate"),
+    ];
+    let files = files.map(|file| file.into_os_string().into_encoded_bytes());
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -807,7 +809,7 @@ pub fn haproxy_processes(data_dir: &Path) -> Vec<u32> {
             let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let mut args = cmdline.split(|byte| *byte == 0);
-            let serves = args.any(|arg| arg == config);
+            let serves = args.any(|arg| files.iter().any(|file| arg == file.as_slice()));
             let checks = cmdline.split(|byte| *byte == 0).any(|arg| arg == b"-c");
             (state != "Z" && serves && !checks).then_some(pid)
         })

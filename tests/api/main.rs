@@ -33,6 +33,7 @@ mod proxy_client;
 mod proxy_wide;
 mod registry_crash;
 mod registry_load;
+mod reload_path;
 mod restore;
 mod route_conflicts;
 mod routing;

@@ -45,7 +45,7 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .and_then(|(_, value)| value.parse().ok())
 }
 
-fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
+pub fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
     sample(text, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?} in:\n{text}"))
 }
 

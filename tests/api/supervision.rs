@@ -126,7 +126,7 @@ async fn send_until_stopped(
 
 /// PIDs of this process's children that have exited but were not reaped, after old HAProxy
 /// processes had a bounded time to finish.
-fn zombie_children() -> Vec<u32> {
+pub fn zombie_children() -> Vec<u32> {
     let me = std::process::id();
     let mut zombies = Vec::new();
     for _ in 0..50 {
