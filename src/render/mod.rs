@@ -126,6 +126,7 @@
 
 mod backend;
 mod custom;
+pub mod maps;
 mod proxy_wide;
 mod view;
 
@@ -140,6 +141,7 @@ use handlebars::Handlebars;
 use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
+pub use maps::{write_map_files, MapFile, MAPS_DIR};
 pub use proxy_wide::ProxyWide;
 
 /// The clean 503 page HAProxy serves when no rule matches or a backend has no server; callers
@@ -359,13 +361,25 @@ impl Renderer {
     }
 
     /// Renders the complete haproxy.cfg for these services, with the HTTPS frontend `tls`
-    /// describes when given.
+    /// describes when given. The text only: HAProxy also needs the map files it names
+    /// ([`Renderer::render_with_maps`]).
     pub fn render_with_tls(
         &self,
         settings: &RenderSettings,
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
     ) -> Result<String, RenderError> {
+        Ok(self.render_with_maps(settings, services, tls)?.config)
+    }
+
+    /// Renders the complete haproxy.cfg for these services and the map files its map lines
+    /// read (see the `maps` module), with the HTTPS frontend `tls` describes when given.
+    pub fn render_with_maps(
+        &self,
+        settings: &RenderSettings,
+        services: &[ServiceRoute<'_>],
+        tls: Option<&TlsSettings>,
+    ) -> Result<Rendered, RenderError> {
         for route in services {
             self.custom
                 .check_backend_extra(route.spec)
@@ -385,8 +399,20 @@ impl Renderer {
         if !text.ends_with('\n') {
             text.push('\n');
         }
-        Ok(text)
+        Ok(Rendered {
+            config: text,
+            maps: view.take_maps(),
+        })
     }
+}
+
+/// A rendered configuration: haproxy.cfg's text and the map files (in [`MAPS_DIR`]) it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// haproxy.cfg.
+    pub config: String,
+    /// The map files, by name.
+    pub maps: Vec<MapFile>,
 }
 
 impl Renderer {

@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::backend::{server_cookie, tcp_timeout_client, tuning_view, BackendTuningView};
+use super::maps::{route_through_maps, MapFile, MapRouteView, MapRouting, PlainRoute, Routed};
 use super::{RenderError, RenderSettings, ServiceRoute, StatsSettings, TlsSettings};
 use crate::spec::custom_templates::{TEMPLATE_BE_PATH, TEMPLATE_FE_PATH};
 use crate::spec::{
@@ -56,6 +57,9 @@ pub(super) struct ConfigView {
     proxy_wide: super::proxy_wide::ProxyWideView,
     /// The backend answering ACME HTTP-01 challenges, when ACME is on.
     acme_challenge: Option<AcmeChallengeView>,
+    /// The map files the frontends' map lines read (see the `maps` module).
+    #[serde(skip)]
+    maps: Vec<MapFile>,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +81,8 @@ struct FrontendView {
     /// The ACME challenge backend, on the main HTTP frontend when ACME is on: its requests pass
     /// every other `http-request` rule (redirects, auth) and go there ahead of every service.
     acme_challenge: Option<&'static str>,
+    /// The `http-request set-var` line host+path map keys need, when a map segment has them.
+    map_path_var: Option<String>,
 }
 
 /// A `userlist` section: user names with crypt(3) hashes, never clear passwords.
@@ -135,6 +141,10 @@ struct RuleView {
     fragment: Option<CustomFragment>,
     has_custom: bool,
     custom: String,
+    /// Set on the first rule of a map segment: the template writes the segment's one map line
+    /// instead of this rule's acls and `use_backend` (the segment's other rules are left out of
+    /// the list; see the `maps` module).
+    map: Option<MapRouteView>,
 }
 
 /// One `http-request redirect <target> code <code> if <condition>` line.
@@ -600,6 +610,7 @@ fn rule_view(
         fragment: CustomFragment::of(spec, TEMPLATE_FE_PATH),
         has_custom: false,
         custom: String::new(),
+        map: None,
     }
 }
 
@@ -1078,6 +1089,7 @@ pub(super) fn build(
             default_backend: None,
             main_lines: Vec::new(),
             acme_challenge: None,
+            map_path_var: None,
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
@@ -1096,6 +1108,7 @@ pub(super) fn build(
         default_backend: default_backend.clone(),
         main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
         acme_challenge: settings.acme_challenge.map(|_| ACME_CHALLENGE_BACKEND),
+        map_path_var: None,
     };
     let https = match tls {
         Some(tls) => {
@@ -1117,6 +1130,7 @@ pub(super) fn build(
                 default_backend: default_backend.clone(),
                 main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
                 acme_challenge: None,
+                map_path_var: None,
             })
         }
         None => None,
@@ -1159,17 +1173,25 @@ pub(super) fn build(
             }
         })
         .collect();
+    let mut http = http;
+    let mut https = https;
+    let mut http_extra: Vec<FrontendView> = extra_rules
+        .into_iter()
+        .map(|(port, rules)| frontend(format!("http_{port}"), port, rules))
+        .collect();
+    let mut maps = route_frontend_through_maps(&mut http);
+    for frontend in https.iter_mut().chain(http_extra.iter_mut()) {
+        maps.extend(route_frontend_through_maps(frontend));
+    }
     Ok(ConfigView {
+        maps,
         tcp_defaults: !tcp_frontends.is_empty() || !sni_frontends.is_empty(),
         sni_frontends,
         stats_socket,
         error_503,
         http,
         https,
-        http_extra: extra_rules
-            .into_iter()
-            .map(|(port, rules)| frontend(format!("http_{port}"), port, rules))
-            .collect(),
+        http_extra,
         http_backends,
         tcp_frontends,
         tcp_backends,
@@ -1178,6 +1200,75 @@ pub(super) fn build(
         proxy_wide: super::proxy_wide::view(&settings.proxy_wide),
         acme_challenge: settings.acme_challenge.map(acme_challenge_view),
     })
+}
+
+// Routing through maps (see the `maps` module).
+
+/// What a plain rule puts in a map, when it is one: `path_beg` paths and/or exactly matched
+/// domains (`serviceDomainAlgo=hdr`, no wildcard), and nothing else that conditions or precedes
+/// its `use_backend` (no `servicePathExclude`, `serviceHeader`, `userAgent`, redirect or
+/// `templateFePath`).
+fn plain_route(rule: &RuleView) -> Option<PlainRoute> {
+    let routing = &rule.routing_acls;
+    if rule.fragment.is_some()
+        || !rule.redirects.is_empty()
+        || rule.from_domain_acl.is_some()
+        || routing.exclude.is_some()
+        || !routing.headers.is_empty()
+        || routing.agent.is_some()
+    {
+        return None;
+    }
+    let paths: Vec<&str> = match &rule.path_acl {
+        None => Vec::new(),
+        Some(acl) if acl.fetch == PathType::PathBeg.as_str() => {
+            acl.patterns.iter().map(String::as_str).collect()
+        }
+        Some(_) => return None,
+    };
+    let domains: Vec<&str> = match &rule.domain_acl {
+        None => Vec::new(),
+        Some(acl)
+            if acl.suffix.is_empty()
+                && !acl.exact.is_empty()
+                && acl.exact_match == DomainAlgo::Hdr.match_method() =>
+        {
+            acl.exact.iter().map(String::as_str).collect()
+        }
+        Some(_) => return None,
+    };
+    PlainRoute::new(&paths, &domains, &rule.backend)
+}
+
+/// Replaces the frontend's runs of plain rules by map lines; returns the map files they read.
+fn route_frontend_through_maps(frontend: &mut FrontendView) -> Vec<MapFile> {
+    let rules = std::mem::take(&mut frontend.rules);
+    let MapRouting {
+        rules,
+        maps,
+        needs_path_var,
+    } = route_through_maps(&frontend.name, rules, plain_route);
+    frontend.rules = rules
+        .into_iter()
+        .map(|item| match item {
+            Routed::Rule(rule) => rule,
+            Routed::Map(mut rule, map) => {
+                rule.map = Some(map);
+                rule
+            }
+        })
+        .collect();
+    frontend.map_path_var = needs_path_var.then(super::maps::path_var_line);
+    maps
+}
+
+impl ConfigView {
+    /// The map files of the frontends' map lines, by name.
+    pub(super) fn take_maps(&mut self) -> Vec<MapFile> {
+        let mut maps = std::mem::take(&mut self.maps);
+        maps.sort_by(|a, b| a.name.cmp(&b.name));
+        maps
+    }
 }
 
 // ACME HTTP-01 (the `acme` module answers; see `RenderSettings::acme_challenge`).
