@@ -22,6 +22,7 @@
 //!   `-x`/`-sf`), unless it was started to stop it ([`OnExit::Stop`]).
 
 mod certificates;
+mod maps;
 mod ports;
 mod runtime;
 
@@ -152,6 +153,7 @@ impl Haproxy {
         initial_config: &str,
         on_exit: OnExit,
     ) -> Result<Haproxy, HaproxyError> {
+        maps::stage_live_maps(&paths).await?;
         validate_file(&binary, &paths.candidate, initial_config).await?;
         promote(&paths).await?;
         let leftover_pid = serving_pid(&paths.stats_socket).await;
@@ -298,8 +300,12 @@ async fn validate_file(binary: &Path, candidate: &Path, config: &str) -> Result<
     tokio::fs::write(candidate, config)
         .await
         .map_err(io_error(format!("writing {}", candidate.display())))?;
+    // In the check directory, where the relative paths reach the candidate's map files.
+    maps::prepare_check_dir_for(candidate).await?;
+    let mut command = Command::new(binary);
+    command.current_dir(maps::check_dir_for(candidate));
     // Dropping the unfinished future at the timeout kills `haproxy -c` (kill_on_drop).
-    let check = haproxy_command(binary, candidate)
+    let check = command
         .arg("-c")
         .arg("-f")
         .arg(candidate)
@@ -343,6 +349,7 @@ fn haproxy_command(binary: &Path, config_file: &Path) -> Command {
 }
 
 async fn promote(paths: &HaproxyPaths) -> Result<(), HaproxyError> {
+    maps::promote_maps(paths).await?;
     tokio::fs::rename(&paths.candidate, &paths.config)
         .await
         .map_err(io_error(format!(

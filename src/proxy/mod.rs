@@ -42,6 +42,7 @@
 //! out until they change.
 
 mod instances;
+mod map_changes;
 pub mod proxy_settings;
 mod stored;
 
@@ -57,7 +58,8 @@ use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings,
+    CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer,
+    ServiceRoute, TlsSettings,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -273,6 +275,7 @@ impl Proxy {
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
         // HAProxy already serves the last good file: a restore that renders it again is no reload.
         let applied_config = parts.haproxy.live_config().await.ok();
+        let applied_maps = parts.haproxy.live_maps().await.unwrap_or_default();
         let mut core = Core {
             state: RoutingState::new(),
             registry: parts.registry.clone(),
@@ -287,6 +290,7 @@ impl Proxy {
             client_ca: parts.client_ca.clone(),
             stored_floor: 0,
             applied_config,
+            applied_maps,
             instance_watches: InstanceWatches::new(
                 parts.watch_instances,
                 parts.max_instance_watches,
@@ -495,6 +499,8 @@ struct Core {
     stored_floor: u64,
     /// The configuration HAProxy serves, when this core applied it.
     applied_config: Option<String>,
+    /// The map files HAProxy routes with (see [`map_changes`]).
+    applied_maps: Vec<MapFile>,
     instance_watches: InstanceWatches,
     stored_watch: Option<JoinHandle<()>>,
     max_services: usize,
@@ -777,11 +783,14 @@ impl Core {
     /// `haproxy -c` on `config`, timed and counted.
     async fn validate_timed(
         &mut self,
-        config: &str,
+        rendered: &Rendered,
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
         let started = std::time::Instant::now();
-        let result = self.haproxy.validate(config).await;
+        let result = self
+            .haproxy
+            .validate_with_maps(&rendered.config, &rendered.maps)
+            .await;
         let took = started.elapsed();
         self.timings.validate = Some(took);
         let rejected_by_haproxy = matches!(result, Err(HaproxyError::Rejected(_)));
@@ -875,13 +884,26 @@ impl Core {
                 Change::Stored(_) | Change::Stop => outcomes.push(None),
             }
         }
-        let config = self.render(&candidate, &candidate_certs).await?;
-        if !force_reload && self.applied_config.as_deref() == Some(config.as_str()) {
-            // Nothing HAProxy would notice: store the specs, keep the process.
+        let rendered = self.render(&candidate, &candidate_certs).await?;
+        let config = rendered.config.as_str();
+        if !force_reload && self.applied_config.as_deref() == Some(config) {
+            // Nothing HAProxy would notice, or only map entries (changed at runtime): store the
+            // specs, keep the process.
             let persisted = self.persist_all(&candidate, requested).await?;
-            if let Err(error) = self.persist_certs(&candidate_certs, requested_certs).await {
-                self.put_back_stored_specs(&persisted).await;
-                return Err(error);
+            let persisted_certs = match self.persist_certs(&candidate_certs, requested_certs).await
+            {
+                Ok(persisted_certs) => persisted_certs,
+                Err(error) => {
+                    self.put_back_stored_specs(&persisted).await;
+                    return Err(error);
+                }
+            };
+            if self.applied_maps != rendered.maps {
+                if let Err(error) = self.apply_map_changes(&rendered.maps).await {
+                    self.put_back_stored_specs(&persisted).await;
+                    self.put_back_stored_certs(&persisted_certs).await;
+                    return Err(error);
+                }
             }
             self.commit(candidate);
             self.commit_certs(candidate_certs).await;
@@ -894,10 +916,10 @@ impl Core {
             )
         });
         self.haproxy
-            .preflight(&config)
+            .preflight(config)
             .await
             .map_err(ProxyError::Haproxy)?;
-        self.validate_timed(&config, caused_by_request).await?;
+        self.validate_timed(&rendered, caused_by_request).await?;
         let persisted = self.persist_all(&candidate, requested).await?;
         let persisted_certs = match self.persist_certs(&candidate_certs, requested_certs).await {
             Ok(persisted_certs) => persisted_certs,
@@ -912,7 +934,8 @@ impl Core {
             self.put_back_stored_certs(&persisted_certs).await;
             return Err(ProxyError::Haproxy(error));
         }
-        self.applied_config = Some(config);
+        self.applied_config = Some(rendered.config);
+        self.applied_maps = rendered.maps;
         for name in &persisted_certs {
             match candidate_certs.get(name) {
                 Some(_) => tracing::info!(certificate = %name, "certificate stored"),
@@ -1050,18 +1073,21 @@ impl Core {
         candidate: RoutingState,
         certs: Certificates,
     ) -> Result<(), ProxyError> {
-        let config = self.render(&candidate, &certs).await?;
-        if self.applied_config.as_deref() != Some(config.as_str()) {
+        let rendered = self.render(&candidate, &certs).await?;
+        if self.applied_config.as_deref() != Some(rendered.config.as_str()) {
             self.haproxy
-                .preflight(&config)
+                .preflight(&rendered.config)
                 .await
                 .map_err(ProxyError::Haproxy)?;
-            self.validate_timed(&config, false).await?;
+            self.validate_timed(&rendered, false).await?;
             if let Err(error) = self.apply_timed().await {
                 self.put_back_live_config().await;
                 return Err(ProxyError::Haproxy(error));
             }
-            self.applied_config = Some(config);
+            self.applied_config = Some(rendered.config);
+            self.applied_maps = rendered.maps;
+        } else if self.applied_maps != rendered.maps {
+            self.apply_map_changes(&rendered.maps).await?;
         }
         self.commit(candidate);
         self.commit_certs(certs).await;
@@ -1141,23 +1167,24 @@ impl Core {
     /// Renders the routed state with `settings`, validates it and reloads HAProxy; on success
     /// `settings` are the ones in force. On failure nothing changed (the live file is put back).
     async fn apply_settings(&mut self, settings: RenderSettings) -> Result<(), ProxyError> {
-        let config = self
+        let rendered = self
             .render_with(&settings, &self.state, &self.certs)
             .await?;
-        if self.applied_config.as_deref() != Some(config.as_str()) {
+        if self.applied_config.as_deref() != Some(rendered.config.as_str()) {
             self.haproxy
-                .preflight(&config)
+                .preflight(&rendered.config)
                 .await
                 .map_err(ProxyError::Haproxy)?;
             self.haproxy
-                .validate(&config)
+                .validate_with_maps(&rendered.config, &rendered.maps)
                 .await
                 .map_err(|error| rejected(error, false))?;
             if let Err(error) = self.haproxy.apply().await {
                 self.put_back_live_config().await;
                 return Err(ProxyError::Haproxy(error));
             }
-            self.applied_config = Some(config);
+            self.applied_config = Some(rendered.config);
+            self.applied_maps = rendered.maps;
         }
         self.render_settings = settings;
         Ok(())
@@ -1206,7 +1233,7 @@ impl Core {
         &self,
         state: &RoutingState,
         certs: &Certificates,
-    ) -> Result<String, ProxyError> {
+    ) -> Result<Rendered, ProxyError> {
         self.render_with(&self.render_settings, state, certs).await
     }
 
@@ -1216,7 +1243,7 @@ impl Core {
         settings: &RenderSettings,
         state: &RoutingState,
         certs: &Certificates,
-    ) -> Result<String, ProxyError> {
+    ) -> Result<Rendered, ProxyError> {
         let routes: Vec<ServiceRoute<'_>> = state
             .values()
             .map(|routed| ServiceRoute {
@@ -1238,7 +1265,7 @@ impl Core {
             });
         Ok(self
             .renderer
-            .render_with_tls(settings, &routes, tls.as_ref())?)
+            .render_with_maps(settings, &routes, tls.as_ref())?)
     }
 
     /// Stores the candidate's specs of `names` (deleting those it does not route). If one fails,
@@ -1357,8 +1384,11 @@ impl Core {
     /// so the file matches the HAProxy process that kept serving.
     async fn put_back_live_config(&self) {
         match self.render(&self.state, &self.certs).await {
-            Ok(config) => {
-                if let Err(error) = self.haproxy.restore_live_config(&config).await {
+            Ok(rendered) => {
+                if let Err(error) = self.haproxy.write_live_maps(&rendered.maps).await {
+                    tracing::error!(%error, "putting back the previous map files failed");
+                }
+                if let Err(error) = self.haproxy.restore_live_config(&rendered.config).await {
                     tracing::error!(%error, "putting back the previous haproxy.cfg failed");
                 }
             }

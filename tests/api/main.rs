@@ -35,6 +35,7 @@ mod registry_crash;
 mod restore;
 mod route_conflicts;
 mod routing;
+mod routing_maps;
 mod routing_rules;
 mod service_auth;
 mod skeleton;
