@@ -37,8 +37,8 @@ fn escaped(word: &str) -> String {
 }
 
 /// The Runtime API commands turning the maps `old` into `new` (same files by name; a file only
-/// one side has is treated as empty on the other): for each file, `add map` for new keys, `set
-/// map` for keys whose backend changed, then `del map` for keys gone.
+/// one side has is treated as empty on the other): for each file, `add map` for each new key and
+/// `set map` for each key whose backend changed (by key), then `del map` for each key gone.
 pub(super) fn commands(old: &[MapFile], new: &[MapFile]) -> Vec<String> {
     let mut names: Vec<&str> = old
         .iter()
@@ -172,7 +172,7 @@ mod tests {
     }
 
     #[test]
-    fn the_difference_adds_then_sets_then_deletes_per_file() {
+    fn the_difference_adds_and_sets_then_deletes_per_file() {
         let old = vec![
             map(
                 "http-1.map",
@@ -190,8 +190,8 @@ mod tests {
         assert_eq!(
             commands(&old, &new),
             vec![
-                "add map maps/http-1.map /d d-be0",
                 "set map maps/http-1.map /b c-be0",
+                "add map maps/http-1.map /d d-be0",
                 "del map maps/http-1.map /c",
             ]
         );
