@@ -26,10 +26,12 @@
 //!   blocking-query watches, so every proxy sharing a Consul converges without calls between
 //!   proxies.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
-//!   (and a service's own fragments from `--templates-dir`, read at each render).
+//!   (and a service's own fragments from `--templates-dir`, read at each render), and the map
+//!   files plain path and domain rules are routed through.
 //! - [`haproxy`]: validation with `haproxy -c` (after checking that the serving process answers
 //!   and that every new listening port is free), atomic swaps of the live file, seamless reloads
-//!   (`-x`, `-sf`), the certificate files and crt-list it reads, and supervision of the HAProxy
+//!   (`-x`, `-sf`), the map files (checked with the candidate, changed at runtime), the
+//!   certificate files and crt-list it reads, and supervision of the HAProxy
 //!   processes (a dead or hung one is replaced from
 //!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
 //! - [`limits`]: the open-files limit, raised to the hard limit at start (each routed service

@@ -4,9 +4,11 @@
 //! is reaped by the task that waits on it (no zombies, also when flow-proxy is PID 1).
 //!
 //! - [`Haproxy::validate`] writes the candidate to `haproxy.cfg.candidate` and runs `haproxy -c`;
-//!   the live `haproxy.cfg` is untouched, so a rejected config changes nothing.
-//! - [`Haproxy::apply`] renames an accepted candidate over `haproxy.cfg` (atomic on one file
-//!   system) and reloads: a new process started with `-x <stats socket>` takes the listening
+//!   the live `haproxy.cfg` is untouched, so a rejected config changes nothing. The check runs in
+//!   `candidate/`, where the candidate's map files are (see [`maps`]; `validate_with_maps` stages
+//!   them), so no live map changes before the candidate is accepted.
+//! - [`Haproxy::apply`] moves the candidate's map files over the live ones, renames an accepted
+//!   candidate over `haproxy.cfg` (atomic on one file system) and reloads: a new process started with `-x <stats socket>` takes the listening
 //!   sockets over from the old one and `-sf <old pid>` soft-stops it, so no connection is refused.
 //!   The call returns once the new process answers on the stats socket, i.e. serves the new config.
 //! - [`Haproxy::preflight`] runs before a change is validated: the serving process must answer

@@ -24,7 +24,9 @@
 //! 6. **commit** the candidate as the current state and answer the callers.
 //!
 //! A change whose configuration is byte-identical to the running one does not reload HAProxy
-//! (except an explicit reload).
+//! (except an explicit reload). When only the entries of its map files differ (a plain service's
+//! paths or domains changed), the specs are persisted and the entries are changed over the
+//! Runtime API after the live map files are rewritten (see [`map_changes`]): no reload.
 //!
 //! The stored specs are the shared truth between proxies: on start the core restores them, and
 //! afterwards it follows them, so a change made through another proxy reaches this one without any

@@ -33,6 +33,12 @@
 //! service name, then destination index. A destination with several paths is one rule, placed
 //! by its longest path; give paths that need different places their own destination index.
 //!
+//! *Plain* rules (`path_beg` paths and/or exactly matched domains, nothing else) are routed
+//! through map files (`maps/<frontend>-<n>.map`, one map line per run of consecutive plain rules
+//! of one kind, at the run's place in the order above; see the `maps` module), so a route change
+//! of a plain service is a change of map entries, which HAProxy takes at runtime. The others
+//! keep their acls:
+//!
 //! A rule's `use_backend` needs all of its acls: path, `!exclude_<backend>`
 //! (`servicePathExclude`, matched with the rule's path type), domain, `header_<backend>_<n>`
 //! (`req.hdr(<name>) -m str <value>`, each required) and `agent_<backend>`
