@@ -2,8 +2,11 @@
 //! keep their acls in the same order, and a plain route change reaches HAProxy without a reload
 //! (and survives a later reload and a restart of flow-proxy).
 
+use std::time::Duration;
+
 use reqwest::StatusCode;
 
+use crate::fleet::{eventually, ProxyProcess, SharedRegistry};
 use crate::helpers::{spawn_backend, Backend, TestProxy};
 
 /// The map file `name` in the proxy's data directory.
@@ -218,4 +221,56 @@ async fn a_plain_route_change_applies_without_a_reload_and_survives_reload_and_r
         .await;
     assert_eq!(answer(&proxy, "/web/x", None).await, "web");
     proxy.assert_unchanged_since(&after_restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_haproxy_rejects_leaves_the_live_maps_as_they_were() {
+    let proxy = TestProxy::spawn().await;
+    let _backends = backends(&proxy, &["api"]).await;
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
+    let before = proxy.snapshot().await;
+    let map_before = map_file(&proxy, "http-1.map");
+
+    // A new plain path (a map entry) with a regex HAProxy refuses, in one request.
+    let (status, body) = proxy
+        .reconfigure("serviceName=api&servicePath=/api,/new&pathType.1=path_reg&servicePath.1=/x[")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    proxy.assert_unchanged_since(&before).await;
+    assert_eq!(map_file(&proxy, "http-1.map"), map_before);
+    assert_eq!(answer(&proxy, "/new", None).await, "503");
+    assert_eq!(answer(&proxy, "/api", None).await, "api");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_route_change_made_on_another_proxy_reaches_this_one_without_a_reload() {
+    let registry = SharedRegistry::start().await;
+    let address = registry.address();
+    let (a, b) = tokio::join!(
+        ProxyProcess::start(&address, &[]),
+        ProxyProcess::start(&address, &[])
+    );
+    let web = spawn_backend("web").await;
+    registry.register_instance("web", "web.1", web.port).await;
+    a.reconfigure_ok("serviceName=web&servicePath=/web").await;
+    eventually("B routes /web", Duration::from_secs(10), || async {
+        b.get_through_proxy("/web", None).await.0 == StatusCode::OK
+    })
+    .await;
+    let serving = b.haproxy_pid().await;
+    assert!(serving.is_some(), "B's HAProxy answers");
+
+    a.reconfigure_ok("serviceName=web&servicePath=/web,/site")
+        .await;
+    eventually("B routes /site", Duration::from_secs(10), || async {
+        b.get_through_proxy("/site", None).await.0 == StatusCode::OK
+    })
+    .await;
+    assert_eq!(b.haproxy_pid().await, serving, "B did not reload");
+    assert_eq!(
+        std::fs::read_to_string(b.data_dir().join("maps/http-1.map")).expect("B's map"),
+        "/web web-be0\n/site web-be0\n"
+    );
 }
