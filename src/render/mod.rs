@@ -157,6 +157,9 @@ pub const ERROR_PAGE_503: &str = include_str!("../../haproxy/errors/503.http");
 /// The main template; the others are partials it includes under their file stem.
 const MAIN_TEMPLATE: &str = "haproxy.cfg.hbs";
 
+/// The HTTP frontend's template, which writes the map lines.
+const FRONTEND_TEMPLATE: &str = "http-frontend.hbs";
+
 /// Every template file, with its built-in text.
 const TEMPLATES: &[(&str, &str)] = &[
     (
@@ -278,6 +281,9 @@ pub struct ServiceRoute<'a> {
 /// Holds the compiled templates, so a reconfigure only renders (templates are parsed once).
 pub struct Renderer {
     registry: Handlebars<'static>,
+    /// Whether plain rules go through map files: not when `--templates-dir` replaces
+    /// `http-frontend.hbs`, which may not know the map line.
+    maps: bool,
     /// Where custom fragments come from and whether `backendExtra` is allowed.
     custom: CustomPolicy,
 }
@@ -306,6 +312,7 @@ impl Renderer {
                 })
             })
             .transpose()?;
+        let mut maps = true;
         for (file, built_in) in TEMPLATES {
             let text = match &templates_dir {
                 None => (*built_in).to_string(),
@@ -314,6 +321,10 @@ impl Renderer {
                     match std::fs::read_to_string(&path) {
                         Ok(text) => {
                             tracing::info!(template = %path.display(), "using a template of --templates-dir");
+                            if *file == FRONTEND_TEMPLATE {
+                                tracing::info!("a replaced {FRONTEND_TEMPLATE}: every rule keeps its acls, none is routed through a map");
+                                maps = false;
+                            }
                             text
                         }
                         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -341,6 +352,7 @@ impl Renderer {
         }
         Ok(Renderer {
             registry,
+            maps,
             custom: CustomPolicy::new(templates_dir, false),
         })
     }
@@ -396,6 +408,9 @@ impl Renderer {
                 })?;
         }
         let mut view = view::build(settings, services, tls)?;
+        if self.maps {
+            view.route_plain_rules_through_maps();
+        }
         view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
         let mut text = self
             .registry

@@ -1508,3 +1508,32 @@ fn haproxy_accepts_the_acme_challenge_backend_without_warnings() {
     assert!(!output.contains("[WARNING]"), "{output}");
     assert!(!output.contains("[ALERT]"), "{output}");
 }
+
+#[test]
+fn a_replaced_http_frontend_template_keeps_every_rule_on_acls() {
+    // Such a template may predate the map line; it sees every rule as before.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("http-frontend.hbs"),
+        include_str!("../../templates/http-frontend.hbs"),
+    )
+    .unwrap();
+    let services = vec![(
+        spec(&[("serviceName", "app"), ("servicePath", "/app")]),
+        vec![],
+    )];
+    let replaced = Renderer::new(Some(dir.path()))
+        .unwrap()
+        .render_with_maps(&golden_settings(), &routes(&services), None)
+        .unwrap();
+    assert!(replaced.maps.is_empty());
+    assert!(
+        replaced.config.contains(
+            "    acl path_app-be0 path_beg /app\n    use_backend app-be0 if path_app-be0\n"
+        ),
+        "{}",
+        replaced.config
+    );
+    let built_in = render_with_maps(&golden_settings(), &services);
+    assert_eq!(built_in.maps[0].text(), "/app app-be0\n");
+}

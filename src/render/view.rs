@@ -1173,18 +1173,12 @@ pub(super) fn build(
             }
         })
         .collect();
-    let mut http = http;
-    let mut https = https;
-    let mut http_extra: Vec<FrontendView> = extra_rules
+    let http_extra: Vec<FrontendView> = extra_rules
         .into_iter()
         .map(|(port, rules)| frontend(format!("http_{port}"), port, rules))
         .collect();
-    let mut maps = route_frontend_through_maps(&mut http);
-    for frontend in https.iter_mut().chain(http_extra.iter_mut()) {
-        maps.extend(route_frontend_through_maps(frontend));
-    }
     Ok(ConfigView {
-        maps,
+        maps: Vec::new(),
         tcp_defaults: !tcp_frontends.is_empty() || !sni_frontends.is_empty(),
         sni_frontends,
         stats_socket,
@@ -1263,6 +1257,18 @@ fn route_frontend_through_maps(frontend: &mut FrontendView) -> Vec<MapFile> {
 }
 
 impl ConfigView {
+    /// Routes the plain rules of every HTTP frontend through map files (see the `maps` module).
+    pub(super) fn route_plain_rules_through_maps(&mut self) {
+        let frontends = std::iter::once(&mut self.http)
+            .chain(self.https.iter_mut())
+            .chain(self.http_extra.iter_mut());
+        let mut maps = Vec::new();
+        for frontend in frontends {
+            maps.extend(route_frontend_through_maps(frontend));
+        }
+        self.maps = maps;
+    }
+
     /// The map files of the frontends' map lines, by name.
     pub(super) fn take_maps(&mut self) -> Vec<MapFile> {
         let mut maps = std::mem::take(&mut self.maps);
