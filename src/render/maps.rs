@@ -9,7 +9,11 @@
 //! The frontend's sorted rule list stays the one source of order. Consecutive plain rules of the
 //! same kind form one *segment*: one map file `maps/<frontend>-<n>.map` and one line
 //! `use_backend %[<key>,map_beg(<file>)] if { <key>,map_beg(<file>) -m found }` at the place of
-//! its first rule; the other rules keep their own acls and `use_backend` between segments.
+//! its first rule; the other rules keep their own acls and `use_backend` between segments. A
+//! plain rule with hosts also joins the last segment of its kind when every rule between that
+//! segment's line and the rule has exact hosts, none of them the rule's: no request can match
+//! both, so moving it up changes no answer (domain-only and domain+`/` rules, which sort by name
+//! among themselves, so make two maps, not one per alternation).
 //!
 //! HAProxy 2.6 indexes a `map_beg` file without `-i` in a prefix tree and returns the *longest*
 //! matching key, whatever the file order (checked against HAProxy: `/a` and `/a/b` → `/a/b/c`
@@ -76,6 +80,8 @@ pub(super) struct PlainRoute {
     pub(super) kind: MapKind,
     pub(super) keys: Vec<String>,
     pub(super) backend: String,
+    /// Its exact hosts (lowercase); empty for a path-only rule, which matches any host.
+    pub(super) hosts: Vec<String>,
 }
 
 impl PlainRoute {
@@ -105,6 +111,7 @@ impl PlainRoute {
             kind,
             keys,
             backend: backend.to_string(),
+            hosts: domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         })
     }
 }
@@ -183,6 +190,11 @@ struct Segment {
     first: usize,
     entries: Vec<(String, String)>,
     keys: BTreeSet<String>,
+    /// The hosts of the rules placed after its first rule and not in it.
+    hosts_after: BTreeSet<String>,
+    /// Whether a rule placed after its first rule and not in it may match any host (a rule
+    /// with acls, or a path-only one).
+    blocked: bool,
 }
 
 impl Segment {
@@ -200,6 +212,25 @@ impl Segment {
                 .filter(|end| key.is_char_boundary(*end))
                 .all(|end| !self.keys.contains(&key[..end]))
         })
+    }
+
+    /// Whether `route` may move up to this segment's line: no rule between them can match a
+    /// request `route` matches (each has exact hosts, none of `route`'s).
+    fn reachable(&self, route: &PlainRoute) -> bool {
+        !self.blocked
+            && (self.hosts_after.is_empty()
+                || (!route.hosts.is_empty()
+                    && route.hosts.iter().all(|h| !self.hosts_after.contains(h))))
+    }
+
+    /// Notes a rule placed after this segment's line and not in it.
+    fn passed_by(&mut self, route: Option<&PlainRoute>) {
+        match route {
+            Some(route) if !route.hosts.is_empty() => {
+                self.hosts_after.extend(route.hosts.iter().cloned())
+            }
+            _ => self.blocked = true,
+        }
     }
 
     fn add(&mut self, route: &PlainRoute) {
@@ -222,29 +253,39 @@ pub(super) fn route_through_maps<T>(
     // Each rule, with the segment it joined (by segment number) when plain.
     let mut placed: Vec<(T, Option<usize>)> = Vec::with_capacity(rules.len());
     let mut segments: Vec<Segment> = Vec::new();
-    let mut open: Option<usize> = None;
+    // The last segment of each kind: the only one a later rule of that kind may join.
+    let mut latest: [Option<usize>; 3] = [None; 3];
+    let slot = |kind: MapKind| match kind {
+        MapKind::Path => 0,
+        MapKind::HostPath => 1,
+        MapKind::Host => 2,
+    };
     for rule in rules {
-        let Some(route) = plain(&rule) else {
-            open = None;
-            placed.push((rule, None));
-            continue;
-        };
-        let joins = open.filter(|at| segments[*at].takes(&route));
-        let at = match joins {
-            Some(at) => at,
-            None => {
+        let route = plain(&rule);
+        let at = route.as_ref().map(|route| {
+            let joins = latest[slot(route.kind)]
+                .filter(|at| segments[*at].takes(route) && segments[*at].reachable(route));
+            let at = joins.unwrap_or_else(|| {
                 segments.push(Segment {
                     kind: route.kind,
                     first: placed.len(),
                     entries: Vec::new(),
                     keys: BTreeSet::new(),
+                    hosts_after: BTreeSet::new(),
+                    blocked: false,
                 });
                 segments.len() - 1
+            });
+            segments[at].add(route);
+            latest[slot(route.kind)] = Some(at);
+            at
+        });
+        for other in latest.iter().flatten() {
+            if Some(*other) != at {
+                segments[*other].passed_by(route.as_ref());
             }
-        };
-        segments[at].add(&route);
-        open = Some(at);
-        placed.push((rule, Some(at)));
+        }
+        placed.push((rule, at));
     }
     let maps: Vec<MapFile> = segments
         .iter()
@@ -390,6 +431,48 @@ mod tests {
             ]
         );
         assert!(path_var);
+    }
+
+    #[test]
+    fn a_host_rule_moves_up_to_its_kind_past_rules_of_other_hosts_only() {
+        let host = |d: &str, b: &str| PlainRoute::new(&[], &[d], b);
+        let host_path = |d: &str, b: &str| PlainRoute::new(&["/"], &[d], b);
+        // Domain-only and domain+`/` rules sort by name among themselves: their kinds alternate.
+        let (lines, _) = outline(vec![
+            ("a", host("a.com", "a-be0")),
+            ("b", host_path("b.com", "b-be0")),
+            ("c", host("c.com", "c-be0")),
+            ("d", host_path("d.com", "d-be0")),
+        ]);
+        assert_eq!(
+            lines,
+            vec![
+                "map http-1.map a.com=a-be0 c.com=c-be0",
+                "map http-2.map b.com/=b-be0 d.com/=d-be0",
+            ]
+        );
+        // Not past a rule of the same host, nor past a rule with acls or a path-only one.
+        let (lines, _) = outline(vec![
+            ("b", host_path("b.com", "b-be0")),
+            ("shared", host("shared.com", "shared-be0")),
+            ("shared-root", host_path("shared.com", "shared-root-be0")),
+            ("acl", None),
+            ("e", host("e.com", "e-be0")),
+            ("api", path(&["/api"], "api-be0")),
+            ("f", host("f.com", "f-be0")),
+        ]);
+        assert_eq!(
+            lines,
+            vec![
+                "map http-1.map b.com/=b-be0",
+                "map http-2.map shared.com=shared-be0",
+                "map http-3.map shared.com/=shared-root-be0",
+                "rule acl",
+                "map http-4.map e.com=e-be0",
+                "map http-5.map /api=api-be0",
+                "map http-6.map f.com=f-be0",
+            ]
+        );
     }
 
     #[test]
