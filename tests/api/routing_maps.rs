@@ -274,3 +274,26 @@ async fn a_plain_route_change_made_on_another_proxy_reaches_this_one_without_a_r
         "/web web-be0\n/site web-be0\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_haproxy_comes_back_with_the_routes_changed_at_runtime() {
+    let proxy = TestProxy::spawn().await;
+    let _backends = backends(&proxy, &["api"]).await;
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
+    let serving = proxy.haproxy_pid().await.expect("HAProxy answers");
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/v2")
+        .await;
+    assert_eq!(proxy.haproxy_pid().await, Some(serving), "no reload");
+
+    // The supervisor replaces a dead HAProxy from the live files, maps included.
+    crate::fleet::kill_processes(&[serving]);
+    eventually("a new HAProxy serves", Duration::from_secs(10), || async {
+        matches!(proxy.haproxy_pid().await, Some(pid) if pid != serving)
+    })
+    .await;
+    assert_eq!(answer(&proxy, "/v2/x", None).await, "api");
+    assert_eq!(answer(&proxy, "/api/x", None).await, "503");
+}
