@@ -76,6 +76,10 @@ pub struct RenderArgs {
     /// to its instances, `["10.0.0.5:8080", …]`. Without it every backend has no server.
     #[arg(long)]
     pub instances_file: Option<PathBuf>,
+    /// Also write the map files the printed config routes plain rules with, as
+    /// `<DIR>/maps/<file>.map` (HAProxy reads them relative to where it runs: run it in `<DIR>`).
+    #[arg(long, value_name = "DIR")]
+    pub write_maps: Option<PathBuf>,
     #[command(flatten)]
     pub settings: Settings,
 }
@@ -123,6 +127,13 @@ pub enum CliError {
     /// A file given on the command line could not be read.
     #[error("{flag} {path}: {source}")]
     ReadFile {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file asked for on the command line could not be written.
+    #[error("{flag} {path}: {source}")]
+    WriteFile {
         flag: &'static str,
         path: PathBuf,
         source: std::io::Error,
@@ -223,7 +234,17 @@ pub fn render(args: &RenderArgs) -> Result<String, CliError> {
                 .map_or(&[], Vec::as_slice),
         })
         .collect();
-    Ok(renderer.render(&render_settings, &routes)?)
+    let rendered = renderer.render_with_maps(&render_settings, &routes, None)?;
+    if let Some(dir) = &args.write_maps {
+        crate::render::write_map_files(dir, &rendered.maps).map_err(|source| {
+            CliError::WriteFile {
+                flag: "--write-maps",
+                path: dir.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(rendered.config)
 }
 
 /// Reads a `/services` answer: a JSON array of specs, each validated as a stored one.

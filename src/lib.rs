@@ -29,11 +29,14 @@
 //!   services that changed), so every proxy sharing a Consul converges without calls between
 //!   proxies, over a few connections to Consul however many services it routes.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
-//!   (and a service's own fragments from `--templates-dir`, read at each render).
+//!   (and a service's own fragments from `--templates-dir`, read at each render), and the map
+//!   files plain path and domain rules are routed through.
 //! - [`haproxy`]: validation and seamless reload in one parse, a new process started on the
 //!   candidate with `-x`/`-sf` (after checking that the serving process answers and that every
 //!   new listening port is free; `haproxy -c` only where nothing serves yet), atomic swaps of the
-//!   live file once a change is stored, the certificate files and crt-list it reads, and supervision of the HAProxy
+//!   live file once a change is stored, the map files (changed at runtime too), server slots
+//!   changed over the Runtime API, the certificate files and crt-list it reads, and supervision
+//!   of the HAProxy
 //!   processes (a dead or hung one is replaced from
 //!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
 //! - [`limits`]: the open-files limit, raised to the hard limit at start, and the API's answer

@@ -81,19 +81,23 @@ fuzz_target!(|data: &[u8]| {
         spec: &spec,
         instances: &harness.instances,
     };
-    let config = match harness.renderer.render(&harness.settings, &[route]) {
-        Ok(config) => config,
+    let rendered = match harness
+        .renderer
+        .render_with_maps(&harness.settings, &[route], None)
+    {
+        Ok(rendered) => rendered,
         Err(RenderError::PortConflict { .. }) => return,
         Err(error) => panic!("{spec:?} does not render: {error}"),
     };
-    let actual = skeleton::of_config(&config).unwrap_or_else(|e| panic!("{e}\n{config}"));
+    let config = &rendered.config;
+    let actual = skeleton::of_rendered(&rendered).unwrap_or_else(|e| panic!("{e}\n{config}"));
     let expected = harness.baseline.expected(&[(&spec, &harness.instances)]);
     assert_eq!(actual, expected, "skeleton of\n{config}");
     if harness.haproxy {
         let regex = spec.destinations().iter().any(|d| {
             d.effective_path_type(&spec) == PathType::PathReg && !d.service_path().is_empty()
         });
-        if let Err(output) = skeleton::haproxy_check(&harness.dir, "fuzz.cfg", &config) {
+        if let Err(output) = skeleton::haproxy_check_rendered(&harness.dir, "fuzz.cfg", &rendered) {
             assert!(
                 regex && output.contains("regex '"),
                 "haproxy -c refused an accepted spec {spec:?}:\n{output}\n{config}"

@@ -4,19 +4,22 @@
 //! is reaped by the task that waits on it (no zombies, also when flow-proxy is PID 1).
 //!
 //! - A change is parsed once, by the process that is to serve it: [`Haproxy::start_candidate`]
-//!   writes the candidate to `haproxy.cfg.candidate` and starts a new process on it with
-//!   `-x <stats socket>` (it takes the listening sockets over from the serving one) and
-//!   `-sf <old pid>` (it soft-stops the old one once it has them), so no connection is refused.
-//!   HAProxy parses the whole configuration before it touches the serving process: a candidate
-//!   it refuses exits with the same lines `haproxy -c` prints ([`HaproxyError::Rejected`]) and
-//!   the old process never noticed. The call returns once the new process serves (see
-//!   [`readiness`]). The live `haproxy.cfg` is still the previous configuration:
-//!   [`Haproxy::promote`] renames the candidate over it (atomic on one file system) once the
-//!   change is stored, or [`Haproxy::reload_live`] goes back to it when the change must not stay.
+//!   writes the candidate to `haproxy.cfg.candidate` and its map files (see [`maps`]) and starts
+//!   a new process on it with `-x <stats socket>` (it takes the listening sockets over from the
+//!   serving one) and `-sf <old pid>` (it soft-stops the old one once it has them), so no
+//!   connection is refused. HAProxy parses the whole configuration before it touches the serving
+//!   process: a candidate it refuses exits with the same lines `haproxy -c` prints
+//!   ([`HaproxyError::Rejected`]), the previous map files are written back, and the old process
+//!   never noticed. The call returns once the new process serves (see [`readiness`]). The live
+//!   `haproxy.cfg` is still the previous configuration: [`Haproxy::promote`] renames the
+//!   candidate over it (atomic on one file system) once the change is stored, or
+//!   [`Haproxy::reload_live`] goes back to it when the change must not stay (the caller writes
+//!   the previous map files back first).
 //! - [`Haproxy::validate`] (`haproxy -c` on the candidate file) is for where nothing serves yet:
-//!   the first start, `flow-proxy check`, the operator's extra lines at start. [`Haproxy::apply`]
-//!   promotes a validated candidate and reloads (two parses; kept for callers that validate
-//!   first).
+//!   the first start, `flow-proxy check`, the operator's extra lines at start. It runs in
+//!   `candidate/`, where the candidate's map files are staged (`validate_with_maps`), so no live
+//!   map changes before the candidate is accepted. [`Haproxy::apply`] promotes a validated
+//!   candidate with its maps and reloads (two parses; kept for callers that validate first).
 //! - [`Haproxy::preflight`] runs before a change is validated: the serving process must answer
 //!   on its stats socket, and every address the candidate binds that the running config does not
 //!   must be free (see [`ports`]); otherwise the change is refused before anything is touched.
@@ -30,6 +33,7 @@
 //!   `-x`/`-sf`), unless it was started to stop it ([`OnExit::Stop`]).
 
 mod certificates;
+mod maps;
 mod ports;
 mod readiness;
 mod runtime;
@@ -168,6 +172,7 @@ impl Haproxy {
         initial_config: &str,
         on_exit: OnExit,
     ) -> Result<Haproxy, HaproxyError> {
+        maps::stage_live_maps(&paths).await?;
         validate_file(&binary, &paths.candidate, initial_config).await?;
         promote(&paths).await?;
         let leftover_pid = serving_pid(&paths.stats_socket).await;
@@ -227,14 +232,35 @@ impl Haproxy {
     /// the new process fails to start, the old process keeps serving and nothing changed but the
     /// candidate file. On success the live file still holds the previous configuration: call
     /// [`Haproxy::promote`] to keep the new one, or [`Haproxy::reload_live`] to go back.
-    pub async fn start_candidate(&self, config: &str) -> Result<Duration, HaproxyError> {
-        tokio::fs::write(&self.paths.candidate, config)
-            .await
-            .map_err(io_error(format!(
-                "writing {}",
-                self.paths.candidate.display()
-            )))?;
-        self.ask_supervisor(SupervisorCommand::StartCandidate).await
+    ///
+    /// The new process reads `maps` from the live map directory (haproxy.cfg names them relative
+    /// to the data directory): they are written there (and staged as the candidate's, which
+    /// [`Haproxy::promote`] moves into place) just before it starts, and the previous ones are
+    /// written back if it does not serve. The serving process keeps the maps it loaded.
+    pub async fn start_candidate(
+        &self,
+        config: &str,
+        maps: &[crate::render::MapFile],
+    ) -> Result<Duration, HaproxyError> {
+        let previous_maps = self.live_maps().await?;
+        self.stage_candidate_maps(maps).await?;
+        self.write_live_maps(maps).await?;
+        let started = async {
+            tokio::fs::write(&self.paths.candidate, config)
+                .await
+                .map_err(io_error(format!(
+                    "writing {}",
+                    self.paths.candidate.display()
+                )))?;
+            self.ask_supervisor(SupervisorCommand::StartCandidate).await
+        };
+        let result = started.await;
+        if result.is_err() {
+            if let Err(error) = self.write_live_maps(&previous_maps).await {
+                tracing::error!(%error, "putting back the previous map files failed");
+            }
+        }
+        result
     }
 
     /// Renames the candidate a started process serves over the live file, so restarts (by the
@@ -347,8 +373,12 @@ async fn validate_file(binary: &Path, candidate: &Path, config: &str) -> Result<
     tokio::fs::write(candidate, config)
         .await
         .map_err(io_error(format!("writing {}", candidate.display())))?;
+    // In the check directory, where the relative paths reach the candidate's map files.
+    maps::prepare_check_dir_for(candidate).await?;
+    let mut command = Command::new(binary);
+    command.current_dir(maps::check_dir_for(candidate));
     // Dropping the unfinished future at the timeout kills `haproxy -c` (kill_on_drop).
-    let check = haproxy_command(binary, candidate)
+    let check = command
         .arg("-c")
         .arg("-f")
         .arg(candidate)
@@ -382,6 +412,7 @@ fn haproxy_command(binary: &Path, config_file: &Path) -> Command {
 }
 
 async fn promote(paths: &HaproxyPaths) -> Result<(), HaproxyError> {
+    maps::promote_maps(paths).await?;
     tokio::fs::rename(&paths.candidate, &paths.config)
         .await
         .map_err(io_error(format!(

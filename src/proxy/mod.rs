@@ -34,6 +34,9 @@
 //! slot changes over the Runtime API (`set server … addr … port …`, `enable health`,
 //! `set server … state ready|maint`), so a later reload or a replaced HAProxy serves the same
 //! instances. If HAProxy does not take a command, the same file is validated and reloaded.
+//! (except an explicit reload). When only the entries of its map files differ (a plain service's
+//! paths or domains changed), the specs are persisted and the entries are changed over the
+//! Runtime API after the live map files are rewritten (see [`map_changes`]): no reload.
 //!
 //! The stored specs are the shared truth between proxies: on start the core restores them, and
 //! afterwards it follows them, so a change made through another proxy reaches this one without any
@@ -51,6 +54,7 @@
 //! out until they change.
 
 mod instances;
+mod map_changes;
 pub mod proxy_settings;
 mod slots;
 mod stored;
@@ -69,8 +73,8 @@ use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServerSlots, ServiceRoute,
-    SlotLines, SlotsByService, TlsSettings,
+    CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer, ServerSlots,
+    ServiceRoute, SlotLines, SlotsByService, TlsSettings,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -317,6 +321,7 @@ impl Proxy {
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
         // HAProxy already serves the last good file: a restore that renders it again is no reload.
         let applied_config = parts.haproxy.live_config().await.ok();
+        let applied_maps = parts.haproxy.live_maps().await.unwrap_or_default();
         let mut core = Core {
             state: RoutingState::new(),
             registry: parts.registry.clone(),
@@ -331,6 +336,7 @@ impl Proxy {
             client_ca: parts.client_ca.clone(),
             stored_floor: 0,
             applied_config,
+            applied_maps,
             instance_watches: InstanceWatches::new(
                 parts.watch_instances,
                 parts.registry,
@@ -538,6 +544,8 @@ struct Core {
     stored_floor: u64,
     /// The configuration HAProxy serves, when this core applied it.
     applied_config: Option<String>,
+    /// The map files HAProxy routes with (see [`map_changes`]).
+    applied_maps: Vec<MapFile>,
     instance_watches: InstanceWatches,
     stored_watch: Option<JoinHandle<()>>,
     max_services: usize,
@@ -835,18 +843,23 @@ impl Core {
         slot_changes(applied, config).filter(|changes| !changes.is_empty())
     }
 
-    /// Makes `config` the applied configuration by `changes` over the Runtime API (the live file
-    /// rewritten first, no `haproxy -c`, no reload). If HAProxy does not take them (e.g. it is
-    /// being replaced), validates `config` and reloads instead; if that fails too, the previous
-    /// live file is put back and the error returned.
+    /// Makes `rendered` the applied configuration by `changes` over the Runtime API (the live
+    /// file rewritten first, no validation, no reload), then its map entries if they changed too.
+    /// If HAProxy does not take the server changes (e.g. it is being replaced), starts the new
+    /// file as a candidate instead (validation and reload in one); if that fails too, the
+    /// previous live file is put back and the error returned.
     async fn apply_slots_or_reload(
         &mut self,
-        config: String,
+        rendered: Rendered,
         changes: &[SlotChange],
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
         let started = std::time::Instant::now();
-        match self.haproxy.apply_slot_changes(&config, changes).await {
+        match self
+            .haproxy
+            .apply_slot_changes(&rendered.config, changes)
+            .await
+        {
             Ok(()) => {
                 let took = started.elapsed();
                 self.timings.runtime = Some(took);
@@ -855,33 +868,47 @@ impl Core {
                     took_us = took.as_micros(),
                     "servers changed over the Runtime API, without reload"
                 );
-                self.applied_config = Some(config);
+                self.applied_config = Some(rendered.config);
+                if self.applied_maps != rendered.maps {
+                    self.apply_map_changes(&rendered.maps).await?;
+                }
                 return Ok(());
             }
             Err(error) => {
                 tracing::warn!(%error, "HAProxy did not take the server changes at runtime; reloading instead")
             }
         }
-        // The live file already holds `config`: start it as a candidate (the validation) and
-        // keep it; if HAProxy refuses it, the previous configuration goes back in the live file.
+        let previous = self.applied_config.clone();
         let reloaded = async {
             self.haproxy
-                .preflight(&config)
+                .preflight(&rendered.config)
                 .await
                 .map_err(ProxyError::Haproxy)?;
-            self.start_candidate_timed(&config, caused_by_request)
-                .await?;
-            self.promote_candidate().await
+            self.start_and_promote(rendered, caused_by_request).await
         };
         if let Err(error) = reloaded.await {
-            if let Some(previous) = self.applied_config.clone() {
+            if let Some(previous) = previous {
                 if let Err(put_back) = self.haproxy.restore_live_config(&previous).await {
                     tracing::error!(error = %put_back, "putting the previous live file back failed");
                 }
             }
             return Err(error);
         }
-        self.applied_config = Some(config);
+        Ok(())
+    }
+
+    /// Starts `rendered` as the candidate (validation and reload in one parse), keeps it as the
+    /// live file and records it as the applied configuration.
+    async fn start_and_promote(
+        &mut self,
+        rendered: Rendered,
+        caused_by_request: bool,
+    ) -> Result<(), ProxyError> {
+        self.start_candidate_timed(&rendered, caused_by_request)
+            .await?;
+        self.promote_candidate().await?;
+        self.applied_config = Some(rendered.config);
+        self.applied_maps = rendered.maps;
         Ok(())
     }
 
@@ -891,11 +918,14 @@ impl Core {
     /// change is stored, then [`Core::promote_candidate`] or [`Core::take_back_candidate`].
     async fn start_candidate_timed(
         &mut self,
-        config: &str,
+        rendered: &Rendered,
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
         let started = std::time::Instant::now();
-        let result = self.haproxy.start_candidate(config).await;
+        let result = self
+            .haproxy
+            .start_candidate(&rendered.config, &rendered.maps)
+            .await;
         let took = started.elapsed();
         self.timings.validate = Some(took);
         let rejected_by_haproxy = matches!(result, Err(HaproxyError::Rejected(_)));
@@ -936,6 +966,9 @@ impl Core {
     /// whose change could not be stored: HAProxy serves again what the state says.
     async fn take_back_candidate(&mut self) {
         let started = std::time::Instant::now();
+        if let Err(error) = self.haproxy.write_live_maps(&self.applied_maps).await {
+            tracing::error!(%error, "putting back the previous map files failed");
+        }
         let result = self.haproxy.reload_live().await;
         let took = started.elapsed();
         self.observer
@@ -1029,13 +1062,26 @@ impl Core {
                 Change::Stored(_) | Change::Stop => outcomes.push(None),
             }
         }
-        let config = self.render(&candidate, &candidate_certs).await?;
-        if !force_reload && self.applied_config.as_deref() == Some(config.as_str()) {
-            // Nothing HAProxy would notice: store the specs, keep the process.
+        let rendered = self.render(&candidate, &candidate_certs).await?;
+        let config = rendered.config.as_str();
+        if !force_reload && self.applied_config.as_deref() == Some(config) {
+            // Nothing HAProxy would notice, or only map entries (changed at runtime): store the
+            // specs, keep the process.
             let persisted = self.persist_all(&candidate, requested).await?;
-            if let Err(error) = self.persist_certs(&candidate_certs, requested_certs).await {
-                self.put_back_stored_specs(&persisted).await;
-                return Err(error);
+            let persisted_certs = match self.persist_certs(&candidate_certs, requested_certs).await
+            {
+                Ok(persisted_certs) => persisted_certs,
+                Err(error) => {
+                    self.put_back_stored_specs(&persisted).await;
+                    return Err(error);
+                }
+            };
+            if self.applied_maps != rendered.maps {
+                if let Err(error) = self.apply_map_changes(&rendered.maps).await {
+                    self.put_back_stored_specs(&persisted).await;
+                    self.put_back_stored_certs(&persisted_certs).await;
+                    return Err(error);
+                }
             }
             self.commit(candidate);
             self.commit_certs(candidate_certs).await;
@@ -1048,13 +1094,13 @@ impl Core {
             )
         });
         let runtime = self
-            .runtime_changes(&config)
+            .runtime_changes(config)
             .filter(|_| !force_reload && requested_certs.is_empty());
         if let Some(changes) = runtime {
             // Only which instances the servers hold changed: no validation, no reload.
             let persisted = self.persist_all(&candidate, requested).await?;
             if let Err(error) = self
-                .apply_slots_or_reload(config, &changes, caused_by_request)
+                .apply_slots_or_reload(rendered, &changes, caused_by_request)
                 .await
             {
                 self.put_back_stored_specs(&persisted).await;
@@ -1065,12 +1111,12 @@ impl Core {
             return Ok(outcomes);
         }
         self.haproxy
-            .preflight(&config)
+            .preflight(config)
             .await
             .map_err(ProxyError::Haproxy)?;
         self.kv_answers(requested.iter().chain(&requested_certs))
             .await?;
-        self.start_candidate_timed(&config, caused_by_request)
+        self.start_candidate_timed(&rendered, caused_by_request)
             .await?;
         let persisted = match self.persist_all(&candidate, requested).await {
             Ok(persisted) => persisted,
@@ -1092,7 +1138,8 @@ impl Core {
             self.put_back_stored_certs(&persisted_certs).await;
             return Err(error);
         }
-        self.applied_config = Some(config);
+        self.applied_config = Some(rendered.config);
+        self.applied_maps = rendered.maps;
         for name in &persisted_certs {
             match candidate_certs.get(name) {
                 Some(_) => tracing::info!(certificate = %name, "certificate stored"),
@@ -1231,20 +1278,21 @@ impl Core {
         candidate: RoutingState,
         certs: Certificates,
     ) -> Result<(), ProxyError> {
-        let config = self.render(&candidate, &certs).await?;
+        let rendered = self.render(&candidate, &certs).await?;
         let runtime = self
-            .runtime_changes(&config)
+            .runtime_changes(&rendered.config)
             .filter(|_| certs == self.certs);
         if let Some(changes) = runtime {
-            self.apply_slots_or_reload(config, &changes, false).await?;
-        } else if self.applied_config.as_deref() != Some(config.as_str()) {
+            self.apply_slots_or_reload(rendered, &changes, false)
+                .await?;
+        } else if self.applied_config.as_deref() != Some(rendered.config.as_str()) {
             self.haproxy
-                .preflight(&config)
+                .preflight(&rendered.config)
                 .await
                 .map_err(ProxyError::Haproxy)?;
-            self.start_candidate_timed(&config, false).await?;
-            self.promote_candidate().await?;
-            self.applied_config = Some(config);
+            self.start_and_promote(rendered, false).await?;
+        } else if self.applied_maps != rendered.maps {
+            self.apply_map_changes(&rendered.maps).await?;
         }
         self.commit(candidate);
         self.commit_certs(certs).await;
@@ -1324,20 +1372,21 @@ impl Core {
     /// Renders the routed state with `settings`, validates it and reloads HAProxy; on success
     /// `settings` are the ones in force. On failure nothing changed (the live file is put back).
     async fn apply_settings(&mut self, settings: RenderSettings) -> Result<(), ProxyError> {
-        let config = self
+        let rendered = self
             .render_with(&settings, &self.state, &self.certs)
             .await?;
-        if self.applied_config.as_deref() != Some(config.as_str()) {
+        if self.applied_config.as_deref() != Some(rendered.config.as_str()) {
             self.haproxy
-                .preflight(&config)
+                .preflight(&rendered.config)
                 .await
                 .map_err(ProxyError::Haproxy)?;
             self.haproxy
-                .start_candidate(&config)
+                .start_candidate(&rendered.config, &rendered.maps)
                 .await
                 .map_err(|error| rejected(error, false))?;
             self.promote_candidate().await?;
-            self.applied_config = Some(config);
+            self.applied_config = Some(rendered.config);
+            self.applied_maps = rendered.maps;
         }
         self.render_settings = settings;
         Ok(())
@@ -1386,7 +1435,7 @@ impl Core {
         &self,
         state: &RoutingState,
         certs: &Certificates,
-    ) -> Result<String, ProxyError> {
+    ) -> Result<Rendered, ProxyError> {
         self.render_with(&self.render_settings, state, certs).await
     }
 
@@ -1396,7 +1445,7 @@ impl Core {
         settings: &RenderSettings,
         state: &RoutingState,
         certs: &Certificates,
-    ) -> Result<String, ProxyError> {
+    ) -> Result<Rendered, ProxyError> {
         let routes: Vec<ServiceRoute<'_>> = state
             .values()
             .map(|routed| ServiceRoute {

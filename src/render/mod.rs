@@ -41,6 +41,12 @@
 //! service name, then destination index. A destination with several paths is one rule, placed
 //! by its longest path; give paths that need different places their own destination index.
 //!
+//! *Plain* rules (`path_beg` paths and/or exactly matched domains, nothing else) are routed
+//! through map files (`maps/<frontend>-<n>.map`, one map line per run of consecutive plain rules
+//! of one kind, at the run's place in the order above; see the `maps` module), so a route change
+//! of a plain service is a change of map entries, which HAProxy takes at runtime. The others
+//! keep their acls:
+//!
 //! A rule's `use_backend` needs all of its acls: path, `!exclude_<backend>`
 //! (`servicePathExclude`, matched with the rule's path type), domain, `header_<backend>_<n>`
 //! (`req.hdr(<name>) -m str <value>`, each required) and `agent_<backend>`
@@ -134,6 +140,7 @@
 
 mod backend;
 mod custom;
+pub mod maps;
 mod proxy_wide;
 mod servers;
 mod view;
@@ -149,6 +156,7 @@ use handlebars::Handlebars;
 use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
+pub use maps::{write_map_files, MapFile, MAPS_DIR};
 pub use proxy_wide::ProxyWide;
 pub use servers::{capacity_for, slot_name, ServerSlots, SlotLines, SPARE_ADDRESS};
 
@@ -163,6 +171,9 @@ pub const ERROR_PAGE_503: &str = include_str!("../../haproxy/errors/503.http");
 
 /// The main template; the others are partials it includes under their file stem.
 const MAIN_TEMPLATE: &str = "haproxy.cfg.hbs";
+
+/// The HTTP frontend's template, which writes the map lines.
+const FRONTEND_TEMPLATE: &str = "http-frontend.hbs";
 
 /// Every template file, with its built-in text.
 const TEMPLATES: &[(&str, &str)] = &[
@@ -288,6 +299,9 @@ pub struct Renderer {
     /// `backend.hbs` comes from `--templates-dir`: backends list their instances only, no
     /// spare slots (see the `servers` module).
     custom_backend_partial: bool,
+    /// Whether plain rules go through map files: not when `--templates-dir` replaces
+    /// `http-frontend.hbs`, which may not know the map line.
+    maps: bool,
     /// Where custom fragments come from and whether `backendExtra` is allowed.
     custom: CustomPolicy,
 }
@@ -317,6 +331,7 @@ impl Renderer {
                 })
             })
             .transpose()?;
+        let mut maps = true;
         for (file, built_in) in TEMPLATES {
             let text = match &templates_dir {
                 None => (*built_in).to_string(),
@@ -326,6 +341,10 @@ impl Renderer {
                         Ok(text) => {
                             tracing::info!(template = %path.display(), "using a template of --templates-dir");
                             custom_backend_partial |= *file == "backend.hbs";
+                            if *file == FRONTEND_TEMPLATE {
+                                tracing::info!("a replaced {FRONTEND_TEMPLATE}: every rule keeps its acls, none is routed through a map");
+                                maps = false;
+                            }
                             text
                         }
                         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -354,6 +373,7 @@ impl Renderer {
         Ok(Renderer {
             registry,
             custom_backend_partial,
+            maps,
             custom: CustomPolicy::new(templates_dir, false),
         })
     }
@@ -380,17 +400,31 @@ impl Renderer {
     }
 
     /// Renders the complete haproxy.cfg for these services, with the HTTPS frontend `tls`
-    /// describes when given.
+    /// describes when given. The text only: HAProxy also needs the map files it names
+    /// ([`Renderer::render_with_maps`]).
     pub fn render_with_tls(
         &self,
         settings: &RenderSettings,
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
     ) -> Result<String, RenderError> {
+        Ok(self
+            .render_slotted(settings, services, tls, &SlotsByService::new())?
+            .config)
+    }
+
+    /// Renders the complete haproxy.cfg for these services and the map files its map lines
+    /// read (see the `maps` module), with the HTTPS frontend `tls` describes when given.
+    pub fn render_with_maps(
+        &self,
+        settings: &RenderSettings,
+        services: &[ServiceRoute<'_>],
+        tls: Option<&TlsSettings>,
+    ) -> Result<Rendered, RenderError> {
         self.render_slotted(settings, services, tls, &SlotsByService::new())
     }
 
-    /// [`Renderer::render_with_tls`] with the services' server slots as the caller assigned
+    /// [`Renderer::render_with_maps`] with the services' server slots as the caller assigned
     /// them (the proxy core keeps each instance in its slot; see the `servers` module).
     pub fn render_slotted(
         &self,
@@ -398,7 +432,7 @@ impl Renderer {
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
         slots: &SlotsByService<'_>,
-    ) -> Result<String, RenderError> {
+    ) -> Result<Rendered, RenderError> {
         for route in services {
             self.custom
                 .check_backend_extra(route.spec)
@@ -412,6 +446,9 @@ impl Renderer {
         if self.custom_backend_partial {
             view.drop_spare_servers();
         }
+        if self.maps {
+            view.route_plain_rules_through_maps();
+        }
         view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
         let mut text = self
             .registry
@@ -421,8 +458,20 @@ impl Renderer {
         if !text.ends_with('\n') {
             text.push('\n');
         }
-        Ok(text)
+        Ok(Rendered {
+            config: text,
+            maps: view.take_maps(),
+        })
     }
+}
+
+/// A rendered configuration: haproxy.cfg's text and the map files (in [`MAPS_DIR`]) it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// haproxy.cfg.
+    pub config: String,
+    /// The map files, by name.
+    pub maps: Vec<MapFile>,
 }
 
 impl Renderer {

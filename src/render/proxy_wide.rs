@@ -192,6 +192,10 @@ mod tests {
     }
 
     fn render(proxy_wide: ProxyWide, errors_dir: PathBuf) -> String {
+        render_with_maps(proxy_wide, errors_dir).config
+    }
+
+    fn render_with_maps(proxy_wide: ProxyWide, errors_dir: PathBuf) -> crate::render::Rendered {
         let http: Vec<(String, String)> = vec![
             ("serviceName".into(), "web".into()),
             ("servicePath".into(), "/web".into()),
@@ -206,7 +210,7 @@ mod tests {
         let instances = vec![Instance::new("127.0.0.1", 9000).unwrap()];
         Renderer::new(None)
             .unwrap()
-            .render(
+            .render_with_maps(
                 &settings(proxy_wide, errors_dir),
                 &[
                     ServiceRoute {
@@ -218,6 +222,7 @@ mod tests {
                         instances: &instances,
                     },
                 ],
+                None,
             )
             .unwrap()
     }
@@ -242,7 +247,9 @@ mod tests {
         let errors = dir.path().join("errors");
         std::fs::create_dir(&errors).unwrap();
         std::fs::write(errors.join("503.http"), ERROR_PAGE_503).unwrap();
-        let config = render(everything(), errors);
+        let rendered = render_with_maps(everything(), errors);
+        crate::render::write_map_files(dir.path(), &rendered.maps).unwrap();
+        let config = rendered.config;
         let section = |header: &str| -> String {
             let start = config
                 .find(&format!("\n{header}\n"))

@@ -112,6 +112,17 @@ fn render(settings: &RenderSettings, services: &[(ServiceSpec, Vec<Instance>)]) 
     }
 }
 
+fn render_with_maps(
+    settings: &RenderSettings,
+    services: &[(ServiceSpec, Vec<Instance>)],
+) -> Rendered {
+    let renderer = Renderer::new(None).unwrap();
+    match renderer.render_with_maps(settings, &routes(services), None) {
+        Ok(rendered) => rendered,
+        Err(error) => panic!("render failed: {error}"),
+    }
+}
+
 fn render_error(services: &[(ServiceSpec, Vec<Instance>)]) -> RenderError {
     let renderer = Renderer::new(None).unwrap();
     match renderer.render(&golden_settings(), &routes(services)) {
@@ -173,8 +184,16 @@ fn haproxy_check_with(
     };
     edit(&mut settings);
     let config = dir.path().join("haproxy.cfg");
-    std::fs::write(&config, render(&settings, services)).unwrap();
-    let output = match Command::new("haproxy").arg("-c").arg("-f").arg(&config).output() {
+    let rendered = render_with_maps(&settings, services);
+    std::fs::write(&config, &rendered.config).unwrap();
+    write_map_files(dir.path(), &rendered.maps).unwrap();
+    let output = match Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+    {
         Ok(output) => output,
         Err(error) => panic!(
             "cannot run `haproxy -c` ({error}): install HAProxy 2.6 (e.g. apt-get install haproxy) to run these tests"
@@ -191,6 +210,48 @@ fn haproxy_check_with(
         std::fs::read_to_string(&config).unwrap()
     );
     text
+}
+
+/// The backends frontend `name` routes to, in the order HAProxy consults them: each acl rule's
+/// `use_backend` (and the stats or ACME one), and for a map line the backends of its map file's
+/// entries in file order (within one map file the renderer keeps the entries' order and the
+/// rules' order equivalent; see `maps.rs`).
+fn routing_order(rendered: &Rendered, name: &str) -> Vec<String> {
+    let frontend = section(&rendered.config, &format!("frontend {name}"));
+    let mut order: Vec<String> = Vec::new();
+    for line in frontend.lines() {
+        let Some(rest) = line.trim().strip_prefix("use_backend ") else {
+            continue;
+        };
+        let target = rest.split(' ').next().unwrap();
+        if target.starts_with("%[") {
+            let file = target
+                .rsplit_once('(')
+                .and_then(|(_, file)| file.strip_suffix(")]"))
+                .unwrap_or_else(|| panic!("a map line: {line}"));
+            let map = rendered
+                .maps
+                .iter()
+                .find(|map| map.config_path() == file)
+                .unwrap_or_else(|| panic!("no map file {file} for {line}"));
+            for (_, backend) in &map.entries {
+                if order.last() != Some(backend) {
+                    order.push(backend.clone());
+                }
+            }
+        } else {
+            order.push(target.to_string());
+        }
+    }
+    order
+}
+
+/// Where `backend` is in a [`routing_order`].
+fn rank(order: &[String], backend: &str) -> usize {
+    order
+        .iter()
+        .position(|b| b == backend)
+        .unwrap_or_else(|| panic!("{backend} is not routed: {order:?}"))
 }
 
 fn line_of(text: &str, needle: &str) -> usize {
@@ -263,17 +324,16 @@ fn config_ends_with_a_newline() {
 
 #[test]
 fn rules_are_ordered_most_specific_first() {
-    let text = render(&golden_settings(), &rich_services());
-    let well_known = line_of(&text, "use_backend acme-be0 if path_acme-be0");
-    let shop = line_of(
-        &text,
-        "use_backend shop-be0 if path_shop-be0 domain_shop-be0",
-    );
-    let web = line_of(&text, "use_backend web-be0 if domain_web-be0");
-    let images = line_of(&text, "use_backend images-be0 if path_images-be0");
-    let demo = line_of(&text, "use_backend go-demo-be0 if path_go-demo-be0");
-    let empty = line_of(&text, "use_backend empty-be0 if path_empty-be0");
-    let root = line_of(&text, "use_backend home-be0 if path_home-be0");
+    let rendered = render_with_maps(&golden_settings(), &rich_services());
+    let text = rendered.config.clone();
+    let order = routing_order(&rendered, "http");
+    let well_known = rank(&order, "acme-be0");
+    let shop = rank(&order, "shop-be0");
+    let web = rank(&order, "web-be0");
+    let images = rank(&order, "images-be0");
+    let demo = rank(&order, "go-demo-be0");
+    let empty = rank(&order, "empty-be0");
+    let root = rank(&order, "home-be0");
     assert!(well_known < shop, "well-known first:\n{text}");
     assert!(shop < web, "domain+path before domain only:\n{text}");
     assert!(web < images, "domain rules before path-only rules:\n{text}");
@@ -305,11 +365,14 @@ fn equal_rules_are_ordered_by_acl_name_then_service_name() {
             vec![],
         ),
     ];
-    let text = render(&golden_settings(), &services);
-    let aaa = line_of(&text, "use_backend aaa-be0 if path_aaa-be0");
-    let bbb = line_of(&text, "use_backend bbb-be0 if path_bbb-be0");
-    let ccc = line_of(&text, "use_backend ccc-be0 if path_ccc-be0");
-    assert!(bbb < ccc && ccc < aaa, "aclName zz sorts aaa last:\n{text}");
+    let order = routing_order(&render_with_maps(&golden_settings(), &services), "http");
+    let aaa = rank(&order, "aaa-be0");
+    let bbb = rank(&order, "bbb-be0");
+    let ccc = rank(&order, "ccc-be0");
+    assert!(
+        bbb < ccc && ccc < aaa,
+        "aclName zz sorts aaa last: {order:?}"
+    );
 }
 
 #[test]
@@ -376,18 +439,14 @@ fn a_service_without_instances_still_gets_its_backend() {
 
 #[test]
 fn tcp_and_extra_http_frontends_get_their_own_sections() {
-    let text = render(&golden_settings(), &rich_services());
+    let rendered = render_with_maps(&golden_settings(), &rich_services());
+    let text = rendered.config.clone();
     assert!(text.contains(
         "frontend tcp_5432\n    mode tcp\n    bind *:5432\n    default_backend shop-be1\n"
     ));
     assert!(text.contains("backend shop-be1\n    mode tcp\n"));
     assert!(text.contains("frontend http_8081\n    mode http\n    bind *:8081\n"));
-    let extra = &text[text.find("frontend http_8081").unwrap()..];
-    let extra = &extra[..extra.find("\n\n").unwrap()];
-    assert!(
-        extra.contains("use_backend shop-be2 if path_shop-be2"),
-        "{extra}"
-    );
+    assert_eq!(routing_order(&rendered, "http_8081"), vec!["shop-be2"]);
     let main = &text[text.find("frontend http\n").unwrap()..];
     let main = &main[..main.find("\n\n").unwrap()];
     assert!(!main.contains("shop-be2"), "{main}");
@@ -403,9 +462,13 @@ fn http_src_port_equal_to_http_port_routes_in_the_main_frontend() {
         ]),
         vec![],
     )];
-    let text = render(&golden_settings(), &services);
-    assert!(!text.contains("frontend http_80"), "{text}");
-    assert!(text.contains("use_backend a-be0 if path_a-be0"), "{text}");
+    let rendered = render_with_maps(&golden_settings(), &services);
+    assert!(
+        !rendered.config.contains("frontend http_80"),
+        "{}",
+        rendered.config
+    );
+    assert_eq!(routing_order(&rendered, "http"), vec!["a-be0"]);
 }
 
 #[test]
@@ -592,10 +655,12 @@ fn haproxy_reads_every_accepted_path_character_as_part_of_one_pattern() {
     )];
     let output = haproxy_check(None, &services);
     assert!(!output.contains("[WARNING]"), "{output}");
-    let text = render(&golden_settings(), &services);
-    assert!(
-        text.contains("    acl path_chars-be0 path_beg /a-b.c_d~e!f&g(h)*i+j;k=l:m@n%20o\n"),
-        "{text}"
+    let rendered = render_with_maps(&golden_settings(), &services);
+    let text = rendered.config.clone();
+    // The path_beg path is plain: one word of a map line.
+    assert_eq!(
+        rendered.maps[0].text(),
+        "/a-b.c_d~e!f&g(h)*i+j;k=l:m@n%20o chars-be0\n"
     );
     assert!(
         text.contains("    acl path_chars-be1 path_reg ^/x[0-9]{2}(a|b)?.*$\n"),
@@ -718,15 +783,17 @@ fn haproxy_accepts_basic_auth_and_the_stats_page_without_warnings() {
 fn the_stats_page_is_routed_by_the_frontend_on_its_port_else_gets_its_own() {
     let mut settings = golden_settings();
     settings.stats = Some(stats_on(80));
-    let text = render(&settings, &auth_services());
+    let rendered = render_with_maps(&settings, &auth_services());
+    let text = rendered.config.clone();
     let http = section(&text, "frontend http");
     assert!(
         http.contains("    use_backend stats if { url_beg /admin?stats }\n"),
         "{text}"
     );
+    let order = routing_order(&rendered, "http");
     assert!(
-        line_of(&text, "use_backend stats if { url_beg /admin?stats }")
-            < line_of(&text, "use_backend blog-be0 if path_blog-be0")
+        rank(&order, "stats") < rank(&order, "blog-be0"),
+        "{order:?}"
     );
     let backend = section(&text, "backend stats");
     assert!(backend.contains("    stats uri /admin?stats\n"), "{text}");
@@ -967,7 +1034,8 @@ fn service_domain_algo_chooses_the_exact_domains_match_and_haproxy_accepts_it() 
         ),
     ];
     let mut settings = golden_settings();
-    let text = render(&settings, &services);
+    let rendered = render_with_maps(&settings, &services);
+    let text = rendered.config.clone();
     assert!(
         text.contains("acl domain_own-be0 req.hdr(host),field(1,:) -m beg -i own.example.com\n"),
         "{text}"
@@ -976,10 +1044,10 @@ fn service_domain_algo_chooses_the_exact_domains_match_and_haproxy_accepts_it() 
         text.contains("acl domain_own-be0 req.hdr(host),field(1,:) -m end -i .own.example.org\n"),
         "wildcards keep their suffix match: {text}"
     );
-    assert!(
-        text.contains(
-            "acl domain_global-be0 req.hdr(host),field(1,:) -m str -i global.example.com\n"
-        ),
+    // The default stays the exact match, which a map keyed on the lowercased host expresses.
+    assert_eq!(
+        rendered.maps[0].text(),
+        "global.example.com global-be0\n",
         "the default stays the exact match: {text}"
     );
     settings.service_domain_algo = DomainAlgo::HdrDom;
@@ -1017,14 +1085,10 @@ fn exactly_matched_domains_come_before_domains_matched_by_another_algo() {
             vec![inst("10.0.0.2", 8080)],
         ),
     ];
-    let text = render(&golden_settings(), &services);
-    let position = |needle: &str| {
-        text.find(needle)
-            .unwrap_or_else(|| panic!("{needle} in {text}"))
-    };
+    let order = routing_order(&render_with_maps(&golden_settings(), &services), "http");
     assert!(
-        position("use_backend b-www-be0") < position("use_backend a-whole-domain-be0"),
-        "www.example.com would otherwise go to the hdr_dom rule: {text}"
+        rank(&order, "b-www-be0") < rank(&order, "a-whole-domain-be0"),
+        "www.example.com would otherwise go to the hdr_dom rule: {order:?}"
     );
 }
 
@@ -1156,7 +1220,8 @@ fn routing_rule_acls_are_declared_and_required_by_their_use_backend() {
 
 #[test]
 fn rules_with_header_or_user_agent_conditions_come_before_the_same_path_without_them() {
-    let text = render(&golden_settings(), &routing_rule_services());
+    let rendered = render_with_maps(&golden_settings(), &routing_rule_services());
+    let text = rendered.config.clone();
     let both = line_of(
         &text,
         "use_backend api-v2-bots-be0 if path_api-v2-bots-be0 header_api-v2-bots-be0_1 agent_api-v2-bots-be0",
@@ -1178,8 +1243,11 @@ fn rules_with_header_or_user_agent_conditions_come_before_the_same_path_without_
     assert!(both < agent, "{text}");
     assert!(agent < plain, "{text}");
     // A longer path stays before a shorter one with conditions.
-    let fallback = line_of(&text, "use_backend fallback-be0 if path_fallback-be0");
-    assert!(fallback < both, "{text}");
+    let order = routing_order(&rendered, "http");
+    assert!(
+        rank(&order, "fallback-be0") < rank(&order, "api-v2-bots-be0"),
+        "{order:?}"
+    );
 }
 
 #[test]
@@ -1476,4 +1544,33 @@ fn the_http_client_loads_no_ca_store_unless_the_operator_asks_for_it() {
         line_of(&text, ours) < line_of(&text, "httpclient.ssl.verify required"),
         "{text}"
     );
+}
+
+#[test]
+fn a_replaced_http_frontend_template_keeps_every_rule_on_acls() {
+    // Such a template may predate the map line; it sees every rule as before.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("http-frontend.hbs"),
+        include_str!("../../templates/http-frontend.hbs"),
+    )
+    .unwrap();
+    let services = vec![(
+        spec(&[("serviceName", "app"), ("servicePath", "/app")]),
+        vec![],
+    )];
+    let replaced = Renderer::new(Some(dir.path()))
+        .unwrap()
+        .render_with_maps(&golden_settings(), &routes(&services), None)
+        .unwrap();
+    assert!(replaced.maps.is_empty());
+    assert!(
+        replaced.config.contains(
+            "    acl path_app-be0 path_beg /app\n    use_backend app-be0 if path_app-be0\n"
+        ),
+        "{}",
+        replaced.config
+    );
+    let built_in = render_with_maps(&golden_settings(), &services);
+    assert_eq!(built_in.maps[0].text(), "/app app-be0\n");
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::backend::{tcp_timeout_client, tuning_view, BackendTuningView};
+use super::maps::{route_through_maps, MapFile, MapRouteView, MapRouting, PlainRoute, Routed};
 use super::servers::{server_views, ServerSlots, ServerView};
 use super::{
     RenderError, RenderSettings, ServiceRoute, SlotsByService, StatsSettings, TlsSettings,
@@ -59,6 +60,9 @@ pub(super) struct ConfigView {
     proxy_wide: super::proxy_wide::ProxyWideView,
     /// The backend answering ACME HTTP-01 challenges, when ACME is on.
     acme_challenge: Option<AcmeChallengeView>,
+    /// The map files the frontends' map lines read (see the `maps` module).
+    #[serde(skip)]
+    maps: Vec<MapFile>,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,6 +84,8 @@ struct FrontendView {
     /// The ACME challenge backend, on the main HTTP frontend when ACME is on: its requests pass
     /// every other `http-request` rule (redirects, auth) and go there ahead of every service.
     acme_challenge: Option<&'static str>,
+    /// The `http-request set-var` line host+path map keys need, when a map segment has them.
+    map_path_var: Option<String>,
 }
 
 /// A `userlist` section: user names with crypt(3) hashes, never clear passwords.
@@ -138,6 +144,10 @@ struct RuleView {
     fragment: Option<CustomFragment>,
     has_custom: bool,
     custom: String,
+    /// Set on the first rule of a map segment: the template writes the segment's one map line
+    /// instead of this rule's acls and `use_backend` (the segment's other rules are left out of
+    /// the list; see the `maps` module).
+    map: Option<MapRouteView>,
 }
 
 /// One `http-request redirect <target> code <code> if <condition>` line.
@@ -592,6 +602,7 @@ fn rule_view(
         fragment: CustomFragment::of(spec, TEMPLATE_FE_PATH),
         has_custom: false,
         custom: String::new(),
+        map: None,
     }
 }
 
@@ -1060,6 +1071,7 @@ pub(super) fn build(
             default_backend: None,
             main_lines: Vec::new(),
             acme_challenge: None,
+            map_path_var: None,
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
@@ -1078,6 +1090,7 @@ pub(super) fn build(
         default_backend: default_backend.clone(),
         main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
         acme_challenge: settings.acme_challenge.map(|_| ACME_CHALLENGE_BACKEND),
+        map_path_var: None,
     };
     let https = match tls {
         Some(tls) => {
@@ -1099,6 +1112,7 @@ pub(super) fn build(
                 default_backend: default_backend.clone(),
                 main_lines: super::proxy_wide::main_frontend_lines(&settings.proxy_wide),
                 acme_challenge: None,
+                map_path_var: None,
             })
         }
         None => None,
@@ -1141,17 +1155,19 @@ pub(super) fn build(
             }
         })
         .collect();
+    let http_extra: Vec<FrontendView> = extra_rules
+        .into_iter()
+        .map(|(port, rules)| frontend(format!("http_{port}"), port, rules))
+        .collect();
     Ok(ConfigView {
+        maps: Vec::new(),
         tcp_defaults: !tcp_frontends.is_empty() || !sni_frontends.is_empty(),
         sni_frontends,
         stats_socket,
         error_503,
         http,
         https,
-        http_extra: extra_rules
-            .into_iter()
-            .map(|(port, rules)| frontend(format!("http_{port}"), port, rules))
-            .collect(),
+        http_extra,
         http_backends,
         tcp_frontends,
         tcp_backends,
@@ -1160,6 +1176,87 @@ pub(super) fn build(
         proxy_wide: super::proxy_wide::view(&settings.proxy_wide),
         acme_challenge: settings.acme_challenge.map(acme_challenge_view),
     })
+}
+
+// Routing through maps (see the `maps` module).
+
+/// What a plain rule puts in a map, when it is one: `path_beg` paths and/or exactly matched
+/// domains (`serviceDomainAlgo=hdr`, no wildcard), and nothing else that conditions or precedes
+/// its `use_backend` (no `servicePathExclude`, `serviceHeader`, `userAgent`, redirect or
+/// `templateFePath`).
+fn plain_route(rule: &RuleView) -> Option<PlainRoute> {
+    let routing = &rule.routing_acls;
+    if rule.fragment.is_some()
+        || !rule.redirects.is_empty()
+        || rule.from_domain_acl.is_some()
+        || routing.exclude.is_some()
+        || !routing.headers.is_empty()
+        || routing.agent.is_some()
+    {
+        return None;
+    }
+    let paths: Vec<&str> = match &rule.path_acl {
+        None => Vec::new(),
+        Some(acl) if acl.fetch == PathType::PathBeg.as_str() => {
+            acl.patterns.iter().map(String::as_str).collect()
+        }
+        Some(_) => return None,
+    };
+    let domains: Vec<&str> = match &rule.domain_acl {
+        None => Vec::new(),
+        Some(acl)
+            if acl.suffix.is_empty()
+                && !acl.exact.is_empty()
+                && acl.exact_match == DomainAlgo::Hdr.match_method() =>
+        {
+            acl.exact.iter().map(String::as_str).collect()
+        }
+        Some(_) => return None,
+    };
+    PlainRoute::new(&paths, &domains, &rule.backend)
+}
+
+/// Replaces the frontend's runs of plain rules by map lines; returns the map files they read.
+fn route_frontend_through_maps(frontend: &mut FrontendView) -> Vec<MapFile> {
+    let rules = std::mem::take(&mut frontend.rules);
+    let MapRouting {
+        rules,
+        maps,
+        needs_path_var,
+    } = route_through_maps(&frontend.name, rules, plain_route);
+    frontend.rules = rules
+        .into_iter()
+        .map(|item| match item {
+            Routed::Rule(rule) => rule,
+            Routed::Map(mut rule, map) => {
+                rule.map = Some(map);
+                rule
+            }
+        })
+        .collect();
+    frontend.map_path_var = needs_path_var.then(super::maps::path_var_line);
+    maps
+}
+
+impl ConfigView {
+    /// Routes the plain rules of every HTTP frontend through map files (see the `maps` module).
+    pub(super) fn route_plain_rules_through_maps(&mut self) {
+        let frontends = std::iter::once(&mut self.http)
+            .chain(self.https.iter_mut())
+            .chain(self.http_extra.iter_mut());
+        let mut maps = Vec::new();
+        for frontend in frontends {
+            maps.extend(route_frontend_through_maps(frontend));
+        }
+        self.maps = maps;
+    }
+
+    /// The map files of the frontends' map lines, by name.
+    pub(super) fn take_maps(&mut self) -> Vec<MapFile> {
+        let mut maps = std::mem::take(&mut self.maps);
+        maps.sort_by(|a, b| a.name.cmp(&b.name));
+        maps
+    }
 }
 
 // ACME HTTP-01 (the `acme` module answers; see `RenderSettings::acme_challenge`).

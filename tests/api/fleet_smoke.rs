@@ -42,9 +42,15 @@ async fn two_proxies_share_one_registry_and_a_route_set_on_one_is_stored_there()
         ["flow-proxy/services/web"]
     );
     let config = a.config().await;
+    // A plain path is routed through a map file next to haproxy.cfg.
     assert!(
-        config.contains("/web"),
-        "A's haproxy.cfg routes /web:\n{config}"
+        config.contains("map_beg(maps/http-1.map)"),
+        "A's haproxy.cfg routes through its map:\n{config}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(a.data_dir().join("maps/http-1.map")).expect("A's map file"),
+        "/web web-be0\n",
+        "A's map routes /web"
     );
     assert_eq!(
         std::fs::read_to_string(a.data_dir().join("haproxy.cfg")).expect("A's haproxy.cfg"),

@@ -323,9 +323,9 @@ fn check_specs(
     let rendered =
         harness
             .renderer
-            .render_with_tls(&profile.settings, &routes, profile.tls.as_ref());
-    let config = match rendered {
-        Ok(config) => config,
+            .render_with_maps(&profile.settings, &routes, profile.tls.as_ref());
+    let rendered = match rendered {
+        Ok(rendered) => rendered,
         // A tcp srcPort on a port already taken, or one service twice: the API answers 400
         // (the core holds one spec per service, so the second case is an update there).
         Err(RenderError::PortConflict { .. } | RenderError::DuplicateService(_)) => {
@@ -343,8 +343,9 @@ fn check_specs(
             ))
         }
     };
+    let config = &rendered.config;
     let actual =
-        skeleton::of_config(&config).map_err(|e| format!("{e}\n--- config ---\n{config}"))?;
+        skeleton::of_rendered(&rendered).map_err(|e| format!("{e}\n--- config ---\n{config}"))?;
     let expected = profile.baseline.expected(services);
     if actual != expected {
         return Err(format!(
@@ -355,7 +356,7 @@ fn check_specs(
     }
     if haproxy() {
         let file = format!("case-{}.cfg", harness.files.fetch_add(1, Ordering::Relaxed));
-        if let Err(output) = skeleton::haproxy_check(dir(harness), &file, &config) {
+        if let Err(output) = skeleton::haproxy_check_rendered(dir(harness), &file, &rendered) {
             let regex = specs.iter().any(|spec| uses_path_reg(spec)) && regex_refused(&output);
             // Raw lines HAProxy does not take: the API answers 400 with HAProxy's message (the
             // skeleton above already showed each stayed one line of its own backend).

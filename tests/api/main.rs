@@ -37,6 +37,7 @@ mod reload_path;
 mod restore;
 mod route_conflicts;
 mod routing;
+mod routing_maps;
 mod routing_rules;
 mod runtime_instances;
 mod service_auth;

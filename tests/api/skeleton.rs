@@ -26,8 +26,8 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use flow_proxy::render::{RenderSettings, Renderer, ServiceRoute, TlsSettings};
-use flow_proxy::spec::{Destination, Instance, ReqMode, ServiceSpec};
+use flow_proxy::render::{RenderSettings, Rendered, Renderer, ServiceRoute, TlsSettings};
+use flow_proxy::spec::{Destination, DomainAlgo, Instance, PathType, ReqMode, ServiceSpec};
 
 /// The words of one config line as HAProxy splits them (a double-quoted part kept with its
 /// quotes), or why HAProxy would read it otherwise.
@@ -161,8 +161,72 @@ fn normalized(line: &str) -> String {
 }
 
 /// The skeleton of a rendered config: sorted sections, each with its sorted lines.
+#[allow(dead_code)]
 pub fn of_config(config: &str) -> Result<Vec<String>, String> {
     Ok(sorted(sections(config)?))
+}
+
+// ---- Map files (plain rules routed through maps) ----------------------------------------------
+
+/// Header of the pseudo-section holding every map entry as `<key> _`.
+const MAP_ENTRIES: &str = "map entries";
+
+/// The three lookups a map line may use, with `{}` for the map file.
+const MAP_LOOKUPS: [&str; 3] = [
+    "path,map_beg({})",
+    "req.hdr(host),field(1,:),lower,concat(,txn.flow_proxy_path,),map_beg({})",
+    "req.hdr(host),field(1,:),lower,map_str({})",
+];
+
+/// The line setting the variable host+path lookups read.
+const PATH_VAR_LINE: &str = "http-request set-var(txn.flow_proxy_path) path";
+
+/// The skeleton of a rendered config with its map files: [`of_config`] without the map lines
+/// (each exactly `use_backend %[<lookup>] if { <lookup> -m found }` with one of the three fixed
+/// lookups of a map file the render made) and the path variable's line, plus a pseudo-section
+/// of every map entry as `<key> _` (each map line exactly two words, read like a config line).
+pub fn of_rendered(rendered: &Rendered) -> Result<Vec<String>, String> {
+    let map_line = |line: &str| {
+        rendered.maps.iter().any(|map| {
+            MAP_LOOKUPS.iter().any(|lookup| {
+                let lookup = lookup.replace("{}", &map.config_path());
+                line == format!("use_backend %[{lookup}] if {{ {lookup} -m found }}")
+            })
+        })
+    };
+    let config: String = rendered
+        .config
+        .lines()
+        .filter(|line| {
+            let line = line.trim_start();
+            !(map_line(line) || line == PATH_VAR_LINE)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let mut sections = sections(&config)?;
+    let mut entries = BTreeSet::new();
+    for map in &rendered.maps {
+        for line in map.text().lines() {
+            let words = words(line)?;
+            match &words[..] {
+                [key, _backend] => entries.insert(format!("{key} _")),
+                _ => {
+                    return Err(format!(
+                        "map {} has a line of {} words: {line:?}",
+                        map.name,
+                        words.len()
+                    ))
+                }
+            };
+        }
+    }
+    if !entries.is_empty() {
+        sections.push(Section {
+            header: MAP_ENTRIES.into(),
+            lines: entries.into_iter().collect(),
+        });
+    }
+    Ok(sorted(sections))
 }
 
 /// The sections of a config, in order, their lines reduced to skeletons.
@@ -326,6 +390,7 @@ impl Baseline {
         let mut tcp = Vec::new();
         let mut sni: std::collections::BTreeMap<u16, Section> = Default::default();
         let mut userlists = Vec::new();
+        let mut map_keys = BTreeSet::new();
         for (spec, instances) in services {
             if !spec.users().is_empty() {
                 userlists.push(Section {
@@ -388,7 +453,12 @@ impl Baseline {
                 }
                 match src_port {
                     Some(port) if port != self.settings.http_port => {
-                        let lines = self.rule_lines(spec, destination, Frontend::Extra(port));
+                        let lines = self.rule_lines(
+                            spec,
+                            destination,
+                            Frontend::Extra(port),
+                            &mut map_keys,
+                        );
                         extra_http
                             .entry(port)
                             .or_insert_with(|| {
@@ -408,10 +478,12 @@ impl Baseline {
                             .extend(lines);
                     }
                     _ => {
-                        let lines = self.rule_lines(spec, destination, Frontend::Main);
+                        let lines =
+                            self.rule_lines(spec, destination, Frontend::Main, &mut map_keys);
                         sections[main].lines.extend(lines);
                         if let Some(https) = https {
-                            let lines = self.rule_lines(spec, destination, Frontend::Https);
+                            let lines =
+                                self.rule_lines(spec, destination, Frontend::Https, &mut map_keys);
                             sections[https].lines.extend(lines);
                         }
                     }
@@ -446,6 +518,12 @@ impl Baseline {
         }
         sections.extend(extra_http.into_values());
         sections.extend(userlists);
+        if !map_keys.is_empty() {
+            sections.push(Section {
+                header: MAP_ENTRIES.into(),
+                lines: map_keys.into_iter().map(|key| format!("{key} _")).collect(),
+            });
+        }
         if !tcp.is_empty() || !sni.is_empty() {
             sections.push(self.tcp_defaults.clone());
             sections.extend(tcp);
@@ -462,7 +540,12 @@ impl Baseline {
         spec: &ServiceSpec,
         destination: &Destination,
         frontend: Frontend,
+        map_keys: &mut BTreeSet<String>,
     ) -> Vec<String> {
+        if let Some(keys) = self.plain_keys(spec, destination, frontend) {
+            map_keys.extend(keys);
+            return Vec::new();
+        }
         let mut lines = Vec::new();
         let mut acls = Vec::new();
         let paths = destination.service_path();
@@ -551,6 +634,61 @@ impl Baseline {
             ));
         }
         lines.iter().map(|line| normalized(line)).collect()
+    }
+
+    /// The map keys of a destination that the README calls plain in `frontend` (`path_beg`
+    /// paths and/or exact domains matched as `hdr`, nothing else conditioning or preceding its
+    /// `use_backend`: no exclusion, header, user agent, redirect or custom fragment): its paths,
+    /// its hosts, or each host followed by each path. `None`: it keeps its acls.
+    fn plain_keys(
+        &self,
+        spec: &ServiceSpec,
+        destination: &Destination,
+        frontend: Frontend,
+    ) -> Option<Vec<String>> {
+        let routing = destination.routing();
+        let redirects = !destination.redirect_from_domain().is_empty()
+            || (frontend == Frontend::Main
+                && (self.settings.https_only
+                    || destination.https_only()
+                    || spec.redirect_when_http_proto()));
+        if spec.custom_templates().template_fe_path.is_some()
+            || redirects
+            || !routing.path_exclude.is_empty()
+            || !routing.headers.is_empty()
+            || !routing.user_agents.is_empty()
+        {
+            return None;
+        }
+        let paths: Vec<&str> = destination
+            .service_path()
+            .iter()
+            .map(|p| p.as_str())
+            .collect();
+        if !paths.is_empty() && destination.effective_path_type(spec) != PathType::PathBeg {
+            return None;
+        }
+        let domains = destination.service_domain();
+        let algo = spec
+            .service_domain_algo()
+            .unwrap_or(self.settings.service_domain_algo);
+        if !domains.is_empty()
+            && (algo != DomainAlgo::Hdr || domains.iter().any(|d| d.is_wildcard()))
+        {
+            return None;
+        }
+        let hosts: Vec<&str> = domains.iter().map(|d| d.host_pattern()).collect();
+        match (hosts.is_empty(), paths.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(paths.iter().map(|p| p.to_string()).collect()),
+            (false, true) => Some(hosts.iter().map(|h| h.to_string()).collect()),
+            (false, false) => Some(
+                hosts
+                    .iter()
+                    .flat_map(|h| paths.iter().map(move |p| format!("{h}{p}")))
+                    .collect(),
+            ),
+        }
     }
 
     /// The backend of one destination: basic auth (the service's users, else `--users`, unless
@@ -739,17 +877,49 @@ fn backend_tuning_lines(spec: &ServiceSpec, http: bool) -> Vec<String> {
 
 /// Runs `haproxy -c` on `config` written in `dir`; `Ok` when HAProxy accepts it without
 /// warnings, else HAProxy's output.
+#[allow(dead_code)]
 pub fn haproxy_check(dir: &std::path::Path, name: &str, config: &str) -> Result<(), String> {
-    let path = dir.join(name);
-    std::fs::write(&path, config).map_err(|e| format!("write {}: {e}", path.display()))?;
+    haproxy_check_rendered(
+        dir,
+        name,
+        &Rendered {
+            config: config.to_string(),
+            maps: Vec::new(),
+        },
+    )
+}
+
+/// [`haproxy_check`] of a config with its map files: both written in a directory of their own
+/// (`<dir>/<name>.d/`, removed after), where HAProxy runs.
+pub fn haproxy_check_rendered(
+    dir: &std::path::Path,
+    name: &str,
+    rendered: &Rendered,
+) -> Result<(), String> {
+    let case_dir = dir.join(format!("{name}.d"));
+    std::fs::create_dir_all(&case_dir)
+        .map_err(|e| format!("create {}: {e}", case_dir.display()))?;
+    // The config's other relative paths (a crt-list, say) resolve from `dir`, as before.
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))? {
+        let entry = entry.map_err(|e| format!("read {}: {e}", dir.display()))?;
+        let file_name = entry.file_name();
+        if !file_name.to_string_lossy().ends_with(".d") {
+            let _ = std::os::unix::fs::symlink(entry.path(), case_dir.join(&file_name));
+        }
+    }
+    flow_proxy::render::write_map_files(&case_dir, &rendered.maps)
+        .map_err(|e| format!("write the map files in {}: {e}", case_dir.display()))?;
+    let path = case_dir.join(name);
+    std::fs::write(&path, &rendered.config)
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
     let output = std::process::Command::new("haproxy")
         .arg("-c")
         .arg("-f")
         .arg(&path)
-        .current_dir(dir)
+        .current_dir(&case_dir)
         .output()
         .map_err(|e| format!("cannot run `haproxy -c` ({e}): install HAProxy 2.6"))?;
-    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&case_dir);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

@@ -101,6 +101,8 @@ async fn render_prints_the_config_a_proxy_serves_for_the_specs_services_printed(
             "127.0.0.1",
             "--http-port",
             &http_port,
+            "--write-maps",
+            files.path().to_str().expect("a UTF-8 path"),
         ],
         &[],
     )
@@ -108,6 +110,22 @@ async fn render_prints_the_config_a_proxy_serves_for_the_specs_services_printed(
     assert!(rendered.status.success(), "{}", rendered.describe());
     let live = std::fs::read_to_string(proxy.data_dir().join("haproxy.cfg")).expect("live config");
     assert_eq!(rendered.stdout, live);
+    // With the map files the config routes its plain rules with, the same as the proxy's.
+    let map_files = |dir: &std::path::Path| -> Vec<(String, String)> {
+        let mut files: Vec<(String, String)> = std::fs::read_dir(dir.join("maps"))
+            .expect("a maps directory")
+            .map(|entry| {
+                let entry = entry.expect("an entry");
+                let text = std::fs::read_to_string(entry.path()).expect("a map file");
+                (entry.file_name().to_string_lossy().into_owned(), text)
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let written = map_files(files.path());
+    assert!(!written.is_empty(), "the plain rules have maps");
+    assert_eq!(written, map_files(proxy.data_dir()));
 
     // An instance for a service no spec routes is a typo, not something to ignore.
     std::fs::write(&instances_file, r#"{"go-dmeo": ["127.0.0.1:1"]}"#).expect("write");

@@ -1,0 +1,209 @@
+//! Route changes without a reload: when a candidate configuration is the applied one and only
+//! the entries of its map files differ (a plain service gains, loses or changes a path or
+//! domain), the core applies the difference over the Runtime API instead of reloading.
+//!
+//! The order makes every moment consistent with a later reload or restart: the live map files
+//! are rewritten first (so a restart of HAProxy by the supervisor, or a reload, reads the new
+//! entries), then each file's difference is sent as `add map`, `set map` and `del map`
+//! commands. Within one map file the entries do not depend on their order (see
+//! `render::maps`), so an appended entry routes exactly as the file does. If a command fails,
+//! HAProxy is reloaded on the live config with the new files; if that fails too, the old files
+//! are written back and the commands already sent are undone, and the change fails as a whole.
+//!
+//! A new plain service whose backend already exists (a pre-provisioned one) needs nothing more
+//! than its entries: the same difference adds them.
+
+use std::collections::BTreeMap;
+
+use crate::haproxy::runtime_command;
+use crate::render::MapFile;
+
+use super::{Core, ProxyError};
+
+/// Longest command line sent at once (commands joined by `;`), well under HAProxy's buffer.
+const MAX_LINE: usize = 8 * 1024;
+
+/// A word of a Runtime API command: `;` (the command separator) and `\` escaped with `\`. Map
+/// keys and backend names never hold whitespace (see `render::maps`).
+fn escaped(word: &str) -> String {
+    let mut out = String::with_capacity(word.len());
+    for c in word.chars() {
+        if matches!(c, ';' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The Runtime API commands turning the maps `old` into `new` (same files by name; a file only
+/// one side has is treated as empty on the other): for each file, `add map` for each new key and
+/// `set map` for each key whose backend changed (by key), then `del map` for each key gone.
+pub(super) fn commands(old: &[MapFile], new: &[MapFile]) -> Vec<String> {
+    let mut names: Vec<&str> = old
+        .iter()
+        .chain(new.iter())
+        .map(|map| map.name.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let entries = |maps: &[MapFile], name: &str| -> BTreeMap<String, String> {
+        maps.iter()
+            .find(|map| map.name == name)
+            .map(|map| map.entries.iter().cloned().collect())
+            .unwrap_or_default()
+    };
+    let mut commands = Vec::new();
+    for name in names {
+        let (before, after) = (entries(old, name), entries(new, name));
+        let file = escaped(&format!("{}/{name}", crate::render::MAPS_DIR));
+        for (key, backend) in &after {
+            match before.get(key) {
+                None => commands.push(format!(
+                    "add map {file} {} {}",
+                    escaped(key),
+                    escaped(backend)
+                )),
+                Some(old_backend) if old_backend != backend => commands.push(format!(
+                    "set map {file} {} {}",
+                    escaped(key),
+                    escaped(backend)
+                )),
+                Some(_) => {}
+            }
+        }
+        for key in before.keys().filter(|key| !after.contains_key(*key)) {
+            commands.push(format!("del map {file} {}", escaped(key)));
+        }
+    }
+    commands
+}
+
+/// Sends `commands` over the stats socket, several per line; every command must answer
+/// nothing (HAProxy prints only errors for these).
+async fn send(socket: &std::path::Path, commands: &[String]) -> Result<(), String> {
+    let mut line = String::new();
+    let mut batches = Vec::new();
+    for command in commands {
+        if !line.is_empty() && line.len() + command.len() + 2 > MAX_LINE {
+            batches.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push_str("; ");
+        }
+        line.push_str(command);
+    }
+    if !line.is_empty() {
+        batches.push(line);
+    }
+    for batch in batches {
+        let answer = runtime_command(socket, &batch)
+            .await
+            .map_err(|error| format!("the stats socket: {error}"))?;
+        if !answer.trim().is_empty() {
+            return Err(format!("HAProxy answered `{}`", answer.trim()));
+        }
+    }
+    Ok(())
+}
+
+impl Core {
+    /// Makes HAProxy route with `maps` (the applied config's own files, new entries) without a
+    /// reload when it can, else with one reload of the live config; see the module doc.
+    pub(super) async fn apply_map_changes(&mut self, maps: &[MapFile]) -> Result<(), ProxyError> {
+        let old = self.applied_maps.clone();
+        self.haproxy
+            .write_live_maps(maps)
+            .await
+            .map_err(ProxyError::Haproxy)?;
+        let changes = commands(&old, maps);
+        let socket = self.haproxy.stats_socket().to_path_buf();
+        let Err(why) = send(&socket, &changes).await else {
+            tracing::info!(
+                commands = changes.len(),
+                "route change applied to HAProxy's maps at runtime, without a reload"
+            );
+            self.applied_maps = maps.to_vec();
+            return Ok(());
+        };
+        tracing::warn!(%why, "changing HAProxy's maps at runtime failed; reloading with the new map files");
+        let started = std::time::Instant::now();
+        let reloaded = self.haproxy.reload_live().await;
+        let took = started.elapsed();
+        self.timings.reload = Some(took);
+        self.observer
+            .record_reload(took, reloaded.as_ref().err().map(ToString::to_string));
+        match reloaded {
+            Ok(()) => {
+                self.applied_maps = maps.to_vec();
+                Ok(())
+            }
+            Err(error) => {
+                self.put_back_maps(&old, maps, &socket).await;
+                Err(ProxyError::Haproxy(error))
+            }
+        }
+    }
+
+    /// After a failed map change: the old files back, and the commands already sent undone (best
+    /// effort: the old process kept serving, with whichever of them it took).
+    async fn put_back_maps(&self, old: &[MapFile], new: &[MapFile], socket: &std::path::Path) {
+        if let Err(error) = self.haproxy.write_live_maps(old).await {
+            tracing::error!(%error, "putting back the previous map files failed");
+        }
+        for command in commands(new, old) {
+            let _ = send(socket, std::slice::from_ref(&command)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(name: &str, entries: &[(&str, &str)]) -> MapFile {
+        MapFile {
+            name: name.to_string(),
+            entries: entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_difference_adds_and_sets_then_deletes_per_file() {
+        let old = vec![
+            map(
+                "http-1.map",
+                &[("/a", "a-be0"), ("/b", "b-be0"), ("/c", "c-be0")],
+            ),
+            map("https-1.map", &[("/a", "a-be0")]),
+        ];
+        let new = vec![
+            map(
+                "http-1.map",
+                &[("/d", "d-be0"), ("/a", "a-be0"), ("/b", "c-be0")],
+            ),
+            map("https-1.map", &[("/a", "a-be0")]),
+        ];
+        assert_eq!(
+            commands(&old, &new),
+            vec![
+                "set map maps/http-1.map /b c-be0",
+                "add map maps/http-1.map /d d-be0",
+                "del map maps/http-1.map /c",
+            ]
+        );
+        assert!(commands(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_semicolon_in_a_path_is_escaped_so_it_cannot_start_another_command() {
+        let new = vec![map("http-1.map", &[("/x;del", "x-be0")])];
+        assert_eq!(
+            commands(&[], &new),
+            vec!["add map maps/http-1.map /x\\;del x-be0"]
+        );
+    }
+}
