@@ -57,7 +57,8 @@ use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServiceRoute, TlsSettings,
+    ConfigDigest, CustomPolicy, ProxyWide, RenderError, RenderSettings, Renderer, ServiceRoute,
+    TlsSettings,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -272,7 +273,12 @@ impl Proxy {
         let custom_policy = parts.renderer.custom_policy();
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
         // HAProxy already serves the last good file: a restore that renders it again is no reload.
-        let applied_config = parts.haproxy.live_config().await.ok();
+        let applied_config = parts
+            .haproxy
+            .live_config()
+            .await
+            .ok()
+            .map(|config| ConfigDigest::of(&config));
         let mut core = Core {
             state: RoutingState::new(),
             registry: parts.registry.clone(),
@@ -493,8 +499,9 @@ struct Core {
     /// The KV index after this proxy's last write: reads of the stored specs older than that are
     /// ignored.
     stored_floor: u64,
-    /// The configuration HAProxy serves, when this core applied it.
-    applied_config: Option<String>,
+    /// The digest of the configuration HAProxy serves, when this core applied it (only compared:
+    /// the text of thousands of services is megabytes).
+    applied_config: Option<ConfigDigest>,
     instance_watches: InstanceWatches,
     stored_watch: Option<JoinHandle<()>>,
     max_services: usize,
@@ -556,7 +563,7 @@ impl Core {
                     Change::Stored(snapshot) => {
                         let before = self.state.clone();
                         let started = std::time::Instant::now();
-                        let applied_before = self.applied_config.clone();
+                        let applied_before = self.applied_config;
                         self.timings = StepTimings::default();
                         let result = self.apply_stored(snapshot).await;
                         self.observe_stored(&before, started, &applied_before, &result);
@@ -585,7 +592,7 @@ impl Core {
             let changes: Vec<&Change> = batch.iter().map(|pending| &pending.change).collect();
             let before = self.state.clone();
             let started = std::time::Instant::now();
-            let applied_before = self.applied_config.clone();
+            let applied_before = self.applied_config;
             match self.apply_changes(&changes).await {
                 Ok(outcomes) => {
                     tracing::info!(changes = batch.len(), "applied a batch with one reload");
@@ -608,7 +615,7 @@ impl Core {
         for pending in batch {
             let before = self.state.clone();
             let started = std::time::Instant::now();
-            let applied_before = self.applied_config.clone();
+            let applied_before = self.applied_config;
             let result = self
                 .apply_changes(&[&pending.change])
                 .await
@@ -727,7 +734,7 @@ impl Core {
         &self,
         before: &RoutingState,
         started: std::time::Instant,
-        applied_before: &Option<String>,
+        applied_before: &Option<ConfigDigest>,
         result: &Result<(), ProxyError>,
     ) {
         let reloaded = self.applied_config != *applied_before;
@@ -876,7 +883,8 @@ impl Core {
             }
         }
         let config = self.render(&candidate, &candidate_certs).await?;
-        if !force_reload && self.applied_config.as_deref() == Some(config.as_str()) {
+        let digest = ConfigDigest::of(&config);
+        if !force_reload && self.applied_config == Some(digest) {
             // Nothing HAProxy would notice: store the specs, keep the process.
             let persisted = self.persist_all(&candidate, requested).await?;
             if let Err(error) = self.persist_certs(&candidate_certs, requested_certs).await {
@@ -912,7 +920,7 @@ impl Core {
             self.put_back_stored_certs(&persisted_certs).await;
             return Err(ProxyError::Haproxy(error));
         }
-        self.applied_config = Some(config);
+        self.applied_config = Some(digest);
         for name in &persisted_certs {
             match candidate_certs.get(name) {
                 Some(_) => tracing::info!(certificate = %name, "certificate stored"),
@@ -957,18 +965,23 @@ impl Core {
     /// retries.
     async fn apply_stored_routes(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
-        let mut updates: Vec<(ServiceName, Option<Routed>)> = Vec::new();
-        for (name, spec) in &snapshot.specs {
-            if self.state.get(name).map(|routed| &routed.spec) == Some(spec) {
-                continue;
-            }
-            let instances = instances_for(&self.registry, spec).await?;
-            let routed = Routed {
-                spec: spec.clone(),
-                instances,
-            };
-            updates.push((name.clone(), Some(routed)));
-        }
+        let changed: Vec<(&ServiceName, &ServiceSpec)> = snapshot
+            .specs
+            .iter()
+            .filter(|(name, spec)| self.state.get(*name).map(|routed| &routed.spec) != Some(*spec))
+            .collect();
+        let instances = instances_of_each(&self.registry, &changed).await?;
+        let mut updates: Vec<(ServiceName, Option<Routed>)> = changed
+            .into_iter()
+            .zip(instances)
+            .map(|((name, spec), instances)| {
+                let routed = Routed {
+                    spec: spec.clone(),
+                    instances,
+                };
+                (name.clone(), Some(routed))
+            })
+            .collect();
         let gone: Vec<ServiceName> = self
             .state
             .keys()
@@ -1051,7 +1064,8 @@ impl Core {
         certs: Certificates,
     ) -> Result<(), ProxyError> {
         let config = self.render(&candidate, &certs).await?;
-        if self.applied_config.as_deref() != Some(config.as_str()) {
+        let digest = ConfigDigest::of(&config);
+        if self.applied_config != Some(digest) {
             self.haproxy
                 .preflight(&config)
                 .await
@@ -1061,7 +1075,7 @@ impl Core {
                 self.put_back_live_config().await;
                 return Err(ProxyError::Haproxy(error));
             }
-            self.applied_config = Some(config);
+            self.applied_config = Some(digest);
         }
         self.commit(candidate);
         self.commit_certs(certs).await;
@@ -1144,7 +1158,8 @@ impl Core {
         let config = self
             .render_with(&settings, &self.state, &self.certs)
             .await?;
-        if self.applied_config.as_deref() != Some(config.as_str()) {
+        let digest = ConfigDigest::of(&config);
+        if self.applied_config != Some(digest) {
             self.haproxy
                 .preflight(&config)
                 .await
@@ -1157,7 +1172,7 @@ impl Core {
                 self.put_back_live_config().await;
                 return Err(ProxyError::Haproxy(error));
             }
-            self.applied_config = Some(config);
+            self.applied_config = Some(digest);
         }
         self.render_settings = settings;
         Ok(())
@@ -1416,4 +1431,26 @@ fn rejected(error: HaproxyError, caused_by_request: bool) -> ProxyError {
         HaproxyError::Rejected(output) => ProxyError::Rejected(output),
         other => ProxyError::Haproxy(other),
     }
+}
+
+/// How many instance reads a restore keeps in flight: thousands of stored specs are read in a
+/// fraction of the time one after the other takes, with few connections to the registry.
+const RESTORE_READS_IN_FLIGHT: usize = 8;
+
+/// The healthy instances of each spec (in order), [`RESTORE_READS_IN_FLIGHT`] reads at a time.
+async fn instances_of_each(
+    registry: &ConsulClient,
+    specs: &[(&ServiceName, &ServiceSpec)],
+) -> Result<Vec<Vec<Instance>>, RegistryError> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    // The reads made up front (lazy futures): a stream's closure over borrowed specs would not
+    // be `Send` for every lifetime the core's task needs.
+    let reads: Vec<_> = specs
+        .iter()
+        .map(|(_, spec)| instances_for(registry, spec))
+        .collect();
+    stream::iter(reads)
+        .buffered(RESTORE_READS_IN_FLIGHT)
+        .try_collect()
+        .await
 }

@@ -552,6 +552,20 @@ impl Renderer {
     }
 }
 
+/// What tells two rendered configurations apart: the SHA-256 of the text. The core keeps this
+/// rather than the text of the configuration HAProxy serves (megabytes with thousands of
+/// services) to know whether a new render changes anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigDigest([u8; 32]);
+
+impl ConfigDigest {
+    /// The digest of `config`.
+    pub fn of(config: &str) -> ConfigDigest {
+        use sha2::Digest;
+        ConfigDigest(sha2::Sha256::digest(config.as_bytes()).into())
+    }
+}
+
 /// haproxy.cfg as `/config` shows it: the password hash of every `user <name> password <hash>`
 /// line of a `userlist` replaced by [`MASKED_PASSWORD`]; every other line unchanged.
 pub fn masked_config(config: &str) -> String {
