@@ -33,6 +33,7 @@ mod proxy_client;
 mod proxy_wide;
 mod registry_crash;
 mod restore;
+mod restore_at_scale;
 mod route_conflicts;
 mod routing;
 mod routing_rules;
