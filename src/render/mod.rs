@@ -137,8 +137,20 @@
 //! `-m end -i <.suffix…>`), `use_backend`. Rules with exact names only come first, then those
 //! with wildcards, longest ending first, then by service name and destination index. A name no
 //! destination claims has no backend: HAProxy closes the connection.
+//!
+//! # Rendering in pieces
+//! Each frontend (`http`, `https`, each `http_<srcPort>`) is rendered by `http-frontend.hbs` and
+//! each backend by `backend.hbs` (or is its service's `templateBePath` fragment), each with its
+//! own view; `haproxy.cfg.hbs` then places their text, in this order: `global`, the HTTP
+//! `defaults`, the userlists, the HTTP frontends (`http`, `https`, `http_<srcPort>` by port), the
+//! ACME challenge backend, the HTTP backends (by service, then destination index), the stats page,
+//! then, when any TCP or SNI frontend exists, the TCP `defaults`, the TCP frontends (by port), the
+//! SNI frontends (by port) and the TCP backends. The text of each frontend and backend is kept by
+//! the view it was rendered from (the `cache` module), so a change renders again only the pieces
+//! whose view it changed; the output is the same as a render from scratch, byte for byte.
 
 mod backend;
+mod cache;
 mod custom;
 pub mod maps;
 mod proxy_wide;
@@ -146,12 +158,17 @@ mod servers;
 mod view;
 
 #[cfg(test)]
+mod cache_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use handlebars::Handlebars;
+use serde::Serialize;
 
 use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
@@ -169,11 +186,15 @@ pub type SlotsByService<'a> =
 /// write it as `<errors_dir>/503.http` before HAProxy reads the config.
 pub const ERROR_PAGE_503: &str = include_str!("../../haproxy/errors/503.http");
 
-/// The main template; the others are partials it includes under their file stem.
+/// The main template; the others are partials, registered under their file stem.
 const MAIN_TEMPLATE: &str = "haproxy.cfg.hbs";
+/// The template of one HTTP frontend (`http`, `https`, `http_<srcPort>`).
+const FRONTEND_TEMPLATE: &str = "http-frontend";
+/// The template of one backend.
+const BACKEND_TEMPLATE: &str = "backend";
 
-/// The HTTP frontend's template, which writes the map lines.
-const FRONTEND_TEMPLATE: &str = "http-frontend.hbs";
+/// The HTTP frontend's template file, which writes the map lines.
+const FRONTEND_TEMPLATE_FILE: &str = "http-frontend.hbs";
 
 /// Every template file, with its built-in text.
 const TEMPLATES: &[(&str, &str)] = &[
@@ -304,6 +325,8 @@ pub struct Renderer {
     maps: bool,
     /// Where custom fragments come from and whether `backendExtra` is allowed.
     custom: CustomPolicy,
+    /// The text of each frontend and backend of the last render, by the view it came from.
+    pieces: Mutex<cache::PieceCache>,
 }
 
 impl std::fmt::Debug for Renderer {
@@ -315,7 +338,9 @@ impl std::fmt::Debug for Renderer {
 impl Renderer {
     /// Loads the templates: each file of `templates_dir` named like a built-in one
     /// (`haproxy.cfg.hbs`, `http-frontend.hbs`, `backend.hbs`, `rule-acls.hbs`) replaces it, the
-    /// others stay built in. Custom fragments (`templateFePath`, `templateBePath`) are read from
+    /// others stay built in. `haproxy.cfg.hbs` gets each frontend and backend as text (`http`,
+    /// `https`, `http_extra`, `http_backends`, `tcp_backends`), rendered by the other two with
+    /// their own views. Custom fragments (`templateFePath`, `templateBePath`) are read from
     /// `templates_dir` at each render; without it they are refused. `backendExtra` is refused
     /// until [`Renderer::allow_backend_extra`].
     pub fn new(templates_dir: Option<&Path>) -> Result<Renderer, RenderError> {
@@ -341,8 +366,8 @@ impl Renderer {
                         Ok(text) => {
                             tracing::info!(template = %path.display(), "using a template of --templates-dir");
                             custom_backend_partial |= *file == "backend.hbs";
-                            if *file == FRONTEND_TEMPLATE {
-                                tracing::info!("a replaced {FRONTEND_TEMPLATE}: every rule keeps its acls, none is routed through a map");
+                            if *file == FRONTEND_TEMPLATE_FILE {
+                                tracing::info!("a replaced {FRONTEND_TEMPLATE_FILE}: every rule keeps its acls, none is routed through a map");
                                 maps = false;
                             }
                             text
@@ -375,6 +400,7 @@ impl Renderer {
             custom_backend_partial,
             maps,
             custom: CustomPolicy::new(templates_dir, false),
+            pieces: Mutex::new(cache::PieceCache::default()),
         })
     }
 
@@ -442,6 +468,26 @@ impl Renderer {
                     message,
                 })?;
         }
+        let (mut text, maps) = self.render_views(settings, services, tls, slots)?;
+        if text.len() >= LARGE_CONFIG_BYTES {
+            release_freed_memory();
+        }
+        // HAProxy 2.6 rejects a file whose last line has no newline.
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        Ok(Rendered { config: text, maps })
+    }
+
+    /// Builds the views, renders the pieces (or takes them from the cache) and places them;
+    /// the text and the map files it reads.
+    fn render_views(
+        &self,
+        settings: &RenderSettings,
+        services: &[ServiceRoute<'_>],
+        tls: Option<&TlsSettings>,
+        slots: &SlotsByService<'_>,
+    ) -> Result<(String, Vec<MapFile>), RenderError> {
         let mut view = view::build(settings, services, tls, slots)?;
         if self.custom_backend_partial {
             view.drop_spare_servers();
@@ -450,19 +496,140 @@ impl Renderer {
             view.route_plain_rules_through_maps();
         }
         view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
-        let mut text = self
+        let mut pieces = self.pieces.lock().unwrap_or_else(PoisonError::into_inner);
+        let rendered = self.render_pieces(&mut pieces, &view)?;
+        let text = self
             .registry
-            .render(MAIN_TEMPLATE, &view)
+            .render(MAIN_TEMPLATE, &rendered.main_view(&view.layout))
             .map_err(|error| RenderError::Render(error.to_string()))?;
-        // HAProxy 2.6 rejects a file whose last line has no newline.
-        if !text.ends_with('\n') {
-            text.push('\n');
-        }
-        Ok(Rendered {
-            config: text,
-            maps: view.take_maps(),
+        pieces.finish_render();
+        Ok((text, view.take_maps()))
+    }
+}
+
+/// A configuration this long (a few hundred services) leaves megabytes of freed views and JSON
+/// behind its render.
+const LARGE_CONFIG_BYTES: usize = 256 * 1024;
+
+/// Hands the heap memory a large render freed (its views and the JSON handlebars made of them:
+/// tens of megabytes with thousands of services) back to the system; glibc would keep it, and
+/// the process's resident memory would stay at the render's peak.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages of glibc's own heap to the system; it touches
+    // no allocation in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+impl Renderer {
+    /// Renders each frontend and backend with its own view (a backend with a `templateBePath`
+    /// fragment is that fragment's text), taking the text of an unchanged one from `cache`.
+    fn render_pieces(
+        &self,
+        cache: &mut cache::PieceCache,
+        view: &view::ConfigView,
+    ) -> Result<RenderedPieces, RenderError> {
+        let mut frontend = |frontend: &view::FrontendView| {
+            cache.piece(FRONTEND_TEMPLATE, frontend, || {
+                self.render_piece(FRONTEND_TEMPLATE, frontend)
+            })
+        };
+        let http = frontend(&view.http)?;
+        let https = view.https.as_ref().map(&mut frontend).transpose()?;
+        let http_extra = view
+            .http_extra
+            .iter()
+            .map(&mut frontend)
+            .collect::<Result<_, _>>()?;
+        let mut backend = |backend: &view::BackendView| match backend.custom_text() {
+            Some(custom) => Ok(Arc::from(custom)),
+            None => cache.piece(BACKEND_TEMPLATE, backend, || {
+                self.render_piece(BACKEND_TEMPLATE, backend)
+            }),
+        };
+        let http_backends = view
+            .http_backends
+            .iter()
+            .map(&mut backend)
+            .collect::<Result<_, _>>()?;
+        let tcp_backends = view
+            .tcp_backends
+            .iter()
+            .map(&mut backend)
+            .collect::<Result<_, _>>()?;
+        Ok(RenderedPieces {
+            http,
+            https,
+            http_extra,
+            http_backends,
+            tcp_backends,
         })
     }
+
+    /// One frontend or backend: `template` rendered with its own view alone.
+    fn render_piece(&self, template: &str, view: &impl Serialize) -> Result<String, RenderError> {
+        self.registry
+            .render(template, view)
+            .map_err(|error| RenderError::Render(error.to_string()))
+    }
+
+    /// How many frontends and backends this renderer has rendered rather than found unchanged.
+    #[cfg(test)]
+    fn rendered_pieces(&self) -> u64 {
+        self.pieces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .misses()
+    }
+
+    /// How many rendered frontends and backends this renderer keeps.
+    #[cfg(test)]
+    fn kept_pieces(&self) -> usize {
+        self.pieces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// The rendered frontends and backends of one configuration, in the order of the view.
+struct RenderedPieces {
+    http: Arc<str>,
+    https: Option<Arc<str>>,
+    http_extra: Vec<Arc<str>>,
+    http_backends: Vec<Arc<str>>,
+    tcp_backends: Vec<Arc<str>>,
+}
+
+impl RenderedPieces {
+    /// The main template's view: `layout` and these pieces, each without its last newline (the
+    /// main template writes each `{{this}}` on a line of its own).
+    fn main_view<'a>(&'a self, layout: &'a view::LayoutView) -> MainView<'a> {
+        let line = |piece: &'a Arc<str>| -> &'a str { piece.strip_suffix('\n').unwrap_or(piece) };
+        MainView {
+            layout,
+            http: line(&self.http),
+            https: self.https.as_ref().map(line),
+            http_extra: self.http_extra.iter().map(line).collect(),
+            http_backends: self.http_backends.iter().map(line).collect(),
+            tcp_backends: self.tcp_backends.iter().map(line).collect(),
+        }
+    }
+}
+
+/// What `haproxy.cfg.hbs` renders with: the layout's values, and the text of each frontend and
+/// backend.
+#[derive(Serialize)]
+struct MainView<'a> {
+    #[serde(flatten)]
+    layout: &'a view::LayoutView,
+    http: &'a str,
+    https: Option<&'a str>,
+    http_extra: Vec<&'a str>,
+    http_backends: Vec<&'a str>,
+    tcp_backends: Vec<&'a str>,
 }
 
 /// A rendered configuration: haproxy.cfg's text and the map files (in [`MAPS_DIR`]) it reads.

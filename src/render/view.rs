@@ -30,27 +30,35 @@ const STATS_USERLIST: &str = "stats_users";
 /// backends always end in `-be<index>`, so it clashes with none.
 const STATS_PROXY: &str = "stats";
 
-/// The whole configuration, as the main template sees it.
-#[derive(Debug, Serialize)]
+/// The whole configuration: the frontends and backends, each rendered with its own template and
+/// view (see the parent module's `render_pieces`), and the rest of the main template's view.
+#[derive(Debug)]
 pub(super) struct ConfigView {
+    /// What the main template sees besides the rendered frontends and backends.
+    pub(super) layout: LayoutView,
+    /// The main HTTP frontend on `http_port`.
+    pub(super) http: FrontendView,
+    /// The HTTPS frontend: the main frontend's rules behind TLS, when certificates exist.
+    pub(super) https: Option<FrontendView>,
+    /// Extra HTTP frontends, one per HTTP `srcPort`, by port.
+    pub(super) http_extra: Vec<FrontendView>,
+    /// Backends of HTTP destinations, by service then destination index.
+    pub(super) http_backends: Vec<BackendView>,
+    /// Backends of TCP destinations, by service then destination index.
+    pub(super) tcp_backends: Vec<BackendView>,
+}
+
+/// The main template's view besides the frontends and backends.
+#[derive(Debug, Serialize)]
+pub(super) struct LayoutView {
     stats_socket: String,
     error_503: String,
-    /// The main HTTP frontend on `http_port`.
-    http: FrontendView,
-    /// The HTTPS frontend: the main frontend's rules behind TLS, when certificates exist.
-    https: Option<FrontendView>,
-    /// Extra HTTP frontends, one per HTTP `srcPort`, by port.
-    http_extra: Vec<FrontendView>,
-    /// Backends of HTTP destinations, by service then destination index.
-    http_backends: Vec<BackendView>,
     /// TCP frontends, by port.
     tcp_frontends: Vec<TcpFrontendView>,
     /// SNI frontends (`reqMode=sni`), by port.
     sni_frontends: Vec<SniFrontendView>,
     /// Whether any TCP or SNI frontend needs the tcp defaults section.
     tcp_defaults: bool,
-    /// Backends of TCP destinations, by service then destination index.
-    tcp_backends: Vec<BackendView>,
     /// Basic-auth userlists: `--users`, then each service's own by service name, then the stats
     /// page's.
     userlists: Vec<UserlistView>,
@@ -66,7 +74,7 @@ pub(super) struct ConfigView {
 }
 
 #[derive(Debug, Serialize)]
-struct FrontendView {
+pub(super) struct FrontendView {
     name: String,
     bind: String,
     /// `X-Forwarded-Proto` sent to the backends, when this frontend sets it.
@@ -199,7 +207,7 @@ struct TcpFrontendView {
 }
 
 #[derive(Debug, Serialize)]
-struct BackendView {
+pub(super) struct BackendView {
     name: String,
     mode: &'static str,
     /// `http-request`/`http-response` rules of the destination, in the order HAProxy runs them.
@@ -1160,21 +1168,23 @@ pub(super) fn build(
         .map(|(port, rules)| frontend(format!("http_{port}"), port, rules))
         .collect();
     Ok(ConfigView {
-        maps: Vec::new(),
-        tcp_defaults: !tcp_frontends.is_empty() || !sni_frontends.is_empty(),
-        sni_frontends,
-        stats_socket,
-        error_503,
+        layout: LayoutView {
+            tcp_defaults: !tcp_frontends.is_empty() || !sni_frontends.is_empty(),
+            sni_frontends,
+            stats_socket,
+            error_503,
+            tcp_frontends,
+            userlists,
+            stats,
+            proxy_wide: super::proxy_wide::view(&settings.proxy_wide),
+            acme_challenge: settings.acme_challenge.map(acme_challenge_view),
+            maps: Vec::new(),
+        },
         http,
         https,
         http_extra,
         http_backends,
-        tcp_frontends,
         tcp_backends,
-        userlists,
-        stats,
-        proxy_wide: super::proxy_wide::view(&settings.proxy_wide),
-        acme_challenge: settings.acme_challenge.map(acme_challenge_view),
     })
 }
 
@@ -1248,12 +1258,12 @@ impl ConfigView {
         for frontend in frontends {
             maps.extend(route_frontend_through_maps(frontend));
         }
-        self.maps = maps;
+        self.layout.maps = maps;
     }
 
     /// The map files of the frontends' map lines, by name.
     pub(super) fn take_maps(&mut self) -> Vec<MapFile> {
-        let mut maps = std::mem::take(&mut self.maps);
+        let mut maps = std::mem::take(&mut self.layout.maps);
         maps.sort_by(|a, b| a.name.cmp(&b.name));
         maps
     }
@@ -1347,6 +1357,13 @@ impl ConfigView {
             }
         }
         Ok(())
+    }
+}
+
+impl BackendView {
+    /// The rendered `templateBePath` fragment written instead of this backend, if it has one.
+    pub(super) fn custom_text(&self) -> Option<&str> {
+        self.has_custom.then_some(self.custom.as_str())
     }
 }
 

@@ -35,6 +35,7 @@ mod registry_crash;
 mod registry_load;
 mod reload_path;
 mod restore;
+mod restore_at_scale;
 mod route_conflicts;
 mod routing;
 mod routing_maps;
