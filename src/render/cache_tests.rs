@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::tests::{inst, routes, spec};
 use super::*;
 use crate::spec::{Instance, ServiceSpec, TimeoutName};
 
@@ -39,21 +40,6 @@ fn plain_services(count: usize) -> Vec<(ServiceSpec, Vec<Instance>)> {
             (spec, instances)
         })
         .collect()
-}
-
-fn spec(pairs: &[(&str, &str)]) -> ServiceSpec {
-    let pairs: Vec<(String, String)> = pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    match ServiceSpec::from_query(&pairs) {
-        Ok(spec) => spec,
-        Err(error) => panic!("test spec rejected: {error}"),
-    }
-}
-
-fn inst(address: &str, port: u16) -> Instance {
-    Instance::new(address, port).unwrap()
 }
 
 /// HTTP (with users, rules, headers, a `srcPort`), TCP and SNI services.
@@ -100,13 +86,6 @@ fn rich_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
             vec![inst("fd00::5", 8000)],
         ),
     ]
-}
-
-fn routes(services: &[(ServiceSpec, Vec<Instance>)]) -> Vec<ServiceRoute<'_>> {
-    services
-        .iter()
-        .map(|(spec, instances)| ServiceRoute { spec, instances })
-        .collect()
 }
 
 /// The CPU time this thread spends in `work` (other builds share the machine, so wall-clock time

@@ -9,7 +9,7 @@ use std::process::Command;
 use super::*;
 use crate::spec::{Instance, ServiceSpec};
 
-fn spec(pairs: &[(&str, &str)]) -> ServiceSpec {
+pub(super) fn spec(pairs: &[(&str, &str)]) -> ServiceSpec {
     let pairs: Vec<(String, String)> = pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -20,7 +20,7 @@ fn spec(pairs: &[(&str, &str)]) -> ServiceSpec {
     }
 }
 
-fn inst(address: &str, port: u16) -> Instance {
+pub(super) fn inst(address: &str, port: u16) -> Instance {
     Instance::new(address, port).unwrap()
 }
 
@@ -97,7 +97,7 @@ fn rich_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
     ]
 }
 
-fn routes(services: &[(ServiceSpec, Vec<Instance>)]) -> Vec<ServiceRoute<'_>> {
+pub(super) fn routes(services: &[(ServiceSpec, Vec<Instance>)]) -> Vec<ServiceRoute<'_>> {
     services
         .iter()
         .map(|(spec, instances)| ServiceRoute { spec, instances })
