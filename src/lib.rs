@@ -22,23 +22,23 @@
 //!   `maxconn`, extra config lines, captured headers) as checked types.
 //! - [`proxy`]: the core; owns the routing state and the certificates and applies each change in
 //!   order (resolve → render → start the new HAProxy on it → persist → promote → answer) from one
-//!   bounded queue;
+//!   bounded queue, or, when only server slots or map entries change, over HAProxy's Runtime API
+//!   without a reload (the instance kept in its slot: `slots`; map entries: `map_changes`);
 //!   restores the stored specs and certificates on start and then follows them, the proxy-wide
 //!   settings kept in KV (`<kv-prefix>/settings/`) and the routed services' instances (two
 //!   blocking queries that detect changes to checks and to the catalog, then reads of only the
 //!   services that changed), so every proxy sharing a Consul converges without calls between
 //!   proxies, over a few connections to Consul however many services it routes.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
-//!   (and a service's own fragments from `--templates-dir`, read at each render), and the map
-//!   files plain path and domain rules are routed through.
+//!   (and a service's own fragments from `--templates-dir`, read at each render), each frontend
+//!   and backend rendered with its own view and cached by it, the server slots of each backend,
+//!   and the map files plain path and domain rules are routed through.
 //! - [`haproxy`]: validation and seamless reload in one parse, a new process started on the
 //!   candidate with `-x`/`-sf` (after checking that the serving process answers and that every
 //!   new listening port is free; `haproxy -c` only where nothing serves yet), atomic swaps of the
 //!   live file once a change is stored, the map files (changed at runtime too), server slots
 //!   changed over the Runtime API, the certificate files and crt-list it reads, and supervision
-//!   of the HAProxy
-//!   processes (a dead or hung one is replaced from
-//!   the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
+//!   of the HAProxy processes (a dead or hung one is replaced from the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
 //! - [`limits`]: the open-files limit, raised to the hard limit at start, and the API's answer
 //!   when it is reached anyway.
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
