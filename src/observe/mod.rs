@@ -39,7 +39,7 @@ pub enum ChangeKind {
     PutCert,
     /// A certificate deleted (`DELETE /cert`).
     DeleteCert,
-    /// New healthy instances seen by an instance watch.
+    /// New healthy instances seen by the instance follower.
     Instances,
     /// A new version of the stored specs seen by the KV watch (a change made through another
     /// proxy, or a restore).

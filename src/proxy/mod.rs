@@ -2,7 +2,7 @@
 //!
 //! Every change goes through one queue and is applied by one task, so changes never interleave:
 //! API calls (reconfigure, remove, reload), new versions of the stored specs seen by the KV watch
-//! (see [`stored`]), and new healthy instances seen by the instance watches (see [`instances`]).
+//! (see [`stored`]), and new healthy instances seen by the instance follower (see [`instances`]).
 //! Changes that queue up while one is being applied are applied together, with one validation
 //! and one reload (a burst of N deployments costs one reload, not N); if anything in such a batch
 //! fails, none of it stays applied and its changes are applied one at a time, so each caller gets
@@ -215,7 +215,7 @@ enum Change {
     Reload,
     /// A version of the stored specs read by the KV watch.
     Stored(StoredSpecs),
-    /// The healthy instances of a Consul service, read by its instance watch.
+    /// The healthy instances of a Consul service, read by the instance follower.
     Instances {
         consul_service: InstanceQuery,
         instances: Vec<Instance>,
@@ -303,7 +303,7 @@ pub struct HttpsOptions {
 impl Proxy {
     /// Restores the specs stored in KV (one attempt; on failure the KV watch retries in the
     /// background while HAProxy serves its last good configuration), then starts the core task,
-    /// the KV watch and the instance watches.
+    /// the KV watch and the instance follower.
     pub async fn start(parts: ProxyParts) -> Proxy {
         let (changes, queue) = mpsc::channel(CHANNEL_CAPACITY);
         let (published, services) = watch::channel(Arc::new(Vec::new()));

@@ -3,7 +3,7 @@
 //! `reqPathSearchReplace`, and Docker Flow Proxy's older `reqPathSearch`/`reqPathReplace` pair).
 //!
 //! - `serviceTag=rest,v1` (per service): only instances carrying every listed Consul tag are
-//!   routed; the registry is asked with `?tag=rest&tag=v1`, and so is the service's instance watch.
+//!   routed; the registry is asked with `?tag=rest&tag=v1`, and so does the instance follower.
 //! - `stripPath.N=true` (per destination; the unsuffixed value is every destination's default):
 //!   the matched `servicePath` prefix is removed, `/hello/v1/x?q=1` → `/x?q=1`, `/hello/v1` → `/`.
 //!   Only for `path_beg` and `path` destinations: with the other path types there is no prefix.
