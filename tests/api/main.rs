@@ -28,6 +28,7 @@ mod metrics;
 mod migration;
 mod open_files;
 mod outages;
+mod pool_backends;
 mod packaging;
 mod proxy_client;
 mod proxy_wide;
