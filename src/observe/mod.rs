@@ -193,11 +193,7 @@ impl RoutedService {
     pub fn backend_name(&self, destination: &crate::spec::Destination) -> String {
         match self.pool_backends.get(&destination.index()) {
             Some(pool_backend) => pool_backend.clone(),
-            None => format!(
-                "{}-be{}",
-                self.spec.service_name(),
-                destination.index()
-            ),
+            None => format!("{}-be{}", self.spec.service_name(), destination.index()),
         }
     }
 }

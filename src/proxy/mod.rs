@@ -1010,6 +1010,8 @@ impl Core {
         let mut requested_certs = BTreeSet::new();
         let mut force_reload = false;
         let mut candidate_pool = self.pool.clone();
+        // The slots the services this change puts in a pool backend would have without it.
+        let mut slots_outside_pool: Vec<(ServiceName, ServerSlots)> = Vec::new();
         // The slots of the applied configuration, read once, for services not routed yet.
         let mut applied_slots: Option<SlotLines<'_>> = None;
         for change in changes {
@@ -1029,10 +1031,17 @@ impl Core {
                     });
                     let previous = candidate.get(&name);
                     let mut routed = Routed::new(spec.clone(), instances, previous, applied);
-                    if previous.is_none() && may_take_pool_backends(spec) && candidate_pool.assign(spec) {
+                    if previous.is_none()
+                        && may_take_pool_backends(spec)
+                        && candidate_pool.assign(spec)
+                    {
                         // A free pool backend's spare slots (see `BackendPool`).
                         let spare = ServerSlots::from_slots(vec![None; POOL_SLOTS]);
-                        routed.slots = slots::reassign(Some(&spare), &routed.instances);
+                        let own = std::mem::replace(
+                            &mut routed.slots,
+                            slots::reassign(Some(&spare), &routed.instances),
+                        );
+                        slots_outside_pool.push((name.clone(), own));
                     }
                     candidate.insert(name.clone(), routed);
                     requested.insert(name);
@@ -1101,6 +1110,20 @@ impl Core {
                     && self.runtime_changes(&rendered.config).is_some()));
         if !without_reload && !candidate_pool.is_empty() {
             // A reload gives every service its own backend back and fills the pool again.
+            // Each of them gets the slots it would have had without the pool: those it had
+            // before this change put it in a pool backend, else its instances packed (what a
+            // flow-proxy started on the stored specs renders).
+            for ((name, _), _) in candidate_pool.assignments() {
+                if let Some(routed) = candidate.get_mut(name) {
+                    routed.slots = slots_outside_pool
+                        .iter()
+                        .find(|(tentative, _)| tentative == name)
+                        .map_or_else(
+                            || ServerSlots::packed(&routed.instances),
+                            |(_, own)| own.clone(),
+                        );
+                }
+            }
             candidate_pool.clear();
             rendered = self
                 .render_with(
@@ -1672,7 +1695,8 @@ impl Core {
 
     fn commit(&mut self, state: RoutingState) {
         self.state = state;
-        self.pool.retain_services(|name| self.state.contains_key(name));
+        self.pool
+            .retain_services(|name| self.state.contains_key(name));
         let specs = self
             .state
             .values()

@@ -74,7 +74,8 @@ impl BackendPool {
         if destinations.len() > self.free() {
             return false;
         }
-        let mut numbers = (1..=self.size).filter(|number| !self.assigned.values().any(|n| n == number));
+        let mut numbers =
+            (1..=self.size).filter(|number| !self.assigned.values().any(|n| n == number));
         let mut taken = Vec::with_capacity(destinations.len());
         for destination in destinations {
             match numbers.next() {
@@ -97,6 +98,11 @@ impl BackendPool {
     /// Keeps only the assignments of the services `keep` says are still routed.
     pub fn retain_services(&mut self, mut keep: impl FnMut(&ServiceName) -> bool) {
         self.assigned.retain(|(name, _), _| keep(name));
+    }
+
+    /// Every assignment: (service, destination index) and its pool number.
+    pub fn assignments(&self) -> impl Iterator<Item = (&(ServiceName, u16), &usize)> {
+        self.assigned.iter()
     }
 
     /// Frees every pool backend (after a reload, every service has its own backend back).
@@ -136,7 +142,7 @@ pub(super) fn free_pool_spec(number: usize) -> Result<ServiceSpec, super::Render
         ("serviceName".to_string(), pool_backend_name(number)),
         ("servicePath".to_string(), "/".to_string()),
     ];
-    ServiceSpec::from_query(&pairs).map_err(|error| super::RenderError::Render(format!(
-        "the spec of pool backend {number}: {error}"
-    )))
+    ServiceSpec::from_query(&pairs).map_err(|error| {
+        super::RenderError::Render(format!("the spec of pool backend {number}: {error}"))
+    })
 }

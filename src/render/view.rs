@@ -11,8 +11,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::backend::{tcp_timeout_client, tuning_view, BackendTuningView};
-use super::pool::{free_pool_spec, pool_backend_name, BackendPool, POOL_SLOTS};
 use super::maps::{route_through_maps, MapFile, MapRouteView, MapRouting, PlainRoute, Routed};
+use super::pool::{free_pool_spec, pool_backend_name, BackendPool, POOL_SLOTS};
 use super::servers::{server_views, ServerSlots, ServerView};
 use super::{
     RenderError, RenderSettings, ServiceRoute, SlotsByService, StatsSettings, TlsSettings,

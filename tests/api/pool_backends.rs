@@ -132,7 +132,11 @@ async fn the_pool_is_refilled_in_the_background_when_it_runs_low() {
         .reconfigure_ok("serviceName=new6&servicePath=/new6")
         .await;
     assert_eq!(answer(&proxy, "/new6").await, "new6");
-    assert_eq!(serving_pid(&proxy).await, refilled_pid, "no reload for new6");
+    assert_eq!(
+        serving_pid(&proxy).await,
+        refilled_pid,
+        "no reload for new6"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +176,10 @@ async fn a_new_service_that_needs_new_config_text_reloads() {
     let headed = |version: &'static str| {
         proxy
             .http()
-            .get(format!("http://127.0.0.1:{}/headed", proxy.settings().http_port))
+            .get(format!(
+                "http://127.0.0.1:{}/headed",
+                proxy.settings().http_port
+            ))
             .header("X-Version", version)
             .send()
     };
@@ -181,7 +188,11 @@ async fn a_new_service_that_needs_new_config_text_reloads() {
     let body = response.text().await.expect("body");
     assert!(body.starts_with("headed"), "{body}");
     let other = headed("4").await.expect("HAProxy answers");
-    assert_eq!(other.status(), StatusCode::SERVICE_UNAVAILABLE, "no rule matches");
+    assert_eq!(
+        other.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no rule matches"
+    );
 }
 
 /// A proxy serving `fresh` from a pool backend (no reload since `seed`).
