@@ -161,6 +161,8 @@ mod view;
 #[cfg(test)]
 mod cache_tests;
 #[cfg(test)]
+mod pool_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::IpAddr;
