@@ -38,6 +38,15 @@
 //! paths or domains changed), the specs are persisted and the entries are changed over the
 //! Runtime API after the live map files are rewritten (see [`map_changes`]): no reload.
 //!
+//! A new service whose every destination is HTTP on the main frontend first tries free pool
+//! backends ([`BackendPool`]): the change is rendered with its destinations in them, and when that
+//! file differs from the running one only in server slots (its backend is the default one and its
+//! rules join existing maps), it goes the runtime way above: slots filled, map entries added, no
+//! reload. Otherwise, and for every change that reloads, the pool is given back (each service is
+//! rendered under its own `<service>-be<index>` with the slots it would have without the pool) and
+//! the change is validated and reloaded. When fewer than half of the pool backends are free, the
+//! core queues a reload of its own (`Change::RefillPool`), applied after the answers.
+//!
 //! The stored specs are the shared truth between proxies: on start the core restores them, and
 //! afterwards it follows them, so a change made through another proxy reaches this one without any
 //! call between proxies. A version of the stored specs older than this proxy's own last write is

@@ -12,6 +12,9 @@
 //!   sni destination on that port).
 //! - Backends: `<serviceName>-be<index>`, one per destination, even without instances (then
 //!   HAProxy answers 503 with the clean error page).
+//! - Pool backends: `pool-1` … `pool-<n>` after every service's HTTP backend, when the caller
+//!   keeps a pool ([`BackendPool`]; the proxy core keeps [`POOL_SIZE`]): empty backends a new
+//!   default plain service takes without a reload (see the `pool` module).
 //! - Acls: `path_<backend>`, `domain_<backend>`, `sni_<backend>`, `exclude_<backend>`, `header_<backend>_<n>`,
 //!   `agent_<backend>`.
 //! - Servers: slots `s1`, `s2`, … (see the `servers` module): a backend fed by instances has

@@ -12,6 +12,7 @@ use reqwest::StatusCode;
 use crate::fleet::eventually;
 use crate::helpers::{spawn_backend, Backend, TestProxy};
 use crate::metrics::{scrape, value};
+use crate::status_page::visible_text;
 
 /// The PID of the HAProxy process serving now.
 async fn serving_pid(proxy: &TestProxy) -> u32 {
@@ -244,6 +245,26 @@ async fn a_pool_service_stays_after_flow_proxy_restarts() {
     assert_eq!(answer(&proxy, "/seed").await, "seed");
     // The restart rendered the stored specs: the service has its own backend again.
     assert!(proxy.config().await.contains("backend fresh-be0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_health_of_a_pool_service_instance() {
+    let (proxy, backends) = fresh_on_a_pool_backend().await;
+    let up = format!("127.0.0.1:{} UP", backends[1].port);
+    eventually(
+        "the status page shows fresh's instance UP",
+        Duration::from_secs(10),
+        || async {
+            let page = proxy
+                .http()
+                .get(proxy.api("/"))
+                .send()
+                .await
+                .expect("the API answers");
+            visible_text(&page.text().await.unwrap_or_default()).contains(&up)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
