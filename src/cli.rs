@@ -234,7 +234,14 @@ pub fn render(args: &RenderArgs) -> Result<String, CliError> {
                 .map_or(&[], Vec::as_slice),
         })
         .collect();
-    let rendered = renderer.render_with_maps(&render_settings, &routes, None)?;
+    // The pool backends a proxy writes, all free (a proxy starting on these specs renders the same).
+    let rendered = renderer.render_slotted(
+        &render_settings,
+        &routes,
+        None,
+        &crate::render::SlotsByService::new(),
+        &crate::render::BackendPool::with_size(crate::render::POOL_SIZE),
+    )?;
     if let Some(dir) = &args.write_maps {
         crate::render::write_map_files(dir, &rendered.maps).map_err(|source| {
             CliError::WriteFile {

@@ -98,10 +98,7 @@ pub fn backends_by_service(services: &[RoutedService]) -> BTreeMap<String, Strin
     for service in services {
         let name = service.spec.service_name().as_str();
         for destination in service.spec.destinations() {
-            backends.insert(
-                format!("{name}-be{}", destination.index()),
-                name.to_string(),
-            );
+            backends.insert(service.backend_name(destination), name.to_string());
         }
     }
     backends

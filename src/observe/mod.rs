@@ -9,7 +9,7 @@
 pub mod haproxy_stats;
 pub mod status;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -182,6 +182,20 @@ pub struct RoutedService {
     pub spec: ServiceSpec,
     /// The instances its backends hold.
     pub instances: Vec<Instance>,
+    /// The pool backend each destination sits in, by destination index, when it does (a new
+    /// service served without reload; see `render::BackendPool`); the others are
+    /// `<serviceName>-be<index>`.
+    pub pool_backends: BTreeMap<u16, String>,
+}
+
+impl RoutedService {
+    /// The name HAProxy knows `destination`'s backend by.
+    pub fn backend_name(&self, destination: &crate::spec::Destination) -> String {
+        match self.pool_backends.get(&destination.index()) {
+            Some(pool_backend) => pool_backend.clone(),
+            None => format!("{}-be{}", self.spec.service_name(), destination.index()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -181,7 +181,7 @@ impl StatusView {
                             .destinations()
                             .iter()
                             .filter_map(|d| {
-                                let backend = format!("{name}-be{}", d.index());
+                                let backend = routed.backend_name(d);
                                 let port = d.port().map_or(instance.port(), |port| port.get());
                                 let server = format!("{}_{port}", instance.address());
                                 health.get(&(backend.as_str(), server)).copied()

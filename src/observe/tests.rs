@@ -29,6 +29,7 @@ fn shop() -> RoutedService {
             Instance::new("10.0.0.1", 8080).expect("instance"),
             Instance::new("10.0.0.2", 8080).expect("instance"),
         ],
+        pool_backends: Default::default(),
     }
 }
 

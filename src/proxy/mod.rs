@@ -38,6 +38,15 @@
 //! paths or domains changed), the specs are persisted and the entries are changed over the
 //! Runtime API after the live map files are rewritten (see [`map_changes`]): no reload.
 //!
+//! A new service whose every destination is HTTP on the main frontend first tries free pool
+//! backends ([`BackendPool`]): the change is rendered with its destinations in them, and when that
+//! file differs from the running one only in server slots (its backend is the default one and its
+//! rules join existing maps), it goes the runtime way above: slots filled, map entries added, no
+//! reload. Otherwise, and for every change that reloads, the pool is given back (each service is
+//! rendered under its own `<service>-be<index>` with the slots it would have without the pool) and
+//! the change is validated and reloaded. When fewer than half of the pool backends are free, the
+//! core queues a reload of its own (`Change::RefillPool`), applied after the answers.
+//!
 //! The stored specs are the shared truth between proxies: on start the core restores them, and
 //! afterwards it follows them, so a change made through another proxy reaches this one without any
 //! call between proxies. A version of the stored specs older than this proxy's own last write is
@@ -73,8 +82,8 @@ use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer, ServerSlots,
-    ServiceRoute, SlotLines, SlotsByService, TlsSettings,
+    BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer,
+    ServerSlots, ServiceRoute, SlotLines, SlotsByService, TlsSettings, POOL_SIZE, POOL_SLOTS,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -213,6 +222,9 @@ enum Change {
     /// Delete a stored certificate.
     DeleteCert(ServiceName),
     Reload,
+    /// Reload so that every service has its own backend again and the pool is full (queued by
+    /// the core itself when the free pool backends run low; see [`BackendPool`]).
+    RefillPool,
     /// A version of the stored specs read by the KV watch.
     Stored(StoredSpecs),
     /// The healthy instances of a Consul service, read by the instance follower.
@@ -355,6 +367,9 @@ impl Proxy {
             },
             observer: parts.observer.clone(),
             timings: StepTimings::default(),
+            pool: BackendPool::with_size(POOL_SIZE),
+            refill_queued: false,
+            queue: changes.downgrade(),
         };
         let mut index = WatchIndex::default();
         let import_pending = match stored::first_read(&store, &mut index).await {
@@ -553,6 +568,13 @@ struct Core {
     observer: Observer,
     /// How long the validation and reload of the change being applied took.
     timings: StepTimings,
+    /// The pool backends of the applied configuration and the services that sit in them (see
+    /// [`BackendPool`]).
+    pool: BackendPool,
+    /// Whether a [`Change::RefillPool`] is queued.
+    refill_queued: bool,
+    /// The core's own queue, for the pool refill it queues itself.
+    queue: mpsc::WeakSender<Pending>,
 }
 
 /// The proxy-wide settings: the flags, and the settings in Consul KV over them.
@@ -699,7 +721,7 @@ impl Core {
             Change::Instances { consul_service, .. } => {
                 (ChangeKind::Instances, Some(consul_service.to_string()))
             }
-            Change::Stored(_) | Change::Stop => return,
+            Change::Stored(_) | Change::Stop | Change::RefillPool => return,
         };
         // The routed services the change concerns: the named one, or those fed by the Consul
         // service whose instances changed.
@@ -996,6 +1018,9 @@ impl Core {
         let mut requested = BTreeSet::new();
         let mut requested_certs = BTreeSet::new();
         let mut force_reload = false;
+        let mut candidate_pool = self.pool.clone();
+        // The slots the services this change puts in a pool backend would have without it.
+        let mut slots_outside_pool: Vec<(ServiceName, ServerSlots)> = Vec::new();
         // The slots of the applied configuration, read once, for services not routed yet.
         let mut applied_slots: Option<SlotLines<'_>> = None;
         for change in changes {
@@ -1013,13 +1038,26 @@ impl Core {
                     let applied = applied_slots.get_or_insert_with(|| {
                         SlotLines::of(self.applied_config.as_deref().unwrap_or_default())
                     });
-                    let routed =
-                        Routed::new(spec.clone(), instances, candidate.get(&name), applied);
+                    let previous = candidate.get(&name);
+                    let mut routed = Routed::new(spec.clone(), instances, previous, applied);
+                    if previous.is_none()
+                        && may_take_pool_backends(spec)
+                        && candidate_pool.assign(spec)
+                    {
+                        // A free pool backend's spare slots (see `BackendPool`).
+                        let spare = ServerSlots::from_slots(vec![None; POOL_SLOTS]);
+                        let own = std::mem::replace(
+                            &mut routed.slots,
+                            slots::reassign(Some(&spare), &routed.instances),
+                        );
+                        slots_outside_pool.push((name.clone(), own));
+                    }
                     candidate.insert(name.clone(), routed);
                     requested.insert(name);
                     outcomes.push(Some(spec.clone()));
                 }
                 Change::Remove(name) => {
+                    candidate_pool.release(name);
                     match candidate.remove(name) {
                         Some(removed) => outcomes.push(Some(removed.spec)),
                         // Not routed because its stored spec does not validate: delete that.
@@ -1048,6 +1086,11 @@ impl Core {
                     force_reload = true;
                     outcomes.push(None);
                 }
+                Change::RefillPool => {
+                    self.refill_queued = false;
+                    force_reload = true;
+                    outcomes.push(None);
+                }
                 Change::Instances {
                     consul_service,
                     instances,
@@ -1062,7 +1105,44 @@ impl Core {
                 Change::Stored(_) | Change::Stop => outcomes.push(None),
             }
         }
-        let rendered = self.render(&candidate, &candidate_certs).await?;
+        let mut rendered = self
+            .render_with(
+                &self.render_settings,
+                &candidate,
+                &candidate_certs,
+                &candidate_pool,
+            )
+            .await?;
+        let without_reload = !force_reload
+            && (self.applied_config.as_deref() == Some(rendered.config.as_str())
+                || (requested_certs.is_empty()
+                    && self.runtime_changes(&rendered.config).is_some()));
+        if !without_reload && !candidate_pool.is_empty() {
+            // A reload gives every service its own backend back and fills the pool again.
+            // Each of them gets the slots it would have had without the pool: those it had
+            // before this change put it in a pool backend, else its instances packed (what a
+            // flow-proxy started on the stored specs renders).
+            for ((name, _), _) in candidate_pool.assignments() {
+                if let Some(routed) = candidate.get_mut(name) {
+                    routed.slots = slots_outside_pool
+                        .iter()
+                        .find(|(tentative, _)| tentative == name)
+                        .map_or_else(
+                            || ServerSlots::packed(&routed.instances),
+                            |(_, own)| own.clone(),
+                        );
+                }
+            }
+            candidate_pool.clear();
+            rendered = self
+                .render_with(
+                    &self.render_settings,
+                    &candidate,
+                    &candidate_certs,
+                    &candidate_pool,
+                )
+                .await?;
+        }
         let config = rendered.config.as_str();
         if !force_reload && self.applied_config.as_deref() == Some(config) {
             // Nothing HAProxy would notice, or only map entries (changed at runtime): store the
@@ -1083,6 +1163,7 @@ impl Core {
                     return Err(error);
                 }
             }
+            self.commit_pool(candidate_pool);
             self.commit(candidate);
             self.commit_certs(candidate_certs).await;
             return Ok(outcomes);
@@ -1106,6 +1187,7 @@ impl Core {
                 self.put_back_stored_specs(&persisted).await;
                 return Err(error);
             }
+            self.commit_pool(candidate_pool);
             self.commit(candidate);
             self.commit_certs(candidate_certs).await;
             return Ok(outcomes);
@@ -1152,6 +1234,7 @@ impl Core {
                 None => tracing::info!(service = %name, "service removed"),
             }
         }
+        self.commit_pool(candidate_pool);
         self.commit(candidate);
         self.commit_certs(candidate_certs).await;
         Ok(outcomes)
@@ -1375,7 +1458,7 @@ impl Core {
     /// `settings` are the ones in force. On failure nothing changed (the live file is put back).
     async fn apply_settings(&mut self, settings: RenderSettings) -> Result<(), ProxyError> {
         let rendered = self
-            .render_with(&settings, &self.state, &self.certs)
+            .render_with(&settings, &self.state, &self.certs, &self.pool)
             .await?;
         if self.applied_config.as_deref() != Some(rendered.config.as_str()) {
             self.haproxy
@@ -1438,7 +1521,8 @@ impl Core {
         state: &RoutingState,
         certs: &Certificates,
     ) -> Result<Rendered, ProxyError> {
-        self.render_with(&self.render_settings, state, certs).await
+        self.render_with(&self.render_settings, state, certs, &self.pool)
+            .await
     }
 
     /// [`Core::render`] with other settings than the ones in force (a candidate's).
@@ -1447,6 +1531,7 @@ impl Core {
         settings: &RenderSettings,
         state: &RoutingState,
         certs: &Certificates,
+        pool: &BackendPool,
     ) -> Result<Rendered, ProxyError> {
         let routes: Vec<ServiceRoute<'_>> = state
             .values()
@@ -1473,7 +1558,7 @@ impl Core {
             });
         Ok(self
             .renderer
-            .render_slotted(settings, &routes, tls.as_ref(), &slots)?)
+            .render_slotted(settings, &routes, tls.as_ref(), &slots, pool)?)
     }
 
     /// Stores the candidate's specs of `names` (deleting those it does not route). If one fails,
@@ -1598,8 +1683,29 @@ impl Core {
         }
     }
 
+    /// Makes `pool` the applied pool assignment; when its free backends run low, queues a
+    /// [`Change::RefillPool`], applied after the callers of this change have their answer.
+    fn commit_pool(&mut self, pool: BackendPool) {
+        self.pool = pool;
+        if self.pool.free() < POOL_REFILL_BELOW && !self.refill_queued {
+            self.refill_queued = true;
+            let queue = self.queue.clone();
+            tracing::info!(
+                free = self.pool.free(),
+                "the pool of backends runs low; refilling it with a reload"
+            );
+            tokio::spawn(async move {
+                if let Some(Err(error)) = submit_internal(&queue, Change::RefillPool).await {
+                    tracing::warn!(%error, "refilling the pool of backends failed");
+                }
+            });
+        }
+    }
+
     fn commit(&mut self, state: RoutingState) {
         self.state = state;
+        self.pool
+            .retain_services(|name| self.state.contains_key(name));
         let specs = self
             .state
             .values()
@@ -1612,6 +1718,7 @@ impl Core {
                 .map(|routed| RoutedService {
                     spec: routed.spec.clone(),
                     instances: routed.instances.clone(),
+                    pool_backends: self.pool.backends_of(routed.spec.service_name()),
                 })
                 .collect(),
         );
@@ -1650,6 +1757,20 @@ fn rejected(error: HaproxyError, caused_by_request: bool) -> ProxyError {
 /// How many instance reads a restore keeps in flight: thousands of stored specs are read in a
 /// fraction of the time one after the other takes, with few connections to the registry.
 const RESTORE_READS_IN_FLIGHT: usize = 8;
+
+/// Below this many free pool backends the core queues a reload that fills the pool again.
+const POOL_REFILL_BELOW: usize = POOL_SIZE / 2;
+
+/// Whether a new service may try the pool backends: every destination is HTTP on the main
+/// frontend (the pool backends are HTTP backends; a `srcPort` of its own needs a new frontend).
+/// Whether it goes live without reload is then decided by comparing the renders.
+fn may_take_pool_backends(spec: &ServiceSpec) -> bool {
+    spec.destinations().iter().all(|destination| {
+        destination.req_mode() == crate::spec::ReqMode::Http
+            && destination.src_port().is_none()
+            && destination.routing().outbound_hostname.is_none()
+    })
+}
 
 /// The healthy instances of each spec (in order), [`RESTORE_READS_IN_FLIGHT`] reads at a time.
 async fn instances_of_each(

@@ -12,6 +12,9 @@
 //!   sni destination on that port).
 //! - Backends: `<serviceName>-be<index>`, one per destination, even without instances (then
 //!   HAProxy answers 503 with the clean error page).
+//! - Pool backends: `pool-1` … `pool-<n>` after every service's HTTP backend, when the caller
+//!   keeps a pool ([`BackendPool`]; the proxy core keeps [`POOL_SIZE`]): empty backends a new
+//!   default plain service takes without a reload (see the `pool` module).
 //! - Acls: `path_<backend>`, `domain_<backend>`, `sni_<backend>`, `exclude_<backend>`, `header_<backend>_<n>`,
 //!   `agent_<backend>`.
 //! - Servers: slots `s1`, `s2`, … (see the `servers` module): a backend fed by instances has
@@ -153,12 +156,15 @@ mod backend;
 mod cache;
 mod custom;
 pub mod maps;
+mod pool;
 mod proxy_wide;
 mod servers;
 mod view;
 
 #[cfg(test)]
 mod cache_tests;
+#[cfg(test)]
+mod pool_tests;
 #[cfg(test)]
 mod tests;
 
@@ -174,6 +180,7 @@ use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
 pub use maps::{write_map_files, MapFile, MAPS_DIR};
+pub use pool::{pool_backend_name, BackendPool, POOL_SIZE, POOL_SLOTS};
 pub use proxy_wide::ProxyWide;
 pub use servers::{capacity_for, slot_name, ServerSlots, SlotLines, SPARE_ADDRESS};
 
@@ -435,7 +442,13 @@ impl Renderer {
         tls: Option<&TlsSettings>,
     ) -> Result<String, RenderError> {
         Ok(self
-            .render_slotted(settings, services, tls, &SlotsByService::new())?
+            .render_slotted(
+                settings,
+                services,
+                tls,
+                &SlotsByService::new(),
+                &BackendPool::none(),
+            )?
             .config)
     }
 
@@ -447,17 +460,25 @@ impl Renderer {
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
     ) -> Result<Rendered, RenderError> {
-        self.render_slotted(settings, services, tls, &SlotsByService::new())
+        self.render_slotted(
+            settings,
+            services,
+            tls,
+            &SlotsByService::new(),
+            &BackendPool::none(),
+        )
     }
 
     /// [`Renderer::render_with_maps`] with the services' server slots as the caller assigned
-    /// them (the proxy core keeps each instance in its slot; see the `servers` module).
+    /// them (the proxy core keeps each instance in its slot; see the `servers` module) and the
+    /// pool backends of `pool` (see the `pool` module).
     pub fn render_slotted(
         &self,
         settings: &RenderSettings,
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
         slots: &SlotsByService<'_>,
+        pool: &BackendPool,
     ) -> Result<Rendered, RenderError> {
         for route in services {
             self.custom
@@ -468,7 +489,7 @@ impl Renderer {
                     message,
                 })?;
         }
-        let (mut text, maps) = self.render_views(settings, services, tls, slots)?;
+        let (mut text, maps) = self.render_views(settings, services, tls, slots, pool)?;
         if text.len() >= LARGE_CONFIG_BYTES {
             release_freed_memory();
         }
@@ -487,8 +508,9 @@ impl Renderer {
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
         slots: &SlotsByService<'_>,
+        pool: &BackendPool,
     ) -> Result<(String, Vec<MapFile>), RenderError> {
-        let mut view = view::build(settings, services, tls, slots)?;
+        let mut view = view::build(settings, services, tls, slots, pool)?;
         if self.custom_backend_partial {
             view.drop_spare_servers();
         }

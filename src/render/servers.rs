@@ -90,9 +90,23 @@ impl ServerSlots {
             .destinations()
             .iter()
             .find(|destination| destination.routing().outbound_hostname.is_none())?;
-        let lines = slots
-            .backends
-            .get(super::view::backend_name(spec, destination).as_str())?;
+        let backend = super::view::backend_name(spec, destination);
+        ServerSlots::read_back_from(slots, &backend, spec, instances)
+    }
+
+    /// [`ServerSlots::read_back`] from the backend named `backend` (e.g. the pool backend a new
+    /// service takes, see the `pool` module).
+    pub fn read_back_from(
+        slots: &SlotLines<'_>,
+        backend: &str,
+        spec: &ServiceSpec,
+        instances: &[Instance],
+    ) -> Option<ServerSlots> {
+        let destination = spec
+            .destinations()
+            .iter()
+            .find(|destination| destination.routing().outbound_hostname.is_none())?;
+        let lines = slots.backends.get(backend)?;
         let mut placed: Vec<&Instance> = Vec::new();
         let mut read = Vec::with_capacity(lines.len());
         for line in lines {

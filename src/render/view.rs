@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::backend::{tcp_timeout_client, tuning_view, BackendTuningView};
 use super::maps::{route_through_maps, MapFile, MapRouteView, MapRouting, PlainRoute, Routed};
+use super::pool::{free_pool_spec, pool_backend_name, BackendPool, POOL_SLOTS};
 use super::servers::{server_views, ServerSlots, ServerView};
 use super::{
     RenderError, RenderSettings, ServiceRoute, SlotsByService, StatsSettings, TlsSettings,
@@ -310,7 +311,11 @@ fn routing_acls(spec: &ServiceSpec, destination: &Destination, backend: &str) ->
 /// The backend of the main frontend's requests no rule matched: the `isDefaultBackend`
 /// service's first HTTP destination (by index) served by the main frontend. Should stored specs
 /// name two such services (the API refuses the second), the first by service name wins.
-fn default_backend(settings: &RenderSettings, sorted: &[&ServiceRoute<'_>]) -> Option<String> {
+fn default_backend(
+    settings: &RenderSettings,
+    sorted: &[&ServiceRoute<'_>],
+    pool: &BackendPool,
+) -> Option<String> {
     sorted
         .iter()
         .filter(|route| route.spec.is_default_backend())
@@ -324,7 +329,7 @@ fn default_backend(settings: &RenderSettings, sorted: &[&ServiceRoute<'_>]) -> O
                         && d.src_port()
                             .is_none_or(|port| port.get() == settings.http_port)
                 })
-                .map(|d| backend_name(route.spec, d))
+                .map(|d| pool.backend_name(route.spec, d))
         })
 }
 
@@ -543,8 +548,8 @@ fn rule_view(
     destination: &Destination,
     kind: FrontendKind,
     default_domain_algo: DomainAlgo,
+    backend: String,
 ) -> RuleView {
-    let backend = backend_name(spec, destination);
     let paths = destination.service_path();
     let path_acl = (!paths.is_empty()).then(|| PathAclView {
         name: format!("path_{backend}"),
@@ -770,6 +775,7 @@ fn backend_view(
     spec: &ServiceSpec,
     destination: &Destination,
     slots: &ServerSlots,
+    name: String,
 ) -> BackendView {
     let outbound = outbound_instance(destination);
     let fragment = CustomFragment::of(spec, TEMPLATE_BE_PATH);
@@ -787,7 +793,7 @@ fn backend_view(
         ReqMode::Tcp | ReqMode::Sni => Vec::new(),
     };
     BackendView {
-        name: backend_name(spec, destination),
+        name,
         mode: destination.req_mode().haproxy_mode(),
         http_rules,
         auth: auth_view(settings, spec, destination),
@@ -908,6 +914,7 @@ pub(super) fn build(
     services: &[ServiceRoute<'_>],
     tls: Option<&TlsSettings>,
     slots: &SlotsByService<'_>,
+    pool: &BackendPool,
 ) -> Result<ConfigView, RenderError> {
     let stats_socket = config_path("stats_socket", &settings.stats_socket)?;
     let error_503 = config_path("errors_dir", &settings.errors_dir.join("503.http"))?;
@@ -943,6 +950,8 @@ pub(super) fn build(
     let mut main_rules = Vec::new();
     let mut extra_rules: BTreeMap<u16, Vec<_>> = BTreeMap::new();
     let mut http_backends = Vec::new();
+    // The backends of destinations that sit in a pool backend, by pool number.
+    let mut pooled_backends: BTreeMap<usize, BackendView> = BTreeMap::new();
     let mut tcp_frontends = Vec::new();
     let mut tcp_backends = Vec::new();
     let mut sni_rules: BTreeMap<u16, Vec<SniRuleView>> = BTreeMap::new();
@@ -960,7 +969,13 @@ pub(super) fn build(
         };
         for destination in spec.destinations() {
             let src_port = destination.src_port().map(|p| p.get());
-            let backend = backend_view(settings, spec, destination, route_slots);
+            let backend = backend_view(
+                settings,
+                spec,
+                destination,
+                route_slots,
+                pool.backend_name(spec, destination),
+            );
             match (destination.req_mode(), src_port) {
                 (ReqMode::Sni, Some(port)) => {
                     let me = owner(spec, destination);
@@ -1029,7 +1044,12 @@ pub(super) fn build(
                         }
                         _ => main_rules.push(key),
                     }
-                    http_backends.push(backend);
+                    match pool.number_of(spec.service_name(), destination) {
+                        Some(number) => {
+                            pooled_backends.insert(number, backend);
+                        }
+                        None => http_backends.push(backend),
+                    }
                 }
             }
         }
@@ -1040,7 +1060,13 @@ pub(super) fn build(
         rules
             .iter()
             .map(|(_, spec, destination)| {
-                rule_view(spec, destination, kind, settings.service_domain_algo)
+                rule_view(
+                    spec,
+                    destination,
+                    kind,
+                    settings.service_domain_algo,
+                    pool.backend_name(spec, destination),
+                )
             })
             .collect::<Vec<_>>()
     };
@@ -1083,7 +1109,27 @@ pub(super) fn build(
         }
     };
     tcp_frontends.sort_by_key(|f| f.port);
-    let default_backend = default_backend(settings, &sorted);
+    let default_backend = default_backend(settings, &sorted, pool);
+    // The pool backends come after every service's, each at its own place (see the `pool`
+    // module): a free one, or the backend of the destination that sits in it.
+    for number in 1..=pool.size() {
+        match pooled_backends.remove(&number) {
+            Some(backend) => http_backends.push(backend),
+            None => {
+                let spec = free_pool_spec(number)?;
+                let free = spec.destinations().first().map(|destination| {
+                    backend_view(
+                        settings,
+                        &spec,
+                        destination,
+                        &ServerSlots::from_slots(vec![None; POOL_SLOTS]),
+                        pool_backend_name(number),
+                    )
+                });
+                http_backends.extend(free);
+            }
+        }
+    }
     let http = FrontendView {
         name: "http".to_string(),
         bind: bind_address(settings, settings.http_port),

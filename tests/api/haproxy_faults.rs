@@ -16,6 +16,10 @@ use crate::fleet::{eventually, live_group_members, ProxyOptions, ProxyProcess, S
 use crate::helpers::{spawn_backend, TestProxy};
 use crate::proxy_client::http_client;
 
+/// A new service that needs a reload (a backend setting of its own: a default plain service
+/// would go live in a pool backend without one); these tests are about the reload path.
+const NEEDS_RELOAD: &str = "serviceName=late&servicePath=/late&timeoutServer=45";
+
 /// How long a refused change may take to be answered (the supervisor's probe of a frozen HAProxy
 /// takes up to two 1 s timeouts).
 const ANSWER_BOUND: Duration = Duration::from_secs(5);
@@ -179,9 +183,7 @@ async fn a_frozen_haproxy_is_answered_503_and_replaced() {
     signal(frozen, libc::SIGSTOP);
 
     let started = Instant::now();
-    let (status, body) = proxy
-        .reconfigure("serviceName=late&servicePath=/late")
-        .await;
+    let (status, body) = proxy.reconfigure(NEEDS_RELOAD).await;
     let took = started.elapsed();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
@@ -214,9 +216,7 @@ async fn a_frozen_haproxy_is_answered_503_and_replaced() {
         ["steady"; 3]
     );
 
-    proxy
-        .reconfigure_ok("serviceName=late&servicePath=/late")
-        .await;
+    proxy.reconfigure_ok(NEEDS_RELOAD).await;
     let (status, _) = proxy.get_through_proxy("/late", None).await;
     assert_eq!(
         status,
@@ -275,9 +275,7 @@ async fn a_full_disk_is_answered_500_and_changes_nothing() {
     // Every write to /dev/full fails with ENOSPC, as on a full disk.
     std::os::unix::fs::symlink("/dev/full", &candidate).expect("candidate → /dev/full");
 
-    let (status, body) = proxy
-        .reconfigure("serviceName=late&servicePath=/late")
-        .await;
+    let (status, body) = proxy.reconfigure(NEEDS_RELOAD).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     assert!(
         message(&body).contains("No space left on device")
@@ -300,9 +298,7 @@ async fn a_full_disk_is_answered_500_and_changes_nothing() {
 
     // The disk recovers: the next change works.
     std::fs::remove_file(&candidate).expect("remove the fault");
-    proxy
-        .reconfigure_ok("serviceName=late&servicePath=/late")
-        .await;
+    proxy.reconfigure_ok(NEEDS_RELOAD).await;
     assert!(proxy.stored_spec("late").await.is_some());
     assert_eq!(routed_names(&proxy).await, ["late", "steady"]);
 }
@@ -333,7 +329,7 @@ async fn on_sigterm_the_call_in_flight_finishes_and_haproxy_serves_until_the_nex
         tokio::spawn(
             http_client()
                 .get(first.api(
-                    "/v1/docker-flow-proxy/reconfigure?serviceName=second&servicePath=/second",
+                    "/v1/docker-flow-proxy/reconfigure?serviceName=second&servicePath=/second&timeoutServer=45",
                 ))
                 .send(),
         );

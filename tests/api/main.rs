@@ -29,6 +29,7 @@ mod migration;
 mod open_files;
 mod outages;
 mod packaging;
+mod pool_backends;
 mod proxy_client;
 mod proxy_wide;
 mod registry_crash;

@@ -107,7 +107,11 @@ async fn a_kv_write_that_fails_after_the_new_process_served_puts_the_previous_co
     // is no spec, so the proxy routes nothing from it): the new process has started on the
     // candidate by the time the change turns out not to be storable.
     front.rival_wins_next(usize::MAX, "not a spec");
-    let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
+    // A backend setting of its own, so it needs a reload (a default plain service would go
+    // live in a pool backend without one).
+    let (status, body) = proxy
+        .reconfigure("serviceName=api&servicePath=/api&timeoutServer=45")
+        .await;
 
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_ne!(

@@ -184,8 +184,9 @@ async fn a_plain_route_change_applies_without_a_reload_and_survives_reload_and_r
     proxy.assert_unchanged_since(&before).await;
     assert_eq!(
         map_file(&proxy, "http-1.map"),
-        "/site web-be0\n/api api-be0\n/v2 api-be0\n",
-        "the live map file agrees with what runs"
+        "/site pool-1\n/api api-be0\n/v2 api-be0\n",
+        "the live map file agrees with what runs (web, added when the map existed, went live \
+         without a reload in pool backend 1)"
     );
 
     // A reload reads the map files: nothing changes for a user.

@@ -65,7 +65,7 @@ async fn headless(url: &str, profile: &Path, flags: &[String]) -> String {
 }
 
 /// The text a person reads on the page: the DOM Chromium built, without its tags.
-fn visible_text(dom: &str) -> String {
+pub fn visible_text(dom: &str) -> String {
     let mut text = String::new();
     let mut in_tag = false;
     let mut in_style = false;
