@@ -52,6 +52,12 @@ pub enum LimitError {
 }
 
 /// Raises the soft open-files limit to the hard limit; returns both limits before and after.
+/// The hard limit on open files: what flow-proxy raises its own limit to at start, and so what
+/// HAProxy inherits. `None` when it cannot be read.
+pub fn open_files_hard_limit() -> Option<u64> {
+    rlimit::Resource::NOFILE.get().ok().map(|(_, hard)| hard)
+}
+
 pub fn raise_open_files_limit() -> Result<OpenFilesLimit, LimitError> {
     let (before, hard) = rlimit::Resource::NOFILE.get().map_err(LimitError::Read)?;
     let now = rlimit::increase_nofile_limit(hard).map_err(|source| LimitError::Raise {

@@ -356,6 +356,7 @@ impl ProxyWideFlags {
         settings.extra_frontend = self.extra_frontend.clone();
         settings.capture_request_headers = self.capture_request_header.clone();
         settings.access_log = self.access_log;
+        settings.open_files_limit = crate::limits::open_files_hard_limit();
         settings
     }
 }

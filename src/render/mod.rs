@@ -514,6 +514,7 @@ impl Renderer {
         if self.custom_backend_partial {
             view.drop_spare_servers();
         }
+        view.relax_strict_limits_for_spare_slots(&settings.proxy_wide);
         if self.maps {
             view.route_plain_rules_through_maps();
         }

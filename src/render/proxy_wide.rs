@@ -34,6 +34,10 @@ pub struct ProxyWide {
     /// `hard-stop-after` in `global`: how long an old process may keep serving its open
     /// connections after a reload before it is stopped.
     pub hard_stop_after: HaproxyTime,
+    /// The open-files limit HAProxy inherits (flow-proxy's, raised at start), when known: with
+    /// it, spare server slots that would push HAProxy's descriptor count past it turn HAProxy's
+    /// `strict-limits` off (see `ConfigView::relax_strict_limits_for_spare_slots`).
+    pub open_files_limit: Option<u64>,
 }
 
 /// The `maxconn` flow-proxy always wrote.
@@ -74,6 +78,7 @@ impl Default for ProxyWide {
             capture_request_headers: Vec::new(),
             access_log: false,
             hard_stop_after: DEFAULT_HARD_STOP_AFTER,
+            open_files_limit: None,
         }
     }
 }

@@ -205,6 +205,11 @@ impl ServerView {
     pub(super) fn is_spare(&self) -> bool {
         self.disabled
     }
+
+    /// Whether HAProxy health-checks this server (and so counts a descriptor for it).
+    pub(super) fn checked(&self) -> bool {
+        self.check
+    }
 }
 
 /// `address:port` as a server line wants it (IPv6 in brackets), with the destination's `port`

@@ -1574,3 +1574,32 @@ fn a_replaced_http_frontend_template_keeps_every_rule_on_acls() {
     let built_in = render_with_maps(&golden_settings(), &services);
     assert_eq!(built_in.maps[0].text(), "/app app-be0\n");
 }
+
+#[test]
+fn strict_limits_go_off_only_when_spare_slots_alone_pass_the_open_files_limit() {
+    // One service, one checked instance: two checked slots, one of them spare.
+    let services = vec![(
+        spec(&[("serviceName", "app"), ("servicePath", "/app")]),
+        vec![inst("10.0.0.1", 8080)],
+    )];
+    let with_limit = |limit: Option<u64>, maxconn: u32| {
+        let mut settings = golden_settings();
+        settings.proxy_wide.maxconn = maxconn;
+        settings.proxy_wide.open_files_limit = limit;
+        render(&settings, &services).contains("\n    no strict-limits\n")
+    };
+    // 2 × 100 + 1 occupied + 256 = 457 fit; the spare slot makes 458.
+    assert!(
+        with_limit(Some(457), 100),
+        "the spare slot alone passes the limit"
+    );
+    assert!(
+        !with_limit(Some(458), 100),
+        "everything fits: HAProxy stays strict"
+    );
+    assert!(
+        !with_limit(Some(456), 100),
+        "too little even without spare slots: HAProxy refuses it, as it should"
+    );
+    assert!(!with_limit(None, 100), "limit unknown: HAProxy's default");
+}

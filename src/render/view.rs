@@ -72,6 +72,8 @@ pub(super) struct LayoutView {
     /// The map files the frontends' map lines read (see the `maps` module).
     #[serde(skip)]
     maps: Vec<MapFile>,
+    /// `no strict-limits` in `global` (see [`ConfigView::relax_strict_limits_for_spare_slots`]).
+    no_strict_limits: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -1225,6 +1227,7 @@ pub(super) fn build(
             proxy_wide: super::proxy_wide::view(&settings.proxy_wide),
             acme_challenge: settings.acme_challenge.map(acme_challenge_view),
             maps: Vec::new(),
+            no_strict_limits: false,
         },
         http,
         https,
@@ -1369,6 +1372,35 @@ impl ConfigView {
     /// Leaves the spare server slots out of every backend, for a `backend.hbs` of
     /// `--templates-dir` that may not write `disabled` (a spare slot written without it would
     /// take traffic): its backends list the instances only.
+    /// Turns HAProxy's `strict-limits` off when the spare server slots alone push the number of
+    /// descriptors HAProxy counts past `open_files_limit`: HAProxy counts one per health-checked
+    /// server, spare (disabled) slots included, on top of two per connection of `maxconn`, and
+    /// refuses to start above the limit. A configuration that does not fit even without its spare
+    /// slots (e.g. a `maxconn` too high for the limit) keeps `strict-limits`, so HAProxy refuses
+    /// it as before.
+    pub(super) fn relax_strict_limits_for_spare_slots(&mut self, proxy_wide: &super::ProxyWide) {
+        /// Descriptors for listeners, the stats socket and the like, on top of HAProxy's count.
+        const MARGIN: u64 = 256;
+        let Some(limit) = proxy_wide.open_files_limit else {
+            return;
+        };
+        let servers = self
+            .http_backends
+            .iter()
+            .chain(&self.tcp_backends)
+            .flat_map(|backend| backend.servers.iter())
+            .filter(|server| server.checked());
+        let (spare, occupied) = servers.fold((0u64, 0u64), |(spare, occupied), server| {
+            if server.is_spare() {
+                (spare + 1, occupied)
+            } else {
+                (spare, occupied + 1)
+            }
+        });
+        let without_spares = 2 * u64::from(proxy_wide.maxconn) + occupied + MARGIN;
+        self.layout.no_strict_limits = without_spares <= limit && without_spares + spare > limit;
+    }
+
     pub(super) fn drop_spare_servers(&mut self) {
         for backend in self.http_backends.iter_mut().chain(&mut self.tcp_backends) {
             backend.servers.retain(|server| !server.is_spare());
