@@ -3,7 +3,7 @@
 
 use reqwest::StatusCode;
 
-use crate::fleet::{Fault, ProxyOptions, ProxyProcess, SharedRegistry};
+use crate::fleet::{eventually, Fault, ProxyOptions, ProxyProcess, SharedRegistry};
 use crate::front::RegistryFront;
 use crate::helpers::spawn_backend;
 
@@ -85,6 +85,20 @@ async fn a_403_is_reported_as_an_acl_problem_and_changes_nothing() {
     registry.register_instance("api", "api.1", api.port).await;
     let (status, body) = proxy.reconfigure("serviceName=web&servicePath=/web").await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The instance follower reads a newly routed service once more and starts its change
+    // detectors; a token that may not read services gets filtered (empty) answers, so the fault
+    // comes after those first reads, as a token losing its rights between two changes would.
+    eventually(
+        "the instance follower read web and started",
+        std::time::Duration::from_secs(10),
+        || async {
+            let counts = registry.request_counts();
+            counts.get("/v1/health/service/web").copied().unwrap_or(0) >= 2
+                && counts.contains_key("/v1/health/state/any")
+                && counts.contains_key("/v1/catalog/services")
+        },
+    )
+    .await;
     let config_before = proxy.config().await;
 
     registry.set_fault(Some(Fault::PermissionDenied));
