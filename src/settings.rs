@@ -553,7 +553,12 @@ mod tests {
     fn proxy_wide_flags_keep_haproxy_cfgs_values_unless_given() {
         use crate::render::ProxyWide;
         use crate::spec::TimeoutName;
-        assert_eq!(parse(&[]).proxy_wide.proxy_wide(), ProxyWide::default());
+        let defaults = ProxyWide {
+            // The one value that does not come from the flags: the limit HAProxy inherits.
+            open_files_limit: crate::limits::open_files_hard_limit(),
+            ..ProxyWide::default()
+        };
+        assert_eq!(parse(&[]).proxy_wide.proxy_wide(), defaults);
         let settings = parse(&[
             "--timeout-server",
             "20",
