@@ -203,17 +203,6 @@ async fn read_maps(dir: &Path) -> Result<Vec<MapFile>, HaproxyError> {
 }
 
 impl Haproxy {
-    /// Runs `haproxy -c` on `config` with `maps` as its map files (staged as the candidate's;
-    /// the live config and maps are untouched). [`Haproxy::apply`] then promotes both.
-    pub async fn validate_with_maps(
-        &self,
-        config: &str,
-        maps: &[MapFile],
-    ) -> Result<(), HaproxyError> {
-        self.stage_candidate_maps(maps).await?;
-        self.validate(config).await
-    }
-
     /// The live map files, by name.
     pub async fn live_maps(&self) -> Result<Vec<MapFile>, HaproxyError> {
         read_maps(&live_maps_dir(&self.paths)).await

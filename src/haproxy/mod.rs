@@ -15,11 +15,9 @@
 //!   candidate over it (atomic on one file system) once the change is stored, or
 //!   [`Haproxy::reload_live`] goes back to it when the change must not stay (the caller writes
 //!   the previous map files back first).
-//! - [`Haproxy::validate`] (`haproxy -c` on the candidate file) is for where nothing serves yet:
-//!   the first start, `flow-proxy check`, the operator's extra lines at start. It runs in
-//!   `candidate/`, where the candidate's map files are staged (`validate_with_maps`), so no live
-//!   map changes before the candidate is accepted. [`Haproxy::apply`] promotes a validated
-//!   candidate with its maps and reloads (two parses; kept for callers that validate first).
+//! - `haproxy -c` is for where nothing serves yet: the first start, `flow-proxy check`, the
+//!   operator's extra lines at start. It runs in `candidate/`, where the candidate's map files
+//!   are staged, so no live map changes before a candidate is accepted.
 //! - [`Haproxy::preflight`] runs before a change is validated: the serving process must answer
 //!   on its stats socket, and every address the candidate binds that the running config does not
 //!   must be free (see [`ports`]); otherwise the change is refused before anything is touched.
@@ -142,7 +140,6 @@ impl HaproxyPaths {
 /// The handle to HAProxy: validation, config swaps and the supervisor task.
 #[derive(Debug, Clone)]
 pub struct Haproxy {
-    binary: PathBuf,
     paths: HaproxyPaths,
     on_exit: OnExit,
     supervisor: mpsc::Sender<SupervisorCommand>,
@@ -186,7 +183,7 @@ impl Haproxy {
             spawn_and_wait_ready(&binary, &paths, ConfigFile::Live, leftover_pid, on_exit).await?;
         let (supervisor, commands) = mpsc::channel(16);
         let supervisor_task = Supervisor {
-            binary: binary.clone(),
+            binary,
             paths: paths.clone(),
             on_exit,
             current: first,
@@ -194,7 +191,6 @@ impl Haproxy {
         };
         tokio::spawn(supervisor_task.run(commands));
         Ok(Haproxy {
-            binary,
             paths,
             on_exit,
             supervisor,
@@ -210,19 +206,6 @@ impl Haproxy {
         let live = self.live_config().await?;
         ports::check_new_binds(&live, config)?;
         Ok(())
-    }
-
-    /// Runs `haproxy -c` on `config` written as the candidate file; the live file is untouched.
-    pub async fn validate(&self, config: &str) -> Result<(), HaproxyError> {
-        validate_file(&self.binary, &self.paths.candidate, config).await
-    }
-
-    /// Replaces the live config with the last validated candidate and reloads HAProxy.
-    ///
-    /// Returns once the new process serves. If it fails to start, the old process keeps serving.
-    pub async fn apply(&self) -> Result<(), HaproxyError> {
-        promote(&self.paths).await?;
-        self.ask_supervisor(SupervisorCommand::Reload).await
     }
 
     /// Writes `config` as the candidate file and starts a new HAProxy process on it that takes
