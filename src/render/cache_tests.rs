@@ -6,24 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::tests::{inst, routes, spec};
+use super::tests::{golden_settings, inst, routes, spec};
 use super::*;
 use crate::spec::{Instance, ServiceSpec, TimeoutName};
-
-fn settings() -> RenderSettings {
-    RenderSettings {
-        bind_host: None,
-        http_port: 80,
-        stats_socket: PathBuf::from("/run/flow-proxy/haproxy.sock"),
-        errors_dir: PathBuf::from("/run/flow-proxy/errors"),
-        https_only: false,
-        users: Vec::new(),
-        stats: None,
-        service_domain_algo: Default::default(),
-        proxy_wide: Default::default(),
-        acme_challenge: None,
-    }
-}
 
 /// `count` plain path services (`/service-<n>`), each with three instances, as the benchmark has.
 fn plain_services(count: usize) -> Vec<(ServiceSpec, Vec<Instance>)> {
@@ -112,31 +97,43 @@ fn thousands_of_services_each_get_their_rule_and_backend() {
     for count in [1_000, 10_000] {
         let mut services = plain_services(count);
         let renderer = Renderer::new(None).unwrap();
-        let (text, cold) = timed(|| renderer.render(&settings(), &routes(&services)).unwrap());
+        let (text, cold) = timed(|| {
+            renderer
+                .render(&golden_settings(), &routes(&services))
+                .unwrap()
+        });
         assert_eq!(text.matches("\nbackend service-").count(), count);
         let maps = renderer
-            .render_with_maps(&settings(), &routes(&services), None)
+            .render_with_maps(&golden_settings(), &routes(&services), None)
             .unwrap()
             .maps;
         let entries: usize = maps.iter().map(|map| map.entries.len()).sum();
         assert_eq!(entries, count, "each plain service is one map entry");
         assert!(text.contains(" 10.0.249.2:8080 check\n"));
 
-        let (again, unchanged) =
-            timed(|| renderer.render(&settings(), &routes(&services)).unwrap());
+        let (again, unchanged) = timed(|| {
+            renderer
+                .render(&golden_settings(), &routes(&services))
+                .unwrap()
+        });
         assert_eq!(again, text);
 
         // One service's instances change: only its backend is rendered again.
         services[count / 2].1 = vec![Instance::new("10.9.9.9", 9000).unwrap()];
         let rendered_before = renderer.rendered_pieces();
-        let (changed, one_change) =
-            timed(|| renderer.render(&settings(), &routes(&services)).unwrap());
+        let (changed, one_change) = timed(|| {
+            renderer
+                .render(&golden_settings(), &routes(&services))
+                .unwrap()
+        });
         assert_eq!(renderer.rendered_pieces() - rendered_before, 1);
         assert!(changed.contains(" 10.9.9.9:9000 check\n"));
         let fresh = Renderer::new(None).unwrap();
         assert_eq!(
             changed,
-            fresh.render(&settings(), &routes(&services)).unwrap()
+            fresh
+                .render(&golden_settings(), &routes(&services))
+                .unwrap()
         );
 
         let ms = |took: Duration| took.as_secs_f64() * 1e3;
@@ -176,7 +173,7 @@ fn same_as_fresh_and_changed(
 #[test]
 fn the_cache_never_serves_text_a_full_render_would_not_write() {
     let renderer = Renderer::new(None).unwrap();
-    let mut settings = settings();
+    let mut settings = golden_settings();
     let mut services = rich_services();
     let mut text = renderer.render(&settings, &routes(&services)).unwrap();
     let mut step = |settings: &RenderSettings,
@@ -252,13 +249,15 @@ fn the_cache_never_serves_text_a_full_render_would_not_write() {
 fn the_cache_keeps_only_the_pieces_of_the_last_render() {
     let renderer = Renderer::new(None).unwrap();
     let services = plain_services(50);
-    renderer.render(&settings(), &routes(&services)).unwrap();
+    renderer
+        .render(&golden_settings(), &routes(&services))
+        .unwrap();
     // The main HTTP frontend and one backend per service.
     assert_eq!(renderer.kept_pieces(), 51);
     renderer
-        .render(&settings(), &routes(&services[..3]))
+        .render(&golden_settings(), &routes(&services[..3]))
         .unwrap();
     assert_eq!(renderer.kept_pieces(), 4);
-    renderer.render(&settings(), &[]).unwrap();
+    renderer.render(&golden_settings(), &[]).unwrap();
     assert_eq!(renderer.kept_pieces(), 1);
 }

@@ -2,8 +2,7 @@
 //! one differs from the free pool backend in its server slots only (what the proxy core applies
 //! at runtime), while a service with settings of its own does not.
 
-use std::path::PathBuf;
-
+use super::tests::golden_settings;
 use super::*;
 use crate::haproxy::slot_changes;
 use crate::spec::{Instance, ServiceSpec};
@@ -15,21 +14,6 @@ fn spec(query: &str) -> ServiceSpec {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     ServiceSpec::from_query(&pairs).expect("test spec")
-}
-
-fn settings() -> RenderSettings {
-    RenderSettings {
-        bind_host: None,
-        http_port: 80,
-        stats_socket: PathBuf::from("/run/flow-proxy/admin.sock"),
-        errors_dir: PathBuf::from("/etc/flow-proxy/errors"),
-        https_only: false,
-        users: Vec::new(),
-        stats: None,
-        service_domain_algo: Default::default(),
-        proxy_wide: Default::default(),
-        acme_challenge: None,
-    }
 }
 
 /// Renders `specs` (each with one instance) with `pool`, each service's slots being the free
@@ -55,7 +39,7 @@ fn render(specs: &[&ServiceSpec], pool: &BackendPool) -> Rendered {
         .collect();
     Renderer::new(None)
         .expect("built-in templates")
-        .render_slotted(&settings(), &routes, None, &slots, pool)
+        .render_slotted(&golden_settings(), &routes, None, &slots, pool)
         .expect("renders")
 }
 

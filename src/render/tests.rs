@@ -25,7 +25,7 @@ pub(super) fn inst(address: &str, port: u16) -> Instance {
 }
 
 /// Settings with fixed paths, for golden files.
-fn golden_settings() -> RenderSettings {
+pub(super) fn golden_settings() -> RenderSettings {
     RenderSettings {
         bind_host: None,
         http_port: 80,
