@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use crate::fleet::eventually;
 use crate::helpers::{spawn_backend, Backend, TestProxy};
 use crate::metrics::{scrape, value};
-use crate::status_page::visible_text;
+use crate::status_page::status_page_text;
 
 /// The PID of the HAProxy process serving now.
 async fn serving_pid(proxy: &TestProxy) -> u32 {
@@ -254,15 +254,7 @@ async fn the_status_page_shows_the_health_of_a_pool_service_instance() {
     eventually(
         "the status page shows fresh's instance UP",
         Duration::from_secs(10),
-        || async {
-            let page = proxy
-                .http()
-                .get(proxy.api("/"))
-                .send()
-                .await
-                .expect("the API answers");
-            visible_text(&page.text().await.unwrap_or_default()).contains(&up)
-        },
+        || async { status_page_text(&proxy).await.contains(&up) },
     )
     .await;
 }

@@ -64,6 +64,17 @@ async fn headless(url: &str, profile: &Path, flags: &[String]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The status page `GET /` as served (no browser), without its tags.
+pub async fn status_page_text(proxy: &TestProxy) -> String {
+    let page = proxy
+        .http()
+        .get(proxy.api("/"))
+        .send()
+        .await
+        .expect("the API answers");
+    visible_text(&page.text().await.unwrap_or_default())
+}
+
 /// The text a person reads on the page: the DOM Chromium built, without its tags.
 pub fn visible_text(dom: &str) -> String {
     let mut text = String::new();
@@ -140,15 +151,7 @@ async fn a_person_sees_services_instances_health_certificates_and_the_last_reloa
     eventually(
         "HAProxy's checks mark the dead instance DOWN",
         Duration::from_secs(20),
-        || async {
-            let page = proxy
-                .http()
-                .get(proxy.api("/"))
-                .send()
-                .await
-                .expect("answers");
-            visible_text(&page.text().await.unwrap_or_default()).contains(&dead)
-        },
+        || async { status_page_text(&proxy).await.contains(&dead) },
     )
     .await;
 
