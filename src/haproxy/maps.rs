@@ -226,31 +226,24 @@ impl Haproxy {
 mod tests {
     use super::*;
 
-    fn map(name: &str, entries: &[(&str, &str)]) -> MapFile {
-        MapFile {
-            name: name.to_string(),
-            entries: entries
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
-
     #[tokio::test]
     async fn candidate_maps_reach_the_live_directory_only_when_promoted() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let paths = HaproxyPaths::under(dir.path());
         std::fs::create_dir(dir.path().join("errors")).expect("errors");
         let old = vec![
-            map("http-1.map", &[("/a", "a-be0")]),
-            map("http-2.map", &[]),
+            MapFile::of("http-1.map", &[("/a", "a-be0")]),
+            MapFile::of("http-2.map", &[]),
         ];
         write_maps_into(&live_maps_dir(&paths), &old)
             .await
             .expect("live maps");
 
         prepare_check_dir(&paths).await.expect("check dir");
-        let new = vec![map("http-1.map", &[("/b", "b-be0"), ("/a", "a-be0")])];
+        let new = vec![MapFile::of(
+            "http-1.map",
+            &[("/b", "b-be0"), ("/a", "a-be0")],
+        )];
         write_maps_into(&candidate_maps_dir(&paths), &new)
             .await
             .expect("candidate maps");

@@ -161,31 +161,21 @@ impl Core {
 mod tests {
     use super::*;
 
-    fn map(name: &str, entries: &[(&str, &str)]) -> MapFile {
-        MapFile {
-            name: name.to_string(),
-            entries: entries
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
-
     #[test]
     fn the_difference_adds_and_sets_then_deletes_per_file() {
         let old = vec![
-            map(
+            MapFile::of(
                 "http-1.map",
                 &[("/a", "a-be0"), ("/b", "b-be0"), ("/c", "c-be0")],
             ),
-            map("https-1.map", &[("/a", "a-be0")]),
+            MapFile::of("https-1.map", &[("/a", "a-be0")]),
         ];
         let new = vec![
-            map(
+            MapFile::of(
                 "http-1.map",
                 &[("/d", "d-be0"), ("/a", "a-be0"), ("/b", "c-be0")],
             ),
-            map("https-1.map", &[("/a", "a-be0")]),
+            MapFile::of("https-1.map", &[("/a", "a-be0")]),
         ];
         assert_eq!(
             commands(&old, &new),
@@ -200,7 +190,7 @@ mod tests {
 
     #[test]
     fn a_semicolon_in_a_path_is_escaped_so_it_cannot_start_another_command() {
-        let new = vec![map("http-1.map", &[("/x;del", "x-be0")])];
+        let new = vec![MapFile::of("http-1.map", &[("/x;del", "x-be0")])];
         assert_eq!(
             commands(&[], &new),
             vec!["add map maps/http-1.map /x\\;del x-be0"]

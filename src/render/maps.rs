@@ -126,6 +126,18 @@ pub struct MapFile {
 }
 
 impl MapFile {
+    /// A map file of `(key, backend)` entries, for tests.
+    #[cfg(test)]
+    pub(crate) fn of(name: &str, entries: &[(&str, &str)]) -> MapFile {
+        MapFile {
+            name: name.to_string(),
+            entries: entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
     /// The path the config and the Runtime API name it by: `maps/<name>`.
     pub fn config_path(&self) -> String {
         format!("{MAPS_DIR}/{}", self.name)
