@@ -161,7 +161,8 @@ async fn reconfigure(
     let services = proxy.services();
     let current = about
         .as_deref()
-        .and_then(|name| services.iter().find(|s| s.service_name().as_str() == name));
+        .and_then(|name| services.iter().find(|s| s.service_name().as_str() == name))
+        .map(|spec| &**spec);
     let (spec, ignored) = ServiceSpec::from_query_keeping(&pairs, current)
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     if spec.verify_client_ssl() && !proxy.has_client_ca() {
@@ -257,7 +258,7 @@ async fn services(State(proxy): State<Proxy>) -> Json<Vec<Value>> {
         proxy
             .services()
             .iter()
-            .map(ServiceSpec::to_answer_json)
+            .map(|spec| spec.to_answer_json())
             .collect(),
     )
 }

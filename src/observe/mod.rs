@@ -179,9 +179,9 @@ pub struct ErrorRecord {
 #[derive(Debug, Clone)]
 pub struct RoutedService {
     /// Its spec.
-    pub spec: ServiceSpec,
+    pub spec: std::sync::Arc<ServiceSpec>,
     /// The instances its backends hold.
-    pub instances: Vec<Instance>,
+    pub instances: std::sync::Arc<[Instance]>,
     /// The pool backend each destination sits in, by destination index, when it does (a new
     /// service served without reload; see `render::BackendPool`); the others are
     /// `<serviceName>-be<index>`.

@@ -24,11 +24,13 @@ fn shop() -> RoutedService {
     RoutedService {
         spec: spec(
             "serviceName=shop&servicePath=/shop&serviceDomain=shop.example.test&serviceColor=blue",
-        ),
+        )
+        .into(),
         instances: vec![
             Instance::new("10.0.0.1", 8080).expect("instance"),
             Instance::new("10.0.0.2", 8080).expect("instance"),
-        ],
+        ]
+        .into(),
         pool_backends: Default::default(),
     }
 }

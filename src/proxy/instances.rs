@@ -34,6 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use imbl::ordmap::DiffItem;
 use tokio::sync::mpsc::{self, WeakSender};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -81,7 +82,7 @@ pub(super) fn instance_query(spec: &ServiceSpec) -> InstanceQuery {
 
 /// The queries the core routes, each with the instances it holds for it (`None` when routed
 /// services reading the same query hold different lists, so the next read is handed over).
-pub(super) type Followed = BTreeMap<InstanceQuery, Option<Vec<Instance>>>;
+pub(super) type Followed = imbl::OrdMap<InstanceQuery, Option<Vec<Instance>>>;
 
 /// The instance follower: started with the first routed query, stopped (closing its blocking
 /// queries) when nothing is routed. Dropping it stops it.
@@ -402,10 +403,22 @@ impl Follower {
         }
     }
 
-    /// Takes in what the core routes now: a newly routed query is read once.
+    /// Takes in what the core routes now: a newly routed query is read once. Only the queries
+    /// whose entry changed since the last hand-over are visited.
     fn take_followed(&mut self, followed: Arc<Followed>, round: &mut Round) {
-        self.known.retain(|query, _| followed.contains_key(query));
-        for (query, instances) in followed.iter() {
+        let previous = std::mem::replace(&mut self.followed, followed);
+        for item in previous.diff(&self.followed) {
+            let (query, instances) = match item {
+                DiffItem::Remove(query, _) => {
+                    self.known.remove(query);
+                    continue;
+                }
+                DiffItem::Add(query, instances)
+                | DiffItem::Update {
+                    new: (query, instances),
+                    ..
+                } => (query, instances),
+            };
             if !self.known.contains_key(query) || instances.is_none() {
                 round.queries.insert(query.clone());
             }
@@ -416,7 +429,6 @@ impl Follower {
             });
             self.known.insert(query.clone(), held);
         }
-        self.followed = followed;
     }
 
     /// Takes in one detector answer: which services it names, and whether a sweep is needed.

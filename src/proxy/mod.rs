@@ -83,7 +83,7 @@ use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
     BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer,
-    ServerSlots, ServiceRoute, SlotLines, SlotsByService, TlsSettings, POOL_SIZE, POOL_SLOTS,
+    ServerSlots, ServiceRoute, SlotsByService, TlsSettings, POOL_SIZE, POOL_SLOTS,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -167,10 +167,14 @@ pub enum ProxyError {
 }
 
 /// One service as it is routed now: its spec and the instances its backends hold.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Routed {
-    spec: ServiceSpec,
-    instances: Vec<Instance>,
+    spec: Arc<ServiceSpec>,
+    /// The Consul query its instances come from ([`instance_query`] of the spec), kept so that
+    /// finding the services a query feeds compares values and builds none.
+    query: InstanceQuery,
+    /// Shared with what the core publishes (status page, metrics, the instance follower).
+    instances: Arc<[Instance]>,
     /// Which instance sits in which server slot of its backends (see [`slots`]).
     slots: ServerSlots,
 }
@@ -178,13 +182,13 @@ struct Routed {
 impl Routed {
     /// `spec` routed to `instances`, keeping the instances of `previous` (the service as it was
     /// routed, if it was) in their slots; a service not routed yet takes the slots the applied
-    /// configuration (`applied`, read once per change) gives it, if any: a restarted flow-proxy
-    /// keeps HAProxy's slots.
+    /// configuration (`applied`, the text of the file HAProxy serves) gives it, if any: a
+    /// restarted flow-proxy keeps HAProxy's slots.
     fn new(
-        spec: ServiceSpec,
+        spec: Arc<ServiceSpec>,
         instances: Vec<Instance>,
         previous: Option<&Routed>,
-        applied: &SlotLines<'_>,
+        applied: &str,
     ) -> Routed {
         let read_back = previous
             .is_none()
@@ -193,8 +197,9 @@ impl Routed {
         let previous = previous.map(|routed| &routed.slots).or(read_back.as_ref());
         let slots = slots::reassign(previous, &instances);
         Routed {
+            query: instance_query(&spec),
             spec,
-            instances,
+            instances: instances.into(),
             slots,
         }
     }
@@ -202,12 +207,14 @@ impl Routed {
     /// Routes the service to `instances` now, each instance already routed keeping its slot.
     fn set_instances(&mut self, instances: Vec<Instance>) {
         self.slots = slots::reassign(Some(&self.slots), &instances);
-        self.instances = instances;
+        self.instances = instances.into();
     }
 }
 
-/// The complete desired routing state, ordered by service name.
-type RoutingState = BTreeMap<ServiceName, Routed>;
+/// The complete desired routing state, ordered by service name: a persistent map, so the copy a
+/// change starts from costs nothing and the services it changed are found without visiting the
+/// others ([`imbl::OrdMap::diff`]).
+type RoutingState = imbl::OrdMap<ServiceName, Arc<Routed>>;
 
 /// The certificates served, by name.
 type Certificates = BTreeMap<ServiceName, Certificate>;
@@ -262,7 +269,7 @@ pub struct Proxy {
     change_timeout: std::time::Duration,
     /// One permit per API change waiting or being applied ([`QUEUE_CAPACITY`]).
     api_slots: Arc<tokio::sync::Semaphore>,
-    services: watch::Receiver<Arc<Vec<ServiceSpec>>>,
+    services: watch::Receiver<Arc<Vec<Arc<ServiceSpec>>>>,
     haproxy: Haproxy,
     has_client_ca: bool,
     /// What the renderer allows of custom fragments and `backendExtra`.
@@ -332,7 +339,7 @@ impl Proxy {
         let custom_policy = parts.renderer.custom_policy();
         let store = SpecStore::new(parts.registry.clone(), &parts.kv_prefix);
         // HAProxy already serves the last good file: a restore that renders it again is no reload.
-        let applied_config = parts.haproxy.live_config().await.ok();
+        let applied_config = parts.haproxy.live_config().await.ok().map(Arc::from);
         let applied_maps = parts.haproxy.live_maps().await.unwrap_or_default();
         let mut core = Core {
             state: RoutingState::new(),
@@ -355,6 +362,8 @@ impl Proxy {
                 changes.downgrade(),
                 parts.observer.clone(),
             ),
+            followed: instances::Followed::new(),
+            query_users: QueryUsers::new(),
             stored_watch: None,
             max_services: parts.max_services,
             proxy_wide: ProxyWideState {
@@ -506,7 +515,7 @@ impl Proxy {
     }
 
     /// The specs routed now, ordered by service name.
-    pub fn services(&self) -> Arc<Vec<ServiceSpec>> {
+    pub fn services(&self) -> Arc<Vec<Arc<ServiceSpec>>> {
         Arc::clone(&self.services.borrow())
     }
 
@@ -547,7 +556,7 @@ struct Core {
     renderer: Renderer,
     render_settings: RenderSettings,
     haproxy: Haproxy,
-    published: watch::Sender<Arc<Vec<ServiceSpec>>>,
+    published: watch::Sender<Arc<Vec<Arc<ServiceSpec>>>>,
     published_certificates: watch::Sender<Arc<Vec<CertInfo>>>,
     /// The certificates served, by name.
     certs: Certificates,
@@ -558,10 +567,15 @@ struct Core {
     /// ignored.
     stored_floor: u64,
     /// The configuration HAProxy serves, when this core applied it.
-    applied_config: Option<String>,
+    applied_config: Option<Arc<str>>,
     /// The map files HAProxy routes with (see [`map_changes`]).
     applied_maps: Vec<MapFile>,
     instance_watches: InstanceWatches,
+    /// The queries the instance follower follows, kept in line with the state by
+    /// [`Core::follow_changes`].
+    followed: instances::Followed,
+    /// The routed services reading each query.
+    query_users: QueryUsers,
     stored_watch: Option<JoinHandle<()>>,
     max_services: usize,
     proxy_wide: ProxyWideState,
@@ -723,21 +737,29 @@ impl Core {
             }
             Change::Stored(_) | Change::Stop | Change::RefillPool => return,
         };
+        let named = match change {
+            Change::Reconfigure(spec, _) => Some(spec.service_name()),
+            Change::Remove(name) => Some(name),
+            _ => None,
+        };
         // The routed services the change concerns: the named one, or those fed by the Consul
         // service whose instances changed.
         let concerned = |state: &RoutingState| -> RouteSet {
             let mut set = RouteSet::default();
-            for routed in state.values() {
-                let matches = match change {
-                    Change::Instances { consul_service, .. } => {
-                        instance_query(&routed.spec) == *consul_service
+            let mut add = |routed: &Routed| {
+                let routes = RouteSet::of(&routed.spec, &routed.instances);
+                set.routes.extend(routes.routes);
+                set.instances.extend(routes.instances);
+            };
+            match change {
+                Change::Instances { consul_service, .. } => state
+                    .values()
+                    .filter(|routed| routed.query == *consul_service)
+                    .for_each(|routed| add(routed)),
+                _ => {
+                    if let Some(routed) = named.and_then(|name| state.get(name)) {
+                        add(routed);
                     }
-                    _ => Some(routed.spec.service_name().as_str()) == service.as_deref(),
-                };
-                if matches {
-                    let routes = RouteSet::of(&routed.spec, &routed.instances);
-                    set.routes.extend(routes.routes);
-                    set.instances.extend(routes.instances);
                 }
             }
             set
@@ -771,7 +793,7 @@ impl Core {
                 let routed: Vec<&str> = before
                     .values()
                     .chain(self.state.values())
-                    .filter(|routed| instance_query(&routed.spec) == *consul_service)
+                    .filter(|routed| routed.query == *consul_service)
                     .map(|routed| routed.spec.service_name().as_str())
                     .collect::<BTreeSet<_>>()
                     .into_iter()
@@ -802,7 +824,7 @@ impl Core {
         &self,
         before: &RoutingState,
         started: std::time::Instant,
-        applied_before: &Option<String>,
+        applied_before: &Option<Arc<str>>,
         result: &Result<(), ProxyError>,
     ) {
         let reloaded = self.reloaded_since(applied_before);
@@ -852,7 +874,7 @@ impl Core {
     /// Whether HAProxy was reloaded since the applied configuration was `applied_before` (in
     /// this application of changes): a new configuration applied over the Runtime API alone is
     /// no reload.
-    fn reloaded_since(&self, applied_before: &Option<String>) -> bool {
+    fn reloaded_since(&self, applied_before: &Option<Arc<str>>) -> bool {
         self.timings.reload.is_some()
             || (self.applied_config != *applied_before && self.timings.runtime.is_none())
     }
@@ -890,7 +912,7 @@ impl Core {
                     took_us = took.as_micros(),
                     "servers changed over the Runtime API, without reload"
                 );
-                self.applied_config = Some(rendered.config);
+                self.applied_config = Some(Arc::from(rendered.config));
                 if self.applied_maps != rendered.maps {
                     self.apply_map_changes(&rendered.maps).await?;
                 }
@@ -929,7 +951,7 @@ impl Core {
         self.start_candidate_timed(&rendered, caused_by_request)
             .await?;
         self.promote_candidate().await?;
-        self.applied_config = Some(rendered.config);
+        self.applied_config = Some(Arc::from(rendered.config));
         self.applied_maps = rendered.maps;
         Ok(())
     }
@@ -1021,8 +1043,6 @@ impl Core {
         let mut candidate_pool = self.pool.clone();
         // The slots the services this change puts in a pool backend would have without it.
         let mut slots_outside_pool: Vec<(ServiceName, ServerSlots)> = Vec::new();
-        // The slots of the applied configuration, read once, for services not routed yet.
-        let mut applied_slots: Option<SlotLines<'_>> = None;
         for change in changes {
             match change {
                 Change::Reconfigure(spec, certificate) => {
@@ -1035,11 +1055,13 @@ impl Core {
                     }
                     let instances = instances_for(&self.registry, spec).await?;
                     let name = spec.service_name().clone();
-                    let applied = applied_slots.get_or_insert_with(|| {
-                        SlotLines::of(self.applied_config.as_deref().unwrap_or_default())
-                    });
-                    let previous = candidate.get(&name);
-                    let mut routed = Routed::new(spec.clone(), instances, previous, applied);
+                    let previous = candidate.get(&name).map(|routed| &**routed);
+                    let mut routed = Routed::new(
+                        Arc::new(spec.clone()),
+                        instances,
+                        previous,
+                        self.applied_config.as_deref().unwrap_or_default(),
+                    );
                     if previous.is_none()
                         && may_take_pool_backends(spec)
                         && candidate_pool.assign(spec)
@@ -1052,14 +1074,14 @@ impl Core {
                         );
                         slots_outside_pool.push((name.clone(), own));
                     }
-                    candidate.insert(name.clone(), routed);
+                    candidate.insert(name.clone(), Arc::new(routed));
                     requested.insert(name);
                     outcomes.push(Some(spec.clone()));
                 }
                 Change::Remove(name) => {
                     candidate_pool.release(name);
                     match candidate.remove(name) {
-                        Some(removed) => outcomes.push(Some(removed.spec)),
+                        Some(removed) => outcomes.push(Some(ServiceSpec::clone(&removed.spec))),
                         // Not routed because its stored spec does not validate: delete that.
                         None if self.store.holds(name).await? => outcomes.push(None),
                         None => return Err(ProxyError::UnknownService(name.clone())),
@@ -1079,9 +1101,12 @@ impl Core {
                     outcomes.push(None);
                 }
                 Change::Reload => {
-                    for routed in candidate.values_mut() {
-                        let instances = instances_for(&self.registry, &routed.spec).await?;
-                        routed.set_instances(instances);
+                    let names: Vec<ServiceName> = candidate.keys().cloned().collect();
+                    for name in names {
+                        if let Some(routed) = candidate.get_mut(&name) {
+                            let instances = instances_for(&self.registry, &routed.spec).await?;
+                            Arc::make_mut(routed).set_instances(instances);
+                        }
                     }
                     force_reload = true;
                     outcomes.push(None);
@@ -1095,9 +1120,14 @@ impl Core {
                     consul_service,
                     instances,
                 } => {
-                    for routed in candidate.values_mut() {
-                        if instance_query(&routed.spec) == *consul_service {
-                            routed.set_instances(instances.clone());
+                    let fed: Vec<ServiceName> = candidate
+                        .iter()
+                        .filter(|(_, routed)| routed.query == *consul_service)
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    for name in fed {
+                        if let Some(routed) = candidate.get_mut(&name) {
+                            Arc::make_mut(routed).set_instances(instances.clone());
                         }
                     }
                     outcomes.push(None);
@@ -1124,7 +1154,7 @@ impl Core {
             // flow-proxy started on the stored specs renders).
             for ((name, _), _) in candidate_pool.assignments() {
                 if let Some(routed) = candidate.get_mut(name) {
-                    routed.slots = slots_outside_pool
+                    Arc::make_mut(routed).slots = slots_outside_pool
                         .iter()
                         .find(|(tentative, _)| tentative == name)
                         .map_or_else(
@@ -1220,7 +1250,7 @@ impl Core {
             self.put_back_stored_certs(&persisted_certs).await;
             return Err(error);
         }
-        self.applied_config = Some(rendered.config);
+        self.applied_config = Some(Arc::from(rendered.config));
         self.applied_maps = rendered.maps;
         for name in &persisted_certs {
             match candidate_certs.get(name) {
@@ -1270,17 +1300,18 @@ impl Core {
         let changed: Vec<(&ServiceName, &ServiceSpec)> = snapshot
             .specs
             .iter()
-            .filter(|(name, spec)| self.state.get(*name).map(|routed| &routed.spec) != Some(*spec))
+            .filter(|(name, spec)| self.state.get(*name).map(|routed| &*routed.spec) != Some(*spec))
             .collect();
         let instances = instances_of_each(&self.registry, &changed).await?;
-        let mut updates: Vec<(ServiceName, Option<Routed>)> = Vec::new();
-        let mut applied_slots: Option<SlotLines<'_>> = None;
+        let mut updates: Vec<(ServiceName, Option<Arc<Routed>>)> = Vec::new();
         for ((name, spec), instances) in changed.into_iter().zip(instances) {
-            let applied = applied_slots.get_or_insert_with(|| {
-                SlotLines::of(self.applied_config.as_deref().unwrap_or_default())
-            });
-            let routed = Routed::new(spec.clone(), instances, self.state.get(name), applied);
-            updates.push((name.clone(), Some(routed)));
+            let routed = Routed::new(
+                Arc::new(spec.clone()),
+                instances,
+                self.state.get(name).map(|routed| &**routed),
+                self.applied_config.as_deref().unwrap_or_default(),
+            );
+            updates.push((name.clone(), Some(Arc::new(routed))));
         }
         let gone: Vec<ServiceName> = self
             .state
@@ -1296,8 +1327,8 @@ impl Core {
                 "Consul came back without the stored specs (its data was lost): keeping the routes and storing them again"
             );
             for name in &gone {
-                let spec = self.state.get(name).map(|routed| routed.spec.clone());
-                let floor = self.store.store(name, spec.as_ref()).await?;
+                let spec = self.state.get(name).map(|routed| Arc::clone(&routed.spec));
+                let floor = self.store.store(name, spec.as_deref()).await?;
                 self.stored_floor = self.stored_floor.max(floor);
             }
         } else {
@@ -1470,7 +1501,7 @@ impl Core {
                 .await
                 .map_err(|error| rejected(error, false))?;
             self.promote_candidate().await?;
-            self.applied_config = Some(rendered.config);
+            self.applied_config = Some(Arc::from(rendered.config));
             self.applied_maps = rendered.maps;
         }
         self.render_settings = settings;
@@ -1570,8 +1601,8 @@ impl Core {
     ) -> Result<Vec<ServiceName>, ProxyError> {
         let mut persisted = Vec::with_capacity(names.len());
         for name in names {
-            let spec = candidate.get(&name).map(|routed| &routed.spec);
-            if let Err(error) = self.persist(&name, spec).await {
+            let spec = candidate.get(&name).map(|routed| Arc::clone(&routed.spec));
+            if let Err(error) = self.persist(&name, spec.as_deref()).await {
                 self.put_back_stored_specs(&persisted).await;
                 return Err(error);
             }
@@ -1676,8 +1707,8 @@ impl Core {
     /// Writes the current state's specs of `names` back to KV (deleting those not routed).
     async fn put_back_stored_specs(&mut self, names: &[ServiceName]) {
         for name in names {
-            let spec = self.state.get(name).map(|routed| routed.spec.clone());
-            if let Err(error) = self.persist(name, spec.as_ref()).await {
+            let spec = self.state.get(name).map(|routed| Arc::clone(&routed.spec));
+            if let Err(error) = self.persist(name, spec.as_deref()).await {
                 tracing::error!(service = %name, %error, "putting back the stored spec failed");
             }
         }
@@ -1702,42 +1733,101 @@ impl Core {
         }
     }
 
+    /// Makes `state` the routed state and publishes it: the specs (`/services`), what the status
+    /// page and metrics show, and the queries the instance follower follows. The follower's
+    /// queries are updated for the services that changed only.
     fn commit(&mut self, state: RoutingState) {
-        self.state = state;
+        let previous = std::mem::replace(&mut self.state, state);
         self.pool
             .retain_services(|name| self.state.contains_key(name));
         let specs = self
             .state
             .values()
-            .map(|routed| routed.spec.clone())
+            .map(|routed| Arc::clone(&routed.spec))
             .collect();
         self.published.send_replace(Arc::new(specs));
         self.observer.publish_services(
             self.state
                 .values()
                 .map(|routed| RoutedService {
-                    spec: routed.spec.clone(),
-                    instances: routed.instances.clone(),
+                    spec: Arc::clone(&routed.spec),
+                    instances: Arc::clone(&routed.instances),
                     pool_backends: self.pool.backends_of(routed.spec.service_name()),
                 })
                 .collect(),
         );
-        let mut followed = instances::Followed::new();
-        for routed in self
-            .state
-            .values()
-            .filter(|routed| routed.spec.uses_registry())
-        {
-            let held = followed
-                .entry(instance_query(&routed.spec))
-                .or_insert_with(|| Some(routed.instances.clone()));
-            if held.as_ref() != Some(&routed.instances) {
-                *held = None;
+        if self.follow_changes(&previous) {
+            self.instance_watches.follow(self.followed.clone());
+        }
+    }
+
+    /// Brings the followed queries in line with the routed state after it changed from
+    /// `previous`; whether they changed.
+    fn follow_changes(&mut self, previous: &RoutingState) -> bool {
+        let mut touched = BTreeSet::new();
+        let mut leave = |users: &mut QueryUsers, name: &ServiceName, routed: &Routed| {
+            if let Some(names) = users.get_mut(&routed.query) {
+                names.remove(name);
+                if names.is_empty() {
+                    users.remove(&routed.query);
+                }
+            }
+            touched.insert(routed.query.clone());
+        };
+        let mut changed = Vec::new();
+        for item in previous.diff(&self.state) {
+            match item {
+                imbl::ordmap::DiffItem::Add(name, routed) => {
+                    changed.push((name, None, Some(routed)))
+                }
+                imbl::ordmap::DiffItem::Update {
+                    old: (name, old),
+                    new: (_, new),
+                } => changed.push((name, Some(old), Some(new))),
+                imbl::ordmap::DiffItem::Remove(name, old) => changed.push((name, Some(old), None)),
             }
         }
-        self.instance_watches.follow(followed);
+        for (name, old, _) in &changed {
+            if let Some(old) = old {
+                leave(&mut self.query_users, name, old);
+            }
+        }
+        for (name, _, new) in &changed {
+            if let Some(new) = new.as_ref().filter(|new| new.spec.uses_registry()) {
+                self.query_users
+                    .entry(new.query.clone())
+                    .or_default()
+                    .insert((*name).clone());
+                touched.insert(new.query.clone());
+            }
+        }
+        let mut moved = false;
+        for query in touched {
+            // Absent: no routed service reads it; `None`: they hold different lists.
+            let wanted = self.query_users.get(&query).map(|names| {
+                let mut lists = names
+                    .iter()
+                    .filter_map(|name| self.state.get(name))
+                    .map(|routed| &routed.instances);
+                match lists.next() {
+                    Some(first) if lists.all(|other| other == first) => Some(first.to_vec()),
+                    _ => None,
+                }
+            });
+            if self.followed.get(&query) != wanted.as_ref() {
+                moved = true;
+                match wanted {
+                    Some(held) => self.followed.insert(query, held),
+                    None => self.followed.remove(&query),
+                };
+            }
+        }
+        moved
     }
 }
+
+/// The routed services that read each Consul query.
+type QueryUsers = std::collections::HashMap<InstanceQuery, BTreeSet<ServiceName>>;
 
 /// Whether applying a stored change failed for a reason that passes (a file or process that could
 /// not be opened, e.g. out of file descriptors) rather than because HAProxy does not accept it:

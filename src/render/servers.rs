@@ -82,7 +82,7 @@ impl ServerSlots {
     /// server line names, or spare. Instances the file does not name are left out for the
     /// caller to place. `None` when the file has no slots for the service.
     pub fn read_back(
-        slots: &SlotLines<'_>,
+        config: &str,
         spec: &ServiceSpec,
         instances: &[Instance],
     ) -> Option<ServerSlots> {
@@ -91,7 +91,8 @@ impl ServerSlots {
             .iter()
             .find(|destination| destination.routing().outbound_hostname.is_none())?;
         let backend = super::view::backend_name(spec, destination);
-        ServerSlots::read_back_from(slots, &backend, spec, instances)
+        let slots = SlotLines::of_backend(config, &backend);
+        ServerSlots::read_back_from(&slots, &backend, spec, instances)
     }
 
     /// [`ServerSlots::read_back`] from the backend named `backend` (e.g. the pool backend a new
@@ -138,6 +139,35 @@ struct SlotLine<'a> {
 }
 
 impl<'a> SlotLines<'a> {
+    /// [`SlotLines::of`] the one backend named `backend`: its section is found by its header
+    /// line, without reading the other backends' lines.
+    pub fn of_backend(config: &'a str, backend: &str) -> SlotLines<'a> {
+        let header = format!("backend {backend}\n");
+        let start = if config.starts_with(&header) {
+            Some(0)
+        } else {
+            config
+                .find(&format!("\n{header}"))
+                .map(|newline| newline + 1)
+        };
+        let Some(start) = start else {
+            return SlotLines::default();
+        };
+        let section = &config[start..];
+        // The section ends at the next line that is neither indented nor empty.
+        let end = section
+            .match_indices('\n')
+            .map(|(newline, _)| newline + 1)
+            .find(|&next| {
+                section[next..]
+                    .chars()
+                    .next()
+                    .is_some_and(|first| first != ' ' && first != '\n')
+            })
+            .unwrap_or(section.len());
+        SlotLines::of(&section[..end])
+    }
+
     /// Reads the slot lines of each backend of `config`; a backend whose servers are not the
     /// slots `s1`, `s2`, … in order is left out.
     pub fn of(config: &'a str) -> SlotLines<'a> {
@@ -288,20 +318,31 @@ mod tests {
             ("servicePath".to_string(), "/web".to_string()),
         ])
         .expect("valid spec");
-        let config = "backend web-be0\n    mode http\n    server s1 127.0.0.1:1 check disabled\n    server s2 10.0.0.1:2 check\n    server s3 10.0.0.1:9 check\n    server s4 10.0.0.1:1 check\n\nbackend zzz-be0\n";
-        // 10.0.0.1:9 is gone, 10.0.0.1:3 is new: left for the caller to place.
-        let slots = SlotLines::of(config);
-        let read = ServerSlots::read_back(&slots, &spec, &[instance(1), instance(2), instance(3)])
-            .expect("slots in the file");
+        let web = "backend web-be0\n    mode http\n    server s1 127.0.0.1:1 check disabled\n    server s2 10.0.0.1:2 check\n    server s3 10.0.0.1:9 check\n    server s4 10.0.0.1:1 check\n";
+        let other = "backend other-be0\n    server s1 10.0.0.1:1\n";
+        // 10.0.0.1:9 is gone, 10.0.0.1:3 is new: left for the caller to place. The backend is
+        // found anywhere in the file, and ends where the next section starts.
+        for config in [
+            format!("{web}\nbackend zzz-be0\n    server s1 10.0.0.1:3\n"),
+            format!("global\n    maxconn 10\n\n{other}\n{web}\nbackend zzz-be0\n"),
+            format!("{other}\n{web}frontend http\n    server s5 10.0.0.1:3\n"),
+        ] {
+            let read =
+                ServerSlots::read_back(&config, &spec, &[instance(1), instance(2), instance(3)])
+                    .expect("slots in the file");
+            assert_eq!(
+                read.slots(),
+                &[None, Some(instance(2)), None, Some(instance(1))],
+                "{config}"
+            );
+        }
+        assert_eq!(ServerSlots::read_back(other, &spec, &[instance(1)]), None);
+        // A backend whose name only starts like the service's is another backend.
+        let longer = "backend web-be00\n    server s1 10.0.0.1:1 check\n";
+        assert_eq!(ServerSlots::read_back(longer, &spec, &[instance(1)]), None);
+        let outbound = "backend web-be0\n    server example.com_80 10.0.0.1:1\n";
         assert_eq!(
-            read.slots(),
-            &[None, Some(instance(2)), None, Some(instance(1))]
-        );
-        let other = SlotLines::of("backend other-be0\n    server s1 10.0.0.1:1\n");
-        assert_eq!(ServerSlots::read_back(&other, &spec, &[instance(1)]), None);
-        let outbound = SlotLines::of("backend web-be0\n    server example.com_80 10.0.0.1:1\n");
-        assert_eq!(
-            ServerSlots::read_back(&outbound, &spec, &[instance(1)]),
+            ServerSlots::read_back(outbound, &spec, &[instance(1)]),
             None
         );
     }
