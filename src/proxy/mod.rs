@@ -356,6 +356,7 @@ impl Proxy {
             stored_floor: 0,
             applied_config,
             applied_maps,
+            applied_checked: None,
             instance_watches: InstanceWatches::new(
                 parts.watch_instances,
                 parts.registry,
@@ -570,6 +571,9 @@ struct Core {
     applied_config: Option<Arc<str>>,
     /// The map files HAProxy routes with (see [`map_changes`]).
     applied_maps: Vec<MapFile>,
+    /// The health-checked servers of the applied configuration, when this core rendered it
+    /// (see [`Core::spliced`]).
+    applied_checked: Option<crate::render::CheckedServers>,
     instance_watches: InstanceWatches,
     /// The queries the instance follower follows, kept in line with the state by
     /// [`Core::follow_changes`].
@@ -898,12 +902,47 @@ impl Core {
         changes: &[SlotChange],
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
+        if !self.apply_slots(&rendered.config, changes).await {
+            return self.reload_instead(rendered, caused_by_request).await;
+        }
+        self.applied_config = Some(Arc::from(rendered.config));
+        self.applied_checked = Some(rendered.checked);
+        if self.applied_maps != rendered.maps {
+            self.apply_map_changes(&rendered.maps).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Core::apply_slots_or_reload`] for a configuration that differs from the applied one in
+    /// server slots only, its map files the applied ones (see [`Core::spliced`]).
+    async fn apply_spliced(
+        &mut self,
+        spliced: Spliced,
+        caused_by_request: bool,
+    ) -> Result<(), ProxyError> {
+        if spliced.changes.is_empty() {
+            // The same text: the instances moved in the list, not between slots.
+            return Ok(());
+        }
+        if !self.apply_slots(&spliced.config, &spliced.changes).await {
+            let rendered = Rendered {
+                config: spliced.config,
+                maps: self.applied_maps.clone(),
+                checked: spliced.checked,
+            };
+            return self.reload_instead(rendered, caused_by_request).await;
+        }
+        tracing::debug!("only the changed services' backends were rendered");
+        self.applied_config = Some(Arc::from(spliced.config));
+        self.applied_checked = Some(spliced.checked);
+        Ok(())
+    }
+
+    /// Writes `config` as the live file and sends `changes` over the Runtime API; whether HAProxy
+    /// took them all.
+    async fn apply_slots(&mut self, config: &str, changes: &[SlotChange]) -> bool {
         let started = std::time::Instant::now();
-        match self
-            .haproxy
-            .apply_slot_changes(&rendered.config, changes)
-            .await
-        {
+        match self.haproxy.apply_slot_changes(config, changes).await {
             Ok(()) => {
                 let took = started.elapsed();
                 self.timings.runtime = Some(took);
@@ -912,16 +951,22 @@ impl Core {
                     took_us = took.as_micros(),
                     "servers changed over the Runtime API, without reload"
                 );
-                self.applied_config = Some(Arc::from(rendered.config));
-                if self.applied_maps != rendered.maps {
-                    self.apply_map_changes(&rendered.maps).await?;
-                }
-                return Ok(());
+                true
             }
             Err(error) => {
-                tracing::warn!(%error, "HAProxy did not take the server changes at runtime; reloading instead")
+                tracing::warn!(%error, "HAProxy did not take the server changes at runtime; reloading instead");
+                false
             }
         }
+    }
+
+    /// Starts `rendered` as a new process after HAProxy refused its server changes at runtime;
+    /// if that fails too, the previous live file is put back and the error returned.
+    async fn reload_instead(
+        &mut self,
+        rendered: Rendered,
+        caused_by_request: bool,
+    ) -> Result<(), ProxyError> {
         let previous = self.applied_config.clone();
         let reloaded = async {
             self.haproxy
@@ -941,6 +986,79 @@ impl Core {
         Ok(())
     }
 
+    /// The configuration of `candidate` when the services it changes from the routed state
+    /// changed only in which instances their slots hold: their backends rendered alone and put in
+    /// place of their text in the applied configuration (see the render module's `splice`), with
+    /// the slot changes that bring HAProxy there. `None` when anything else changed (a spec, a
+    /// slot count, the pool, the `no strict-limits` line, more than [`MAX_SPLICED`] services):
+    /// then the complete configuration is rendered.
+    fn spliced(
+        &self,
+        candidate: &RoutingState,
+        pool: &BackendPool,
+    ) -> Result<Option<Spliced>, ProxyError> {
+        let (Some(applied), Some(mut checked)) =
+            (self.applied_config.as_deref(), self.applied_checked)
+        else {
+            return Ok(None);
+        };
+        if *pool != self.pool {
+            return Ok(None);
+        }
+        let mut config: Option<String> = None;
+        let mut changes = Vec::new();
+        for (touched, item) in self.state.diff(candidate).enumerate() {
+            let imbl::ordmap::DiffItem::Update {
+                old: (_, old),
+                new: (_, new),
+            } = item
+            else {
+                return Ok(None);
+            };
+            if touched == MAX_SPLICED
+                || old.spec != new.spec
+                || old.slots.capacity() != new.slots.capacity()
+            {
+                return Ok(None);
+            }
+            let backends = |routed: &Routed| {
+                let route = ServiceRoute {
+                    spec: &routed.spec,
+                    instances: &routed.instances,
+                };
+                self.renderer
+                    .service_backends(&self.render_settings, route, &routed.slots, pool)
+            };
+            let (Some(before), Some(after)) = (backends(old)?, backends(new)?) else {
+                return Ok(None);
+            };
+            let Some(replaced) = after.replace_in(config.as_deref().unwrap_or(applied), &before)
+            else {
+                return Ok(None);
+            };
+            for (old_piece, new_piece) in before.pieces().zip(after.pieces()) {
+                let Some(piece_changes) = slot_changes(old_piece, new_piece) else {
+                    return Ok(None);
+                };
+                changes.extend(piece_changes);
+            }
+            checked = checked.replaced(before.checked, after.checked);
+            config = Some(replaced);
+        }
+        let proxy_wide = &self.render_settings.proxy_wide;
+        let applied_checked = self.applied_checked.unwrap_or_default();
+        if checked.strict_limits_relaxed(proxy_wide)
+            != applied_checked.strict_limits_relaxed(proxy_wide)
+        {
+            return Ok(None);
+        }
+        Ok(config.map(|config| Spliced {
+            config,
+            changes,
+            checked,
+        }))
+    }
+
     /// Starts `rendered` as the candidate (validation and reload in one parse), keeps it as the
     /// live file and records it as the applied configuration.
     async fn start_and_promote(
@@ -952,6 +1070,7 @@ impl Core {
             .await?;
         self.promote_candidate().await?;
         self.applied_config = Some(Arc::from(rendered.config));
+        self.applied_checked = Some(rendered.checked);
         self.applied_maps = rendered.maps;
         Ok(())
     }
@@ -1135,6 +1254,36 @@ impl Core {
                 Change::Stored(_) | Change::Stop => outcomes.push(None),
             }
         }
+        let caused_by_request = changes.iter().any(|change| {
+            matches!(
+                change,
+                Change::Reconfigure(..) | Change::PutCert(_) | Change::DeleteCert(_)
+            )
+        });
+        if !force_reload && requested_certs.is_empty() {
+            if let Some(spliced) = self.spliced(&candidate, &candidate_pool)? {
+                #[cfg(debug_assertions)]
+                {
+                    // The splice must write exactly what a complete render writes.
+                    let settings = &self.render_settings;
+                    let complete = self
+                        .render_with(settings, &candidate, &candidate_certs, &candidate_pool)
+                        .await?;
+                    debug_assert_eq!(complete.config, spliced.config);
+                    debug_assert_eq!(complete.maps, self.applied_maps);
+                    debug_assert_eq!(complete.checked, spliced.checked);
+                }
+                let persisted = self.persist_all(&candidate, requested).await?;
+                if let Err(error) = self.apply_spliced(spliced, caused_by_request).await {
+                    self.put_back_stored_specs(&persisted).await;
+                    return Err(error);
+                }
+                self.commit_pool(candidate_pool);
+                self.commit(candidate);
+                self.commit_certs(candidate_certs).await;
+                return Ok(outcomes);
+            }
+        }
         let mut rendered = self
             .render_with(
                 &self.render_settings,
@@ -1177,6 +1326,7 @@ impl Core {
         if !force_reload && self.applied_config.as_deref() == Some(config) {
             // Nothing HAProxy would notice, or only map entries (changed at runtime): store the
             // specs, keep the process.
+            self.applied_checked = Some(rendered.checked);
             let persisted = self.persist_all(&candidate, requested).await?;
             let persisted_certs = match self.persist_certs(&candidate_certs, requested_certs).await
             {
@@ -1198,12 +1348,6 @@ impl Core {
             self.commit_certs(candidate_certs).await;
             return Ok(outcomes);
         }
-        let caused_by_request = changes.iter().any(|change| {
-            matches!(
-                change,
-                Change::Reconfigure(..) | Change::PutCert(_) | Change::DeleteCert(_)
-            )
-        });
         let runtime = self
             .runtime_changes(config)
             .filter(|_| !force_reload && requested_certs.is_empty());
@@ -1251,6 +1395,7 @@ impl Core {
             return Err(error);
         }
         self.applied_config = Some(Arc::from(rendered.config));
+        self.applied_checked = Some(rendered.checked);
         self.applied_maps = rendered.maps;
         for name in &persisted_certs {
             match candidate_certs.get(name) {
@@ -1395,6 +1540,7 @@ impl Core {
         certs: Certificates,
     ) -> Result<(), ProxyError> {
         let rendered = self.render(&candidate, &certs).await?;
+        let checked = rendered.checked;
         let runtime = self
             .runtime_changes(&rendered.config)
             .filter(|_| certs == self.certs);
@@ -1410,6 +1556,7 @@ impl Core {
         } else if self.applied_maps != rendered.maps {
             self.apply_map_changes(&rendered.maps).await?;
         }
+        self.applied_checked = Some(checked);
         self.commit(candidate);
         self.commit_certs(certs).await;
         Ok(())
@@ -1504,6 +1651,7 @@ impl Core {
             self.applied_config = Some(Arc::from(rendered.config));
             self.applied_maps = rendered.maps;
         }
+        self.applied_checked = Some(rendered.checked);
         self.render_settings = settings;
         Ok(())
     }
@@ -1824,6 +1972,18 @@ impl Core {
         }
         moved
     }
+}
+
+/// Most services a change may touch and still be applied by [`Core::spliced`]: each costs a
+/// copy of the configuration text.
+const MAX_SPLICED: usize = 8;
+
+/// A configuration made by [`Core::spliced`].
+struct Spliced {
+    config: String,
+    /// What the Runtime API is told.
+    changes: Vec<SlotChange>,
+    checked: crate::render::CheckedServers,
 }
 
 /// The routed services that read each Consul query.

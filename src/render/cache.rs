@@ -14,7 +14,10 @@
 //!
 //! After each complete render, the pieces that render did not use are dropped: the cache holds at
 //! most one text per piece of the configuration last rendered (plus the pieces of a render that
-//! failed half-way, until the next complete one).
+//! failed half-way and those of backends rendered alone, see the `splice` module, until the next
+//! complete one). Pieces added between two complete renders are bounded: past twice the pieces
+//! the last one kept (and [`MIN_ADDED`]), the cache starts over empty, which costs the next render
+//! its hits and nothing else.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +30,9 @@ use super::RenderError;
 /// The scratch space kept between pieces (a backend's view takes a few hundred bytes).
 const MAX_KEPT_SCRATCH: usize = 64 * 1024;
 
+/// Pieces that may be added between two complete renders however few the last one kept.
+const MIN_ADDED: usize = 1024;
+
 /// SHA-256 of (template name, view as JSON).
 type PieceKey = [u8; 32];
 
@@ -38,6 +44,8 @@ pub(super) struct PieceCache {
     render: u64,
     /// Pieces rendered (not found) since the cache was made, for tests and logs.
     misses: u64,
+    /// How many pieces the last complete render kept.
+    kept: usize,
     /// The JSON of the view being keyed (kept to reuse its allocation).
     scratch: Vec<u8>,
 }
@@ -75,11 +83,20 @@ impl PieceCache {
         Ok(text)
     }
 
+    /// Before pieces are rendered outside a complete render: starts over empty when such pieces
+    /// have piled up past the bound (see the module doc).
+    pub(super) fn bound_added_pieces(&mut self) {
+        if self.pieces.len() >= 2 * self.kept + MIN_ADDED {
+            self.pieces.clear();
+        }
+    }
+
     /// Ends a complete render: drops every piece it did not use.
     pub(super) fn finish_render(&mut self) {
         let render_number = self.render;
         self.pieces
             .retain(|_, cached| cached.used_in == render_number);
+        self.kept = self.pieces.len();
         self.render += 1;
     }
 

@@ -28,7 +28,7 @@ fn plain_services(count: usize) -> Vec<(ServiceSpec, Vec<Instance>)> {
 }
 
 /// HTTP (with users, rules, headers, a `srcPort`), TCP and SNI services.
-fn rich_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
+pub(super) fn rich_services() -> Vec<(ServiceSpec, Vec<Instance>)> {
     vec![
         (
             spec(&[("serviceName", "go-demo"), ("servicePath", "/demo")]),

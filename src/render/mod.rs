@@ -159,12 +159,15 @@ pub mod maps;
 mod pool;
 mod proxy_wide;
 mod servers;
+mod splice;
 mod view;
 
 #[cfg(test)]
 mod cache_tests;
 #[cfg(test)]
 mod pool_tests;
+#[cfg(test)]
+mod splice_tests;
 #[cfg(test)]
 mod tests;
 
@@ -183,6 +186,7 @@ pub use maps::{write_map_files, MapFile, MAPS_DIR};
 pub use pool::{pool_backend_name, BackendPool, POOL_SIZE, POOL_SLOTS};
 pub use proxy_wide::ProxyWide;
 pub use servers::{capacity_for, slot_name, ServerSlots, SlotLines, SPARE_ADDRESS};
+pub use splice::{CheckedServers, ServiceBackends};
 
 /// The server slots the caller assigned to each service (see the `servers` module); a service
 /// without an entry gets its instances packed in order.
@@ -332,6 +336,9 @@ pub struct Renderer {
     maps: bool,
     /// Where custom fragments come from and whether `backendExtra` is allowed.
     custom: CustomPolicy,
+    /// `haproxy.cfg.hbs` comes from `--templates-dir` (it may write the backends any way it
+    /// likes: see the `splice` module).
+    custom_main: bool,
     /// The text of each frontend and backend of the last render, by the view it came from.
     pieces: Mutex<cache::PieceCache>,
 }
@@ -355,6 +362,7 @@ impl Renderer {
         registry.set_strict_mode(true);
         registry.register_escape_fn(handlebars::no_escape);
         let mut custom_backend_partial = false;
+        let mut custom_main = false;
         let templates_dir = templates_dir
             .map(|dir| {
                 std::fs::canonicalize(dir).map_err(|error| RenderError::Template {
@@ -373,6 +381,7 @@ impl Renderer {
                         Ok(text) => {
                             tracing::info!(template = %path.display(), "using a template of --templates-dir");
                             custom_backend_partial |= *file == "backend.hbs";
+                            custom_main |= *file == MAIN_TEMPLATE;
                             if *file == FRONTEND_TEMPLATE_FILE {
                                 tracing::info!("a replaced {FRONTEND_TEMPLATE_FILE}: every rule keeps its acls, none is routed through a map");
                                 maps = false;
@@ -405,6 +414,7 @@ impl Renderer {
         Ok(Renderer {
             registry,
             custom_backend_partial,
+            custom_main,
             maps,
             custom: CustomPolicy::new(templates_dir, false),
             pieces: Mutex::new(cache::PieceCache::default()),
@@ -489,7 +499,7 @@ impl Renderer {
                     message,
                 })?;
         }
-        let (mut text, maps) = self.render_views(settings, services, tls, slots, pool)?;
+        let (mut text, maps, checked) = self.render_views(settings, services, tls, slots, pool)?;
         if text.len() >= LARGE_CONFIG_BYTES {
             release_freed_memory();
         }
@@ -497,7 +507,11 @@ impl Renderer {
         if !text.ends_with('\n') {
             text.push('\n');
         }
-        Ok(Rendered { config: text, maps })
+        Ok(Rendered {
+            config: text,
+            maps,
+            checked,
+        })
     }
 
     /// Builds the views, renders the pieces (or takes them from the cache) and places them;
@@ -509,24 +523,29 @@ impl Renderer {
         tls: Option<&TlsSettings>,
         slots: &SlotsByService<'_>,
         pool: &BackendPool,
-    ) -> Result<(String, Vec<MapFile>), RenderError> {
+    ) -> Result<(String, Vec<MapFile>, CheckedServers), RenderError> {
         let mut view = view::build(settings, services, tls, slots, pool)?;
         if self.custom_backend_partial {
             view.drop_spare_servers();
         }
-        view.relax_strict_limits_for_spare_slots(&settings.proxy_wide);
+        let checked = view.relax_strict_limits_for_spare_slots(&settings.proxy_wide);
         if self.maps {
             view.route_plain_rules_through_maps();
         }
         view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
-        let mut pieces = self.pieces.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pieces = self.lock_pieces();
         let rendered = self.render_pieces(&mut pieces, &view)?;
         let text = self
             .registry
             .render(MAIN_TEMPLATE, &rendered.main_view(&view.layout))
             .map_err(|error| RenderError::Render(error.to_string()))?;
         pieces.finish_render();
-        Ok((text, view.take_maps()))
+        Ok((text, view.take_maps(), checked))
+    }
+
+    /// The piece cache (a render that panicked half-way left only whole pieces in it).
+    fn lock_pieces(&self) -> std::sync::MutexGuard<'_, cache::PieceCache> {
+        self.pieces.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -662,6 +681,8 @@ pub struct Rendered {
     pub config: String,
     /// The map files, by name.
     pub maps: Vec<MapFile>,
+    /// Its health-checked server lines (see the `splice` module).
+    pub checked: CheckedServers,
 }
 
 impl Renderer {

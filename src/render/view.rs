@@ -14,6 +14,7 @@ use super::backend::{tcp_timeout_client, tuning_view, BackendTuningView};
 use super::maps::{route_through_maps, MapFile, MapRouteView, MapRouting, PlainRoute, Routed};
 use super::pool::{free_pool_spec, pool_backend_name, BackendPool, POOL_SLOTS};
 use super::servers::{server_views, ServerSlots, ServerView};
+use super::splice::CheckedServers;
 use super::{
     RenderError, RenderSettings, ServiceRoute, SlotsByService, StatsSettings, TlsSettings,
 };
@@ -211,14 +212,14 @@ struct TcpFrontendView {
 
 #[derive(Debug, Serialize)]
 pub(super) struct BackendView {
-    name: String,
+    pub(super) name: String,
     mode: &'static str,
     /// `http-request`/`http-response` rules of the destination, in the order HAProxy runs them.
     http_rules: Vec<BackendRuleView>,
     auth: Option<AuthView>,
     /// `http-request replace-path` rules (`stripPath`, then `reqPathSearchReplace`), in order.
     path_rewrites: Vec<PathRewriteView>,
-    servers: Vec<ServerView>,
+    pub(super) servers: Vec<ServerView>,
     /// `backendExtra` lines, at the bottom of the backend.
     extra: Vec<String>,
     /// The service the backend belongs to (for custom fragments).
@@ -1373,32 +1374,15 @@ impl ConfigView {
     /// `--templates-dir` that may not write `disabled` (a spare slot written without it would
     /// take traffic): its backends list the instances only.
     /// Turns HAProxy's `strict-limits` off when the spare server slots alone push the number of
-    /// descriptors HAProxy counts past `open_files_limit`: HAProxy counts one per health-checked
-    /// server, spare (disabled) slots included, on top of two per connection of `maxconn`, and
-    /// refuses to start above the limit. A configuration that does not fit even without its spare
-    /// slots (e.g. a `maxconn` too high for the limit) keeps `strict-limits`, so HAProxy refuses
-    /// it as before.
-    pub(super) fn relax_strict_limits_for_spare_slots(&mut self, proxy_wide: &super::ProxyWide) {
-        /// Descriptors for listeners, the stats socket and the like, on top of HAProxy's count.
-        const MARGIN: u64 = 256;
-        let Some(limit) = proxy_wide.open_files_limit else {
-            return;
-        };
-        let servers = self
-            .http_backends
-            .iter()
-            .chain(&self.tcp_backends)
-            .flat_map(|backend| backend.servers.iter())
-            .filter(|server| server.checked());
-        let (spare, occupied) = servers.fold((0u64, 0u64), |(spare, occupied), server| {
-            if server.is_spare() {
-                (spare + 1, occupied)
-            } else {
-                (spare, occupied + 1)
-            }
-        });
-        let without_spares = 2 * u64::from(proxy_wide.maxconn) + occupied + MARGIN;
-        self.layout.no_strict_limits = without_spares <= limit && without_spares + spare > limit;
+    /// descriptors HAProxy counts past the open-files limit (see
+    /// [`CheckedServers::strict_limits_relaxed`]); returns the checked servers counted.
+    pub(super) fn relax_strict_limits_for_spare_slots(
+        &mut self,
+        proxy_wide: &super::ProxyWide,
+    ) -> CheckedServers {
+        let checked = CheckedServers::of(self.http_backends.iter().chain(&self.tcp_backends));
+        self.layout.no_strict_limits = checked.strict_limits_relaxed(proxy_wide);
+        checked
     }
 
     pub(super) fn drop_spare_servers(&mut self) {

@@ -885,6 +885,7 @@ pub fn haproxy_check(dir: &std::path::Path, name: &str, config: &str) -> Result<
         &Rendered {
             config: config.to_string(),
             maps: Vec::new(),
+            checked: Default::default(),
         },
     )
 }
