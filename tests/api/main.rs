@@ -7,6 +7,7 @@ mod backend_tuning;
 mod blue_green;
 mod chaos;
 mod consul_access;
+mod consul_filtered;
 mod consul_tools;
 mod convergence;
 mod crash;
