@@ -42,6 +42,7 @@ mod route_conflicts;
 mod routing;
 mod routing_maps;
 mod routing_rules;
+mod runtime_fallback;
 mod runtime_instances;
 mod service_auth;
 mod skeleton;
