@@ -8,7 +8,7 @@
 //! mocked: the refusals are HAProxy's, and so are the reloads. A stats socket that does not
 //! answer at all cannot take this path: the reload needs the serving process to answer (it
 //! hands its listeners over on that socket), so such a change is refused instead (see
-//! `haproxy_faults`).
+//! `haproxy_faults::a_frozen_haproxy_is_answered_503_and_replaced`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
