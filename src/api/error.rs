@@ -118,7 +118,9 @@ impl ApiError {
                 | ProxyError::TimedOut { .. }
                 | ProxyError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
                 // Consul answered, and said no: flow-proxy's token is the problem.
-                ProxyError::Registry(RegistryError::AclDenied { .. }) => StatusCode::BAD_GATEWAY,
+                ProxyError::Registry(
+                    RegistryError::AclDenied { .. } | RegistryError::FilteredByAcls { .. },
+                ) => StatusCode::BAD_GATEWAY,
                 ProxyError::Render(_)
                 | ProxyError::Registry(_)
                 | ProxyError::Rejected(_)

@@ -32,6 +32,7 @@
 
 mod certificates;
 mod maps;
+mod output;
 mod ports;
 mod readiness;
 mod runtime;
@@ -488,13 +489,11 @@ fn spawn(
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("[ALERT]") {
-                    tracing::error!(pid, "haproxy: {line}");
-                } else if line.contains("stopped (cumulated conns") {
-                    // Every soft-stop after a reload says this for each proxy: routine.
-                    tracing::debug!(pid, "haproxy: {line}");
-                } else {
-                    tracing::warn!(pid, "haproxy: {line}");
+                match output::output_level(&line) {
+                    output::OutputLevel::Error => tracing::error!(pid, "haproxy: {line}"),
+                    output::OutputLevel::Warn => tracing::warn!(pid, "haproxy: {line}"),
+                    output::OutputLevel::Info => tracing::info!(pid, "haproxy: {line}"),
+                    output::OutputLevel::Debug => tracing::debug!(pid, "haproxy: {line}"),
                 }
                 if let Ok(mut kept) = sink.lock() {
                     if kept.len() < OUTPUT_LINES {

@@ -28,6 +28,14 @@
 //! first answers and after an index went backwards; either way it hands over only the lists
 //! that changed.
 //!
+//! A read Consul says its ACLs filtered (`X-Consul-Results-Filtered-By-ACLs: true`, sent by
+//! Consul 1.11 and later to a token that lost `service:read` or `node:read`) is not the truth
+//! about a service's instances: the core keeps the ones it routes, a WARN line names the
+//! services, the registry error counter counts it, and the read is retried (with the failed
+//! reads' backoff) until Consul answers it whole. A truly empty answer still empties the
+//! service. Consul before 1.11, and any Consul for the anonymous token, filters without saying
+//! so: there a filtered answer cannot be told from an empty one.
+//!
 //! A service whose every destination has an `outboundHostname` forwards to fixed hosts: its
 //! instances are neither read nor followed ([`instances_for`]).
 
@@ -540,6 +548,12 @@ impl Follower {
     async fn list_nodes(&self) -> Option<NodeSnapshot> {
         let names = match self.registry.node_names().await {
             Ok(names) => names,
+            Err(error @ RegistryError::FilteredByAcls { .. }) => {
+                // Changes on the nodes left out could not be told: read every routed query
+                // (each read is checked for filtering itself).
+                tracing::debug!(%error, "the node listing is filtered by ACLs");
+                return None;
+            }
             Err(error) => {
                 self.observer.record_registry_error();
                 tracing::warn!(%error, "listing the nodes failed");
@@ -556,6 +570,10 @@ impl Follower {
             match self.registry.node_instances(&node).await {
                 Ok(instances) => {
                     snapshot.insert(node, instances);
+                }
+                Err(error @ RegistryError::FilteredByAcls { .. }) => {
+                    tracing::debug!(%error, node, "the node's instances are filtered by ACLs");
+                    return None;
                 }
                 Err(error) => {
                     self.observer.record_registry_error();
@@ -602,13 +620,21 @@ impl Follower {
 
     /// Hands every list that differs from what the core holds to the core, all at once (the
     /// core applies those waiting together in one step); failed reads and hand-overs are
-    /// retried after a pause. `false` once the core has stopped.
+    /// retried after a pause. A read Consul's ACLs filtered is a failed read: the core keeps the
+    /// instances it routes, and the read is retried until Consul answers it whole. `false` once
+    /// the core has stopped.
     async fn hand_over(&mut self, results: Vec<InstanceRead>, woke_at: Option<Instant>) -> bool {
         let mut failed_reads = Vec::new();
+        let mut filtered_reads = Vec::new();
         let mut submits = JoinSet::new();
         for (query, result) in results {
             let mut instances = match result {
                 Ok(read) => read.value,
+                Err(RegistryError::FilteredByAcls { .. }) => {
+                    self.observer.record_registry_error();
+                    filtered_reads.push(query);
+                    continue;
+                }
                 Err(error) => {
                     self.observer.record_registry_error();
                     failed_reads.push((query, error));
@@ -644,8 +670,18 @@ impl Follower {
                 "reading the instances of `{query}` failed; retrying"
             );
         }
+        if !filtered_reads.is_empty() {
+            tracing::warn!(
+                services = %named(&filtered_reads),
+                filtered = filtered_reads.len(),
+                "Consul's ACLs filtered the instances of these services \
+                 (X-Consul-Results-Filtered-By-ACLs): keeping the instances they route; retrying. \
+                 Check that flow-proxy's token grants service:read and node:read"
+            );
+        }
         self.retry
             .extend(failed_reads.into_iter().map(|(query, _)| query));
+        self.retry.extend(filtered_reads);
         let mut accepted = false;
         while let Some(joined) = submits.join_next().await {
             let Ok((query, instances, outcome)) = joined else {
@@ -678,6 +714,23 @@ impl Follower {
         }
         true
     }
+}
+
+/// Most queries a log line names; past it the line says how many more.
+const NAMED_IN_LOG: usize = 5;
+
+/// `queries` for a log line: the first [`NAMED_IN_LOG`], then how many more.
+fn named(queries: &[InstanceQuery]) -> String {
+    let mut text = queries
+        .iter()
+        .take(NAMED_IN_LOG)
+        .map(|query| format!("`{query}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if queries.len() > NAMED_IN_LOG {
+        text.push_str(&format!(" and {} more", queries.len() - NAMED_IN_LOG));
+    }
+    text
 }
 
 /// Sleeps until `at`, forever when there is none.

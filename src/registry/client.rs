@@ -48,6 +48,16 @@ pub enum RegistryError {
          on the KV prefix"
     )]
     AclDenied { request: String, body: String },
+    /// Consul left entries out of a list because the token may not read them, and said so
+    /// (`X-Consul-Results-Filtered-By-ACLs: true`, Consul 1.11 and later, for a token that is
+    /// not the anonymous one): the list is not the truth about what is registered or stored.
+    #[error(
+        "Consul's ACLs left entries out of its answer to {request} \
+         (X-Consul-Results-Filtered-By-ACLs): it is not taken as the truth; check that the token \
+         given with --consul-token (or CONSUL_HTTP_TOKEN) grants service:read and node:read (and \
+         key:read on the KV prefix)"
+    )]
+    FilteredByAcls { request: String },
     /// Consul answered with another error status.
     #[error("Consul answered {status} to {request}: {body}")]
     Status {
@@ -314,6 +324,8 @@ impl ConsulClient {
     ///
     /// An instance without its own address is reached at its node's address, as Consul documents.
     /// Instances whose address or port could never be valid in haproxy.cfg are skipped with a warning.
+    /// An answer Consul's ACLs filtered is [`RegistryError::FilteredByAcls`]: instances the token
+    /// may not see are not instances that left.
     pub async fn watch_healthy_instances(
         &self,
         query: &InstanceQuery,
@@ -321,7 +333,7 @@ impl ConsulClient {
     ) -> Result<Indexed<Vec<Instance>>, RegistryError> {
         let service = query.service();
         let path = with_blocking(query.health_path(), blocking);
-        let response = self.get(&path, blocking).await?;
+        let response = unfiltered(&path, self.get(&path, blocking).await?)?;
         let index = consul_index(&response);
         let entries: Vec<HealthEntryWire> = decode_json(&path, response).await?;
         let mut instances = Vec::with_capacity(entries.len());
@@ -353,7 +365,8 @@ impl ConsulClient {
 
     /// Every health check of the datacenter (`/v1/health/state/any`), as a blocking query when
     /// `blocking` is given. Its index is Consul's checks-table index: it moves when a check is
-    /// added, changes (status, output, service tags) or is removed.
+    /// added, changes (status, output, service tags) or is removed. An answer the ACLs filtered
+    /// is taken as it is: it only names services to read, and those reads are checked.
     pub async fn watch_checks(
         &self,
         blocking: Option<Blocking>,
@@ -378,7 +391,8 @@ impl ConsulClient {
 
     /// Every Consul service with the union of its instances' tags (`/v1/catalog/services`), as a
     /// blocking query when `blocking` is given. Its index is Consul's services-table index: it
-    /// moves when any instance is registered, changed or deregistered.
+    /// moves when any instance is registered, changed or deregistered. Like
+    /// [`ConsulClient::watch_checks`], an answer the ACLs filtered is taken as it is.
     pub async fn watch_service_tags(
         &self,
         blocking: Option<Blocking>,
@@ -394,22 +408,23 @@ impl ConsulClient {
         Ok(Indexed { value, index })
     }
 
-    /// The names of the datacenter's nodes (`/v1/catalog/nodes`).
+    /// The names of the datacenter's nodes (`/v1/catalog/nodes`); [`RegistryError::FilteredByAcls`]
+    /// when the ACLs left some out.
     pub async fn node_names(&self) -> Result<Vec<String>, RegistryError> {
         let path = "/v1/catalog/nodes";
-        let response = self.get(path, None).await?;
+        let response = unfiltered(path, self.get(path, None).await?)?;
         let nodes: Vec<NodeNameWire> = decode_json(path, response).await?;
         Ok(nodes.into_iter().map(|node| node.node).collect())
     }
 
     /// Every instance registered on `node`, by instance ID (`/v1/catalog/node/<node>`; none when
-    /// the node is gone).
+    /// the node is gone); [`RegistryError::FilteredByAcls`] when the ACLs left some out.
     pub async fn node_instances(
         &self,
         node: &str,
     ) -> Result<BTreeMap<String, NodeInstance>, RegistryError> {
         let path = format!("/v1/catalog/node/{}", path_segment(node));
-        let response = self.get(&path, None).await?;
+        let response = unfiltered(&path, self.get(&path, None).await?)?;
         let listing: Option<NodeServicesWire> = decode_json(&path, response).await?;
         Ok(listing
             .and_then(|listing| listing.services)
@@ -441,13 +456,15 @@ impl ConsulClient {
         })
     }
 
-    /// A KV read: the entries Consul lists (none on 404) and the answer's index.
+    /// A KV read: the entries Consul lists (none on 404) and the answer's index. A listing the
+    /// ACLs filtered is [`RegistryError::FilteredByAcls`]: a spec the token may not read is not
+    /// a removed one.
     async fn kv_read(
         &self,
         path: &str,
         blocking: Option<Blocking>,
     ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
-        let response = self.get(path, blocking).await?;
+        let response = unfiltered(path, self.get(path, blocking).await?)?;
         let index = consul_index(&response);
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(Indexed {
@@ -634,6 +651,25 @@ fn path_without_query(path: &str) -> &str {
     path.split('?').next().unwrap_or(path)
 }
 
+/// The header Consul (1.11 and later) sets on a list it filtered with the token's ACLs.
+pub const FILTERED_BY_ACLS_HEADER: &str = "X-Consul-Results-Filtered-By-ACLs";
+
+/// `response`, unless Consul says its ACLs left entries out of it
+/// ([`FILTERED_BY_ACLS_HEADER`]`: true`).
+fn unfiltered(path: &str, response: reqwest::Response) -> Result<reqwest::Response, RegistryError> {
+    let filtered = response
+        .headers()
+        .get(FILTERED_BY_ACLS_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim().eq_ignore_ascii_case("true"));
+    if filtered {
+        return Err(RegistryError::FilteredByAcls {
+            request: format!("GET {}", path_without_query(path)),
+        });
+    }
+    Ok(response)
+}
+
 /// The `X-Consul-Index` header (header names are case-insensitive); 0 when absent or unreadable.
 fn consul_index(response: &reqwest::Response) -> u64 {
     response
@@ -763,6 +799,70 @@ mod tests {
                 ("127.0.0.1".to_string(), 8081)
             ]
         );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_list_consul_says_its_acls_filtered_is_not_taken_as_the_truth() {
+        // What a Consul 1.11+ answers a token that may not read everything: the entries it may
+        // not see left out, and the header saying so.
+        let filtered = |body: serde_json::Value| {
+            move || async move {
+                (
+                    [("X-Consul-Index", "7"), (FILTERED_BY_ACLS_HEADER, "true")],
+                    axum::Json(body),
+                )
+            }
+        };
+        let app = axum::Router::new()
+            .route(
+                "/v1/health/service/web",
+                axum::routing::get(filtered(serde_json::json!([]))),
+            )
+            .route(
+                "/v1/kv/flow-proxy/services/",
+                axum::routing::get(filtered(serde_json::json!([]))),
+            )
+            .route(
+                "/v1/catalog/nodes",
+                axum::routing::get(filtered(serde_json::json!([]))),
+            )
+            .route(
+                "/v1/health/state/any",
+                axum::routing::get(filtered(serde_json::json!([]))),
+            )
+            .route(
+                "/v1/catalog/services",
+                axum::routing::get(filtered(serde_json::json!({"web": []}))),
+            );
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = ConsulClient::new(&[address], Some("a-token".into()));
+
+        let error = client
+            .healthy_instances(&InstanceQuery::untagged("web"))
+            .await
+            .expect_err("a filtered instance list is no list of instances");
+        assert!(
+            matches!(&error, RegistryError::FilteredByAcls { request } if request == "GET /v1/health/service/web"),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("--consul-token"), "{error}");
+        assert!(matches!(
+            client.kv_list("flow-proxy/services/").await,
+            Err(RegistryError::FilteredByAcls { .. })
+        ));
+        assert!(matches!(
+            client.node_names().await,
+            Err(RegistryError::FilteredByAcls { .. })
+        ));
+        // The change detectors only name services to read: their answers are taken as they are.
+        assert_eq!(client.watch_checks(None).await.expect("checks").index, 7);
+        let tags = client.watch_service_tags(None).await.expect("services");
+        assert!(tags.value.contains_key("web"));
         server.abort();
     }
 

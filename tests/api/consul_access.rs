@@ -102,7 +102,11 @@ async fn a_403_is_reported_as_an_acl_problem_and_changes_nothing() {
     let config_before = proxy.config().await;
 
     registry.set_fault(Some(Fault::PermissionDenied));
-    let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
+    // A service forwarding to a fixed host reads no instances (a filtered instance read is
+    // refused before anything is written: `consul_filtered`), so the refusal is the KV write's.
+    let (status, body) = proxy
+        .reconfigure("serviceName=api&servicePath=/api&outboundHostname=127.0.0.1&port=80")
+        .await;
 
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(body["Status"], "NOK");

@@ -188,7 +188,9 @@ impl SharedRegistry {
 
     /// Makes every following request fail as Consul does in that situation (`None` heals):
     /// [`Fault::NoLeader`] → `500 No cluster leader` on KV, catalog and health;
-    /// [`Fault::PermissionDenied`] → `403 Permission denied` on KV and agent writes.
+    /// [`Fault::PermissionDenied`] → `403 Permission denied` on KV and agent writes;
+    /// [`Fault::ServiceReadDenied`] → catalog and health reads filtered as for a token without
+    /// `service:read`.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.running
             .as_ref()

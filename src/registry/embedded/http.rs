@@ -44,6 +44,76 @@ pub(crate) struct App {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// What the request's token may read under the simulated [`Fault`], and whether it presented
+/// one. A list the ACLs filtered carries [`FILTERED_BY_ACLS`]`: true` (Consul 1.11 and later),
+/// only when something was left out and only for a token that is not the anonymous one
+/// (Consul's `maskResultsFilteredByACLs`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Access {
+    /// `node:read`.
+    pub nodes: bool,
+    /// `service:read`.
+    pub services: bool,
+    /// A token was given (`X-Consul-Token`, `Authorization: Bearer` or `?token=`).
+    pub token: bool,
+}
+
+/// Consul's header on a list its ACLs filtered.
+pub(crate) const FILTERED_BY_ACLS: &str = "X-Consul-Results-Filtered-By-ACLs";
+
+impl Access {
+    fn new(fault: Option<Fault>, token: bool) -> Access {
+        let (nodes, services) = match fault {
+            Some(Fault::PermissionDenied) => (false, false),
+            Some(Fault::ServiceReadDenied) => (true, false),
+            Some(Fault::NoLeader) | None => (true, true),
+        };
+        Access {
+            nodes,
+            services,
+            token,
+        }
+    }
+
+    /// Whether a service instance (or a catalog or health entry for one) may be read: its node
+    /// and its service both.
+    pub fn instance(&self) -> bool {
+        self.nodes && self.services
+    }
+
+    /// Whether a check may be read: its node, and its service unless it is a node check.
+    pub fn check(&self, service_name: &str) -> bool {
+        self.nodes && (service_name.is_empty() || self.services)
+    }
+
+    /// Marks `response` as filtered when `removed` says the ACLs left something out.
+    pub fn mark(&self, response: &mut Response, removed: bool) {
+        if removed && self.token {
+            response
+                .headers_mut()
+                .insert(FILTERED_BY_ACLS, HeaderValue::from_static("true"));
+        }
+    }
+}
+
+/// Whether the request presents a token, in any of the places Consul reads one from.
+fn token_given(request: &Request, params: &Params) -> bool {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    let bearer = header("authorization");
+    let bearer = bearer.strip_prefix("Bearer ").unwrap_or("").trim();
+    !header("x-consul-token").is_empty()
+        || !bearer.is_empty()
+        || params.get("token").is_some_and(|token| !token.is_empty())
+}
+
 /// Builds the router serving the Consul API subset.
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new().fallback(dispatch).with_state(app)
@@ -469,6 +539,7 @@ async fn handle(app: &App, request: Request) -> Result<Response, ApiError> {
     }
     let params = Params::parse(request.uri().query());
     let fault = *app.fault.lock().unwrap_or_else(|e| e.into_inner());
+    let access = Access::new(fault, token_given(&request, &params));
 
     match route {
         Route::StatusLeader => {
@@ -481,16 +552,19 @@ async fn handle(app: &App, request: Request) -> Result<Response, ApiError> {
         }
         Route::StatusPeers => json(&[LEADER], &params, None),
         Route::AgentServices => {
-            if fault == Some(Fault::PermissionDenied) {
-                return json(&BTreeMap::<String, ()>::new(), &params, None);
-            }
-            let services = app.store.read(|s| {
+            let mut services = app.store.read(|s| {
                 s.services
                     .values()
                     .map(|svc| (svc.id.clone(), AgentServiceView::new(svc)))
                     .collect::<BTreeMap<_, _>>()
             });
-            json(&services, &params, None)
+            let removed = !access.services && !services.is_empty();
+            if !access.services {
+                services.clear();
+            }
+            let mut response = json(&services, &params, None)?;
+            access.mark(&mut response, removed);
+            Ok(response)
         }
         Route::AgentRegister => {
             deny_writes(fault)?;
@@ -518,12 +592,11 @@ async fn handle(app: &App, request: Request) -> Result<Response, ApiError> {
             let consistency = params.consistency()?;
             no_leader(fault)?;
             let blocking = params.blocking()?;
-            let denied = fault == Some(Fault::PermissionDenied);
             let node_meta_ok = node_meta_matches(&params);
-            let (index, services) = blocking
+            let (index, (services, removed)) = blocking
                 .run(&app.store, app.shutdown.clone(), |s| {
                     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                    if !denied && node_meta_ok {
+                    if node_meta_ok {
                         for svc in s.services.values() {
                             let tags = map.entry(svc.name.clone()).or_default();
                             for tag in &svc.tags {
@@ -533,23 +606,31 @@ async fn handle(app: &App, request: Request) -> Result<Response, ApiError> {
                             }
                         }
                     }
-                    (s.services_table_index(), map)
+                    let removed = !access.services && !map.is_empty();
+                    if !access.services {
+                        map.clear();
+                    }
+                    (s.services_table_index(), (map, removed))
                 })
                 .await;
-            json(
+            let mut response = json(
                 &services,
                 &params,
                 Some(Meta {
                     index,
                     consistency: Some(consistency),
                 }),
-            )
+            )?;
+            access.mark(&mut response, removed);
+            Ok(response)
         }
         Route::CatalogService(name) => {
-            service_read(app, &params, fault, &name, Kind::Catalog).await
+            service_read(app, &params, fault, access, &name, Kind::Catalog).await
         }
-        Route::HealthService(name) => service_read(app, &params, fault, &name, Kind::Health).await,
-        Route::Tools(route) => tools::handle(app, &params, fault, route).await,
+        Route::HealthService(name) => {
+            service_read(app, &params, fault, access, &name, Kind::Health).await
+        }
+        Route::Tools(route) => tools::handle(app, &params, fault, access, route).await,
         Route::Kv(key) => {
             params.check_dc()?;
             no_leader(fault)?;
@@ -677,6 +758,7 @@ async fn service_read(
     app: &App,
     params: &Params,
     fault: Option<Fault>,
+    access: Access,
     name: &str,
     kind: Kind,
 ) -> Result<Response, ApiError> {
@@ -698,19 +780,24 @@ async fn service_read(
         .into_iter()
         .map(str::to_lowercase)
         .collect();
-    let denied = fault == Some(Fault::PermissionDenied);
     let node_meta_ok = node_meta_matches(params);
     let node = NodeView::new(app);
-    let (index, body) = blocking
+    let (index, (body, removed)) = blocking
         .run(&app.store, app.shutdown.clone(), |s| {
             let index = s.service_index(name);
-            if denied || !node_meta_ok {
-                return (index, serde_json::Value::Array(Vec::new()));
-            }
-            let instances = s.instances(name).filter(|svc| {
+            let tagged = |svc: &&Service| {
                 tags.iter()
                     .all(|tag| svc.tags.iter().any(|t| t.to_lowercase() == *tag))
-            });
+            };
+            if !node_meta_ok {
+                return (index, (serde_json::Value::Array(Vec::new()), false));
+            }
+            if !access.instance() {
+                // Consul filters by ACL before it drops the instances that are not passing.
+                let removed = s.instances(name).any(|svc| tagged(&svc));
+                return (index, (serde_json::Value::Array(Vec::new()), removed));
+            }
+            let instances = s.instances(name).filter(tagged);
             let body = match kind {
                 Kind::Catalog => serde_json::to_value(
                     instances
@@ -726,7 +813,7 @@ async fn service_read(
                         .collect::<Vec<_>>(),
                 ),
             };
-            (index, body.unwrap_or_default())
+            (index, (body.unwrap_or_default(), false))
         })
         .await;
     let mut response = json(
@@ -737,6 +824,7 @@ async fn service_read(
             consistency: Some(consistency),
         }),
     )?;
+    access.mark(&mut response, removed);
     if params.has("cached") {
         response
             .headers_mut()

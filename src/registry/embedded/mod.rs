@@ -58,6 +58,10 @@ pub enum Fault {
     /// A token without rights: KV and agent writes answer `403 Permission denied`; catalog and
     /// health reads answer empty (`{}`/`[]`), as Consul filters them.
     PermissionDenied,
+    /// A token that lost `service:read` but may still read nodes and KV: catalog, health and
+    /// agent reads leave out every service entry (and every service's checks), as Consul's ACL
+    /// filter does; node entries, KV and writes (another client's, e.g. Registrator's) work.
+    ServiceReadDenied,
 }
 
 /// A running embedded registry.

@@ -16,8 +16,9 @@ use serde::Serialize;
 use super::super::store::{CheckKind, State as RegistryState};
 use super::super::Fault;
 use super::{
-    json, no_leader, node_meta, node_meta_matches, tagged_node_addresses, ApiError, App, CheckView,
-    HealthNodeView, HealthServiceView, Meta, NodeView, Params, DATACENTER, LEADER, NODE_ADDRESS,
+    json, no_leader, node_meta, node_meta_matches, tagged_node_addresses, Access, ApiError, App,
+    CheckView, HealthNodeView, HealthServiceView, Meta, NodeView, Params, DATACENTER, LEADER,
+    NODE_ADDRESS,
 };
 
 /// The Consul version whose HTTP API the registry imitates (reported as `Config.Version` and in
@@ -75,13 +76,13 @@ pub(super) async fn handle(
     app: &App,
     params: &Params,
     fault: Option<Fault>,
+    access: Access,
     route: ToolRoute,
 ) -> Result<Response, ApiError> {
     no_filter(params)?;
-    let denied = fault == Some(Fault::PermissionDenied);
     match route {
         ToolRoute::AgentSelf => {
-            if denied {
+            if fault == Some(Fault::PermissionDenied) {
                 return Err(ApiError::Forbidden("Permission denied".into()));
             }
             json(&agent_self(app, fault), params, None)
@@ -89,18 +90,24 @@ pub(super) async fn handle(
         ToolRoute::AgentMembers => {
             let segment = params.get("segment").unwrap_or("");
             let wan = params.get("wan").is_some_and(|v| !v.is_empty());
-            let members = if denied || !(segment.is_empty() || segment == ALL_SEGMENTS) {
-                Vec::new()
-            } else {
+            let members = if segment.is_empty() || segment == ALL_SEGMENTS {
                 vec![member(app, wan)]
+            } else {
+                Vec::new()
             };
-            json(&members, params, None)
+            let removed = !access.nodes && !members.is_empty();
+            let members = if access.nodes { members } else { Vec::new() };
+            let mut response = json(&members, params, None)?;
+            access.mark(&mut response, removed);
+            Ok(response)
         }
         ToolRoute::CatalogDatacenters => json(&[DATACENTER], params, None),
-        ToolRoute::CatalogNodes => catalog_nodes(app, params, fault).await,
-        ToolRoute::CatalogNode(name) => catalog_node(app, params, fault, &name).await,
-        ToolRoute::HealthState(state) => health_state(app, params, fault, &state).await,
-        ToolRoute::HealthChecks(service) => health_checks(app, params, fault, &service).await,
+        ToolRoute::CatalogNodes => catalog_nodes(app, params, fault, access).await,
+        ToolRoute::CatalogNode(name) => catalog_node(app, params, fault, access, &name).await,
+        ToolRoute::HealthState(state) => health_state(app, params, fault, access, &state).await,
+        ToolRoute::HealthChecks(service) => {
+            health_checks(app, params, fault, access, &service).await
+        }
     }
 }
 
@@ -374,16 +381,17 @@ async fn catalog_nodes(
     app: &App,
     params: &Params,
     fault: Option<Fault>,
+    access: Access,
 ) -> Result<Response, ApiError> {
     params.check_dc()?;
     let consistency = params.consistency()?;
     no_leader(fault)?;
     let blocking = params.blocking()?;
-    let visible = fault != Some(Fault::PermissionDenied) && node_meta_matches(params);
+    let listed = node_meta_matches(params);
     let node = NodeView::new(app);
     let (index, nodes) = blocking
         .run(&app.store, app.shutdown.clone(), |s| {
-            let nodes: Vec<HealthNodeView> = if visible {
+            let nodes: Vec<HealthNodeView> = if listed && access.nodes {
                 vec![node_view(&node)]
             } else {
                 Vec::new()
@@ -391,7 +399,9 @@ async fn catalog_nodes(
             (s.node_index.max(1), nodes)
         })
         .await;
-    json(&nodes, params, read_meta(index, consistency))
+    let mut response = json(&nodes, params, read_meta(index, consistency))?;
+    access.mark(&mut response, listed && !access.nodes);
+    Ok(response)
 }
 
 #[derive(Serialize)]
@@ -408,6 +418,7 @@ async fn catalog_node(
     app: &App,
     params: &Params,
     fault: Option<Fault>,
+    access: Access,
     name: &str,
 ) -> Result<Response, ApiError> {
     params.check_dc()?;
@@ -417,22 +428,33 @@ async fn catalog_node(
         return Err(ApiError::BadRequest("Missing node name".into()));
     }
     let blocking = params.blocking()?;
-    let visible = fault != Some(Fault::PermissionDenied) && name == app.node_name;
+    let ours = name == app.node_name;
     let node = NodeView::new(app);
-    let (index, body) = blocking
+    let (index, (body, removed)) = blocking
         .run(&app.store, app.shutdown.clone(), |s| {
-            let body = visible.then(|| NodeServicesView {
+            if !ours {
+                return (catalog_index(s), (None, false));
+            }
+            if !access.nodes {
+                // Consul's filter drops the whole node.
+                return (catalog_index(s), (None, true));
+            }
+            let removed = !access.services && !s.services.is_empty();
+            let body = NodeServicesView {
                 node: node_view(&node),
                 services: s
                     .services
                     .values()
+                    .filter(|_| access.services)
                     .map(|svc| (svc.id.clone(), HealthServiceView::new(svc)))
                     .collect(),
-            });
-            (catalog_index(s), body)
+            };
+            (catalog_index(s), (Some(body), removed))
         })
         .await;
-    json(&body, params, read_meta(index, consistency))
+    let mut response = json(&body, params, read_meta(index, consistency))?;
+    access.mark(&mut response, removed);
+    Ok(response)
 }
 
 // ---- health ---------------------------------------------------------------------------------
@@ -453,6 +475,7 @@ async fn health_state(
     app: &App,
     params: &Params,
     fault: Option<Fault>,
+    access: Access,
     wanted: &str,
 ) -> Result<Response, ApiError> {
     params.check_dc()?;
@@ -462,11 +485,11 @@ async fn health_state(
         return Err(ApiError::BadRequest("Missing check state".into()));
     }
     let blocking = params.blocking()?;
-    let visible = fault != Some(Fault::PermissionDenied) && node_meta_matches(params);
+    let listed = node_meta_matches(params);
     let node = NodeView::new(app);
-    let (index, checks) = blocking
+    let (index, (checks, removed)) = blocking
         .run(&app.store, app.shutdown.clone(), |s| {
-            let checks: Vec<CheckView> = if visible {
+            let in_state: Vec<CheckView> = if listed {
                 all_checks(&node, s)
                     .into_iter()
                     .filter(|c| wanted == "any" || c.status == wanted)
@@ -474,11 +497,16 @@ async fn health_state(
             } else {
                 Vec::new()
             };
+            let (checks, dropped): (Vec<CheckView>, Vec<CheckView>) = in_state
+                .into_iter()
+                .partition(|c| access.check(&c.service_name));
             // Consul's checks-table index: it wakes on check changes only.
-            (s.checks_table_index(), checks)
+            (s.checks_table_index(), (checks, !dropped.is_empty()))
         })
         .await;
-    json(&checks, params, read_meta(index, consistency))
+    let mut response = json(&checks, params, read_meta(index, consistency))?;
+    access.mark(&mut response, removed);
+    Ok(response)
 }
 
 /// `/v1/health/checks/<service>`: the checks of every instance of a service (no node checks);
@@ -487,6 +515,7 @@ async fn health_checks(
     app: &App,
     params: &Params,
     fault: Option<Fault>,
+    access: Access,
     service: &str,
 ) -> Result<Response, ApiError> {
     params.check_dc()?;
@@ -496,11 +525,11 @@ async fn health_checks(
         return Err(ApiError::BadRequest("Missing service name".into()));
     }
     let blocking = params.blocking()?;
-    let visible = fault != Some(Fault::PermissionDenied) && node_meta_matches(params);
+    let listed = node_meta_matches(params);
     let node = NodeView::new(app);
-    let (index, checks) = blocking
+    let (index, (checks, removed)) = blocking
         .run(&app.store, app.shutdown.clone(), |s| {
-            let checks: Vec<CheckView> = if visible {
+            let all: Vec<CheckView> = if listed {
                 s.checks
                     .values()
                     .filter(|c| c.service_name == service)
@@ -509,10 +538,18 @@ async fn health_checks(
             } else {
                 Vec::new()
             };
-            (s.service_index(service), checks)
+            let removed = !all.is_empty() && !access.check(service);
+            let checks = if access.check(service) {
+                all
+            } else {
+                Vec::new()
+            };
+            (s.service_index(service), (checks, removed))
         })
         .await;
-    json(&checks, params, read_meta(index, consistency))
+    let mut response = json(&checks, params, read_meta(index, consistency))?;
+    access.mark(&mut response, removed);
+    Ok(response)
 }
 
 #[cfg(test)]

@@ -1,0 +1,233 @@
+//! When HAProxy refuses a Runtime API command, the change is still served: flow-proxy starts
+//! the file it already wrote (the same configuration) as a new process, and the live file, the
+//! map files and the serving process agree afterwards.
+//!
+//! HAProxy refuses flow-proxy's commands when the serving process no longer has what the file
+//! has: here an operator's own runtime edits make it so (`del server` on the spare server slots,
+//! `del map` on a route), and HAProxy answers `No such server.` or `Key not found.`. Nothing is
+//! mocked: the refusals are HAProxy's, and so are the reloads. A stats socket that does not
+//! answer at all cannot take this path: the reload needs the serving process to answer (it
+//! hands its listeners over on that socket), so such a change is refused instead (see
+//! `haproxy_faults::a_frozen_haproxy_is_answered_503_and_replaced`).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use flow_proxy::haproxy::{runtime_command, STATS_SOCKET_FILE};
+use reqwest::StatusCode;
+
+use crate::fleet::eventually;
+use crate::helpers::{spawn_backend, TestProxy};
+
+/// How long an instance change may take to show through HAProxy (the watch's turn and the
+/// reload included).
+const SHOWS: Duration = Duration::from_secs(5);
+
+/// Requests per look: round robin over two servers answers from each at least once.
+const SAMPLE: usize = 8;
+
+/// Sends `command` to `proxy`'s HAProxy on its stats socket, as an operator would with socat.
+async fn runtime(proxy: &TestProxy, command: &str) -> String {
+    let socket = proxy
+        .data_dir()
+        .canonicalize()
+        .expect("the data directory exists")
+        .join(STATS_SOCKET_FILE);
+    runtime_command(&socket, command)
+        .await
+        .unwrap_or_else(|error| panic!("`{command}` on the stats socket: {error}"))
+}
+
+/// The PID of the HAProxy process serving now: another one means a reload.
+async fn serving_pid(proxy: &TestProxy) -> u32 {
+    proxy
+        .haproxy_pid()
+        .await
+        .expect("HAProxy answers on its stats socket")
+}
+
+/// The backend names answering [`SAMPLE`] requests for `path`, sorted, without repeats.
+async fn serving(proxy: &TestProxy, path: &str) -> Vec<String> {
+    let mut names = proxy.names_answering(path, None, SAMPLE).await;
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Who answers `path`, or the status when it is not 200.
+async fn answer(proxy: &TestProxy, path: &str) -> String {
+    let (status, body) = proxy.get_through_proxy(path, None).await;
+    if status == StatusCode::OK {
+        body.split(' ').next().unwrap_or_default().to_string()
+    } else {
+        status.as_str().to_string()
+    }
+}
+
+/// The `server` lines of `backend` in the live haproxy.cfg, as (name, address, disabled).
+async fn file_servers(proxy: &TestProxy, backend: &str) -> Vec<(String, String, bool)> {
+    let config = proxy.config().await;
+    let mut inside = false;
+    let mut servers = Vec::new();
+    for line in config.lines() {
+        if let Some(name) = line.strip_prefix("backend ") {
+            inside = name.trim() == backend;
+        } else if !line.starts_with(' ') {
+            inside = false;
+        } else if let Some(server) = line.trim().strip_prefix("server ").filter(|_| inside) {
+            let words: Vec<&str> = server.split_whitespace().collect();
+            servers.push((
+                words[0].to_string(),
+                words[1].to_string(),
+                words.contains(&"disabled"),
+            ));
+        }
+    }
+    servers
+}
+
+/// The servers of `backend` the serving process routes to (not in maintenance), as
+/// (name, address:port), from `show servers state`.
+async fn served_servers(proxy: &TestProxy, backend: &str) -> BTreeSet<(String, String)> {
+    let state = runtime(proxy, &format!("show servers state {backend}")).await;
+    state
+        .lines()
+        .filter(|line| !line.starts_with('#') && line.split_whitespace().count() > 18)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // srv_name, srv_addr, srv_admin_state (0: ready), srv_port.
+            (fields[6] == "0").then(|| {
+                (
+                    fields[3].to_string(),
+                    format!("{}:{}", fields[4], fields[18]),
+                )
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_change_haproxy_refuses_at_runtime_is_served_by_starting_the_same_file() {
+    let proxy = TestProxy::spawn().await;
+    let one = spawn_backend("one").await;
+    let two = spawn_backend("two").await;
+    proxy.register_instance("web", "web.1", one.port).await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    assert_eq!(serving(&proxy, "/web").await, ["one"]);
+    let spares: Vec<String> = file_servers(&proxy, "web-be0")
+        .await
+        .into_iter()
+        .filter(|(_, _, disabled)| *disabled)
+        .map(|(name, _, _)| name)
+        .collect();
+    assert!(!spares.is_empty(), "web-be0 has spare server slots");
+    // An operator removes the spare slots from the serving process; the file still has them.
+    for slot in &spares {
+        assert_eq!(
+            runtime(&proxy, &format!("del server web-be0/{slot}"))
+                .await
+                .trim(),
+            "Server deleted."
+        );
+    }
+    let before = serving_pid(&proxy).await;
+
+    proxy.register_instance("web", "web.2", two.port).await;
+
+    eventually("the new instance is served", SHOWS, || async {
+        serving(&proxy, "/web").await == ["one", "two"]
+    })
+    .await;
+    assert_ne!(
+        serving_pid(&proxy).await,
+        before,
+        "HAProxy refused `set server` (No such server.): a new process started on the file"
+    );
+    let in_file: BTreeSet<(String, String)> = file_servers(&proxy, "web-be0")
+        .await
+        .into_iter()
+        .filter(|(_, _, disabled)| !disabled)
+        .map(|(name, address, _)| (name, address))
+        .collect();
+    assert!(
+        in_file
+            .iter()
+            .any(|(_, address)| *address == format!("127.0.0.1:{}", two.port)),
+        "the live file routes to the new instance: {in_file:?}"
+    );
+    assert_eq!(
+        served_servers(&proxy, "web-be0").await,
+        in_file,
+        "the serving process routes to exactly the file's servers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_change_haproxy_refuses_at_runtime_is_served_by_a_reload_with_the_new_maps() {
+    let proxy = TestProxy::spawn().await;
+    let api = spawn_backend("api").await;
+    let web = spawn_backend("web").await;
+    proxy.register_instance("api", "api.1", api.port).await;
+    proxy.register_instance("web", "web.1", web.port).await;
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    assert_eq!(answer(&proxy, "/web/x").await, "web");
+    let maps = proxy.data_dir().join("maps");
+    let file = std::fs::read_dir(&maps)
+        .expect("the map directory")
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .find(|name| {
+            std::fs::read_to_string(maps.join(name))
+                .is_ok_and(|text| text.lines().any(|line| line.starts_with("/web ")))
+        })
+        .expect("a map file routes /web");
+    // An operator removes /web from the serving process's map; the file still has it.
+    assert_eq!(
+        runtime(&proxy, &format!("del map maps/{file} /web"))
+            .await
+            .trim(),
+        ""
+    );
+    assert_eq!(answer(&proxy, "/web/x").await, "503");
+    let before = serving_pid(&proxy).await;
+
+    // Moving web to /site deletes /web from the map: HAProxy answers `Key not found.`.
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/site")
+        .await;
+
+    assert_eq!(answer(&proxy, "/site/x").await, "web");
+    assert_eq!(answer(&proxy, "/web/x").await, "503");
+    assert_eq!(answer(&proxy, "/api").await, "api");
+    assert_ne!(
+        serving_pid(&proxy).await,
+        before,
+        "the live config was started again with the new map files"
+    );
+    let in_file: BTreeSet<(String, String)> = std::fs::read_to_string(maps.join(&file))
+        .expect("the live map file")
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(key, backend)| (key.to_string(), backend.to_string()))
+        .collect();
+    assert!(in_file.iter().any(|(key, _)| key == "/site"), "{in_file:?}");
+    let served: BTreeSet<(String, String)> = runtime(&proxy, &format!("show map maps/{file}"))
+        .await
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace().skip(1);
+            Some((words.next()?.to_string(), words.next()?.to_string()))
+        })
+        .collect();
+    assert_eq!(
+        served, in_file,
+        "the serving process's map is the live file"
+    );
+}
