@@ -83,7 +83,7 @@ use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
     BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer,
-    ServerSlots, ServiceRoute, SlotsByService, TlsSettings, POOL_SIZE, POOL_SLOTS,
+    RoutingIndex, ServerSlots, ServiceRoute, SlotsByService, TlsSettings, POOL_SIZE, POOL_SLOTS,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -357,6 +357,7 @@ impl Proxy {
             applied_config,
             applied_maps,
             applied_checked: None,
+            applied_routing: None,
             instance_watches: InstanceWatches::new(
                 parts.watch_instances,
                 parts.registry,
@@ -574,6 +575,9 @@ struct Core {
     /// The health-checked servers of the applied configuration, when this core rendered it
     /// (see [`Core::spliced`]).
     applied_checked: Option<crate::render::CheckedServers>,
+    /// Where the applied configuration's main frontend rules went, when this core rendered it
+    /// (see [`Core::placed`]).
+    applied_routing: Option<Arc<RoutingIndex>>,
     instance_watches: InstanceWatches,
     /// The queries the instance follower follows, kept in line with the state by
     /// [`Core::follow_changes`].
@@ -907,6 +911,7 @@ impl Core {
         }
         self.applied_config = Some(Arc::from(rendered.config));
         self.applied_checked = Some(rendered.checked);
+        self.applied_routing = Some(Arc::clone(&rendered.routing));
         if self.applied_maps != rendered.maps {
             self.apply_map_changes(&rendered.maps).await?;
         }
@@ -920,21 +925,28 @@ impl Core {
         spliced: Spliced,
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
-        if spliced.changes.is_empty() {
-            // The same text: the instances moved in the list, not between slots.
-            return Ok(());
-        }
-        if !self.apply_slots(&spliced.config, &spliced.changes).await {
+        if !spliced.changes.is_empty() && !self.apply_slots(&spliced.config, &spliced.changes).await
+        {
             let rendered = Rendered {
                 config: spliced.config,
-                maps: self.applied_maps.clone(),
+                maps: spliced.maps.unwrap_or_else(|| self.applied_maps.clone()),
                 checked: spliced.checked,
+                routing: spliced
+                    .routing
+                    .or_else(|| self.applied_routing.clone())
+                    .unwrap_or_default(),
             };
             return self.reload_instead(rendered, caused_by_request).await;
         }
         tracing::debug!("only the changed services' backends were rendered");
         self.applied_config = Some(Arc::from(spliced.config));
         self.applied_checked = Some(spliced.checked);
+        if let Some(routing) = spliced.routing {
+            self.applied_routing = Some(routing);
+        }
+        if let Some(maps) = spliced.maps {
+            self.apply_map_changes(&maps).await?;
+        }
         Ok(())
     }
 
@@ -1056,6 +1068,8 @@ impl Core {
             config,
             changes,
             checked,
+            maps: None,
+            routing: None,
         }))
     }
 
@@ -1071,6 +1085,7 @@ impl Core {
         self.promote_candidate().await?;
         self.applied_config = Some(Arc::from(rendered.config));
         self.applied_checked = Some(rendered.checked);
+        self.applied_routing = Some(Arc::clone(&rendered.routing));
         self.applied_maps = rendered.maps;
         Ok(())
     }
@@ -1261,7 +1276,11 @@ impl Core {
             )
         });
         if !force_reload && requested_certs.is_empty() {
-            if let Some(spliced) = self.spliced(&candidate, &candidate_pool)? {
+            let spliced = match self.spliced(&candidate, &candidate_pool)? {
+                Some(spliced) => Some(spliced),
+                None => self.placed(&candidate, &candidate_pool)?,
+            };
+            if let Some(spliced) = spliced {
                 #[cfg(debug_assertions)]
                 {
                     // The splice must write exactly what a complete render writes.
@@ -1270,8 +1289,14 @@ impl Core {
                         .render_with(settings, &candidate, &candidate_certs, &candidate_pool)
                         .await?;
                     debug_assert_eq!(complete.config, spliced.config);
-                    debug_assert_eq!(complete.maps, self.applied_maps);
+                    debug_assert_eq!(
+                        &complete.maps,
+                        spliced.maps.as_ref().unwrap_or(&self.applied_maps)
+                    );
                     debug_assert_eq!(complete.checked, spliced.checked);
+                    if let Some(routing) = &spliced.routing {
+                        debug_assert_eq!(&complete.routing, routing);
+                    }
                 }
                 let persisted = self.persist_all(&candidate, requested).await?;
                 if let Err(error) = self.apply_spliced(spliced, caused_by_request).await {
@@ -1327,6 +1352,7 @@ impl Core {
             // Nothing HAProxy would notice, or only map entries (changed at runtime): store the
             // specs, keep the process.
             self.applied_checked = Some(rendered.checked);
+            self.applied_routing = Some(Arc::clone(&rendered.routing));
             let persisted = self.persist_all(&candidate, requested).await?;
             let persisted_certs = match self.persist_certs(&candidate_certs, requested_certs).await
             {
@@ -1396,6 +1422,7 @@ impl Core {
         }
         self.applied_config = Some(Arc::from(rendered.config));
         self.applied_checked = Some(rendered.checked);
+        self.applied_routing = Some(Arc::clone(&rendered.routing));
         self.applied_maps = rendered.maps;
         for name in &persisted_certs {
             match candidate_certs.get(name) {
@@ -1541,6 +1568,7 @@ impl Core {
     ) -> Result<(), ProxyError> {
         let rendered = self.render(&candidate, &certs).await?;
         let checked = rendered.checked;
+        let routing = Arc::clone(&rendered.routing);
         let runtime = self
             .runtime_changes(&rendered.config)
             .filter(|_| certs == self.certs);
@@ -1557,6 +1585,7 @@ impl Core {
             self.apply_map_changes(&rendered.maps).await?;
         }
         self.applied_checked = Some(checked);
+        self.applied_routing = Some(routing);
         self.commit(candidate);
         self.commit_certs(certs).await;
         Ok(())
@@ -1652,6 +1681,7 @@ impl Core {
             self.applied_maps = rendered.maps;
         }
         self.applied_checked = Some(rendered.checked);
+        self.applied_routing = Some(Arc::clone(&rendered.routing));
         self.render_settings = settings;
         Ok(())
     }
@@ -1974,16 +2004,95 @@ impl Core {
     }
 }
 
+impl Core {
+    /// The configuration of `candidate` when it only adds one new service whose every
+    /// destination took a free backend of `pool` and whose rules just join map segments (see the
+    /// render module's `placement`): the free pool backends' text replaced by the service's, its
+    /// map entries added, and the slot changes that bring HAProxy there. `None` otherwise (the
+    /// complete configuration is rendered), e.g. for a service with users of its own (a new
+    /// userlist), `isDefaultBackend` or `verifyClientSsl`.
+    fn placed(
+        &self,
+        candidate: &RoutingState,
+        pool: &BackendPool,
+    ) -> Result<Option<Spliced>, ProxyError> {
+        let (Some(applied), Some(checked), Some(routing)) = (
+            self.applied_config.as_deref(),
+            self.applied_checked,
+            self.applied_routing.as_deref(),
+        ) else {
+            return Ok(None);
+        };
+        let mut changed = self.state.diff(candidate);
+        let (Some(imbl::ordmap::DiffItem::Add(name, routed)), None) =
+            (changed.next(), changed.next())
+        else {
+            return Ok(None);
+        };
+        let spec = &*routed.spec;
+        let destinations = spec.destinations().len();
+        if !spec.users().is_empty()
+            || spec.is_default_backend()
+            || spec.verify_client_ssl()
+            || pool.backends_of(name).len() != destinations
+            || pool.free() + destinations != self.pool.free()
+        {
+            return Ok(None);
+        }
+        let Some((routing, maps)) = routing.place(spec, pool, &self.applied_maps) else {
+            return Ok(None);
+        };
+        let route = ServiceRoute {
+            spec,
+            instances: &routed.instances,
+        };
+        let taken =
+            self.renderer
+                .pool_backends_taken(&self.render_settings, route, &routed.slots, pool)?;
+        let Some((free, own)) = taken else {
+            return Ok(None);
+        };
+        let Some(config) = own.replace_in(applied, &free) else {
+            return Ok(None);
+        };
+        let mut changes = Vec::new();
+        for (free_piece, own_piece) in free.pieces().zip(own.pieces()) {
+            let Some(piece_changes) = slot_changes(free_piece, own_piece) else {
+                return Ok(None);
+            };
+            changes.extend(piece_changes);
+        }
+        let proxy_wide = &self.render_settings.proxy_wide;
+        let now_checked = checked.replaced(free.checked, own.checked);
+        if now_checked.strict_limits_relaxed(proxy_wide)
+            != checked.strict_limits_relaxed(proxy_wide)
+        {
+            return Ok(None);
+        }
+        Ok(Some(Spliced {
+            config,
+            changes,
+            checked: now_checked,
+            maps: Some(maps),
+            routing: Some(Arc::new(routing)),
+        }))
+    }
+}
+
 /// Most services a change may touch and still be applied by [`Core::spliced`]: each costs a
 /// copy of the configuration text.
 const MAX_SPLICED: usize = 8;
 
-/// A configuration made by [`Core::spliced`].
+/// A configuration made by [`Core::spliced`] or [`Core::placed`].
 struct Spliced {
     config: String,
     /// What the Runtime API is told.
     changes: Vec<SlotChange>,
     checked: crate::render::CheckedServers,
+    /// The map files, when they changed.
+    maps: Option<Vec<MapFile>>,
+    /// Where the main frontends' rules went, when a rule was added.
+    routing: Option<Arc<RoutingIndex>>,
 }
 
 /// The routed services that read each Consul query.

@@ -189,6 +189,9 @@ pub(super) struct MapRouting<T> {
     pub(super) maps: Vec<MapFile>,
     /// Whether a host+path segment needs the path variable set.
     pub(super) needs_path_var: bool,
+    /// For each rule given, in order: the segment (index into `maps`) it joined and how many
+    /// entries it added to it; `None` for a rule that keeps its acls.
+    pub(super) placement: Vec<Option<(usize, usize)>>,
 }
 
 /// The `http-request` line setting the variable host+path keys read.
@@ -245,13 +248,16 @@ impl Segment {
         }
     }
 
-    fn add(&mut self, route: &PlainRoute) {
+    /// Adds `route`'s keys; how many were new.
+    fn add(&mut self, route: &PlainRoute) -> usize {
+        let before = self.entries.len();
         for key in &route.keys {
             // An earlier rule (or an earlier key of this one) already takes these requests.
             if self.keys.insert(key.clone()) {
                 self.entries.push((key.clone(), route.backend.clone()));
             }
         }
+        self.entries.len() - before
     }
 }
 
@@ -264,6 +270,7 @@ pub(super) fn route_through_maps<T>(
 ) -> MapRouting<T> {
     // Each rule, with the segment it joined (by segment number) when plain.
     let mut placed: Vec<(T, Option<usize>)> = Vec::with_capacity(rules.len());
+    let mut placement = Vec::with_capacity(rules.len());
     let mut segments: Vec<Segment> = Vec::new();
     // The last segment of each kind: the only one a later rule of that kind may join.
     let mut latest: [Option<usize>; 3] = [None; 3];
@@ -288,10 +295,12 @@ pub(super) fn route_through_maps<T>(
                 });
                 segments.len() - 1
             });
-            segments[at].add(route);
+            let added = segments[at].add(route);
             latest[slot(route.kind)] = Some(at);
-            at
+            (at, added)
         });
+        placement.push(at);
+        let at = at.map(|(at, _)| at);
         for other in latest.iter().flatten() {
             if Some(*other) != at {
                 segments[*other].passed_by(route.as_ref());
@@ -329,6 +338,7 @@ pub(super) fn route_through_maps<T>(
         rules: routed,
         needs_path_var: segments.iter().any(|s| s.kind == MapKind::HostPath),
         maps,
+        placement,
     }
 }
 

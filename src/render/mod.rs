@@ -156,6 +156,7 @@ mod backend;
 mod cache;
 mod custom;
 pub mod maps;
+mod placement;
 mod pool;
 mod proxy_wide;
 mod servers;
@@ -164,6 +165,8 @@ mod view;
 
 #[cfg(test)]
 mod cache_tests;
+#[cfg(test)]
+mod placement_tests;
 #[cfg(test)]
 mod pool_tests;
 #[cfg(test)]
@@ -183,6 +186,7 @@ use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
 pub use maps::{write_map_files, MapFile, MAPS_DIR};
+pub use placement::RoutingIndex;
 pub use pool::{pool_backend_name, BackendPool, POOL_SIZE, POOL_SLOTS};
 pub use proxy_wide::ProxyWide;
 pub use servers::{capacity_for, slot_name, ServerSlots, SlotLines, SPARE_ADDRESS};
@@ -499,7 +503,8 @@ impl Renderer {
                     message,
                 })?;
         }
-        let (mut text, maps, checked) = self.render_views(settings, services, tls, slots, pool)?;
+        let (mut text, maps, checked, routing) =
+            self.render_views(settings, services, tls, slots, pool)?;
         if text.len() >= LARGE_CONFIG_BYTES {
             release_freed_memory();
         }
@@ -511,6 +516,7 @@ impl Renderer {
             config: text,
             maps,
             checked,
+            routing: Arc::new(routing),
         })
     }
 
@@ -523,14 +529,14 @@ impl Renderer {
         tls: Option<&TlsSettings>,
         slots: &SlotsByService<'_>,
         pool: &BackendPool,
-    ) -> Result<(String, Vec<MapFile>, CheckedServers), RenderError> {
+    ) -> Result<(String, Vec<MapFile>, CheckedServers, RoutingIndex), RenderError> {
         let mut view = view::build(settings, services, tls, slots, pool)?;
         if self.custom_backend_partial {
             view.drop_spare_servers();
         }
         let checked = view.relax_strict_limits_for_spare_slots(&settings.proxy_wide);
         if self.maps {
-            view.route_plain_rules_through_maps();
+            view.route_plain_rules_through_maps(settings);
         }
         view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
         let mut pieces = self.lock_pieces();
@@ -540,7 +546,8 @@ impl Renderer {
             .render(MAIN_TEMPLATE, &rendered.main_view(&view.layout))
             .map_err(|error| RenderError::Render(error.to_string()))?;
         pieces.finish_render();
-        Ok((text, view.take_maps(), checked))
+        let routing = std::mem::take(&mut view.routing);
+        Ok((text, view.take_maps(), checked, routing))
     }
 
     /// The piece cache (a render that panicked half-way left only whole pieces in it).
@@ -683,6 +690,8 @@ pub struct Rendered {
     pub maps: Vec<MapFile>,
     /// Its health-checked server lines (see the `splice` module).
     pub checked: CheckedServers,
+    /// Where its main frontends' rules went (see the `placement` module).
+    pub routing: Arc<RoutingIndex>,
 }
 
 impl Renderer {

@@ -17,10 +17,10 @@
 
 use std::sync::Arc;
 
+use super::pool::{free_pool_spec, pool_backend_name, POOL_SLOTS};
 use super::view::{self, BackendView};
 use super::{
-    BackendPool, RenderError, RenderSettings, Renderer, ServerSlots, ServiceRoute, SlotsByService,
-    BACKEND_TEMPLATE,
+    BackendPool, RenderError, RenderSettings, Renderer, ServerSlots, ServiceRoute, BACKEND_TEMPLATE,
 };
 
 /// The health-checked server lines of a configuration (or of some of its backends): HAProxy
@@ -159,33 +159,72 @@ impl Renderer {
             return Ok(None);
         }
         let spec = route.spec;
-        let names: Vec<String> = spec
+        let views = spec
             .destinations()
             .iter()
-            .map(|destination| pool.backend_name(spec, destination))
+            .map(|destination| {
+                let name = pool.backend_name(spec, destination);
+                view::backend_view(settings, spec, destination, slots, name)
+            })
             .collect();
-        let mut assigned = SlotsByService::new();
-        assigned.insert(spec.service_name(), slots);
-        let mut view = view::build(
-            settings,
-            std::slice::from_ref(&route),
-            None,
-            &assigned,
-            pool,
-        )?;
-        view.http_backends
-            .retain(|backend| names.contains(&backend.name));
-        view.tcp_backends
-            .retain(|backend| names.contains(&backend.name));
-        if self.custom_backend_partial {
-            view.drop_spare_servers();
+        self.backend_pieces(views).map(Some)
+    }
+
+    /// For a new service whose every destination sits in a pool backend of `pool`: the free pool
+    /// backends it takes, and its own backends under their names, as
+    /// [`Renderer::render_slotted`] writes each; `None` with a `haproxy.cfg.hbs` of
+    /// `--templates-dir` or a destination outside the pool.
+    pub fn pool_backends_taken(
+        &self,
+        settings: &RenderSettings,
+        route: ServiceRoute<'_>,
+        slots: &ServerSlots,
+        pool: &BackendPool,
+    ) -> Result<Option<(ServiceBackends, ServiceBackends)>, RenderError> {
+        if self.custom_main {
+            return Ok(None);
         }
-        view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
-        let checked = CheckedServers::of(view.http_backends.iter().chain(&view.tcp_backends));
+        let spec = route.spec;
+        let mut free = Vec::new();
+        let mut taken = Vec::new();
+        for destination in spec.destinations() {
+            let Some(number) = pool.number_of(spec.service_name(), destination) else {
+                return Ok(None);
+            };
+            let free_spec = free_pool_spec(number)?;
+            let Some(free_destination) = free_spec.destinations().first() else {
+                return Ok(None);
+            };
+            let spare = ServerSlots::from_slots(vec![None; POOL_SLOTS]);
+            let name = pool_backend_name(number);
+            free.push(view::backend_view(
+                settings,
+                &free_spec,
+                free_destination,
+                &spare,
+                name.clone(),
+            ));
+            taken.push(view::backend_view(settings, spec, destination, slots, name));
+        }
+        Ok(Some((
+            self.backend_pieces(free)?,
+            self.backend_pieces(taken)?,
+        )))
+    }
+
+    /// The text of each of `views` as a complete render writes it, through the piece cache.
+    fn backend_pieces(&self, mut views: Vec<BackendView>) -> Result<ServiceBackends, RenderError> {
+        for view in &mut views {
+            if self.custom_backend_partial {
+                view.drop_spare_servers();
+            }
+            view.render_custom(|fragment, data| self.render_fragment(fragment, data))?;
+        }
+        let checked = CheckedServers::of(&views);
         let mut cache = self.lock_pieces();
         cache.bound_added_pieces();
-        let mut by_name = Vec::with_capacity(names.len());
-        for backend in view.http_backends.iter().chain(&view.tcp_backends) {
+        let mut pieces = Vec::with_capacity(views.len());
+        for backend in &views {
             let text = match backend.custom_text() {
                 Some(custom) => Arc::from(custom),
                 None => cache.piece(BACKEND_TEMPLATE, backend, || {
@@ -193,15 +232,8 @@ impl Renderer {
                 })?,
             };
             let line = text.strip_suffix('\n').map_or(Arc::clone(&text), Arc::from);
-            by_name.push((backend.name.as_str(), line));
+            pieces.push(line);
         }
-        let mut pieces = Vec::with_capacity(names.len());
-        for name in &names {
-            match by_name.iter().find(|(backend, _)| backend == name) {
-                Some((_, text)) => pieces.push(Arc::clone(text)),
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(ServiceBackends { pieces, checked }))
+        Ok(ServiceBackends { pieces, checked })
     }
 }

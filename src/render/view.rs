@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::backend::{tcp_timeout_client, tuning_view, BackendTuningView};
 use super::maps::{route_through_maps, MapFile, MapRouteView, MapRouting, PlainRoute, Routed};
+use super::placement::{FrontendIndex, PlacedRule, RoutingIndex};
 use super::pool::{free_pool_spec, pool_backend_name, BackendPool, POOL_SLOTS};
 use super::servers::{server_views, ServerSlots, ServerView};
 use super::splice::CheckedServers;
@@ -48,6 +49,10 @@ pub(super) struct ConfigView {
     pub(super) http_backends: Vec<BackendView>,
     /// Backends of TCP destinations, by service then destination index.
     pub(super) tcp_backends: Vec<BackendView>,
+    /// The keys of the main frontends' rules (`http`, `https`), in their order.
+    pub(super) main_keys: Vec<RuleKey>,
+    /// Where the main frontends' rules went when routed through maps.
+    pub(super) routing: RoutingIndex,
 }
 
 /// The main template's view besides the frontends and backends.
@@ -133,7 +138,7 @@ struct StatsView {
 
 /// The acls and `use_backend` of one HTTP destination.
 #[derive(Debug, Clone, Serialize)]
-struct RuleView {
+pub(super) struct RuleView {
     backend: String,
     path_acl: Option<PathAclView>,
     domain_acl: Option<DomainAclView>,
@@ -475,9 +480,52 @@ fn rule_order<'a>(
     }
 }
 
+/// A rule's place in a frontend's order, owned ([`RuleOrder`] borrows its spec), so the order of
+/// a complete render can be kept (see the `placement` module).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct RuleKey {
+    group: u8,
+    longest_path: Reverse<usize>,
+    conditions: Reverse<usize>,
+    inexact_domain: bool,
+    acl_name: String,
+    service: String,
+    index: u16,
+}
+
+impl From<&RuleOrder<'_>> for RuleKey {
+    fn from(order: &RuleOrder<'_>) -> RuleKey {
+        RuleKey {
+            group: order.group,
+            longest_path: order.longest_path,
+            conditions: order.conditions,
+            inexact_domain: order.inexact_domain,
+            acl_name: order.acl_name.to_string(),
+            service: order.service.to_string(),
+            index: order.index,
+        }
+    }
+}
+
+impl RuleKey {
+    /// The key of `destination`'s rule.
+    pub(super) fn of(
+        spec: &ServiceSpec,
+        destination: &Destination,
+        default_domain_algo: DomainAlgo,
+    ) -> RuleKey {
+        RuleKey::from(&rule_order(spec, destination, default_domain_algo))
+    }
+
+    /// Whether the rule is in the path-only groups (after every rule with a domain).
+    pub(super) fn path_only(&self) -> bool {
+        self.group >= 2
+    }
+}
+
 /// The frontend a rule is rendered in: which redirects it carries there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FrontendKind {
+pub(super) enum FrontendKind {
     /// The main HTTP frontend; `https_only_all` is the proxy-wide `--https-only`.
     MainHttp { https_only_all: bool },
     /// The HTTPS frontend (same rules as the main one, behind TLS).
@@ -546,7 +594,7 @@ fn redirects(
     lines
 }
 
-fn rule_view(
+pub(super) fn rule_view(
     spec: &ServiceSpec,
     destination: &Destination,
     kind: FrontendKind,
@@ -773,7 +821,7 @@ fn stats_uri(stats: &StatsSettings) -> Result<String, RenderError> {
     Ok(uri.to_string())
 }
 
-fn backend_view(
+pub(super) fn backend_view(
     settings: &RenderSettings,
     spec: &ServiceSpec,
     destination: &Destination,
@@ -1059,6 +1107,10 @@ pub(super) fn build(
     }
 
     main_rules.sort_by(|a, b| a.0.cmp(&b.0));
+    let main_keys = main_rules
+        .iter()
+        .map(|(order, _, _)| RuleKey::from(order))
+        .collect();
     let rule_views = |rules: &[(RuleOrder<'_>, &ServiceSpec, &Destination)], kind| {
         rules
             .iter()
@@ -1235,6 +1287,8 @@ pub(super) fn build(
         http_extra,
         http_backends,
         tcp_backends,
+        main_keys,
+        routing: RoutingIndex::default(),
     })
 }
 
@@ -1244,7 +1298,7 @@ pub(super) fn build(
 /// domains (`serviceDomainAlgo=hdr`, no wildcard), and nothing else that conditions or precedes
 /// its `use_backend` (no `servicePathExclude`, `serviceHeader`, `userAgent`, redirect or
 /// `templateFePath`).
-fn plain_route(rule: &RuleView) -> Option<PlainRoute> {
+pub(super) fn plain_route(rule: &RuleView) -> Option<PlainRoute> {
     let routing = &rule.routing_acls;
     if rule.fragment.is_some()
         || !rule.redirects.is_empty()
@@ -1276,14 +1330,31 @@ fn plain_route(rule: &RuleView) -> Option<PlainRoute> {
     PlainRoute::new(&paths, &domains, &rule.backend)
 }
 
-/// Replaces the frontend's runs of plain rules by map lines; returns the map files they read.
-fn route_frontend_through_maps(frontend: &mut FrontendView) -> Vec<MapFile> {
+/// Replaces the frontend's runs of plain rules by map lines; returns the map files they read and,
+/// for each rule (in order), its plain route with the segment it joined and the entries it added.
+fn route_frontend_through_maps(
+    frontend: &mut FrontendView,
+) -> (Vec<MapFile>, Vec<Option<PlacedRule>>) {
     let rules = std::mem::take(&mut frontend.rules);
+    let routes: Vec<Option<PlainRoute>> = rules.iter().map(plain_route).collect();
     let MapRouting {
         rules,
         maps,
         needs_path_var,
+        placement,
     } = route_through_maps(&frontend.name, rules, plain_route);
+    let placed = routes
+        .into_iter()
+        .zip(placement)
+        .map(|(route, placement)| {
+            let (route, (segment, added)) = (route?, placement?);
+            Some(PlacedRule {
+                route,
+                segment,
+                added,
+            })
+        })
+        .collect();
     frontend.rules = rules
         .into_iter()
         .map(|item| match item {
@@ -1295,19 +1366,36 @@ fn route_frontend_through_maps(frontend: &mut FrontendView) -> Vec<MapFile> {
         })
         .collect();
     frontend.map_path_var = needs_path_var.then(super::maps::path_var_line);
-    maps
+    (maps, placed)
 }
 
 impl ConfigView {
-    /// Routes the plain rules of every HTTP frontend through map files (see the `maps` module).
-    pub(super) fn route_plain_rules_through_maps(&mut self) {
-        let frontends = std::iter::once(&mut self.http)
-            .chain(self.https.iter_mut())
-            .chain(self.http_extra.iter_mut());
+    /// Routes the plain rules of every HTTP frontend through map files (see the `maps` module),
+    /// and keeps where the main frontends' rules went ([`ConfigView::routing`]).
+    pub(super) fn route_plain_rules_through_maps(&mut self, settings: &RenderSettings) {
         let mut maps = Vec::new();
-        for frontend in frontends {
-            maps.extend(route_frontend_through_maps(frontend));
+        let main_kind = FrontendKind::MainHttp {
+            https_only_all: settings.https_only,
+        };
+        let main = std::iter::once((&mut self.http, main_kind)).chain(
+            self.https
+                .iter_mut()
+                .map(|https| (https, FrontendKind::Https)),
+        );
+        let mut indexed = Vec::new();
+        for (frontend, kind) in main {
+            let (frontend_maps, placed) = route_frontend_through_maps(frontend);
+            maps.extend(frontend_maps);
+            indexed.push(FrontendIndex::new(
+                frontend.name.clone(),
+                kind,
+                self.main_keys.iter().cloned().zip(placed),
+            ));
         }
+        for frontend in &mut self.http_extra {
+            maps.extend(route_frontend_through_maps(frontend).0);
+        }
+        self.routing = RoutingIndex::new(indexed, settings.service_domain_algo);
         self.layout.maps = maps;
     }
 
@@ -1387,7 +1475,7 @@ impl ConfigView {
 
     pub(super) fn drop_spare_servers(&mut self) {
         for backend in self.http_backends.iter_mut().chain(&mut self.tcp_backends) {
-            backend.servers.retain(|server| !server.is_spare());
+            backend.drop_spare_servers();
         }
     }
 
@@ -1413,16 +1501,30 @@ impl ConfigView {
             .iter_mut()
             .chain(self.tcp_backends.iter_mut())
         {
-            if let Some(fragment) = backend.fragment.clone() {
-                backend.custom = render(&fragment, &fragment_data(&*backend)?)?;
-                backend.has_custom = true;
-            }
+            backend.render_custom(&mut render)?;
         }
         Ok(())
     }
 }
 
 impl BackendView {
+    /// Its servers without the spare slots (for a `backend.hbs` of `--templates-dir`).
+    pub(super) fn drop_spare_servers(&mut self) {
+        self.servers.retain(|server| !server.is_spare());
+    }
+
+    /// Renders its custom fragment (`templateBePath`), if it has one, with `render`.
+    pub(super) fn render_custom(
+        &mut self,
+        mut render: impl FnMut(&CustomFragment, &serde_json::Value) -> Result<String, RenderError>,
+    ) -> Result<(), RenderError> {
+        if let Some(fragment) = self.fragment.clone() {
+            self.custom = render(&fragment, &fragment_data(&*self)?)?;
+            self.has_custom = true;
+        }
+        Ok(())
+    }
+
     /// The rendered `templateBePath` fragment written instead of this backend, if it has one.
     pub(super) fn custom_text(&self) -> Option<&str> {
         self.has_custom.then_some(self.custom.as_str())

@@ -886,6 +886,7 @@ pub fn haproxy_check(dir: &std::path::Path, name: &str, config: &str) -> Result<
             config: config.to_string(),
             maps: Vec::new(),
             checked: Default::default(),
+            routing: Default::default(),
         },
     )
 }
