@@ -6,10 +6,13 @@
 //! its rules in order (their [`RuleKey`]s) with the map segment each plain rule joined and how
 //! many entries it added ([`RoutingIndex`]; the `maps` module says what a segment is). A new
 //! path-only plain rule R sorts among the path-only rules, after every rule with a domain, so
-//! only path-only rules (of path segments, or keeping their acls) come after it. R joins the
-//! segment S of the rule just before it, and the frontend's text stays the same, when:
-//! - that rule is a plain path rule of S (so S is the last path segment, and nothing that could
-//!   block it came between);
+//! only path-only rules (of path segments, or keeping their acls) come after it. R joins a
+//! segment S, and the frontend's text stays the same, when:
+//! - the rule just before R is a plain path rule of S (so S is the last path segment, and nothing
+//!   that could block it came between); or, when the rule before R is none of a path segment (so
+//!   R joins no earlier segment), the rule just after R is the first of S: R starts a segment
+//!   that S's rules all join, with S's number, and its map line (which names only the file)
+//!   stands where S's stood;
 //! - no key of S's rules before R is one of R's keys or a proper prefix of one (S takes R);
 //! - no key of S's rules after R starts with one of R's keys (each of them is still taken).
 //!
@@ -87,12 +90,15 @@ impl FrontendIndex {
             .rules
             .binary_search_by(|rule| rule.key.cmp(key))
             .err()?;
-        let previous = self.rules.get(position.checked_sub(1)?)?;
-        let placed = previous.placed.as_ref()?;
-        if placed.route.kind != MapKind::Path {
-            return None;
-        }
-        let segment = placed.segment;
+        let path_segment = |at: Option<usize>| {
+            let placed = self.rules.get(at?)?.placed.as_ref()?;
+            (placed.route.kind == MapKind::Path).then_some(placed.segment)
+        };
+        // The segment of the rule before, else the one the next rule leads (then led by R).
+        let (segment, leads) = match path_segment(position.checked_sub(1)) {
+            Some(segment) => (segment, false),
+            None => (path_segment(Some(position))?, true),
+        };
         let mut entries_before = 0;
         for (at, rule) in self.rules.iter().enumerate() {
             let Some(other) = rule
@@ -102,6 +108,10 @@ impl FrontendIndex {
             else {
                 continue;
             };
+            if leads && at < position {
+                // The next rule is not the first of its segment.
+                return None;
+            }
             let keys = || other.route.keys.iter();
             let clash = if at < position {
                 entries_before += other.added;

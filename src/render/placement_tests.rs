@@ -98,8 +98,8 @@ fn a_new_plain_path_joining_a_map_is_placed_as_a_complete_render_writes_it() {
     assert!(placed_as_complete_render(&services, service(9, "/c", 0)));
     // Shorter paths sort later: `/a` after `/a/b` still joins (no earlier key is a prefix of it).
     assert!(placed_as_complete_render(&services, service(9, "/a", 0)));
-    // First of the path rules: nothing before it to join.
-    assert!(!placed_as_complete_render(
+    // First of the path rules: it leads the segment the first one led.
+    assert!(placed_as_complete_render(
         &services,
         service(9, "/a/b/c/d", 0)
     ));
@@ -108,6 +108,12 @@ fn a_new_plain_path_joining_a_map_is_placed_as_a_complete_render_writes_it() {
     // Right after a rule that keeps its acls: a new map would start.
     let after_acls = vec![service(0, "/a/b", 0), service(1, "/e", 1)];
     assert!(!placed_as_complete_render(&after_acls, service(9, "/c", 0)));
+    // Before a rule that keeps its acls, with no map after it.
+    let before_acls = vec![service(0, "/a/b", 1)];
+    assert!(!placed_as_complete_render(
+        &before_acls,
+        service(9, "/c/d/e", 0)
+    ));
 }
 
 proptest! {
