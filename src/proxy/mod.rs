@@ -366,6 +366,7 @@ impl Proxy {
             ),
             followed: instances::Followed::new(),
             query_users: QueryUsers::new(),
+            claims: std::collections::HashMap::new(),
             stored_watch: None,
             max_services: parts.max_services,
             proxy_wide: ProxyWideState {
@@ -580,10 +581,12 @@ struct Core {
     applied_routing: Option<Arc<RoutingIndex>>,
     instance_watches: InstanceWatches,
     /// The queries the instance follower follows, kept in line with the state by
-    /// [`Core::follow_changes`].
+    /// [`Core::index_changes`].
     followed: instances::Followed,
     /// The routed services reading each query.
     query_users: QueryUsers,
+    /// The request patterns each routed service claims, by pattern (see [`Core::admit`]).
+    claims: std::collections::HashMap<crate::spec::RouteClaim, ServiceName>,
     stored_watch: Option<JoinHandle<()>>,
     max_services: usize,
     proxy_wide: ProxyWideState,
@@ -1706,19 +1709,49 @@ impl Core {
             }
         }
         let main_port = self.render_settings.http_port;
-        let claims: BTreeSet<_> = spec.route_claims(main_port).into_iter().collect();
-        for (owner, routed) in candidate.iter().filter(|(owner, _)| *owner != name) {
-            if let Some(taken) = routed
-                .spec
-                .route_claims(main_port)
-                .into_iter()
-                .find(|claim| claims.contains(claim))
-            {
-                return Err(ProxyError::RouteTaken {
-                    route: taken.to_string(),
-                    owner: owner.clone(),
-                });
-            }
+        let claims = spec.route_claims(main_port);
+        // The services this batch changed so far: the committed claims of those are not theirs
+        // any more; their candidate specs' are.
+        let changed: BTreeMap<&ServiceName, Option<&Arc<Routed>>> = self
+            .state
+            .diff(candidate)
+            .map(|item| match item {
+                imbl::ordmap::DiffItem::Add(owner, routed)
+                | imbl::ordmap::DiffItem::Update {
+                    new: (owner, routed),
+                    ..
+                } => (owner, Some(routed)),
+                imbl::ordmap::DiffItem::Remove(owner, _) => (owner, None),
+            })
+            .collect();
+        let committed = claims.iter().find_map(|claim| {
+            self.claims
+                .get(claim)
+                .filter(|owner| *owner != name && !changed.contains_key(owner))
+                .map(|owner| (claim, owner))
+        });
+        let in_batch = || {
+            changed
+                .iter()
+                .filter(|(owner, _)| **owner != name)
+                .filter_map(|(owner, routed)| Some((*owner, routed.as_ref()?)))
+                .find_map(|(owner, routed)| {
+                    routed
+                        .spec
+                        .route_claims(main_port)
+                        .into_iter()
+                        .find(|claim| claims.contains(claim))
+                        .map(|claim| (claim, owner))
+                })
+        };
+        let taken = committed
+            .map(|(claim, owner)| (claim.clone(), owner))
+            .or_else(in_batch);
+        if let Some((taken, owner)) = taken {
+            return Err(ProxyError::RouteTaken {
+                route: taken.to_string(),
+                owner: owner.clone(),
+            });
         }
         Ok(())
     }
@@ -1934,14 +1967,15 @@ impl Core {
                 })
                 .collect(),
         );
-        if self.follow_changes(&previous) {
+        if self.index_changes(&previous) {
             self.instance_watches.follow(self.followed.clone());
         }
     }
 
-    /// Brings the followed queries in line with the routed state after it changed from
-    /// `previous`; whether they changed.
-    fn follow_changes(&mut self, previous: &RoutingState) -> bool {
+    /// Brings what is kept beside the routed state (the followed queries, the users of each
+    /// query, the claimed request patterns) in line with it after it changed from `previous`,
+    /// visiting the services that changed only; whether the followed queries changed.
+    fn index_changes(&mut self, previous: &RoutingState) -> bool {
         let mut touched = BTreeSet::new();
         let mut leave = |users: &mut QueryUsers, name: &ServiceName, routed: &Routed| {
             if let Some(names) = users.get_mut(&routed.query) {
@@ -1965,9 +1999,22 @@ impl Core {
                 imbl::ordmap::DiffItem::Remove(name, old) => changed.push((name, Some(old), None)),
             }
         }
+        let main_port = self.render_settings.http_port;
         for (name, old, _) in &changed {
             if let Some(old) = old {
                 leave(&mut self.query_users, name, old);
+                for claim in old.spec.route_claims(main_port) {
+                    if self.claims.get(&claim) == Some(*name) {
+                        self.claims.remove(&claim);
+                    }
+                }
+            }
+        }
+        for (name, _, new) in &changed {
+            if let Some(new) = new {
+                for claim in new.spec.route_claims(main_port) {
+                    self.claims.insert(claim, (*name).clone());
+                }
             }
         }
         for (name, _, new) in &changed {

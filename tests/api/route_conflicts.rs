@@ -124,3 +124,57 @@ async fn one_service_more_than_max_services_is_refused_and_the_others_still_chan
         (StatusCode::OK, "app /first".into())
     );
 }
+
+/// Services reconfigured at the same time are applied together (one batch): a claim is checked
+/// against the routed services and against the others of the batch alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_claiming_one_path_at_the_same_time_get_one_winner_each() {
+    let backend = spawn_backend("app").await;
+    let proxy = TestProxy::spawn().await;
+    for pair in 0..6 {
+        for side in ["left", "right"] {
+            let name = format!("{side}{pair}");
+            proxy
+                .register_instance(&name, &format!("{name}-1"), backend.port)
+                .await;
+        }
+    }
+    let calls = (0..6).flat_map(|pair| {
+        ["left", "right"].map(|side| {
+            let proxy = &proxy;
+            async move {
+                let name = format!("{side}{pair}");
+                let query = format!("serviceName={name}&servicePath=/contested{pair}");
+                let (status, answer) = proxy.reconfigure(&query).await;
+                (pair, name, status, answer)
+            }
+        })
+    });
+    // A reload first keeps the core busy while the pairs queue up behind it: they are applied
+    // together, as one batch.
+    let (reloaded, answers) = tokio::join!(
+        proxy.api_get("/v1/docker-flow-proxy/reload"),
+        futures::future::join_all(calls)
+    );
+    assert_eq!(reloaded.0, StatusCode::OK, "{reloaded:?}");
+    for pair in 0..6 {
+        let outcomes: Vec<_> = answers.iter().filter(|(p, ..)| *p == pair).collect();
+        let winners: Vec<&String> = outcomes
+            .iter()
+            .filter(|(_, _, status, _)| *status == StatusCode::OK)
+            .map(|(_, name, ..)| name)
+            .collect();
+        assert_eq!(winners.len(), 1, "pair {pair}: {outcomes:?}");
+        let loser = outcomes
+            .iter()
+            .find(|(_, name, ..)| name != winners[0])
+            .expect("two sides");
+        assert_eq!(loser.2, StatusCode::CONFLICT, "pair {pair}: {outcomes:?}");
+        assert_eq!(proxy.stored_spec(&loser.1).await, None);
+        let path = format!("/contested{pair}");
+        assert_eq!(
+            proxy.get_through_proxy(&path, None).await,
+            (StatusCode::OK, format!("app {path}"))
+        );
+    }
+}
