@@ -23,6 +23,66 @@ pub async fn command(socket: &Path, command: &str) -> std::io::Result<String> {
         stream.read_to_string(&mut answer).await?;
         Ok(answer)
     };
+    bounded(command, exchange).await
+}
+
+/// One connection to the stats socket in interactive mode (`prompt`): commands sent one after the
+/// other, each answer read up to HAProxy's prompt, so a series of commands costs one connection.
+/// Each exchange is bounded by [`COMMAND_TIMEOUT`].
+pub struct Session {
+    stream: UnixStream,
+    answer: Vec<u8>,
+}
+
+/// What HAProxy writes after each answer in interactive mode.
+const PROMPT: &[u8] = b"\n> ";
+
+impl Session {
+    /// Connects and enters interactive mode.
+    pub async fn open(socket: &Path) -> std::io::Result<Session> {
+        let opened = async {
+            let stream = UnixStream::connect(socket).await?;
+            let mut session = Session {
+                stream,
+                answer: Vec::new(),
+            };
+            session.exchange("prompt").await?;
+            Ok(session)
+        };
+        bounded("prompt", opened).await
+    }
+
+    /// Sends `command` and returns its answer (without the prompt).
+    pub async fn run(&mut self, command: &str) -> std::io::Result<String> {
+        bounded(command, self.exchange(command)).await
+    }
+
+    async fn exchange(&mut self, command: &str) -> std::io::Result<String> {
+        self.stream
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        self.answer.clear();
+        let mut chunk = [0u8; 4096];
+        while !self.answer.ends_with(PROMPT) {
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "HAProxy closed the stats socket",
+                ));
+            }
+            self.answer.extend_from_slice(&chunk[..read]);
+        }
+        let answer = &self.answer[..self.answer.len() - PROMPT.len() + 1];
+        Ok(String::from_utf8_lossy(answer).into_owned())
+    }
+}
+
+/// `exchange` bounded by [`COMMAND_TIMEOUT`], its error naming `command`.
+async fn bounded<T>(
+    command: &str,
+    exchange: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
     tokio::time::timeout(COMMAND_TIMEOUT, exchange)
         .await
         .map_err(|_| {
@@ -219,15 +279,21 @@ impl super::Haproxy {
         changes: &[SlotChange],
     ) -> Result<(), RuntimeError> {
         self.restore_live_config(config).await?;
-        let socket = self.stats_socket();
+        let mut session =
+            Session::open(self.stats_socket())
+                .await
+                .map_err(|source| RuntimeError::Socket {
+                    command: "prompt".to_string(),
+                    source,
+                })?;
         for command in changes.iter().flat_map(SlotChange::commands) {
-            let answer =
-                self::command(socket, &command)
-                    .await
-                    .map_err(|source| RuntimeError::Socket {
-                        command: command.clone(),
-                        source,
-                    })?;
+            let answer = session
+                .run(&command)
+                .await
+                .map_err(|source| RuntimeError::Socket {
+                    command: command.clone(),
+                    source,
+                })?;
             if !succeeded(&command, &answer) {
                 return Err(RuntimeError::Refused {
                     command,
