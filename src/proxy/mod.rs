@@ -90,7 +90,7 @@ use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
 
 use instances::{instance_query, instances_for, InstanceWatches};
 use proxy_settings::{EffectiveSetting, KvSettings};
-use stored::{SpecStore, StoredSpecs};
+use stored::{ParsedDocuments, SpecStore, StoredDifference, StoredSpecs};
 
 /// Most changes applied with one validation and one reload.
 const MAX_BATCH: usize = 64;
@@ -382,7 +382,8 @@ impl Proxy {
             queue: changes.downgrade(),
         };
         let mut index = WatchIndex::default();
-        let import_pending = match stored::first_read(&store, &mut index).await {
+        let mut parsed = ParsedDocuments::default();
+        let import_pending = match stored::first_read(&store, &mut index, &mut parsed).await {
             Ok(snapshot) => {
                 if let Err(error) = core.apply_stored(snapshot).await {
                     tracing::error!(%error, "restoring the stored services failed; retrying");
@@ -398,6 +399,7 @@ impl Proxy {
         core.stored_watch = Some(tokio::spawn(stored::watch_stored_specs(
             store,
             index,
+            parsed,
             import_pending,
             changes.downgrade(),
             parts.observer.clone(),
@@ -832,17 +834,23 @@ impl Core {
         result: &Result<(), ProxyError>,
     ) {
         let reloaded = self.reloaded_since(applied_before);
-        let names: BTreeSet<&ServiceName> = before.keys().chain(self.state.keys()).collect();
-        for name in names {
-            let set_of = |state: &RoutingState| {
-                state
-                    .get(name)
+        // Only the services whose routing changed: the diff skips what both states share.
+        for item in before.diff(&self.state) {
+            let (name, old, new) = match item {
+                imbl::ordmap::DiffItem::Add(name, new) => (name, None, Some(new)),
+                imbl::ordmap::DiffItem::Update {
+                    old: (name, old),
+                    new: (_, new),
+                } => (name, Some(old), Some(new)),
+                imbl::ordmap::DiffItem::Remove(name, old) => (name, Some(old), None),
+            };
+            let set_of = |routed: Option<&Arc<Routed>>| {
+                routed
                     .map(|routed| RouteSet::of(&routed.spec, &routed.instances))
                     .unwrap_or_default()
             };
-            let (old, new) = (set_of(before), set_of(&self.state));
-            let spec_changed =
-                before.get(name).map(|r| &r.spec) != self.state.get(name).map(|r| &r.spec);
+            let spec_changed = old.map(|r| &r.spec) != new.map(|r| &r.spec);
+            let (old, new) = (set_of(old), set_of(new));
             if old == new && !spec_changed {
                 continue;
             }
@@ -1442,30 +1450,31 @@ impl Core {
     /// retries.
     async fn apply_stored_routes(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
-        let changed: Vec<(&ServiceName, &ServiceSpec)> = snapshot
-            .specs
-            .iter()
-            .filter(|(name, spec)| self.state.get(*name).map(|routed| &*routed.spec) != Some(*spec))
-            .collect();
-        let instances = instances_of_each(&self.registry, &changed).await?;
+        let StoredDifference {
+            changed,
+            adopted,
+            gone,
+        } = StoredDifference::between(&snapshot.specs, &self.state, &snapshot.unreadable);
+        // A stored spec equal to the routed one but parsed apart (this proxy's own write read
+        // back) replaces it, so the next read finds the very same spec.
+        for (name, spec) in adopted {
+            if let Some(routed) = self.state.get_mut(&name) {
+                Arc::make_mut(routed).spec = spec;
+            }
+        }
+        let specs: Vec<(&ServiceName, &ServiceSpec)> =
+            changed.iter().map(|(name, spec)| (name, &**spec)).collect();
+        let instances = instances_of_each(&self.registry, &specs).await?;
         let mut updates: Vec<(ServiceName, Option<Arc<Routed>>)> = Vec::new();
         for ((name, spec), instances) in changed.into_iter().zip(instances) {
             let routed = Routed::new(
-                Arc::new(spec.clone()),
+                spec,
                 instances,
-                self.state.get(name).map(|routed| &**routed),
+                self.state.get(&name).map(|routed| &**routed),
                 self.applied_config.as_deref().unwrap_or_default(),
             );
-            updates.push((name.clone(), Some(Arc::new(routed))));
+            updates.push((name, Some(Arc::new(routed))));
         }
-        let gone: Vec<ServiceName> = self
-            .state
-            .keys()
-            .filter(|name| {
-                !snapshot.specs.contains_key(*name) && !snapshot.unreadable.contains(name.as_str())
-            })
-            .cloned()
-            .collect();
         if consul_lost_data && !gone.is_empty() {
             tracing::warn!(
                 services = gone.len(),
