@@ -92,17 +92,21 @@ use instances::{instance_query, instances_for, InstanceWatches};
 use proxy_settings::{EffectiveSetting, KvSettings};
 use stored::{ParsedDocuments, SpecStore, StoredDifference, StoredSpecs};
 
-/// Most changes applied with one validation and one reload.
-const MAX_BATCH: usize = 64;
+/// Most changes applied with one validation and one reload: a burst of 1,000 new services costs
+/// 8 reloads. Bounded because a batch that fails as a whole is applied again one change at a
+/// time, each with its own reload, and the last of them must still be answered within the change
+/// timeout.
+const MAX_BATCH: usize = 128;
 
-/// Most API changes waiting for the core; an API call beyond that is answered 503 at once. The
-/// watches' changes do not count: a thousand services whose instances change at once must not
-/// lock callers out.
-pub const QUEUE_CAPACITY: usize = 64;
+/// Most API changes waiting for the core; an API call beyond that is answered 503 at once. A
+/// burst of 1,000 deployments queues whole (they are applied [`MAX_BATCH`] at a time) instead of
+/// being paced by `Retry-After`. The watches' changes do not count: a thousand services whose
+/// instances change at once must not lock callers out.
+pub const QUEUE_CAPACITY: usize = 1_024;
 
-/// Room in the channel to the core, for API calls and the watches together (a watch waits for
-/// room; an API call waits at most its change timeout).
-const CHANNEL_CAPACITY: usize = 256;
+/// Room in the channel to the core: every waiting API change, and room for the watches (a watch
+/// waits for room; an API call waits at most its change timeout).
+const CHANNEL_CAPACITY: usize = QUEUE_CAPACITY + 256;
 
 /// Why a change was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -1170,6 +1174,7 @@ impl Core {
         let mut candidate_pool = self.pool.clone();
         // The slots the services this change puts in a pool backend would have without it.
         let mut slots_outside_pool: Vec<(ServiceName, ServerSlots)> = Vec::new();
+        let mut prefetched = instances_of_reconfigured(&self.registry, changes).await?;
         for change in changes {
             match change {
                 Change::Reconfigure(spec, certificate) => {
@@ -1180,7 +1185,10 @@ impl Core {
                         requested_certs.insert(certificate.name().clone());
                         candidate_certs.insert(certificate.name().clone(), certificate);
                     }
-                    let instances = instances_for(&self.registry, spec).await?;
+                    let instances = match prefetched.pop_front() {
+                        Some(instances) => instances,
+                        None => instances_for(&self.registry, spec).await?,
+                    };
                     let name = spec.service_name().clone();
                     let previous = candidate.get(&name).map(|routed| &**routed);
                     let mut routed = Routed::new(
@@ -2029,6 +2037,27 @@ fn may_take_pool_backends(spec: &ServiceSpec) -> bool {
             && destination.src_port().is_none()
             && destination.routing().outbound_hostname.is_none()
     })
+}
+
+/// The healthy instances of the services a batch of changes reconfigures, in the order of the
+/// changes, [`RESTORE_READS_IN_FLIGHT`] reads at a time: a batch of hundreds of deployments does
+/// not wait for its reads one after the other. Empty for a single change, which reads its
+/// instances once it is admitted.
+async fn instances_of_reconfigured(
+    registry: &ConsulClient,
+    changes: &[&Change],
+) -> Result<std::collections::VecDeque<Vec<Instance>>, RegistryError> {
+    if changes.len() < 2 {
+        return Ok(std::collections::VecDeque::new());
+    }
+    let specs: Vec<(&ServiceName, &ServiceSpec)> = changes
+        .iter()
+        .filter_map(|change| match change {
+            Change::Reconfigure(spec, _) => Some((spec.service_name(), &**spec)),
+            _ => None,
+        })
+        .collect();
+    Ok(instances_of_each(registry, &specs).await?.into())
 }
 
 /// The healthy instances of each spec (in order), [`RESTORE_READS_IN_FLIGHT`] reads at a time.
