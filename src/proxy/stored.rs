@@ -20,7 +20,7 @@ use super::{submit_internal, Change, Pending, ProxyError, RoutingState};
 use crate::certs::Certificate;
 use crate::observe::{Observer, WatchKind};
 use crate::registry::watch::{Watch, WatchIndex};
-use crate::registry::{Blocking, ConsulClient, Indexed, KvEntry, RegistryError};
+use crate::registry::{Blocking, ConsulClient, Indexed, ListedKvEntry, RegistryError};
 use crate::spec::{services_from_docker_flow, ServiceName, ServiceSpec, DOCKER_FLOW_PREFIX};
 
 /// How many times a write that lost a check-and-set race is tried again before the caller gets
@@ -278,12 +278,12 @@ impl SpecStore {
     async fn read(
         &self,
         blocking: Option<Blocking>,
-    ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
+    ) -> Result<Indexed<Vec<ListedKvEntry>>, RegistryError> {
         self.registry.watch_kv_list(&self.root, blocking).await
     }
 
     /// Whether a read holds no stored spec (certificates and markers do not count).
-    fn holds_no_spec(&self, entries: &[KvEntry]) -> bool {
+    fn holds_no_spec(&self, entries: &[ListedKvEntry]) -> bool {
         !entries
             .iter()
             .any(|entry| entry.key.starts_with(&self.prefix))
@@ -295,7 +295,7 @@ impl SpecStore {
     fn parse(
         &self,
         parsed: &mut ParsedDocuments,
-        entries: Vec<KvEntry>,
+        entries: Vec<ListedKvEntry>,
         index: u64,
         after_reset: bool,
         reported: &mut BTreeSet<(String, u64)>,
@@ -316,9 +316,20 @@ impl SpecStore {
         };
         let mut parsed_now = 0;
         for entry in entries {
-            if let Some(relative) = entry.key.strip_prefix(&self.settings_prefix) {
+            if entry.key.starts_with(&self.settings_prefix) {
                 // A few small values: read each time.
-                snapshot.settings.read_entry(relative, &entry, reported);
+                let version = (entry.key.clone(), entry.modify_index);
+                match entry.decode() {
+                    Ok(entry) => {
+                        let relative = &entry.key[self.settings_prefix.len()..];
+                        snapshot.settings.read_entry(relative, &entry, reported);
+                    }
+                    Err(error) => {
+                        if reported.insert(version) {
+                            tracing::error!(%error, "ignoring a proxy-wide setting whose value does not decode");
+                        }
+                    }
+                }
                 continue;
             }
             let document = match parsed.entries.get_mut(&entry.key) {
@@ -328,13 +339,14 @@ impl SpecStore {
                 }
                 known => {
                     let previous = known.map(|known| known.document.clone());
-                    let document = self.parse_document(&entry);
+                    let (key, modify_index) = (entry.key.clone(), entry.modify_index);
+                    let document = self.parse_document(entry);
                     parsed_now += 1;
                     parsed.replace_spec(previous.as_ref(), &document);
                     parsed.entries.insert(
-                        entry.key,
+                        key,
                         ParsedEntry {
-                            modify_index: entry.modify_index,
+                            modify_index,
                             document: document.clone(),
                             seen_in: read,
                         },
@@ -380,22 +392,39 @@ impl SpecStore {
         snapshot
     }
 
-    /// Parses one entry's document (a spec, a certificate, or another key), logging one that
-    /// does not validate.
-    fn parse_document(&self, entry: &KvEntry) -> ParsedDocument {
-        if let Some(cert_name) = entry.key.strip_prefix(&self.certs_prefix) {
-            return match Certificate::parse(cert_name, &entry.value) {
+    /// Decodes and parses one entry's document (a spec, a certificate, or another key), logging
+    /// one that does not validate.
+    fn parse_document(&self, listed: ListedKvEntry) -> ParsedDocument {
+        let is_cert = listed.key.starts_with(&self.certs_prefix);
+        if !is_cert && !listed.key.starts_with(&self.prefix) {
+            return ParsedDocument::Other;
+        }
+        let key = listed.key.clone();
+        let decoded = listed.decode();
+        if let Some(cert_name) = key.strip_prefix(&self.certs_prefix) {
+            let parsed = decoded
+                .map_err(|error| error.to_string())
+                .and_then(|entry| {
+                    Certificate::parse(cert_name, &entry.value).map_err(|error| error.to_string())
+                });
+            return match parsed {
                 Ok(certificate) => ParsedDocument::Cert(certificate),
                 Err(error) => {
-                    tracing::error!(key = %entry.key, %error, "ignoring a stored certificate that does not validate");
+                    tracing::error!(%key, %error, "ignoring a stored certificate that does not validate");
                     ParsedDocument::UnreadableCert(cert_name.to_string())
                 }
             };
         }
-        let Some(stored_name) = entry.key.strip_prefix(&self.prefix) else {
+        let Some(stored_name) = key.strip_prefix(&self.prefix) else {
             return ParsedDocument::Other;
         };
-        let problem = match serde_json::from_slice::<ServiceSpec>(&entry.value) {
+        let spec = decoded
+            .map_err(|error| error.to_string())
+            .and_then(|entry| {
+                serde_json::from_slice::<ServiceSpec>(&entry.value)
+                    .map_err(|error| error.to_string())
+            });
+        let problem = match spec {
             Ok(spec) if spec.service_name().as_str() == stored_name => {
                 return ParsedDocument::Spec(Arc::new(spec));
             }
@@ -403,9 +432,9 @@ impl SpecStore {
                 "it is filed under another name than `{}`",
                 spec.service_name()
             ),
-            Err(error) => error.to_string(),
+            Err(error) => error,
         };
-        tracing::error!(key = %entry.key, %problem, "ignoring a stored spec that does not validate");
+        tracing::error!(%key, %problem, "ignoring a stored spec that does not validate");
         ParsedDocument::UnreadableSpec(stored_name.to_string())
     }
 }
@@ -537,6 +566,7 @@ pub(super) async fn watch_stored_specs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::KvEntry;
 
     fn store() -> SpecStore {
         SpecStore::new(
@@ -568,7 +598,7 @@ mod tests {
         let index = entries.iter().map(|entry| entry.modify_index).max();
         store.parse(
             parsed,
-            entries.to_vec(),
+            entries.iter().cloned().map(ListedKvEntry::from).collect(),
             index.unwrap_or(1),
             after_reset,
             &mut BTreeSet::new(),
