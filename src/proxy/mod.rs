@@ -93,7 +93,8 @@ use proxy_settings::{EffectiveSetting, KvSettings};
 use stored::{ParsedDocuments, SpecStore, StoredDifference, StoredSpecs};
 
 /// Most changes applied with one validation and one reload: a burst of 1,000 new services costs
-/// 8 reloads. Bounded because a batch that fails as a whole is applied again one change at a
+/// about ten reloads (1,000 / 128, and one for the first changes, taken before the rest came).
+/// Bounded because a batch that fails as a whole is applied again one change at a
 /// time, each with its own reload, and the last of them must still be answered within the change
 /// timeout.
 const MAX_BATCH: usize = 128;

@@ -7,7 +7,8 @@
 //! Every write under the prefix wakes the watch, which then reads the whole prefix: so that such
 //! a read costs what changed rather than what is stored, the documents are kept parsed between
 //! reads ([`ParsedDocuments`]) and only an entry whose `ModifyIndex` (Consul's own change marker)
-//! moved is parsed again. The specs reach the core as one persistent map of shared specs, the
+//! moved is decoded from base64 and parsed again; the core then compares the specs by pointer
+//! ([`StoredDifference`]). The specs reach the core as one persistent map of shared specs, the
 //! same `Arc` for as long as their entry does not change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -124,6 +125,8 @@ pub(super) struct StoredDifference {
 }
 
 impl StoredDifference {
+    /// What `stored` changes in `routed`; routed services whose stored document is `unreadable`
+    /// are left alone.
     pub fn between(
         stored: &StoredSpecMap,
         routed: &RoutingState,
