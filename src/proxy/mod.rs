@@ -90,19 +90,24 @@ use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
 
 use instances::{instance_query, instances_for, InstanceWatches};
 use proxy_settings::{EffectiveSetting, KvSettings};
-use stored::{SpecStore, StoredSpecs};
+use stored::{ParsedDocuments, SpecStore, StoredDifference, StoredSpecs};
 
-/// Most changes applied with one validation and one reload.
-const MAX_BATCH: usize = 64;
+/// Most changes applied with one validation and one reload: a burst of 1,000 new services costs
+/// about ten reloads (1,000 / 128, and one for the first changes, taken before the rest came).
+/// Bounded because a batch that fails as a whole is applied again one change at a
+/// time, each with its own reload, and the last of them must still be answered within the change
+/// timeout.
+const MAX_BATCH: usize = 128;
 
-/// Most API changes waiting for the core; an API call beyond that is answered 503 at once. The
-/// watches' changes do not count: a thousand services whose instances change at once must not
-/// lock callers out.
-pub const QUEUE_CAPACITY: usize = 64;
+/// Most API changes waiting for the core; an API call beyond that is answered 503 at once. A
+/// burst of 1,000 deployments queues whole (they are applied [`MAX_BATCH`] at a time) instead of
+/// being paced by `Retry-After`. The watches' changes do not count: a thousand services whose
+/// instances change at once must not lock callers out.
+pub const QUEUE_CAPACITY: usize = 1_024;
 
-/// Room in the channel to the core, for API calls and the watches together (a watch waits for
-/// room; an API call waits at most its change timeout).
-const CHANNEL_CAPACITY: usize = 256;
+/// Room in the channel to the core: every waiting API change, and room for the watches (a watch
+/// waits for room; an API call waits at most its change timeout).
+const CHANNEL_CAPACITY: usize = QUEUE_CAPACITY + 256;
 
 /// Why a change was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -384,7 +389,8 @@ impl Proxy {
             queue: changes.downgrade(),
         };
         let mut index = WatchIndex::default();
-        let import_pending = match stored::first_read(&store, &mut index).await {
+        let mut parsed = ParsedDocuments::default();
+        let import_pending = match stored::first_read(&store, &mut index, &mut parsed).await {
             Ok(snapshot) => {
                 if let Err(error) = core.apply_stored(snapshot).await {
                     tracing::error!(%error, "restoring the stored services failed; retrying");
@@ -400,6 +406,7 @@ impl Proxy {
         core.stored_watch = Some(tokio::spawn(stored::watch_stored_specs(
             store,
             index,
+            parsed,
             import_pending,
             changes.downgrade(),
             parts.observer.clone(),
@@ -839,17 +846,23 @@ impl Core {
         result: &Result<(), ProxyError>,
     ) {
         let reloaded = self.reloaded_since(applied_before);
-        let names: BTreeSet<&ServiceName> = before.keys().chain(self.state.keys()).collect();
-        for name in names {
-            let set_of = |state: &RoutingState| {
-                state
-                    .get(name)
+        // Only the services whose routing changed: the diff skips what both states share.
+        for item in before.diff(&self.state) {
+            let (name, old, new) = match item {
+                imbl::ordmap::DiffItem::Add(name, new) => (name, None, Some(new)),
+                imbl::ordmap::DiffItem::Update {
+                    old: (name, old),
+                    new: (_, new),
+                } => (name, Some(old), Some(new)),
+                imbl::ordmap::DiffItem::Remove(name, old) => (name, Some(old), None),
+            };
+            let set_of = |routed: Option<&Arc<Routed>>| {
+                routed
                     .map(|routed| RouteSet::of(&routed.spec, &routed.instances))
                     .unwrap_or_default()
             };
-            let (old, new) = (set_of(before), set_of(&self.state));
-            let spec_changed =
-                before.get(name).map(|r| &r.spec) != self.state.get(name).map(|r| &r.spec);
+            let spec_changed = old.map(|r| &r.spec) != new.map(|r| &r.spec);
+            let (old, new) = (set_of(old), set_of(new));
             if old == new && !spec_changed {
                 continue;
             }
@@ -1180,6 +1193,7 @@ impl Core {
         let mut candidate_pool = self.pool.clone();
         // The slots the services this change puts in a pool backend would have without it.
         let mut slots_outside_pool: Vec<(ServiceName, ServerSlots)> = Vec::new();
+        let mut prefetched = instances_of_reconfigured(&self.registry, changes).await?;
         for change in changes {
             match change {
                 Change::Reconfigure(spec, certificate) => {
@@ -1190,7 +1204,10 @@ impl Core {
                         requested_certs.insert(certificate.name().clone());
                         candidate_certs.insert(certificate.name().clone(), certificate);
                     }
-                    let instances = instances_for(&self.registry, spec).await?;
+                    let instances = match prefetched.pop_front() {
+                        Some(instances) => instances,
+                        None => instances_for(&self.registry, spec).await?,
+                    };
                     let name = spec.service_name().clone();
                     let previous = candidate.get(&name).map(|routed| &**routed);
                     let mut routed = Routed::new(
@@ -1472,30 +1489,31 @@ impl Core {
     /// retries.
     async fn apply_stored_routes(&mut self, snapshot: StoredSpecs) -> Result<(), ProxyError> {
         let consul_lost_data = snapshot.after_reset && snapshot.specs.is_empty();
-        let changed: Vec<(&ServiceName, &ServiceSpec)> = snapshot
-            .specs
-            .iter()
-            .filter(|(name, spec)| self.state.get(*name).map(|routed| &*routed.spec) != Some(*spec))
-            .collect();
-        let instances = instances_of_each(&self.registry, &changed).await?;
+        let StoredDifference {
+            changed,
+            adopted,
+            gone,
+        } = StoredDifference::between(&snapshot.specs, &self.state, &snapshot.unreadable);
+        // A stored spec equal to the routed one but parsed apart (this proxy's own write read
+        // back) replaces it, so the next read finds the very same spec.
+        for (name, spec) in adopted {
+            if let Some(routed) = self.state.get_mut(&name) {
+                Arc::make_mut(routed).spec = spec;
+            }
+        }
+        let specs: Vec<(&ServiceName, &ServiceSpec)> =
+            changed.iter().map(|(name, spec)| (name, &**spec)).collect();
+        let instances = instances_of_each(&self.registry, &specs).await?;
         let mut updates: Vec<(ServiceName, Option<Arc<Routed>>)> = Vec::new();
         for ((name, spec), instances) in changed.into_iter().zip(instances) {
             let routed = Routed::new(
-                Arc::new(spec.clone()),
+                spec,
                 instances,
-                self.state.get(name).map(|routed| &**routed),
+                self.state.get(&name).map(|routed| &**routed),
                 self.applied_config.as_deref().unwrap_or_default(),
             );
-            updates.push((name.clone(), Some(Arc::new(routed))));
+            updates.push((name, Some(Arc::new(routed))));
         }
-        let gone: Vec<ServiceName> = self
-            .state
-            .keys()
-            .filter(|name| {
-                !snapshot.specs.contains_key(*name) && !snapshot.unreadable.contains(name.as_str())
-            })
-            .cloned()
-            .collect();
         if consul_lost_data && !gone.is_empty() {
             tracing::warn!(
                 services = gone.len(),
@@ -2176,6 +2194,27 @@ fn may_take_pool_backends(spec: &ServiceSpec) -> bool {
             && destination.src_port().is_none()
             && destination.routing().outbound_hostname.is_none()
     })
+}
+
+/// The healthy instances of the services a batch of changes reconfigures, in the order of the
+/// changes, [`RESTORE_READS_IN_FLIGHT`] reads at a time: a batch of hundreds of deployments does
+/// not wait for its reads one after the other. Empty for a single change, which reads its
+/// instances once it is admitted.
+async fn instances_of_reconfigured(
+    registry: &ConsulClient,
+    changes: &[&Change],
+) -> Result<std::collections::VecDeque<Vec<Instance>>, RegistryError> {
+    if changes.len() < 2 {
+        return Ok(std::collections::VecDeque::new());
+    }
+    let specs: Vec<(&ServiceName, &ServiceSpec)> = changes
+        .iter()
+        .filter_map(|change| match change {
+            Change::Reconfigure(spec, _) => Some((spec.service_name(), &**spec)),
+            _ => None,
+        })
+        .collect();
+    Ok(instances_of_each(registry, &specs).await?.into())
 }
 
 /// The healthy instances of each spec (in order), [`RESTORE_READS_IN_FLIGHT`] reads at a time.

@@ -240,6 +240,49 @@ pub struct KvEntry {
     pub modify_index: u64,
 }
 
+/// One KV entry as a listing returns it, its value still in Consul's base64: a caller that follows
+/// a prefix decodes only the entries whose `ModifyIndex` moved (see [`ConsulClient::watch_kv_list`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedKvEntry {
+    /// The full key.
+    pub key: String,
+    /// The entry's `ModifyIndex`.
+    pub modify_index: u64,
+    /// The value in base64 (`None` when Consul stores `null`).
+    encoded: Option<String>,
+}
+
+impl From<KvEntry> for ListedKvEntry {
+    /// The entry as a listing would return it.
+    fn from(entry: KvEntry) -> ListedKvEntry {
+        ListedKvEntry {
+            key: entry.key,
+            modify_index: entry.modify_index,
+            encoded: Some(base64::engine::general_purpose::STANDARD.encode(entry.value)),
+        }
+    }
+}
+
+impl ListedKvEntry {
+    /// The entry with its value decoded.
+    pub fn decode(self) -> Result<KvEntry, RegistryError> {
+        let value = match self.encoded {
+            Some(encoded) => base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|error| RegistryError::Decode {
+                    request: format!("GET /v1/kv/{}", self.key),
+                    message: format!("value of {}: {error}", self.key),
+                })?,
+            None => Vec::new(),
+        };
+        Ok(KvEntry {
+            key: self.key,
+            value,
+            modify_index: self.modify_index,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct KvEntryWire {
@@ -433,17 +476,23 @@ impl ConsulClient {
 
     /// Every KV entry whose key starts with `prefix` (none when the prefix is empty in Consul).
     pub async fn kv_list(&self, prefix: &str) -> Result<Vec<KvEntry>, RegistryError> {
-        Ok(self.watch_kv_list(prefix, None).await?.value)
+        self.watch_kv_list(prefix, None)
+            .await?
+            .value
+            .into_iter()
+            .map(ListedKvEntry::decode)
+            .collect()
     }
 
-    /// Like [`ConsulClient::kv_list`], as a blocking query when `blocking` is given.
+    /// Like [`ConsulClient::kv_list`], as a blocking query when `blocking` is given, with the
+    /// values left to decode.
     pub async fn watch_kv_list(
         &self,
         prefix: &str,
         blocking: Option<Blocking>,
-    ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
+    ) -> Result<Indexed<Vec<ListedKvEntry>>, RegistryError> {
         let path = with_blocking(format!("/v1/kv/{prefix}?recurse"), blocking);
-        self.kv_read(&path, blocking).await
+        self.kv_listing(&path, blocking).await
     }
 
     /// One KV entry (`None` when the key does not exist), with the index of the read: the entry's
@@ -464,6 +513,24 @@ impl ConsulClient {
         path: &str,
         blocking: Option<Blocking>,
     ) -> Result<Indexed<Vec<KvEntry>>, RegistryError> {
+        let listed = self.kv_listing(path, blocking).await?;
+        let value = listed
+            .value
+            .into_iter()
+            .map(ListedKvEntry::decode)
+            .collect::<Result<_, _>>()?;
+        Ok(Indexed {
+            value,
+            index: listed.index,
+        })
+    }
+
+    /// [`ConsulClient::kv_read`] with the values left in base64.
+    async fn kv_listing(
+        &self,
+        path: &str,
+        blocking: Option<Blocking>,
+    ) -> Result<Indexed<Vec<ListedKvEntry>>, RegistryError> {
         let response = unfiltered(path, self.get(path, blocking).await?)?;
         let index = consul_index(&response);
         if response.status() == reqwest::StatusCode::NOT_FOUND {
@@ -475,8 +542,12 @@ impl ConsulClient {
         let entries: Vec<KvEntryWire> = decode_json(path, response).await?;
         let value = entries
             .into_iter()
-            .map(|entry| entry.decode(path))
-            .collect::<Result<_, _>>()?;
+            .map(|entry| ListedKvEntry {
+                key: entry.key,
+                modify_index: entry.modify_index,
+                encoded: entry.value,
+            })
+            .collect();
         Ok(Indexed { value, index })
     }
 
@@ -586,25 +657,6 @@ impl ConsulClient {
             addresses: self.base_urls.join(", "),
             message: unreachable.join("; "),
         }))
-    }
-}
-
-impl KvEntryWire {
-    fn decode(self, path: &str) -> Result<KvEntry, RegistryError> {
-        let value = match self.value {
-            Some(encoded) => base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .map_err(|error| RegistryError::Decode {
-                    request: format!("GET {path}"),
-                    message: format!("value of {}: {error}", self.key),
-                })?,
-            None => Vec::new(),
-        };
-        Ok(KvEntry {
-            key: self.key,
-            value,
-            modify_index: self.modify_index,
-        })
     }
 }
 
@@ -1046,5 +1098,31 @@ mod tests {
             .map(|entry| entry.key.as_str())
             .collect();
         assert_eq!(keys, ["flow-proxy/services/a", "flow-proxy/services/b"]);
+    }
+
+    #[test]
+    fn a_listed_entry_decodes_its_value_and_a_broken_one_names_its_key() {
+        let entry = KvEntry {
+            key: "flow-proxy/services/web".into(),
+            value: b"{\"serviceName\":\"web\"}".to_vec(),
+            modify_index: 7,
+        };
+        let listed = ListedKvEntry::from(entry.clone());
+        assert_eq!(listed.modify_index, 7);
+        assert_eq!(listed.decode().expect("decodes"), entry);
+
+        let broken = ListedKvEntry {
+            key: "flow-proxy/services/broken".into(),
+            modify_index: 8,
+            encoded: Some("not base64!".into()),
+        };
+        let error = broken.decode().expect_err("not base64").to_string();
+        assert!(error.contains("flow-proxy/services/broken"), "{error}");
+        let null = ListedKvEntry {
+            key: "flow-proxy/imported/docker-flow".into(),
+            modify_index: 9,
+            encoded: None,
+        };
+        assert!(null.decode().expect("decodes").value.is_empty());
     }
 }

@@ -7,6 +7,6 @@ pub mod embedded;
 pub mod watch;
 
 pub use client::{
-    Blocking, ConsulClient, HealthCheck, Indexed, InstanceQuery, KvEntry, NodeInstance,
-    RegistryError, IDLE_CONNECTIONS_PER_ADDRESS,
+    Blocking, ConsulClient, HealthCheck, Indexed, InstanceQuery, KvEntry, ListedKvEntry,
+    NodeInstance, RegistryError, IDLE_CONNECTIONS_PER_ADDRESS,
 };

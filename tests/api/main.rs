@@ -5,6 +5,7 @@ mod acme;
 mod api_access;
 mod backend_tuning;
 mod blue_green;
+mod burst;
 mod chaos;
 mod consul_access;
 mod consul_filtered;
