@@ -1295,6 +1295,29 @@ impl Core {
                 Change::Reconfigure(..) | Change::PutCert(_) | Change::DeleteCert(_)
             )
         });
+        if !force_reload
+            && requested_certs.is_empty()
+            && candidate_pool == self.pool
+            && self.applied_config.is_some()
+            && self.state.diff(&candidate).next().is_none()
+        {
+            // The same routes and instances (e.g. the instance follower's first read of a service
+            // just routed, or a spec sent again): the same configuration. Store the specs asked
+            // for, keep everything else.
+            #[cfg(debug_assertions)]
+            {
+                let settings = &self.render_settings;
+                let complete = self
+                    .render_with(settings, &candidate, &candidate_certs, &candidate_pool)
+                    .await?;
+                debug_assert_eq!(Some(complete.config.as_str()), self.applied_config.as_deref());
+                debug_assert_eq!(complete.maps, self.applied_maps);
+            }
+            self.persist_all(&candidate, requested).await?;
+            self.commit_pool(candidate_pool);
+            self.commit(candidate);
+            return Ok(outcomes);
+        }
         if !force_reload && requested_certs.is_empty() {
             let spliced = match self.spliced(&candidate, &candidate_pool)? {
                 Some(spliced) => Some(spliced),
