@@ -109,16 +109,21 @@ async fn write_maps_into(dir: &Path, maps: &[MapFile]) -> Result<(), HaproxyErro
         .await
         .map_err(io_error(format!("creating {}", dir.display())))?;
     for map in maps {
-        let path = dir.join(&map.name);
-        let staging = dir.join(format!(".{}.new", map.name));
-        tokio::fs::write(&staging, map.text())
-            .await
-            .map_err(io_error(format!("writing {}", staging.display())))?;
-        tokio::fs::rename(&staging, &path)
-            .await
-            .map_err(io_error(format!("moving {} into place", staging.display())))?;
+        write_map(dir, map).await?;
     }
     remove_maps_except(dir, maps).await
+}
+
+/// Writes `map` into `dir` by an atomic rename.
+async fn write_map(dir: &Path, map: &MapFile) -> Result<(), HaproxyError> {
+    let path = dir.join(&map.name);
+    let staging = dir.join(format!(".{}.new", map.name));
+    tokio::fs::write(&staging, map.text())
+        .await
+        .map_err(io_error(format!("writing {}", staging.display())))?;
+    tokio::fs::rename(&staging, &path)
+        .await
+        .map_err(io_error(format!("moving {} into place", staging.display())))
 }
 
 /// Removes the map files of `dir` that `keep` does not name.
@@ -212,6 +217,35 @@ impl Haproxy {
     /// change of the same entries, and to put the files back after a failed change.
     pub async fn write_live_maps(&self, maps: &[MapFile]) -> Result<(), HaproxyError> {
         write_maps_into(&live_maps_dir(&self.paths), maps).await
+    }
+
+    /// Makes the live map files `new` when they are `old` now: writes the files whose entries
+    /// changed (each by an atomic rename) and removes those `new` does not name.
+    pub async fn update_live_maps(
+        &self,
+        old: &[MapFile],
+        new: &[MapFile],
+    ) -> Result<(), HaproxyError> {
+        let dir = live_maps_dir(&self.paths);
+        let changed: Vec<&MapFile> = new.iter().filter(|map| !old.contains(map)).collect();
+        if !changed.is_empty() {
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(io_error(format!("creating {}", dir.display())))?;
+        }
+        for map in changed {
+            write_map(&dir, map).await?;
+        }
+        for gone in old
+            .iter()
+            .filter(|map| !new.iter().any(|kept| kept.name == map.name))
+        {
+            let path = dir.join(&gone.name);
+            tokio::fs::remove_file(&path)
+                .await
+                .map_err(io_error(format!("removing {}", path.display())))?;
+        }
+        Ok(())
     }
 
     /// Stages `maps` as the candidate's (in the check directory), as [`Haproxy::promote`] moves

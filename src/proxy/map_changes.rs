@@ -47,15 +47,24 @@ pub(super) fn commands(old: &[MapFile], new: &[MapFile]) -> Vec<String> {
         .collect();
     names.sort_unstable();
     names.dedup();
-    let entries = |maps: &[MapFile], name: &str| -> BTreeMap<String, String> {
+    fn file_of<'a>(maps: &'a [MapFile], name: &str) -> Option<&'a [(String, String)]> {
         maps.iter()
             .find(|map| map.name == name)
-            .map(|map| map.entries.iter().cloned().collect())
-            .unwrap_or_default()
-    };
+            .map(|map| map.entries.as_slice())
+    }
+    fn entries(file: Option<&[(String, String)]>) -> BTreeMap<&str, &str> {
+        file.unwrap_or_default()
+            .iter()
+            .map(|(key, backend)| (key.as_str(), backend.as_str()))
+            .collect()
+    }
     let mut commands = Vec::new();
     for name in names {
-        let (before, after) = (entries(old, name), entries(new, name));
+        let (old_file, new_file) = (file_of(old, name), file_of(new, name));
+        if old_file == new_file {
+            continue;
+        }
+        let (before, after) = (entries(old_file), entries(new_file));
         let file = escaped(&format!("{}/{name}", crate::render::MAPS_DIR));
         for (key, backend) in &after {
             match before.get(key) {
@@ -64,7 +73,7 @@ pub(super) fn commands(old: &[MapFile], new: &[MapFile]) -> Vec<String> {
                     escaped(key),
                     escaped(backend)
                 )),
-                Some(old_backend) if old_backend != backend => commands.push(format!(
+                Some(old_backend) if *old_backend != *backend => commands.push(format!(
                     "set map {file} {} {}",
                     escaped(key),
                     escaped(backend)
@@ -110,20 +119,21 @@ async fn send(socket: &std::path::Path, commands: &[String]) -> Result<(), Strin
 impl Core {
     /// Makes HAProxy route with `maps` (the applied config's own files, new entries) without a
     /// reload when it can, else with one reload of the live config; see the module doc.
-    pub(super) async fn apply_map_changes(&mut self, maps: &[MapFile]) -> Result<(), ProxyError> {
-        let old = self.applied_maps.clone();
-        self.haproxy
-            .write_live_maps(maps)
-            .await
-            .map_err(ProxyError::Haproxy)?;
-        let changes = commands(&old, maps);
+    pub(super) async fn apply_map_changes(&mut self, maps: Vec<MapFile>) -> Result<(), ProxyError> {
+        let old = std::mem::take(&mut self.applied_maps);
+        let written = self.haproxy.update_live_maps(&old, &maps).await;
+        if let Err(error) = written {
+            self.applied_maps = old;
+            return Err(ProxyError::Haproxy(error));
+        }
+        let changes = commands(&old, &maps);
         let socket = self.haproxy.stats_socket().to_path_buf();
         let Err(why) = send(&socket, &changes).await else {
             tracing::info!(
                 commands = changes.len(),
                 "route change applied to HAProxy's maps at runtime, without a reload"
             );
-            self.applied_maps = maps.to_vec();
+            self.applied_maps = maps;
             return Ok(());
         };
         tracing::warn!(%why, "changing HAProxy's maps at runtime failed; reloading with the new map files");
@@ -135,11 +145,12 @@ impl Core {
             .record_reload(took, reloaded.as_ref().err().map(ToString::to_string));
         match reloaded {
             Ok(()) => {
-                self.applied_maps = maps.to_vec();
+                self.applied_maps = maps;
                 Ok(())
             }
             Err(error) => {
-                self.put_back_maps(&old, maps, &socket).await;
+                self.put_back_maps(&old, &maps, &socket).await;
+                self.applied_maps = old;
                 Err(ProxyError::Haproxy(error))
             }
         }

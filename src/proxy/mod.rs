@@ -929,7 +929,7 @@ impl Core {
         self.applied_checked = Some(rendered.checked);
         self.applied_routing = Some(Arc::clone(&rendered.routing));
         if self.applied_maps != rendered.maps {
-            self.apply_map_changes(&rendered.maps).await?;
+            self.apply_map_changes(rendered.maps).await?;
         }
         Ok(())
     }
@@ -961,7 +961,7 @@ impl Core {
             self.applied_routing = Some(routing);
         }
         if let Some(maps) = spliced.maps {
-            self.apply_map_changes(&maps).await?;
+            self.apply_map_changes(maps).await?;
         }
         Ok(())
     }
@@ -1310,7 +1310,10 @@ impl Core {
                 let complete = self
                     .render_with(settings, &candidate, &candidate_certs, &candidate_pool)
                     .await?;
-                debug_assert_eq!(Some(complete.config.as_str()), self.applied_config.as_deref());
+                debug_assert_eq!(
+                    Some(complete.config.as_str()),
+                    self.applied_config.as_deref()
+                );
                 debug_assert_eq!(complete.maps, self.applied_maps);
             }
             self.persist_all(&candidate, requested).await?;
@@ -1406,7 +1409,7 @@ impl Core {
                 }
             };
             if self.applied_maps != rendered.maps {
-                if let Err(error) = self.apply_map_changes(&rendered.maps).await {
+                if let Err(error) = self.apply_map_changes(rendered.maps).await {
                     self.put_back_stored_specs(&persisted).await;
                     self.put_back_stored_certs(&persisted_certs).await;
                     return Err(error);
@@ -1626,7 +1629,7 @@ impl Core {
                 .map_err(ProxyError::Haproxy)?;
             self.start_and_promote(rendered, false).await?;
         } else if self.applied_maps != rendered.maps {
-            self.apply_map_changes(&rendered.maps).await?;
+            self.apply_map_changes(rendered.maps).await?;
         }
         self.applied_checked = Some(checked);
         self.applied_routing = Some(routing);
