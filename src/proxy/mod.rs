@@ -92,6 +92,11 @@ use instances::{instance_query, instances_for, InstanceWatches};
 use proxy_settings::{EffectiveSetting, KvSettings};
 use stored::{ParsedDocuments, SpecStore, StoredDifference, StoredSpecs};
 
+/// How long the core waits without a change before it hands the heap memory its changes freed
+/// back to the system (the views of a render, a read of thousands of stored specs): glibc would
+/// keep it, and the resident memory would stay at the last burst's peak.
+const IDLE_BEFORE_TRIM: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Most changes applied with one validation and one reload: a burst of 1,000 new services costs
 /// about ten reloads (1,000 / 128, and one for the first changes, taken before the rest came).
 /// Bounded because a batch that fails as a whole is applied again one change at a
@@ -644,7 +649,23 @@ impl Drop for Core {
 impl Core {
     /// Applies queued changes in batches until told to stop or every handle is gone.
     async fn run(mut self, mut queue: mpsc::Receiver<Pending>) {
-        while let Some(first) = queue.recv().await {
+        // Whether memory was freed since it was last handed back (see `IDLE_BEFORE_TRIM`).
+        let mut freed = true;
+        loop {
+            let first = if freed {
+                match tokio::time::timeout(IDLE_BEFORE_TRIM, queue.recv()).await {
+                    Ok(first) => first,
+                    Err(_) => {
+                        crate::render::release_freed_memory();
+                        freed = false;
+                        continue;
+                    }
+                }
+            } else {
+                queue.recv().await
+            };
+            let Some(first) = first else { break };
+            freed = true;
             // Everything queued meanwhile goes into the same validation and reload.
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {

@@ -563,7 +563,7 @@ const LARGE_CONFIG_BYTES: usize = 256 * 1024;
 /// Hands the heap memory a large render freed (its views and the JSON handlebars made of them:
 /// tens of megabytes with thousands of services) back to the system; glibc would keep it, and
 /// the process's resident memory would stay at the render's peak.
-fn release_freed_memory() {
+pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` only returns free pages of glibc's own heap to the system; it touches
     // no allocation in use.
