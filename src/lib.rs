@@ -23,7 +23,10 @@
 //! - [`proxy`]: the core; owns the routing state and the certificates and applies each change in
 //!   order (resolve → render → start the new HAProxy on it → persist → promote → answer) from one
 //!   bounded queue, or, when only server slots or map entries change, over HAProxy's Runtime API
-//!   without a reload (the instance kept in its slot: `slots`; map entries: `map_changes`);
+//!   without a reload (the instance kept in its slot: `slots`; map entries: `map_changes`),
+//!   rendering only the backends such a change touches; the routing state is a persistent map
+//!   of shared specs, and what is kept beside it (followed queries, claimed routes) is updated
+//!   from the services a change touched only;
 //!   restores the stored specs and certificates on start and then follows them, the proxy-wide
 //!   settings kept in KV (`<kv-prefix>/settings/`) and the routed services' instances (two
 //!   blocking queries that detect changes to checks and to the catalog, then reads of only the
@@ -32,18 +35,23 @@
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
 //!   (and a service's own fragments from `--templates-dir`, read at each render), each frontend
 //!   and backend rendered with its own view and cached by it, the server slots of each backend,
-//!   and the map files plain path and domain rules are routed through.
+//!   and the map files plain path and domain rules are routed through; one service's backends
+//!   rendered alone and put in place of their text (`splice`), and where a new plain service's
+//!   rules go in the maps of the last complete render (`placement`), so the changes HAProxy takes
+//!   at runtime cost no complete render.
 //! - [`haproxy`]: validation and seamless reload in one parse, a new process started on the
 //!   candidate with `-x`/`-sf` (after checking that the serving process answers and that every
 //!   new listening port is free; `haproxy -c` only where nothing serves yet), atomic swaps of the
 //!   live file once a change is stored, the map files (changed at runtime too), server slots
 //!   changed over the Runtime API, the certificate files and crt-list it reads, and supervision
-//!   of the HAProxy processes (a dead or hung one is replaced from the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`).
+//!   of the HAProxy processes (a dead or hung one is replaced from the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`); HAProxy's output
+//!   logged at the level it deserves (its lines about flow-proxy's own commands at INFO).
 //! - [`limits`]: the open-files limit, raised to the hard limit at start, and the API's answer
 //!   when it is reached anyway.
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
-//!   ACL token, several addresses), the rules of blocking-query loops, and the embedded
-//!   Consul-compatible registry used when no Consul address is given.
+//!   ACL token, several addresses; an answer Consul says its ACLs filtered is an error, never the
+//!   truth), the rules of blocking-query loops, and the embedded Consul-compatible registry used
+//!   when no Consul address is given.
 //! - [`observe`]: what flow-proxy has done (each change's outcome, reloads, watches, registry
 //!   errors) in one place, read by `GET /metrics`, the structured change log lines and the status
 //!   page `GET /`; HAProxy's per-service counters re-exported from `show stat`.
