@@ -1370,9 +1370,8 @@ impl Core {
                     self.put_back_stored_specs(&persisted).await;
                     return Err(error);
                 }
-                self.commit_pool(candidate_pool);
-                self.commit(candidate);
-                self.commit_certs(candidate_certs).await;
+                self.commit_all(candidate, candidate_pool, candidate_certs)
+                    .await;
                 return Ok(outcomes);
             }
         }
@@ -1436,9 +1435,8 @@ impl Core {
                     return Err(error);
                 }
             }
-            self.commit_pool(candidate_pool);
-            self.commit(candidate);
-            self.commit_certs(candidate_certs).await;
+            self.commit_all(candidate, candidate_pool, candidate_certs)
+                .await;
             return Ok(outcomes);
         }
         let runtime = self
@@ -1454,9 +1452,8 @@ impl Core {
                 self.put_back_stored_specs(&persisted).await;
                 return Err(error);
             }
-            self.commit_pool(candidate_pool);
-            self.commit(candidate);
-            self.commit_certs(candidate_certs).await;
+            self.commit_all(candidate, candidate_pool, candidate_certs)
+                .await;
             return Ok(outcomes);
         }
         self.haproxy
@@ -1503,9 +1500,8 @@ impl Core {
                 None => tracing::info!(service = %name, "service removed"),
             }
         }
-        self.commit_pool(candidate_pool);
-        self.commit(candidate);
-        self.commit_certs(candidate_certs).await;
+        self.commit_all(candidate, candidate_pool, candidate_certs)
+            .await;
         Ok(outcomes)
     }
 
@@ -2012,6 +2008,13 @@ impl Core {
     /// Makes `state` the routed state and publishes it: the specs (`/services`), what the status
     /// page and metrics show, and the queries the instance follower follows. The follower's
     /// queries are updated for the services that changed only.
+    /// Makes a change's candidate state, pool and certificates the applied ones.
+    async fn commit_all(&mut self, state: RoutingState, pool: BackendPool, certs: Certificates) {
+        self.commit_pool(pool);
+        self.commit(state);
+        self.commit_certs(certs).await;
+    }
+
     fn commit(&mut self, state: RoutingState) {
         let previous = std::mem::replace(&mut self.state, state);
         self.pool

@@ -23,7 +23,7 @@ async fn serving_pid(proxy: &TestProxy) -> u32 {
 }
 
 /// Who answers `path` through HAProxy, or the status when it is not 200.
-async fn answer(proxy: &TestProxy, path: &str) -> String {
+pub async fn answer(proxy: &TestProxy, path: &str) -> String {
     let (status, body) = proxy.get_through_proxy(path, None).await;
     if status == StatusCode::OK {
         body.split(' ').next().unwrap_or_default().to_string()

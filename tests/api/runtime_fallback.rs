@@ -14,10 +14,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use flow_proxy::haproxy::{runtime_command, STATS_SOCKET_FILE};
-use reqwest::StatusCode;
 
 use crate::fleet::eventually;
 use crate::helpers::{spawn_backend, TestProxy};
+use crate::pool_backends::answer;
 
 /// How long an instance change may take to show through HAProxy (the watch's turn and the
 /// reload included).
@@ -52,16 +52,6 @@ async fn serving(proxy: &TestProxy, path: &str) -> Vec<String> {
     names.sort();
     names.dedup();
     names
-}
-
-/// Who answers `path`, or the status when it is not 200.
-async fn answer(proxy: &TestProxy, path: &str) -> String {
-    let (status, body) = proxy.get_through_proxy(path, None).await;
-    if status == StatusCode::OK {
-        body.split(' ').next().unwrap_or_default().to_string()
-    } else {
-        status.as_str().to_string()
-    }
 }
 
 /// The `server` lines of `backend` in the live haproxy.cfg, as (name, address, disabled).
