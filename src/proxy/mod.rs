@@ -1890,7 +1890,12 @@ impl Core {
         name: &ServiceName,
         spec: Option<&ServiceSpec>,
     ) -> Result<(), ProxyError> {
-        let floor = self.store.store(name, spec).await?;
+        let floor = match spec {
+            Some(spec) if !self.state.contains_key(name) => {
+                self.store.store_new(name, spec).await?
+            }
+            spec => self.store.store(name, spec).await?,
+        };
         self.stored_floor = self.stored_floor.max(floor);
         Ok(())
     }

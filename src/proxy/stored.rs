@@ -219,13 +219,34 @@ impl SpecStore {
         spec: Option<&ServiceSpec>,
     ) -> Result<u64, ProxyError> {
         let key = self.key(name);
-        let document = spec.map(serde_json::to_vec).transpose().map_err(|error| {
+        let document = spec.map(|spec| self.document(&key, spec)).transpose()?;
+        self.store_document(name, key, document).await
+    }
+
+    /// [`SpecStore::store`] for a service this proxy does not route yet, whose key is most
+    /// likely absent: first written as a creation (`?cas=0`, which Consul refuses when the key
+    /// exists), without reading the key first; when that is refused, as [`SpecStore::store`].
+    pub async fn store_new(
+        &self,
+        name: &ServiceName,
+        spec: &ServiceSpec,
+    ) -> Result<u64, ProxyError> {
+        let key = self.key(name);
+        let document = self.document(&key, spec)?;
+        if self.registry.kv_put_cas(&key, document.clone(), 0).await? {
+            return Ok(self.registry.kv_get(&key).await?.index);
+        }
+        self.store_document(name, key, Some(document)).await
+    }
+
+    /// The JSON document `spec` is stored as under `key`.
+    fn document(&self, key: &str, spec: &ServiceSpec) -> Result<Vec<u8>, ProxyError> {
+        serde_json::to_vec(spec).map_err(|error| {
             ProxyError::Registry(RegistryError::Decode {
                 request: format!("PUT /v1/kv/{key}"),
                 message: error.to_string(),
             })
-        })?;
-        self.store_document(name, key, document).await
+        })
     }
 
     /// Stores a certificate's bundle under `<kv-prefix>/certs/<name>` (`None` deletes it), as
