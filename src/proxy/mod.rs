@@ -83,7 +83,8 @@ use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
     BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer,
-    RoutingIndex, ServerSlots, ServiceRoute, SlotsByService, TlsSettings, POOL_SIZE, POOL_SLOTS,
+    RoutingIndex, ServerSlots, ServiceBackends, ServiceRoute, SlotsByService, TlsSettings,
+    POOL_SIZE, POOL_SLOTS,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -1081,24 +1082,16 @@ impl Core {
             let (Some(before), Some(after)) = (backends(old)?, backends(new)?) else {
                 return Ok(None);
             };
-            let Some(replaced) = after.replace_in(config.as_deref().unwrap_or(applied), &before)
+            let Some((replaced, swap_changes)) =
+                swapped(config.as_deref().unwrap_or(applied), &before, &after)
             else {
                 return Ok(None);
             };
-            for (old_piece, new_piece) in before.pieces().zip(after.pieces()) {
-                let Some(piece_changes) = slot_changes(old_piece, new_piece) else {
-                    return Ok(None);
-                };
-                changes.extend(piece_changes);
-            }
+            changes.extend(swap_changes);
             checked = checked.replaced(before.checked, after.checked);
             config = Some(replaced);
         }
-        let proxy_wide = &self.render_settings.proxy_wide;
-        let applied_checked = self.applied_checked.unwrap_or_default();
-        if checked.strict_limits_relaxed(proxy_wide)
-            != applied_checked.strict_limits_relaxed(proxy_wide)
-        {
+        if !self.same_strict_limits(checked) {
             return Ok(None);
         }
         Ok(config.map(|config| Spliced {
@@ -2172,21 +2165,11 @@ impl Core {
         let Some((free, own)) = taken else {
             return Ok(None);
         };
-        let Some(config) = own.replace_in(applied, &free) else {
+        let Some((config, changes)) = swapped(applied, &free, &own) else {
             return Ok(None);
         };
-        let mut changes = Vec::new();
-        for (free_piece, own_piece) in free.pieces().zip(own.pieces()) {
-            let Some(piece_changes) = slot_changes(free_piece, own_piece) else {
-                return Ok(None);
-            };
-            changes.extend(piece_changes);
-        }
-        let proxy_wide = &self.render_settings.proxy_wide;
         let now_checked = checked.replaced(free.checked, own.checked);
-        if now_checked.strict_limits_relaxed(proxy_wide)
-            != checked.strict_limits_relaxed(proxy_wide)
-        {
+        if !self.same_strict_limits(now_checked) {
             return Ok(None);
         }
         Ok(Some(Spliced {
@@ -2197,6 +2180,32 @@ impl Core {
             routing: Some(Arc::new(routing)),
         }))
     }
+}
+
+impl Core {
+    /// Whether a configuration with `checked` servers writes `no strict-limits` as the applied
+    /// one does (see [`crate::render::CheckedServers::strict_limits_relaxed`]).
+    fn same_strict_limits(&self, checked: crate::render::CheckedServers) -> bool {
+        let proxy_wide = &self.render_settings.proxy_wide;
+        let applied = self.applied_checked.unwrap_or_default();
+        checked.strict_limits_relaxed(proxy_wide) == applied.strict_limits_relaxed(proxy_wide)
+    }
+}
+
+/// `config` with `before`'s backends replaced by `after`'s, and the slot changes that bring the
+/// serving HAProxy from one to the other; `None` when a backend is not in `config` as a whole
+/// section or the two differ in more than their slots.
+fn swapped(
+    config: &str,
+    before: &ServiceBackends,
+    after: &ServiceBackends,
+) -> Option<(String, Vec<SlotChange>)> {
+    let replaced = after.replace_in(config, before)?;
+    let mut changes = Vec::new();
+    for (old_piece, new_piece) in before.pieces().zip(after.pieces()) {
+        changes.extend(slot_changes(old_piece, new_piece)?);
+    }
+    Some((replaced, changes))
 }
 
 /// Most services a change may touch and still be applied by [`Core::spliced`]: each costs a

@@ -189,7 +189,7 @@ pub use maps::{write_map_files, MapFile, MAPS_DIR};
 pub use placement::RoutingIndex;
 pub use pool::{pool_backend_name, BackendPool, POOL_SIZE, POOL_SLOTS};
 pub use proxy_wide::ProxyWide;
-pub use servers::{capacity_for, slot_name, ServerSlots, SlotLines, SPARE_ADDRESS};
+pub use servers::{capacity_for, slot_name, ServerSlots, SPARE_ADDRESS};
 pub use splice::{CheckedServers, ServiceBackends};
 
 /// The server slots the caller assigned to each service (see the `servers` module); a service
@@ -455,15 +455,7 @@ impl Renderer {
         services: &[ServiceRoute<'_>],
         tls: Option<&TlsSettings>,
     ) -> Result<String, RenderError> {
-        Ok(self
-            .render_slotted(
-                settings,
-                services,
-                tls,
-                &SlotsByService::new(),
-                &BackendPool::none(),
-            )?
-            .config)
+        Ok(self.render_with_maps(settings, services, tls)?.config)
     }
 
     /// Renders the complete haproxy.cfg for these services and the map files its map lines

@@ -77,7 +77,7 @@ impl ServerSlots {
         self.slots.iter().flatten()
     }
 
-    /// The slots `spec`'s backends have in a rendered file (`slots`, e.g. of the live file a
+    /// The slots `spec`'s backends have in a rendered file (`config`, e.g. the live file a
     /// restarted flow-proxy finds HAProxy serving), each slot holding the one of `instances` its
     /// server line names, or spare. Instances the file does not name are left out for the
     /// caller to place. `None` when the file has no slots for the service.
@@ -92,22 +92,7 @@ impl ServerSlots {
             .find(|destination| destination.routing().outbound_hostname.is_none())?;
         let backend = super::view::backend_name(spec, destination);
         let slots = SlotLines::of_backend(config, &backend);
-        ServerSlots::read_back_from(&slots, &backend, spec, instances)
-    }
-
-    /// [`ServerSlots::read_back`] from the backend named `backend` (e.g. the pool backend a new
-    /// service takes, see the `pool` module).
-    pub fn read_back_from(
-        slots: &SlotLines<'_>,
-        backend: &str,
-        spec: &ServiceSpec,
-        instances: &[Instance],
-    ) -> Option<ServerSlots> {
-        let destination = spec
-            .destinations()
-            .iter()
-            .find(|destination| destination.routing().outbound_hostname.is_none())?;
-        let lines = slots.backends.get(backend)?;
+        let lines = slots.backends.get(backend.as_str())?;
         let mut placed: Vec<&Instance> = Vec::new();
         let mut read = Vec::with_capacity(lines.len());
         for line in lines {
@@ -125,10 +110,9 @@ impl ServerSlots {
     }
 }
 
-/// The server slots of every backend of a rendered haproxy.cfg, read once (see
-/// [`ServerSlots::read_back`]).
+/// The server slots of the backends of a rendered haproxy.cfg (see [`ServerSlots::read_back`]).
 #[derive(Debug, Default)]
-pub struct SlotLines<'a> {
+struct SlotLines<'a> {
     backends: std::collections::HashMap<&'a str, Vec<SlotLine<'a>>>,
 }
 
@@ -141,7 +125,7 @@ struct SlotLine<'a> {
 impl<'a> SlotLines<'a> {
     /// [`SlotLines::of`] the one backend named `backend`: its section is found by its header
     /// line, without reading the other backends' lines.
-    pub fn of_backend(config: &'a str, backend: &str) -> SlotLines<'a> {
+    fn of_backend(config: &'a str, backend: &str) -> SlotLines<'a> {
         let header = format!("backend {backend}\n");
         let start = if config.starts_with(&header) {
             Some(0)
@@ -170,7 +154,7 @@ impl<'a> SlotLines<'a> {
 
     /// Reads the slot lines of each backend of `config`; a backend whose servers are not the
     /// slots `s1`, `s2`, … in order is left out.
-    pub fn of(config: &'a str) -> SlotLines<'a> {
+    fn of(config: &'a str) -> SlotLines<'a> {
         let mut backends = std::collections::HashMap::new();
         let mut current: Option<(&str, Vec<SlotLine<'a>>, bool)> = None;
         let mut finish = |current: Option<(&'a str, Vec<SlotLine<'a>>, bool)>| {
