@@ -16,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{io_error, Haproxy, HaproxyError, HaproxyPaths};
+use super::{io_error, Haproxy, HaproxyError, HaproxyPaths, LiveWrite};
 use crate::render::{MapFile, MAPS_DIR};
 
 /// The directory `haproxy -c` runs in, inside the data directory.
@@ -45,7 +45,7 @@ pub(super) fn check_dir_for(candidate: &Path) -> PathBuf {
     data_dir_of(candidate).join(CHECK_DIR)
 }
 
-fn live_maps_dir(paths: &HaproxyPaths) -> PathBuf {
+pub(super) fn live_maps_dir(paths: &HaproxyPaths) -> PathBuf {
     data_dir(paths).join(MAPS_DIR)
 }
 
@@ -210,42 +210,41 @@ async fn read_maps(dir: &Path) -> Result<Vec<MapFile>, HaproxyError> {
 impl Haproxy {
     /// The live map files, by name.
     pub async fn live_maps(&self) -> Result<Vec<MapFile>, HaproxyError> {
+        self.flush_live_writes().await?;
         read_maps(&live_maps_dir(&self.paths)).await
     }
 
     /// Rewrites the live map files to hold exactly `maps`, without a reload: used with a runtime
     /// change of the same entries, and to put the files back after a failed change.
     pub async fn write_live_maps(&self, maps: &[MapFile]) -> Result<(), HaproxyError> {
+        self.flush_live_writes().await?;
         write_maps_into(&live_maps_dir(&self.paths), maps).await
     }
 
-    /// Makes the live map files `new` when they are `old` now: writes the files whose entries
-    /// changed (each by an atomic rename) and removes those `new` does not name.
+    /// Makes the live map files `new` when they are `old` now: queues (see
+    /// [`Haproxy::write_live_later`]) the files whose entries changed and the removal of those
+    /// `new` does not name.
     pub async fn update_live_maps(
         &self,
         old: &[MapFile],
         new: &[MapFile],
     ) -> Result<(), HaproxyError> {
-        let dir = live_maps_dir(&self.paths);
-        let changed: Vec<&MapFile> = new.iter().filter(|map| !old.contains(map)).collect();
-        if !changed.is_empty() {
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .map_err(io_error(format!("creating {}", dir.display())))?;
-        }
-        for map in changed {
-            write_map(&dir, map).await?;
-        }
-        for gone in old
+        let changed = new
+            .iter()
+            .filter(|map| !old.contains(map))
+            .map(|map| LiveWrite::Map {
+                name: map.name.clone(),
+                text: map.text(),
+            });
+        let gone = old
             .iter()
             .filter(|map| !new.iter().any(|kept| kept.name == map.name))
-        {
-            let path = dir.join(&gone.name);
-            tokio::fs::remove_file(&path)
-                .await
-                .map_err(io_error(format!("removing {}", path.display())))?;
+            .map(|map| LiveWrite::RemoveMap(map.name.clone()));
+        let writes: Vec<LiveWrite> = changed.chain(gone).collect();
+        if writes.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.write_live_later(writes).await
     }
 
     /// Stages `maps` as the candidate's (in the check directory), as [`Haproxy::promote`] moves

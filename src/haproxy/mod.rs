@@ -31,6 +31,7 @@
 //!   `-x`/`-sf`), unless it was started to stop it ([`OnExit::Stop`]).
 
 mod certificates;
+mod live_files;
 mod maps;
 mod output;
 mod ports;
@@ -47,6 +48,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
 pub use certificates::{certificate_for, CaFileError, ClientAuth, ClientCa, CERTS_DIR};
+pub use live_files::LiveWrite;
 pub use ports::{bind_addresses, PortError};
 pub use runtime::{
     command as runtime_command, serving_pid, slot_changes, RuntimeError, SlotChange,
@@ -155,6 +157,10 @@ enum SupervisorCommand {
     Promote(oneshot::Sender<Result<(), HaproxyError>>),
     /// Does the serving process answer?
     Probe(oneshot::Sender<Result<(), HaproxyError>>),
+    /// Write live files (see [`live_files`]); nobody waits for it.
+    WriteLive(Vec<LiveWrite>),
+    /// Answer once every queued live write is done (or with the error of one that failed).
+    FlushLive(oneshot::Sender<Result<(), HaproxyError>>),
     /// Stop supervising: soft-stop the process, or leave it running.
     Exit(OnExit, oneshot::Sender<()>),
 }
@@ -189,6 +195,7 @@ impl Haproxy {
             on_exit,
             current: first,
             unanswered_probes: 0,
+            unwritten: live_files::Unwritten::default(),
         };
         tokio::spawn(supervisor_task.run(commands));
         Ok(Haproxy {
@@ -227,6 +234,7 @@ impl Haproxy {
         maps: &[crate::render::MapFile],
     ) -> Result<Duration, HaproxyError> {
         let previous_maps = self.live_maps().await?;
+        // (`live_maps` waited for the queued live writes.)
         self.stage_candidate_maps(maps).await?;
         self.write_live_maps(maps).await?;
         let started = async {
@@ -285,6 +293,7 @@ impl Haproxy {
     /// Writes `config` back as the live file, without a reload: used to undo a swap whose reload
     /// failed, so the file matches the process that still serves.
     pub async fn restore_live_config(&self, config: &str) -> Result<(), HaproxyError> {
+        self.flush_live_writes().await?;
         let staging = self.paths.config.with_extension("cfg.rollback");
         tokio::fs::write(&staging, config)
             .await
@@ -292,6 +301,20 @@ impl Haproxy {
         tokio::fs::rename(&staging, &self.paths.config)
             .await
             .map_err(io_error(format!("moving {} into place", staging.display())))
+    }
+
+    /// Queues live files' new text for the supervisor to write (see [`live_files`]): returns
+    /// at once, and every later start from the live file, direct access or flush comes after.
+    pub async fn write_live_later(&self, writes: Vec<LiveWrite>) -> Result<(), HaproxyError> {
+        self.supervisor
+            .send(SupervisorCommand::WriteLive(writes))
+            .await
+            .map_err(|_| HaproxyError::Stopped)
+    }
+
+    /// Waits until every live write queued so far is done; the error of one that failed.
+    pub async fn flush_live_writes(&self) -> Result<(), HaproxyError> {
+        self.ask_supervisor(SupervisorCommand::FlushLive).await
     }
 
     /// The stats socket (the Runtime API).
@@ -322,6 +345,7 @@ impl Haproxy {
 
     /// The live configuration text.
     pub async fn live_config(&self) -> Result<String, HaproxyError> {
+        self.flush_live_writes().await?;
         tokio::fs::read_to_string(&self.paths.config)
             .await
             .map_err(io_error(format!("reading {}", self.paths.config.display())))
@@ -570,6 +594,8 @@ struct Supervisor {
     current: Process,
     /// Probes in a row the serving process did not answer.
     unanswered_probes: u32,
+    /// Live writes queued and not done yet (see [`live_files`]).
+    unwritten: live_files::Unwritten,
 }
 
 impl Supervisor {
@@ -578,6 +604,9 @@ impl Supervisor {
         probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Queued commands first: a live write queued before HAProxy died is written
+                // before the replacement starts from the file.
+                biased;
                 command = commands.recv() => match command {
                     Some(SupervisorCommand::Reload(reply)) => {
                         let result = self.reload(ConfigFile::Live).await;
@@ -593,6 +622,15 @@ impl Supervisor {
                     }
                     Some(SupervisorCommand::Probe(reply)) => {
                         let result = self.probe().await;
+                        let _ = reply.send(result);
+                    }
+                    Some(SupervisorCommand::WriteLive(writes)) => {
+                        self.unwritten.push(writes);
+                        // A failure is logged, kept and answered to the next flush.
+                        let _ = self.unwritten.write(&self.paths).await;
+                    }
+                    Some(SupervisorCommand::FlushLive(reply)) => {
+                        let result = self.unwritten.write(&self.paths).await;
                         let _ = reply.send(result);
                     }
                     Some(SupervisorCommand::Exit(on_exit, reply)) => {
@@ -650,6 +688,9 @@ impl Supervisor {
     /// the serving one answers (a hung one would hold the new one up); returns how long the new
     /// one took to serve.
     async fn reload(&mut self, config: ConfigFile) -> Result<Duration, HaproxyError> {
+        if config == ConfigFile::Live {
+            self.unwritten.write(&self.paths).await?;
+        }
         if let Ok(Some(status)) = self.current.child.try_wait() {
             // Died before the supervisor noticed: nobody holds the listeners to hand over, and
             // `-x` would fail. The new configuration starts on its own (if it fails, the dead
@@ -719,6 +760,9 @@ impl Supervisor {
     /// at once and then every second until one serves. The listeners died with the old process,
     /// so the new one binds them itself.
     async fn replace(&mut self) {
+        // What the dead process ran at runtime goes to the file first (if the disk refuses it,
+        // the last file written is still better than nothing serving).
+        let _ = self.unwritten.write(&self.paths).await;
         loop {
             match spawn_and_wait_ready(
                 &self.binary,

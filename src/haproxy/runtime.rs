@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -268,17 +269,19 @@ fn succeeded(command: &str, answer: &str) -> bool {
 }
 
 impl super::Haproxy {
-    /// Applies `changes` to the serving process over the Runtime API, after making `config`
-    /// (the configuration they lead to) the live file by an atomic rename, without a reload: a
+    /// Applies `changes` to the serving process over the Runtime API, after queuing `config`
+    /// (the configuration they lead to) as the live file's next text, without a reload: a
     /// process started from the file later (a reload, or a replacement of a dead one) holds
-    /// the same servers. Stops at the first command HAProxy does not take; the caller then
-    /// reloads from the file.
+    /// the same servers, since the supervisor writes queued files before it starts one (see
+    /// `live_files`). Stops at the first command HAProxy does not take; the caller then reloads
+    /// from the file.
     pub async fn apply_slot_changes(
         &self,
-        config: &str,
+        config: &Arc<str>,
         changes: &[SlotChange],
     ) -> Result<(), RuntimeError> {
-        self.restore_live_config(config).await?;
+        self.write_live_later(vec![super::LiveWrite::Config(Arc::clone(config))])
+            .await?;
         let mut session =
             Session::open(self.stats_socket())
                 .await

@@ -792,8 +792,14 @@ impl Core {
                 set.instances.extend(routes.instances);
             };
             match change {
-                Change::Instances { consul_service, .. } => state
-                    .values()
+                // An instance change leaves every service's query as it was: the services
+                // that read it now are those that read it before.
+                Change::Instances { consul_service, .. } => self
+                    .query_users
+                    .get(consul_service)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|name| state.get(name))
                     .filter(|routed| routed.query == *consul_service)
                     .for_each(|routed| add(routed)),
                 _ => {
@@ -944,10 +950,15 @@ impl Core {
         changes: &[SlotChange],
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
-        if !self.apply_slots(&rendered.config, changes).await {
+        let config: Arc<str> = Arc::from(rendered.config);
+        if !self.apply_slots(&config, changes).await {
+            let rendered = Rendered {
+                config: config.to_string(),
+                ..rendered
+            };
             return self.reload_instead(rendered, caused_by_request).await;
         }
-        self.applied_config = Some(Arc::from(rendered.config));
+        self.applied_config = Some(config);
         self.applied_checked = Some(rendered.checked);
         self.applied_routing = Some(Arc::clone(&rendered.routing));
         if self.applied_maps != rendered.maps {
@@ -963,10 +974,10 @@ impl Core {
         spliced: Spliced,
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
-        if !spliced.changes.is_empty() && !self.apply_slots(&spliced.config, &spliced.changes).await
-        {
+        let config: Arc<str> = Arc::from(spliced.config);
+        if !spliced.changes.is_empty() && !self.apply_slots(&config, &spliced.changes).await {
             let rendered = Rendered {
-                config: spliced.config,
+                config: config.to_string(),
                 maps: spliced.maps.unwrap_or_else(|| self.applied_maps.clone()),
                 checked: spliced.checked,
                 routing: spliced
@@ -977,7 +988,7 @@ impl Core {
             return self.reload_instead(rendered, caused_by_request).await;
         }
         tracing::debug!("only the changed services' backends were rendered");
-        self.applied_config = Some(Arc::from(spliced.config));
+        self.applied_config = Some(config);
         self.applied_checked = Some(spliced.checked);
         if let Some(routing) = spliced.routing {
             self.applied_routing = Some(routing);
@@ -990,7 +1001,7 @@ impl Core {
 
     /// Writes `config` as the live file and sends `changes` over the Runtime API; whether HAProxy
     /// took them all.
-    async fn apply_slots(&mut self, config: &str, changes: &[SlotChange]) -> bool {
+    async fn apply_slots(&mut self, config: &Arc<str>, changes: &[SlotChange]) -> bool {
         let started = std::time::Instant::now();
         match self.haproxy.apply_slot_changes(config, changes).await {
             Ok(()) => {
@@ -1288,10 +1299,21 @@ impl Core {
                     consul_service,
                     instances,
                 } => {
-                    let fed: Vec<ServiceName> = candidate
-                        .iter()
-                        .filter(|(_, routed)| routed.query == *consul_service)
-                        .map(|(name, _)| name.clone())
+                    // Those that read it when last committed, and those this batch changed.
+                    let fed: Vec<ServiceName> = self
+                        .query_users
+                        .get(consul_service)
+                        .into_iter()
+                        .flatten()
+                        .chain(&requested)
+                        .filter(|name| {
+                            candidate
+                                .get(*name)
+                                .is_some_and(|routed| routed.query == *consul_service)
+                        })
+                        .cloned()
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
                         .collect();
                     for name in fed {
                         if let Some(routed) = candidate.get_mut(&name) {

@@ -124,9 +124,11 @@ impl ServiceBackends {
 /// to the section).
 fn section_at(config: &str, section: &str) -> Option<usize> {
     let bytes = config.as_bytes();
+    // SIMD substring search: the text can be megabytes, the section a few hundred bytes.
+    let finder = memchr::memmem::Finder::new(section.as_bytes());
     let mut found = None;
     let mut from = 0;
-    while let Some(offset) = config[from..].find(section) {
+    while let Some(offset) = finder.find(&bytes[from..]) {
         let at = from + offset;
         let end = at + section.len();
         let starts_line = at == 0 || bytes[at - 1] == b'\n';

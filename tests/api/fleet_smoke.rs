@@ -48,12 +48,12 @@ async fn two_proxies_share_one_registry_and_a_route_set_on_one_is_stored_there()
         "A's haproxy.cfg routes through its map:\n{config}"
     );
     assert_eq!(
-        std::fs::read_to_string(a.data_dir().join("maps/http-1.map")).expect("A's map file"),
+        a.live_file("maps/http-1.map").await,
         "/web web-be0\n",
         "A's map routes /web"
     );
     assert_eq!(
-        std::fs::read_to_string(a.data_dir().join("haproxy.cfg")).expect("A's haproxy.cfg"),
+        a.live_file("haproxy.cfg").await,
         config,
         "/config shows the live file in A's data directory"
     );

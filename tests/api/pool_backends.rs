@@ -53,8 +53,10 @@ async fn proxy_with_a_path_map() -> (TestProxy, Backend) {
     (proxy, seed)
 }
 
-/// The map file of the main frontend's path-only rules.
-fn path_map(proxy: &TestProxy) -> String {
+/// The map file of the main frontend's path-only rules (once the queued live writes are done:
+/// `/config` answers after them).
+async fn path_map(proxy: &TestProxy) -> String {
+    proxy.config().await;
     let maps = proxy.data_dir.path().join("maps");
     let mut texts = Vec::new();
     for entry in std::fs::read_dir(&maps).expect("the maps directory") {
@@ -80,9 +82,9 @@ async fn a_new_plain_service_is_served_right_after_its_answer_without_a_reload()
     assert_eq!(serving_pid(&proxy).await, pid, "no reload");
     assert_eq!(answer(&proxy, "/seed").await, "seed");
     assert!(
-        path_map(&proxy).contains("/fresh pool-1\n"),
+        path_map(&proxy).await.contains("/fresh pool-1\n"),
         "the map entry names the pool backend: {}",
-        path_map(&proxy)
+        path_map(&proxy).await
     );
     // The services list and the stored spec show the service, not the pool.
     let services = proxy.services().await.to_string();
@@ -125,7 +127,11 @@ async fn the_pool_is_refilled_in_the_background_when_it_runs_low() {
     for n in 1..=5 {
         assert_eq!(answer(&proxy, &format!("/new{n}")).await, format!("new{n}"));
     }
-    assert!(!path_map(&proxy).contains("pool-"), "{}", path_map(&proxy));
+    assert!(
+        !path_map(&proxy).await.contains("pool-"),
+        "{}",
+        path_map(&proxy).await
+    );
 
     // The pool is full again: the next new service goes live without reload.
     backends.push(instance_of(&proxy, "new6").await);

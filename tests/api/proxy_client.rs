@@ -118,6 +118,14 @@ impl ProxyClient {
         response.text().await.expect("config text")
     }
 
+    /// A file of its data directory (`haproxy.cfg`, `maps/http-1.map`) as it is once the live
+    /// files a runtime change queued are written: `/config` answers after they are.
+    pub async fn live_file(&self, relative: &str) -> String {
+        self.config().await;
+        std::fs::read_to_string(self.data_dir.join(relative))
+            .unwrap_or_else(|error| panic!("{relative} in the data directory: {error}"))
+    }
+
     /// The routed specs as `/services` lists them.
     pub async fn services(&self) -> Value {
         let (status, body) = self.api_get("/v1/docker-flow-proxy/services").await;

@@ -10,9 +10,8 @@ use crate::fleet::{eventually, ProxyProcess, SharedRegistry};
 use crate::helpers::{spawn_backend, Backend, TestProxy};
 
 /// The map file `name` in the proxy's data directory.
-fn map_file(proxy: &TestProxy, name: &str) -> String {
-    std::fs::read_to_string(proxy.data_dir.path().join("maps").join(name))
-        .unwrap_or_else(|error| panic!("map file {name}: {error}"))
+async fn map_file(proxy: &TestProxy, name: &str) -> String {
+    proxy.live_file(&format!("maps/{name}")).await
 }
 
 /// Who answers `path` (with `host`), or the status when it is not 200.
@@ -69,15 +68,15 @@ async fn plain_services_are_reached_through_a_map_file() {
     );
     // Both domain rules have no path longer than `/`: by name, blog first.
     assert_eq!(
-        map_file(&proxy, "http-1.map"),
+        map_file(&proxy, "http-1.map").await,
         "blog.example.com blog-be0\n"
     );
     assert_eq!(
-        map_file(&proxy, "http-2.map"),
+        map_file(&proxy, "http-2.map").await,
         "shop.example.com/ shop-be0\n"
     );
     assert_eq!(
-        map_file(&proxy, "http-3.map"),
+        map_file(&proxy, "http-3.map").await,
         "/api api-be0\n/v1/api api-be0\n"
     );
 
@@ -183,7 +182,7 @@ async fn a_plain_route_change_applies_without_a_reload_and_survives_reload_and_r
     );
     proxy.assert_unchanged_since(&before).await;
     assert_eq!(
-        map_file(&proxy, "http-1.map"),
+        map_file(&proxy, "http-1.map").await,
         "/site pool-1\n/api api-be0\n/v2 api-be0\n",
         "the live map file agrees with what runs (web, added when the map existed, went live \
          without a reload in pool backend 1)"
@@ -232,7 +231,7 @@ async fn a_change_haproxy_rejects_leaves_the_live_maps_as_they_were() {
         .reconfigure_ok("serviceName=api&servicePath=/api")
         .await;
     let before = proxy.snapshot().await;
-    let map_before = map_file(&proxy, "http-1.map");
+    let map_before = map_file(&proxy, "http-1.map").await;
 
     // A new plain path (a map entry) with a regex HAProxy refuses, in one request.
     let (status, body) = proxy
@@ -240,7 +239,7 @@ async fn a_change_haproxy_rejects_leaves_the_live_maps_as_they_were() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     proxy.assert_unchanged_since(&before).await;
-    assert_eq!(map_file(&proxy, "http-1.map"), map_before);
+    assert_eq!(map_file(&proxy, "http-1.map").await, map_before);
     assert_eq!(answer(&proxy, "/new", None).await, "503");
     assert_eq!(answer(&proxy, "/api", None).await, "api");
 }
@@ -271,7 +270,7 @@ async fn a_plain_route_change_made_on_another_proxy_reaches_this_one_without_a_r
     .await;
     assert_eq!(b.haproxy_pid().await, serving, "B did not reload");
     assert_eq!(
-        std::fs::read_to_string(b.data_dir().join("maps/http-1.map")).expect("B's map"),
+        b.live_file("maps/http-1.map").await,
         "/web web-be0\n/site web-be0\n"
     );
 }

@@ -168,6 +168,8 @@ async fn a_route_change_haproxy_refuses_at_runtime_is_served_by_a_reload_with_th
         .reconfigure_ok("serviceName=web&servicePath=/web")
         .await;
     assert_eq!(answer(&proxy, "/web/x").await, "web");
+    // `/config` answers once the live files the change queued are written.
+    proxy.config().await;
     let maps = proxy.data_dir().join("maps");
     let file = std::fs::read_dir(&maps)
         .expect("the map directory")

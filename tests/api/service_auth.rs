@@ -91,8 +91,7 @@ async fn assert_not_shown(proxy: &ProxyClient, stored: Option<serde_json::Value>
     assert!(!services.contains(secret), "/services shows it: {services}");
     let stored = stored.map(|value| value.to_string()).unwrap_or_default();
     assert!(!stored.contains(secret), "KV holds it: {stored}");
-    let on_disk = std::fs::read_to_string(proxy.data_dir().join("haproxy.cfg"))
-        .expect("haproxy.cfg in the data directory");
+    let on_disk = proxy.live_file("haproxy.cfg").await;
     assert!(!on_disk.contains(secret), "haproxy.cfg holds it");
 }
 
@@ -148,13 +147,13 @@ async fn users_protect_a_service_and_the_backend_never_sees_the_checked_credenti
     }
 
     // The same call again keeps the hashes: nothing to reload.
-    let on_disk = std::fs::read_to_string(proxy.data_dir().join("haproxy.cfg")).expect("config");
+    let on_disk = proxy.live_file("haproxy.cfg").await;
     let before = proxy.snapshot().await;
     proxy
         .reconfigure_ok("serviceName=shop&servicePath=/shop&users=alice:wonderland,bob:builder")
         .await;
     proxy.assert_unchanged_since(&before).await;
-    let again = std::fs::read_to_string(proxy.data_dir().join("haproxy.cfg")).expect("config");
+    let again = proxy.live_file("haproxy.cfg").await;
     assert_eq!(again, on_disk, "the hashes in haproxy.cfg are the same");
 }
 

@@ -108,7 +108,7 @@ async fn render_prints_the_config_a_proxy_serves_for_the_specs_services_printed(
     )
     .await;
     assert!(rendered.status.success(), "{}", rendered.describe());
-    let live = std::fs::read_to_string(proxy.data_dir().join("haproxy.cfg")).expect("live config");
+    let live = proxy.live_file("haproxy.cfg").await;
     assert_eq!(rendered.stdout, live);
     // With the map files the config routes its plain rules with, the same as the proxy's.
     let map_files = |dir: &std::path::Path| -> Vec<(String, String)> {
