@@ -27,9 +27,9 @@ pub async fn command(socket: &Path, command: &str) -> std::io::Result<String> {
     bounded(command, exchange).await
 }
 
-/// One connection to the stats socket in interactive mode (`prompt`): commands sent one after the
-/// other, each answer read up to HAProxy's prompt, so a series of commands costs one connection.
-/// Each exchange is bounded by [`COMMAND_TIMEOUT`].
+/// One connection to the stats socket in interactive mode (`prompt`): a series of commands is
+/// written at once and each answer read up to HAProxy's prompt, so the series costs one
+/// connection and one round trip. Each exchange is bounded by [`COMMAND_TIMEOUT`].
 pub struct Session {
     stream: UnixStream,
     answer: Vec<u8>,
@@ -37,6 +37,9 @@ pub struct Session {
 
 /// What HAProxy writes after each answer in interactive mode.
 const PROMPT: &[u8] = b"\n> ";
+
+/// Slot commands sent in one write (each line under 100 bytes).
+const PIPELINED_COMMANDS: usize = 32;
 
 impl Session {
     /// Connects and enters interactive mode.
@@ -53,9 +56,42 @@ impl Session {
         bounded("prompt", opened).await
     }
 
-    /// Sends `command` and returns its answer (without the prompt).
-    pub async fn run(&mut self, command: &str) -> std::io::Result<String> {
-        bounded(command, self.exchange(command)).await
+    /// Sends `commands` at once and returns their answers in order (HAProxy runs the lines of
+    /// its input one after the other, each answer followed by the prompt), so a series costs one
+    /// round trip. The whole series is bounded by [`COMMAND_TIMEOUT`].
+    pub async fn run_all(&mut self, commands: &[String]) -> std::io::Result<Vec<String>> {
+        let described = commands.first().map_or("", String::as_str);
+        bounded(described, self.exchange_all(commands)).await
+    }
+
+    async fn exchange_all(&mut self, commands: &[String]) -> std::io::Result<Vec<String>> {
+        let mut input = String::new();
+        for command in commands {
+            input.push_str(command);
+            input.push('\n');
+        }
+        self.stream.write_all(input.as_bytes()).await?;
+        self.answer.clear();
+        let mut answers = Vec::with_capacity(commands.len());
+        let mut chunk = [0u8; 4096];
+        let mut scanned = 0;
+        while answers.len() < commands.len() {
+            if let Some(at) = memchr::memmem::find(&self.answer[scanned..], PROMPT) {
+                let end = scanned + at;
+                answers.push(String::from_utf8_lossy(&self.answer[scanned..=end]).into_owned());
+                scanned = end + PROMPT.len();
+                continue;
+            }
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "HAProxy closed the stats socket",
+                ));
+            }
+            self.answer.extend_from_slice(&chunk[..read]);
+        }
+        Ok(answers)
     }
 
     async fn exchange(&mut self, command: &str) -> std::io::Result<String> {
@@ -289,19 +325,23 @@ impl super::Haproxy {
                     command: "prompt".to_string(),
                     source,
                 })?;
-        for command in changes.iter().flat_map(SlotChange::commands) {
-            let answer = session
-                .run(&command)
+        let commands: Vec<String> = changes.iter().flat_map(SlotChange::commands).collect();
+        // A few dozen lines at a time, well inside HAProxy's input buffer.
+        for series in commands.chunks(PIPELINED_COMMANDS) {
+            let answers = session
+                .run_all(series)
                 .await
                 .map_err(|source| RuntimeError::Socket {
-                    command: command.clone(),
+                    command: series.join("; "),
                     source,
                 })?;
-            if !succeeded(&command, &answer) {
-                return Err(RuntimeError::Refused {
-                    command,
-                    answer: answer.trim().to_string(),
-                });
+            for (command, answer) in series.iter().zip(answers) {
+                if !succeeded(command, &answer) {
+                    return Err(RuntimeError::Refused {
+                        command: command.clone(),
+                        answer: answer.trim().to_string(),
+                    });
+                }
             }
         }
         Ok(())
