@@ -365,6 +365,7 @@ impl Proxy {
             https: parts.https,
             client_ca: parts.client_ca.clone(),
             stored_floor: 0,
+            unindexed_writes: BTreeSet::new(),
             applied_config,
             applied_maps,
             applied_checked: None,
@@ -582,6 +583,8 @@ struct Core {
     /// The KV index after this proxy's last write: reads of the stored specs older than that are
     /// ignored.
     stored_floor: u64,
+    /// Specs written since the floor was last raised (see [`Core::raise_stored_floor`]).
+    unindexed_writes: BTreeSet<ServiceName>,
     /// The configuration HAProxy serves, when this core applied it.
     applied_config: Option<Arc<str>>,
     /// The map files HAProxy routes with (see [`map_changes`]).
@@ -1520,6 +1523,17 @@ impl Core {
         Ok(outcomes)
     }
 
+    /// Raises the floor below which reads of the stored specs are stale to the index of each
+    /// spec written since it was last raised; a key that cannot be read stays to be read.
+    async fn raise_stored_floor(&mut self) -> Result<(), ProxyError> {
+        while let Some(name) = self.unindexed_writes.first().cloned() {
+            let floor = self.store.index_of(&name).await?;
+            self.stored_floor = self.stored_floor.max(floor);
+            self.unindexed_writes.remove(&name);
+        }
+        Ok(())
+    }
+
     /// Brings the routed state, then the proxy-wide settings, in line with a version of the
     /// stored state (see [`Core::apply_stored_routes`] and [`Core::follow_kv_settings`]). The
     /// settings come second, so settings HAProxy refuses never hold a route back.
@@ -1527,7 +1541,9 @@ impl Core {
         if snapshot.after_reset {
             // Consul's indexes started over: the floor from before means nothing any more.
             self.stored_floor = 0;
+            self.unindexed_writes.clear();
         }
+        self.raise_stored_floor().await?;
         if snapshot.index < self.stored_floor {
             tracing::debug!(
                 index = snapshot.index,
@@ -1579,8 +1595,8 @@ impl Core {
             );
             for name in &gone {
                 let spec = self.state.get(name).map(|routed| Arc::clone(&routed.spec));
-                let floor = self.store.store(name, spec.as_deref()).await?;
-                self.stored_floor = self.stored_floor.max(floor);
+                self.store.store(name, spec.as_deref()).await?;
+                self.unindexed_writes.insert(name.clone());
             }
         } else {
             updates.extend(gone.into_iter().map(|name| (name, None)));
@@ -1905,13 +1921,15 @@ impl Core {
         name: &ServiceName,
         spec: Option<&ServiceSpec>,
     ) -> Result<(), ProxyError> {
-        let floor = match spec {
+        match spec {
             Some(spec) if !self.state.contains_key(name) => {
                 self.store.store_new(name, spec).await?
             }
             spec => self.store.store(name, spec).await?,
         };
-        self.stored_floor = self.stored_floor.max(floor);
+        // The index it was written at is read before the next read of the stored specs is
+        // applied, not while the caller waits (see `Core::raise_stored_floor`).
+        self.unindexed_writes.insert(name.clone());
         Ok(())
     }
 

@@ -211,13 +211,13 @@ impl SpecStore {
     /// Stores `spec` as the service's document (`None` deletes it) with check-and-set on the
     /// `ModifyIndex` just read, so a concurrent write by another proxy is never overwritten
     /// unseen: a lost race is read again and retried, and after [`CAS_ATTEMPTS`] losses the
-    /// caller gets [`ProxyError::Conflict`]. Returns the KV index after the write: any read of the
-    /// prefix with a lower index predates it.
+    /// caller gets [`ProxyError::Conflict`]. [`SpecStore::index_of`] tells the KV index after
+    /// the write (any read of the prefix with a lower index predates it).
     pub async fn store(
         &self,
         name: &ServiceName,
         spec: Option<&ServiceSpec>,
-    ) -> Result<u64, ProxyError> {
+    ) -> Result<(), ProxyError> {
         let key = self.key(name);
         let document = spec.map(|spec| self.document(&key, spec)).transpose()?;
         self.store_document(name, key, document).await
@@ -230,13 +230,19 @@ impl SpecStore {
         &self,
         name: &ServiceName,
         spec: &ServiceSpec,
-    ) -> Result<u64, ProxyError> {
+    ) -> Result<(), ProxyError> {
         let key = self.key(name);
         let document = self.document(&key, spec)?;
         if self.registry.kv_put_cas(&key, document.clone(), 0).await? {
-            return Ok(self.registry.kv_get(&key).await?.index);
+            return Ok(());
         }
         self.store_document(name, key, Some(document)).await
+    }
+
+    /// The KV index of the service's key now: at least that of this proxy's last write of it
+    /// (Consul's writes answer no index).
+    pub async fn index_of(&self, name: &ServiceName) -> Result<u64, RegistryError> {
+        Ok(self.registry.kv_get(&self.key(name)).await?.index)
     }
 
     /// The JSON document `spec` is stored as under `key`.
@@ -258,7 +264,8 @@ impl SpecStore {
     ) -> Result<u64, ProxyError> {
         let key = format!("{}{}", self.certs_prefix, name);
         let document = certificate.map(|certificate| certificate.pem().as_bytes().to_vec());
-        self.store_document(name, key, document).await
+        self.store_document(name, key.clone(), document).await?;
+        Ok(self.registry.kv_get(&key).await?.index)
     }
 
     /// Check-and-set write (or delete, for `None`) of one document; see [`SpecStore::store`].
@@ -267,7 +274,7 @@ impl SpecStore {
         name: &ServiceName,
         key: String,
         document: Option<Vec<u8>>,
-    ) -> Result<u64, ProxyError> {
+    ) -> Result<(), ProxyError> {
         for attempt in 1..=CAS_ATTEMPTS {
             let current = self.registry.kv_get(&key).await?.value;
             let stored = match (&document, current) {
@@ -286,7 +293,7 @@ impl SpecStore {
                 }
             };
             if stored {
-                return Ok(self.registry.kv_get(&key).await?.index);
+                return Ok(());
             }
             tracing::info!(%key, attempt, "another writer changed the stored spec meanwhile; reading it again");
         }
