@@ -21,6 +21,9 @@
 //! - [`Haproxy::preflight`] runs before a change is validated: the serving process must answer
 //!   on its stats socket, and every address the candidate binds that the running config does not
 //!   must be free (see [`ports`]); otherwise the change is refused before anything is touched.
+//! - A change HAProxy takes at runtime queues the live files' new text to the supervisor
+//!   ([`Haproxy::write_live_later`], see [`live_files`]), which writes it in order and before any
+//!   start from the live file; the caller is answered without waiting for the disk.
 //! - If the serving process dies, the supervisor starts a new one at once from the last good
 //!   `haproxy.cfg`. It also asks the serving process `show info` every second when idle; a process
 //!   that fails [`HUNG_AFTER`] probes in a row (e.g. stopped with SIGSTOP) is killed with SIGKILL
