@@ -95,23 +95,8 @@ impl Session {
     }
 
     async fn exchange(&mut self, command: &str) -> std::io::Result<String> {
-        self.stream
-            .write_all(format!("{command}\n").as_bytes())
-            .await?;
-        self.answer.clear();
-        let mut chunk = [0u8; 4096];
-        while !self.answer.ends_with(PROMPT) {
-            let read = self.stream.read(&mut chunk).await?;
-            if read == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "HAProxy closed the stats socket",
-                ));
-            }
-            self.answer.extend_from_slice(&chunk[..read]);
-        }
-        let answer = &self.answer[..self.answer.len() - PROMPT.len() + 1];
-        Ok(String::from_utf8_lossy(answer).into_owned())
+        let mut answers = self.exchange_all(&[command.to_string()]).await?;
+        Ok(answers.pop().unwrap_or_default())
     }
 }
 
