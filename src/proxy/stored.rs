@@ -542,6 +542,13 @@ async fn import_docker_flow(store: &SpecStore) -> Result<usize, RegistryError> {
     Ok(imported)
 }
 
+/// The shortest interval between two reads of the stored specs after a burst of two. Each read
+/// lists the whole prefix (Consul lists a prefix whole: 1.5 MB at 1,000 services), and every
+/// write (this proxy's own too) wakes it; so a burst of changes costs one listing per interval,
+/// not one per change, and a change made through another proxy arrives here at most this much
+/// later.
+const STORED_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Watches the prefix with blocking queries and hands every new version to the core, until the
 /// core stops. Read errors (Consul down, no leader, ACL refusals) are retried with capped,
 /// jittered exponential backoff while HAProxy keeps serving; a version the core could not apply
@@ -557,6 +564,7 @@ pub(super) async fn watch_stored_specs(
     observer: Observer,
 ) {
     let mut watch = Watch::new("the stored specs".into(), index)
+        .paced(STORED_WATCH_INTERVAL)
         .observed(observer.clone(), WatchKind::StoredSpecs);
     let mut reported = BTreeSet::new();
     loop {

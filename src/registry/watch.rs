@@ -181,6 +181,13 @@ impl Watch {
         }
     }
 
+    /// The same watch with one query per `interval` after its burst of two (instead of
+    /// [`WATCH_MIN_INTERVAL`]).
+    pub fn paced(mut self, interval: Duration) -> Watch {
+        self.rate_limit = RateLimit::new(interval);
+        self
+    }
+
     /// Counts this watch's registry errors and restarts in `observer`, as a watch of `kind`.
     pub fn observed(mut self, observer: Observer, kind: WatchKind) -> Watch {
         self.observer = Some((observer, kind));
