@@ -45,7 +45,9 @@
 //! reload. Otherwise, and for every change that reloads, the pool is given back (each service is
 //! rendered under its own `<service>-be<index>` with the slots it would have without the pool) and
 //! the change is validated and reloaded. When fewer than half of the pool backends are free, the
-//! core queues a reload of its own (`Change::RefillPool`), applied after the answers.
+//! core queues a reload of its own (`Change::RefillPool`), applied after the answers; while new
+//! services keep coming (refills less than a minute apart), each refill doubles the pool, up to
+//! 64 backends, so a wave of new services costs ever fewer reloads.
 //!
 //! The stored specs are the shared truth between proxies: on start the core restores them, and
 //! afterwards it follows them, so a change made through another proxy reaches this one without any
@@ -84,7 +86,7 @@ use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
     BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer,
     RoutingIndex, ServerSlots, ServiceBackends, ServiceRoute, SlotsByService, TlsSettings,
-    POOL_SIZE, POOL_SLOTS,
+    MAX_POOL_SIZE, POOL_SIZE, POOL_SLOTS,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -393,6 +395,8 @@ impl Proxy {
             timings: StepTimings::default(),
             pool: BackendPool::with_size(POOL_SIZE),
             refill_queued: false,
+            refill_queued_at: None,
+            refill_size: POOL_SIZE,
             queue: changes.downgrade(),
         };
         let mut index = WatchIndex::default();
@@ -614,6 +618,10 @@ struct Core {
     pool: BackendPool,
     /// Whether a [`Change::RefillPool`] is queued.
     refill_queued: bool,
+    /// When the last refill was queued (see [`Core::commit_pool`]).
+    refill_queued_at: Option<std::time::Instant>,
+    /// How many pool backends the queued refill makes.
+    refill_size: usize,
     /// The core's own queue, for the pool refill it queues itself.
     queue: mpsc::WeakSender<Pending>,
 }
@@ -1295,6 +1303,7 @@ impl Core {
                 }
                 Change::RefillPool => {
                     self.refill_queued = false;
+                    candidate_pool.resize(self.refill_size);
                     force_reload = true;
                     outcomes.push(None);
                 }
@@ -2026,10 +2035,23 @@ impl Core {
 
     /// Makes `pool` the applied pool assignment; when its free backends run low, queues a
     /// [`Change::RefillPool`], applied after the callers of this change have their answer.
+    ///
+    /// New services in a wave (a refill queued less than [`POOL_WAVE`] after the previous one)
+    /// double the pool the refill makes, up to [`MAX_POOL_SIZE`]; after a quiet spell it is
+    /// [`POOL_SIZE`] again.
     fn commit_pool(&mut self, pool: BackendPool) {
         self.pool = pool;
-        if self.pool.free() < POOL_REFILL_BELOW && !self.refill_queued {
+        if self.pool.free() < self.pool.size() / 2 && !self.refill_queued {
             self.refill_queued = true;
+            let in_a_wave = self
+                .refill_queued_at
+                .is_some_and(|at| at.elapsed() < POOL_WAVE);
+            self.refill_size = if in_a_wave {
+                (self.pool.size() * 2).clamp(POOL_SIZE, MAX_POOL_SIZE)
+            } else {
+                POOL_SIZE
+            };
+            self.refill_queued_at = Some(std::time::Instant::now());
             let queue = self.queue.clone();
             tracing::info!(
                 free = self.pool.free(),
@@ -2287,7 +2309,9 @@ fn rejected(error: HaproxyError, caused_by_request: bool) -> ProxyError {
 const RESTORE_READS_IN_FLIGHT: usize = 8;
 
 /// Below this many free pool backends the core queues a reload that fills the pool again.
-const POOL_REFILL_BELOW: usize = POOL_SIZE / 2;
+/// Two pool refills queued less than this apart are a wave of new services (see
+/// [`Core::commit_pool`]).
+const POOL_WAVE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether a new service may try the pool backends: every destination is HTTP on the main
 /// frontend (the pool backends are HTTP backends; a `srcPort` of its own needs a new frontend).

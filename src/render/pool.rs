@@ -18,8 +18,11 @@ use std::collections::BTreeMap;
 
 use crate::spec::{Destination, ServiceName, ServiceSpec};
 
-/// How many pool backends the proxy core keeps in the file.
+/// How many pool backends the proxy core keeps in the file at first, and after a quiet spell.
 pub const POOL_SIZE: usize = 8;
+
+/// The most pool backends the core grows the pool to while new services keep coming.
+pub const MAX_POOL_SIZE: usize = 64;
 
 /// How many server slots a free pool backend has: a new service with up to this many instances
 /// fits without new server lines.
@@ -55,6 +58,12 @@ impl BackendPool {
     /// How many pool backends the file has.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Makes the file carry `size` pool backends from the next render on (the core does so only
+    /// with a reload that gives every service its own backend back).
+    pub fn resize(&mut self, size: usize) {
+        self.size = size;
     }
 
     /// How many pool backends no destination sits in.

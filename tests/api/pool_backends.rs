@@ -146,6 +146,69 @@ async fn the_pool_is_refilled_in_the_background_when_it_runs_low() {
     );
 }
 
+/// Routes `name` on `/name` (its instance registered first) and checks that it answers; the
+/// PID of the HAProxy serving right after the answer.
+async fn route_new(proxy: &TestProxy, name: &str, backends: &mut Vec<Backend>) -> u32 {
+    backends.push(instance_of(proxy, name).await);
+    proxy
+        .reconfigure_ok(&format!("serviceName={name}&servicePath=/{name}"))
+        .await;
+    assert_eq!(answer(proxy, &format!("/{name}")).await, name);
+    serving_pid(proxy).await
+}
+
+/// Waits until the background refill has given `name` its own backend; the PID serving then.
+async fn refilled_after(proxy: &TestProxy, name: &str) -> u32 {
+    eventually(
+        &format!("the refill after {name} gives it its own backend"),
+        Duration::from_secs(10),
+        || async {
+            proxy
+                .config()
+                .await
+                .contains(&format!("backend {name}-be0"))
+        },
+    )
+    .await;
+    serving_pid(proxy).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_of_new_services_grows_the_pool_so_refills_get_rarer() {
+    let (proxy, _seed) = proxy_with_a_path_map().await;
+    let mut backends = Vec::new();
+    // 8 pool backends, refilled below 4 free: the fifth new service queues the first refill,
+    // which makes 8 again (nothing came before it).
+    for n in 1..=5 {
+        route_new(&proxy, &format!("w{n}"), &mut backends).await;
+    }
+    let first_refill = refilled_after(&proxy, "w5").await;
+    assert!(proxy.config().await.contains("backend pool-8\n"));
+    // Five more within the minute: the second refill doubles the pool.
+    for n in 6..=10 {
+        route_new(&proxy, &format!("w{n}"), &mut backends).await;
+    }
+    let second_refill = refilled_after(&proxy, "w10").await;
+    assert_ne!(second_refill, first_refill, "the refill is a reload");
+    let config = proxy.config().await;
+    assert!(
+        config.contains("backend pool-16\n") && !config.contains("backend pool-17\n"),
+        "16 pool backends after the second refill"
+    );
+    // So the next eight go live without a reload (the ninth would leave fewer than 8 free).
+    for n in 11..=18 {
+        let name = format!("w{n}");
+        assert_eq!(
+            route_new(&proxy, &name, &mut backends).await,
+            second_refill,
+            "no reload for {name}"
+        );
+    }
+    for n in 1..=18 {
+        assert_eq!(answer(&proxy, &format!("/w{n}")).await, format!("w{n}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_service_that_needs_new_config_text_reloads() {
     let (proxy, _seed) = proxy_with_a_path_map().await;
