@@ -709,6 +709,10 @@ impl Core {
                 }
             }
             self.apply_batch(routine).await;
+            // The callers just answered were woken on this thread, where tokio runs them next
+            // and no other thread may take them: let them answer before the next change (a
+            // refill may render for a while without giving the thread back).
+            tokio::task::yield_now().await;
             if let Some(reply) = stop {
                 let _ = reply.send(Ok(None));
                 break;
