@@ -360,6 +360,21 @@ async fn certs(State(proxy): State<Proxy>) -> Json<Map<String, Value>> {
     Json(body)
 }
 
+/// Hands the memory a scrape freed back to the system a second later (one at a time however often
+/// scrapes come): with thousands of services, `show stat` and its metrics take tens of megabytes,
+/// which glibc would otherwise keep.
+fn release_memory_after_scrape() {
+    static PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if PENDING.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        PENDING.store(false, std::sync::atomic::Ordering::Release);
+        crate::render::release_freed_memory();
+    });
+}
+
 /// HAProxy's `show stat`, or `None` (logged) when the stats socket does not answer.
 async fn haproxy_stats(proxy: &Proxy) -> Option<Vec<observe::haproxy_stats::StatRow>> {
     match observe::haproxy_stats::read(proxy.haproxy().stats_socket()).await {
@@ -379,6 +394,7 @@ async fn metrics(State(proxy): State<Proxy>) -> Result<impl IntoResponse, ApiErr
         .observer()
         .metrics_text(processes, stats.as_deref())
         .map_err(|_| ApiErrorKind::Internal("encoding the metrics failed".into()))?;
+    release_memory_after_scrape();
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -394,6 +410,7 @@ async fn status_page(State(proxy): State<Proxy>) -> Result<impl IntoResponse, Ap
     let page = observe::status::StatusPage::shared()
         .and_then(|page| page.render(proxy.observer(), stats.as_deref()))
         .map_err(|error| ApiErrorKind::Internal(error.to_string()))?;
+    release_memory_after_scrape();
     Ok((
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
