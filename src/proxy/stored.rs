@@ -59,7 +59,9 @@ enum ParsedDocument {
     Spec(Arc<ServiceSpec>),
     /// A spec document that does not validate, under this name below `services/`.
     UnreadableSpec(String),
-    Cert(Certificate),
+    /// Boxed: a certificate is large, and every stored spec's entry is as large as the largest
+    /// variant.
+    Cert(Box<Certificate>),
     /// A certificate bundle that does not validate, under this name below `certs/`.
     UnreadableCert(String),
     /// Any other key under the prefix (the import marker).
@@ -392,7 +394,7 @@ impl SpecStore {
                 ParsedDocument::Cert(certificate) => {
                     snapshot
                         .certs
-                        .insert(certificate.name().clone(), certificate);
+                        .insert(certificate.name().clone(), *certificate);
                 }
                 ParsedDocument::UnreadableCert(name) => {
                     snapshot.unreadable_certs.insert(name);
@@ -439,7 +441,7 @@ impl SpecStore {
                     Certificate::parse(cert_name, &entry.value).map_err(|error| error.to_string())
                 });
             return match parsed {
-                Ok(certificate) => ParsedDocument::Cert(certificate),
+                Ok(certificate) => ParsedDocument::Cert(Box::new(certificate)),
                 Err(error) => {
                     tracing::error!(%key, %error, "ignoring a stored certificate that does not validate");
                     ParsedDocument::UnreadableCert(cert_name.to_string())
