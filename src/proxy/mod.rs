@@ -47,7 +47,7 @@
 //! the change is validated and reloaded. When fewer than half of the pool backends are free, the
 //! core queues a reload of its own (`Change::RefillPool`), applied after the answers; while new
 //! services keep coming (refills less than a minute apart), each refill doubles the pool, up to
-//! 64 backends, so a wave of new services costs ever fewer reloads.
+//! 32 backends, so a wave of new services costs fewer reloads.
 //!
 //! The stored specs are the shared truth between proxies: on start the core restores them, and
 //! afterwards it follows them, so a change made through another proxy reaches this one without any
