@@ -43,7 +43,8 @@
 //!   candidate with `-x`/`-sf` (after checking that the serving process answers and that every
 //!   new listening port is free; `haproxy -c` only where nothing serves yet), atomic swaps of the
 //!   live file once a change is stored, the map files (changed at runtime too), server slots
-//!   changed over the Runtime API, the certificate files and crt-list it reads, and supervision
+//!   changed over the Runtime API (the live files' new text queued to the supervisor, which
+//!   writes it before any start from them: `live_files`), the certificate files and crt-list it reads, and supervision
 //!   of the HAProxy processes (a dead or hung one is replaced from the last good file; on exit the serving one is left running unless `--stop-haproxy-on-exit`); HAProxy's output
 //!   logged at the level it deserves (its lines about flow-proxy's own commands at INFO).
 //! - [`limits`]: the open-files limit, raised to the hard limit at start, and the API's answer
