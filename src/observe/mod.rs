@@ -188,6 +188,33 @@ pub struct RoutedService {
     pub pool_backends: BTreeMap<u16, String>,
 }
 
+/// The routed services a commit published, listed when the status page or a scrape reads them
+/// (the core publishes at every change; listing 10,000 services each time would cost it
+/// milliseconds).
+pub trait RoutedServices: std::fmt::Debug + Send + Sync {
+    /// Every routed service, ordered by name.
+    fn list(&self) -> Vec<RoutedService>;
+}
+
+/// A fixed list, for tests.
+#[cfg(test)]
+impl RoutedServices for Vec<RoutedService> {
+    fn list(&self) -> Vec<RoutedService> {
+        self.clone()
+    }
+}
+
+/// How many services, destinations and instances are routed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceTotals {
+    /// Routed services.
+    pub services: usize,
+    /// Their destinations (`servicePath.1`, … count one each).
+    pub destinations: usize,
+    /// The instances their backends hold.
+    pub instances: usize,
+}
+
 impl RoutedService {
     /// The name HAProxy knows `destination`'s backend by.
     pub fn backend_name(&self, destination: &crate::spec::Destination) -> String {
@@ -369,7 +396,7 @@ impl Metrics {
 /// What the status page shows besides HAProxy's live state.
 #[derive(Debug, Default)]
 struct StatusState {
-    services: Vec<RoutedService>,
+    services: Option<Arc<dyn RoutedServices>>,
     certificates: Vec<CertInfo>,
     last_reload: Option<ReloadRecord>,
     last_error: Option<ErrorRecord>,
@@ -519,14 +546,20 @@ impl Observer {
     }
 
     /// The services routed now.
-    pub fn publish_services(&self, services: Vec<RoutedService>) {
+    pub fn publish_services(&self, services: Arc<dyn RoutedServices>, totals: ServiceTotals) {
         let metrics = &self.0.metrics;
-        let destinations: usize = services.iter().map(|s| s.spec.destinations().len()).sum();
-        let instances: usize = services.iter().map(|s| s.instances.len()).sum();
-        metrics.services.set(gauge_value(services.len()));
-        metrics.destinations.set(gauge_value(destinations));
-        metrics.instances.set(gauge_value(instances));
-        self.status().services = services;
+        metrics.services.set(gauge_value(totals.services));
+        metrics.destinations.set(gauge_value(totals.destinations));
+        metrics.instances.set(gauge_value(totals.instances));
+        self.status().services = Some(services);
+    }
+
+    /// The routed services last published.
+    fn routed_services(&self) -> Vec<RoutedService> {
+        let published = self.status().services.clone();
+        published
+            .map(|services| services.list())
+            .unwrap_or_default()
     }
 
     /// Counts one ACME order (issuance or renewal) by its result.
@@ -578,7 +611,7 @@ impl Observer {
             stats_up,
         );
         if let Some(rows) = stats {
-            let services = self.status().services.clone();
+            let services = self.routed_services();
             haproxy_stats::register(&mut registry, rows, &services);
         }
         let mut text = String::new();

@@ -157,8 +157,12 @@ impl StatusView {
                 ))
             })
             .collect();
-        let services = status
+        let listed = status
             .services
+            .as_ref()
+            .map(|services| services.list())
+            .unwrap_or_default();
+        let services = listed
             .iter()
             .map(|routed| {
                 let spec = &routed.spec;

@@ -20,6 +20,13 @@ fn spec(query: &str) -> ServiceSpec {
     ServiceSpec::from_query(&pairs).expect("valid spec")
 }
 
+/// What [`shop`] counts: one service, one destination, two instances.
+const SHOP_TOTALS: ServiceTotals = ServiceTotals {
+    services: 1,
+    destinations: 1,
+    instances: 2,
+};
+
 fn shop() -> RoutedService {
     RoutedService {
         spec: spec(
@@ -58,7 +65,7 @@ fn show_stat_is_read_by_its_header() {
 #[test]
 fn haproxy_counters_are_exported_for_routed_backends_only_and_labelled_with_the_service() {
     let observer = Observer::new();
-    observer.publish_services(vec![shop()]);
+    observer.publish_services(Arc::new(vec![shop()]), SHOP_TOTALS);
     let text = observer.metrics_text(2, Some(&rows())).expect("encodes");
     for line in [
         "flow_proxy_haproxy_backend_http_responses_total{service=\"shop\",backend=\"shop-be0\",code=\"2xx\"} 4",
@@ -158,7 +165,7 @@ fn route_sets_name_paths_domains_and_instances() {
 #[test]
 fn the_status_page_shows_health_from_haproxy_and_escapes_every_value() {
     let observer = Observer::new();
-    observer.publish_services(vec![shop()]);
+    observer.publish_services(Arc::new(vec![shop()]), SHOP_TOTALS);
     observer.record_reload(Duration::from_millis(42), None);
     observer.record_error("shop", "<script>alert(1)</script> & \"quoted\"".into());
     let page = StatusPage::new().expect("template compiles");

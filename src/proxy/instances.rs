@@ -89,8 +89,9 @@ pub(super) fn instance_query(spec: &ServiceSpec) -> InstanceQuery {
 }
 
 /// The queries the core routes, each with the instances it holds for it (`None` when routed
-/// services reading the same query hold different lists, so the next read is handed over).
-pub(super) type Followed = imbl::OrdMap<InstanceQuery, Option<Vec<Instance>>>;
+/// services reading the same query hold different lists, so the next read is handed over). The
+/// lists are the routed services' own, shared.
+pub(super) type Followed = imbl::OrdMap<InstanceQuery, Option<Arc<[Instance]>>>;
 
 /// The instance follower: started with the first routed query, stopped (closing its blocking
 /// queries) when nothing is routed. Dropping it stops it.
@@ -330,8 +331,9 @@ struct Follower {
     /// The last node listings, to tell which services an unexplained catalog move concerns.
     nodes: Option<NodeSnapshot>,
     followed: Arc<Followed>,
-    /// Per followed query, the instances the core holds (`None`: unknown).
-    known: BTreeMap<InstanceQuery, Option<Vec<Instance>>>,
+    /// Per followed query, the instances the core holds, sorted and without repeats (`None`:
+    /// unknown); shared with the core when its list already is.
+    known: BTreeMap<InstanceQuery, Option<Arc<[Instance]>>>,
     /// Queries whose read or hand-over failed, read again after a pause.
     retry: BTreeSet<InstanceQuery>,
     retry_at: Option<Instant>,
@@ -430,10 +432,15 @@ impl Follower {
             if !self.known.contains_key(query) || instances.is_none() {
                 round.queries.insert(query.clone());
             }
-            let held = instances.clone().map(|mut held| {
-                held.sort();
-                held.dedup();
-                held
+            let held = instances.as_ref().map(|held| {
+                if held.windows(2).all(|pair| pair[0] < pair[1]) {
+                    Arc::clone(held)
+                } else {
+                    let mut sorted = held.to_vec();
+                    sorted.sort();
+                    sorted.dedup();
+                    Arc::from(sorted)
+                }
             });
             self.known.insert(query.clone(), held);
         }
@@ -645,7 +652,7 @@ impl Follower {
             instances.dedup();
             match self.known.get(&query) {
                 None => continue,
-                Some(Some(known)) if *known == instances => continue,
+                Some(Some(known)) if known[..] == instances[..] => continue,
                 Some(_) => {}
             }
             tracing::info!(
@@ -692,7 +699,7 @@ impl Follower {
                 Some(Ok(_)) => {
                     accepted = true;
                     if let Some(known) = self.known.get_mut(&query) {
-                        *known = Some(instances);
+                        *known = Some(Arc::from(instances));
                     }
                 }
                 Some(Err(error)) => {

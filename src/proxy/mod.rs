@@ -80,7 +80,10 @@ use crate::certs::{CertInfo, Certificate};
 use crate::haproxy::{
     certificate_for, slot_changes, ClientAuth, ClientCa, Haproxy, HaproxyError, SlotChange,
 };
-use crate::observe::{ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet, RoutedService};
+use crate::observe::{
+    ChangeKind, ChangeOutcome, ChangeRecord, Observer, RouteSet, RoutedService, RoutedServices,
+    ServiceTotals,
+};
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
@@ -282,7 +285,7 @@ pub struct Proxy {
     change_timeout: std::time::Duration,
     /// One permit per API change waiting or being applied ([`QUEUE_CAPACITY`]).
     api_slots: Arc<tokio::sync::Semaphore>,
-    services: watch::Receiver<Arc<Vec<Arc<ServiceSpec>>>>,
+    services: watch::Receiver<RoutingState>,
     haproxy: Haproxy,
     has_client_ca: bool,
     /// What the renderer allows of custom fragments and `backendExtra`.
@@ -338,7 +341,7 @@ impl Proxy {
     /// the KV watch and the instance follower.
     pub async fn start(parts: ProxyParts) -> Proxy {
         let (changes, queue) = mpsc::channel(CHANNEL_CAPACITY);
-        let (published, services) = watch::channel(Arc::new(Vec::new()));
+        let (published, services) = watch::channel(RoutingState::new());
         let (published_certificates, certificates) = watch::channel(Arc::new(Vec::new()));
         let flag_settings = parts.render_settings.proxy_wide.clone();
         let (published_proxy_wide, proxy_wide) =
@@ -380,6 +383,7 @@ impl Proxy {
             ),
             followed: instances::Followed::new(),
             query_users: QueryUsers::new(),
+            totals: ServiceTotals::default(),
             claims: std::collections::HashMap::new(),
             stored_watch: None,
             max_services: parts.max_services,
@@ -537,7 +541,15 @@ impl Proxy {
 
     /// The specs routed now, ordered by service name.
     pub fn services(&self) -> Arc<Vec<Arc<ServiceSpec>>> {
-        Arc::clone(&self.services.borrow())
+        // The core publishes its persistent state (a copy costs nothing); the list is made here,
+        // for the reader, not at every change.
+        let state = self.services.borrow().clone();
+        Arc::new(
+            state
+                .values()
+                .map(|routed| Arc::clone(&routed.spec))
+                .collect(),
+        )
     }
 
     /// The haproxy.cfg HAProxy runs now.
@@ -577,7 +589,7 @@ struct Core {
     renderer: Renderer,
     render_settings: RenderSettings,
     haproxy: Haproxy,
-    published: watch::Sender<Arc<Vec<Arc<ServiceSpec>>>>,
+    published: watch::Sender<RoutingState>,
     published_certificates: watch::Sender<Arc<Vec<CertInfo>>>,
     /// The certificates served, by name.
     certs: Certificates,
@@ -605,6 +617,8 @@ struct Core {
     followed: instances::Followed,
     /// The routed services reading each query.
     query_users: QueryUsers,
+    /// How many services, destinations and instances are routed (kept from each commit's diff).
+    totals: ServiceTotals,
     /// The request patterns each routed service claims, by pattern (see [`Core::admit`]).
     claims: std::collections::HashMap<crate::spec::RouteClaim, ServiceName>,
     stored_watch: Option<JoinHandle<()>>,
@@ -2083,23 +2097,16 @@ impl Core {
         let previous = std::mem::replace(&mut self.state, state);
         self.pool
             .retain_services(|name| self.state.contains_key(name));
-        let specs = self
-            .state
-            .values()
-            .map(|routed| Arc::clone(&routed.spec))
-            .collect();
-        self.published.send_replace(Arc::new(specs));
+        self.published.send_replace(self.state.clone());
+        let followed_moved = self.index_changes(&previous);
         self.observer.publish_services(
-            self.state
-                .values()
-                .map(|routed| RoutedService {
-                    spec: Arc::clone(&routed.spec),
-                    instances: Arc::clone(&routed.instances),
-                    pool_backends: self.pool.backends_of(routed.spec.service_name()),
-                })
-                .collect(),
+            Arc::new(PublishedServices {
+                state: self.state.clone(),
+                pool: self.pool.clone(),
+            }),
+            self.totals,
         );
-        if self.index_changes(&previous) {
+        if followed_moved {
             self.instance_watches.follow(self.followed.clone());
         }
     }
@@ -2132,6 +2139,18 @@ impl Core {
             }
         }
         let main_port = self.render_settings.http_port;
+        for (_, old, new) in &changed {
+            if let Some(old) = old {
+                self.totals.services -= 1;
+                self.totals.destinations -= old.spec.destinations().len();
+                self.totals.instances -= old.instances.len();
+            }
+            if let Some(new) = new {
+                self.totals.services += 1;
+                self.totals.destinations += new.spec.destinations().len();
+                self.totals.instances += new.instances.len();
+            }
+        }
         for (name, old, _) in &changed {
             if let Some(old) = old {
                 leave(&mut self.query_users, name, old);
@@ -2167,7 +2186,7 @@ impl Core {
                     .filter_map(|name| self.state.get(name))
                     .map(|routed| &routed.instances);
                 match lists.next() {
-                    Some(first) if lists.all(|other| other == first) => Some(first.to_vec()),
+                    Some(first) if lists.all(|other| other == first) => Some(Arc::clone(first)),
                     _ => None,
                 }
             });
@@ -2288,6 +2307,27 @@ struct Spliced {
     maps: Option<Vec<MapFile>>,
     /// Where the main frontends' rules went, when a rule was added.
     routing: Option<Arc<RoutingIndex>>,
+}
+
+/// The routed services as the status page and the metrics read them: the state and pool of one
+/// commit (copies that cost nothing), listed only when read.
+#[derive(Debug)]
+struct PublishedServices {
+    state: RoutingState,
+    pool: BackendPool,
+}
+
+impl RoutedServices for PublishedServices {
+    fn list(&self) -> Vec<RoutedService> {
+        self.state
+            .values()
+            .map(|routed| RoutedService {
+                spec: Arc::clone(&routed.spec),
+                instances: Arc::clone(&routed.instances),
+                pool_backends: self.pool.backends_of(routed.spec.service_name()),
+            })
+            .collect()
+    }
 }
 
 /// The routed services that read each Consul query.

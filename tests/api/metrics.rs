@@ -167,6 +167,14 @@ async fn changes_reloads_and_haproxy_counters_by_service_are_exported() {
         },
     )
     .await;
+
+    // Removed: the counts go back to zero.
+    let (status, answer) = proxy.remove("serviceName=go-demo").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let text = scrape(&proxy).await;
+    assert_eq!(value(&text, "flow_proxy_services", &[]), 0.0);
+    assert_eq!(value(&text, "flow_proxy_destinations", &[]), 0.0);
+    assert_eq!(value(&text, "flow_proxy_instances", &[]), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
