@@ -749,6 +749,8 @@ impl Supervisor {
     /// the promoted file is reloaded, so HAProxy serves what the caller is told it serves.
     async fn promote(&mut self) -> Result<(), HaproxyError> {
         promote(&self.paths).await?;
+        // The promoted files are whole: nothing queued before them may be written over them.
+        self.unwritten = live_files::Unwritten::default();
         if self.current.config == ConfigFile::Candidate {
             return Ok(());
         }
