@@ -5,8 +5,8 @@
 //! The order makes every moment consistent with a later reload or restart: the live map files'
 //! new text is queued first (the supervisor writes it before any restart of HAProxy or reload
 //! from the live files, see `haproxy::live_files`), then each file's difference is sent as
-//! `add map`, `set map` and `del map` commands. Within one map file the entries do not depend on their order (see
-//! `render::maps`), so an appended entry routes exactly as the file does. If a command fails,
+//! `add map`, `set map` and `del map` commands. Within one map file the entries do not depend on
+//! their order (see `render::maps`), so an appended entry routes exactly as the file does. If a command fails,
 //! HAProxy is reloaded on the live config with the new files; if that fails too, the old files
 //! are written back and the commands already sent are undone, and the change fails as a whole.
 //!

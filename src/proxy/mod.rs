@@ -969,7 +969,8 @@ impl Core {
     }
 
     /// Makes `rendered` the applied configuration by `changes` over the Runtime API (the live
-    /// file rewritten first, no validation, no reload), then its map entries if they changed too.
+    /// file's new text queued first, no validation, no reload), then its map entries if they
+    /// changed too.
     /// If HAProxy does not take the server changes (e.g. it is being replaced), starts the new
     /// file as a candidate instead (validation and reload in one); if that fails too, the
     /// previous live file is put back and the error returned.
@@ -1028,7 +1029,7 @@ impl Core {
         Ok(())
     }
 
-    /// Writes `config` as the live file and sends `changes` over the Runtime API; whether HAProxy
+    /// Queues `config` as the live file's text and sends `changes` over the Runtime API; whether HAProxy
     /// took them all.
     async fn apply_slots(&mut self, config: &Arc<str>, changes: &[SlotChange]) -> bool {
         let started = std::time::Instant::now();
@@ -1330,7 +1331,7 @@ impl Core {
                     instances,
                 } => {
                     // Those that read it when last committed, and those this batch changed.
-                    let fed: Vec<ServiceName> = self
+                    let fed: BTreeSet<ServiceName> = self
                         .query_users
                         .get(consul_service)
                         .into_iter()
@@ -1342,8 +1343,6 @@ impl Core {
                                 .is_some_and(|routed| routed.query == *consul_service)
                         })
                         .cloned()
-                        .collect::<BTreeSet<_>>()
-                        .into_iter()
                         .collect();
                     for name in fed {
                         if let Some(routed) = candidate.get_mut(&name) {
@@ -2083,9 +2082,6 @@ impl Core {
         }
     }
 
-    /// Makes `state` the routed state and publishes it: the specs (`/services`), what the status
-    /// page and metrics show, and the queries the instance follower follows. The follower's
-    /// queries are updated for the services that changed only.
     /// Makes a change's candidate state, pool and certificates the applied ones.
     async fn commit_all(&mut self, state: RoutingState, pool: BackendPool, certs: Certificates) {
         self.commit_pool(pool);
@@ -2093,6 +2089,9 @@ impl Core {
         self.commit_certs(certs).await;
     }
 
+    /// Makes `state` the routed state and publishes it (to `/services`, the status page and the
+    /// metrics, which list it when they read it), with the queries the instance follower follows.
+    /// What is kept beside the state is updated for the services that changed only.
     fn commit(&mut self, state: RoutingState) {
         let previous = std::mem::replace(&mut self.state, state);
         self.pool
@@ -2354,7 +2353,6 @@ fn rejected(error: HaproxyError, caused_by_request: bool) -> ProxyError {
 /// fraction of the time one after the other takes, with few connections to the registry.
 const RESTORE_READS_IN_FLIGHT: usize = 8;
 
-/// Below this many free pool backends the core queues a reload that fills the pool again.
 /// Two pool refills queued less than this apart are a wave of new services (see
 /// [`Core::commit_pool`]).
 const POOL_WAVE: std::time::Duration = std::time::Duration::from_secs(60);
