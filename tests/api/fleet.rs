@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
-use crate::helpers::free_port;
+use crate::helpers::{free_port, START_ATTEMPTS};
 use crate::proxy_client::{http_client, ProxyClient};
 
 /// The KV prefix every [`ProxyProcess`] is started with (`--kv-prefix`).
@@ -57,10 +57,6 @@ const LEFTOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The TTL of checks made by [`SharedRegistry::register_instance_with_ttl_check`]: long enough
 /// never to expire during a test, so only `pass_check`/`fail_check` change the status.
 const CHECK_TTL: &str = "10m";
-
-/// How many times [`ProxyProcess::start_with`] picks new ports when one it picked was taken
-/// between choosing and binding.
-const START_ATTEMPTS: u32 = 3;
 
 /// Polls `condition` every ~20 ms until it returns true and returns how long that took; panics
 /// with `what` when it has not held within `timeout`, counted from this call. A check still

@@ -13,6 +13,10 @@ use serde_json::Value;
 
 use crate::proxy_client::ProxyClient;
 
+/// How many times [`TestProxy::spawn_with`] (and the fleet's `ProxyProcess::start_with`) picks
+/// new ports when one it picked was taken between choosing and binding.
+pub const START_ATTEMPTS: u32 = 3;
+
 /// A free TCP port on 127.0.0.1 (bound, then released for HAProxy to bind).
 pub fn free_port() -> u16 {
     let listener =
@@ -106,10 +110,31 @@ impl TestProxy {
         require_haproxy();
         let data_dir = tempfile::tempdir().expect("temporary data directory");
         let mut settings = test_settings(data_dir.path());
+        let chosen = (settings.http_port, settings.https_port);
         customise(&mut settings);
-        let app = FlowProxy::start(settings.clone())
-            .await
-            .expect("flow-proxy starts");
+        let mut attempt = 1;
+        let app = loop {
+            let error = match FlowProxy::start(settings.clone()).await {
+                Ok(app) => break app,
+                Err(error) => error,
+            };
+            // A port chosen free can be taken by another test before HAProxy binds it: then
+            // try again with new ones (a port the test chose itself stays as it is).
+            let ours = (settings.http_port, settings.https_port) == chosen;
+            let taken = [settings.http_port, settings.https_port]
+                .iter()
+                .any(|port| {
+                    format!("{error:?}").contains(&format!(
+                        "cannot bind socket (Address already in use) for [127.0.0.1:{port}]"
+                    ))
+                });
+            if !(ours && taken && attempt < START_ATTEMPTS) {
+                panic!("flow-proxy starts: {error:?}");
+            }
+            attempt += 1;
+            settings.http_port = free_port();
+            settings.https_port = free_port();
+        };
         let client = client_of(&app, &settings);
         TestProxy {
             app: Some(app),
