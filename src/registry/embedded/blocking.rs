@@ -48,18 +48,20 @@ impl Blocking {
         Ok(Blocking { min_index, wait })
     }
 
-    /// Evaluates `query` (which returns its result index and body) until the index exceeds the
-    /// requested one, the wait (plus jitter) runs out, or the registry shuts down.
+    /// Waits until the query's result index (`index_of`) exceeds the requested one, the wait
+    /// (plus jitter) runs out, or the registry shuts down; then reads its body with `read`, in
+    /// the same look at the state as the index it answers with. Each write re-evaluates only
+    /// the index: a blocked query costs nothing per write that does not concern it.
     pub async fn run<T>(
         &self,
         store: &Store,
         mut shutdown: watch::Receiver<bool>,
-        query: impl Fn(&State) -> (u64, T),
+        index_of: impl Fn(&State) -> u64,
+        read: impl FnOnce(&State) -> T,
     ) -> (u64, T) {
         let mut changes = store.subscribe();
-        let (index, body) = store.read(&query);
-        if self.min_index == 0 || index > self.min_index {
-            return (index, body);
+        if self.min_index == 0 || store.read(&index_of) > self.min_index {
+            return store.read(|state| (index_of(state), read(state)));
         }
         let jitter_cap = (self.wait.as_millis() / 16) as u64;
         let jitter = if jitter_cap == 0 {
@@ -70,20 +72,20 @@ impl Blocking {
         let deadline = Instant::now() + self.wait + Duration::from_millis(jitter);
         loop {
             changes.borrow_and_update();
-            let (index, body) = store.read(&query);
-            if index > self.min_index || *shutdown.borrow() {
-                return (index, body);
+            if store.read(&index_of) > self.min_index || *shutdown.borrow() {
+                break;
             }
             tokio::select! {
                 result = changes.changed() => {
                     if result.is_err() {
-                        return store.read(&query);
+                        break;
                     }
                 }
-                _ = shutdown.changed() => return store.read(&query),
-                _ = tokio::time::sleep_until(deadline) => return store.read(&query),
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
             }
         }
+        store.read(|state| (index_of(state), read(state)))
     }
 }
 

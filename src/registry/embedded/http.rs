@@ -593,26 +593,34 @@ async fn handle(app: &App, request: Request) -> Result<Response, ApiError> {
             no_leader(fault)?;
             let blocking = params.blocking()?;
             let node_meta_ok = node_meta_matches(&params);
-            let (index, (services, removed)) = blocking
-                .run(&app.store, app.shutdown.clone(), |s| {
-                    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                    if node_meta_ok {
-                        for svc in s.services.values() {
-                            let tags = map.entry(svc.name.clone()).or_default();
-                            for tag in &svc.tags {
-                                if !tags.contains(tag) {
-                                    tags.push(tag.clone());
-                                }
-                            }
+            // The instances are taken under the lock; the answer is built after it is released.
+            let (index, instances) = blocking
+                .run(
+                    &app.store,
+                    app.shutdown.clone(),
+                    RegistryState::services_table_index,
+                    |s| {
+                        if node_meta_ok {
+                            s.services.values().cloned().collect()
+                        } else {
+                            Vec::new()
                         }
-                    }
-                    let removed = !access.services && !map.is_empty();
-                    if !access.services {
-                        map.clear();
-                    }
-                    (s.services_table_index(), (map, removed))
-                })
+                    },
+                )
                 .await;
+            let mut services: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for svc in &instances {
+                let tags = services.entry(svc.name.as_str()).or_default();
+                for tag in &svc.tags {
+                    if !tags.contains(&tag.as_str()) {
+                        tags.push(tag);
+                    }
+                }
+            }
+            let removed = !access.services && !services.is_empty();
+            if !access.services {
+                services.clear();
+            }
             let mut response = json(
                 &services,
                 &params,
@@ -783,38 +791,42 @@ async fn service_read(
     let node_meta_ok = node_meta_matches(params);
     let node = NodeView::new(app);
     let (index, (body, removed)) = blocking
-        .run(&app.store, app.shutdown.clone(), |s| {
-            let index = s.service_index(name);
-            let tagged = |svc: &&Service| {
-                tags.iter()
-                    .all(|tag| svc.tags.iter().any(|t| t.to_lowercase() == *tag))
-            };
-            if !node_meta_ok {
-                return (index, (serde_json::Value::Array(Vec::new()), false));
-            }
-            if !access.instance() {
-                // Consul filters by ACL before it drops the instances that are not passing.
-                let removed = s.instances(name).any(|svc| tagged(&svc));
-                return (index, (serde_json::Value::Array(Vec::new()), removed));
-            }
-            let instances = s.instances(name).filter(tagged);
-            let body = match kind {
-                Kind::Catalog => serde_json::to_value(
-                    instances
-                        .map(|svc| CatalogServiceView::new(&node, svc))
-                        .collect::<Vec<_>>(),
-                ),
-                Kind::Health => serde_json::to_value(
-                    instances
-                        .map(|svc| HealthView::new(&node, s, svc))
-                        .filter(|entry| {
-                            !passing || entry.checks.iter().all(|c| c.status == PASSING)
-                        })
-                        .collect::<Vec<_>>(),
-                ),
-            };
-            (index, (body.unwrap_or_default(), false))
-        })
+        .run(
+            &app.store,
+            app.shutdown.clone(),
+            |s| s.service_index(name),
+            |s| {
+                let tagged = |svc: &&Service| {
+                    tags.iter()
+                        .all(|tag| svc.tags.iter().any(|t| t.to_lowercase() == *tag))
+                };
+                if !node_meta_ok {
+                    return (serde_json::Value::Array(Vec::new()), false);
+                }
+                if !access.instance() {
+                    // Consul filters by ACL before it drops the instances that are not passing.
+                    let removed = s.instances(name).any(|svc| tagged(&svc));
+                    return (serde_json::Value::Array(Vec::new()), removed);
+                }
+                let instances = s.instances(name).filter(tagged);
+                let body = match kind {
+                    Kind::Catalog => serde_json::to_value(
+                        instances
+                            .map(|svc| CatalogServiceView::new(&node, svc))
+                            .collect::<Vec<_>>(),
+                    ),
+                    Kind::Health => serde_json::to_value(
+                        instances
+                            .map(|svc| HealthView::new(&node, s, svc))
+                            .filter(|entry| {
+                                !passing || entry.checks.iter().all(|c| c.status == PASSING)
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
+                };
+                (body.unwrap_or_default(), false)
+            },
+        )
         .await;
     let mut response = json(
         &body,
@@ -851,20 +863,25 @@ async fn kv_get(app: &App, params: &Params, key: &str) -> Result<Response, ApiEr
             .unwrap_or("")
             .to_string();
         let (index, list) = blocking
-            .run(&app.store, shutdown, |s| {
-                let mut list: Vec<String> = Vec::new();
-                for entry in s.kv_under(key) {
-                    let after = &entry.key[key.len()..];
-                    let folded = match (separator.is_empty(), after.find(separator.as_str())) {
-                        (false, Some(at)) => &entry.key[..key.len() + at + separator.len()],
-                        _ => entry.key.as_str(),
-                    };
-                    if list.last().map(String::as_str) != Some(folded) {
-                        list.push(folded.to_string());
+            .run(
+                &app.store,
+                shutdown,
+                |s| s.kv_prefix_index(key),
+                |s| {
+                    let mut list: Vec<String> = Vec::new();
+                    for entry in s.kv_under(key) {
+                        let after = &entry.key[key.len()..];
+                        let folded = match (separator.is_empty(), after.find(separator.as_str())) {
+                            (false, Some(at)) => &entry.key[..key.len() + at + separator.len()],
+                            _ => entry.key.as_str(),
+                        };
+                        if list.last().map(String::as_str) != Some(folded) {
+                            list.push(folded.to_string());
+                        }
                     }
-                }
-                (s.kv_prefix_index(key), list)
-            })
+                    list
+                },
+            )
             .await;
         if list.is_empty() && !key.is_empty() {
             return Ok(not_found_with_meta(index));
@@ -879,12 +896,16 @@ async fn kv_get(app: &App, params: &Params, key: &str) -> Result<Response, ApiEr
         );
     }
     if recurse {
-        let (index, entries) = blocking
-            .run(&app.store, shutdown, |s| {
-                let entries: Vec<KvView> = s.kv_under(key).map(KvView::new).collect();
-                (s.kv_prefix_index(key), entries)
-            })
+        // The entries are taken under the lock; their base64 is made after it is released.
+        let (index, shared) = blocking
+            .run(
+                &app.store,
+                shutdown,
+                |s| s.kv_prefix_index(key),
+                |s| s.kv_under_shared(key).cloned().collect::<Vec<_>>(),
+            )
             .await;
+        let entries: Vec<KvView> = shared.iter().map(|entry| KvView::new(entry)).collect();
         if entries.is_empty() {
             return Ok(not_found_with_meta(index));
         }
@@ -898,9 +919,12 @@ async fn kv_get(app: &App, params: &Params, key: &str) -> Result<Response, ApiEr
         );
     }
     let (index, entry) = blocking
-        .run(&app.store, shutdown, |s| {
-            (s.kv_key_index(key), s.kv.get(key).cloned())
-        })
+        .run(
+            &app.store,
+            shutdown,
+            |s| s.kv_key_index(key),
+            |s| s.kv.get(key).cloned(),
+        )
         .await;
     let Some(entry) = entry else {
         return Ok(not_found_with_meta(index));
@@ -920,7 +944,7 @@ async fn kv_get(app: &App, params: &Params, key: &str) -> Result<Response, ApiEr
                     (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
                     (header::CONTENT_SECURITY_POLICY, "sandbox"),
                 ],
-                entry.value,
+                entry.value.clone(),
             )
                 .into_response()
         };

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -165,13 +165,15 @@ pub(crate) struct State {
     pub index: u64,
     /// Index at which the node and its `serfHealth` check were created.
     pub node_index: u64,
-    pub kv: BTreeMap<String, KvEntry>,
+    /// The tables hold shared values: a read takes what it lists under the lock and builds its
+    /// answer after releasing it.
+    pub kv: BTreeMap<String, Arc<KvEntry>>,
     /// Deleted keys and the index of their deletion, so a delete raises a prefix's index.
     pub tombstones: BTreeMap<String, u64>,
     /// Max index of any KV write, tombstones included.
     pub kv_index: u64,
-    pub services: BTreeMap<String, Service>,
-    pub checks: BTreeMap<String, Check>,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub checks: BTreeMap<String, Arc<Check>>,
     /// Index of the last change to the set of services (`/v1/catalog/services`).
     pub services_index: u64,
     /// Per-service-name index: last change to any instance of that name or its checks.
@@ -191,10 +193,10 @@ pub(crate) struct State {
 /// The entries one write touched, each with its value before the write (`None`: absent).
 #[derive(Debug, Clone, Default)]
 struct Touched {
-    kv: BTreeMap<String, Option<KvEntry>>,
+    kv: BTreeMap<String, Option<Arc<KvEntry>>>,
     tombstones: BTreeMap<String, Option<u64>>,
-    services: BTreeMap<String, Option<Service>>,
-    checks: BTreeMap<String, Option<Check>>,
+    services: BTreeMap<String, Option<Arc<Service>>>,
+    checks: BTreeMap<String, Option<Arc<Check>>>,
     service_indexes: BTreeMap<String, Option<u64>>,
 }
 
@@ -216,13 +218,13 @@ struct Change {
     #[serde(flatten)]
     counters: Counters,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    kv: BTreeMap<String, Option<KvEntry>>,
+    kv: BTreeMap<String, Option<Arc<KvEntry>>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     tombstones: BTreeMap<String, Option<u64>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    services: BTreeMap<String, Option<Service>>,
+    services: BTreeMap<String, Option<Arc<Service>>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    checks: BTreeMap<String, Option<Check>>,
+    checks: BTreeMap<String, Option<Arc<Check>>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     service_indexes: BTreeMap<String, Option<u64>>,
 }
@@ -367,12 +369,23 @@ impl State {
         if index == 0 { self.kv_index } else { index }.max(1)
     }
 
+    /// [`State::kv_under`], the entries shared.
+    pub fn kv_under_shared<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<KvEntry>> + 'a {
+        self.kv
+            .range(prefix.to_string()..)
+            .take_while(move |(key, _)| key.starts_with(prefix))
+            .map(|(_, entry)| entry)
+    }
+
     /// Entries whose key starts with `prefix`, sorted by key.
     pub fn kv_under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a KvEntry> + 'a {
         self.kv
             .range(prefix.to_string()..)
             .take_while(move |(key, _)| key.starts_with(prefix))
-            .map(|(_, entry)| entry)
+            .map(|(_, entry)| &**entry)
     }
 
     /// PUT semantics: `cas` None always writes; `Some(0)` only creates; `Some(n)` only when
@@ -397,13 +410,13 @@ impl State {
         remember(&mut self.touched.tombstones, &self.tombstones, key);
         self.kv.insert(
             key.to_string(),
-            KvEntry {
+            Arc::new(KvEntry {
                 key: key.to_string(),
                 flags,
                 value,
                 create_index,
                 modify_index: index,
-            },
+            }),
         );
         self.tombstones.remove(key);
         self.kv_index = index;
@@ -474,13 +487,17 @@ impl State {
 
     /// Instances of a service name, sorted by ID.
     pub fn instances<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
-        self.services.values().filter(move |s| s.name == name)
+        self.services
+            .values()
+            .map(|service| &**service)
+            .filter(move |s| s.name == name)
     }
 
     /// Checks of one instance, sorted by check ID.
     pub fn checks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Check> + 'a {
         self.checks
             .values()
+            .map(|check| &**check)
             .filter(move |c| c.service_id == service_id)
     }
 
@@ -520,7 +537,7 @@ impl State {
             Some(old) => {
                 service.create_index = old.create_index;
                 service.modify_index = old.modify_index;
-                if *old != service {
+                if **old != service {
                     service.modify_index = index;
                     true
                 } else {
@@ -559,7 +576,7 @@ impl State {
             .collect();
         for id in followers {
             remember(&mut self.touched.checks, &self.checks, &id);
-            if let Some(check) = self.checks.get_mut(&id) {
+            if let Some(check) = self.checks.get_mut(&id).map(Arc::make_mut) {
                 check.service_name = service.name.clone();
                 check.service_tags = service.tags.clone();
                 check.modify_index = index;
@@ -592,7 +609,7 @@ impl State {
                     // The check ID moves to this service: its old service changes too.
                     self.touch_service(&old.service_name, index);
                 }
-                let mut probe = old.clone();
+                let mut probe = Check::clone(old);
                 probe.modify_index = check.modify_index;
                 if probe == check {
                     continue;
@@ -608,7 +625,7 @@ impl State {
                     .started
                     .push((check.check_id.clone(), check.definition.clone()));
             }
-            self.checks.insert(check.check_id.clone(), check);
+            self.checks.insert(check.check_id.clone(), Arc::new(check));
             checks_changed = true;
         }
         if !service_changed && !checks_changed {
@@ -619,7 +636,7 @@ impl State {
         }
         let name = service.name.clone();
         remember(&mut self.touched.services, &self.services, &service.id);
-        self.services.insert(service.id.clone(), service);
+        self.services.insert(service.id.clone(), Arc::new(service));
         self.touch_service(&name, index);
         if service_changed {
             // Like Consul, which skips writing an instance that did not change: only the checks
@@ -667,7 +684,7 @@ impl State {
         index: u64,
     ) -> Option<bool> {
         remember(&mut self.touched.checks, &self.checks, check_id);
-        let check = self.checks.get_mut(check_id)?;
+        let check = Arc::make_mut(self.checks.get_mut(check_id)?);
         check.output = output;
         if check.status == status {
             return Some(false);
@@ -728,7 +745,7 @@ impl Store {
         let now = Instant::now();
         for check in state.checks.values_mut() {
             if check.status == CRITICAL {
-                check.critical_since = Some(now);
+                Arc::make_mut(check).critical_since = Some(now);
             }
         }
         let snapshot = serde_json::to_vec(&state).map_err(|e| state_error(dir, e.to_string()))?;

@@ -9,11 +9,12 @@
 //! the only member, the only catalog node, and its `serfHealth` check always passes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::response::Response;
 use serde::Serialize;
 
-use super::super::store::{CheckKind, State as RegistryState};
+use super::super::store::{Check, CheckKind, Service, State as RegistryState};
 use super::super::Fault;
 use super::{
     json, no_leader, node_meta, node_meta_matches, tagged_node_addresses, Access, ApiError, App,
@@ -390,14 +391,19 @@ async fn catalog_nodes(
     let listed = node_meta_matches(params);
     let node = NodeView::new(app);
     let (index, nodes) = blocking
-        .run(&app.store, app.shutdown.clone(), |s| {
-            let nodes: Vec<HealthNodeView> = if listed && access.nodes {
-                vec![node_view(&node)]
-            } else {
-                Vec::new()
-            };
-            (s.node_index.max(1), nodes)
-        })
+        .run(
+            &app.store,
+            app.shutdown.clone(),
+            |s| s.node_index.max(1),
+            |_| {
+                let nodes: Vec<HealthNodeView> = if listed && access.nodes {
+                    vec![node_view(&node)]
+                } else {
+                    Vec::new()
+                };
+                nodes
+            },
+        )
         .await;
     let mut response = json(&nodes, params, read_meta(index, consistency))?;
     access.mark(&mut response, listed && !access.nodes);
@@ -430,28 +436,33 @@ async fn catalog_node(
     let blocking = params.blocking()?;
     let ours = name == app.node_name;
     let node = NodeView::new(app);
-    let (index, (body, removed)) = blocking
-        .run(&app.store, app.shutdown.clone(), |s| {
+    // The instances are taken under the lock; the answer is built after it is released.
+    let (index, (listed, removed)) = blocking
+        .run(&app.store, app.shutdown.clone(), catalog_index, |s| {
             if !ours {
-                return (catalog_index(s), (None, false));
+                return (None, false);
             }
             if !access.nodes {
                 // Consul's filter drops the whole node.
-                return (catalog_index(s), (None, true));
+                return (None, true);
             }
             let removed = !access.services && !s.services.is_empty();
-            let body = NodeServicesView {
-                node: node_view(&node),
-                services: s
-                    .services
-                    .values()
-                    .filter(|_| access.services)
-                    .map(|svc| (svc.id.clone(), HealthServiceView::new(svc)))
-                    .collect(),
-            };
-            (catalog_index(s), (Some(body), removed))
+            let services: Vec<Arc<Service>> = s
+                .services
+                .values()
+                .filter(|_| access.services)
+                .cloned()
+                .collect();
+            (Some(services), removed)
         })
         .await;
+    let body = listed.map(|services| NodeServicesView {
+        node: node_view(&node),
+        services: services
+            .iter()
+            .map(|svc| (svc.id.clone(), HealthServiceView::new(svc)))
+            .collect(),
+    });
     let mut response = json(&body, params, read_meta(index, consistency))?;
     access.mark(&mut response, removed);
     Ok(response)
@@ -460,9 +471,9 @@ async fn catalog_node(
 // ---- health ---------------------------------------------------------------------------------
 
 /// Every check of the node, `serfHealth` included, sorted by check ID as Consul's table is.
-fn all_checks(node: &NodeView, state: &RegistryState) -> Vec<CheckView> {
+fn all_checks(node: &NodeView, checks_table: &[Arc<Check>]) -> Vec<CheckView> {
     let mut checks = vec![CheckView::serf(node)];
-    checks.extend(state.checks.values().map(|c| CheckView::new(node, c)));
+    checks.extend(checks_table.iter().map(|c| CheckView::new(node, c)));
     checks.sort_by(|a, b| a.check_id.cmp(&b.check_id));
     checks
 }
@@ -487,23 +498,34 @@ async fn health_state(
     let blocking = params.blocking()?;
     let listed = node_meta_matches(params);
     let node = NodeView::new(app);
-    let (index, (checks, removed)) = blocking
-        .run(&app.store, app.shutdown.clone(), |s| {
-            let in_state: Vec<CheckView> = if listed {
-                all_checks(&node, s)
-                    .into_iter()
-                    .filter(|c| wanted == "any" || c.status == wanted)
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let (checks, dropped): (Vec<CheckView>, Vec<CheckView>) = in_state
-                .into_iter()
-                .partition(|c| access.check(&c.service_name));
-            // Consul's checks-table index: it wakes on check changes only.
-            (s.checks_table_index(), (checks, !dropped.is_empty()))
-        })
+    // Consul's checks-table index: it wakes on check changes only. The checks are taken under
+    // the lock; the answer is built after it is released.
+    let (index, all) = blocking
+        .run(
+            &app.store,
+            app.shutdown.clone(),
+            RegistryState::checks_table_index,
+            |s| {
+                if listed {
+                    s.checks.values().cloned().collect()
+                } else {
+                    Vec::new()
+                }
+            },
+        )
         .await;
+    let in_state: Vec<CheckView> = if listed {
+        all_checks(&node, &all)
+            .into_iter()
+            .filter(|c| wanted == "any" || c.status == wanted)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let (checks, dropped): (Vec<CheckView>, Vec<CheckView>) = in_state
+        .into_iter()
+        .partition(|c| access.check(&c.service_name));
+    let removed = !dropped.is_empty();
     let mut response = json(&checks, params, read_meta(index, consistency))?;
     access.mark(&mut response, removed);
     Ok(response)
@@ -528,24 +550,29 @@ async fn health_checks(
     let listed = node_meta_matches(params);
     let node = NodeView::new(app);
     let (index, (checks, removed)) = blocking
-        .run(&app.store, app.shutdown.clone(), |s| {
-            let all: Vec<CheckView> = if listed {
-                s.checks
-                    .values()
-                    .filter(|c| c.service_name == service)
-                    .map(|c| CheckView::new(&node, c))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let removed = !all.is_empty() && !access.check(service);
-            let checks = if access.check(service) {
-                all
-            } else {
-                Vec::new()
-            };
-            (s.service_index(service), (checks, removed))
-        })
+        .run(
+            &app.store,
+            app.shutdown.clone(),
+            |s| s.service_index(service),
+            |s| {
+                let all: Vec<CheckView> = if listed {
+                    s.checks
+                        .values()
+                        .filter(|c| c.service_name == service)
+                        .map(|c| CheckView::new(&node, c))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let removed = !all.is_empty() && !access.check(service);
+                let checks = if access.check(service) {
+                    all
+                } else {
+                    Vec::new()
+                };
+                (checks, removed)
+            },
+        )
         .await;
     let mut response = json(&checks, params, read_meta(index, consistency))?;
     access.mark(&mut response, removed);
