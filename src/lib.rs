@@ -30,8 +30,9 @@
 //!   restores the stored specs and certificates on start and then follows them, the proxy-wide
 //!   settings kept in KV (`<kv-prefix>/settings/`) and the routed services' instances (two
 //!   blocking queries that detect changes to checks and to the catalog, then reads of only the
-//!   services that changed), so every proxy sharing a Consul converges without calls between
-//!   proxies, over a few connections to Consul however many services it routes.
+//!   services that changed, after the API changes in flight: `callers`), so every proxy sharing
+//!   a Consul converges without calls between proxies, over a few connections to Consul however
+//!   many services it routes.
 //! - [`render`]: routing state → haproxy.cfg text through the handlebars templates in `templates/`
 //!   (and a service's own fragments from `--templates-dir`, read at each render), each frontend
 //!   and backend rendered with its own view and cached by it, the server slots of each backend,

@@ -158,12 +158,8 @@ async fn reconfigure(
     let service_cert =
         take_service_cert(&mut pairs, &body).map_err(|e| ApiError::from(e).about(about.clone()))?;
     // The service's spec now: a repeated clear password keeps its hash (and haproxy.cfg its text).
-    let services = proxy.services();
-    let current = about
-        .as_deref()
-        .and_then(|name| services.iter().find(|s| s.service_name().as_str() == name))
-        .map(|spec| &**spec);
-    let (spec, ignored) = ServiceSpec::from_query_keeping(&pairs, current)
+    let current = about.as_deref().and_then(|name| proxy.service(name));
+    let (spec, ignored) = ServiceSpec::from_query_keeping(&pairs, current.as_deref())
         .map_err(|error| ApiError::from(error).about(about.clone()))?;
     if spec.verify_client_ssl() && !proxy.has_client_ca() {
         let error = SpecError {

@@ -42,16 +42,24 @@ const PROMPT: &[u8] = b"\n> ";
 const PIPELINED_COMMANDS: usize = 32;
 
 impl Session {
-    /// Connects and enters interactive mode.
-    pub async fn open(socket: &Path) -> std::io::Result<Session> {
+    /// Connects, enters interactive mode and runs `commands` (as [`Session::run_all`]) in the
+    /// same round trip: HAProxy reads the lines after `prompt` in interactive mode.
+    pub async fn open_running(
+        socket: &Path,
+        commands: &[String],
+    ) -> std::io::Result<(Session, Vec<String>)> {
         let opened = async {
             let stream = UnixStream::connect(socket).await?;
             let mut session = Session {
                 stream,
                 answer: Vec::new(),
             };
-            session.exchange("prompt").await?;
-            Ok(session)
+            let mut series = Vec::with_capacity(commands.len() + 1);
+            series.push("prompt".to_string());
+            series.extend_from_slice(commands);
+            let mut answers = session.exchange_all(&series).await?;
+            answers.remove(0);
+            Ok((session, answers))
         };
         bounded("prompt", opened).await
     }
@@ -92,11 +100,6 @@ impl Session {
             self.answer.extend_from_slice(&chunk[..read]);
         }
         Ok(answers)
-    }
-
-    async fn exchange(&mut self, command: &str) -> std::io::Result<String> {
-        let mut answers = self.exchange_all(&[command.to_string()]).await?;
-        Ok(answers.pop().unwrap_or_default())
     }
 }
 
@@ -303,23 +306,24 @@ impl super::Haproxy {
     ) -> Result<(), RuntimeError> {
         self.write_live_later(vec![super::LiveWrite::Config(Arc::clone(config))])
             .await?;
-        let mut session =
-            Session::open(self.stats_socket())
-                .await
-                .map_err(|source| RuntimeError::Socket {
-                    command: "prompt".to_string(),
-                    source,
-                })?;
         let commands: Vec<String> = changes.iter().flat_map(SlotChange::commands).collect();
-        // A few dozen lines at a time, well inside HAProxy's input buffer.
+        let mut session = None;
+        // A few dozen lines at a time, well inside HAProxy's input buffer; the first series
+        // goes with the `prompt` that opens the session.
         for series in commands.chunks(PIPELINED_COMMANDS) {
-            let answers = session
-                .run_all(series)
-                .await
-                .map_err(|source| RuntimeError::Socket {
-                    command: series.join("; "),
-                    source,
-                })?;
+            let ran = match &mut session {
+                None => Session::open_running(self.stats_socket(), series)
+                    .await
+                    .map(|(opened, answers)| {
+                        session = Some(opened);
+                        answers
+                    }),
+                Some(session) => session.run_all(series).await,
+            };
+            let answers = ran.map_err(|source| RuntimeError::Socket {
+                command: series.join("; "),
+                source,
+            })?;
             for (command, answer) in series.iter().zip(answers) {
                 if !succeeded(command, &answer) {
                     return Err(RuntimeError::Refused {

@@ -10,7 +10,8 @@
 //! - `/v1/catalog/services`, every service name with the union of its instances' tags: a service
 //!   appearing, disappearing or changing its tags names that service.
 //!
-//! On each wake the follower reads only the queries of the named services that are routed
+//! On each wake the follower first lets the API changes in flight be answered (at most
+//! [`CALLERS_FIRST`], see [`super::callers`]), then reads only the queries of the named services that are routed
 //! (`/v1/health/service/<name>?passing[&tag=…]`, at most [`READS_IN_FLIGHT`] at once) and hands
 //! the lists that differ from what the core holds to the core ([`Change::Instances`]).
 //!
@@ -48,6 +49,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::callers::CallersInFlight;
 use super::{submit_internal, Change, Pending};
 use crate::observe::{Observer, WatchKind};
 use crate::registry::watch::{Backoff, Update, Watch, WatchIndex, WATCH_BACKOFF};
@@ -60,21 +62,80 @@ use crate::spec::{Instance, ServiceSpec};
 /// to Consul stay at five or fewer (see [`crate::registry::IDLE_CONNECTIONS_PER_ADDRESS`]).
 pub const READS_IN_FLIGHT: usize = 2;
 
+/// The longest a wake of the follower waits for the API changes in flight before it reads
+/// anything (see [`super::callers`]).
+const CALLERS_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Check-write indexes remembered above the catalog's index; past it the oldest are forgotten
 /// (at worst a catalog move they would have explained costs a sweep).
 const REMEMBERED_CHECK_WRITES: usize = 1_024;
 
+/// Service writes remembered (see [`ServiceWrites`]); past it the oldest are forgotten.
+const REMEMBERED_SERVICE_WRITES: usize = 1_024;
+
+/// The Consul writes known to concern one service's instances, by index: a read of
+/// `/v1/health/service/<name>` that lists instances answers that service's own index, the
+/// index of the last write to its instances or their checks. Both the core (whose reconfigure
+/// reads the instances of the service it routes) and the follower record what they read, and
+/// an unexplained catalog move whose every index is a check write or a recorded service write
+/// names those services without listing every node's instances (Registrator registers, then
+/// the deployment calls reconfigure: the listing would tell what the reconfigure already read).
+/// An empty answer records nothing: for a service without instances Consul answers the index
+/// at which the last service disappeared, which may be another one's.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ServiceWrites(Arc<std::sync::Mutex<BTreeMap<u64, String>>>);
+
+impl ServiceWrites {
+    /// Records a read of `query` that answered `instances` at `index`.
+    pub fn record(&self, query: &InstanceQuery, index: u64, instances: &[Instance]) {
+        if instances.is_empty() || index == 0 {
+            return;
+        }
+        let mut writes = self.0.lock().unwrap_or_else(|error| error.into_inner());
+        writes.insert(index, query.service().to_string());
+        while writes.len() > REMEMBERED_SERVICE_WRITES {
+            writes.pop_first();
+        }
+    }
+
+    /// The services the writes in `from + 1 ..= to` concern, each of them a check write of
+    /// `check_writes` or a recorded service write; `None` when one is neither.
+    fn explain(
+        &self,
+        from: u64,
+        to: u64,
+        check_writes: &BTreeSet<u64>,
+    ) -> Option<BTreeSet<String>> {
+        if to.saturating_sub(from) > REMEMBERED_SERVICE_WRITES as u64 {
+            return None;
+        }
+        let writes = self.0.lock().unwrap_or_else(|error| error.into_inner());
+        let mut services = BTreeSet::new();
+        for index in from.saturating_add(1)..=to {
+            if check_writes.contains(&index) {
+                continue;
+            }
+            services.insert(writes.get(&index)?.clone());
+        }
+        Some(services)
+    }
+}
+
 /// The healthy instances of `spec`'s Consul service (carrying its `serviceTag`s), read now;
 /// none, without asking the registry, when every destination forwards to its
-/// `outboundHostname`.
+/// `outboundHostname`. The read is recorded in `writes`.
 pub(super) async fn instances_for(
     registry: &ConsulClient,
+    writes: &ServiceWrites,
     spec: &ServiceSpec,
 ) -> Result<Vec<Instance>, RegistryError> {
     if !spec.uses_registry() {
         return Ok(Vec::new());
     }
-    registry.healthy_instances(&instance_query(spec)).await
+    let query = instance_query(spec);
+    let read = registry.watch_healthy_instances(&query, None).await?;
+    writes.record(&query, read.index, &read.value);
+    Ok(read.value)
 }
 
 /// The instances `spec` routes to: its Consul service's passing instances carrying every tag of
@@ -100,6 +161,8 @@ pub(super) struct InstanceWatches {
     registry: ConsulClient,
     core: WeakSender<Pending>,
     observer: Observer,
+    callers: CallersInFlight,
+    writes: ServiceWrites,
     followed: watch::Sender<Arc<Followed>>,
     task: Option<JoinHandle<()>>,
 }
@@ -110,12 +173,16 @@ impl InstanceWatches {
         registry: ConsulClient,
         core: WeakSender<Pending>,
         observer: Observer,
+        callers: CallersInFlight,
+        writes: ServiceWrites,
     ) -> Self {
         InstanceWatches {
             enabled,
             registry,
             core,
             observer,
+            callers,
+            writes,
             followed: watch::channel(Arc::new(Followed::new())).0,
             task: None,
         }
@@ -140,6 +207,8 @@ impl InstanceWatches {
                 self.registry.clone(),
                 self.core.clone(),
                 self.observer.clone(),
+                self.callers.clone(),
+                self.writes.clone(),
             );
             self.task = Some(tokio::spawn(follower.run(self.followed.subscribe())));
         }
@@ -248,37 +317,37 @@ fn all_explained(moved: Option<(u64, u64)>, check_writes: &BTreeSet<u64>) -> boo
         && (from.saturating_add(1)..=to).all(|index| check_writes.contains(&index))
 }
 
-/// The services with an instance added, changed or removed between two node listings.
+/// The services with an instance added, changed or removed between two node listings (walked
+/// in place: at thousands of instances a listing is large, and nothing of it is copied).
 fn diff_nodes(before: &NodeSnapshot, after: &NodeSnapshot) -> BTreeSet<String> {
-    let flatten = |snapshot: &NodeSnapshot| -> BTreeMap<(String, String), NodeInstance> {
-        snapshot
-            .iter()
-            .flat_map(|(node, instances)| {
-                instances
-                    .iter()
-                    .map(move |(id, instance)| ((node.clone(), id.clone()), instance.clone()))
-            })
-            .collect()
-    };
-    let (before, after) = (flatten(before), flatten(after));
+    let none = BTreeMap::new();
     let mut changed = BTreeSet::new();
-    for (key, instance) in &after {
-        match before.get(key) {
-            Some(old) if old == instance => {}
-            Some(old) => {
-                changed.insert(old.service.clone());
-                changed.insert(instance.service.clone());
-            }
-            None => {
-                changed.insert(instance.service.clone());
-            }
-        }
-    }
-    for (key, instance) in &before {
-        if !after.contains_key(key) {
+    let mut concerns = |instance: &NodeInstance| {
+        if !changed.contains(&instance.service) {
             changed.insert(instance.service.clone());
         }
+    };
+    for (node, instances) in after {
+        let old = before.get(node).unwrap_or(&none);
+        for (id, instance) in instances {
+            match old.get(id) {
+                Some(old) if old == instance => {}
+                Some(old) => {
+                    concerns(old);
+                    concerns(instance);
+                }
+                None => concerns(instance),
+            }
+        }
+        old.iter()
+            .filter(|(id, _)| !instances.contains_key(*id))
+            .for_each(|(_, gone)| concerns(gone));
     }
+    before
+        .iter()
+        .filter(|(node, _)| !after.contains_key(*node))
+        .flat_map(|(_, instances)| instances.values())
+        .for_each(&mut concerns);
     changed
 }
 
@@ -322,6 +391,8 @@ struct Follower {
     registry: ConsulClient,
     core: WeakSender<Pending>,
     observer: Observer,
+    callers: CallersInFlight,
+    writes: ServiceWrites,
     checks: Option<CheckSnapshot>,
     checks_index: u64,
     /// Indexes at which the checks table was seen written, above the catalog's index.
@@ -341,11 +412,19 @@ struct Follower {
 }
 
 impl Follower {
-    fn new(registry: ConsulClient, core: WeakSender<Pending>, observer: Observer) -> Follower {
+    fn new(
+        registry: ConsulClient,
+        core: WeakSender<Pending>,
+        observer: Observer,
+        callers: CallersInFlight,
+        writes: ServiceWrites,
+    ) -> Follower {
         Follower {
             registry,
             core,
             observer,
+            callers,
+            writes,
             checks: None,
             checks_index: 0,
             check_writes: BTreeSet::new(),
@@ -406,6 +485,11 @@ impl Follower {
             // answers start a sweep, which reads what was routed meanwhile).
             if self.checks.is_none() || self.catalog.is_none() || round.is_empty() {
                 continue;
+            }
+            // A caller's change goes first; what the detectors said meanwhile joins this round.
+            self.callers.wait_until_idle(CALLERS_FIRST).await;
+            while let Ok(event) = events.try_recv() {
+                self.take(event, &mut round);
             }
             if !self.resolve(std::mem::take(&mut round)).await {
                 return;
@@ -518,7 +602,11 @@ impl Follower {
         if round.sweep {
             self.nodes = self.list_nodes().await;
         } else if !all_explained(round.catalog_moved, &self.check_writes) {
-            match self.changed_on_nodes().await {
+            let read = match self.read_service_writes(round.catalog_moved).await {
+                Some(services) => Some(services),
+                None => self.changed_on_nodes().await,
+            };
+            match read {
                 Some(changed) => round.services.extend(changed),
                 None => {
                     tracing::debug!(
@@ -554,7 +642,7 @@ impl Follower {
     /// routed query; `None` otherwise or when a listing fails.
     async fn list_nodes(&self) -> Option<NodeSnapshot> {
         let names = match self.registry.node_names().await {
-            Ok(names) => names,
+            Ok(names) => names.value,
             Err(error @ RegistryError::FilteredByAcls { .. }) => {
                 // Changes on the nodes left out could not be told: read every routed query
                 // (each read is checked for filtering itself).
@@ -590,6 +678,23 @@ impl Follower {
             }
         }
         Some(snapshot)
+    }
+
+    /// The services the catalog's move from `moved.0` to `moved.1` concerns, when each write in
+    /// between is a check write or a recorded service write (see [`ServiceWrites`]) and no
+    /// node changed meanwhile (a node's change concerns each of its services, which a read of
+    /// one of them does not tell); `None` otherwise.
+    async fn read_service_writes(&self, moved: Option<(u64, u64)>) -> Option<BTreeSet<String>> {
+        let (from, to) = moved?;
+        let services = self.writes.explain(from, to, &self.check_writes)?;
+        match self.registry.node_names().await {
+            Ok(nodes) if nodes.index <= from => Some(services),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::debug!(%error, "listing the nodes failed");
+                None
+            }
+        }
     }
 
     /// The services with an instance registered, changed or deregistered since the last node
@@ -636,7 +741,10 @@ impl Follower {
         let mut submits = JoinSet::new();
         for (query, result) in results {
             let mut instances = match result {
-                Ok(read) => read.value,
+                Ok(read) => {
+                    self.writes.record(&query, read.index, &read.value);
+                    read.value
+                }
                 Err(RegistryError::FilteredByAcls { .. }) => {
                     self.observer.record_registry_error();
                     filtered_reads.push(query);
@@ -948,5 +1056,32 @@ mod tests {
             "web added an instance, api moved, db's left, node n2 left with gone's"
         );
         assert!(diff_nodes(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn a_catalog_move_is_explained_by_the_service_reads_and_check_writes_within_it() {
+        let writes = ServiceWrites::default();
+        let web = InstanceQuery::new("web", std::iter::empty());
+        let api = InstanceQuery::new("api", ["v2".to_string()]);
+        let one = [Instance::new("127.0.0.1", 8080).expect("an instance")];
+        writes.record(&web, 11, &one);
+        writes.record(&api, 13, &one);
+        // An empty answer carries the index of whichever service disappeared last.
+        writes.record(&web, 14, &[]);
+        let check_writes = BTreeSet::from([12]);
+        assert_eq!(
+            writes.explain(10, 13, &check_writes),
+            Some(names(&["api", "web"]))
+        );
+        assert_eq!(
+            writes.explain(12, 13, &BTreeSet::new()),
+            Some(names(&["api"]))
+        );
+        assert_eq!(
+            writes.explain(10, 13, &BTreeSet::new()),
+            None,
+            "index 12 is neither a recorded read nor a check write"
+        );
+        assert_eq!(writes.explain(13, 14, &check_writes), None);
     }
 }

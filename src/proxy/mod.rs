@@ -64,6 +64,7 @@
 //! rendered, validated and applied with one reload; settings HAProxy refuses are logged and left
 //! out until they change.
 
+mod callers;
 mod instances;
 mod map_changes;
 pub mod proxy_settings;
@@ -94,7 +95,8 @@ use crate::render::{
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
 
-use instances::{instance_query, instances_for, InstanceWatches};
+use callers::CallersInFlight;
+use instances::{instance_query, instances_for, InstanceWatches, ServiceWrites};
 use proxy_settings::{EffectiveSetting, KvSettings};
 use stored::{ParsedDocuments, SpecStore, StoredDifference, StoredSpecs};
 
@@ -285,6 +287,8 @@ pub struct Proxy {
     change_timeout: std::time::Duration,
     /// One permit per API change waiting or being applied ([`QUEUE_CAPACITY`]).
     api_slots: Arc<tokio::sync::Semaphore>,
+    /// The same changes, counted for the background readers that let them go first.
+    callers: CallersInFlight,
     services: watch::Receiver<RoutingState>,
     haproxy: Haproxy,
     has_client_ca: bool,
@@ -341,6 +345,8 @@ impl Proxy {
     /// the KV watch and the instance follower.
     pub async fn start(parts: ProxyParts) -> Proxy {
         let (changes, queue) = mpsc::channel(CHANNEL_CAPACITY);
+        let callers = CallersInFlight::new();
+        let service_writes = ServiceWrites::default();
         let (published, services) = watch::channel(RoutingState::new());
         let (published_certificates, certificates) = watch::channel(Arc::new(Vec::new()));
         let flag_settings = parts.render_settings.proxy_wide.clone();
@@ -380,7 +386,11 @@ impl Proxy {
                 parts.registry,
                 changes.downgrade(),
                 parts.observer.clone(),
+                callers.clone(),
+                service_writes.clone(),
             ),
+            service_writes,
+            stored_read_ahead: None,
             followed: instances::Followed::new(),
             query_users: QueryUsers::new(),
             totals: ServiceTotals::default(),
@@ -432,6 +442,7 @@ impl Proxy {
             certificates,
             change_timeout: parts.change_timeout,
             api_slots: Arc::new(tokio::sync::Semaphore::new(QUEUE_CAPACITY)),
+            callers,
             services,
             haproxy,
             has_client_ca: parts.client_ca.is_some(),
@@ -552,6 +563,15 @@ impl Proxy {
         )
     }
 
+    /// The spec routed now under `name`, found without listing the others.
+    pub fn service(&self, name: &str) -> Option<Arc<ServiceSpec>> {
+        let name = ServiceName::parse("serviceName", name).ok()?;
+        self.services
+            .borrow()
+            .get(&name)
+            .map(|routed| Arc::clone(&routed.spec))
+    }
+
     /// The haproxy.cfg HAProxy runs now.
     pub async fn live_config(&self) -> Result<String, ProxyError> {
         self.haproxy
@@ -565,6 +585,7 @@ impl Proxy {
     /// stopped waiting is dropped by the core unless it had started.
     async fn submit(&self, change: Change) -> Outcome {
         let _slot = self.api_slots.try_acquire().map_err(|_| ProxyError::Busy)?;
+        let _in_flight = self.callers.enter();
         let (reply, answer) = oneshot::channel();
         let applied = async {
             self.changes
@@ -612,6 +633,11 @@ struct Core {
     /// (see [`Core::placed`]).
     applied_routing: Option<Arc<RoutingIndex>>,
     instance_watches: InstanceWatches,
+    /// The instance reads' indexes, shared with the follower (see [`ServiceWrites`]).
+    service_writes: ServiceWrites,
+    /// The stored entry of the one routed service a change reconfigures, read beside its
+    /// instances (see [`SpecStore::store`]); taken by its write.
+    stored_read_ahead: Option<(ServiceName, Option<crate::registry::KvEntry>)>,
     /// The queries the instance follower follows, kept in line with the state by
     /// [`Core::index_changes`].
     followed: instances::Followed,
@@ -1239,6 +1265,7 @@ impl Core {
         changes: &[&Change],
     ) -> Result<Vec<Option<ServiceSpec>>, ProxyError> {
         self.timings = StepTimings::default();
+        self.stored_read_ahead = None;
         let mut candidate = self.state.clone();
         let mut candidate_certs = self.certs.clone();
         let mut outcomes = Vec::with_capacity(changes.len());
@@ -1248,7 +1275,8 @@ impl Core {
         let mut candidate_pool = self.pool.clone();
         // The slots the services this change puts in a pool backend would have without it.
         let mut slots_outside_pool: Vec<(ServiceName, ServerSlots)> = Vec::new();
-        let mut prefetched = instances_of_reconfigured(&self.registry, changes).await?;
+        let mut prefetched =
+            instances_of_reconfigured(&self.registry, &self.service_writes, changes).await?;
         for change in changes {
             match change {
                 Change::Reconfigure(spec, certificate) => {
@@ -1261,7 +1289,18 @@ impl Core {
                     }
                     let instances = match prefetched.pop_front() {
                         Some(instances) => instances,
-                        None => instances_for(&self.registry, spec).await?,
+                        None if changes.len() == 1
+                            && candidate.contains_key(spec.service_name()) =>
+                        {
+                            // Its stored spec is read meanwhile, for the write that follows.
+                            let (instances, stored) = tokio::join!(
+                                instances_for(&self.registry, &self.service_writes, spec),
+                                self.store.current(spec.service_name())
+                            );
+                            self.stored_read_ahead = Some((spec.service_name().clone(), stored?));
+                            instances?
+                        }
+                        None => instances_for(&self.registry, &self.service_writes, spec).await?,
                     };
                     let name = spec.service_name().clone();
                     let previous = candidate.get(&name).map(|routed| &**routed);
@@ -1313,7 +1352,9 @@ impl Core {
                     let names: Vec<ServiceName> = candidate.keys().cloned().collect();
                     for name in names {
                         if let Some(routed) = candidate.get_mut(&name) {
-                            let instances = instances_for(&self.registry, &routed.spec).await?;
+                            let instances =
+                                instances_for(&self.registry, &self.service_writes, &routed.spec)
+                                    .await?;
                             Arc::make_mut(routed).set_instances(instances);
                         }
                     }
@@ -1603,7 +1644,7 @@ impl Core {
         }
         let specs: Vec<(&ServiceName, &ServiceSpec)> =
             changed.iter().map(|(name, spec)| (name, &**spec)).collect();
-        let instances = instances_of_each(&self.registry, &specs).await?;
+        let instances = instances_of_each(&self.registry, &self.service_writes, &specs).await?;
         let mut updates: Vec<(ServiceName, Option<Arc<Routed>>)> = Vec::new();
         for ((name, spec), instances) in changed.into_iter().zip(instances) {
             let routed = Routed::new(
@@ -1621,7 +1662,7 @@ impl Core {
             );
             for name in &gone {
                 let spec = self.state.get(name).map(|routed| Arc::clone(&routed.spec));
-                self.store.store(name, spec.as_deref()).await?;
+                self.store.store(name, spec.as_deref(), None).await?;
                 self.unindexed_writes.insert(name.clone());
             }
         } else {
@@ -1951,7 +1992,13 @@ impl Core {
             Some(spec) if !self.state.contains_key(name) => {
                 self.store.store_new(name, spec).await?
             }
-            spec => self.store.store(name, spec).await?,
+            spec => {
+                let read_ahead = match self.stored_read_ahead.take() {
+                    Some((read, entry)) if read == *name => Some(entry),
+                    _ => None,
+                };
+                self.store.store(name, spec, read_ahead).await?
+            }
         };
         // The index it was written at is read before the next read of the stored specs is
         // applied, not while the caller waits (see `Core::raise_stored_floor`).
@@ -2374,6 +2421,7 @@ fn may_take_pool_backends(spec: &ServiceSpec) -> bool {
 /// instances once it is admitted.
 async fn instances_of_reconfigured(
     registry: &ConsulClient,
+    writes: &ServiceWrites,
     changes: &[&Change],
 ) -> Result<std::collections::VecDeque<Vec<Instance>>, RegistryError> {
     if changes.len() < 2 {
@@ -2386,12 +2434,13 @@ async fn instances_of_reconfigured(
             _ => None,
         })
         .collect();
-    Ok(instances_of_each(registry, &specs).await?.into())
+    Ok(instances_of_each(registry, writes, &specs).await?.into())
 }
 
 /// The healthy instances of each spec (in order), [`RESTORE_READS_IN_FLIGHT`] reads at a time.
 async fn instances_of_each(
     registry: &ConsulClient,
+    writes: &ServiceWrites,
     specs: &[(&ServiceName, &ServiceSpec)],
 ) -> Result<Vec<Vec<Instance>>, RegistryError> {
     use futures::stream::{self, StreamExt, TryStreamExt};
@@ -2399,7 +2448,7 @@ async fn instances_of_each(
     // be `Send` for every lifetime the core's task needs.
     let reads: Vec<_> = specs
         .iter()
-        .map(|(_, spec)| instances_for(registry, spec))
+        .map(|(_, spec)| instances_for(registry, writes, spec))
         .collect();
     stream::iter(reads)
         .buffered(RESTORE_READS_IN_FLIGHT)

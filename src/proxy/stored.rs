@@ -21,7 +21,7 @@ use super::{submit_internal, Change, Pending, ProxyError, RoutingState};
 use crate::certs::Certificate;
 use crate::observe::{Observer, WatchKind};
 use crate::registry::watch::{Watch, WatchIndex};
-use crate::registry::{Blocking, ConsulClient, Indexed, ListedKvEntry, RegistryError};
+use crate::registry::{Blocking, ConsulClient, Indexed, KvEntry, ListedKvEntry, RegistryError};
 use crate::spec::{services_from_docker_flow, ServiceName, ServiceSpec, DOCKER_FLOW_PREFIX};
 
 /// How many times a write that lost a check-and-set race is tried again before the caller gets
@@ -215,14 +215,26 @@ impl SpecStore {
     /// unseen: a lost race is read again and retried, and after [`CAS_ATTEMPTS`] losses the
     /// caller gets [`ProxyError::Conflict`]. [`SpecStore::index_of`] tells the KV index after
     /// the write (any read of the prefix with a lower index predates it).
+    /// `read_ahead` is the key's entry when the caller already read it ([`SpecStore::current`]):
+    /// the first attempt starts from it instead of reading again (its check-and-set fails, and
+    /// the key is read again, if it changed since).
     pub async fn store(
         &self,
         name: &ServiceName,
         spec: Option<&ServiceSpec>,
+        read_ahead: Option<Option<KvEntry>>,
     ) -> Result<(), ProxyError> {
         let key = self.key(name);
         let document = spec.map(|spec| self.document(&key, spec)).transpose()?;
-        self.store_document(name, key, document).await
+        self.store_document(name, key, document, read_ahead, |stored| {
+            same_spec(stored, spec)
+        })
+        .await
+    }
+
+    /// The service's stored entry now (`None`: no key), for [`SpecStore::store`]'s `read_ahead`.
+    pub async fn current(&self, name: &ServiceName) -> Result<Option<KvEntry>, RegistryError> {
+        Ok(self.registry.kv_get(&self.key(name)).await?.value)
     }
 
     /// [`SpecStore::store`] for a service this proxy does not route yet, whose key is most
@@ -238,7 +250,10 @@ impl SpecStore {
         if self.registry.kv_put_cas(&key, document.clone(), 0).await? {
             return Ok(());
         }
-        self.store_document(name, key, Some(document)).await
+        self.store_document(name, key, Some(document), None, |stored| {
+            same_spec(stored, Some(spec))
+        })
+        .await
     }
 
     /// The KV index of the service's key now: at least that of this proxy's last write of it
@@ -266,21 +281,33 @@ impl SpecStore {
     ) -> Result<u64, ProxyError> {
         let key = format!("{}{}", self.certs_prefix, name);
         let document = certificate.map(|certificate| certificate.pem().as_bytes().to_vec());
-        self.store_document(name, key.clone(), document).await?;
+        self.store_document(name, key.clone(), document, None, |_| false)
+            .await?;
         Ok(self.registry.kv_get(&key).await?.index)
     }
 
     /// Check-and-set write (or delete, for `None`) of one document; see [`SpecStore::store`].
+    /// A stored document that is `document` byte for byte, or that `equivalent` accepts, is
+    /// left as it is: no write wakes the watches of every proxy for what they already route.
     async fn store_document(
         &self,
         name: &ServiceName,
         key: String,
         document: Option<Vec<u8>>,
+        mut read_ahead: Option<Option<KvEntry>>,
+        equivalent: impl Fn(&[u8]) -> bool,
     ) -> Result<(), ProxyError> {
         for attempt in 1..=CAS_ATTEMPTS {
-            let current = self.registry.kv_get(&key).await?.value;
+            let current = match read_ahead.take() {
+                Some(current) => current,
+                None => self.registry.kv_get(&key).await?.value,
+            };
             let stored = match (&document, current) {
-                (Some(document), Some(entry)) if entry.value == *document => true,
+                (Some(document), Some(entry))
+                    if entry.value == *document || equivalent(&entry.value) =>
+                {
+                    true
+                }
                 (Some(document), current) => {
                     let modify_index = current.map_or(0, |entry| entry.modify_index);
                     self.registry
@@ -470,6 +497,14 @@ impl SpecStore {
         tracing::error!(%key, %problem, "ignoring a stored spec that does not validate");
         ParsedDocument::UnreadableSpec(stored_name.to_string())
     }
+}
+
+/// Whether a stored document reads as `spec` (written by another version or by hand, with
+/// fields left to their defaults).
+fn same_spec(stored: &[u8], spec: Option<&ServiceSpec>) -> bool {
+    spec.is_some_and(|spec| {
+        serde_json::from_slice::<ServiceSpec>(stored).is_ok_and(|stored| stored == *spec)
+    })
 }
 
 /// Reads the stored specs once, without blocking, for the restore at start, keeping the parsed

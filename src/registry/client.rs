@@ -453,11 +453,15 @@ impl ConsulClient {
 
     /// The names of the datacenter's nodes (`/v1/catalog/nodes`); [`RegistryError::FilteredByAcls`]
     /// when the ACLs left some out.
-    pub async fn node_names(&self) -> Result<Vec<String>, RegistryError> {
+    pub async fn node_names(&self) -> Result<Indexed<Vec<String>>, RegistryError> {
         let path = "/v1/catalog/nodes";
         let response = unfiltered(path, self.get(path, None).await?)?;
+        let index = consul_index(&response);
         let nodes: Vec<NodeNameWire> = decode_json(path, response).await?;
-        Ok(nodes.into_iter().map(|node| node.node).collect())
+        Ok(Indexed {
+            value: nodes.into_iter().map(|node| node.node).collect(),
+            index,
+        })
     }
 
     /// Every instance registered on `node`, by instance ID (`/v1/catalog/node/<node>`; none when

@@ -189,19 +189,9 @@ async fn all_answer(proxy: &TestProxy, path: &str, names: &[&str], count: usize)
 
 /// The IDs of the passing instances of `service` in the registry (what Consul says).
 async fn passing_in_registry(proxy: &TestProxy, service: &str) -> usize {
-    let url = format!(
-        "http://{}/v1/health/service/{service}?passing",
-        proxy.registry_address()
-    );
-    let entries: serde_json::Value = proxy
-        .http()
-        .get(url)
-        .send()
-        .await
-        .expect("registry answers")
-        .json()
-        .await
-        .expect("JSON");
+    let entries = proxy
+        .registry_json(&format!("/v1/health/service/{service}?passing"))
+        .await;
     entries.as_array().map_or(0, Vec::len)
 }
 

@@ -213,6 +213,18 @@ impl TestProxy {
         assert_eq!(response.status(), StatusCode::OK, "deregister {id}");
     }
 
+    /// A JSON answer of the registry this proxy uses (`path` from `/v1/…`).
+    pub async fn registry_json(&self, path: &str) -> Value {
+        self.http()
+            .get(format!("{}{path}", self.app().registry_url()))
+            .send()
+            .await
+            .expect("registry answers")
+            .json()
+            .await
+            .expect("JSON")
+    }
+
     /// The spec stored in KV for `service` (`None` when the key does not exist).
     pub async fn stored_spec(&self, service: &str) -> Option<Value> {
         let response = self

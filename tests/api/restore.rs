@@ -116,3 +116,45 @@ async fn a_stored_spec_that_no_longer_validates_is_skipped_and_can_be_removed() 
     proxy.assert_unchanged_since(&before).await;
     assert_eq!(proxy.names_answering("/good", None, 1).await, ["good"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconfigure_that_changes_nothing_leaves_a_stored_document_written_another_way() {
+    let mut proxy = TestProxy::spawn().await;
+    let web = spawn_backend("web").await;
+    proxy.register_instance("web", "web.1", web.port).await;
+    // Written by hand (or by another version): the defaults left out.
+    let written = r#"{"ServiceName":"web","ServiceDest":[{"Index":0,"ServicePath":["/web"]}]}"#;
+    proxy.put_kv("flow-proxy/services/web", written).await;
+    proxy.stop().await;
+    proxy.start_again().await;
+    assert_eq!(proxy.names_answering("/web", None, 1).await, ["web"]);
+    let before = stored_entry(&proxy).await;
+
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    assert_eq!(
+        stored_entry(&proxy).await,
+        before,
+        "the same spec is not written again: no write wakes every proxy's watch"
+    );
+
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web2")
+        .await;
+    let (index, _) = stored_entry(&proxy).await;
+    assert!(index > before.0, "a changed spec is written");
+    assert_eq!(
+        proxy.stored_spec("web").await.expect("stored")["ServiceDest"][0]["ServicePath"][0],
+        "/web2"
+    );
+}
+
+/// The `ModifyIndex` and the (base64) value of web's stored document.
+async fn stored_entry(proxy: &TestProxy) -> (u64, String) {
+    let entries = proxy.registry_json("/v1/kv/flow-proxy/services/web").await;
+    (
+        entries[0]["ModifyIndex"].as_u64().expect("an index"),
+        entries[0]["Value"].as_str().expect("a value").to_string(),
+    )
+}
