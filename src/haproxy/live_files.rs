@@ -18,14 +18,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{io_error, HaproxyError, HaproxyPaths};
+use crate::render::MapFile;
 
 /// One live file's next contents.
 #[derive(Debug, Clone)]
 pub enum LiveWrite {
     /// haproxy.cfg.
     Config(Arc<str>),
-    /// A map file of the live map directory, by name, with its text.
-    Map { name: String, text: String },
+    /// A map file of the live map directory (its text is made when it is written: the copy
+    /// queued costs nothing).
+    Map(MapFile),
     /// A map file the configuration no longer names.
     RemoveMap(String),
 }
@@ -36,8 +38,8 @@ impl LiveWrite {
         match (self, other) {
             (LiveWrite::Config(_), LiveWrite::Config(_)) => true,
             (
-                LiveWrite::Map { name, .. } | LiveWrite::RemoveMap(name),
-                LiveWrite::Map { name: other, .. } | LiveWrite::RemoveMap(other),
+                LiveWrite::Map(MapFile { name, .. }) | LiveWrite::RemoveMap(name),
+                LiveWrite::Map(MapFile { name: other, .. }) | LiveWrite::RemoveMap(other),
             ) => name == other,
             _ => false,
         }
@@ -95,9 +97,9 @@ fn write_all(
     for (done, write) in writes.iter().enumerate() {
         let result = match write {
             LiveWrite::Config(text) => replace_file(&paths.config, text.as_bytes()),
-            LiveWrite::Map { name, text } => std::fs::create_dir_all(&maps_dir)
+            LiveWrite::Map(map) => std::fs::create_dir_all(&maps_dir)
                 .map_err(io_error(format!("creating {}", maps_dir.display())))
-                .and_then(|()| replace_file(&maps_dir.join(name), text.as_bytes())),
+                .and_then(|()| replace_file(&maps_dir.join(&map.name), map.text().as_bytes())),
             LiveWrite::RemoveMap(name) => {
                 let path = maps_dir.join(name);
                 match std::fs::remove_file(&path) {
@@ -132,11 +134,8 @@ fn replace_file(path: &Path, contents: &[u8]) -> Result<(), HaproxyError> {
 mod tests {
     use super::*;
 
-    fn map(name: &str, text: &str) -> LiveWrite {
-        LiveWrite::Map {
-            name: name.to_string(),
-            text: text.to_string(),
-        }
+    fn map(name: &str, key: &str, backend: &str) -> LiveWrite {
+        LiveWrite::Map(MapFile::of(name, &[(key, backend)]))
     }
 
     #[tokio::test]
@@ -146,12 +145,12 @@ mod tests {
         let mut unwritten = Unwritten::default();
         unwritten.push(vec![
             LiveWrite::Config(Arc::from("first")),
-            map("http-1.map", "/a a-be0\n"),
+            map("http-1.map", "/a", "a-be0"),
         ]);
         unwritten.push(vec![
             LiveWrite::Config(Arc::from("second")),
             LiveWrite::RemoveMap("http-1.map".to_string()),
-            map("http-2.map", "/b b-be0\n"),
+            map("http-2.map", "/b", "b-be0"),
         ]);
         unwritten.write(&paths).await.expect("written");
         assert!(unwritten.is_empty());

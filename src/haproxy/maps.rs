@@ -232,10 +232,7 @@ impl Haproxy {
         let changed = new
             .iter()
             .filter(|map| !old.contains(map))
-            .map(|map| LiveWrite::Map {
-                name: map.name.clone(),
-                text: map.text(),
-            });
+            .map(|map| LiveWrite::Map(map.clone()));
         let gone = old
             .iter()
             .filter(|map| !new.iter().any(|kept| kept.name == map.name))

@@ -82,8 +82,12 @@ const REMEMBERED_SERVICE_WRITES: usize = 1_024;
 /// the deployment calls reconfigure: the listing would tell what the reconfigure already read).
 /// An empty answer records nothing: for a service without instances Consul answers the index
 /// at which the last service disappeared, which may be another one's.
+///
+/// The core also records the index of each spec it wrote (a KV write concerns no instance), so
+/// that a new service's registration followed by its reconfigure, whose spec write lands
+/// between two catalog moves, is explained too.
 #[derive(Debug, Clone, Default)]
-pub(super) struct ServiceWrites(Arc<std::sync::Mutex<BTreeMap<u64, String>>>);
+pub(super) struct ServiceWrites(Arc<std::sync::Mutex<BTreeMap<u64, Option<String>>>>);
 
 impl ServiceWrites {
     /// Records a read of `query` that answered `instances` at `index`.
@@ -91,15 +95,24 @@ impl ServiceWrites {
         if instances.is_empty() || index == 0 {
             return;
         }
+        self.remember(index, Some(query.service().to_string()));
+    }
+
+    /// Records a KV write of this proxy at `index`.
+    pub fn record_kv(&self, index: u64) {
+        self.remember(index, None);
+    }
+
+    fn remember(&self, index: u64, service: Option<String>) {
         let mut writes = self.0.lock().unwrap_or_else(|error| error.into_inner());
-        writes.insert(index, query.service().to_string());
+        writes.insert(index, service);
         while writes.len() > REMEMBERED_SERVICE_WRITES {
             writes.pop_first();
         }
     }
 
     /// The services the writes in `from + 1 ..= to` concern, each of them a check write of
-    /// `check_writes` or a recorded service write; `None` when one is neither.
+    /// `check_writes` or a recorded write; `None` when one is neither.
     fn explain(
         &self,
         from: u64,
@@ -115,7 +128,9 @@ impl ServiceWrites {
             if check_writes.contains(&index) {
                 continue;
             }
-            services.insert(writes.get(&index)?.clone());
+            if let Some(service) = writes.get(&index)? {
+                services.insert(service.clone());
+            }
         }
         Some(services)
     }
@@ -1083,5 +1098,8 @@ mod tests {
             "index 12 is neither a recorded read nor a check write"
         );
         assert_eq!(writes.explain(13, 14, &check_writes), None);
+        // This proxy's spec write concerns no instance.
+        writes.record_kv(14);
+        assert_eq!(writes.explain(12, 14, &check_writes), Some(names(&["api"])));
     }
 }

@@ -47,16 +47,8 @@ pub(super) fn commands(old: &[MapFile], new: &[MapFile]) -> Vec<String> {
         .collect();
     names.sort_unstable();
     names.dedup();
-    fn file_of<'a>(maps: &'a [MapFile], name: &str) -> Option<&'a [(String, String)]> {
-        maps.iter()
-            .find(|map| map.name == name)
-            .map(|map| map.entries.as_slice())
-    }
-    fn entries(file: Option<&[(String, String)]>) -> BTreeMap<&str, &str> {
-        file.unwrap_or_default()
-            .iter()
-            .map(|(key, backend)| (key.as_str(), backend.as_str()))
-            .collect()
+    fn file_of<'a>(maps: &'a [MapFile], name: &str) -> Option<&'a MapFile> {
+        maps.iter().find(|map| map.name == name)
     }
     let mut commands = Vec::new();
     for name in names {
@@ -64,7 +56,7 @@ pub(super) fn commands(old: &[MapFile], new: &[MapFile]) -> Vec<String> {
         if old_file == new_file {
             continue;
         }
-        let (before, after) = (entries(old_file), entries(new_file));
+        let (before, after) = differing_entries(old_file, new_file);
         let file = escaped(&format!("{}/{name}", crate::render::MAPS_DIR));
         for (key, backend) in &after {
             match before.get(key) {
@@ -86,6 +78,36 @@ pub(super) fn commands(old: &[MapFile], new: &[MapFile]) -> Vec<String> {
         }
     }
     commands
+}
+
+/// The entries of two versions of a map file (a missing one is empty), by key, without the
+/// entries both have in the same place at the start and at the end: keys are unique in a file,
+/// so a key among those is in neither of the rest, and a new service's entries placed in a file
+/// of 10,000 cost what they add (no map of every entry).
+fn differing_entries<'a>(
+    old: Option<&'a MapFile>,
+    new: Option<&'a MapFile>,
+) -> (BTreeMap<&'a str, &'a str>, BTreeMap<&'a str, &'a str>) {
+    let entries = |file: Option<&'a MapFile>| file.into_iter().flat_map(|file| file.entries.iter());
+    let length = |file: Option<&MapFile>| file.map_or(0, |file| file.entries.len());
+    let same_start = entries(old)
+        .zip(entries(new))
+        .take_while(|(before, after)| before == after)
+        .count();
+    let same_end = entries(old)
+        .rev()
+        .zip(entries(new).rev())
+        .take(length(old).min(length(new)) - same_start)
+        .take_while(|(before, after)| before == after)
+        .count();
+    let middle = |file: Option<&'a MapFile>| {
+        entries(file)
+            .skip(same_start)
+            .take(length(file) - same_start - same_end)
+            .map(|(key, backend)| (key.as_str(), backend.as_str()))
+            .collect()
+    };
+    (middle(old), middle(new))
 }
 
 /// Sends `commands` over the stats socket, several per line; every command must answer
@@ -197,6 +219,31 @@ mod tests {
             ]
         );
         assert!(commands(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn an_entry_placed_among_thousands_is_the_one_command() {
+        let mut old = MapFile::of("http-1.map", &[]);
+        for n in 0..2_000 {
+            old.entries
+                .push_back((format!("/s{n:05}"), format!("s{n:05}-be0")));
+        }
+        let mut new = old.clone();
+        new.entries
+            .insert(700, ("/new".to_string(), "new-be0".to_string()));
+        assert_eq!(
+            commands(std::slice::from_ref(&old), std::slice::from_ref(&new)),
+            vec!["add map maps/http-1.map /new new-be0"]
+        );
+        let mut moved = new.clone();
+        let last = moved.entries.pop_back().expect("an entry");
+        moved.entries.push_front(last);
+        moved.entries.remove(1_000);
+        assert_eq!(
+            commands(&[new], &[moved]),
+            vec!["del map maps/http-1.map /s00998"],
+            "an entry that moved is no change; only the one gone is"
+        );
     }
 
     #[test]

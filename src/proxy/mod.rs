@@ -88,9 +88,9 @@ use crate::observe::{
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings, Rendered, Renderer,
-    RoutingIndex, ServerSlots, ServiceBackends, ServiceRoute, SlotsByService, TlsSettings,
-    MAX_POOL_SIZE, POOL_SIZE, POOL_SLOTS,
+    pool_floor, BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings,
+    Rendered, Renderer, RoutingIndex, ServerSlots, ServiceBackends, ServiceRoute, SlotsByService,
+    TlsSettings, MAX_POOL_SIZE, POOL_SIZE, POOL_SLOTS,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -390,6 +390,7 @@ impl Proxy {
                 service_writes.clone(),
             ),
             service_writes,
+            callers: callers.clone(),
             stored_read_ahead: None,
             followed: instances::Followed::new(),
             query_users: QueryUsers::new(),
@@ -417,6 +418,7 @@ impl Proxy {
         let mut parsed = ParsedDocuments::default();
         let import_pending = match stored::first_read(&store, &mut index, &mut parsed).await {
             Ok(snapshot) => {
+                core.pool = BackendPool::with_size(pool_floor(snapshot.specs.len()));
                 if let Err(error) = core.apply_stored(snapshot).await {
                     tracing::error!(%error, "restoring the stored services failed; retrying");
                     index = WatchIndex::default();
@@ -633,8 +635,12 @@ struct Core {
     /// (see [`Core::placed`]).
     applied_routing: Option<Arc<RoutingIndex>>,
     instance_watches: InstanceWatches,
-    /// The instance reads' indexes, shared with the follower (see [`ServiceWrites`]).
+    /// The instance reads' indexes and this proxy's KV writes', shared with the follower (see
+    /// [`ServiceWrites`]).
     service_writes: ServiceWrites,
+    /// The API changes in flight, which the follower lets go first; the core counts itself in
+    /// until it has read the indexes of what a change wrote.
+    callers: CallersInFlight,
     /// The stored entry of the one routed service a change reconfigures, read beside its
     /// instances (see [`SpecStore::store`]); taken by its write.
     stored_read_ahead: Option<(ServiceName, Option<crate::registry::KvEntry>)>,
@@ -748,11 +754,24 @@ impl Core {
                     }),
                 }
             }
+            // Counted with the callers until the writes' indexes are read (see below).
+            let requested = routine
+                .iter()
+                .any(|pending| is_requested(&pending.change))
+                .then(|| self.callers.enter());
             self.apply_batch(routine).await;
             // The callers just answered were woken on this thread, where tokio runs them next
             // and no other thread may take them: let them answer before the next change (a
             // refill may render for a while without giving the thread back).
             tokio::task::yield_now().await;
+            if requested.is_some() && queue.is_empty() {
+                // Read now, when no change waits, the indexes of the specs just written: the
+                // instance follower then tells this proxy's writes from instance changes.
+                if let Err(error) = self.raise_stored_floor().await {
+                    tracing::debug!(%error, "reading the index of a written spec failed; read again later");
+                }
+            }
+            drop(requested);
             if let Some(reply) = stop {
                 let _ = reply.send(Ok(None));
                 break;
@@ -891,11 +910,21 @@ impl Core {
                     // The watch read what is already routed: no change to report.
                     return;
                 }
-                let routed: Vec<&str> = before
-                    .values()
-                    .chain(self.state.values())
-                    .filter(|routed| routed.query == *consul_service)
-                    .map(|routed| routed.spec.service_name().as_str())
+                // Found through the query index (an instance change routes the same queries
+                // before and after), not by visiting every routed service.
+                let routed: Vec<&str> = self
+                    .query_users
+                    .get(consul_service)
+                    .into_iter()
+                    .flatten()
+                    .filter(|name| {
+                        [before, &self.state].iter().any(|state| {
+                            state
+                                .get(*name)
+                                .is_some_and(|routed| routed.query == *consul_service)
+                        })
+                    })
+                    .map(ServiceName::as_str)
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
@@ -1595,6 +1624,7 @@ impl Core {
     async fn raise_stored_floor(&mut self) -> Result<(), ProxyError> {
         while let Some(name) = self.unindexed_writes.first().cloned() {
             let floor = self.store.index_of(&name).await?;
+            self.service_writes.record_kv(floor);
             self.stored_floor = self.stored_floor.max(floor);
             self.unindexed_writes.remove(&name);
         }
@@ -2110,10 +2140,11 @@ impl Core {
             let in_a_wave = self
                 .refill_queued_at
                 .is_some_and(|at| at.elapsed() < POOL_WAVE);
+            let floor = pool_floor(self.state.len());
             self.refill_size = if in_a_wave {
-                (self.pool.size() * 2).clamp(POOL_SIZE, MAX_POOL_SIZE)
+                (self.pool.size() * 2).clamp(floor, MAX_POOL_SIZE)
             } else {
-                POOL_SIZE
+                floor
             };
             self.refill_queued_at = Some(std::time::Instant::now());
             let queue = self.queue.clone();
@@ -2384,6 +2415,18 @@ type QueryUsers = std::collections::HashMap<InstanceQuery, Vec<ServiceName>>;
 /// Whether applying a stored change failed for a reason that passes (a file or process that could
 /// not be opened, e.g. out of file descriptors) rather than because HAProxy does not accept it:
 /// such a change is retried later instead of skipped.
+/// Whether a caller asked for `change` (through the API), rather than a watch or the core.
+fn is_requested(change: &Change) -> bool {
+    matches!(
+        change,
+        Change::Reconfigure(..)
+            | Change::Remove(_)
+            | Change::PutCert(_)
+            | Change::DeleteCert(_)
+            | Change::Reload
+    )
+}
+
 fn is_transient(error: &ProxyError) -> bool {
     matches!(error, ProxyError::Haproxy(HaproxyError::Io { .. }))
 }

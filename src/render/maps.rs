@@ -117,12 +117,21 @@ impl PlainRoute {
 }
 
 /// One map file: its name in [`MAPS_DIR`] and its entries (key → backend), in rule order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Eq)]
 pub struct MapFile {
     /// e.g. `http-1.map`.
     pub name: String,
-    /// `(key, backend)` pairs; keys are unique.
-    pub entries: Vec<(String, String)>,
+    /// `(key, backend)` pairs; keys are unique. A persistent vector: a copy of the file (the
+    /// candidate of a change) costs nothing, and an entry placed in it costs what it adds.
+    pub entries: imbl::Vector<(String, String)>,
+}
+
+impl PartialEq for MapFile {
+    /// Equal files; a file and its unchanged copy are told equal without comparing entries.
+    fn eq(&self, other: &MapFile) -> bool {
+        self.name == other.name
+            && (self.entries.ptr_eq(&other.entries) || self.entries == other.entries)
+    }
 }
 
 impl MapFile {
@@ -313,7 +322,7 @@ pub(super) fn route_through_maps<T>(
         .enumerate()
         .map(|(number, segment)| MapFile {
             name: format!("{frontend}-{}.map", number + 1),
-            entries: segment.entries.clone(),
+            entries: segment.entries.iter().cloned().collect(),
         })
         .collect();
     let mut routed = Vec::with_capacity(placed.len());

@@ -187,7 +187,7 @@ use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
 pub use maps::{write_map_files, MapFile, MAPS_DIR};
 pub use placement::RoutingIndex;
-pub use pool::{pool_backend_name, BackendPool, MAX_POOL_SIZE, POOL_SIZE, POOL_SLOTS};
+pub use pool::{pool_backend_name, pool_floor, BackendPool, MAX_POOL_SIZE, POOL_SIZE, POOL_SLOTS};
 pub use proxy_wide::ProxyWide;
 pub use servers::{capacity_for, slot_name, ServerSlots, SPARE_ADDRESS};
 pub use splice::{CheckedServers, ServiceBackends};

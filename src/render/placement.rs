@@ -179,7 +179,9 @@ impl RoutingIndex {
                 if entries_before > map.entries.len() {
                     return None;
                 }
-                map.entries.splice(entries_before..entries_before, entries);
+                for (offset, entry) in entries.into_iter().enumerate() {
+                    map.entries.insert(entries_before + offset, entry);
+                }
                 frontend.rules.insert(
                     position,
                     IndexedRule {

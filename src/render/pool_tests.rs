@@ -121,3 +121,17 @@ fn the_pool_assigns_free_backends_and_gives_them_back() {
         ["pool-1"]
     );
 }
+
+#[test]
+fn the_pool_a_quiet_refill_makes_grows_with_thousands_of_services_up_to_the_cap() {
+    use super::pool::pool_floor;
+    assert_eq!(pool_floor(0), POOL_SIZE);
+    assert_eq!(
+        pool_floor(1_000),
+        POOL_SIZE,
+        "a thousand services keep the pool of 8"
+    );
+    assert_eq!(pool_floor(4_096), 16);
+    assert_eq!(pool_floor(10_000), MAX_POOL_SIZE);
+    assert_eq!(pool_floor(1_000_000), MAX_POOL_SIZE);
+}
