@@ -173,6 +173,10 @@ pub(crate) struct State {
     /// Max index of any KV write, tombstones included.
     pub kv_index: u64,
     pub services: BTreeMap<String, Arc<Service>>,
+    /// The IDs of the instances of each service name, kept with `services` (a service's read
+    /// visits its own instances, not every one). Never persisted: made again at load.
+    #[serde(skip)]
+    service_ids: BTreeMap<String, BTreeSet<String>>,
     pub checks: BTreeMap<String, Arc<Check>>,
     /// Index of the last change to the set of services (`/v1/catalog/services`).
     pub services_index: u64,
@@ -280,6 +284,7 @@ impl State {
             tombstones: BTreeMap::new(),
             kv_index: 0,
             services: BTreeMap::new(),
+            service_ids: BTreeMap::new(),
             checks: BTreeMap::new(),
             services_index: 0,
             service_indexes: BTreeMap::new(),
@@ -323,7 +328,7 @@ impl State {
     fn apply(&mut self, change: Change) {
         put_back(&mut self.kv, change.kv);
         put_back(&mut self.tombstones, change.tombstones);
-        put_back(&mut self.services, change.services);
+        self.put_back_services(change.services);
         put_back(&mut self.checks, change.checks);
         put_back(&mut self.service_indexes, change.service_indexes);
         self.set_counters(change.counters);
@@ -333,7 +338,7 @@ impl State {
     fn undo(&mut self, touched: Touched, counters: Counters) {
         put_back(&mut self.kv, touched.kv);
         put_back(&mut self.tombstones, touched.tombstones);
-        put_back(&mut self.services, touched.services);
+        self.put_back_services(touched.services);
         put_back(&mut self.checks, touched.checks);
         put_back(&mut self.service_indexes, touched.service_indexes);
         self.set_counters(counters);
@@ -487,10 +492,60 @@ impl State {
 
     /// Instances of a service name, sorted by ID.
     pub fn instances<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
-        self.services
-            .values()
+        self.service_ids
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.services.get(id))
             .map(|service| &**service)
-            .filter(move |s| s.name == name)
+    }
+
+    /// Puts `service` under `id` (`None` removes it), keeping the IDs by name in step; returns
+    /// what was there.
+    fn set_service(&mut self, id: &str, service: Option<Arc<Service>>) -> Option<Arc<Service>> {
+        let previous = match service {
+            Some(service) => {
+                self.service_ids
+                    .entry(service.name.clone())
+                    .or_default()
+                    .insert(id.to_string());
+                self.services.insert(id.to_string(), service)
+            }
+            None => self.services.remove(id),
+        };
+        if let Some(previous) = &previous {
+            let renamed = self
+                .services
+                .get(id)
+                .is_none_or(|now| now.name != previous.name);
+            if renamed {
+                if let Some(ids) = self.service_ids.get_mut(&previous.name) {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        self.service_ids.remove(&previous.name);
+                    }
+                }
+            }
+        }
+        previous
+    }
+
+    /// [`put_back`] for the services.
+    fn put_back_services(&mut self, values: BTreeMap<String, Option<Arc<Service>>>) {
+        for (id, service) in values {
+            self.set_service(&id, service);
+        }
+    }
+
+    /// Makes the IDs by name from the services (after a load).
+    fn index_service_names(&mut self) {
+        self.service_ids.clear();
+        for (id, service) in &self.services {
+            self.service_ids
+                .entry(service.name.clone())
+                .or_default()
+                .insert(id.clone());
+        }
     }
 
     /// Checks of one instance, sorted by check ID.
@@ -636,7 +691,7 @@ impl State {
         }
         let name = service.name.clone();
         remember(&mut self.touched.services, &self.services, &service.id);
-        self.services.insert(service.id.clone(), Arc::new(service));
+        self.set_service(&service.id.clone(), Some(Arc::new(service)));
         self.touch_service(&name, index);
         if service_changed {
             // Like Consul, which skips writing an instance that did not change: only the checks
@@ -655,7 +710,7 @@ impl State {
     /// is unknown.
     pub fn deregister_service(&mut self, service_id: &str, index: u64) -> Option<Vec<String>> {
         remember(&mut self.touched.services, &self.services, service_id);
-        let service = self.services.remove(service_id)?;
+        let service = self.set_service(service_id, None)?;
         let removed: Vec<String> = self
             .checks_of(service_id)
             .map(|c| c.check_id.clone())
@@ -727,6 +782,7 @@ impl Store {
                 .map_err(|e| state_error(files.snapshot_path(), e.to_string()))?,
             None => State::fresh(),
         };
+        state.index_service_names();
         for (number, record) in loaded.records.iter().enumerate() {
             let change: Change = serde_json::from_slice(record).map_err(|e| {
                 state_error(files.log_path(), format!("record {}: {e}", number + 1))
@@ -1070,6 +1126,49 @@ mod tests {
                 deregister_after_ms: 0,
             },
         }
+    }
+
+    #[test]
+    fn a_service_name_lists_its_own_instances_through_renames_removals_and_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let register = |id: &str, name: &str| {
+            let mut registered = service(id);
+            registered.name = name.into();
+            store
+                .write(|s, index| {
+                    let changed = s
+                        .register_service(registered, vec![], false, index)
+                        .is_some();
+                    ((), changed)
+                })
+                .unwrap();
+        };
+        let ids = |store: &Store, name: &str| -> Vec<String> {
+            store.read(|s| s.instances(name).map(|svc| svc.id.clone()).collect())
+        };
+        register("a", "web");
+        register("b", "web");
+        register("c", "api");
+        assert_eq!(ids(&store, "web"), ["a", "b"]);
+        register("b", "api");
+        assert_eq!(ids(&store, "web"), ["a"]);
+        assert_eq!(ids(&store, "api"), ["b", "c"]);
+        store
+            .write(|s, index| {
+                let removed = s.deregister_service("a", index).is_some();
+                ((), removed)
+            })
+            .unwrap();
+        assert!(ids(&store, "web").is_empty());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            ids(&store, "api"),
+            ["b", "c"],
+            "made again from the state on disk"
+        );
+        assert!(ids(&store, "web").is_empty());
     }
 
     #[test]
