@@ -20,8 +20,10 @@
 //! move of the catalog's index must be attributed. It is explained when every index it spans is
 //! a write to the checks table the checks' diff has seen (an instance that came or went with its
 //! checks, in one write; a check's status): no other write can hide there. One read of the checks
-//! settles it when the checks detector has not woken yet. Otherwise the follower lists every
-//! node's instances (`/v1/catalog/nodes`, then `/v1/catalog/node/<node>` for each) before
+//! settles it when the checks detector has not woken yet. It is also explained when every index
+//! it spans is a check write or a write recorded in [`ServiceWrites`] (an instance read that saw
+//! it, or this proxy's spec write) and no node changed: the services those writes concern are
+//! read. Otherwise the follower lists every node's instances (`/v1/catalog/nodes`, then `/v1/catalog/node/<node>` for each) before
 //! reading anything, and compares them with the previous listings: the services with an
 //! instance added, changed or removed are the ones read. When there are about as many nodes as
 //! routed queries, when a listing fails or when there is no earlier listing, it reads every
