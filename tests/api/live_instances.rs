@@ -90,6 +90,53 @@ async fn a_registered_instance_serves_within_a_second_without_any_api_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_a_reconfigure_read_does_not_hide_another_one_registered_beside_it() {
+    let registry = SharedRegistry::start().await;
+    let proxy = ProxyProcess::start(&registry.address(), &[]).await;
+    let web_one = spawn_backend("web-one").await;
+    let web_two = spawn_backend("web-two").await;
+    let api_one = spawn_backend("api-one").await;
+    let api_two = spawn_backend("api-two").await;
+    registry
+        .register_instance("web", "web.1", web_one.port)
+        .await;
+    registry
+        .register_instance("api", "api.1", api_one.port)
+        .await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
+    assert_eq!(serving(&proxy, "/api").await, names(&["api-one"]));
+
+    // Registrator registers two containers without checks; the deployment of web then calls
+    // reconfigure, which reads web's instances (and so the index of web's registration). The
+    // catalog's move also spans api's registration, which only a listing can name.
+    let changed = Instant::now();
+    registry
+        .register_instance("web", "web.2", web_two.port)
+        .await;
+    registry
+        .register_instance("api", "api.2", api_two.port)
+        .await;
+    proxy
+        .reconfigure_ok("serviceName=web&servicePath=/web")
+        .await;
+    live_within_a_second(
+        changed,
+        "api's new instance answers without a call",
+        || async { serving(&proxy, "/api").await.contains("api-two") },
+    )
+    .await;
+    assert_eq!(
+        serving(&proxy, "/web").await,
+        names(&["web-one", "web-two"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deregistered_instance_stops_being_routed_within_a_second() {
     let registry = SharedRegistry::start().await;
     let proxy = ProxyProcess::start(&registry.address(), &[]).await;
