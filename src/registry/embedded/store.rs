@@ -178,6 +178,10 @@ pub(crate) struct State {
     #[serde(skip)]
     service_ids: BTreeMap<String, BTreeSet<String>>,
     pub checks: BTreeMap<String, Arc<Check>>,
+    /// The IDs of the checks of each instance (service ID; node checks under ""), kept with
+    /// `checks`. Never persisted: made again at load.
+    #[serde(skip)]
+    check_ids: BTreeMap<String, BTreeSet<String>>,
     /// Index of the last change to the set of services (`/v1/catalog/services`).
     pub services_index: u64,
     /// Per-service-name index: last change to any instance of that name or its checks.
@@ -285,6 +289,7 @@ impl State {
             kv_index: 0,
             services: BTreeMap::new(),
             service_ids: BTreeMap::new(),
+            check_ids: BTreeMap::new(),
             checks: BTreeMap::new(),
             services_index: 0,
             service_indexes: BTreeMap::new(),
@@ -329,7 +334,7 @@ impl State {
         put_back(&mut self.kv, change.kv);
         put_back(&mut self.tombstones, change.tombstones);
         self.put_back_services(change.services);
-        put_back(&mut self.checks, change.checks);
+        self.put_back_checks(change.checks);
         put_back(&mut self.service_indexes, change.service_indexes);
         self.set_counters(change.counters);
     }
@@ -339,7 +344,7 @@ impl State {
         put_back(&mut self.kv, touched.kv);
         put_back(&mut self.tombstones, touched.tombstones);
         self.put_back_services(touched.services);
-        put_back(&mut self.checks, touched.checks);
+        self.put_back_checks(touched.checks);
         put_back(&mut self.service_indexes, touched.service_indexes);
         self.set_counters(counters);
     }
@@ -537,7 +542,8 @@ impl State {
         }
     }
 
-    /// Makes the IDs by name from the services (after a load).
+    /// Makes the instance IDs by name and the check IDs by instance from the tables (after a
+    /// load).
     fn index_service_names(&mut self) {
         self.service_ids.clear();
         for (id, service) in &self.services {
@@ -546,14 +552,60 @@ impl State {
                 .or_default()
                 .insert(id.clone());
         }
+        self.check_ids.clear();
+        for (id, check) in &self.checks {
+            self.check_ids
+                .entry(check.service_id.clone())
+                .or_default()
+                .insert(id.clone());
+        }
     }
 
     /// Checks of one instance, sorted by check ID.
     pub fn checks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Check> + 'a {
-        self.checks
-            .values()
+        self.check_ids
+            .get(service_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.checks.get(id))
             .map(|check| &**check)
-            .filter(move |c| c.service_id == service_id)
+    }
+
+    /// Puts `check` under `id` (`None` removes it), keeping the IDs by instance in step; returns
+    /// what was there.
+    fn set_check(&mut self, id: &str, check: Option<Arc<Check>>) -> Option<Arc<Check>> {
+        let previous = match check {
+            Some(check) => {
+                self.check_ids
+                    .entry(check.service_id.clone())
+                    .or_default()
+                    .insert(id.to_string());
+                self.checks.insert(id.to_string(), check)
+            }
+            None => self.checks.remove(id),
+        };
+        if let Some(previous) = &previous {
+            let moved = self
+                .checks
+                .get(id)
+                .is_none_or(|now| now.service_id != previous.service_id);
+            if moved {
+                if let Some(ids) = self.check_ids.get_mut(&previous.service_id) {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        self.check_ids.remove(&previous.service_id);
+                    }
+                }
+            }
+        }
+        previous
+    }
+
+    /// [`put_back`] for the checks.
+    fn put_back_checks(&mut self, values: BTreeMap<String, Option<Arc<Check>>>) {
+        for (id, check) in values {
+            self.set_check(&id, check);
+        }
     }
 
     fn touch_service(&mut self, name: &str, index: u64) {
@@ -618,7 +670,7 @@ impl State {
                 .collect();
             for id in stale {
                 remember(&mut self.touched.checks, &self.checks, &id);
-                self.checks.remove(&id);
+                self.set_check(&id, None);
                 outcome.removed.push(id);
                 checks_changed = true;
             }
@@ -680,7 +732,7 @@ impl State {
                     .started
                     .push((check.check_id.clone(), check.definition.clone()));
             }
-            self.checks.insert(check.check_id.clone(), Arc::new(check));
+            self.set_check(&check.check_id.clone(), Some(Arc::new(check)));
             checks_changed = true;
         }
         if !service_changed && !checks_changed {
@@ -717,7 +769,7 @@ impl State {
             .collect();
         for id in &removed {
             remember(&mut self.touched.checks, &self.checks, id);
-            self.checks.remove(id);
+            self.set_check(id, None);
         }
         if !removed.is_empty() {
             self.checks_index = index;
@@ -1129,7 +1181,7 @@ mod tests {
     }
 
     #[test]
-    fn a_service_name_lists_its_own_instances_through_renames_removals_and_a_reload() {
+    fn names_list_their_instances_and_instances_their_checks_through_moves_removals_and_a_reload() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let register = |id: &str, name: &str| {
@@ -1161,6 +1213,26 @@ mod tests {
             })
             .unwrap();
         assert!(ids(&store, "web").is_empty());
+        // A check follows its instance, and moves with its ID to another one.
+        let check = |id: &str, check: &str| {
+            let registered = service(id);
+            store
+                .write(|s, index| {
+                    let changed = s
+                        .register_service(registered, vec![ttl_check(check)], false, index)
+                        .is_some();
+                    ((), changed)
+                })
+                .unwrap();
+        };
+        let checks = |store: &Store, id: &str| -> Vec<String> {
+            store.read(|s| s.checks_of(id).map(|c| c.check_id.clone()).collect())
+        };
+        check("x", "c1");
+        assert_eq!(checks(&store, "x"), ["c1"]);
+        check("y", "c1");
+        assert!(checks(&store, "x").is_empty());
+        assert_eq!(checks(&store, "y"), ["c1"]);
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(
@@ -1169,6 +1241,8 @@ mod tests {
             "made again from the state on disk"
         );
         assert!(ids(&store, "web").is_empty());
+        assert_eq!(checks(&store, "y"), ["c1"]);
+        assert!(checks(&store, "x").is_empty());
     }
 
     #[test]
