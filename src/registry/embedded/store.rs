@@ -258,6 +258,56 @@ fn put_back<V>(table: &mut BTreeMap<String, V>, values: BTreeMap<String, Option<
     }
 }
 
+/// Puts `value` under `id` in `table` (`None` removes it), keeping `groups` (the IDs of each
+/// group, as `group_of` names it) in step; returns what was there.
+fn set_grouped<V>(
+    table: &mut BTreeMap<String, Arc<V>>,
+    groups: &mut BTreeMap<String, BTreeSet<String>>,
+    id: &str,
+    value: Option<Arc<V>>,
+    group_of: impl Fn(&V) -> &String,
+) -> Option<Arc<V>> {
+    let previous = match value {
+        Some(value) => {
+            groups
+                .entry(group_of(&value).clone())
+                .or_default()
+                .insert(id.to_string());
+            table.insert(id.to_string(), value)
+        }
+        None => table.remove(id),
+    };
+    if let Some(previous) = &previous {
+        let left = table
+            .get(id)
+            .is_none_or(|now| group_of(now) != group_of(previous));
+        if left {
+            if let Some(ids) = groups.get_mut(group_of(previous)) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    groups.remove(group_of(previous));
+                }
+            }
+        }
+    }
+    previous
+}
+
+/// The IDs of `table` by the group `group_of` names.
+fn grouped<V>(
+    table: &BTreeMap<String, Arc<V>>,
+    group_of: impl Fn(&V) -> &String,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (id, value) in table {
+        groups
+            .entry(group_of(value).clone())
+            .or_default()
+            .insert(id.clone());
+    }
+    groups
+}
+
 /// The current values of the touched keys of one table.
 fn current<V: Clone>(
     table: &BTreeMap<String, V>,
@@ -508,31 +558,13 @@ impl State {
     /// Puts `service` under `id` (`None` removes it), keeping the IDs by name in step; returns
     /// what was there.
     fn set_service(&mut self, id: &str, service: Option<Arc<Service>>) -> Option<Arc<Service>> {
-        let previous = match service {
-            Some(service) => {
-                self.service_ids
-                    .entry(service.name.clone())
-                    .or_default()
-                    .insert(id.to_string());
-                self.services.insert(id.to_string(), service)
-            }
-            None => self.services.remove(id),
-        };
-        if let Some(previous) = &previous {
-            let renamed = self
-                .services
-                .get(id)
-                .is_none_or(|now| now.name != previous.name);
-            if renamed {
-                if let Some(ids) = self.service_ids.get_mut(&previous.name) {
-                    ids.remove(id);
-                    if ids.is_empty() {
-                        self.service_ids.remove(&previous.name);
-                    }
-                }
-            }
-        }
-        previous
+        set_grouped(
+            &mut self.services,
+            &mut self.service_ids,
+            id,
+            service,
+            |service| &service.name,
+        )
     }
 
     /// [`put_back`] for the services.
@@ -544,21 +576,9 @@ impl State {
 
     /// Makes the instance IDs by name and the check IDs by instance from the tables (after a
     /// load).
-    fn index_service_names(&mut self) {
-        self.service_ids.clear();
-        for (id, service) in &self.services {
-            self.service_ids
-                .entry(service.name.clone())
-                .or_default()
-                .insert(id.clone());
-        }
-        self.check_ids.clear();
-        for (id, check) in &self.checks {
-            self.check_ids
-                .entry(check.service_id.clone())
-                .or_default()
-                .insert(id.clone());
-        }
+    fn index_groups(&mut self) {
+        self.service_ids = grouped(&self.services, |service| &service.name);
+        self.check_ids = grouped(&self.checks, |check| &check.service_id);
     }
 
     /// Checks of one instance, sorted by check ID.
@@ -574,31 +594,9 @@ impl State {
     /// Puts `check` under `id` (`None` removes it), keeping the IDs by instance in step; returns
     /// what was there.
     fn set_check(&mut self, id: &str, check: Option<Arc<Check>>) -> Option<Arc<Check>> {
-        let previous = match check {
-            Some(check) => {
-                self.check_ids
-                    .entry(check.service_id.clone())
-                    .or_default()
-                    .insert(id.to_string());
-                self.checks.insert(id.to_string(), check)
-            }
-            None => self.checks.remove(id),
-        };
-        if let Some(previous) = &previous {
-            let moved = self
-                .checks
-                .get(id)
-                .is_none_or(|now| now.service_id != previous.service_id);
-            if moved {
-                if let Some(ids) = self.check_ids.get_mut(&previous.service_id) {
-                    ids.remove(id);
-                    if ids.is_empty() {
-                        self.check_ids.remove(&previous.service_id);
-                    }
-                }
-            }
-        }
-        previous
+        set_grouped(&mut self.checks, &mut self.check_ids, id, check, |check| {
+            &check.service_id
+        })
     }
 
     /// [`put_back`] for the checks.
@@ -834,7 +832,7 @@ impl Store {
                 .map_err(|e| state_error(files.snapshot_path(), e.to_string()))?,
             None => State::fresh(),
         };
-        state.index_service_names();
+        state.index_groups();
         for (number, record) in loaded.records.iter().enumerate() {
             let change: Change = serde_json::from_slice(record).map_err(|e| {
                 state_error(files.log_path(), format!("record {}: {e}", number + 1))
