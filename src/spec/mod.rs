@@ -102,7 +102,8 @@ pub struct ServiceSpec {
     /// terminates TLS), instead of when the connection itself is plain.
     redirect_when_http_proto: bool,
     /// Header rules, applied in every HTTP destination's backend.
-    headers: HeaderRules,
+    /// `None` when there is none (most specs), never `Some` of empty rules.
+    headers: Option<Box<HeaderRules>>,
     /// `verifyClientSsl`: clients must present a certificate signed by `--ca-file`.
     verify_client_ssl: bool,
     /// `sslVerifyNone`: the instances speak TLS, connected to without verifying their certificate.
@@ -115,9 +116,10 @@ pub struct ServiceSpec {
     custom: CustomTemplates,
     /// `serviceTag`: only instances carrying every one of these Consul tags are routed.
     service_tag: Vec<ServiceTag>,
-    /// Backend tuning: balance, timeouts, connection mode, compression, stickiness, health
-    /// (boxed: most specs leave it at its defaults, and a spec travels through queues).
-    backend_tuning: Box<BackendTuning>,
+    /// Backend tuning: balance, timeouts, connection mode, compression, stickiness, health;
+    /// `None` when every value is the default (most specs: with 10,000 routed, an allocation each
+    /// adds up), never `Some` of the defaults, so specs compare equal.
+    backend_tuning: Option<Box<BackendTuning>>,
     /// `letsEncrypt`: certificates for the exact `serviceDomain`s are ordered over ACME.
     lets_encrypt: bool,
 }
@@ -141,6 +143,11 @@ pub struct HeaderRules {
 }
 
 impl HeaderRules {
+    /// Boxed, or `None` when there is no rule (see `ServiceSpec::headers`).
+    pub(crate) fn boxed_unless_empty(self) -> Option<Box<HeaderRules>> {
+        (!self.is_empty()).then(|| Box::new(self))
+    }
+
     /// Whether no header rule is set.
     pub fn is_empty(&self) -> bool {
         self.add_req.is_empty()
@@ -261,7 +268,15 @@ impl ServiceSpec {
 
     /// The header rules applied in every HTTP destination's backend.
     pub fn headers(&self) -> &HeaderRules {
-        &self.headers
+        static NONE: HeaderRules = HeaderRules {
+            add_req: Vec::new(),
+            set_req: Vec::new(),
+            del_req: Vec::new(),
+            add_res: Vec::new(),
+            set_res: Vec::new(),
+            del_res: Vec::new(),
+        };
+        self.headers.as_deref().unwrap_or(&NONE)
     }
 
     /// Whether clients must present a certificate signed by `--ca-file` (`verifyClientSsl`).
@@ -320,7 +335,9 @@ impl ServiceSpec {
     /// The backend tuning (`balance`, timeouts, `connectionMode`, compression, `sessionType`,
     /// health checks).
     pub fn backend_tuning(&self) -> &BackendTuning {
-        &self.backend_tuning
+        static DEFAULTS: std::sync::LazyLock<BackendTuning> =
+            std::sync::LazyLock::new(BackendTuning::default);
+        self.backend_tuning.as_deref().unwrap_or(&DEFAULTS)
     }
 
     /// The service's own basic-auth users (`users`); empty when it has none.
@@ -366,7 +383,7 @@ impl ServiceSpec {
             .iter()
             .all(|d| d.req_mode != ReqMode::Http);
         if no_http {
-            let headers = &spec.headers;
+            let headers = spec.headers();
             let set = [
                 ("addReqHeader", headers.add_req.is_empty()),
                 ("setReqHeader", headers.set_req.is_empty()),
@@ -449,10 +466,10 @@ impl ServiceSpec {
             .destinations
             .iter()
             .any(|d| d.req_mode != ReqMode::Http);
-        spec.backend_tuning
+        spec.backend_tuning()
             .check(!no_http, has_tcp_backend, spec.skip_check)?;
         let has_tcp_frontend = spec.destinations.iter().any(|d| d.req_mode == ReqMode::Tcp);
-        if spec.backend_tuning.timeout_client.is_some() && !has_tcp_frontend {
+        if spec.backend_tuning().timeout_client.is_some() && !has_tcp_frontend {
             return Err(spec_error(
                 "timeoutClient",
                 "applies to reqMode=tcp destinations only: an HTTP frontend, and an sni frontend, \

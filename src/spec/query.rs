@@ -583,7 +583,10 @@ pub(crate) fn build_spec(
         set_res: header_lines("setResHeader")?,
         del_res: header_names("delResHeader")?,
     };
-    let backend_tuning = Box::new(BackendTuning::parse(|name| service.get(name).copied())?);
+    let backend_tuning =
+        super::backend_tuning::boxed_unless_default(BackendTuning::parse(|name| {
+            service.get(name).copied()
+        })?);
 
     let mut destinations = Vec::new();
     for (&index, params) in &raw.destinations {
@@ -713,7 +716,7 @@ pub(crate) fn build_spec(
         path_type,
         destinations,
         redirect_when_http_proto,
-        headers,
+        headers: headers.boxed_unless_empty(),
         users,
         verify_client_ssl,
         ssl_verify_none,

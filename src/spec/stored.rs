@@ -176,7 +176,8 @@ fn reparse<T: PartialEq>(
 
 impl From<ServiceSpec> for StoredSpec {
     fn from(spec: ServiceSpec) -> StoredSpec {
-        let headers = &spec.headers;
+        let headers = spec.headers();
+        let backend_tuning = StoredBackendTuning::from(spec.backend_tuning());
         StoredSpec {
             redirect_when_http_proto: spec.redirect_when_http_proto,
             verify_client_ssl: spec.verify_client_ssl,
@@ -195,7 +196,7 @@ impl From<ServiceSpec> for StoredSpec {
             is_default_backend: spec.is_default_backend,
             custom: StoredCustomTemplates::from(&spec.custom),
             service_tag: texts(&spec.service_tag),
-            backend_tuning: StoredBackendTuning::from(spec.backend_tuning.as_ref()),
+            backend_tuning,
             lets_encrypt: spec.lets_encrypt,
             path_type: Some(spec.path_type.as_str().to_string()),
             service_dest: spec
@@ -391,7 +392,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             path_type,
             destinations,
             redirect_when_http_proto: stored.redirect_when_http_proto,
-            headers,
+            headers: headers.boxed_unless_empty(),
             users,
             verify_client_ssl: stored.verify_client_ssl,
             ssl_verify_none: stored.ssl_verify_none,
@@ -406,7 +407,9 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 let tags: Vec<&str> = stored.service_tag.iter().map(String::as_str).collect();
                 parse_service_tags("serviceTag", &tags)?
             },
-            backend_tuning: Box::new(BackendTuning::try_from(&stored.backend_tuning)?),
+            backend_tuning: super::backend_tuning::boxed_unless_default(BackendTuning::try_from(
+                &stored.backend_tuning,
+            )?),
             lets_encrypt: stored.lets_encrypt,
         })
     }
