@@ -1027,12 +1027,9 @@ mod tests {
         );
     }
 
-    fn instance(service: &str, port: i64, index: u64) -> NodeInstance {
+    fn instance(service: &str, index: u64) -> NodeInstance {
         NodeInstance {
             service: service.into(),
-            tags: Some(Vec::new()),
-            address: "127.0.0.1".into(),
-            port,
             modify_index: index,
         }
     }
@@ -1049,22 +1046,19 @@ mod tests {
             (
                 "n1".to_string(),
                 node(&[
-                    ("web-1", instance("web", 8080, 5)),
-                    ("api-1", instance("api", 9000, 6)),
-                    ("db-1", instance("db", 5432, 7)),
+                    ("web-1", instance("web", 5)),
+                    ("api-1", instance("api", 6)),
+                    ("db-1", instance("db", 7)),
                 ]),
             ),
-            (
-                "n2".to_string(),
-                node(&[("gone-1", instance("gone", 80, 8))]),
-            ),
+            ("n2".to_string(), node(&[("gone-1", instance("gone", 8))])),
         ]);
         let after = NodeSnapshot::from([(
             "n1".to_string(),
             node(&[
-                ("web-1", instance("web", 8080, 5)),
-                ("web-2", instance("web", 8081, 9)),
-                ("api-1", instance("api", 9001, 10)),
+                ("web-1", instance("web", 5)),
+                ("web-2", instance("web", 9)),
+                ("api-1", instance("api", 10)),
             ]),
         )]);
         assert_eq!(

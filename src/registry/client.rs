@@ -195,22 +195,15 @@ struct HealthCheckWire {
     modify_index: u64,
 }
 
-/// One instance as `/v1/catalog/node/<node>` lists it: what decides whether its service's
-/// health answer may have changed when it is registered, changed or deregistered.
+/// One instance as `/v1/catalog/node/<node>` lists it: what tells whether its service's
+/// health answer may have changed when it is registered, changed or deregistered. Consul moves
+/// an instance's `ModifyIndex` with every change to it (tags, address, port…), so the index is
+/// kept rather than the values: a listing of 10,000 instances is followed in less memory.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct NodeInstance {
     /// The Consul service.
     pub service: String,
-    /// Its tags.
-    #[serde(default)]
-    pub tags: Option<Vec<String>>,
-    /// Its own address (empty: the node's).
-    #[serde(default)]
-    pub address: String,
-    /// Its port.
-    #[serde(default)]
-    pub port: i64,
     /// The index of the instance's last write.
     #[serde(default)]
     pub modify_index: u64,
