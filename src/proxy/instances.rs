@@ -11,9 +11,10 @@
 //!   appearing, disappearing or changing its tags names that service.
 //!
 //! On each wake the follower first lets the API changes in flight be answered (at most
-//! [`CALLERS_FIRST`], see [`super::callers`]), then reads only the queries of the named services that are routed
-//! (`/v1/health/service/<name>?passing[&tag=…]`, at most [`READS_IN_FLIGHT`] at once) and hands
-//! the lists that differ from what the core holds to the core ([`Change::Instances`]).
+//! [`CALLERS_FIRST`], see [`super::callers`]), then reads only the queries of the named
+//! services that are routed (`/v1/health/service/<name>?passing[&tag=…]`, at most
+//! [`READS_IN_FLIGHT`] at once) and hands the lists that differ from what the core holds to
+//! the core ([`Change::Instances`]).
 //!
 //! An instance registered or deregistered without checks, under tags its service already has
 //! (Registrator's default), moves the catalog's index without changing either answer. So every
@@ -23,9 +24,10 @@
 //! settles it when the checks detector has not woken yet. It is also explained when every index
 //! it spans is a check write or a write recorded in [`ServiceWrites`] (an instance read that saw
 //! it, or this proxy's spec write) and no node changed: the services those writes concern are
-//! read. Otherwise the follower lists every node's instances (`/v1/catalog/nodes`, then `/v1/catalog/node/<node>` for each) before
-//! reading anything, and compares them with the previous listings: the services with an
-//! instance added, changed or removed are the ones read. When there are about as many nodes as
+//! read. Otherwise the follower lists every node's instances (`/v1/catalog/nodes`, then
+//! `/v1/catalog/node/<node>` for each) before reading anything, and compares them with the
+//! previous listings: the services with an instance added, changed or removed are the ones
+//! read. When there are about as many nodes as
 //! routed queries, when a listing fails or when there is no earlier listing, it reads every
 //! routed query instead ("a sweep"), as it does on a node check's change, on the detectors'
 //! first answers and after an index went backwards; either way it hands over only the lists

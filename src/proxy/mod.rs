@@ -2030,8 +2030,9 @@ impl Core {
                 self.store.store(name, spec, read_ahead).await?
             }
         };
-        // The index it was written at is read before the next read of the stored specs is
-        // applied, not while the caller waits (see `Core::raise_stored_floor`).
+        // The index it was written at is read after the caller's answer (when no change waits)
+        // or before the next read of the stored specs is applied, not while the caller waits
+        // (see `Core::raise_stored_floor`).
         self.unindexed_writes.insert(name.clone());
         Ok(())
     }
@@ -2412,9 +2413,6 @@ impl RoutedServices for PublishedServices {
 /// of a `BTreeSet`'s node.)
 type QueryUsers = std::collections::HashMap<InstanceQuery, Vec<ServiceName>>;
 
-/// Whether applying a stored change failed for a reason that passes (a file or process that could
-/// not be opened, e.g. out of file descriptors) rather than because HAProxy does not accept it:
-/// such a change is retried later instead of skipped.
 /// Whether a caller asked for `change` (through the API), rather than a watch or the core.
 fn is_requested(change: &Change) -> bool {
     matches!(
@@ -2427,6 +2425,9 @@ fn is_requested(change: &Change) -> bool {
     )
 }
 
+/// Whether applying a stored change failed for a reason that passes (a file or process that could
+/// not be opened, e.g. out of file descriptors) rather than because HAProxy does not accept it:
+/// such a change is retried later instead of skipped.
 fn is_transient(error: &ProxyError) -> bool {
     matches!(error, ProxyError::Haproxy(HaproxyError::Io { .. }))
 }
