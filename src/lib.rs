@@ -50,6 +50,8 @@
 //!   logged at the level it deserves (its lines about flow-proxy's own commands at INFO).
 //! - [`limits`]: the open-files limit, raised to the hard limit at start, and the API's answer
 //!   when it is reached anyway.
+//! - [`memory`]: jemalloc as the process's allocator, and handing freed memory back to the
+//!   system after a large render or scrape.
 //! - [`registry`]: the Consul client (healthy instances, KV with check-and-set, blocking queries,
 //!   ACL token, several addresses; an answer Consul says its ACLs filtered is an error, never the
 //!   truth), the rules of blocking-query loops, and the embedded Consul-compatible registry used
@@ -72,6 +74,7 @@ pub mod certs;
 pub mod cli;
 pub mod haproxy;
 pub mod limits;
+pub mod memory;
 pub mod observe;
 pub mod proxy;
 pub mod registry;

@@ -367,7 +367,7 @@ fn release_memory_after_scrape() {
     tokio::spawn(async {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         PENDING.store(false, std::sync::atomic::Ordering::Release);
-        crate::render::release_freed_memory();
+        crate::memory::release_freed_memory();
     });
 }
 

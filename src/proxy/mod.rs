@@ -714,7 +714,7 @@ impl Core {
                 match tokio::time::timeout(IDLE_BEFORE_TRIM, queue.recv()).await {
                     Ok(first) => first,
                     Err(_) => {
-                        crate::render::release_freed_memory();
+                        crate::memory::release_freed_memory();
                         freed = false;
                         continue;
                     }

@@ -498,7 +498,7 @@ impl Renderer {
         let (mut text, maps, checked, routing) =
             self.render_views(settings, services, tls, slots, pool)?;
         if text.len() >= LARGE_CONFIG_BYTES {
-            release_freed_memory();
+            crate::memory::release_freed_memory();
         }
         // HAProxy 2.6 rejects a file whose last line has no newline.
         if !text.ends_with('\n') {
@@ -551,18 +551,6 @@ impl Renderer {
 /// A configuration this long (a few hundred services) leaves megabytes of freed views and JSON
 /// behind its render.
 const LARGE_CONFIG_BYTES: usize = 256 * 1024;
-
-/// Hands the heap memory a large render freed (its views and the JSON handlebars made of them:
-/// tens of megabytes with thousands of services) back to the system; glibc would keep it, and
-/// the process's resident memory would stay at the render's peak.
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `malloc_trim` only returns free pages of glibc's own heap to the system; it touches
-    // no allocation in use.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 impl Renderer {
     /// Renders each frontend and backend with its own view (a backend with a `templateBePath`
