@@ -24,7 +24,7 @@ use crate::render::MapFile;
 #[derive(Debug, Clone)]
 pub enum LiveWrite {
     /// haproxy.cfg.
-    Config(Arc<str>),
+    Config(Arc<String>),
     /// A map file of the live map directory (its text is made when it is written: the copy
     /// queued costs nothing).
     Map(MapFile),
@@ -144,11 +144,11 @@ mod tests {
         let paths = HaproxyPaths::under(dir.path());
         let mut unwritten = Unwritten::default();
         unwritten.push(vec![
-            LiveWrite::Config(Arc::from("first")),
+            LiveWrite::Config(Arc::new("first".to_string())),
             map("http-1.map", "/a", "a-be0"),
         ]);
         unwritten.push(vec![
-            LiveWrite::Config(Arc::from("second")),
+            LiveWrite::Config(Arc::new("second".to_string())),
             LiveWrite::RemoveMap("http-1.map".to_string()),
             map("http-2.map", "/b", "b-be0"),
         ]);
@@ -169,7 +169,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let paths = HaproxyPaths::under(&dir.path().join("not-yet"));
         let mut unwritten = Unwritten::default();
-        unwritten.push(vec![LiveWrite::Config(Arc::from("text"))]);
+        unwritten.push(vec![LiveWrite::Config(Arc::new("text".to_string()))]);
         let error = unwritten.write(&paths).await.expect_err("no directory");
         assert!(error.to_string().contains("not-yet"), "{error}");
         assert!(!unwritten.is_empty());

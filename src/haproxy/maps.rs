@@ -229,15 +229,7 @@ impl Haproxy {
         old: &[MapFile],
         new: &[MapFile],
     ) -> Result<(), HaproxyError> {
-        let changed = new
-            .iter()
-            .filter(|map| !old.contains(map))
-            .map(|map| LiveWrite::Map(map.clone()));
-        let gone = old
-            .iter()
-            .filter(|map| !new.iter().any(|kept| kept.name == map.name))
-            .map(|map| LiveWrite::RemoveMap(map.name.clone()));
-        let writes: Vec<LiveWrite> = changed.chain(gone).collect();
+        let writes = live_map_writes(old, new);
         if writes.is_empty() {
             return Ok(());
         }
@@ -250,6 +242,20 @@ impl Haproxy {
         prepare_check_dir(&self.paths).await?;
         write_maps_into(&candidate_maps_dir(&self.paths), maps).await
     }
+}
+
+/// The live writes that make the map files `new` when they are `old` now: the files whose
+/// entries changed, and the removal of those `new` does not name.
+pub fn live_map_writes(old: &[MapFile], new: &[MapFile]) -> Vec<LiveWrite> {
+    let changed = new
+        .iter()
+        .filter(|map| !old.contains(map))
+        .map(|map| LiveWrite::Map(map.clone()));
+    let gone = old
+        .iter()
+        .filter(|map| !new.iter().any(|kept| kept.name == map.name))
+        .map(|map| LiveWrite::RemoveMap(map.name.clone()));
+    changed.chain(gone).collect()
 }
 
 #[cfg(test)]

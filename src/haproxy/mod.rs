@@ -52,6 +52,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use certificates::{certificate_for, CaFileError, ClientAuth, ClientCa, CERTS_DIR};
 pub use live_files::LiveWrite;
+pub use maps::live_map_writes;
 pub use ports::{bind_addresses, PortError};
 pub use runtime::{
     command as runtime_command, serving_pid, slot_changes, RuntimeError, SlotChange,

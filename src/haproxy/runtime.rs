@@ -293,20 +293,29 @@ fn succeeded(command: &str, answer: &str) -> bool {
 }
 
 impl super::Haproxy {
-    /// Applies `changes` to the serving process over the Runtime API, after queuing `config`
-    /// (the configuration they lead to) as the live file's next text, without a reload: a
-    /// process started from the file later (a reload, or a replacement of a dead one) holds
-    /// the same servers, since the supervisor writes queued files before it starts one (see
-    /// `live_files`). Stops at the first command HAProxy does not take; the caller then reloads
-    /// from the file.
+    /// Applies `changes` to the serving process over the Runtime API, then `more_commands` (map
+    /// entries, which answer nothing when they succeed) in the same session, after queuing
+    /// `config` (the configuration they lead to) as the live file's next text and `more_writes`
+    /// (the map files) with it, without a reload: a process started from the files later (a
+    /// reload, or a replacement of a dead one) holds the same servers and entries, since the
+    /// supervisor writes queued files before it starts one (see `live_files`). Stops at the first
+    /// command HAProxy does not take; the caller then reloads from the files.
     pub async fn apply_slot_changes(
         &self,
-        config: &Arc<str>,
+        config: &Arc<String>,
         changes: &[SlotChange],
+        more_writes: Vec<super::LiveWrite>,
+        more_commands: &[String],
     ) -> Result<(), RuntimeError> {
-        self.write_live_later(vec![super::LiveWrite::Config(Arc::clone(config))])
-            .await?;
-        let commands: Vec<String> = changes.iter().flat_map(SlotChange::commands).collect();
+        let mut writes = Vec::with_capacity(1 + more_writes.len());
+        writes.push(super::LiveWrite::Config(Arc::clone(config)));
+        writes.extend(more_writes);
+        self.write_live_later(writes).await?;
+        let commands: Vec<String> = changes
+            .iter()
+            .flat_map(SlotChange::commands)
+            .chain(more_commands.iter().cloned())
+            .collect();
         let mut session = None;
         // A few dozen lines at a time, well inside HAProxy's input buffer; the first series
         // goes with the `prompt` that opens the session.

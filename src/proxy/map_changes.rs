@@ -10,8 +10,9 @@
 //! HAProxy is reloaded on the live config with the new files; if that fails too, the old files
 //! are written back and the commands already sent are undone, and the change fails as a whole.
 //!
-//! A new plain service whose backend already exists (a pre-provisioned one) needs nothing more
-//! than its entries: the same difference adds them.
+//! A new plain service placed in a pre-provisioned backend needs its entries and its slots: the
+//! same difference gives the entries, sent in the Runtime API session of its slot commands, with
+//! the same fallback to a reload (`Core::apply_spliced`).
 
 use std::collections::BTreeMap;
 
@@ -180,7 +181,12 @@ impl Core {
 
     /// After a failed map change: the old files back, and the commands already sent undone (best
     /// effort: the old process kept serving, with whichever of them it took).
-    async fn put_back_maps(&self, old: &[MapFile], new: &[MapFile], socket: &std::path::Path) {
+    pub(super) async fn put_back_maps(
+        &self,
+        old: &[MapFile],
+        new: &[MapFile],
+        socket: &std::path::Path,
+    ) {
         if let Err(error) = self.haproxy.write_live_maps(old).await {
             tracing::error!(%error, "putting back the previous map files failed");
         }

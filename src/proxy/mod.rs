@@ -625,7 +625,7 @@ struct Core {
     /// Specs written since the floor was last raised (see [`Core::raise_stored_floor`]).
     unindexed_writes: BTreeSet<ServiceName>,
     /// The configuration HAProxy serves, when this core applied it.
-    applied_config: Option<Arc<str>>,
+    applied_config: Option<Arc<String>>,
     /// The map files HAProxy routes with (see [`map_changes`]).
     applied_maps: Vec<MapFile>,
     /// The health-checked servers of the applied configuration, when this core rendered it
@@ -954,7 +954,7 @@ impl Core {
         &self,
         before: &RoutingState,
         started: std::time::Instant,
-        applied_before: &Option<Arc<str>>,
+        applied_before: &Option<Arc<String>>,
         result: &Result<(), ProxyError>,
     ) {
         let reloaded = self.reloaded_since(applied_before);
@@ -1010,7 +1010,7 @@ impl Core {
     /// Whether HAProxy was reloaded since the applied configuration was `applied_before` (in
     /// this application of changes): a new configuration applied over the Runtime API alone is
     /// no reload.
-    fn reloaded_since(&self, applied_before: &Option<Arc<str>>) -> bool {
+    fn reloaded_since(&self, applied_before: &Option<Arc<String>>) -> bool {
         self.timings.reload.is_some()
             || (self.applied_config != *applied_before && self.timings.runtime.is_none())
     }
@@ -1019,8 +1019,13 @@ impl Core {
     /// `config` over the Runtime API, when they are all that differs (see [`slot_changes`]);
     /// `None`: only a reload applies `config`.
     fn runtime_changes(&self, config: &str) -> Option<Vec<SlotChange>> {
-        let applied = self.applied_config.as_deref()?;
+        let applied = self.applied_text()?;
         slot_changes(applied, config).filter(|changes| !changes.is_empty())
+    }
+
+    /// The applied configuration's text, if any.
+    fn applied_text(&self) -> Option<&str> {
+        self.applied_config.as_deref().map(String::as_str)
     }
 
     /// Makes `rendered` the applied configuration by `changes` over the Runtime API (the live
@@ -1035,8 +1040,8 @@ impl Core {
         changes: &[SlotChange],
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
-        let config: Arc<str> = Arc::from(rendered.config);
-        if !self.apply_slots(&config, changes).await {
+        let config = Arc::new(rendered.config);
+        if !self.apply_slots(&config, changes, Vec::new(), &[]).await {
             let rendered = Rendered {
                 config: config.to_string(),
                 ..rendered
@@ -1053,14 +1058,31 @@ impl Core {
     }
 
     /// [`Core::apply_slots_or_reload`] for a configuration that differs from the applied one in
-    /// server slots only, its map files the applied ones (see [`Core::spliced`]).
+    /// server slots only (see [`Core::spliced`]), or also in map entries (see [`Core::placed`]):
+    /// the slot and the map commands go in one Runtime API session, after the live file's and
+    /// the map files' new text are queued. If HAProxy does not take them, the new files are
+    /// started as a candidate instead; if that fails too, the previous files are put back and the
+    /// map commands sent are undone.
     async fn apply_spliced(
         &mut self,
         spliced: Spliced,
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
-        let config: Arc<str> = Arc::from(spliced.config);
-        if !spliced.changes.is_empty() && !self.apply_slots(&config, &spliced.changes).await {
+        let config = Arc::new(spliced.config);
+        let (map_writes, map_commands) = match &spliced.maps {
+            Some(maps) => (
+                crate::haproxy::live_map_writes(&self.applied_maps, maps),
+                map_changes::commands(&self.applied_maps, maps),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        let runtime_work = !spliced.changes.is_empty() || !map_commands.is_empty();
+        if runtime_work
+            && !self
+                .apply_slots(&config, &spliced.changes, map_writes, &map_commands)
+                .await
+        {
+            let new_maps = spliced.maps.clone();
             let rendered = Rendered {
                 config: config.to_string(),
                 maps: spliced.maps.unwrap_or_else(|| self.applied_maps.clone()),
@@ -1070,7 +1092,13 @@ impl Core {
                     .or_else(|| self.applied_routing.clone())
                     .unwrap_or_default(),
             };
-            return self.reload_instead(rendered, caused_by_request).await;
+            let reloaded = self.reload_instead(rendered, caused_by_request).await;
+            if let (Err(_), Some(new_maps)) = (&reloaded, new_maps) {
+                let socket = self.haproxy.stats_socket().to_path_buf();
+                self.put_back_maps(&self.applied_maps, &new_maps, &socket)
+                    .await;
+            }
+            return reloaded;
         }
         tracing::debug!("only the changed services' backends were rendered");
         self.applied_config = Some(config);
@@ -1079,16 +1107,32 @@ impl Core {
             self.applied_routing = Some(routing);
         }
         if let Some(maps) = spliced.maps {
-            self.apply_map_changes(maps).await?;
+            if !map_commands.is_empty() {
+                tracing::info!(
+                    commands = map_commands.len(),
+                    "route change applied to HAProxy's maps at runtime, without a reload"
+                );
+            }
+            self.applied_maps = maps;
         }
         Ok(())
     }
 
-    /// Queues `config` as the live file's text and sends `changes` over the Runtime API; whether HAProxy
-    /// took them all.
-    async fn apply_slots(&mut self, config: &Arc<str>, changes: &[SlotChange]) -> bool {
+    /// Queues `config` as the live file's text (and `more_writes` with it) and sends `changes`,
+    /// then `more_commands`, over the Runtime API; whether HAProxy took them all.
+    async fn apply_slots(
+        &mut self,
+        config: &Arc<String>,
+        changes: &[SlotChange],
+        more_writes: Vec<crate::haproxy::LiveWrite>,
+        more_commands: &[String],
+    ) -> bool {
         let started = std::time::Instant::now();
-        match self.haproxy.apply_slot_changes(config, changes).await {
+        let applied = self
+            .haproxy
+            .apply_slot_changes(config, changes, more_writes, more_commands)
+            .await;
+        match applied {
             Ok(()) => {
                 let took = started.elapsed();
                 self.timings.runtime = Some(took);
@@ -1143,9 +1187,7 @@ impl Core {
         candidate: &RoutingState,
         pool: &BackendPool,
     ) -> Result<Option<Spliced>, ProxyError> {
-        let (Some(applied), Some(mut checked)) =
-            (self.applied_config.as_deref(), self.applied_checked)
-        else {
+        let (Some(applied), Some(mut checked)) = (self.applied_text(), self.applied_checked) else {
             return Ok(None);
         };
         if *pool != self.pool {
@@ -1337,7 +1379,7 @@ impl Core {
                         Arc::new(spec.clone()),
                         instances,
                         previous,
-                        self.applied_config.as_deref().unwrap_or_default(),
+                        self.applied_text().unwrap_or_default(),
                     );
                     if previous.is_none()
                         && may_take_pool_backends(spec)
@@ -1445,10 +1487,7 @@ impl Core {
                 let complete = self
                     .render_with(settings, &candidate, &candidate_certs, &candidate_pool)
                     .await?;
-                debug_assert_eq!(
-                    Some(complete.config.as_str()),
-                    self.applied_config.as_deref()
-                );
+                debug_assert_eq!(Some(complete.config.as_str()), self.applied_text());
                 debug_assert_eq!(complete.maps, self.applied_maps);
             }
             self.persist_all(&candidate, requested).await?;
@@ -1498,7 +1537,7 @@ impl Core {
             )
             .await?;
         let without_reload = !force_reload
-            && (self.applied_config.as_deref() == Some(rendered.config.as_str())
+            && (self.applied_text() == Some(rendered.config.as_str())
                 || (requested_certs.is_empty()
                     && self.runtime_changes(&rendered.config).is_some()));
         if !without_reload && !candidate_pool.is_empty() {
@@ -1528,7 +1567,7 @@ impl Core {
                 .await?;
         }
         let config = rendered.config.as_str();
-        if !force_reload && self.applied_config.as_deref() == Some(config) {
+        if !force_reload && self.applied_text() == Some(config) {
             // Nothing HAProxy would notice, or only map entries (changed at runtime): store the
             // specs, keep the process.
             self.applied_checked = Some(rendered.checked);
@@ -1681,7 +1720,7 @@ impl Core {
                 spec,
                 instances,
                 self.state.get(&name).map(|routed| &**routed),
-                self.applied_config.as_deref().unwrap_or_default(),
+                self.applied_text().unwrap_or_default(),
             );
             updates.push((name, Some(Arc::new(routed))));
         }
@@ -1767,7 +1806,7 @@ impl Core {
         if let Some(changes) = runtime {
             self.apply_slots_or_reload(rendered, &changes, false)
                 .await?;
-        } else if self.applied_config.as_deref() != Some(rendered.config.as_str()) {
+        } else if self.applied_text() != Some(rendered.config.as_str()) {
             self.haproxy
                 .preflight(&rendered.config)
                 .await
@@ -1859,7 +1898,7 @@ impl Core {
         let rendered = self
             .render_with(&settings, &self.state, &self.certs, &self.pool)
             .await?;
-        if self.applied_config.as_deref() != Some(rendered.config.as_str()) {
+        if self.applied_text() != Some(rendered.config.as_str()) {
             self.haproxy
                 .preflight(&rendered.config)
                 .await
@@ -2293,7 +2332,7 @@ impl Core {
         pool: &BackendPool,
     ) -> Result<Option<Spliced>, ProxyError> {
         let (Some(applied), Some(checked), Some(routing)) = (
-            self.applied_config.as_deref(),
+            self.applied_text(),
             self.applied_checked,
             self.applied_routing.as_deref(),
         ) else {
