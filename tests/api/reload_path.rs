@@ -3,7 +3,8 @@
 //! What that order could break: a refused candidate must leave the serving process, the live
 //! file and KV as they were and answer HAProxy's own line; a KV write that fails after the new
 //! process started (here: check-and-set races lost) must put the previous configuration back
-//! into HAProxy; and the old processes of a burst of reloads must end (and be reaped) once their
+//! into HAProxy, and one that fails for a new service placed over the Runtime API (whose
+//! commands go out while its spec is written) must take those commands back; and the old processes of a burst of reloads must end (and be reaped) once their
 //! connections finish. (A Consul that is down or has no leader is found out by a KV read before
 //! HAProxy is touched: `outages.rs` pins that such a change leaves the serving PID as it was.)
 //!
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::fleet::{eventually, haproxy_processes, ProxyProcess, SharedRegistry};
 use crate::front::RegistryFront;
-use crate::helpers::{proxy_routing_demo, spawn_backend, TestProxy};
+use crate::helpers::{proxy_routing_demo, spawn_backend, Backend, TestProxy};
 use crate::metrics::{scrape, value};
 use crate::supervision::zombie_children;
 
@@ -86,8 +87,11 @@ async fn a_refused_candidate_changes_nothing_and_answers_haproxys_own_line() {
     assert_eq!(proxy.names_answering("/other", None, 1).await, ["demo"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kv_write_that_fails_after_the_new_process_served_puts_the_previous_config_back() {
+/// A proxy whose registry is reached through a [`RegistryFront`] (which can lose its
+/// check-and-set writes to a rival), routing `web` on `/web`, with `api` registered but not
+/// routed.
+async fn web_routed_behind_a_front() -> (SharedRegistry, RegistryFront, ProxyProcess, [Backend; 2])
+{
     let registry = SharedRegistry::start().await;
     let front = RegistryFront::start(&registry.address()).await;
     let proxy = ProxyProcess::start(&front.address(), &[]).await;
@@ -98,6 +102,12 @@ async fn a_kv_write_that_fails_after_the_new_process_served_puts_the_previous_co
     proxy
         .reconfigure_ok("serviceName=web&servicePath=/web")
         .await;
+    (registry, front, proxy, [web, api])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_write_that_fails_after_the_new_process_served_puts_the_previous_config_back() {
+    let (_registry, front, proxy, _backends) = web_routed_behind_a_front().await;
     let config_before = proxy.config().await;
     let backends_before = served_backends(proxy.data_dir()).await;
     let pid_before = proxy.haproxy_pid().await.expect("HAProxy answers");
@@ -149,6 +159,77 @@ async fn a_kv_write_that_fails_after_the_new_process_served_puts_the_previous_co
     assert_eq!(
         proxy.get_through_proxy("/api", None).await,
         (StatusCode::OK, "api /api".to_string())
+    );
+}
+
+/// The entries (`key value`) of map file `file` as the HAProxy serving from `data_dir` holds
+/// them (`show map`), not as the file says.
+async fn served_map(data_dir: &Path, file: &str) -> Vec<String> {
+    let socket = data_dir
+        .canonicalize()
+        .expect("the data directory exists")
+        .join("haproxy.sock");
+    let answer = flow_proxy::haproxy::runtime_command(&socket, &format!("show map {file}"))
+        .await
+        .expect("HAProxy answers `show map`");
+    let mut entries: Vec<String> = answer
+        .lines()
+        .filter_map(|line| line.split_once(' ').map(|(_, entry)| entry.to_string()))
+        .collect();
+    entries.sort();
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_write_that_fails_for_a_service_placed_at_runtime_takes_its_commands_back() {
+    let (_registry, front, proxy, _backends) = web_routed_behind_a_front().await;
+    let config_before = proxy.config().await;
+    let map_before = served_map(proxy.data_dir(), "maps/http-1.map").await;
+    assert_eq!(map_before, ["/web web-be0"], "the path map HAProxy holds");
+    let pid_before = proxy.haproxy_pid().await.expect("HAProxy answers");
+    let unrouted_before = proxy.get_through_proxy("/api", None).await;
+
+    // Every check-and-set write loses to a rival. A default plain service goes live in a pool
+    // backend over the Runtime API while its spec is written, so its commands reach HAProxy
+    // before the write is known to have failed.
+    front.rival_wins_next(usize::MAX, "not a spec");
+    let (status, body) = proxy.reconfigure("serviceName=api&servicePath=/api").await;
+
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        proxy.get_through_proxy("/api", None).await,
+        unrouted_before,
+        "the refused service is not routed"
+    );
+    assert_eq!(
+        served_map(proxy.data_dir(), "maps/http-1.map").await,
+        map_before,
+        "its map entry was taken back"
+    );
+    assert_eq!(
+        proxy.haproxy_pid().await,
+        Some(pid_before),
+        "taken back over the Runtime API, without a reload"
+    );
+    assert_eq!(proxy.config().await, config_before, "haproxy.cfg unchanged");
+    assert_eq!(
+        proxy.get_through_proxy("/web", None).await,
+        (StatusCode::OK, "web /web".to_string()),
+        "routes are served as before"
+    );
+
+    front.rival_wins_next(0, "");
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
+    assert_eq!(
+        proxy.get_through_proxy("/api", None).await,
+        (StatusCode::OK, "api /api".to_string())
+    );
+    assert_eq!(
+        proxy.haproxy_pid().await,
+        Some(pid_before),
+        "still no reload"
     );
 }
 
