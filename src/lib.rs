@@ -23,9 +23,7 @@
 //! - [`proxy`]: the core; owns the routing state and the certificates and applies each change in
 //!   order (resolve → render → start the new HAProxy on it → persist → promote → answer) from one
 //!   bounded queue, or, when only server slots or map entries change, over HAProxy's Runtime API
-//!   without a reload (the instance kept in its slot: `slots`; map entries: `map_changes`; for
-//!   a change rendered only in part, the commands sent while its spec is written, and taken back
-//!   if the write fails),
+//!   without a reload (the instance kept in its slot: `slots`; map entries: `map_changes`),
 //!   rendering only the backends such a change touches; the routing state is a persistent map
 //!   of shared specs, and what is kept beside it (followed queries, claimed routes) is updated
 //!   from the services a change touched only;

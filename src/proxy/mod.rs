@@ -1058,19 +1058,13 @@ impl Core {
     }
 
     /// [`Core::apply_slots_or_reload`] for a configuration that differs from the applied one in
-    /// server slots only (see [`Core::spliced`]), or also in map entries (see [`Core::placed`]),
-    /// while the specs of `names` are written to KV: the two wait on different peers, so the
-    /// change costs the longer of them, not both.
-    ///
-    /// The slot and the map commands go in one Runtime API session, after the live file's and
+    /// server slots only (see [`Core::spliced`]), or also in map entries (see [`Core::placed`]):
+    /// the slot and the map commands go in one Runtime API session, after the live file's and
     /// the map files' new text are queued. If HAProxy does not take them, the new files are
-    /// started as a candidate instead; if that fails too, the previous files are put back, the
-    /// map commands sent are undone and so are the KV writes. If a KV write fails, the commands
-    /// are taken back (see [`Core::undo_runtime`]) and the specs already written put back.
+    /// started as a candidate instead; if that fails too, the previous files are put back and the
+    /// map commands sent are undone.
     async fn apply_spliced(
         &mut self,
-        candidate: &RoutingState,
-        names: BTreeSet<ServiceName>,
         spliced: Spliced,
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
@@ -1083,30 +1077,11 @@ impl Core {
             None => (Vec::new(), Vec::new()),
         };
         let runtime_work = !spliced.changes.is_empty() || !map_commands.is_empty();
-        let started = std::time::Instant::now();
-        let runtime = async {
-            if !runtime_work {
-                return Ok(());
-            }
-            self.haproxy
-                .apply_slot_changes(&config, &spliced.changes, map_writes, &map_commands)
+        if runtime_work
+            && !self
+                .apply_slots(&config, &spliced.changes, map_writes, &map_commands)
                 .await
-        };
-        let read_ahead = self.stored_read_ahead.take();
-        let ((persisted, stored), applied) = tokio::join!(
-            write_specs(&self.store, &self.state, candidate, names, read_ahead),
-            runtime
-        );
-        self.unindexed_writes.extend(persisted.iter().cloned());
-        if let Err(error) = stored {
-            if runtime_work {
-                self.undo_runtime(&config, spliced.maps.as_deref()).await;
-            }
-            self.put_back_stored_specs(&persisted).await;
-            return Err(error);
-        }
-        if let Err(error) = applied {
-            tracing::warn!(%error, "HAProxy did not take the server changes at runtime; reloading instead");
+        {
             let new_maps = spliced.maps.clone();
             let rendered = Rendered {
                 config: config.to_string(),
@@ -1118,25 +1093,12 @@ impl Core {
                     .unwrap_or_default(),
             };
             let reloaded = self.reload_instead(rendered, caused_by_request).await;
-            if reloaded.is_err() {
-                if let Some(new_maps) = new_maps {
-                    let socket = self.haproxy.stats_socket().to_path_buf();
-                    self.put_back_maps(&self.applied_maps, &new_maps, &socket)
-                        .await;
-                }
-                self.put_back_stored_specs(&persisted).await;
+            if let (Err(_), Some(new_maps)) = (&reloaded, new_maps) {
+                let socket = self.haproxy.stats_socket().to_path_buf();
+                self.put_back_maps(&self.applied_maps, &new_maps, &socket)
+                    .await;
             }
             return reloaded;
-        }
-        if runtime_work {
-            let took = started.elapsed();
-            self.timings.runtime = Some(took);
-            tracing::info!(
-                slots = spliced.changes.len(),
-                map_commands = map_commands.len(),
-                took_us = took.as_micros(),
-                "servers and map entries changed over the Runtime API, without reload"
-            );
         }
         tracing::debug!("only the changed services' backends were rendered");
         self.applied_config = Some(config);
@@ -1145,54 +1107,15 @@ impl Core {
             self.applied_routing = Some(routing);
         }
         if let Some(maps) = spliced.maps {
+            if !map_commands.is_empty() {
+                tracing::info!(
+                    commands = map_commands.len(),
+                    "route change applied to HAProxy's maps at runtime, without a reload"
+                );
+            }
             self.applied_maps = maps;
         }
         Ok(())
-    }
-
-    /// Takes back the Runtime API commands that led from the applied configuration to `sent`
-    /// (and from the applied map files to `sent_maps`) for a change that then failed: the
-    /// reverse commands, the previous files queued first; if HAProxy does not take them, the
-    /// previous files are written back and HAProxy is reloaded onto them.
-    async fn undo_runtime(&mut self, sent: &Arc<String>, sent_maps: Option<&[MapFile]>) {
-        let Some(previous) = self.applied_config.clone() else {
-            return;
-        };
-        let (map_writes, map_commands) = match sent_maps {
-            Some(sent_maps) => (
-                crate::haproxy::live_map_writes(sent_maps, &self.applied_maps),
-                map_changes::commands(sent_maps, &self.applied_maps),
-            ),
-            None => (Vec::new(), Vec::new()),
-        };
-        let undone = match crate::haproxy::slot_changes(sent, &previous) {
-            Some(changes) => self
-                .haproxy
-                .apply_slot_changes(&previous, &changes, map_writes, &map_commands)
-                .await
-                .map_err(|error| error.to_string()),
-            None => Err("the configurations differ in more than server slots".to_string()),
-        };
-        let Err(why) = undone else {
-            tracing::info!("the runtime commands of the failed change were taken back");
-            return;
-        };
-        tracing::warn!(%why, "taking back the runtime commands of a failed change did not work; reloading the previous configuration");
-        if let Err(error) = self.haproxy.restore_live_config(&previous).await {
-            tracing::error!(%error, "putting the previous live file back failed");
-        }
-        if let Err(error) = self.haproxy.write_live_maps(&self.applied_maps).await {
-            tracing::error!(%error, "putting the previous map files back failed");
-        }
-        let started = std::time::Instant::now();
-        let reloaded = self.haproxy.reload_live().await;
-        self.observer.record_reload(
-            started.elapsed(),
-            reloaded.as_ref().err().map(ToString::to_string),
-        );
-        if let Err(error) = reloaded {
-            tracing::error!(%error, "reloading the previous configuration failed");
-        }
     }
 
     /// Queues `config` as the live file's text (and `more_writes` with it) and sends `changes`,
@@ -1595,8 +1518,11 @@ impl Core {
                         debug_assert_eq!(&complete.routing, routing);
                     }
                 }
-                self.apply_spliced(&candidate, requested, spliced, caused_by_request)
-                    .await?;
+                let persisted = self.persist_all(&candidate, requested).await?;
+                if let Err(error) = self.apply_spliced(spliced, caused_by_request).await {
+                    self.put_back_stored_specs(&persisted).await;
+                    return Err(error);
+                }
                 self.commit_all(candidate, candidate_pool, candidate_certs)
                     .await;
                 return Ok(outcomes);
@@ -2131,8 +2057,18 @@ impl Core {
         name: &ServiceName,
         spec: Option<&ServiceSpec>,
     ) -> Result<(), ProxyError> {
-        let read_ahead = self.stored_read_ahead.take();
-        write_spec(&self.store, &self.state, name, spec, read_ahead).await?;
+        match spec {
+            Some(spec) if !self.state.contains_key(name) => {
+                self.store.store_new(name, spec).await?
+            }
+            spec => {
+                let read_ahead = match self.stored_read_ahead.take() {
+                    Some((read, entry)) if read == *name => Some(entry),
+                    _ => None,
+                };
+                self.store.store(name, spec, read_ahead).await?
+            }
+        };
         // The index it was written at is read after the caller's answer (when no change waits)
         // or before the next read of the stored specs is applied, not while the caller waits
         // (see `Core::raise_stored_floor`).
@@ -2461,48 +2397,6 @@ impl Core {
 /// `config` with `before`'s backends replaced by `after`'s, and the slot changes that bring the
 /// serving HAProxy from one to the other; `None` when a backend is not in `config` as a whole
 /// section or the two differ in more than their slots.
-/// Stores (or deletes) the spec of `name` (`routed`: the applied state, which tells a new
-/// service from a routed one); `read_ahead`, the stored entry read beside its instances, when it
-/// is that service's.
-async fn write_spec(
-    store: &SpecStore,
-    routed: &RoutingState,
-    name: &ServiceName,
-    spec: Option<&ServiceSpec>,
-    read_ahead: Option<(ServiceName, Option<crate::registry::KvEntry>)>,
-) -> Result<(), ProxyError> {
-    match spec {
-        Some(spec) if !routed.contains_key(name) => store.store_new(name, spec).await,
-        spec => {
-            let read_ahead = read_ahead
-                .filter(|(read, _)| read == name)
-                .map(|(_, entry)| entry);
-            store.store(name, spec, read_ahead).await
-        }
-    }
-}
-
-/// Stores the specs `candidate` holds for `names` (deleting those it does not hold), in order,
-/// stopping at the first failure: the names written, and that failure.
-async fn write_specs(
-    store: &SpecStore,
-    routed: &RoutingState,
-    candidate: &RoutingState,
-    names: BTreeSet<ServiceName>,
-    mut read_ahead: Option<(ServiceName, Option<crate::registry::KvEntry>)>,
-) -> (Vec<ServiceName>, Result<(), ProxyError>) {
-    let mut written = Vec::with_capacity(names.len());
-    for name in names {
-        let spec = candidate.get(&name).map(|routed| Arc::clone(&routed.spec));
-        let stored = write_spec(store, routed, &name, spec.as_deref(), read_ahead.take()).await;
-        if let Err(error) = stored {
-            return (written, Err(error));
-        }
-        written.push(name);
-    }
-    (written, Ok(()))
-}
-
 fn swapped(
     config: &str,
     before: &ServiceBackends,
