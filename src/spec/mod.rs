@@ -112,8 +112,9 @@ pub struct ServiceSpec {
     service_domain_algo: Option<DomainAlgo>,
     /// `isDefaultBackend`: requests no rule of the main frontend matched go to this service.
     is_default_backend: bool,
-    /// `templateFePath`, `templateBePath`, `backendExtra`.
-    custom: CustomTemplates,
+    /// `templateFePath`, `templateBePath`, `backendExtra`; `None` when there is none (most
+    /// specs), never `Some` of empty ones.
+    custom: Option<Box<CustomTemplates>>,
     /// `serviceTag`: only instances carrying every one of these Consul tags are routed.
     service_tag: Vec<ServiceTag>,
     /// Backend tuning: balance, timeouts, connection mode, compression, stickiness, health;
@@ -185,8 +186,9 @@ pub struct Destination {
     deny_http: bool,
     /// `ignoreAuthorization`: no basic auth on this destination, even with `users`/`--users`.
     ignore_authorization: bool,
-    /// `servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`.
-    routing: RoutingRules,
+    /// `servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`; `None` when there
+    /// is none (most destinations), never `Some` of empty rules.
+    routing: Option<Box<RoutingRules>>,
     /// `stripPath.N`, `reqPathSearchReplace.N`: how the path is rewritten for the instances.
     path_rewrite: PathRewrite,
 }
@@ -243,7 +245,12 @@ impl ServiceSpec {
     /// The custom fragments and raw backend lines (`templateFePath`, `templateBePath`,
     /// `backendExtra`).
     pub fn custom_templates(&self) -> &CustomTemplates {
-        &self.custom
+        static NONE: CustomTemplates = CustomTemplates {
+            template_fe_path: None,
+            template_be_path: None,
+            backend_extra: Vec::new(),
+        };
+        self.custom.as_deref().unwrap_or(&NONE)
     }
 
     /// Whether HAProxy should skip health checks on this service's servers.
@@ -325,7 +332,7 @@ impl ServiceSpec {
     pub fn uses_registry(&self) -> bool {
         self.destinations
             .iter()
-            .any(|d| d.routing.outbound_hostname.is_none())
+            .any(|d| d.routing().outbound_hostname.is_none())
     }
 
     /// The Consul tags an instance must carry to be routed (`serviceTag`); empty: every one.
@@ -406,7 +413,7 @@ impl ServiceSpec {
                  untouched, HAProxy opens no TLS of its own to them",
             ));
         }
-        if no_http && spec.custom.template_fe_path.is_some() {
+        if no_http && spec.custom_templates().template_fe_path.is_some() {
             return Err(spec_error(
                 custom_templates::TEMPLATE_FE_PATH,
                 "needs an http destination: a reqMode=tcp destination has no frontend rule to \
@@ -596,7 +603,13 @@ impl Destination {
 
     /// `servicePathExclude`, `serviceHeader`, `userAgent` and `outboundHostname`.
     pub fn routing(&self) -> &RoutingRules {
-        &self.routing
+        static NONE: RoutingRules = RoutingRules {
+            path_exclude: Vec::new(),
+            headers: Vec::new(),
+            user_agents: Vec::new(),
+            outbound_hostname: None,
+        };
+        self.routing.as_deref().unwrap_or(&NONE)
     }
 
     /// How the path is rewritten before the request reaches an instance.
@@ -606,7 +619,7 @@ impl Destination {
 
     fn check(&self) -> Result<(), SpecError> {
         let name = |base: &str| indexed(base, self.index);
-        self.routing.check(
+        self.routing().check(
             self.index,
             self.req_mode == ReqMode::Http,
             !self.service_path.is_empty(),
@@ -767,6 +780,24 @@ pub struct RouteClaim {
     pub condition: Option<String>,
 }
 
+impl RouteClaim {
+    /// One text that tells claims apart: the fields joined by newlines, which no validated value
+    /// holds. Smaller than the claim itself, for indexing the claims of thousands of services.
+    pub fn key(&self) -> Box<str> {
+        let (path_type, path) = self
+            .path
+            .as_ref()
+            .map_or(("", ""), |(path_type, path)| (*path_type, path.as_str()));
+        format!(
+            "{}\n{}\n{path_type}\n{path}\n{}",
+            self.src_port.map_or(String::new(), |port| port.to_string()),
+            self.domain.as_deref().unwrap_or("\t"),
+            self.condition.as_deref().unwrap_or("\t"),
+        )
+        .into_boxed_str()
+    }
+}
+
 impl std::fmt::Display for RouteClaim {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.path {
@@ -833,7 +864,7 @@ impl ServiceSpec {
                     .map(|path| Some((path_type, path.as_str().to_string())))
                     .collect()
             };
-            let condition = destination.routing.condition_text();
+            let condition = destination.routing().condition_text();
             for domain in &domains {
                 for path in &paths {
                     claims.push(RouteClaim {

@@ -697,7 +697,7 @@ pub(crate) fn build_spec(
             denied_methods,
             deny_http,
             ignore_authorization,
-            routing,
+            routing: routing.boxed_unless_empty(),
             path_rewrite,
         });
     }
@@ -722,7 +722,8 @@ pub(crate) fn build_spec(
         ssl_verify_none,
         service_domain_algo,
         is_default_backend,
-        custom: CustomTemplates::parse(|parameter| service.get(parameter).copied())?,
+        custom: CustomTemplates::parse(|parameter| service.get(parameter).copied())?
+            .boxed_unless_empty(),
         service_tag,
         backend_tuning,
         lets_encrypt: super::acme::parse_lets_encrypt(service.get("letsEncrypt").copied())?,

@@ -178,6 +178,7 @@ impl From<ServiceSpec> for StoredSpec {
     fn from(spec: ServiceSpec) -> StoredSpec {
         let headers = spec.headers();
         let backend_tuning = StoredBackendTuning::from(spec.backend_tuning());
+        let custom = StoredCustomTemplates::from(spec.custom_templates());
         StoredSpec {
             redirect_when_http_proto: spec.redirect_when_http_proto,
             verify_client_ssl: spec.verify_client_ssl,
@@ -194,7 +195,7 @@ impl From<ServiceSpec> for StoredSpec {
             skip_check: spec.skip_check,
             service_domain_algo: spec.service_domain_algo.map(|a| a.as_str().to_string()),
             is_default_backend: spec.is_default_backend,
-            custom: StoredCustomTemplates::from(&spec.custom),
+            custom,
             service_tag: texts(&spec.service_tag),
             backend_tuning,
             lets_encrypt: spec.lets_encrypt,
@@ -221,7 +222,7 @@ impl From<ServiceSpec> for StoredSpec {
                     denied_methods: texts(&d.denied_methods),
                     deny_http: d.deny_http,
                     ignore_authorization: d.ignore_authorization,
-                    routing: StoredRoutingRules::from(&d.routing),
+                    routing: StoredRoutingRules::from(d.routing()),
                     strip_path: d.path_rewrite.strip_path(),
                     req_path_search_replace: d.path_rewrite.stored_pairs(),
                 })
@@ -346,7 +347,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                     HttpMethod::parse,
                 )?,
                 deny_http: dest.deny_http,
-                routing: dest.routing.read(index, effective)?,
+                routing: dest.routing.read(index, effective)?.boxed_unless_empty(),
                 path_rewrite: PathRewrite::from_stored(
                     index,
                     dest.strip_path,
@@ -402,7 +403,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
                 .transpose()?,
             is_default_backend: stored.is_default_backend,
-            custom: stored.custom.checked()?,
+            custom: stored.custom.checked()?.boxed_unless_empty(),
             service_tag: {
                 let tags: Vec<&str> = stored.service_tag.iter().map(String::as_str).collect();
                 parse_service_tags("serviceTag", &tags)?

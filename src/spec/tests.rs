@@ -1817,3 +1817,46 @@ fn lets_encrypt_is_read_stored_and_needs_an_exact_domain() {
         &[],
     );
 }
+
+#[test]
+fn route_claims_that_differ_in_any_field_have_different_keys() {
+    let claim = RouteClaim {
+        src_port: None,
+        domain: None,
+        path: Some(("path_beg", "/api".to_string())),
+        condition: None,
+    };
+    let variants = [
+        RouteClaim {
+            src_port: Some(8081),
+            ..claim.clone()
+        },
+        RouteClaim {
+            domain: Some("example.com".to_string()),
+            ..claim.clone()
+        },
+        RouteClaim {
+            path: Some(("path_reg", "/api".to_string())),
+            ..claim.clone()
+        },
+        RouteClaim {
+            path: Some(("path_beg", "/api2".to_string())),
+            ..claim.clone()
+        },
+        RouteClaim {
+            path: None,
+            ..claim.clone()
+        },
+        RouteClaim {
+            condition: Some("hdr(x-version) 2".to_string()),
+            ..claim.clone()
+        },
+    ];
+    let mut keys: Vec<Box<str>> = variants.iter().map(RouteClaim::key).collect();
+    keys.push(claim.key());
+    let count = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), count, "{keys:?}");
+    assert_eq!(claim.key(), claim.clone().key());
+}
