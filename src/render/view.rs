@@ -521,6 +521,12 @@ impl RuleKey {
     pub(super) fn path_only(&self) -> bool {
         self.group >= 2
     }
+
+    /// The first fields of the key (group, longest path, conditions): a key whose first fields
+    /// sort before another's sorts before it.
+    pub(super) fn coarse(&self) -> (u8, Reverse<usize>, Reverse<usize>) {
+        (self.group, self.longest_path, self.conditions)
+    }
 }
 
 /// The frontend a rule is rendered in: which redirects it carries there.
