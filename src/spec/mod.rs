@@ -176,12 +176,10 @@ pub struct Destination {
     https_only: bool,
     /// `httpsRedirectCode.N`: the status of that redirect (default 302).
     https_redirect_code: Option<RedirectCode>,
-    /// `redirectFromDomain.N`: hosts answered with a 301 to the first `serviceDomain`.
-    redirect_from_domain: Vec<Domain>,
-    /// `allowedMethods.N`: any other method gets 405.
-    allowed_methods: Vec<HttpMethod>,
-    /// `deniedMethods.N`: these methods get 405.
-    denied_methods: Vec<HttpMethod>,
+    /// `redirectFromDomain.N`, `allowedMethods.N`, `deniedMethods.N`, `stripPath.N`,
+    /// `reqPathSearchReplace.N`; `None` when none is set (most destinations), never `Some` of
+    /// the defaults.
+    extras: Option<Box<DestinationExtras>>,
     /// `denyHttp.N`: plain HTTP requests get 403 (only HTTPS reaches the instances).
     deny_http: bool,
     /// `ignoreAuthorization`: no basic auth on this destination, even with `users`/`--users`.
@@ -189,8 +187,34 @@ pub struct Destination {
     /// `servicePathExclude`, `serviceHeader`, `userAgent`, `outboundHostname`; `None` when there
     /// is none (most destinations), never `Some` of empty rules.
     routing: Option<Box<RoutingRules>>,
+}
+
+/// The settings of a destination that most destinations leave unset (see
+/// `Destination::extras`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct DestinationExtras {
+    /// `redirectFromDomain.N`: hosts answered with a 301 to the first `serviceDomain`.
+    pub(crate) redirect_from_domain: Vec<Domain>,
+    /// `allowedMethods.N`: any other method gets 405.
+    pub(crate) allowed_methods: Vec<HttpMethod>,
+    /// `deniedMethods.N`: these methods get 405.
+    pub(crate) denied_methods: Vec<HttpMethod>,
     /// `stripPath.N`, `reqPathSearchReplace.N`: how the path is rewritten for the instances.
-    path_rewrite: PathRewrite,
+    pub(crate) path_rewrite: PathRewrite,
+}
+
+impl DestinationExtras {
+    /// Boxed, or `None` when every setting is the default.
+    pub(crate) fn boxed_unless_default(self) -> Option<Box<DestinationExtras>> {
+        (self != DestinationExtras::default()).then(|| Box::new(self))
+    }
+
+    /// The defaults, for a destination without extras.
+    fn none() -> &'static DestinationExtras {
+        static NONE: std::sync::LazyLock<DestinationExtras> =
+            std::sync::LazyLock::new(DestinationExtras::default);
+        &NONE
+    }
 }
 
 impl ServiceSpec {
@@ -485,7 +509,7 @@ impl ServiceSpec {
         }
         for (position, destination) in spec.destinations.iter().enumerate() {
             destination.check()?;
-            destination.path_rewrite.check(
+            destination.path_rewrite().check(
                 destination.index,
                 destination.req_mode,
                 destination.effective_path_type(&spec),
@@ -578,17 +602,17 @@ impl Destination {
 
     /// Hosts whose requests get a 301 to this destination's first `serviceDomain`.
     pub fn redirect_from_domain(&self) -> &[Domain] {
-        &self.redirect_from_domain
+        &self.extras().redirect_from_domain
     }
 
     /// The only methods let through (empty: every method).
     pub fn allowed_methods(&self) -> &[HttpMethod] {
-        &self.allowed_methods
+        &self.extras().allowed_methods
     }
 
     /// Methods refused with 405.
     pub fn denied_methods(&self) -> &[HttpMethod] {
-        &self.denied_methods
+        &self.extras().denied_methods
     }
 
     /// Whether plain HTTP requests are refused with 403.
@@ -614,7 +638,11 @@ impl Destination {
 
     /// How the path is rewritten before the request reaches an instance.
     pub fn path_rewrite(&self) -> &PathRewrite {
-        &self.path_rewrite
+        &self.extras().path_rewrite
+    }
+
+    fn extras(&self) -> &DestinationExtras {
+        self.extras.as_deref().unwrap_or(DestinationExtras::none())
     }
 
     fn check(&self) -> Result<(), SpecError> {
@@ -667,9 +695,9 @@ impl Destination {
                 let http_only_rules = [
                     ("httpsOnly", self.https_only),
                     ("httpsRedirectCode", self.https_redirect_code.is_some()),
-                    ("redirectFromDomain", !self.redirect_from_domain.is_empty()),
-                    ("allowedMethods", !self.allowed_methods.is_empty()),
-                    ("deniedMethods", !self.denied_methods.is_empty()),
+                    ("redirectFromDomain", !self.redirect_from_domain().is_empty()),
+                    ("allowedMethods", !self.allowed_methods().is_empty()),
+                    ("deniedMethods", !self.denied_methods().is_empty()),
                     ("denyHttp", self.deny_http),
                 ];
                 if let Some((base, _)) = http_only_rules.iter().find(|(_, set)| *set) {
@@ -686,7 +714,7 @@ impl Destination {
                         "an http destination needs servicePath or serviceDomain",
                     ));
                 }
-                if !self.redirect_from_domain.is_empty() {
+                if !self.redirect_from_domain().is_empty() {
                     self.check_redirect_from_domain()?;
                 }
                 if self.https_only && self.src_port.is_some() {
@@ -700,9 +728,9 @@ impl Destination {
                 }
                 // Each list is one HAProxy line, which may hold at most 64 words.
                 for (base, len) in [
-                    ("redirectFromDomain", self.redirect_from_domain.len()),
-                    ("allowedMethods", self.allowed_methods.len()),
-                    ("deniedMethods", self.denied_methods.len()),
+                    ("redirectFromDomain", self.redirect_from_domain().len()),
+                    ("allowedMethods", self.allowed_methods().len()),
+                    ("deniedMethods", self.denied_methods().len()),
                 ] {
                     if len > MAX_EDGE_LIST_ITEMS {
                         return Err(spec_error(
@@ -743,7 +771,7 @@ impl Destination {
             }
             Some(_) => {}
         }
-        for from in &self.redirect_from_domain {
+        for from in self.redirect_from_domain() {
             if from.is_wildcard() {
                 return Err(spec_error(
                     &parameter,
@@ -850,7 +878,7 @@ impl ServiceSpec {
                 destination
                     .service_domain
                     .iter()
-                    .chain(&destination.redirect_from_domain)
+                    .chain(destination.redirect_from_domain())
                     .map(|domain| Some(domain.to_string()))
                     .collect()
             };

@@ -31,7 +31,8 @@ use super::values::{
     MAX_PATHS_PER_DESTINATION,
 };
 use super::{
-    BackendTuning, Destination, HeaderRules, ServiceSpec, SpecError, MAX_DESTINATIONS_PER_SERVICE,
+    BackendTuning, Destination, DestinationExtras, HeaderRules, ServiceSpec, SpecError,
+    MAX_DESTINATIONS_PER_SERVICE,
 };
 
 /// Where a parameter may appear.
@@ -692,13 +693,16 @@ pub(crate) fn build_spec(
             req_mode,
             https_only,
             https_redirect_code,
-            redirect_from_domain,
-            allowed_methods,
-            denied_methods,
+            extras: DestinationExtras {
+                redirect_from_domain,
+                allowed_methods,
+                denied_methods,
+                path_rewrite,
+            }
+            .boxed_unless_default(),
             deny_http,
             ignore_authorization,
             routing: routing.boxed_unless_empty(),
-            path_rewrite,
         });
     }
     let is_default_backend = parse_default_backend(service.get("isDefaultBackend").copied())?;

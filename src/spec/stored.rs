@@ -50,8 +50,8 @@ use super::values::{HeaderLine, HeaderName, HttpMethod, RedirectCode};
 use super::values::{ServiceColor, ServiceName, ServicePath};
 use super::values::{MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION};
 use super::{
-    BackendTuning, Destination, HeaderRules, ServiceSpec, SpecError, MASKED_PASSWORD,
-    MAX_DESTINATIONS_PER_SERVICE,
+    BackendTuning, Destination, DestinationExtras, HeaderRules, ServiceSpec, SpecError,
+    MASKED_PASSWORD, MAX_DESTINATIONS_PER_SERVICE,
 };
 
 /// The stored form of a spec: plain values, validated on the way in.
@@ -217,14 +217,14 @@ impl From<ServiceSpec> for StoredSpec {
                     req_mode: Some(d.req_mode.as_str().to_string()),
                     https_only: d.https_only,
                     https_redirect_code: d.https_redirect_code.map(|c| u32::from(c.get())),
-                    redirect_from_domain: texts(&d.redirect_from_domain),
-                    allowed_methods: texts(&d.allowed_methods),
-                    denied_methods: texts(&d.denied_methods),
+                    redirect_from_domain: texts(d.redirect_from_domain()),
+                    allowed_methods: texts(d.allowed_methods()),
+                    denied_methods: texts(d.denied_methods()),
                     deny_http: d.deny_http,
                     ignore_authorization: d.ignore_authorization,
                     routing: StoredRoutingRules::from(d.routing()),
-                    strip_path: d.path_rewrite.strip_path(),
-                    req_path_search_replace: d.path_rewrite.stored_pairs(),
+                    strip_path: d.path_rewrite().strip_path(),
+                    req_path_search_replace: d.path_rewrite().stored_pairs(),
                 })
                 .collect(),
             users: spec
@@ -331,28 +331,31 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                     .https_redirect_code
                     .map(|c| RedirectCode::from_number(&name("httpsRedirectCode"), c))
                     .transpose()?,
-                redirect_from_domain: reparse(
-                    &name("redirectFromDomain"),
-                    &dest.redirect_from_domain,
-                    Domain::parse,
-                )?,
-                allowed_methods: reparse(
-                    &name("allowedMethods"),
-                    &dest.allowed_methods,
-                    HttpMethod::parse,
-                )?,
-                denied_methods: reparse(
-                    &name("deniedMethods"),
-                    &dest.denied_methods,
-                    HttpMethod::parse,
-                )?,
+                extras: DestinationExtras {
+                    redirect_from_domain: reparse(
+                        &name("redirectFromDomain"),
+                        &dest.redirect_from_domain,
+                        Domain::parse,
+                    )?,
+                    allowed_methods: reparse(
+                        &name("allowedMethods"),
+                        &dest.allowed_methods,
+                        HttpMethod::parse,
+                    )?,
+                    denied_methods: reparse(
+                        &name("deniedMethods"),
+                        &dest.denied_methods,
+                        HttpMethod::parse,
+                    )?,
+                    path_rewrite: PathRewrite::from_stored(
+                        index,
+                        dest.strip_path,
+                        &dest.req_path_search_replace,
+                    )?,
+                }
+                .boxed_unless_default(),
                 deny_http: dest.deny_http,
                 routing: dest.routing.read(index, effective)?.boxed_unless_empty(),
-                path_rewrite: PathRewrite::from_stored(
-                    index,
-                    dest.strip_path,
-                    &dest.req_path_search_replace,
-                )?,
             });
         }
         let headers = HeaderRules {
