@@ -695,7 +695,10 @@ impl Destination {
                 let http_only_rules = [
                     ("httpsOnly", self.https_only),
                     ("httpsRedirectCode", self.https_redirect_code.is_some()),
-                    ("redirectFromDomain", !self.redirect_from_domain().is_empty()),
+                    (
+                        "redirectFromDomain",
+                        !self.redirect_from_domain().is_empty(),
+                    ),
                     ("allowedMethods", !self.allowed_methods().is_empty()),
                     ("deniedMethods", !self.denied_methods().is_empty()),
                     ("denyHttp", self.deny_http),
