@@ -1078,7 +1078,9 @@ impl Core {
             ),
             None => (Vec::new(), Vec::new()),
         };
-        let runtime_work = !spliced.changes.is_empty() || !map_commands.is_empty();
+        // Map files whose entries only moved need no command, but are still written.
+        let runtime_work =
+            !spliced.changes.is_empty() || !map_commands.is_empty() || !map_writes.is_empty();
         if runtime_work
             && !self
                 .apply_slots(&config, &spliced.changes, map_writes, &map_commands)
