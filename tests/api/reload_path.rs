@@ -105,6 +105,18 @@ async fn web_routed_behind_a_front() -> (SharedRegistry, RegistryFront, ProxyPro
     (registry, front, proxy, [web, api])
 }
 
+/// Once the rival stops winning, `api` is stored and served.
+async fn api_is_served_once_writes_win(front: &RegistryFront, proxy: &ProxyProcess) {
+    front.rival_wins_next(0, "");
+    proxy
+        .reconfigure_ok("serviceName=api&servicePath=/api")
+        .await;
+    assert_eq!(
+        proxy.get_through_proxy("/api", None).await,
+        (StatusCode::OK, "api /api".to_string())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kv_write_that_fails_after_the_new_process_served_puts_the_previous_config_back() {
     let (_registry, front, proxy, _backends) = web_routed_behind_a_front().await;
@@ -152,14 +164,7 @@ async fn a_kv_write_that_fails_after_the_new_process_served_puts_the_previous_co
     )
     .await;
 
-    front.rival_wins_next(0, "");
-    proxy
-        .reconfigure_ok("serviceName=api&servicePath=/api")
-        .await;
-    assert_eq!(
-        proxy.get_through_proxy("/api", None).await,
-        (StatusCode::OK, "api /api".to_string())
-    );
+    api_is_served_once_writes_win(&front, &proxy).await;
 }
 
 /// The entries (`key value`) of map file `file` as the HAProxy serving from `data_dir` holds
@@ -213,14 +218,7 @@ async fn a_kv_write_that_fails_for_a_service_placed_at_runtime_leaves_haproxy_as
         "routes are served as before"
     );
 
-    front.rival_wins_next(0, "");
-    proxy
-        .reconfigure_ok("serviceName=api&servicePath=/api")
-        .await;
-    assert_eq!(
-        proxy.get_through_proxy("/api", None).await,
-        (StatusCode::OK, "api /api".to_string())
-    );
+    api_is_served_once_writes_win(&front, &proxy).await;
     assert_eq!(
         proxy.haproxy_pid().await,
         Some(pid_before),
