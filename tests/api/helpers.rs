@@ -1,10 +1,11 @@
 //! `TestProxy`: a whole flow-proxy (API, embedded registry, real HAProxy) on ephemeral loopback
 //! ports, plus tiny backend servers that say who they are.
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Deref;
 use std::path::PathBuf;
-use std::sync::Once;
+use std::sync::{Mutex, Once, PoisonError};
 
 use flow_proxy::settings::Settings;
 use flow_proxy::FlowProxy;
@@ -17,11 +18,21 @@ use crate::proxy_client::ProxyClient;
 /// new ports when one it picked was taken between choosing and binding.
 pub const START_ATTEMPTS: u32 = 3;
 
-/// A free TCP port on 127.0.0.1 (bound, then released for HAProxy to bind).
+/// A free TCP port on 127.0.0.1 (bound, then released for HAProxy to bind), never one this test
+/// process handed out before: HAProxy binds with `SO_REUSEPORT`, so two proxies of the suite
+/// given the same released port would both bind it and share its connections instead of one
+/// failing to start.
 pub fn free_port() -> u16 {
-    let listener =
-        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let listener =
+            std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("local address").port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 fn init_tracing() {
