@@ -240,7 +240,7 @@ pub fn render(args: &RenderArgs) -> Result<String, CliError> {
         &routes,
         None,
         &crate::render::SlotsByService::new(),
-        &crate::render::BackendPool::with_size(crate::render::POOL_SIZE),
+        &crate::render::BackendPool::with_size(crate::render::pool_floor(specs.len())),
     )?;
     if let Some(dir) = &args.write_maps {
         crate::render::write_map_files(dir, &rendered.maps).map_err(|source| {

@@ -88,9 +88,9 @@ use crate::observe::{
 use crate::registry::watch::WatchIndex;
 use crate::registry::{ConsulClient, InstanceQuery, RegistryError};
 use crate::render::{
-    pool_floor, BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError, RenderSettings,
-    Rendered, Renderer, RoutingIndex, ServerSlots, ServiceBackends, ServiceRoute, SlotsByService,
-    TlsSettings, MAX_POOL_SIZE, POOL_SIZE, POOL_SLOTS,
+    pool_ceiling, pool_floor, BackendPool, CustomPolicy, MapFile, ProxyWide, RenderError,
+    RenderSettings, Rendered, Renderer, RoutingIndex, ServerSlots, ServiceBackends, ServiceRoute,
+    SlotsByService, TlsSettings, POOL_SIZE, POOL_SLOTS,
 };
 use crate::settings::ProxyWideFlags;
 use crate::spec::{Instance, ServiceName, ServiceSpec, SpecError};
@@ -2175,8 +2175,8 @@ impl Core {
     /// [`Change::RefillPool`], applied after the callers of this change have their answer.
     ///
     /// New services in a wave (a refill queued less than [`POOL_WAVE`] after the previous one)
-    /// double the pool the refill makes, up to [`MAX_POOL_SIZE`]; after a quiet spell it is
-    /// [`POOL_SIZE`] again.
+    /// double the pool the refill makes, up to [`pool_ceiling`]; after a quiet spell it is
+    /// [`pool_floor`] again.
     fn commit_pool(&mut self, pool: BackendPool) {
         self.pool = pool;
         if self.pool.free() < self.pool.size() / 2 && !self.refill_queued {
@@ -2186,7 +2186,7 @@ impl Core {
                 .is_some_and(|at| at.elapsed() < POOL_WAVE);
             let floor = pool_floor(self.state.len());
             self.refill_size = if in_a_wave {
-                (self.pool.size() * 2).clamp(floor, MAX_POOL_SIZE)
+                (self.pool.size() * 2).clamp(floor, pool_ceiling(self.state.len()))
             } else {
                 floor
             };

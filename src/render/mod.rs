@@ -13,7 +13,7 @@
 //! - Backends: `<serviceName>-be<index>`, one per destination, even without instances (then
 //!   HAProxy answers 503 with the clean error page).
 //! - Pool backends: `pool-1` … `pool-<n>` after every service's HTTP backend, when the caller
-//!   keeps a pool ([`BackendPool`]; the proxy core keeps [`POOL_SIZE`]): empty backends a new
+//!   keeps a pool ([`BackendPool`]; the proxy core keeps [`pool_floor`] or more): empty backends a new
 //!   default plain service takes without a reload (see the `pool` module).
 //! - Acls: `path_<backend>`, `domain_<backend>`, `sni_<backend>`, `exclude_<backend>`, `header_<backend>_<n>`,
 //!   `agent_<backend>`.
@@ -187,7 +187,7 @@ use crate::spec::{AuthUser, DomainAlgo, Instance, ServiceSpec, MASKED_PASSWORD};
 pub use custom::{CustomPolicy, MAX_FRAGMENT_BYTES};
 pub use maps::{write_map_files, MapFile, MAPS_DIR};
 pub use placement::RoutingIndex;
-pub use pool::{pool_backend_name, pool_floor, BackendPool, MAX_POOL_SIZE, POOL_SIZE, POOL_SLOTS};
+pub use pool::{pool_backend_name, pool_ceiling, pool_floor, BackendPool, POOL_SIZE, POOL_SLOTS};
 pub use proxy_wide::ProxyWide;
 pub use servers::{capacity_for, slot_name, ServerSlots, SPARE_ADDRESS};
 pub use splice::{CheckedServers, ServiceBackends};

@@ -124,14 +124,22 @@ fn the_pool_assigns_free_backends_and_gives_them_back() {
 
 #[test]
 fn the_pool_a_quiet_refill_makes_grows_with_thousands_of_services_up_to_the_cap() {
-    use super::pool::pool_floor;
+    use super::pool::{pool_ceiling, pool_floor, MAX_POOL_FLOOR, MAX_POOL_SIZE};
     assert_eq!(pool_floor(0), POOL_SIZE);
     assert_eq!(
-        pool_floor(1_000),
+        pool_floor(511),
         POOL_SIZE,
-        "a thousand services keep the pool of 8"
+        "a few hundred services keep the pool of 8"
     );
-    assert_eq!(pool_floor(4_096), 16);
-    assert_eq!(pool_floor(10_000), MAX_POOL_SIZE);
-    assert_eq!(pool_floor(1_000_000), MAX_POOL_SIZE);
+    assert_eq!(pool_floor(1_000), 15);
+    assert_eq!(pool_floor(10_000), 156);
+    assert_eq!(pool_floor(1_000_000), MAX_POOL_FLOOR);
+    // A wave grows the pool to 32 with few services routed, and to the quiet pool beyond that:
+    // the ceiling is never below the floor.
+    assert_eq!(pool_ceiling(1), MAX_POOL_SIZE);
+    assert_eq!(pool_ceiling(1_000), MAX_POOL_SIZE);
+    assert_eq!(pool_ceiling(10_000), 156);
+    for routed in [0, 1, 100, 2_047, 2_048, 2_049, 10_000, 16_384, 1_000_000] {
+        assert!(pool_floor(routed) <= pool_ceiling(routed), "{routed}");
+    }
 }
