@@ -113,6 +113,14 @@ async fn a_start_with_thousands_of_stored_specs_serves_every_route() {
         count,
         "each backend has its instance"
     );
+    // The pool of empty backends grows with the routed services, as the README says: 8, and one
+    // per 64 routed services from 512 on (15 with a thousand).
+    let pool = (count / 64).clamp(8, 256);
+    assert!(
+        config.contains(&format!("\nbackend pool-{pool}\n"))
+            && !config.contains(&format!("\nbackend pool-{}\n", pool + 1)),
+        "{pool} pool backends with {count} services routed"
+    );
     for index in [0, 1, count / 3, count / 2, count - 1] {
         let (status, body) = proxy
             .get_through_proxy(&format!("/service-{index}"), None)
