@@ -130,8 +130,9 @@ impl<'a> SlotLines<'a> {
         let start = if config.starts_with(&header) {
             Some(0)
         } else {
-            config
-                .find(&format!("\n{header}"))
+            // SIMD substring search: the text can be megabytes, and a new service's backend is
+            // not in it, so the whole text is searched.
+            memchr::memmem::find(config.as_bytes(), format!("\n{header}").as_bytes())
                 .map(|newline| newline + 1)
         };
         let Some(start) = start else {
