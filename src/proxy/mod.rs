@@ -413,6 +413,7 @@ impl Proxy {
             refill_queued_at: None,
             refill_size: POOL_SIZE,
             queue: changes.downgrade(),
+            retired: Retired::default(),
         };
         let mut index = WatchIndex::default();
         let mut parsed = ParsedDocuments::default();
@@ -672,6 +673,19 @@ struct Core {
     refill_size: usize,
     /// The core's own queue, for the pool refill it queues itself.
     queue: mpsc::WeakSender<Pending>,
+    /// What the last change replaced, freed once its callers have their answer.
+    retired: Retired,
+}
+
+/// Applied values a change replaced, kept until its callers are answered: at 10,000 services,
+/// freeing what a new service replaced (the previous configuration text, routing index, map
+/// files and state) takes a quarter of a millisecond that no caller needs to wait for.
+#[derive(Default)]
+struct Retired {
+    configs: Vec<Arc<String>>,
+    routing: Vec<Arc<RoutingIndex>>,
+    maps: Vec<Vec<MapFile>>,
+    states: Vec<RoutingState>,
 }
 
 /// The proxy-wide settings: the flags, and the settings in Consul KV over them.
@@ -766,6 +780,7 @@ impl Core {
             // and no other thread may take them: let them answer before the next change (a
             // refill may render for a while without giving the thread back).
             tokio::task::yield_now().await;
+            self.retired = Retired::default();
             if requested.is_some() && queue.is_empty() {
                 // Read now, when no change waits, the indexes of the specs just written: the
                 // instance follower then tells this proxy's writes from instance changes.
@@ -1105,10 +1120,13 @@ impl Core {
             return reloaded;
         }
         tracing::debug!("only the changed services' backends were rendered");
-        self.applied_config = Some(config);
+        let retired = &mut self.retired;
+        retired.configs.extend(self.applied_config.replace(config));
         self.applied_checked = Some(spliced.checked);
         if let Some(routing) = spliced.routing {
-            self.applied_routing = Some(routing);
+            retired
+                .routing
+                .extend(self.applied_routing.replace(routing));
         }
         if let Some(maps) = spliced.maps {
             if !map_commands.is_empty() {
@@ -1117,7 +1135,9 @@ impl Core {
                     "route change applied to HAProxy's maps at runtime, without a reload"
                 );
             }
-            self.applied_maps = maps;
+            retired
+                .maps
+                .push(std::mem::replace(&mut self.applied_maps, maps));
         }
         Ok(())
     }
@@ -2230,6 +2250,7 @@ impl Core {
         if followed_moved {
             self.instance_watches.follow(self.followed.clone());
         }
+        self.retired.states.push(previous);
     }
 
     /// Brings what is kept beside the routed state (the followed queries, the users of each
