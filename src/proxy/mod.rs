@@ -1063,7 +1063,9 @@ impl Core {
                 config: config.to_string(),
                 ..rendered
             };
-            return self.reload_instead(rendered, caused_by_request).await;
+            return self
+                .reload_instead(rendered, &config, caused_by_request)
+                .await;
         }
         self.applied_config = Some(config);
         self.applied_checked = Some(rendered.checked);
@@ -1111,7 +1113,9 @@ impl Core {
                     .or_else(|| self.applied_routing.clone())
                     .unwrap_or_default(),
             };
-            let reloaded = self.reload_instead(rendered, caused_by_request).await;
+            let reloaded = self
+                .reload_instead(rendered, &config, caused_by_request)
+                .await;
             if let (Err(_), Some(new_maps)) = (&reloaded, new_maps) {
                 let socket = self.haproxy.stats_socket().to_path_buf();
                 self.put_back_maps(&self.applied_maps, &new_maps, &socket)
@@ -1174,11 +1178,14 @@ impl Core {
         }
     }
 
-    /// Starts `rendered` as a new process after HAProxy refused its server changes at runtime;
-    /// if that fails too, the previous live file is put back and the error returned.
+    /// Starts `rendered` as a new process after HAProxy refused its server changes at runtime
+    /// (`sent`: the configuration whose slot commands were sent, some of which it may have
+    /// taken); if that fails too, the previous live file is put back, the slot commands are
+    /// taken back (see [`Core::put_back_slots`]) and the error returned.
     async fn reload_instead(
         &mut self,
         rendered: Rendered,
+        sent: &str,
         caused_by_request: bool,
     ) -> Result<(), ProxyError> {
         let previous = self.applied_config.clone();
@@ -1194,10 +1201,27 @@ impl Core {
                 if let Err(put_back) = self.haproxy.restore_live_config(&previous).await {
                     tracing::error!(error = %put_back, "putting the previous live file back failed");
                 }
+                self.put_back_slots(sent, &previous).await;
             }
             return Err(error);
         }
         Ok(())
+    }
+
+    /// After a runtime change HAProxy refused and whose reload failed too: the slot commands
+    /// that lead from `sent` back to `applied` (the live file again), each sent on its own and
+    /// whatever HAProxy answers, so that the slots it took before the refusal hold what the live
+    /// file says (best effort, like [`Core::put_back_maps`]: those it never took are refused).
+    async fn put_back_slots(&self, sent: &str, applied: &str) {
+        let Some(changes) = slot_changes(sent, applied) else {
+            return;
+        };
+        let socket = self.haproxy.stats_socket();
+        for command in changes.iter().flat_map(SlotChange::commands) {
+            if let Err(error) = crate::haproxy::runtime_command(socket, &command).await {
+                tracing::warn!(%error, command, "taking back a server change failed");
+            }
+        }
     }
 
     /// The configuration of `candidate` when the services it changes from the routed state

@@ -1,6 +1,7 @@
 //! When HAProxy refuses a Runtime API command, the change is still served: flow-proxy starts
 //! the file it already wrote (the same configuration) as a new process, and the live file, the
-//! map files and the serving process agree afterwards.
+//! map files and the serving process agree afterwards. When that start fails too, the change
+//! fails and the commands HAProxy had taken are taken back, so they still agree.
 //!
 //! HAProxy refuses flow-proxy's commands when the serving process no longer has what the file
 //! has: here an operator's own runtime edits make it so (`del server` on the spare server slots,
@@ -76,6 +77,10 @@ async fn file_servers(proxy: &TestProxy, backend: &str) -> Vec<(String, String, 
     servers
 }
 
+/// HAProxy's `srv_admin_state` bits that hold a server in maintenance (forced, inherited, from a
+/// resolver, from a hostname); the bit of the `disabled` keyword alone (4) does not.
+const IN_MAINTENANCE: u32 = 0x01 | 0x02 | 0x20 | 0x40;
+
 /// The servers of `backend` the serving process routes to (not in maintenance), as
 /// (name, address:port), from `show servers state`.
 async fn served_servers(proxy: &TestProxy, backend: &str) -> BTreeSet<(String, String)> {
@@ -85,8 +90,9 @@ async fn served_servers(proxy: &TestProxy, backend: &str) -> BTreeSet<(String, S
         .filter(|line| !line.starts_with('#') && line.split_whitespace().count() > 18)
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            // srv_name, srv_addr, srv_admin_state (0: ready), srv_port.
-            (fields[6] == "0").then(|| {
+            // srv_name, srv_addr, srv_admin_state, srv_port.
+            let admin: u32 = fields[6].parse().ok()?;
+            (admin & IN_MAINTENANCE == 0).then(|| {
                 (
                     fields[3].to_string(),
                     format!("{}:{}", fields[4], fields[18]),
@@ -222,4 +228,70 @@ async fn a_route_change_haproxy_refuses_at_runtime_is_served_by_a_reload_with_th
         served, in_file,
         "the serving process's map is the live file"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_service_whose_commands_and_reload_both_fail_leaves_every_pool_slot_as_the_file_says()
+{
+    let proxy = TestProxy::spawn().await;
+    let seed = spawn_backend("seed").await;
+    proxy.register_instance("seed", "seed.1", seed.port).await;
+    proxy
+        .reconfigure_ok("serviceName=seed&servicePath=/seed")
+        .await;
+    let pool: Vec<String> = proxy
+        .config()
+        .await
+        .lines()
+        .filter_map(|line| line.strip_prefix("backend pool-"))
+        .map(|number| format!("pool-{number}"))
+        .collect();
+    assert!(!pool.is_empty(), "the file carries pool backends");
+    // An operator removes the second slot of every pool backend from the serving process: a new
+    // service with two instances gets its first slot set, then `No such server.`.
+    for backend in &pool {
+        assert_eq!(
+            runtime(&proxy, &format!("del server {backend}/s2"))
+                .await
+                .trim(),
+            "Server deleted."
+        );
+    }
+    // And the reload that follows fails: every write of the candidate file fails as on a full
+    // disk.
+    let candidate = proxy.data_dir().join("haproxy.cfg.candidate");
+    let _ = std::fs::remove_file(&candidate);
+    std::os::unix::fs::symlink("/dev/full", &candidate).expect("candidate → /dev/full");
+    let one = spawn_backend("one").await;
+    let two = spawn_backend("two").await;
+    proxy.register_instance("fresh", "fresh.1", one.port).await;
+    proxy.register_instance("fresh", "fresh.2", two.port).await;
+    let before = serving_pid(&proxy).await;
+
+    let (status, body) = proxy
+        .reconfigure("serviceName=fresh&servicePath=/fresh")
+        .await;
+    assert_eq!(status, reqwest::StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(serving_pid(&proxy).await, before, "no new process serves");
+    // The serving process holds what the live file says: no pool slot routes to anything (the
+    // first slot the refused session had set is back in maintenance).
+    for backend in &pool {
+        assert_eq!(
+            served_servers(&proxy, backend).await,
+            BTreeSet::new(),
+            "{backend} serves no instance, as in the file"
+        );
+    }
+    assert_eq!(answer(&proxy, "/fresh").await, "503");
+    assert_eq!(answer(&proxy, "/seed").await, "seed");
+
+    // The disk recovers: the same call is served.
+    std::fs::remove_file(&candidate).expect("remove the fault");
+    proxy
+        .reconfigure_ok("serviceName=fresh&servicePath=/fresh")
+        .await;
+    eventually("both instances serve /fresh", SHOWS, || async {
+        serving(&proxy, "/fresh").await == ["one", "two"]
+    })
+    .await;
 }
