@@ -243,11 +243,6 @@ impl Observe {
     }
 }
 
-/// Boxed, or `None` when every value is the default (see `ServiceSpec::backend_tuning`).
-pub(super) fn boxed_unless_default(tuning: BackendTuning) -> Option<Box<BackendTuning>> {
-    (tuning != BackendTuning::default()).then(|| Box::new(tuning))
-}
-
 /// The backend tuning of one service; `None` or empty: HAProxy's (or flow-proxy's) default.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BackendTuning {

@@ -276,11 +276,6 @@ pub(crate) const TEMPLATE_BE_PATH: &str = "templateBePath";
 pub(crate) const BACKEND_EXTRA: &str = "backendExtra";
 
 impl CustomTemplates {
-    /// Boxed, or `None` when there is none (see `ServiceSpec::custom_templates`).
-    pub(crate) fn boxed_unless_empty(self) -> Option<Box<CustomTemplates>> {
-        (self != CustomTemplates::default()).then(|| Box::new(self))
-    }
-
     /// Reads the group from a query's service parameters (`get` looks one up by name).
     pub(crate) fn parse<'q>(
         get: impl Fn(&str) -> Option<&'q str>,

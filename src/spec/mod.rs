@@ -144,11 +144,6 @@ pub struct HeaderRules {
 }
 
 impl HeaderRules {
-    /// Boxed, or `None` when there is no rule (see `ServiceSpec::headers`).
-    pub(crate) fn boxed_unless_empty(self) -> Option<Box<HeaderRules>> {
-        (!self.is_empty()).then(|| Box::new(self))
-    }
-
     /// Whether no header rule is set.
     pub fn is_empty(&self) -> bool {
         self.add_req.is_empty()
@@ -203,12 +198,13 @@ pub(crate) struct DestinationExtras {
     pub(crate) path_rewrite: PathRewrite,
 }
 
-impl DestinationExtras {
-    /// Boxed, or `None` when every setting is the default.
-    pub(crate) fn boxed_unless_default(self) -> Option<Box<DestinationExtras>> {
-        (self != DestinationExtras::default()).then(|| Box::new(self))
-    }
+/// `value` boxed, or `None` when it is the default: for the groups of settings most specs leave
+/// unset (a spec holds a pointer instead of the whole group).
+pub(crate) fn boxed_unless_default<T: Default + PartialEq>(value: T) -> Option<Box<T>> {
+    (value != T::default()).then(|| Box::new(value))
+}
 
+impl DestinationExtras {
     /// The defaults, for a destination without extras.
     fn none() -> &'static DestinationExtras {
         static NONE: std::sync::LazyLock<DestinationExtras> =

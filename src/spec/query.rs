@@ -31,8 +31,8 @@ use super::values::{
     MAX_PATHS_PER_DESTINATION,
 };
 use super::{
-    BackendTuning, Destination, DestinationExtras, HeaderRules, ServiceSpec, SpecError,
-    MAX_DESTINATIONS_PER_SERVICE,
+    boxed_unless_default, BackendTuning, Destination, DestinationExtras, HeaderRules, ServiceSpec,
+    SpecError, MAX_DESTINATIONS_PER_SERVICE,
 };
 
 /// Where a parameter may appear.
@@ -585,9 +585,7 @@ pub(crate) fn build_spec(
         del_res: header_names("delResHeader")?,
     };
     let backend_tuning =
-        super::backend_tuning::boxed_unless_default(BackendTuning::parse(|name| {
-            service.get(name).copied()
-        })?);
+        boxed_unless_default(BackendTuning::parse(|name| service.get(name).copied())?);
 
     let mut destinations = Vec::new();
     for (&index, params) in &raw.destinations {
@@ -693,16 +691,15 @@ pub(crate) fn build_spec(
             req_mode,
             https_only,
             https_redirect_code,
-            extras: DestinationExtras {
+            extras: boxed_unless_default(DestinationExtras {
                 redirect_from_domain,
                 allowed_methods,
                 denied_methods,
                 path_rewrite,
-            }
-            .boxed_unless_default(),
+            }),
             deny_http,
             ignore_authorization,
-            routing: routing.boxed_unless_empty(),
+            routing: boxed_unless_default(routing),
         });
     }
     let is_default_backend = parse_default_backend(service.get("isDefaultBackend").copied())?;
@@ -720,14 +717,15 @@ pub(crate) fn build_spec(
         path_type,
         destinations,
         redirect_when_http_proto,
-        headers: headers.boxed_unless_empty(),
+        headers: boxed_unless_default(headers),
         users,
         verify_client_ssl,
         ssl_verify_none,
         service_domain_algo,
         is_default_backend,
-        custom: CustomTemplates::parse(|parameter| service.get(parameter).copied())?
-            .boxed_unless_empty(),
+        custom: boxed_unless_default(CustomTemplates::parse(|parameter| {
+            service.get(parameter).copied()
+        })?),
         service_tag,
         backend_tuning,
         lets_encrypt: super::acme::parse_lets_encrypt(service.get("letsEncrypt").copied())?,

@@ -155,11 +155,6 @@ pub struct RoutingRules {
 }
 
 impl RoutingRules {
-    /// Boxed, or `None` when there is no rule (see `Destination::routing`).
-    pub(crate) fn boxed_unless_empty(self) -> Option<Box<RoutingRules>> {
-        (self != RoutingRules::default()).then(|| Box::new(self))
-    }
-
     /// Whether the rule asks more of a request than its path and domain (headers, user agent):
     /// such a rule is placed before the same path and domain without conditions.
     pub fn has_conditions(&self) -> bool {

@@ -50,8 +50,8 @@ use super::values::{HeaderLine, HeaderName, HttpMethod, RedirectCode};
 use super::values::{ServiceColor, ServiceName, ServicePath};
 use super::values::{MAX_DOMAINS_PER_DESTINATION, MAX_LIST_ITEMS, MAX_PATHS_PER_DESTINATION};
 use super::{
-    BackendTuning, Destination, DestinationExtras, HeaderRules, ServiceSpec, SpecError,
-    MASKED_PASSWORD, MAX_DESTINATIONS_PER_SERVICE,
+    boxed_unless_default, BackendTuning, Destination, DestinationExtras, HeaderRules, ServiceSpec,
+    SpecError, MASKED_PASSWORD, MAX_DESTINATIONS_PER_SERVICE,
 };
 
 /// The stored form of a spec: plain values, validated on the way in.
@@ -331,7 +331,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                     .https_redirect_code
                     .map(|c| RedirectCode::from_number(&name("httpsRedirectCode"), c))
                     .transpose()?,
-                extras: DestinationExtras {
+                extras: boxed_unless_default(DestinationExtras {
                     redirect_from_domain: reparse(
                         &name("redirectFromDomain"),
                         &dest.redirect_from_domain,
@@ -352,10 +352,9 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                         dest.strip_path,
                         &dest.req_path_search_replace,
                     )?,
-                }
-                .boxed_unless_default(),
+                }),
                 deny_http: dest.deny_http,
-                routing: dest.routing.read(index, effective)?.boxed_unless_empty(),
+                routing: boxed_unless_default(dest.routing.read(index, effective)?),
             });
         }
         let headers = HeaderRules {
@@ -396,7 +395,7 @@ impl TryFrom<StoredSpec> for ServiceSpec {
             path_type,
             destinations,
             redirect_when_http_proto: stored.redirect_when_http_proto,
-            headers: headers.boxed_unless_empty(),
+            headers: boxed_unless_default(headers),
             users,
             verify_client_ssl: stored.verify_client_ssl,
             ssl_verify_none: stored.ssl_verify_none,
@@ -406,14 +405,12 @@ impl TryFrom<StoredSpec> for ServiceSpec {
                 .map(|v| DomainAlgo::parse("serviceDomainAlgo", v))
                 .transpose()?,
             is_default_backend: stored.is_default_backend,
-            custom: stored.custom.checked()?.boxed_unless_empty(),
+            custom: boxed_unless_default(stored.custom.checked()?),
             service_tag: {
                 let tags: Vec<&str> = stored.service_tag.iter().map(String::as_str).collect();
                 parse_service_tags("serviceTag", &tags)?
             },
-            backend_tuning: super::backend_tuning::boxed_unless_default(BackendTuning::try_from(
-                &stored.backend_tuning,
-            )?),
+            backend_tuning: boxed_unless_default(BackendTuning::try_from(&stored.backend_tuning)?),
             lets_encrypt: stored.lets_encrypt,
         })
     }
